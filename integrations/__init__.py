@@ -1,0 +1,1 @@
+"""Integrations of moebalance's balancers and plans into deep-learning frameworks (torch, torch.distributed)."""

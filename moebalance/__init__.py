@@ -1,0 +1,55 @@
+"""moebalance: the assignment problems behind Mixture-of-Experts load balancing.
+
+State a problem once (:class:`RoutingProblem`, :class:`PlacementProblem`), solve it with any method
+(:func:`solve`), and see how far each answer is from the optimum (:func:`compare`).
+
+Importing moebalance imports numpy and scipy only: torch, triton, ortools and cvxpy are imported by the
+method or layer that needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .check import CheckResult, check
+from .compare import Comparison, compare
+from .errors import InfeasibleError
+from .registry import available_methods, method_info, register, solve
+from .routing import RoutingProblem
+from .solution import Solution, Status
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RoutingProblem",
+    "PlacementProblem",
+    "CostModel",
+    "Solution",
+    "Status",
+    "InfeasibleError",
+    "solve",
+    "available_methods",
+    "method_info",
+    "register",
+    "check",
+    "CheckResult",
+    "compare",
+    "Comparison",
+    "simulate",
+    "__version__",
+]
+
+# names defined in modules that later issues add; resolved on first use
+_LAZY = {
+    "PlacementProblem": ("moebalance.placement", "PlacementProblem"),
+    "CostModel": ("moebalance.placement", "CostModel"),
+    "simulate": ("moebalance.simulate", "simulate"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'moebalance' has no attribute {name!r}")

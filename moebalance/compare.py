@@ -1,0 +1,97 @@
+"""Side-by-side comparison of methods on one problem, with every gap measured to the best bound of all."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Iterable
+
+from .registry import available_methods, solve
+from .solution import Solution
+
+__all__ = ["Comparison", "compare"]
+
+
+class Comparison:
+    """The table ``compare`` returns: one row per method.
+
+    Columns: method, status, objective, bound (the method's own), gap (to the best bound of all methods),
+    load_ratio (routing: max load / capacity; placement: max / mean device time), wall_time (s).
+    ``print(table)`` shows it; ``rows()`` and ``to_json()`` export it; ``solutions`` keeps each Solution.
+    """
+
+    columns = ("method", "status", "objective", "bound", "gap", "load_ratio", "wall_time")
+
+    def __init__(self, problem: Any, solutions: list[Solution]):
+        self.problem = problem
+        self.solutions = solutions
+        self.sense = problem.sense
+        bounds = [s.bound for s in solutions if s.bound is not None and math.isfinite(s.bound)]
+        if bounds:
+            self.best_bound: float | None = min(bounds) if self.sense == "max" else max(bounds)
+        else:
+            self.best_bound = None
+
+    def gap_of(self, sol: Solution) -> float | None:
+        if self.best_bound is None or not sol.feasible or not math.isfinite(sol.objective):
+            return None
+        return abs(self.best_bound - sol.objective) / max(abs(self.best_bound), 1e-12)
+
+    def rows(self) -> list[dict[str, Any]]:
+        out = []
+        for s in self.solutions:
+            out.append({
+                "method": s.method,
+                "status": s.status.value,
+                "objective": s.objective if math.isfinite(s.objective) else None,
+                "bound": s.bound,
+                "gap": self.gap_of(s),
+                "load_ratio": s.stats.get("load_ratio"),
+                "wall_time": s.wall_time,
+            })
+        return out
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps({"problem": repr(self.problem), "best_bound": self.best_bound, "rows": self.rows()},
+                          **kwargs)
+
+    def __str__(self) -> str:
+        ratio_name = "max/cap" if self.problem.kind == "routing" else "max/mean"
+        head = ["method", "status", "objective", "bound", "gap", ratio_name, "time (s)"]
+        body = []
+        for r in self.rows():
+            body.append([
+                r["method"], r["status"], _fmt(r["objective"], ".8g"), _fmt(r["bound"], ".8g"),
+                _fmt(r["gap"], ".2e"), _fmt(r["load_ratio"], ".3f"), _fmt(r["wall_time"], ".4f"),
+            ])
+        widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+        lines = [repr(self.problem), f"best bound: {_fmt(self.best_bound, '.8g')} (gap is measured to it)",
+                 "  ".join(h.ljust(w) for h, w in zip(head, widths)),
+                 "  ".join("-" * w for w in widths)]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)) for b in body]
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _fmt(v: Any, spec: str) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return format(v, spec)
+
+
+def compare(problem: Any, methods: Iterable[str] | None = None, *, time_limit: float | None = None,
+            options: dict[str, dict[str, Any]] | None = None, progress: bool = False) -> Comparison:
+    """Solve ``problem`` with each method (default: every installed one) and tabulate the results.
+
+    ``options`` maps a method name to its options; ``time_limit`` applies to every method.
+    """
+    names = list(methods) if methods is not None else available_methods(problem)
+    options = options or {}
+    it: Iterable[str] = names
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(names, desc="methods", leave=False)
+    sols = [solve(problem, m, time_limit=time_limit, **options.get(m, {})) for m in it]
+    return Comparison(problem, sols)

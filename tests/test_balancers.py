@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+import torch
+
+from moebalance.generate import routing_scores
+from moebalance.solvers.balancers import BIPBalancer, LossFreeBalancer
+
+
+def maxvio(loads):
+    loads = np.asarray(loads, dtype=float)
+    return (loads.max() - loads.mean()) / loads.mean()
+
+
+def stream(steps, T=512, E=16, seed=0):
+    for i in range(steps):
+        yield routing_scores(T, E, kind="hot", imbalance=1.0, hot_experts=2, seed=seed)  # same skew each batch
+
+
+def test_loss_free_sign_rule_in_price_convention():
+    b = LossFreeBalancer(4, 1, rate=0.5)
+    q = b.update(np.array([10, 0, 5, 5]))
+    assert q.tolist() == [0.5, -0.5, 0.0, 0.0]  # overloaded expert dearer, underloaded cheaper
+
+
+@pytest.mark.parametrize("make", [lambda: LossFreeBalancer(16, 2, rate=1e-2), lambda: BIPBalancer(16, 2)])
+def test_maxvio_falls(make):
+    b = make()
+    vios = []
+    for s in stream(40):
+        vios.append(maxvio(b.loads(s)))
+        b.update(s)
+    assert vios[-1] < 0.5 * vios[0]
+
+
+def test_bip_balances_in_one_batch():
+    s = routing_scores(1024, 16, kind="zipf", imbalance=1.5, seed=1)
+    b = BIPBalancer(16, 2, iterations=8)
+    before = maxvio(b.loads(s))
+    b.update(s)
+    assert maxvio(b.loads(s)) < 0.2 < before
+
+
+@pytest.mark.parametrize("cls", [LossFreeBalancer, BIPBalancer])
+def test_torch_matches_numpy(cls):
+    s = routing_scores(256, 8, kind="zipf", seed=2)
+    bn, bt = cls(8, 2), cls(8, 2)
+    for _ in range(3):
+        qn = bn.update(s)
+        qt = bt.update(torch.tensor(s, dtype=torch.float32))
+    assert isinstance(qt, torch.Tensor) and qt.dtype == torch.float32
+    assert np.allclose(qn, qt.numpy(), atol=1e-5)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="k"):
+        LossFreeBalancer(4, 5)
+    with pytest.raises(ValueError, match="rate"):
+        LossFreeBalancer(4, 1, rate=-1)
+    with pytest.raises(ValueError, match="scores"):
+        BIPBalancer(4, 1).update(np.zeros(4))
+    with pytest.raises(ValueError, match="shape"):
+        LossFreeBalancer(4, 1).update(np.zeros((3, 5)))
+    with pytest.raises(ValueError, match="non-negative"):
+        LossFreeBalancer(4, 1).update(np.array([1, -1, 0, 0]))
+
+
+def test_reset_and_k_equals_e():
+    b = BIPBalancer(4, 4)
+    assert np.all(b.update(np.random.default_rng(0).random((8, 4))) == 0)
+    lf = LossFreeBalancer(4, 1)
+    lf.update(np.array([3, 0, 0, 1]))
+    lf.reset()
+    assert np.all(lf.bias == 0)
