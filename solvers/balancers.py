@@ -39,6 +39,16 @@ class _Balancer:
         """``[E]`` current prices (numpy float64, or a float32 torch tensor once fed torch input)."""
         return self._bias
 
+    @bias.setter
+    def bias(self, value: Any) -> None:
+        """Set the prices (e.g. restored from a checkpoint or a layer's buffer); ``[E]``, numpy or torch."""
+        if tuple(value.shape) != (self.num_experts,):
+            raise ValueError(f"`bias` must have shape [{self.num_experts}], got {tuple(value.shape)}")
+        if _is_torch(value):
+            self._bias = value.detach().float().clone()
+        else:
+            self._bias = np.asarray(value, dtype=np.float64).copy()
+
     def reset(self) -> None:
         """Set every price back to zero (keeping the array library and device)."""
         self._bias = self._bias * 0
@@ -95,7 +105,8 @@ class LossFreeBalancer(_Balancer):
             loads = self.loads(x)
         elif x.ndim == 1 and x.shape[0] == self.num_experts:
             loads = x
-            if (loads < 0).any():
+            # checked for numpy only: on torch it would cost a host sync every training step
+            if not _is_torch(x) and (np.asarray(loads) < 0).any():
                 raise ValueError("`loads` must be non-negative")
         else:
             raise ValueError(f"`x` must be [T, {self.num_experts}] scores or [{self.num_experts}] loads, "

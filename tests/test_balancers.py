@@ -71,3 +71,13 @@ def test_reset_and_k_equals_e():
     lf.update(np.array([3, 0, 0, 1]))
     lf.reset()
     assert np.all(lf.bias == 0)
+
+
+def test_bias_setter_numpy_and_torch():
+    b = BIPBalancer(4, 1)
+    b.bias = np.array([0.1, 0.0, 0.2, 0.0])
+    assert b.bias.tolist() == [0.1, 0.0, 0.2, 0.0]
+    b.bias = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    assert isinstance(b.bias, torch.Tensor) and b.bias.dtype == torch.float32
+    with pytest.raises(ValueError, match="bias"):
+        b.bias = np.zeros(3)

@@ -1,0 +1,255 @@
+"""A torch Mixture-of-Experts layer with switchable load balancing (one device).
+
+>>> from moebalance.integrations.torch import MoEConfig, MoELayer
+>>> layer = MoELayer(MoEConfig(hidden=64, ffn=128, num_experts=8, top_k=2, balancer="loss_free"))
+>>> y = layer(torch.randn(4, 16, 64))              # [..., hidden] -> [..., hidden]
+>>> loss = y.square().mean() + layer.aux_loss      # aux_loss is 0 unless balancer="aux_loss"
+>>> layer.last_stats.max_vio                       # (max load - mean) / mean of the last forward
+
+Routing (:func:`route`, a pure function): scores = softmax or sigmoid of the router logits ``[T, E]`` (fp32);
+the k experts of a token are the top-k of ``scores - bias`` (ties go to the lower expert index), so the bias
+changes which experts are chosen, never the gate values; gates = scores at the chosen experts, divided by their
+sum when ``normalize_gates``. The layer output is ``sum_j gates[t, j] * f_e(x[t])`` with the SwiGLU expert
+``f_e(x) = (silu(x @ w_gate[e]) * (x @ w_up[e])) @ w_down[e]``, computed by :func:`moebalance.kernels.moe_experts`.
+
+Balancers ("none" | "aux_loss" | "loss_free" | "bip"): "aux_loss" exposes the Switch-style loss
+``aux_loss_coeff * E * sum_e f_e * P_e`` (f_e: fraction of the T*k routed pairs that chose e, P_e: mean router
+probability of e) as ``layer.aux_loss`` for the caller to add; "loss_free" and "bip" keep a per-expert bias
+buffer, updated without gradient after each training-mode forward by
+:class:`moebalance.solvers.balancers.LossFreeBalancer` / :class:`~moebalance.solvers.balancers.BIPBalancer`.
+
+Capacity: ``capacity_factor=None`` is dropless. Otherwise each expert keeps at most
+``ceil(capacity_factor * T * k / E)`` pairs, chosen in order of the router score ``scores[t, e]`` (highest
+first, ties to the lower token index); a dropped pair contributes nothing (its gate is not redistributed), so a
+token whose k pairs are all dropped outputs zero (the residual connection around the layer carries it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from moebalance.kernels.experts import BACKENDS, expert_ffn, moe_experts, resolve_backend
+
+__all__ = ["MoEConfig", "MoELayer", "MoEStats", "route", "apply_capacity", "expert_ffn", "ROUTERS", "BALANCERS"]
+
+ROUTERS = ("softmax", "sigmoid")
+BALANCERS = ("none", "aux_loss", "loss_free", "bip")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _number(value: Any, name: str, *, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0 or (positive and value == 0):
+        raise ValueError(f"`{name}` must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+    return float(value)
+
+
+@dataclass
+class MoEConfig:
+    """Configuration of :class:`MoELayer`, checked at construction (ValueError naming the field).
+
+    Shape: ``hidden``, ``ffn`` (expert inner width), ``num_experts`` (E), ``top_k`` (k, 1 <= k <= E).
+    Routing: ``router`` "softmax" | "sigmoid"; ``normalize_gates`` (gates of a token sum to 1).
+    Balancing: ``balancer`` "none" | "aux_loss" | "loss_free" | "bip"; ``bias_update_rate`` (loss_free's u);
+    ``aux_loss_coeff``; ``capacity_factor`` None (dropless) or > 0 (drop overflow pairs; also the capacity the
+    "bip" balancer prices against, 1.0 when None).
+    Execution: ``backend`` "auto" | "triton" | "torch"; ``dtype`` of the parameters (a torch dtype or its name;
+    None: torch's default dtype).
+    """
+
+    hidden: int
+    ffn: int
+    num_experts: int
+    top_k: int
+    router: str = "softmax"
+    normalize_gates: bool = True
+    balancer: str = "none"
+    bias_update_rate: float = 1e-3
+    aux_loss_coeff: float = 1e-2
+    capacity_factor: Optional[float] = None
+    backend: str = "auto"
+    dtype: Any = None
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "ffn", "num_experts", "top_k"):
+            _positive_int(getattr(self, name), name)
+        if self.top_k > self.num_experts:
+            raise ValueError(f"`top_k` must be <= num_experts={self.num_experts}, got {self.top_k}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"`router` must be one of {ROUTERS}, got {self.router!r}")
+        if not isinstance(self.normalize_gates, bool):
+            raise ValueError(f"`normalize_gates` must be a bool, got {self.normalize_gates!r}")
+        if self.balancer not in BALANCERS:
+            raise ValueError(f"`balancer` must be one of {BALANCERS}, got {self.balancer!r}")
+        self.bias_update_rate = _number(self.bias_update_rate, "bias_update_rate", positive=True)
+        self.aux_loss_coeff = _number(self.aux_loss_coeff, "aux_loss_coeff", positive=False)
+        if self.capacity_factor is not None:
+            self.capacity_factor = _number(self.capacity_factor, "capacity_factor", positive=True)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"`backend` must be one of {BACKENDS}, got {self.backend!r}")
+        dtype = _DTYPES.get(self.dtype, self.dtype) if isinstance(self.dtype, str) else self.dtype
+        if dtype is None:
+            dtype = torch.get_default_dtype()
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"`dtype` must be a floating torch dtype or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        self.dtype = dtype
+
+
+@dataclass
+class MoEStats:
+    """Balance statistics of one forward, as detached tensors (no host sync; call ``float()`` to read).
+
+    ``loads`` ``[E]``: pairs that chose each expert (before capacity drops); ``max_vio``: (max load - mean) /
+    mean with mean = T*k/E; ``aux_loss``: ``aux_loss_coeff * E * sum_e f_e P_e`` (computed for every balancer,
+    as a balance measure); ``dropped``: pairs dropped by the capacity (0 when dropless).
+    """
+
+    loads: Tensor
+    max_vio: Tensor
+    aux_loss: Tensor
+    dropped: Tensor
+
+
+def route(logits: Tensor, top_k: int, *, router: str = "softmax", bias: Optional[Tensor] = None,
+          normalize_gates: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k routing with a selection bias: ``(eidx [T, k] int64, gates [T, k] float32, scores [T, E] float32)``.
+
+    ``eidx`` = the k largest of ``scores - bias`` per token (ties to the lower expert index; the bias is a price
+    subtracted before top-k); ``gates`` = scores at eidx, divided by their sum when ``normalize_gates``.
+    Differentiable in logits through gates and scores.
+    """
+    if router not in ROUTERS:
+        raise ValueError(f"`router` must be one of {ROUTERS}, got {router!r}")
+    if logits.ndim != 2 or not 1 <= top_k <= logits.shape[1]:
+        raise ValueError(f"`logits` must be [T, E] with 1 <= top_k <= E, got {tuple(logits.shape)}, top_k={top_k}")
+    z = logits.float()
+    scores = torch.softmax(z, dim=-1) if router == "softmax" else torch.sigmoid(z)
+    select = scores.detach() if bias is None else scores.detach() - bias.float()
+    # a stable descending sort makes ties deterministic (lower index first) on every device and back-end
+    eidx = torch.sort(select, dim=-1, descending=True, stable=True).indices[:, :top_k]
+    gates = scores.gather(1, eidx)
+    if normalize_gates:
+        gates = gates / (gates.sum(-1, keepdim=True) + 1e-20)
+    return eidx, gates, scores
+
+
+def apply_capacity(eidx: Tensor, scores: Tensor, capacity: int) -> Tensor:
+    """``eidx [T, k]`` with the pairs over each expert's capacity replaced by E (dropped).
+
+    Each expert keeps its ``capacity`` pairs of highest router score ``scores[t, e]`` (``scores [T, E]``), ties
+    to the lower token index.
+    """
+    T, k = eidx.shape
+    E = scores.shape[1]
+    flat = eidx.reshape(-1)
+    s = scores.detach().gather(1, eidx).reshape(-1)
+    order = torch.sort(s, descending=True, stable=True).indices
+    order = order[torch.sort(flat[order], stable=True).indices]  # by expert, score order inside
+    counts = torch.zeros(E, dtype=torch.long, device=eidx.device).scatter_add_(0, flat, torch.ones_like(flat))
+    first = counts.cumsum(0) - counts
+    rank = torch.empty_like(flat)
+    rank[order] = torch.arange(flat.numel(), device=eidx.device) - first[flat[order]]
+    return torch.where(rank < capacity, flat, E).view(T, k)
+
+
+class MoELayer(nn.Module):
+    """Top-k MoE layer with SwiGLU experts and a switchable balancer; see the module docstring.
+
+    Parameters: ``router`` (``nn.Linear(hidden, E, bias=False)``), ``w_gate``, ``w_up`` ``[E, hidden, ffn]``,
+    ``w_down`` ``[E, ffn, hidden]``. Buffer: ``bias`` ``[E]`` float32 (the selection price). After each forward:
+    ``aux_loss`` (a scalar tensor: differentiable when balancer="aux_loss", else 0) and ``last_stats``
+    (:class:`MoEStats`).
+    """
+
+    def __init__(self, config: MoEConfig, *, device: Any = None):
+        super().__init__()
+        if not isinstance(config, MoEConfig):
+            raise ValueError(f"`config` must be a MoEConfig, got {type(config).__name__}")
+        self.config = c = config
+        kw = {"device": device, "dtype": c.dtype}
+        self.router = nn.Linear(c.hidden, c.num_experts, bias=False, **kw)
+        self.w_gate = nn.Parameter(torch.empty(c.num_experts, c.hidden, c.ffn, **kw))
+        self.w_up = nn.Parameter(torch.empty(c.num_experts, c.hidden, c.ffn, **kw))
+        self.w_down = nn.Parameter(torch.empty(c.num_experts, c.ffn, c.hidden, **kw))
+        self.register_buffer("bias", torch.zeros(c.num_experts, dtype=torch.float32, device=device))
+        self.balancer = self._make_balancer()
+        self.aux_loss: Tensor = torch.zeros((), device=device)
+        self.last_stats: Optional[MoEStats] = None
+        self.reset_parameters()
+
+    def _make_balancer(self):
+        c = self.config
+        if c.balancer == "loss_free":
+            from moebalance.solvers.balancers import LossFreeBalancer
+
+            return LossFreeBalancer(c.num_experts, c.top_k, rate=c.bias_update_rate)
+        if c.balancer == "bip":
+            from moebalance.solvers.balancers import BIPBalancer
+
+            return BIPBalancer(c.num_experts, c.top_k, capacity_factor=c.capacity_factor or 1.0)
+        return None
+
+    def reset_parameters(self) -> None:
+        """Router as ``nn.Linear``; expert weights uniform in +-1/sqrt(fan_in); bias and balancer state zero."""
+        self.router.reset_parameters()
+        for w, fan_in in ((self.w_gate, self.config.hidden), (self.w_up, self.config.hidden),
+                          (self.w_down, self.config.ffn)):
+            nn.init.uniform_(w, -fan_in ** -0.5, fan_in ** -0.5)
+        with torch.no_grad():
+            self.bias.zero_()
+        if self.balancer is not None:
+            self.balancer.reset()
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"hidden={c.hidden}, ffn={c.ffn}, num_experts={c.num_experts}, top_k={c.top_k}, "
+                f"router={c.router}, balancer={c.balancer}, capacity_factor={c.capacity_factor}, backend={c.backend}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[..., hidden]`` -> ``[..., hidden]``."""
+        c = self.config
+        if x.shape[-1] != c.hidden:
+            raise ValueError(f"`x` must have last dimension hidden={c.hidden}, got shape {tuple(x.shape)}")
+        x2 = x.reshape(-1, c.hidden).to(self.w_gate.dtype)
+        T = x2.shape[0]
+        eidx, gates, scores = route(self.router(x2), c.top_k, router=c.router, bias=self.bias,
+                                    normalize_gates=c.normalize_gates)
+        kept = eidx
+        if c.capacity_factor is not None:
+            kept = apply_capacity(eidx, scores, math.ceil(c.capacity_factor * T * c.top_k / c.num_experts - 1e-9))
+        y = moe_experts(x2, kept, gates, self.w_gate, self.w_up, self.w_down,
+                        backend=resolve_backend(c.backend, x2.device))
+        self._balance(eidx, kept, scores)
+        return y.reshape(x.shape).to(x.dtype)
+
+    def _balance(self, eidx: Tensor, kept: Tensor, scores: Tensor) -> None:
+        c = self.config
+        T, E = scores.shape
+        flat = eidx.reshape(-1)
+        loads = torch.zeros(E, dtype=torch.float32, device=flat.device).scatter_add_(
+            0, flat, torch.ones(flat.shape, dtype=torch.float32, device=flat.device))
+        mean = max(T * c.top_k / E, 1e-12)
+        # Switch loss with top-k: f_e over the T*k pairs; sigmoid scores are normalised per token into P_e
+        probs = scores if c.router == "softmax" else scores / (scores.sum(-1, keepdim=True) + 1e-20)
+        aux = c.aux_loss_coeff * E * (loads / max(T * c.top_k, 1) * probs.mean(0)).sum() if T else scores.sum() * 0
+        self.aux_loss = aux if c.balancer == "aux_loss" else torch.zeros((), device=scores.device)
+        max_vio = (loads.max() - mean) / mean if T else loads.sum()  # an empty batch violates nothing
+        self.last_stats = MoEStats(loads=loads, max_vio=max_vio, aux_loss=aux.detach(), dropped=(kept >= E).sum())
+        if self.training and self.balancer is not None and T:
+            with torch.no_grad():
+                # the buffer is the state (it is what state_dict saves and loads): the balancer steps from it
+                self.balancer.bias = self.bias
+                new = self.balancer.update(loads if c.balancer == "loss_free" else scores.detach())
+                self.bias.copy_(new)
