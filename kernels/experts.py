@@ -171,6 +171,19 @@ def _triton_ffn(x_sorted, counts, w_gate, w_up, w_down, block_m):
 # ---------------------------------------------------------------------------------------------------------
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: ``torch._grouped_mm``'s backward rejects
+    the stride-0 gradient that e.g. ``out.sum().backward()`` produces."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor) -> Tensor:
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:
+        return g.contiguous()
+
+
 def _grouped(a: Tensor, w: Tensor, offsets: Tensor, impl: str) -> Tensor:
     """``[N, M]``: rows ``offsets[e]:offsets[e+1]`` of ``a [N, K]`` times ``w[e] [K, M]``.
 
@@ -180,7 +193,7 @@ def _grouped(a: Tensor, w: Tensor, offsets: Tensor, impl: str) -> Tensor:
     N = a.shape[0]
     if impl == "grouped_mm":
         ends = torch.cat([offsets[1:-1], offsets.new_full((1,), N)]).to(torch.int32)
-        return torch._grouped_mm(a, w, offs=ends)
+        return _ContiguousGrad.apply(torch._grouped_mm(a, w, offs=ends))
     bounds = offsets.tolist()
     parts = [a[bounds[e]:bounds[e + 1]] @ w[e] for e in range(w.shape[0])]
     parts.append(a.new_zeros(N - bounds[-1], w.shape[2]))

@@ -23,11 +23,15 @@ _STATUS = {"optimal": Status.OPTIMAL, "optimal_inaccurate": Status.FEASIBLE,
           description="LP relaxation through cvxpy (cross-check of lp)")
 def solve_cvxpy(problem, *, time_limit=None, solver=None) -> Solution:
     """LP relaxation with cvxpy; ``solver`` defaults to HIGHS when installed, else CLARABEL."""
-    # cvxpy logs a warning per ortools-based solver it cannot use with this ortools version; not ours to show
-    logging.getLogger("__cvxpy__").setLevel(logging.ERROR)
-    import cvxpy as cp
+    # cvxpy logs an error per ortools-based solver it cannot use with this ortools version (GLOP, PDLP; not
+    # ours) when it first lists its solvers, and resets its logger's level on import: silence that one moment
+    logging.disable(logging.ERROR)
+    try:
+        import cvxpy as cp
 
-    installed = cp.installed_solvers()
+        installed = cp.installed_solvers()
+    finally:
+        logging.disable(logging.NOTSET)
     if solver is None:
         solver = "HIGHS" if "HIGHS" in installed else "CLARABEL"
     if solver not in installed:
@@ -55,6 +59,8 @@ def solve_cvxpy(problem, *, time_limit=None, solver=None) -> Solution:
     bias = np.maximum(np.asarray(cap.dual_value, dtype=np.float64).ravel(), 0.0)
     if status == Status.OPTIMAL and not stats["integral"]:
         status = Status.FEASIBLE  # a fractional (interior) optimum: rounding is not proven optimal
-    return Solution(method="cvxpy", status=status, objective=float("nan"), bound=float(prob.value),
+    # only a solved LP's value bounds the optimum; an interrupted or inaccurate one proves nothing
+    bound = float(prob.value) if prob.status == "optimal" else None
+    return Solution(method="cvxpy", status=status, objective=float("nan"), bound=bound,
                     assignment=chosen_to_assignment(xv, problem.k), bias=bias, stats=stats,
                     message=f"cvxpy/{solver}: {prob.status}, max fractionality {frac:.2g}")

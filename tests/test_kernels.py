@@ -290,3 +290,26 @@ def test_gpu_triton_matches_torch(dtype, tol, block_m, E):
     for a, b in zip(got, ref):
         scale = b.abs().max().clamp_min(1.0)
         assert ((a.float() - b.float()).abs().max() / scale) < tol
+
+
+def test_expert_ffn_backward_from_a_sum_grouped_mm():
+    # out.sum().backward() hands torch._grouped_mm a stride-0 gradient, which its backward rejects unless we
+    # make it contiguous first
+    from moebalance.kernels.experts import expert_ffn
+
+    torch.manual_seed(0)
+    E, H, F_ = 3, 16, 32
+    x = torch.randn(10, H, requires_grad=True)
+    w = [(torch.randn(E, a, b) * 0.1).requires_grad_() for a, b in [(H, F_), (H, F_), (F_, H)]]
+    grads = {}
+    for impl in ("grouped_mm", "loop"):
+        try:
+            out = expert_ffn(x, [4, 0, 6], *w, backend="torch", torch_impl=impl)
+        except ValueError:  # this torch has no fp32 grouped_mm on CPU
+            continue
+        out.sum().backward()
+        grads[impl] = x.grad.clone()
+        x.grad = None
+    assert "loop" in grads
+    if "grouped_mm" in grads:
+        assert torch.allclose(grads["grouped_mm"], grads["loop"], atol=1e-5)
