@@ -38,14 +38,18 @@ class CheckResult:
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def check(problem: Any, assignment: Any) -> CheckResult:
-    """Check ``assignment`` against ``problem`` (routing or placement)."""
+def check(problem: Any, assignment: Any, token_ranges: Any = None) -> CheckResult:
+    """Check ``assignment`` against ``problem`` (routing or placement).
+
+    ``token_ranges`` (placement only): a solver's own order of ranges, kept when it tiles every expert's tokens
+    and matches the assignment, and a violation otherwise.
+    """
     if getattr(problem, "kind", None) == "routing":
         return check_routing(problem, assignment)
     if getattr(problem, "kind", None) == "placement":
         from .plan import check_placement
 
-        return check_placement(problem, assignment)
+        return check_placement(problem, assignment, token_ranges_hint=token_ranges)
     raise ValueError(f"`problem` must be a RoutingProblem or PlacementProblem, got {type(problem).__name__}")
 
 

@@ -163,7 +163,7 @@ def finalize(problem: Any, sol: Solution) -> Solution:
         if status in (Status.OPTIMAL, Status.FEASIBLE):
             status, message = Status.ERROR, (message + "; " if message else "") + "no assignment returned"
     else:
-        res = check(problem, sol.assignment)
+        res = check(problem, sol.assignment, token_ranges=sol.token_ranges)
         objective, loads = res.objective, res.loads
         stats["feasible"] = res.feasible
         stats["load_ratio"] = res.load_ratio

@@ -3,13 +3,12 @@ other default solver)."""
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 
 from moebalance.registry import register
 from moebalance.solution import Solution, Status
 
+from ._cvxpy import import_cvxpy
 from ._routing_common import chosen_to_assignment
 
 __all__ = ["solve_cvxpy"]
@@ -23,15 +22,7 @@ _STATUS = {"optimal": Status.OPTIMAL, "optimal_inaccurate": Status.FEASIBLE,
           description="LP relaxation through cvxpy (cross-check of lp)")
 def solve_cvxpy(problem, *, time_limit=None, solver=None) -> Solution:
     """LP relaxation with cvxpy; ``solver`` defaults to HIGHS when installed, else CLARABEL."""
-    # cvxpy logs an error per ortools-based solver it cannot use with this ortools version (GLOP, PDLP; not
-    # ours) when it first lists its solvers, and resets its logger's level on import: silence that one moment
-    logging.disable(logging.ERROR)
-    try:
-        import cvxpy as cp
-
-        installed = cp.installed_solvers()
-    finally:
-        logging.disable(logging.NOTSET)
+    cp, installed = import_cvxpy()
     if solver is None:
         solver = "HIGHS" if "HIGHS" in installed else "CLARABEL"
     if solver not in installed:

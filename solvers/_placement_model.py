@@ -1,0 +1,115 @@
+"""Coefficients shared by the placement LP and MILP (private: no solver registers here).
+
+Costs are divided by a unit (the token time when it is positive) so that back-end tolerances act on
+numbers of order "tokens", not on seconds of order 1e-8.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+__all__ = ["PlacementModel", "build_model", "incumbent", "round_plan"]
+
+
+@dataclasses.dataclass
+class PlacementModel:
+    """Normalised data of a placement problem, restricted to the experts with tokens.
+
+    active:  ``[A]`` indices of the experts with load > 0.
+    loads:   ``[A]`` their loads.
+    M:       ``[A, P]`` big-M of ``x <= M y``: ``min(load, max_tokens_per_device, (U - b) / a)`` where ``U`` is
+             the makespan of a known feasible plan (a plan with makespan <= U has ``a x + b <= U`` wherever
+             ``x > 0``, so the cut keeps every plan at least as good as the incumbent, the optimum included).
+    a:       ``[A, P]`` time per token of expert e on device p (token time, plus transfer time when foreign).
+    b:       ``[A, P]`` fixed time when e runs on p (GEMM time, plus weight time when foreign).
+    foreign: ``[A, P]`` bool, p is not e's home.
+    unit:    the time unit all of the above are divided by.
+    upper:   the incumbent makespan ``U`` used (problem units), or None.
+    """
+
+    active: np.ndarray
+    loads: np.ndarray
+    M: np.ndarray
+    a: np.ndarray
+    b: np.ndarray
+    foreign: np.ndarray
+    unit: float
+    P: int
+    C: int | None
+    F: int | None
+    upper: float | None = None
+
+    def integral_times(self) -> bool:
+        """True when every device time is an integer in this unit for integer plans (then T can be integer)."""
+        return bool(np.all(self.a == np.round(self.a)) and np.all(self.b == np.round(self.b)))
+
+
+def build_model(problem: Any, upper: float | None = None) -> PlacementModel:
+    """Normalised coefficients of ``problem``; ``upper``, the makespan of a feasible plan, tightens big-M."""
+    c = problem.cost
+    unit = c.token_time if c.token_time > 0 else max(c.gemm_time, c.weight_time, c.token_transfer_time, 1.0)
+    loads_all = problem.expert_loads
+    active = np.flatnonzero(loads_all > 0)
+    loads = loads_all[active].astype(np.int64)
+    P = problem.num_devices
+    foreign = np.ones((active.size, P), dtype=bool)
+    foreign[np.arange(active.size), problem.home[active]] = False
+    a = (c.token_time + c.token_transfer_time * foreign) / unit
+    b = (c.gemm_time + c.weight_time * foreign) / unit
+    C = problem.max_tokens_per_device
+    M = np.broadcast_to((np.minimum(loads, C) if C is not None else loads)[:, None], a.shape).astype(np.float64)
+    if upper is not None and np.isfinite(upper):
+        u = upper / unit
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cut = np.where(a > 0, np.floor((u - b) / a * (1 + 1e-12) + 1e-9), np.where(b <= u, np.inf, 0.0))
+        M = np.minimum(M, np.maximum(cut, 0.0))
+    return PlacementModel(active, loads, M, a, b, foreign, unit, P, C, problem.max_foreign_experts,
+                          None if upper is None else float(upper))
+
+
+def incumbent(problem: Any) -> tuple[np.ndarray, float]:
+    """An llep+ plan ``[E, P]`` (searched up to ``4 (E + P)`` moves) and its makespan (inf when it breaks a
+    limit, so it bounds nothing)."""
+    from moebalance.plan import check_placement
+
+    from .placement_llep import llep_for, plan_to_assignment
+    from .placement_llep_plus import improve_plan
+
+    E, P = problem.shape
+    # a longer search than llep+'s default: a lower incumbent tightens every cut
+    x0 = plan_to_assignment(llep_for(problem, spilled_only=True), problem.expert_loads, problem.home)
+    x, _, _ = improve_plan(problem, x0, max_moves=4 * (E + P))
+    res = check_placement(problem, x)
+    return x, (res.objective if res.feasible else float("inf"))
+
+
+def round_plan(model: PlacementModel, xa: np.ndarray) -> np.ndarray:
+    """Integer ``[A, P]`` plan from a fractional one: per expert, floor then hand out the remainder by largest
+    fractional part, preferring devices that stay within ``max_tokens_per_device``. Rows keep their loads."""
+    xa = np.clip(np.asarray(xa, dtype=np.float64), 0.0, None)
+    # rescale rows so they sum to the loads exactly before rounding (solver tolerances)
+    sums = xa.sum(axis=1, keepdims=True)
+    xa = np.where(sums > 0, xa * (model.loads[:, None] / np.where(sums > 0, sums, 1.0)), 0.0)
+    fl = np.floor(xa + 1e-9).astype(np.int64)
+    frac = xa - fl
+    short = model.loads - fl.sum(axis=1)
+    dev = fl.sum(axis=0)
+    for i in np.flatnonzero(short > 0):
+        order = np.argsort(-frac[i], kind="stable")
+        need = int(short[i])
+        if model.C is not None:
+            # devices with room first, then the rest in fractional order
+            room = dev[order] < model.C
+            order = np.concatenate([order[room], order[~room]])
+        for p in order[:need]:
+            fl[i, p] += 1
+            dev[p] += 1
+    over = fl.sum(axis=1) - model.loads
+    for i in np.flatnonzero(over > 0):  # floor + 1e-9 can overshoot by a token
+        for _ in range(int(over[i])):
+            p = int(np.argmax(fl[i]))
+            fl[i, p] -= 1
+    return fl
