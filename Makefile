@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-gpu bench install clean
+.PHONY: demo test test-gpu bench study report install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ test-gpu: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/routing_solvers.py
+	$(PY) benchmarks/placement.py
+
+study: $(STAMP)
+	$(PY) benchmarks/balancer_study.py
+
+report: $(STAMP)
+	$(PY) -m moebalance report
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -64,7 +64,9 @@ class MoEConfig:
     Routing: ``router`` "softmax" | "sigmoid"; ``normalize_gates`` (gates of a token sum to 1).
     Balancing: ``balancer`` "none" | "aux_loss" | "loss_free" | "bip"; ``bias_update_rate`` (loss_free's u);
     ``aux_loss_coeff``; ``capacity_factor`` None (dropless) or > 0 (drop overflow pairs; also the capacity the
-    "bip" balancer prices against, 1.0 when None).
+    "bip" balancer prices against, 1.0 when None); ``bip_same_batch`` ("bip" only): in training, also run the
+    price iterations on the batch's own scores *before* routing it, as arXiv 2502.15451 does, so the very first
+    batch is balanced (the usual update after the forward still follows).
     Execution: ``backend`` "auto" | "triton" | "torch"; ``dtype`` of the parameters (a torch dtype or its name;
     None: torch's default dtype).
     """
@@ -81,6 +83,7 @@ class MoEConfig:
     capacity_factor: Optional[float] = None
     backend: str = "auto"
     dtype: Any = None
+    bip_same_batch: bool = False
 
     def __post_init__(self) -> None:
         for name in ("hidden", "ffn", "num_experts", "top_k"):
@@ -97,6 +100,10 @@ class MoEConfig:
         self.aux_loss_coeff = _number(self.aux_loss_coeff, "aux_loss_coeff", positive=False)
         if self.capacity_factor is not None:
             self.capacity_factor = _number(self.capacity_factor, "capacity_factor", positive=True)
+        if not isinstance(self.bip_same_batch, bool):
+            raise ValueError(f"`bip_same_batch` must be a bool, got {self.bip_same_batch!r}")
+        if self.bip_same_batch and self.balancer != "bip":
+            raise ValueError(f"`bip_same_batch` needs balancer='bip', got balancer={self.balancer!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"`backend` must be one of {BACKENDS}, got {self.backend!r}")
         dtype = _DTYPES.get(self.dtype, self.dtype) if isinstance(self.dtype, str) else self.dtype
@@ -224,7 +231,14 @@ class MoELayer(nn.Module):
             raise ValueError(f"`x` must have last dimension hidden={c.hidden}, got shape {tuple(x.shape)}")
         x2 = x.reshape(-1, c.hidden).to(self.w_gate.dtype)
         T = x2.shape[0]
-        eidx, gates, scores = route(self.router(x2), c.top_k, router=c.router, bias=self.bias,
+        logits = self.router(x2)
+        if c.bip_same_batch and self.training and T:
+            with torch.no_grad():  # price this very batch before routing it
+                z = logits.detach().float()
+                self.balancer.bias = self.bias
+                self.bias.copy_(self.balancer.update(torch.softmax(z, -1) if c.router == "softmax"
+                                                     else torch.sigmoid(z)))
+        eidx, gates, scores = route(logits, c.top_k, router=c.router, bias=self.bias,
                                     normalize_gates=c.normalize_gates)
         kept = eidx
         if c.capacity_factor is not None:

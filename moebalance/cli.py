@@ -1,4 +1,4 @@
-"""The ``moebalance`` command line: demo, solve, compare, gen (and simulate, from the placement module).
+"""The ``moebalance`` command line: demo, solve, compare, gen, simulate, study, report.
 
 Every error is one line on stderr (``moebalance: error: ...``) and exit status 2.
 """
@@ -67,6 +67,18 @@ def _cmd_gen(args: argparse.Namespace) -> int:
     from .generate import routing_problem
     from .io import save_problem
 
+    if args.family == "placement":
+        from .placement import PlacementProblem
+        from .simulate import MODELS, Hardware, scenario_loads
+
+        if args.model not in MODELS:
+            raise ValueError(f"`--model` must be one of {', '.join(sorted(MODELS))}, got {args.model!r}")
+        loads = scenario_loads(args.scenario, MODELS[args.model], args.devices, args.tokens, seed=args.seed)
+        cost = Hardware().cost(MODELS[args.model]) if args.cost == "model" else None
+        problem = PlacementProblem(loads, args.devices, cost=cost)
+        save_problem(problem, args.output)
+        print(f"wrote {args.output}: {problem!r}")
+        return 0
     problem = routing_problem(args.tokens, args.experts, args.k, kind=args.kind, imbalance=args.imbalance,
                               hot_experts=args.hot_experts, capacity_factor=args.capacity_factor,
                               seed=args.seed)
@@ -90,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("demo", help="solve a skewed routing instance with every method and show the gaps")
+    p = sub.add_parser("demo", help="the library end to end: routing methods and their gaps, online balancers, "
+                                    "placement on recorded DeepSeek-V3 loads, the MoE layer training")
     p.add_argument("--quick", action="store_true", help="smaller instances, skip the slowest methods")
     p.set_defaults(func=_cmd_demo)
 
@@ -111,8 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_compare)
 
-    p = sub.add_parser("gen", help="write a synthetic imbalanced routing problem")
+    p = sub.add_parser("gen", help="write a synthetic imbalanced routing (or placement) problem")
     p.add_argument("output", help="output file (.npz or .json)")
+    p.add_argument("--family", default="routing", choices=["routing", "placement"],
+                   help="routing: scores [T, E] for top-k under capacity; placement: expert loads of an "
+                        "imbalance scenario on --devices devices (uses --tokens per device, --scenario, --model)")
+    p.add_argument("--scenario", default="80:4",
+                   help="placement: 'pct:n' (pct%% of tokens into n experts), 'zipf:s' or 'balanced'")
+    p.add_argument("--model", default="gpt-oss-120b", help="placement: model preset giving E and k")
+    p.add_argument("--devices", "-P", type=int, default=8, help="placement: devices")
+    p.add_argument("--cost", default="model", choices=["model", "tokens"],
+                   help="placement: 'model' = CostModel.from_shapes of the model's experts on the simulator's "
+                        "assumed H200-class hardware (GEMM, weight-copy and transfer times count); 'tokens' = "
+                        "the makespan is the largest per-device token count")
     p.add_argument("--kind", default="zipf", choices=["hot", "zipf", "dirichlet", "uniform"],
                    help="popularity skew (default zipf)")
     p.add_argument("--tokens", "-T", type=int, default=1024)
@@ -124,12 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_gen)
 
-    try:
-        from .simulate import add_simulate_command
-    except ImportError:
-        pass
-    else:
-        add_simulate_command(sub)
+    from .report import add_report_command
+    from .simulate import add_simulate_command
+    from .study import add_study_command
+
+    add_simulate_command(sub)
+    add_study_command(sub)
+    add_report_command(sub)
     return parser
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "SimulationResult",
     "simulate",
     "add_simulate_command",
+    "load_hardware",
 ]
 
 GIB = float(2**30)
@@ -428,6 +429,19 @@ def _str_list(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
+def load_hardware(path: str | Path) -> Hardware:
+    """The measured :class:`Hardware` in a calibration file (``benchmarks/ep_layer.py --mode calibrate``)."""
+    p = Path(path)
+    try:
+        entry = json.loads(p.read_text(encoding="utf-8"))["hardware"]
+        hw = Hardware(**{f.name: float(entry[f.name]) for f in dataclasses.fields(Hardware)})
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"`hardware_file` {str(p)!r} has no usable 'hardware' entry: {exc}") from None
+    if not all(math.isfinite(v) and v >= 0 for v in dataclasses.astuple(hw)) or hw.device_flops <= 0:
+        raise ValueError(f"`hardware_file` {str(p)!r}: hardware numbers must be finite, FLOP/s > 0")
+    return hw
+
+
 def add_simulate_command(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``simulate`` subcommand to an argparse ``subparsers``; it sets ``func`` to run it (returns 0)."""
     p = subparsers.add_parser(
@@ -456,6 +470,9 @@ def add_simulate_command(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--link-bandwidth", type=float, default=Hardware.link_bandwidth, help="assumed bytes/s")
     p.add_argument("--gemm-overhead", type=float, default=Hardware.gemm_overhead, help="assumed s per GEMM")
     p.add_argument("--dtype-bytes", type=float, default=Hardware.dtype_bytes, help="bytes per value")
+    p.add_argument("--hardware-file", default=None,
+                   help="a calibration JSON written by `benchmarks/ep_layer.py --mode calibrate`: its measured "
+                        "'hardware' entry replaces the four assumed numbers above")
     p.add_argument("--alpha", type=float, default=1.0, help="LLEP capacity factor")
     p.add_argument("--min-chunk", type=int, default=1024, help="LLEP minimum spilled GEMM size")
     p.add_argument("--imbalance-threshold", type=float, default=1.3,
@@ -473,6 +490,9 @@ def run_simulate_command(args: argparse.Namespace) -> int:
     """Run ``moebalance simulate`` from parsed arguments."""
     scenarios = [] if args.scenarios == ["none"] else args.scenarios
     hw = Hardware(args.device_flops, args.link_bandwidth, args.gemm_overhead, args.dtype_bytes)
+    if args.hardware_file:
+        hw = load_hardware(args.hardware_file)
+        print(f"hardware from {args.hardware_file}: {hw}")
     res = simulate(args.model, args.devices, args.tokens_per_device, scenarios=scenarios, style=args.style,
                    methods=args.methods, real=args.real, routing_dir=args.routing_data, hardware=hw,
                    alpha=args.alpha, min_chunk=args.min_chunk,

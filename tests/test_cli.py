@@ -63,6 +63,21 @@ def test_demo_quick():
 
 
 def test_help_for_every_subcommand():
-    for sub in ["demo", "solve", "compare", "gen"]:
+    for sub in ["demo", "solve", "compare", "gen", "simulate", "study", "report"]:
         out = run(sub, "--help")
         assert out.returncode == 0 and "usage: moebalance" in out.stdout
+
+
+def test_placement_file_round_trip(tmp_path):
+    f = tmp_path / "pl.json"
+    out = run("gen", str(f), "--family", "placement", "--scenario", "95:1", "-P", "4", "-T", "512",
+              "--model", "gpt-oss-20b")
+    assert out.returncode == 0, out.stderr
+    out = run("compare", str(f), "--methods", "ep,llep,llep+,lp", "--no-progress", "--json", str(tmp_path / "c.json"))
+    assert out.returncode == 0, out.stderr
+    rows = {r["method"]: r for r in json.loads((tmp_path / "c.json").read_text())["rows"]}
+    # LLEP beats EP on a 95%-into-one-expert load, and the LP bound is below every plan
+    assert rows["llep"]["objective"] < rows["ep"]["objective"]
+    assert all(rows["lp"]["bound"] <= r["objective"] + 1e-12 for r in rows.values())
+    bad = run("gen", str(tmp_path / "x.json"), "--family", "placement", "--model", "gpt-5")
+    assert bad.returncode == 2 and "--model" in bad.stderr

@@ -280,3 +280,23 @@ def test_gpu_layer_triton_matches_torch(dtype, tol, balancer):
     got = _run(_twin(layer, "triton"), x)
     for a, b in zip(got, _run(ref, x)):
         assert ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1.0)) < tol
+
+
+def test_bip_same_batch_balances_the_first_batch():
+    from moebalance.integrations.torch import MoEConfig, MoELayer
+
+    torch.manual_seed(0)
+    stats = {}
+    for same in (False, True):
+        torch.manual_seed(0)
+        layer = MoELayer(MoEConfig(hidden=16, ffn=16, num_experts=8, top_k=2, balancer="bip", backend="torch",
+                                   bip_same_batch=same))
+        with torch.no_grad():
+            layer.router.weight[0] += 2.0  # every token prefers expert 0
+        x = torch.randn(512, 16) + 1.0
+        layer.train()
+        layer(x)
+        stats[same] = float(layer.last_stats.max_vio)
+    assert stats[True] < 0.3 < stats[False]
+    with pytest.raises(ValueError, match="bip_same_batch"):
+        MoEConfig(hidden=4, ffn=4, num_experts=4, top_k=1, balancer="loss_free", bip_same_batch=True)

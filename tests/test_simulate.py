@@ -141,3 +141,33 @@ def test_cli_subcommand(tmp_path, capsys):
     assert (tmp_path / "simulate_speedup.png").is_file()
     with pytest.raises(SystemExit):
         parser.parse_args(["simulate", "--devices", "0"])
+
+
+def test_hardware_file_from_calibration(tmp_path):
+    import json
+
+    from moebalance.simulate import Hardware, load_hardware
+
+    f = tmp_path / "cal.json"
+    f.write_text(json.dumps({"hardware": {"device_flops": 1.3e10, "link_bandwidth": 4.5e11, "gemm_overhead": 0.0,
+                                          "dtype_bytes": 4.0}}))
+    assert load_hardware(f) == Hardware(1.3e10, 4.5e11, 0.0, 4.0)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"fit": {}}))
+    with pytest.raises(ValueError, match="hardware_file"):
+        load_hardware(bad)
+
+
+def test_cli_reads_the_hardware_file(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    f = tmp_path / "cal.json"
+    f.write_text(json.dumps({"hardware": {"device_flops": 1.3e10, "link_bandwidth": 4.5e11, "gemm_overhead": 0.0,
+                                          "dtype_bytes": 4.0}}))
+    out = subprocess.run([sys.executable, "-m", "moebalance", "simulate", "--hardware-file", str(f),
+                          "--scenarios", "95:1", "--methods", "ep,llep", "--tokens-per-device", "2048",
+                          "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "hardware from" in out.stdout and "llep" in out.stdout
