@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import platform
 import re
 import statistics
@@ -43,6 +42,7 @@ from typing import Any, Callable
 import torch
 
 from moebalance.kernels import grouped_mm_available, moe_experts
+from moebalance._machine import cpu_name
 
 __all__ = ["main", "run_benchmark", "make_routing", "SHAPES", "SMALL_SHAPES", "evaluate_targets"]
 
@@ -248,15 +248,7 @@ def device_info(device: torch.device) -> dict[str, Any]:
         info.update(device=p.name, capability=f"{p.major}.{p.minor}", memory_gib=round(p.total_memory / 2**30, 1),
                     cuda=torch.version.cuda)
     else:
-        name = platform.processor() or "cpu"
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        info.update(device=name, threads=torch.get_num_threads())
+        info.update(device=cpu_name(), threads=torch.get_num_threads())
     return info
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from moebalance._machine import cpu_name
 
 import moebalance as mb
 
@@ -63,14 +64,7 @@ MiB = 2**20
 # ------------------------------------------------------------------------------------------ machine ---
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, memory, load and library versions: timings mean nothing without them."""
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        cpu = platform.processor() or "unknown"
+    cpu = cpu_name()
     mem_gib = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():

@@ -38,7 +38,6 @@ def _routing(quick: bool) -> None:
 
 
 def _balancers(quick: bool) -> None:
-    from .generate import routing_scores
     from .solvers.balancers import BIPBalancer, LossFreeBalancer
 
     E, k, T, steps = 16, 2, 1024, (20 if quick else 60)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
+from ._machine import cpu_name
 
 __all__ = [
     "StudyConfig",
@@ -355,14 +356,7 @@ class StudyResult:
 def _machine() -> dict[str, Any]:
     import os
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     try:
         load = list(os.getloadavg())
     except OSError:
