@@ -13,25 +13,30 @@ def run(quick: bool, section: Callable[[str], None]) -> None:
     from .compare import compare
     from .placement import PlacementProblem
     from .registry import available_methods
-    from .simulate import DEFAULT_ROUTING_DIR, real_layers
+    from .simulate import DEFAULT_ROUTING_DIR, MODELS, Hardware, _spread, real_layers
 
-    P = 8
+    P, tokens_per_device = 8, 16384
+    model = MODELS["deepseek-v3"]
     try:
-        model, layers = real_layers("deepseek-v3", DEFAULT_ROUTING_DIR)
+        _, layers = real_layers("deepseek-v3", DEFAULT_ROUTING_DIR)
         name, loads = max(layers, key=lambda nl: nl[1].max() / nl[1].mean())  # the most imbalanced layer
         source = f"DeepSeek-V3 {name} (recorded, {DEFAULT_ROUTING_DIR})"
     except ValueError as exc:  # the shared data folder is not beside this checkout
         rng = np.random.default_rng(0)
         loads = rng.zipf(1.6, 256).clip(max=2000) * 64
         source = f"synthetic Zipf loads ({exc})"
-    section(f"Placement on {P} devices: {len(loads)} experts, {int(loads.sum())} token-expert pairs")
-    print(f"loads: {source}")
-    problem = PlacementProblem(loads, P)
+    # one step: the recorded shares scaled to P devices x tokens_per_device tokens x k experts each
+    loads = _spread(P * tokens_per_device * model.k, loads)
+    cost = Hardware().cost(model)
+    section(f"Placement on {P} devices: {len(loads)} experts, {int(loads.sum())} token-expert pairs in one step")
+    print(f"loads: {source}\ncost model: DeepSeek-V3 expert shapes on assumed H200-class numbers "
+          f"(not measured): {cost}")
+    problem = PlacementProblem(loads, P, cost=cost)
     methods = [m for m in available_methods(problem) if not (quick and m in ("milp", "lp-cvxpy"))]
     table = compare(problem, methods, time_limit=10.0)
     print(table)
     ep = next(s for s in table.solutions if s.method == "ep")
     for s in table.solutions:
         if s.method in ("llep", "llep+", "eplb") and s.feasible:
-            print(f"{s.method:6s} makespan {s.objective:.0f} tokens vs ep {ep.objective:.0f}: "
+            print(f"{s.method:6s} makespan {1e3 * s.objective:.3f} ms vs ep {1e3 * ep.objective:.3f} ms: "
                   f"{ep.objective / s.objective:.2f}x faster, {len(s.weight_transfers or [])} expert copies")
