@@ -23,17 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .torch import MoEConfig, MoELayer
+from .torch import MoEConfig, MoELayer, _positive_int
 
 __all__ = ["LMConfig", "MoELM", "CausalSelfAttention", "Block", "VOCAB"]
 
 VOCAB = 256  # one token per byte value
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
-    return value
 
 
 @dataclass
