@@ -32,6 +32,8 @@ class SolverInfo:
     backends: tuple[str, ...] = ()
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     description: str = ""
+    deterministic: bool = True
+    supports_time_limit: bool = False
 
     def is_installed(self) -> bool:
         """True when every back-end module this method needs can be imported (checked without importing)."""
@@ -47,15 +49,19 @@ DEFAULTS: dict[str, tuple[str, ...]] = {"routing": ("mcf", "lp", "greedy"), "pla
 
 def register(kind: str, name: str, *, exact: bool = False, gives_bound: bool = False,
              backends: tuple[str, ...] = (), options: dict[str, Any] | None = None,
-             aliases: tuple[str, ...] = (), description: str = "") -> Callable:
+             aliases: tuple[str, ...] = (), description: str = "", deterministic: bool = True,
+             supports_time_limit: bool = False) -> Callable:
     """Decorator: add ``func(problem, *, time_limit, **options) -> Solution`` to the registry of ``kind``.
 
     ``options`` maps each accepted option to its default; ``solve`` rejects any other option by name.
+    ``deterministic``: the same problem always gives the same answer; ``supports_time_limit``: the method
+    stops within ``time_limit`` (model building included).
     """
 
     def deco(func: Callable[..., Solution]) -> Callable[..., Solution]:
         info = SolverInfo(kind, name, func, exact, gives_bound, tuple(backends), dict(options or {}),
-                          description or ((func.__doc__ or "").strip().splitlines() or [""])[0])
+                          description or ((func.__doc__ or "").strip().splitlines() or [""])[0],
+                          deterministic=bool(deterministic), supports_time_limit=bool(supports_time_limit))
         _REGISTRY.setdefault(kind, {})[name] = info
         for alias in aliases:
             _ALIASES.setdefault(kind, {})[alias] = name
