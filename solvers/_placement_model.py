@@ -1,7 +1,9 @@
 """Coefficients shared by the placement LP and MILP (private: no solver registers here).
 
-Costs are divided by a unit (the token time when it is positive) so that back-end tolerances act on
-numbers of order "tokens", not on seconds of order 1e-8.
+Costs are divided by a unit (the token time when it is positive, else the largest other cost) so that
+back-end tolerances act on numbers of order "tokens", not on seconds of order 1e-8. The unit scales with the
+costs (no floor: a floor of 1.0 once let SCIP call a plan optimal at twice the optimum with
+``gemm_time=1e-7``), so the back-end model is the same at every scale of the cost model.
 """
 
 from __future__ import annotations
@@ -11,7 +13,30 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["PlacementModel", "build_model", "incumbent", "round_plan"]
+__all__ = ["PlacementModel", "build_model", "incumbent", "round_plan", "time_unit", "lower_bound", "BOUND_TOL"]
+
+# relative allowance on a back-end's lower bound for its feasibility tolerances (normalised units)
+BOUND_TOL = 1e-7
+
+
+def time_unit(cost: Any) -> float:
+    """The unit every device time is divided by: ``token_time`` when positive, else the largest other cost,
+    else 1 (all costs zero: every plan has makespan 0)."""
+    if cost.token_time > 0:
+        return float(cost.token_time)
+    rest = max(cost.gemm_time, cost.weight_time, cost.token_transfer_time)
+    return float(rest) if rest > 0 else 1.0
+
+
+def lower_bound(model: "PlacementModel", value: float, *, integral: bool = False) -> float:
+    """A back-end's lower bound ``value`` (normalised units) in the problem's units, lowered by ``BOUND_TOL``
+    relative for its tolerances; with integral device times the optimum is an integer, so the bound rounds up
+    to the next one once that allowance is taken."""
+    v = float(value)
+    low = v - BOUND_TOL * max(1.0, abs(v))
+    if integral:
+        low = max(low, float(np.ceil(v - 1e-6)))
+    return max(0.0, low) * model.unit
 
 
 @dataclasses.dataclass
@@ -50,7 +75,7 @@ class PlacementModel:
 def build_model(problem: Any, upper: float | None = None) -> PlacementModel:
     """Normalised coefficients of ``problem``; ``upper``, the makespan of a feasible plan, tightens big-M."""
     c = problem.cost
-    unit = c.token_time if c.token_time > 0 else max(c.gemm_time, c.weight_time, c.token_transfer_time, 1.0)
+    unit = time_unit(c)
     loads_all = problem.expert_loads
     active = np.flatnonzero(loads_all > 0)
     loads = loads_all[active].astype(np.int64)
