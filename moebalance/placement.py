@@ -17,8 +17,9 @@ import numpy as np
 
 from ._validate import as_int, as_int_array
 from .errors import InfeasibleError
+from .solution import Evaluation, PlacementSolution
 
-__all__ = ["CostModel", "PlacementProblem"]
+__all__ = ["CostModel", "PlacementProblem", "PlacementSolution"]
 
 
 def _check_cost(name: str, value: Any) -> float:
@@ -131,6 +132,7 @@ class PlacementProblem:
 
     kind = "placement"
     sense = "min"
+    solution_type = PlacementSolution
 
     def __init__(self, expert_loads: Any, num_devices: int, *, home: Any = None, cost: CostModel | None = None,
                  max_tokens_per_device: int | None = None, max_foreign_experts: int | None = None,
@@ -180,7 +182,15 @@ class PlacementProblem:
         self._check_limits()
 
     def _check_limits(self) -> None:
-        """Necessary conditions for a plan to exist under the limits (each violation is a proof of infeasibility)."""
+        """Proven necessary conditions for a plan to exist under the limits; each violation proves infeasibility.
+
+        Only these are checked (the solvers decide the rest): the devices must hold every token
+        (``P * max_tokens_per_device >= total``); with ``max_foreign_experts = 0`` no token leaves its home,
+        so every device's native load must fit; otherwise each overloaded device ``p`` must shed parts of at
+        least ``k_p`` of its experts (its ``k_p`` largest just cover its excess), and each shed part takes a
+        foreign slot on a device other than ``p``: ``k_p <= F * (P - 1)`` and ``sum_p k_p <= F * P`` (an
+        overloaded device may host foreign experts once it has shed its own, so every device counts).
+        """
         total = int(self._loads.sum())
         P = self._P
         native = self.native_loads
@@ -194,17 +204,21 @@ class PlacementProblem:
         if over.size and F == 0:
             raise InfeasibleError(f"`max_foreign_experts`=0 forbids spilling, but device {int(over[0])} has "
                                   f"{int(native[over[0]])} native tokens > `max_tokens_per_device`={C}")
-        # each overloaded device must shed part of at least k experts (its k largest cover the excess), and
-        # every shed expert needs a foreign slot on a device that still has room
-        needed = 0
+        # k_p: experts device p must shed parts of; they go to the other devices' foreign slots. Hall's
+        # condition for that transport (every p to every q != p, F slots each) is exactly these two tests.
+        shed = []
         for p in over:
             mine = np.sort(self._loads[self._home == p])[::-1]
-            needed += int(np.searchsorted(np.cumsum(mine), native[p] - C) + 1)
-        hosts = int(np.count_nonzero(native < C))
-        if needed > F * hosts:
+            shed.append(int(np.searchsorted(np.cumsum(mine), native[p] - C) + 1))
+        for p, k_p in zip(over.tolist(), shed):
+            if k_p > F * (P - 1):
+                raise InfeasibleError(f"`max_foreign_experts`={F} is too small: device {p} must shed parts of at "
+                                      f"least {k_p} experts, but the other {P - 1} device(s) host at most "
+                                      f"{F * (P - 1)} foreign experts")
+        if sum(shed) > F * P:
             raise InfeasibleError(f"`max_foreign_experts`={F} is too small: overloaded devices must shed parts "
-                                  f"of at least {needed} experts, but {hosts} device(s) with room can host at most "
-                                  f"{F * hosts} foreign experts")
+                                  f"of at least {sum(shed)} experts, but {P} devices host at most {F * P} "
+                                  f"foreign experts")
 
     # read-only views ----------------------------------------------------------------------------
     @property
@@ -279,6 +293,25 @@ class PlacementProblem:
         E, P = self.shape
         return (f"PlacementProblem(E={E}, P={P}, tokens={self.total_tokens}, "
                 f"imbalance={self.imbalance_ratio():.3f})")
+
+    # the shared check ------------------------------------------------------------------------------
+    def evaluate(self, assignment: Any, solution: Any = None) -> Evaluation:
+        """The shared check of a plan ``[E, P]`` (see :func:`moebalance.plan.check_placement`); a solver's own
+        ``token_ranges`` on ``solution`` are kept when they tile the plan."""
+        from .plan import check_placement
+
+        return check_placement(self, assignment, token_ranges_hint=getattr(solution, "token_ranges", None))
+
+    def certify(self, solution: Any, *, feasible: bool = True) -> tuple[float | None, dict[str, Any]]:
+        """Placement answers prove no bound of their own."""
+        return None, {}
+
+    def objective_scale(self) -> float:
+        """The natural magnitude of the makespan: every device time summed over a plan that runs each expert
+        once at home (tokens, GEMMs), plus one weight copy and transfer of every token."""
+        c = self._cost
+        E, total = self.num_experts, float(self._loads.sum())
+        return float((c.token_time + c.token_transfer_time) * total + (c.gemm_time + c.weight_time) * E)
 
     # files ----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
