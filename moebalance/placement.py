@@ -307,11 +307,11 @@ class PlacementProblem:
         return None, {}
 
     def objective_scale(self) -> float:
-        """The natural magnitude of the makespan: every device time summed over a plan that runs each expert
-        once at home (tokens, GEMMs), plus one weight copy and transfer of every token."""
+        """The natural magnitude of the makespan: the mean device time of the tokens and expert GEMMs (a lower
+        bound on the makespan of every plan)."""
         c = self._cost
         E, total = self.num_experts, float(self._loads.sum())
-        return float((c.token_time + c.token_transfer_time) * total + (c.gemm_time + c.weight_time) * E)
+        return float((c.token_time * total + c.gemm_time * np.count_nonzero(self._loads)) / self._P)
 
     # files ----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

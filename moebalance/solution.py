@@ -18,8 +18,9 @@ import numpy as np
 __all__ = ["Status", "Solution", "RoutingSolution", "PlacementSolution", "Evaluation", "relative_gap",
            "GAP_FLOOR"]
 
-# the relative gap's denominator never drops below GAP_FLOOR * problem.objective_scale()
-GAP_FLOOR = 1e-9
+# the relative gap's denominator never drops below GAP_FLOOR * problem.objective_scale(): a bound within a
+# solver's resolution (about 1e-8 of the data's range) of an objective near 0 is a match, not a gap of 1
+GAP_FLOOR = 1e-2
 
 
 class Status(str, enum.Enum):
@@ -74,8 +75,10 @@ class Evaluation:
 def relative_gap(bound: float, objective: float, scale: float) -> float:
     """``|bound - objective| / max(|bound|, |objective|, GAP_FLOOR * scale)``; 0 for an exact match.
 
-    ``scale`` is the problem's natural magnitude (``problem.objective_scale()``), so the gap means the same at
-    any scale of the data and stays defined when the optimum is 0 or negative.
+    ``scale`` is the problem's natural magnitude (``problem.objective_scale()``: routing ``k * sum_t max_e
+    |scores[t, e]|``, placement and replication the mean device load), so the gap means the same at any scale
+    of the data and stays defined when the optimum is 0 or negative: the floor only matters for an objective
+    below 1% of that magnitude (routing scores that cancel out), where the gap is measured against the floor.
     """
     diff = abs(bound - objective)
     if diff == 0.0:
