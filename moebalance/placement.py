@@ -132,6 +132,7 @@ class PlacementProblem:
 
     kind = "placement"
     sense = "min"
+    load_ratio_label = "max/mean"
     solution_type = PlacementSolution
 
     def __init__(self, expert_loads: Any, num_devices: int, *, home: Any = None, cost: CostModel | None = None,

@@ -38,6 +38,7 @@ class RoutingProblem:
 
     kind = "routing"
     sense = "max"
+    load_ratio_label = "max/cap"
     solution_type = RoutingSolution
 
     def __init__(self, scores: Any, k: int, capacity: Any = None, capacity_factor: float = 1.0):
