@@ -310,9 +310,13 @@ class PlacementProblem:
     def objective_scale(self) -> float:
         """The natural magnitude of the makespan: the mean device time of the tokens and expert GEMMs (a lower
         bound on the makespan of every plan)."""
-        c = self._cost
-        E, total = self.num_experts, float(self._loads.sum())
-        return float((c.token_time * total + c.gemm_time * np.count_nonzero(self._loads)) / self._P)
+        scale = getattr(self, "_scale", None)
+        if scale is None:
+            c = self._cost
+            total = float(self._loads.sum())
+            scale = float((c.token_time * total + c.gemm_time * np.count_nonzero(self._loads)) / self._P)
+            object.__setattr__(self, "_scale", scale)
+        return scale
 
     # files ----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

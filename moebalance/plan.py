@@ -369,7 +369,9 @@ def _check_by_ranges(problem: Any, x: np.ndarray, tr: TokenRanges) -> Evaluation
     c = problem.cost
     violations: list[str] = []
     dev_loads = np.bincount(tr.device, weights=tr.end - tr.start, minlength=P).astype(np.int64)
-    pairs = np.unique(tr.expert * P + tr.device)
+    pairs = np.sort(tr.expert * P + tr.device)
+    if pairs.shape[0] > 1:
+        pairs = pairs[np.concatenate(([True], pairs[1:] != pairs[:-1]))]
     pe, pd = pairs // P, pairs % P
     foreign = problem.home[pe] != pd
     n_used = np.bincount(pd, minlength=P)

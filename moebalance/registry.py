@@ -286,8 +286,9 @@ def finalize(problem: Any, raw: Solution, *, method: str | None = None, wall_tim
         status = Status.FEASIBLE
         why = "no valid bound" if gap is None else f"gap to bound is {gap:.3g}"
         message = _append(message, f"claimed optimal but {why}")
-    keep = {name: getattr(raw, name) for name in cls.family_fields() if hasattr(raw, name)}
-    keep.update({k: v for k, v in fields.items() if k in cls.family_fields()})
+    names = cls.family_fields()
+    keep = {name: getattr(raw, name) for name in names if hasattr(raw, name)}
+    keep.update({k: v for k, v in fields.items() if k in names})
     return cls(method=method if method is not None else raw.method, status=status, objective=objective,
                bound=bound, gap=gap, assignment=assignment,
                wall_time=raw.wall_time if wall_time is None else wall_time, stats=stats, message=message,
