@@ -303,9 +303,9 @@ class PlacementProblem:
 
         return check_placement(self, assignment, token_ranges_hint=getattr(solution, "token_ranges", None))
 
-    def certify(self, solution: Any, *, feasible: bool = True) -> tuple[float | None, dict[str, Any]]:
+    def certify(self, solution: Any) -> tuple[float | None, dict[str, Any], dict[str, Any]]:
         """Placement answers prove no bound of their own."""
-        return None, {}
+        return None, {}, {}
 
     def objective_scale(self) -> float:
         """The natural magnitude of the makespan: the mean device time of the tokens and expert GEMMs (a lower

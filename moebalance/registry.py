@@ -236,7 +236,9 @@ def finalize(problem: Any, raw: Solution, *, method: str | None = None, wall_tim
     - objective, feasibility and the family fields come from ``problem.evaluate``, never from the solver;
     - an answer that violates a constraint is ``infeasible`` (or stays ``time_limit``/``error`` with its
       assignment dropped, so a stopped solver never reads as an infeasible problem);
-    - ``problem.certify`` may tighten the bound from the answer (routing: the Lagrangian bound of the bias);
+    - ``problem.certify`` (optional) may tighten the bound from the answer and correct family fields (routing:
+      the Lagrangian bound of the bias; a bias that does not reproduce the assignment is moved to
+      ``stats["certificate_price"]``, keeping ``bias``'s contract);
     - a bound on the wrong side of a feasible objective is dropped as invalid;
     - a claimed optimum whose gap to its bound exceeds ``OPTIMALITY_TOL`` (or with no bound) is downgraded to
       ``feasible``.
@@ -265,8 +267,11 @@ def finalize(problem: Any, raw: Solution, *, method: str | None = None, wall_tim
                 assignment, objective, fields = None, float("nan"), {}
             else:
                 status = Status.INFEASIBLE
-    extra_bound, extra_stats = problem.certify(raw, feasible=feasible) if feasible else (None, {})
+    certify = getattr(problem, "certify", None)
+    extra_bound, extra_stats, overrides = certify(raw) if (feasible and certify is not None) else (None, {}, {})
     stats.update(extra_stats)
+    if overrides.get("message"):
+        message = _append(message, overrides.pop("message"))
     if extra_bound is not None and math.isfinite(extra_bound):
         bound = extra_bound if bound is None else (min(bound, extra_bound) if problem.sense == "max"
                                                    else max(bound, extra_bound))
@@ -289,6 +294,7 @@ def finalize(problem: Any, raw: Solution, *, method: str | None = None, wall_tim
     names = cls.family_fields()
     keep = {name: getattr(raw, name) for name in names if hasattr(raw, name)}
     keep.update({k: v for k, v in fields.items() if k in names})
+    keep.update({k: v for k, v in overrides.items() if k in names})
     return cls(method=method if method is not None else raw.method, status=status, objective=objective,
                bound=bound, gap=gap, assignment=assignment,
                wall_time=raw.wall_time if wall_time is None else wall_time, stats=stats, message=message,

@@ -123,28 +123,39 @@ class RoutingProblem:
         """The shared check of an ``assignment`` ``[T, k]`` (see :func:`check_routing`)."""
         return check_routing(self, assignment)
 
-    def certify(self, solution: Any, *, feasible: bool = True) -> tuple[float | None, dict[str, Any]]:
-        """A bound the answer itself proves: the Lagrangian bound of its ``bias`` (or of a certificate price
-        in ``stats["certificate_price"]``), and how much of the assignment the bias reproduces."""
+    def certify(self, solution: Any) -> tuple[float | None, dict[str, Any], dict[str, Any]]:
+        """What a feasible answer proves by itself: ``(bound, stats, field corrections)``.
+
+        The Lagrangian bound of its ``bias`` and of any ``stats["certificate_price"]``. ``bias`` keeps its
+        contract (top-k of ``scores - bias`` reproduces the assignment up to ties): a bias that reproduces fewer
+        tokens is moved to ``stats["certificate_price"]`` (it still certifies the bound) and ``bias`` becomes
+        None.
+        """
         stats: dict[str, Any] = {}
-        bound = None
+        fixes: dict[str, Any] = {}
+        bounds = []
         bias = getattr(solution, "bias", None)
+        cert = (solution.stats or {}).get("certificate_price")
         if bias is not None:
             bias = np.asarray(bias, dtype=np.float64)
             if bias.shape != (self.num_experts,) or not np.all(np.isfinite(bias)):
-                stats["bias_invalid"] = True
-                return None, stats
-            bound = routing_dual_bound(self, bias)
-            stats["dual_bound"] = bound
-            stats["bias_reproduces"] = bias_reproduces(self, np.asarray(solution.assignment), bias)
-        cert = solution.stats.get("certificate_price") if solution.stats else None
+                return None, {"bias_invalid": True}, {"bias": None, "message": "the method's bias was malformed"}
+            bounds.append(routing_dual_bound(self, bias))
+            stats["dual_bound"] = bounds[-1]
+            rep = bias_reproduces(self, np.asarray(solution.assignment), bias)
+            stats["bias_reproduces"] = rep
+            if rep < 1.0:
+                fixes["bias"] = None
+                fixes["message"] = (f"its bias reproduces {rep:.1%} of the tokens: kept as "
+                                    f"stats['certificate_price'] only")
+                if cert is None:
+                    stats["certificate_price"] = bias
         if cert is not None:
             cert = np.asarray(cert, dtype=np.float64)
             if cert.shape == (self.num_experts,) and np.all(np.isfinite(cert)):
-                b = routing_dual_bound(self, cert)
-                stats["certificate_bound"] = b
-                bound = b if bound is None else min(bound, b)
-        return bound, stats
+                bounds.append(routing_dual_bound(self, cert))
+                stats["certificate_bound"] = bounds[-1]
+        return (min(bounds) if bounds else None), stats, fixes
 
     def objective_scale(self) -> float:
         """The natural magnitude of the objective: ``k * sum_t max_e |scores[t, e]|`` (the gap's floor)."""
