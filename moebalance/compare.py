@@ -6,7 +6,7 @@ import json
 import math
 from typing import Any, Iterable
 
-from .registry import available_methods, solve
+from .registry import available_methods, method_info, solve
 from .solution import Solution
 
 __all__ = ["Comparison", "compare"]
@@ -87,6 +87,8 @@ def compare(problem: Any, methods: Iterable[str] | None = None, *, time_limit: f
     ``options`` maps a method name to its options; ``time_limit`` applies to every method.
     """
     names = list(methods) if methods is not None else available_methods(problem)
+    for name in names:  # every name is checked (ValueError) before the first method runs
+        method_info(problem, name)
     options = options or {}
     it: Iterable[str] = names
     if progress:
