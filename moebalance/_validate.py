@@ -33,6 +33,8 @@ MAX_INT = 2**53
 MAX_MAGNITUDE = 1e100
 MAX_FACTOR = 1e6
 MAX_FILE_BYTES = 2**31
+# registered as numbers.Integral by numpy, yet no count: bools and time spans
+_NOT_NUMBERS = (bool, np.bool_, np.timedelta64, np.datetime64)
 
 
 def check_elements(name: str, *dims: int) -> None:
@@ -63,6 +65,8 @@ def _to_numpy(value: Any, name: str) -> np.ndarray:
 def _numeric(arr: np.ndarray, name: str, what: str) -> None:
     if arr.dtype == bool:
         raise ValueError(f"`{name}` must be {what}, got booleans")
+    if arr.dtype.kind in "mM":  # numpy files timedelta64 under the integers
+        raise ValueError(f"`{name}` must be {what}, got dtype {arr.dtype}")
     if np.issubdtype(arr.dtype, np.complexfloating):
         raise ValueError(f"`{name}` must be real, got dtype {arr.dtype}")
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
@@ -128,7 +132,7 @@ def as_int(value: Any, name: str, *, minimum: int | None = None, maximum: int | 
 
     ``maximum`` defaults to :data:`MAX_INT`; pass None for no upper bound.
     """
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+    if isinstance(value, _NOT_NUMBERS) or not isinstance(value, numbers.Real):
         raise ValueError(f"`{name}` must be an integer, got {value!r}")
     if not isinstance(value, numbers.Integral):
         v = float(value)
@@ -146,7 +150,7 @@ def as_int(value: Any, name: str, *, minimum: int | None = None, maximum: int | 
 def as_real(value: Any, name: str, *, minimum: float | None = None, maximum: float | None = None,
             positive: bool = False) -> float:
     """A finite Python float from a real number (bools, strings, complex, timedelta rejected), bounds checked."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+    if isinstance(value, _NOT_NUMBERS) or not isinstance(value, numbers.Real):
         raise ValueError(f"`{name}` must be a real number, got {value!r}")
     v = float(value)
     if not math.isfinite(v):
