@@ -39,6 +39,13 @@ EXIT_INFEASIBLE = 3
 EXIT_INTERRUPTED = 130
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors as one line like every other error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"moebalance: error: {message} (see `{self.prog} --help`)\n")
+
+
 # ---- checks made before anything runs -------------------------------------------------------------------
 def _parse_options(pairs: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -61,10 +68,10 @@ def check_output_path(path: str | os.PathLike, name: str, suffixes: Sequence[str
     Nothing is created: the command writes the file only once it has something to write.
     """
     p = Path(path)
-    if suffixes and p.suffix not in suffixes:
-        raise ValueError(f"`{name}` must end in {' or '.join(suffixes)}, got {p.name!r}")
     if p.is_dir():
         raise ValueError(f"`{name}` {str(p)!r} is a folder, not a file")
+    if suffixes and p.suffix not in suffixes:
+        raise ValueError(f"`{name}` must end in {' or '.join(suffixes)}, got {p.name!r}")
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise ValueError(f"`{name}` {str(p)!r}: folder {str(parent)!r} does not exist")
@@ -247,7 +254,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="moebalance",
         description="Solve MoE load-balancing assignment problems and see each method's gap to the optimum.",
         epilog="Exit status: 0 done (solve: a feasible answer), 1 solve: error or no answer / compare: no "
