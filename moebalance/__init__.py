@@ -47,7 +47,7 @@ __all__ = [
 _LAZY = {
     "PlacementProblem": ("moebalance.placement", "PlacementProblem"),
     "CostModel": ("moebalance.placement", "CostModel"),
-    "simulate": ("moebalance.simulate", "simulate"),
+    "simulate": ("moebalance.evaluation.simulate", "simulate"),  # the function; moebalance/simulate.py is no module
 }
 
 

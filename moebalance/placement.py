@@ -9,13 +9,12 @@ objective is the makespan under a :class:`CostModel`.
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from typing import Any
 
 import numpy as np
 
-from ._validate import as_int, as_int_array
+from ._validate import (MAX_DEVICES, MAX_EXPERTS, MAX_FACTOR, MAX_INT, MAX_MAGNITUDE, as_int, as_int_array,
+                        as_real, check_elements)
 from .errors import InfeasibleError
 from .solution import Evaluation, PlacementSolution
 
@@ -23,12 +22,7 @@ __all__ = ["CostModel", "PlacementProblem", "PlacementSolution"]
 
 
 def _check_cost(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"`{name}` must be a non-negative number, got {value!r}")
-    v = float(value)
-    if not math.isfinite(v) or v < 0:
-        raise ValueError(f"`{name}` must be a finite non-negative number, got {value!r}")
-    return v
+    return as_real(value, name, minimum=0.0, maximum=MAX_MAGNITUDE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,13 +132,18 @@ class PlacementProblem:
     def __init__(self, expert_loads: Any, num_devices: int, *, home: Any = None, cost: CostModel | None = None,
                  max_tokens_per_device: int | None = None, max_foreign_experts: int | None = None,
                  alpha: float = 1.0, min_chunk: int = 1024, imbalance_threshold: float | None = 1.3):
-        if np.ndim(expert_loads) != 1:
+        if isinstance(expert_loads, (str, bytes)) or np.ndim(expert_loads) != 1:
             raise ValueError(f"`expert_loads` must be a 1-D array, got {np.ndim(expert_loads)} dimensions")
         E = int(np.shape(expert_loads)[0])
         if E < 1:
             raise ValueError("`expert_loads` must hold at least one expert")
+        if E > MAX_EXPERTS:
+            raise ValueError(f"`expert_loads` has E={E} experts, over the limit of {MAX_EXPERTS}")
         loads = as_int_array(expert_loads, "expert_loads", (E,), minimum=0)
-        P = as_int(num_devices, "num_devices", minimum=1)
+        if float(loads.sum(dtype=np.float64)) > MAX_INT:  # the int64 sum could wrap; float64 cannot
+            raise ValueError(f"`expert_loads` must sum to at most {MAX_INT}, got {float(loads.sum(dtype=np.float64)):.4g}")
+        P = as_int(num_devices, "num_devices", minimum=1, maximum=MAX_DEVICES)
+        check_elements("num_devices", E, P)  # an assignment is [E, P]
         if home is None:
             if E % P:
                 raise ValueError(f"`expert_loads` has E={E} experts, not divisible by `num_devices`={P}; "
@@ -160,14 +159,11 @@ class PlacementProblem:
             raise ValueError(f"`cost` must be a CostModel, got {type(cost).__name__}")
         cap = _optional_int(max_tokens_per_device, "max_tokens_per_device")
         foreign = _optional_int(max_foreign_experts, "max_foreign_experts")
-        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
-            raise ValueError(f"`alpha` must be a positive finite number, got {alpha!r}")
+        alpha = as_real(alpha, "alpha", positive=True, maximum=MAX_FACTOR)
         min_chunk = as_int(min_chunk, "min_chunk", minimum=0)
         if imbalance_threshold is not None:
-            t = imbalance_threshold
-            if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t <= 0:
-                raise ValueError(f"`imbalance_threshold` must be a positive finite number or None, got {t!r}")
-            imbalance_threshold = float(t)
+            imbalance_threshold = as_real(imbalance_threshold, "imbalance_threshold", positive=True,
+                                          maximum=MAX_FACTOR)
         loads.setflags(write=False)
         h.setflags(write=False)
         self._loads = loads

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ._validate import as_float_array, as_int, as_int_array
+from ._validate import MAX_EXPERTS, MAX_FACTOR, as_float_array, as_int, as_int_array, as_real
 from .errors import InfeasibleError
 from .solution import Evaluation, RoutingSolution
 
@@ -46,22 +46,17 @@ class RoutingProblem:
         T, E = s.shape
         if T < 1 or E < 1:
             raise ValueError(f"`scores` must have at least one token and one expert, got shape {s.shape}")
+        if E > MAX_EXPERTS:
+            raise ValueError(f"`scores` has E={E} experts, over the limit of {MAX_EXPERTS}")
         k = as_int(k, "k", minimum=1, maximum=E)
+        cf: float | None = None
         if capacity is None:
-            try:
-                cf = float(capacity_factor)
-            except (TypeError, ValueError):
-                raise ValueError(f"`capacity_factor` must be a positive number, got {capacity_factor!r}") from None
-            if not math.isfinite(cf) or cf <= 0:
-                raise ValueError(f"`capacity_factor` must be a positive finite number, got {capacity_factor!r}")
+            cf = as_real(capacity_factor, "capacity_factor", positive=True, maximum=MAX_FACTOR)
             cap = np.full(E, math.ceil(cf * T * k / E - 1e-9), dtype=np.int64)
         elif np.ndim(capacity) == 0 and not type(capacity).__module__.startswith("torch"):
             cap = np.full(E, as_int(capacity, "capacity", minimum=0), dtype=np.int64)
         else:
             cap = as_int_array(capacity, "capacity", (E,), minimum=0)
-            cf = None
-        if capacity is not None:
-            cf = None
         if int(np.minimum(cap, T).sum()) < T * k:
             raise InfeasibleError(
                 f"`capacity` is too small: the experts can take {int(np.minimum(cap, T).sum())} token slots "

@@ -25,6 +25,7 @@ import numpy as np
 from moebalance.registry import register
 from moebalance.solution import PlacementSolution, Status
 
+from ._interrupt import interruptible
 from ._placement_model import build_model, incumbent, round_plan
 
 __all__ = ["solve_milp"]
@@ -100,7 +101,9 @@ def solve_milp(problem: Any, *, time_limit: float | None = None, mip_gap: float 
         if left <= 0:
             return _fallback(problem, m, hint_x, None, "time limit reached while building the model")
         solver.SetTimeLimit(max(1, int(left * 1000)))
-    code = solver.Solve(params)
+    solver.SetSolverSpecificParametersAsString("misc/catchctrlc = FALSE\n")  # Ctrl-C reaches interruptible
+    with interruptible(solver.InterruptSolve):
+        code = solver.Solve(params)
     stats = {"scip_status": int(code), "nodes": int(solver.nodes()), "integral_objective": integral}
     if code == pywraplp.Solver.INFEASIBLE:
         return PlacementSolution(method="milp", status=Status.INFEASIBLE, objective=float("nan"), stats=stats,

@@ -13,6 +13,7 @@ import numpy as np
 from moebalance.registry import register
 from moebalance.solution import RoutingSolution, Status
 
+from ._interrupt import interruptible
 from ._routing_common import integer_scores, prices_from_assignment
 
 __all__ = ["solve_bip"]
@@ -49,7 +50,9 @@ def solve_bip(problem, *, time_limit=None, precision=1e-8, workers=0) -> Routing
         solver.parameters.max_time_in_seconds = float(time_limit)
     if workers:
         solver.parameters.num_workers = workers
-    code = solver.solve(m)
+    solver.parameters.catch_sigint_signal = False  # Ctrl-C reaches interruptible, which stops the search
+    with interruptible(solver.stop_search):
+        code = solver.solve(m)
     stats = {"backend_status": solver.status_name(code), "scale": scale, "precision": precision,
              "branches": solver.num_branches, "backend_wall_time": solver.wall_time}
     if code not in (cp_model.OPTIMAL, cp_model.FEASIBLE):

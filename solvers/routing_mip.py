@@ -9,6 +9,7 @@ import numpy as np
 from moebalance.registry import register
 from moebalance.solution import RoutingSolution, Status
 
+from ._interrupt import interruptible
 from ._routing_common import prices_from_assignment
 
 __all__ = ["solve_mip"]
@@ -51,7 +52,11 @@ def solve_mip(problem, *, time_limit=None, backend="SCIP") -> RoutingSolution:
         solver.SetTimeLimit(int(max(1, round(1000 * left))))
         if backend == "SCIP":
             solver.SetSolverSpecificParametersAsString(f"limits/time = {left:.3f}\n")
-    code = solver.Solve()
+    if backend == "SCIP":  # Ctrl-C reaches interruptible instead of SCIP's own handler
+        solver.SetSolverSpecificParametersAsString(
+            (f"limits/time = {left:.3f}\n" if time_limit is not None else "") + "misc/catchctrlc = FALSE\n")
+    with interruptible(solver.InterruptSolve):
+        code = solver.Solve()
     names = {solver.OPTIMAL: "OPTIMAL", solver.FEASIBLE: "FEASIBLE", solver.INFEASIBLE: "INFEASIBLE",
              solver.UNBOUNDED: "UNBOUNDED", solver.ABNORMAL: "ABNORMAL", solver.NOT_SOLVED: "NOT_SOLVED"}
     stats = {"backend": backend, "backend_status": names.get(code, str(code)), "nodes": solver.nodes()}
