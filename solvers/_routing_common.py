@@ -227,7 +227,7 @@ def drive(method: str, problem, target: str, params: dict, *, time_limit, start:
     When the deadline killed the job, or the job returned no answer under a time limit, the answer is the
     greedy assignment with the top-k bound and status ``time_limit``.
     """
-    from moebalance.solution import Solution, Status
+    from moebalance.solution import RoutingSolution, Status
 
     from ._isolate import INPROCESS_CELLS, run_bounded
 
@@ -237,7 +237,7 @@ def drive(method: str, problem, target: str, params: dict, *, time_limit, start:
                           meanwhile=(lambda: fallback(problem)) if isolated else None)
     if raw is None:
         fb = fb or fallback(problem)
-        return Solution(method=method, status=Status.TIME_LIMIT, objective=float("nan"), bound=fb["bound"],
+        return RoutingSolution(method=method, status=Status.TIME_LIMIT, objective=float("nan"), bound=fb["bound"],
                         assignment=fb["assignment"], stats={"stopped_by": "deadline (process killed)"},
                         message="the time limit stopped the back-end; greedy answer and top-k bound")
     sol = to_solution(problem, raw, time_limit)

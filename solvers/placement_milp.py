@@ -22,23 +22,18 @@ build (the clock is checked between steps) and is passed to SCIP for the rest; a
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any
 
 import numpy as np
 
 from moebalance.registry import register
-from moebalance.solution import Solution, Status
+from moebalance.solution import PlacementSolution, Status
 
 from ._placement_model import PlacementModel, build_model, incumbent, lower_bound, round_plan
 from ._status import PYWRAPLP
 
-try:  # Ctrl-C stops the back-end (helper module; absent in older checkouts)
-    from ._interrupt import interruptible
-except ImportError:  # pragma: no cover
-    def interruptible(stop=None):  # type: ignore[no-redef]
-        return contextlib.nullcontext()
+from ._interrupt import interruptible
 
 __all__ = ["solve_milp", "milp_matrix", "build", "run", "to_solution"]
 
@@ -143,7 +138,7 @@ def run(model: dict[str, Any], time_limit: float | None = None) -> dict[str, Any
 
 
 def to_solution(problem: Any, m: PlacementModel, raw: dict[str, Any], time_limit: float | None = None, *,
-                hint_x: np.ndarray | None = None) -> Solution:
+                hint_x: np.ndarray | None = None) -> PlacementSolution:
     """Our answer from :func:`run`'s output (``hint_x``: the full ``[E, P]`` warm start, returned when SCIP
     has nothing better under a time limit)."""
     xs = raw.get("x")
@@ -151,21 +146,21 @@ def to_solution(problem: Any, m: PlacementModel, raw: dict[str, Any], time_limit
     stats = {"backend_status": raw["code"], "nodes": raw.get("nodes"), "integral_objective": raw.get("integral")}
     bound = lower_bound(m, raw["bound"], integral=bool(raw.get("integral"))) if "bound" in raw else None
     if status == Status.INFEASIBLE:
-        return Solution(method="milp", status=Status.INFEASIBLE, objective=float("nan"), stats=stats,
+        return PlacementSolution(method="milp", status=Status.INFEASIBLE, objective=float("nan"), stats=stats,
                         message="SCIP proved the limits admit no plan")
     if xs is None:
         msg = f"SCIP: {raw['code']}"
         if status == Status.TIME_LIMIT and hint_x is not None:
-            return Solution(method="milp", status=status, objective=float("nan"), bound=bound, assignment=hint_x,
+            return PlacementSolution(method="milp", status=status, objective=float("nan"), bound=bound, assignment=hint_x,
                             stats=stats, message=msg + "; returning the llep+ warm start")
-        return Solution(method="milp", status=status, objective=float("nan"), bound=bound, stats=stats,
+        return PlacementSolution(method="milp", status=status, objective=float("nan"), bound=bound, stats=stats,
                         message=msg)
     xa = np.rint(xs).astype(np.int64)
     if not np.array_equal(xa.sum(axis=1), m.loads) or xa.min() < 0:
         xa = round_plan(m, xs)
     xf = np.zeros(problem.shape, dtype=np.int64)
     xf[m.active] = xa
-    return Solution(method="milp", status=status, objective=float("nan"), bound=bound, assignment=xf,
+    return PlacementSolution(method="milp", status=status, objective=float("nan"), bound=bound, assignment=xf,
                     stats=stats, message=f"SCIP {'optimal' if status == Status.OPTIMAL else raw['code']}")
 
 
@@ -173,7 +168,7 @@ def to_solution(problem: Any, m: PlacementModel, raw: dict[str, Any], time_limit
           backends=("ortools",), aliases=("bip",), options={"mip_gap": 1e-7, "hint": True, "threads": 1},
           description="exact MILP (OR-Tools SCIP): optimal plan and proven bound")
 def solve_milp(problem: Any, *, time_limit: float | None = None, mip_gap: float = 1e-7, hint: bool = True,
-               threads: int = 1) -> Solution:
+               threads: int = 1) -> PlacementSolution:
     """Exact MILP with SCIP; ``mip_gap`` is SCIP's relative stopping gap, ``hint`` warm-starts from llep+."""
     t0 = time.perf_counter()
     if isinstance(mip_gap, bool) or not (isinstance(mip_gap, (int, float)) and 0 <= mip_gap < 1):
@@ -189,7 +184,7 @@ def solve_milp(problem: Any, *, time_limit: float | None = None, mip_gap: float 
         hint_x = None
     m = build_model(problem, upper)
     if m.a.shape[0] == 0:
-        return Solution(method="milp", status=Status.OPTIMAL, objective=float("nan"), bound=0.0,
+        return PlacementSolution(method="milp", status=Status.OPTIMAL, objective=float("nan"), bound=0.0,
                         assignment=np.zeros(problem.shape, dtype=np.int64))
     if left() is not None and left() <= 0:
         return _stopped(problem, hint_x, "time limit reached before the model was built")
@@ -201,8 +196,8 @@ def solve_milp(problem: Any, *, time_limit: float | None = None, mip_gap: float 
     return to_solution(problem, m, raw, time_limit, hint_x=hint_x)
 
 
-def _stopped(problem: Any, hint_x: np.ndarray | None, msg: str) -> Solution:
+def _stopped(problem: Any, hint_x: np.ndarray | None, msg: str) -> PlacementSolution:
     if hint_x is None:
-        return Solution(method="milp", status=Status.TIME_LIMIT, objective=float("nan"), message=msg)
-    return Solution(method="milp", status=Status.TIME_LIMIT, objective=float("nan"), assignment=hint_x,
+        return PlacementSolution(method="milp", status=Status.TIME_LIMIT, objective=float("nan"), message=msg)
+    return PlacementSolution(method="milp", status=Status.TIME_LIMIT, objective=float("nan"), assignment=hint_x,
                     message=msg + "; returning the llep+ warm start")

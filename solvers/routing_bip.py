@@ -17,24 +17,19 @@ Time: under ``time_limit`` a large model is built and solved in a child process 
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any
 
 import numpy as np
 
 from moebalance.registry import register
-from moebalance.solution import Solution, Status
+from moebalance.solution import RoutingSolution, Status
 
 from ._isolate import child_time_left
 from ._routing_common import RoutingScale, drive, certify_prices, problem_from
 from ._status import CPSAT
 
-try:  # Ctrl-C stops the back-end (helper module; absent in older checkouts)
-    from ._interrupt import interruptible
-except ImportError:  # pragma: no cover
-    def interruptible(stop=None):  # type: ignore[no-redef]
-        return contextlib.nullcontext()
+from ._interrupt import interruptible
 
 __all__ = ["solve_bip", "build", "run", "to_solution"]
 
@@ -98,7 +93,7 @@ def job(data: dict, params: dict) -> dict:
 
 
 def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = None, *,
-                precision: float = 1e-8) -> Solution:
+                precision: float = 1e-8) -> RoutingSolution:
     """Our answer from :func:`run`'s output."""
     T, E = problem.shape
     k = problem.k
@@ -109,7 +104,7 @@ def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = No
     if status == Status.INFEASIBLE:
         status = Status.ERROR  # a routing problem is feasible by construction
     if x is None:
-        return Solution(method="bip", status=status, objective=float("nan"), stats=stats,
+        return RoutingSolution(method="bip", status=status, objective=float("nan"), stats=stats,
                         message=f"CP-SAT: {raw['code']}")
     scale = RoutingScale(problem.scores, k)
     vals = np.asarray(x).reshape(T, E).astype(bool)
@@ -120,7 +115,7 @@ def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = No
         bias = certify_prices(problem.scores, assignment, tol=2.0 * precision * scale.unit)
     else:
         msg, bias = f"CP-SAT stopped ({raw['code']}) with a feasible answer", None
-    return Solution(method="bip", status=status, objective=float("nan"), bound=bound, assignment=assignment,
+    return RoutingSolution(method="bip", status=status, objective=float("nan"), bound=bound, assignment=assignment,
                     bias=bias, stats=stats, message=msg)
 
 
@@ -128,7 +123,7 @@ def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = No
           backends=("ortools",), options={"precision": 1e-8, "workers": 0},
           description="exact binary program with OR-Tools CP-SAT")
 def solve_bip(problem: Any, *, time_limit: float | None = None, precision: float = 1e-8,
-              workers: int = 0) -> Solution:
+              workers: int = 0) -> RoutingSolution:
     """Exact BIP with CP-SAT. ``precision``: score resolution relative to the score range; ``workers``: CP-SAT
     search workers (0 = CP-SAT's default)."""
     t0 = time.perf_counter()

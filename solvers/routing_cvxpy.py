@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from moebalance.registry import register
-from moebalance.solution import Solution, Status
+from moebalance.solution import RoutingSolution, Status
 
 from ._cvxpy import import_cvxpy
 from ._isolate import child_time_left
@@ -79,7 +79,7 @@ def job(data: dict, params: dict) -> dict:
     return run(build(problem_from(data)), child_time_left(params), solver=params["solver"])
 
 
-def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = None) -> Solution:
+def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = None) -> RoutingSolution:
     """Our answer from :func:`run`'s output."""
     T, E = problem.shape
     k = problem.k
@@ -90,7 +90,7 @@ def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = No
     if status == Status.INFEASIBLE:
         status = Status.ERROR  # a routing problem is feasible by construction
     if x is None:
-        return Solution(method="cvxpy", status=status, objective=float("nan"), stats=stats,
+        return RoutingSolution(method="cvxpy", status=status, objective=float("nan"), stats=stats,
                         message=f"cvxpy status {code}")
     scale = RoutingScale(problem.scores, k)
     xv = np.asarray(x).reshape(T, E)
@@ -117,7 +117,7 @@ def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = No
             bias = np.maximum(raw["duals"], 0.0) * scale.unit
     if assignment is None and status in (Status.OPTIMAL, Status.FEASIBLE):
         status = Status.ERROR
-    return Solution(method="cvxpy", status=status, objective=float("nan"), bound=bound, assignment=assignment,
+    return RoutingSolution(method="cvxpy", status=status, objective=float("nan"), bound=bound, assignment=assignment,
                     bias=bias, stats=stats,
                     message=f"cvxpy/{raw.get('solver')}: {code}, max fractionality {frac:.2g}"
                             + ("; iterate repaired to a feasible assignment" if stats.get("repaired") else ""))
@@ -125,7 +125,7 @@ def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = No
 
 @register("routing", "cvxpy", gives_bound=True, deterministic=True, supports_time_limit=True, backends=("cvxpy",),
           options={"solver": None}, description="LP relaxation through cvxpy (cross-check of lp)")
-def solve_cvxpy(problem: Any, *, time_limit: float | None = None, solver: str | None = None) -> Solution:
+def solve_cvxpy(problem: Any, *, time_limit: float | None = None, solver: str | None = None) -> RoutingSolution:
     """LP relaxation with cvxpy; ``solver`` defaults to HIGHS when installed, else CLARABEL."""
     t0 = time.perf_counter()
     solver = _pick_solver(solver)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from moebalance.registry import register
-from moebalance.solution import Solution, Status
+from moebalance.solution import RoutingSolution, Status
 
 from ._routing_common import RoutingScale, drive, certify_prices, problem_from
 from ._status import MIN_COST_FLOW
@@ -70,7 +70,7 @@ def job(data: dict, params: dict) -> dict:
 
 
 def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = None, *,
-                max_cost: int = 2**30) -> Solution:
+                max_cost: int = 2**30) -> RoutingSolution:
     """Our answer from :func:`run`'s output."""
     code = raw["code"]
     flows = raw.get("flows")
@@ -78,7 +78,7 @@ def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = No
     scale = RoutingScale(problem.scores, problem.k)
     stats = {"backend_status": code, "max_cost": int(max_cost), "score_resolution": scale.unit / max_cost}
     if status != Status.OPTIMAL:
-        return Solution(method="mcf", status=Status.ERROR if status == Status.INFEASIBLE else status,
+        return RoutingSolution(method="mcf", status=Status.ERROR if status == Status.INFEASIBLE else status,
                         objective=float("nan"), stats=stats, message=f"OR-Tools min-cost flow returned {code}")
     T, E = problem.shape
     k = problem.k
@@ -86,7 +86,7 @@ def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = No
     value = float(np.take_along_axis(scale.normalise(problem.scores), assignment, axis=1).sum())
     bound = scale.upper(value, allowance=T * k / max_cost)
     bias = certify_prices(problem.scores, assignment, tol=2.0 * scale.unit / max_cost)
-    return Solution(method="mcf", status=Status.OPTIMAL, objective=float("nan"), bound=bound,
+    return RoutingSolution(method="mcf", status=Status.OPTIMAL, objective=float("nan"), bound=bound,
                     assignment=assignment, bias=bias, stats=stats,
                     message=f"optimal min-cost flow (score resolution {scale.unit / max_cost:.2e})")
 
@@ -94,7 +94,7 @@ def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = No
 @register("routing", "mcf", exact=True, gives_bound=True, deterministic=True, supports_time_limit=True,
           backends=("ortools",), options={"max_cost": 2**30},
           description="exact min-cost flow (OR-Tools SimpleMinCostFlow)")
-def solve_mcf(problem: Any, *, time_limit: float | None = None, max_cost: int = 2**30) -> Solution:
+def solve_mcf(problem: Any, *, time_limit: float | None = None, max_cost: int = 2**30) -> RoutingSolution:
     """Exact routing by min-cost flow (OR-Tools). The back-end has no time limit of its own; under
     ``time_limit`` a large network runs in a child process the deadline stops (greedy answer then)."""
     t0 = time.perf_counter()

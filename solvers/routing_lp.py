@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from moebalance.registry import register
-from moebalance.solution import Solution, Status
+from moebalance.solution import RoutingSolution, Status
 
 from ._isolate import child_time_left
 from ._routing_common import RoutingScale, certify_prices, chosen_to_assignment, drive, problem_from, repair
@@ -76,7 +76,7 @@ def job(data: dict, params: dict) -> dict:
     return run(build(problem_from(data), highs_method=params["highs_method"]), child_time_left(params))
 
 
-def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = None) -> Solution:
+def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = None) -> RoutingSolution:
     """Our answer from :func:`run`'s output."""
     T, E = problem.shape
     k = problem.k
@@ -88,7 +88,7 @@ def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = No
         status = Status.ERROR  # a routing problem is feasible by construction
     if x is None or "value" not in raw:
         # an interrupted iterate is no LP answer: its top-k may break capacity, so it is not returned
-        return Solution(method="lp", status=status, objective=float("nan"), stats=stats,
+        return RoutingSolution(method="lp", status=status, objective=float("nan"), stats=stats,
                         message=f"HiGHS: {raw.get('message')}")
     scale = RoutingScale(problem.scores, k)
     xv = np.asarray(x).reshape(T, E)
@@ -107,14 +107,14 @@ def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = No
     status = Status.OPTIMAL if stats["integral"] else Status.FEASIBLE
     msg = "LP optimum is integral (total unimodularity), hence optimal for the binary program" \
         if stats["integral"] else f"LP optimum is fractional (max {frac:.3g}); assignment rounded by top-k of x"
-    return Solution(method="lp", status=status, objective=float("nan"), bound=bound, assignment=assignment,
+    return RoutingSolution(method="lp", status=status, objective=float("nan"), bound=bound, assignment=assignment,
                     bias=bias, stats=stats, message=msg)
 
 
 @register("routing", "lp", gives_bound=True, deterministic=True, supports_time_limit=True, backends=("scipy",),
           options={"highs_method": "highs"},
           description="LP relaxation with scipy HiGHS (bound, duals, bias; integral by total unimodularity)")
-def solve_lp(problem: Any, *, time_limit: float | None = None, highs_method: str = "highs") -> Solution:
+def solve_lp(problem: Any, *, time_limit: float | None = None, highs_method: str = "highs") -> RoutingSolution:
     """LP relaxation (scipy ``linprog``, HiGHS). ``highs_method``: "highs", "highs-ds" or "highs-ipm"."""
     t0 = time.perf_counter()
     if highs_method not in METHODS:

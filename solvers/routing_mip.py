@@ -12,24 +12,19 @@ child process that the deadline stops (SCIP overran a 1 s limit by 1.7 s at 4096
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any
 
 import numpy as np
 
 from moebalance.registry import register
-from moebalance.solution import Solution, Status
+from moebalance.solution import RoutingSolution, Status
 
 from ._isolate import child_time_left
 from ._routing_common import RoutingScale, drive, certify_prices, problem_from
 from ._status import PYWRAPLP
 
-try:  # Ctrl-C stops the back-end (helper module; absent in older checkouts)
-    from ._interrupt import interruptible
-except ImportError:  # pragma: no cover
-    def interruptible(stop=None):  # type: ignore[no-redef]
-        return contextlib.nullcontext()
+from ._interrupt import interruptible
 
 __all__ = ["solve_mip", "build", "run", "to_solution", "routing_matrix", "BACKENDS"]
 
@@ -107,7 +102,7 @@ def job(data: dict, params: dict) -> dict:
 
 
 def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = None, *,
-                backend: str = "SCIP") -> Solution:
+                backend: str = "SCIP") -> RoutingSolution:
     """Our answer from :func:`run`'s output."""
     T, E = problem.shape
     k = problem.k
@@ -117,7 +112,7 @@ def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = No
     if status == Status.INFEASIBLE:
         status = Status.ERROR  # a routing problem is feasible by construction
     if x is None:
-        return Solution(method="mip", status=status, objective=float("nan"), stats=stats,
+        return RoutingSolution(method="mip", status=status, objective=float("nan"), stats=stats,
                         message=f"{backend}: {raw['code']}")
     scale = RoutingScale(problem.scores, k)
     vals = np.asarray(x).reshape(T, E)
@@ -132,14 +127,14 @@ def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = No
         bias = certify_prices(problem.scores, assignment, tol=1e-9 * scale.unit)
     else:
         msg, bias = f"{backend} stopped ({raw['code']}) with a feasible answer", None
-    return Solution(method="mip", status=status, objective=float("nan"), bound=bound, assignment=assignment,
+    return RoutingSolution(method="mip", status=status, objective=float("nan"), bound=bound, assignment=assignment,
                     bias=bias, stats=stats, message=msg)
 
 
 @register("routing", "mip", exact=True, gives_bound=True, deterministic=True, supports_time_limit=True,
           backends=("ortools",), options={"backend": "SCIP"},
           description="exact binary program with OR-Tools MIP (SCIP, HiGHS or CBC)")
-def solve_mip(problem: Any, *, time_limit: float | None = None, backend: str = "SCIP") -> Solution:
+def solve_mip(problem: Any, *, time_limit: float | None = None, backend: str = "SCIP") -> RoutingSolution:
     """Exact BIP through ``pywraplp``; ``backend`` is "SCIP" (default), "HIGHS" or "CBC"."""
     t0 = time.perf_counter()
     if backend not in BACKENDS:
