@@ -15,6 +15,7 @@ the child and propagates.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -63,12 +64,14 @@ def child_time_left(params: dict[str, Any], margin: float = 0.05) -> float | Non
 
 
 def run_bounded(target: str, data: dict[str, Any], params: dict[str, Any], *, time_limit: float | None,
-                start: float, cells: int, meanwhile: Callable[[], Any] | None = None) -> tuple[dict | None, Any]:
+                start: float, cells: int, meanwhile: Callable[[], Any] | None = None,
+                guard: Callable[[Callable[[], Any]], Any] | None = None) -> tuple[dict | None, Any]:
     """Run ``target(data, params)`` and return ``(result or None, meanwhile())``.
 
     ``start`` is the caller's ``time.perf_counter()`` at the start of the solve (the limit covers everything);
     ``meanwhile`` (e.g. a fallback answer) runs in this process while a child works (not at all in-process). ``params['deadline']``
-    is set to the wall-clock deadline the job should give its back-end.
+    is set to the wall-clock deadline the job should give its back-end. ``guard(stop)`` (e.g.
+    ``_interrupt.interruptible``) wraps the wait for the child, with ``stop`` killing it.
     """
     job = _job(target)
     if time_limit is None or cells <= INPROCESS_CELLS:
@@ -85,7 +88,8 @@ def run_bounded(target: str, data: dict[str, Any], params: dict[str, Any], *, ti
         try:
             side = meanwhile() if meanwhile is not None else None
             try:
-                proc.wait(timeout=max(0.0, kill_at - time.perf_counter()))
+                with (guard(proc.kill) if guard is not None else contextlib.nullcontext()):
+                    proc.wait(timeout=max(0.0, kill_at - time.perf_counter()))
             except subprocess.TimeoutExpired:
                 return None, side
             if proc.returncode != 0 or not os.path.exists(dst):

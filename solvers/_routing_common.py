@@ -221,11 +221,11 @@ def problem_from(data: dict):
     return RoutingProblem(data["scores"], int(data["k"]), capacity=data["capacity"])
 
 
-def drive(method: str, problem, target: str, params: dict, *, time_limit, start: float, to_solution):
+def drive(method: str, problem, target: str, params: dict, *, time_limit, start: float, to_solution, guard=None):
     """problem -> job (build + run, maybe in a child under a hard deadline) -> ``to_solution(problem, raw)``.
 
     When the deadline killed the job, or the job returned no answer under a time limit, the answer is the
-    greedy assignment with the top-k bound and status ``time_limit``.
+    greedy assignment with the top-k bound and status ``time_limit``. ``guard``: see :func:`._isolate.run_bounded`.
     """
     from moebalance.solution import RoutingSolution, Status
 
@@ -234,7 +234,7 @@ def drive(method: str, problem, target: str, params: dict, *, time_limit, start:
     T, E = problem.shape
     isolated = time_limit is not None and T * E > INPROCESS_CELLS
     raw, fb = run_bounded(target, problem_data(problem), params, time_limit=time_limit, start=start, cells=T * E,
-                          meanwhile=(lambda: fallback(problem)) if isolated else None)
+                          meanwhile=(lambda: fallback(problem)) if isolated else None, guard=guard)
     if raw is None:
         fb = fb or fallback(problem)
         return RoutingSolution(method=method, status=Status.TIME_LIMIT, objective=float("nan"), bound=fb["bound"],

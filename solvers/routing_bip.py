@@ -133,4 +133,5 @@ def solve_bip(problem: Any, *, time_limit: float | None = None, precision: float
         raise ValueError(f"`workers` must be a non-negative integer, got {workers!r}")
     return drive("bip", problem, "moebalance.solvers.routing_bip:job",
                  {"precision": float(precision), "workers": int(workers)}, time_limit=time_limit, start=t0,
+                 guard=lambda stop: interruptible(stop),
                  to_solution=lambda p, raw, tl: to_solution(p, raw, tl, precision=float(precision)))

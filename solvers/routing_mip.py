@@ -140,5 +140,5 @@ def solve_mip(problem: Any, *, time_limit: float | None = None, backend: str = "
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {', '.join(BACKENDS)}, got {backend!r}")
     return drive("mip", problem, "moebalance.solvers.routing_mip:job", {"backend": backend},
-                 time_limit=time_limit, start=t0,
+                 time_limit=time_limit, start=t0, guard=lambda stop: interruptible(stop),
                  to_solution=lambda p, raw, tl: to_solution(p, raw, tl, backend=backend))
