@@ -17,10 +17,10 @@ from moebalance.registry import register
 from moebalance.solution import PlacementSolution, Status
 
 from ._cvxpy import import_cvxpy
-from ._placement_model import PlacementModel, build_model, incumbent, lower_bound, round_plan
+from ._placement_model import PlacementModel, build_model, incumbent, lower_bound, round_plan, run_isolated
 from ._status import CVXPY, SCIPY_HIGHS
 
-__all__ = ["lp_bound_highs", "solve_lp", "solve_lp_cvxpy"]
+__all__ = ["lp_bound_highs", "solve_lp", "solve_lp_cvxpy", "lp_inprocess", "lp_cvxpy_inprocess"]
 
 
 def _full_plan(problem: Any, model: PlacementModel, xa: np.ndarray) -> np.ndarray:
@@ -82,7 +82,14 @@ def lp_bound_highs(problem: Any, time_limit: float | None = None, *, tighten: bo
           options={"tighten": True},
           description="LP relaxation (scipy HiGHS): lower bound on the makespan, plus a rounded plan")
 def solve_lp(problem: Any, *, time_limit: float | None = None, tighten: bool = True) -> PlacementSolution:
-    """LP relaxation with HiGHS: the bound and a plan rounded from the LP's x."""
+    """LP relaxation with HiGHS: the bound and a plan rounded from the LP's x (under ``time_limit`` a large
+    model runs in a child process the deadline stops)."""
+    return run_isolated("lp", "moebalance.solvers.placement_lp:lp_inprocess", problem, {"tighten": bool(tighten)},
+                        time_limit=time_limit, start=time.perf_counter())
+
+
+def lp_inprocess(problem: Any, *, time_limit: float | None = None, tighten: bool = True) -> PlacementSolution:
+    """:func:`solve_lp` in this process."""
     t0 = time.perf_counter()
     m = _model(problem, bool(tighten))
     if time_limit is not None:
@@ -101,7 +108,22 @@ def solve_lp(problem: Any, *, time_limit: float | None = None, tighten: bool = T
           description="the same LP relaxation in cvxpy with explicit y (cross-check of `lp`)")
 def solve_lp_cvxpy(problem: Any, *, time_limit: float | None = None, solver: str | None = None,
                    tighten: bool = True) -> PlacementSolution:
-    """LP relaxation written with explicit ``y`` and ``x <= M y``, solved through cvxpy (HiGHS when installed)."""
+    """LP relaxation written with explicit ``y`` and ``x <= M y``, solved through cvxpy (HiGHS when installed;
+    under ``time_limit`` a large model runs in a child process the deadline stops)."""
+    if solver is not None:
+        _, installed = import_cvxpy()
+        if solver not in installed:
+            raise ValueError(f"`solver` {solver!r} is not installed for cvxpy; installed: {', '.join(installed)}")
+    return run_isolated("lp-cvxpy", "moebalance.solvers.placement_lp:lp_cvxpy_inprocess", problem,
+                        {"solver": solver, "tighten": bool(tighten)}, time_limit=time_limit,
+                        start=time.perf_counter())
+
+
+def lp_cvxpy_inprocess(problem: Any, *, time_limit: float | None = None, solver: str | None = None,
+                       tighten: bool = True) -> PlacementSolution:
+    """:func:`solve_lp_cvxpy` in this process."""
+    import warnings
+
     cp, installed = import_cvxpy()
 
     t0 = time.perf_counter()
@@ -125,7 +147,9 @@ def solve_lp_cvxpy(problem: Any, *, time_limit: float | None = None, solver: str
     kwargs: dict[str, Any] = {}
     if time_limit is not None and solver == "HIGHS":
         kwargs["time_limit"] = max(1e-3, float(time_limit) - (time.perf_counter() - t0))
-    prob.solve(solver=solver, **kwargs)
+    with warnings.catch_warnings():  # cvxpy warns on inaccurate answers; the status says it
+        warnings.simplefilter("ignore")
+        prob.solve(solver=solver, **kwargs)
     ours = CVXPY.translate(prob.status, time_limit=time_limit, has_solution=x.value is not None)
     if ours == Status.OPTIMAL:
         xf = np.zeros(problem.shape, dtype=np.int64)

@@ -30,12 +30,12 @@ import numpy as np
 from moebalance.registry import register
 from moebalance.solution import PlacementSolution, Status
 
-from ._placement_model import PlacementModel, build_model, incumbent, lower_bound, round_plan
+from ._placement_model import PlacementModel, build_model, incumbent, lower_bound, round_plan, run_isolated
 from ._status import PYWRAPLP
 
 from ._interrupt import interruptible
 
-__all__ = ["solve_milp", "milp_matrix", "build", "run", "to_solution"]
+__all__ = ["solve_milp", "milp_inprocess", "milp_matrix", "build", "run", "to_solution"]
 
 
 def milp_matrix(m: PlacementModel) -> dict[str, Any]:
@@ -169,12 +169,22 @@ def to_solution(problem: Any, m: PlacementModel, raw: dict[str, Any], time_limit
           description="exact MILP (OR-Tools SCIP): optimal plan and proven bound")
 def solve_milp(problem: Any, *, time_limit: float | None = None, mip_gap: float = 1e-7, hint: bool = True,
                threads: int = 1) -> PlacementSolution:
-    """Exact MILP with SCIP; ``mip_gap`` is SCIP's relative stopping gap, ``hint`` warm-starts from llep+."""
+    """Exact MILP with SCIP; ``mip_gap`` is SCIP's relative stopping gap, ``hint`` warm-starts from llep+.
+    Under ``time_limit`` a large model runs in a child process that the deadline stops."""
     t0 = time.perf_counter()
     if isinstance(mip_gap, bool) or not (isinstance(mip_gap, (int, float)) and 0 <= mip_gap < 1):
         raise ValueError(f"`mip_gap` must be a number in [0, 1), got {mip_gap!r}")
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"`threads` must be a positive integer, got {threads!r}")
+    return run_isolated("milp", "moebalance.solvers.placement_milp:milp_inprocess", problem,
+                        {"mip_gap": float(mip_gap), "hint": bool(hint), "threads": int(threads)},
+                        time_limit=time_limit, start=t0)
+
+
+def milp_inprocess(problem: Any, *, time_limit: float | None = None, mip_gap: float = 1e-7, hint: bool = True,
+                   threads: int = 1) -> PlacementSolution:
+    """:func:`solve_milp` in this process: the clock is checked between the steps, SCIP gets what is left."""
+    t0 = time.perf_counter()
 
     def left() -> float | None:
         return None if time_limit is None else time_limit - (time.perf_counter() - t0)
