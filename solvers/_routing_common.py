@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 __all__ = ["chosen_to_assignment", "prices_from_assignment", "greedy_fill", "integer_scores", "RoutingScale",
@@ -65,7 +67,8 @@ def prices_from_assignment(scores: np.ndarray, assignment: np.ndarray, tol: floa
     return np.maximum(-d[:E], 0.0)
 
 
-def greedy_fill(scores: np.ndarray, chosen: np.ndarray, room: np.ndarray, need: np.ndarray) -> np.ndarray:
+def greedy_fill(scores: np.ndarray, chosen: np.ndarray, room: np.ndarray, need: np.ndarray,
+                deadline: float | None = None) -> np.ndarray:
     """Fill each token's missing slots with its best experts that still have room, highest scores first.
 
     Args:
@@ -76,6 +79,7 @@ def greedy_fill(scores: np.ndarray, chosen: np.ndarray, room: np.ndarray, need: 
 
     Rounds: every needy token proposes its best expert not yet tried; each expert accepts the highest-scored
     proposals up to its room; the rest move on to their next choice. At most E rounds, each vectorised.
+    ``deadline`` (a ``time.perf_counter()`` value) stops the swap phase early, leaving slots unplaced.
     Returns ``need`` (all zero on success).
     """
     T, E = scores.shape
@@ -101,16 +105,19 @@ def greedy_fill(scores: np.ndarray, chosen: np.ndarray, room: np.ndarray, need: 
         need[toks] -= 1
         np.subtract.at(room, exps, 1)
     if need.any():
-        _swap_fill(scores, chosen, room, need)
+        _swap_fill(scores, chosen, room, need, deadline)
     return need
 
 
-def _swap_fill(scores: np.ndarray, chosen: np.ndarray, room: np.ndarray, need: np.ndarray) -> None:
+def _swap_fill(scores: np.ndarray, chosen: np.ndarray, room: np.ndarray, need: np.ndarray,
+               deadline: float | None = None) -> None:
     """Place slots the rounds could not: a token t whose only experts with room r are ones it already has
     takes expert a from a token u that moves to r (t: +a, u: a -> r), choosing the least costly such swap.
     With tight capacities (sum of capacities == T * k) this is what the last few tokens need."""
     for t in np.flatnonzero(need > 0):
         while need[t] > 0:
+            if deadline is not None and time.perf_counter() > deadline:
+                return
             best = None
             for r in np.flatnonzero(room > 0):
                 ok = chosen & ~chosen[:, r][:, None] & ~chosen[t][None, :]
@@ -193,16 +200,16 @@ def repair(scores: np.ndarray, weight: np.ndarray, k: int, capacity: np.ndarray)
     return chosen_to_assignment(chosen, k)
 
 
-def fallback(problem) -> dict:
-    """What a routing solve stopped by its deadline still has: the greedy answer ``[T, k]`` (or None) and the
-    top-k bound (capacity dropped: a valid upper bound)."""
+def fallback(problem, deadline: float | None = None) -> dict:
+    """What a routing solve stopped by its deadline still has: the greedy answer ``[T, k]`` (None when it
+    could not finish by ``deadline``) and the top-k bound (capacity dropped: a valid upper bound)."""
     s = problem.scores
     T, E = s.shape
     k = problem.k
     chosen = np.zeros((T, E), dtype=bool)
     room = np.asarray(problem.capacity, dtype=np.int64).copy()
     need = np.full(T, k, dtype=np.int64)
-    greedy_fill(s, chosen, room, need)
+    greedy_fill(s, chosen, room, need, deadline=deadline)
     top = np.partition(s, E - k, axis=1)[:, E - k:]
     scale = RoutingScale(s, k)
     return {"assignment": None if need.any() else chosen_to_assignment(chosen, k),
@@ -233,16 +240,18 @@ def drive(method: str, problem, target: str, params: dict, *, time_limit, start:
 
     T, E = problem.shape
     isolated = time_limit is not None and T * E > INPROCESS_CELLS
+    # the fallback works while the child does, and gives up shortly before the child is killed
+    soon = None if time_limit is None else start + 0.95 * time_limit
     raw, fb = run_bounded(target, problem_data(problem), params, time_limit=time_limit, start=start, cells=T * E,
-                          meanwhile=(lambda: fallback(problem)) if isolated else None, guard=guard)
+                          meanwhile=(lambda: fallback(problem, soon)) if isolated else None, guard=guard)
     if raw is None:
-        fb = fb or fallback(problem)
+        fb = fb or fallback(problem, soon)
         return RoutingSolution(method=method, status=Status.TIME_LIMIT, objective=float("nan"), bound=fb["bound"],
                         assignment=fb["assignment"], stats={"stopped_by": "deadline (process killed)"},
                         message="the time limit stopped the back-end; greedy answer and top-k bound")
     sol = to_solution(problem, raw, time_limit)
     if sol.status == Status.TIME_LIMIT and sol.assignment is None:
-        fb = fb or fallback(problem)
+        fb = fb or fallback(problem, soon)
         bound = fb["bound"] if sol.bound is None else min(sol.bound, fb["bound"])
         sol = sol.replace(assignment=fb["assignment"], bound=bound,
                           message=sol.message + "; greedy answer returned")
