@@ -5,7 +5,7 @@ Routing scores ``a * s + b`` must give the objective ``a * opt + b * T * k`` (ev
 experts), placement costs ``a * c`` the makespan ``a * opt``, for ``a`` in [1e-12, 1e12], with the status
 unchanged and the bound valid (routing: an upper bound, placement: a lower bound on the true optimum, which
 brute force gives on these tiny instances). The methods are read from the registry, so methods added later
-are covered too. ``MOEBALANCE_FUZZ_EXAMPLES`` raises the number of examples (``make fuzz``-style runs).
+are covered too. ``make fuzz`` (profile "fuzz") runs them with random seeds and ``FUZZ_EXAMPLES`` examples.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from moebalance import CostModel, PlacementProblem, RoutingProblem, Status
 from .catalogue import brute_force_routing
 from .test_placement_solvers import brute_force as brute_force_placement
 
-EXAMPLES = int(os.environ.get("MOEBALANCE_FUZZ_EXAMPLES", "12"))
+# the fuzz profile's example count; a small derandomized set otherwise (CI)
+EXAMPLES = settings.default.max_examples if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz" else 12
 ROUTING_METHODS = mb.available_methods("routing")
 PLACEMENT_METHODS = mb.available_methods("placement")
 # float rounding allowed, relative to the size of the objective (the issue's defects were 1e-3 and larger)
