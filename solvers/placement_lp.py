@@ -98,9 +98,10 @@ def lp_inprocess(problem: Any, *, time_limit: float | None = None, tighten: bool
     if status == "optimal":
         x = _full_plan(problem, m, xa)
         return PlacementSolution(method="lp", status=Status.FEASIBLE, objective=float("nan"), bound=bound, assignment=x,
-                        stats={"lp_status": status, "incumbent": m.upper}, message="rounded LP relaxation")
+                                 stats={"lp_status": status, "incumbent": m.upper}, message="rounded LP relaxation")
     st = Status(status) if status in ("infeasible", "time_limit") else Status.ERROR
-    return PlacementSolution(method="lp", status=st, objective=float("nan"), stats={"lp_status": status}, message=str(msg))
+    return PlacementSolution(method="lp", status=st, objective=float("nan"), stats={"lp_status": status},
+                             message=str(msg))
 
 
 @register("placement", "lp-cvxpy", gives_bound=True, deterministic=True, supports_time_limit=True,
@@ -131,7 +132,7 @@ def lp_cvxpy_inprocess(problem: Any, *, time_limit: float | None = None, solver:
     A, P = m.a.shape
     if A == 0:
         return PlacementSolution(method="lp-cvxpy", status=Status.FEASIBLE, objective=float("nan"), bound=0.0,
-                        assignment=np.zeros(problem.shape, dtype=np.int64))
+                                 assignment=np.zeros(problem.shape, dtype=np.int64))
     x = cp.Variable((A, P), nonneg=True)
     y = cp.Variable((A, P), nonneg=True)
     T = cp.Variable()
@@ -155,12 +156,12 @@ def lp_cvxpy_inprocess(problem: Any, *, time_limit: float | None = None, solver:
         xf = np.zeros(problem.shape, dtype=np.int64)
         xf[m.active] = round_plan(m, x.value)
         return PlacementSolution(method="lp-cvxpy", status=Status.FEASIBLE, objective=float("nan"),
-                        bound=lower_bound(m, prob.value), assignment=xf,
-                        stats={"cvxpy_status": prob.status, "cvxpy_solver": prob.solver_stats.solver_name},
-                        message="rounded LP relaxation (cvxpy)")
+                                 bound=lower_bound(m, prob.value), assignment=xf,
+                                 stats={"cvxpy_status": prob.status, "cvxpy_solver": prob.solver_stats.solver_name},
+                                 message="rounded LP relaxation (cvxpy)")
     # an inaccurate or interrupted LP proves no bound and its x is no plan
     st = ours if ours in (Status.INFEASIBLE, Status.TIME_LIMIT) else Status.ERROR
     if time_limit is not None and time.perf_counter() - t0 >= time_limit:
         st = Status.TIME_LIMIT
     return PlacementSolution(method="lp-cvxpy", status=st, objective=float("nan"), stats={"cvxpy_status": prob.status},
-                    message=f"cvxpy status {prob.status}")
+                             message=f"cvxpy status {prob.status}")
