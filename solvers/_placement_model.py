@@ -98,15 +98,15 @@ def build_model(problem: Any, upper: float | None = None) -> PlacementModel:
 
 
 def normalised_problem(problem: Any) -> Any:
-    """``problem`` with every cost divided by :func:`time_unit`: the same plans and constraints, makespans
-    divided by the unit. Heuristics run on it give the same plan at every scale of the cost model."""
-    unit = time_unit(problem.cost)
-    if unit == 1.0:
-        return problem
+    """``problem`` with every cost divided by :func:`time_unit` and rounded to 12 significant digits: the same
+    plans and constraints, makespans divided by the unit (to within 1e-12). The rounding makes the costs
+    bit-identical at every scale, so heuristics run on it (whose ties a last-bit difference can flip) give the
+    same plan at every scale of the cost model."""
     from moebalance.placement import PlacementProblem
 
+    unit = time_unit(problem.cost)
     d = problem.to_dict()
-    d["cost"] = {name: value / unit for name, value in d["cost"].items()}
+    d["cost"] = {name: float(f"{value / unit:.12g}") for name, value in d["cost"].items()}
     return PlacementProblem.from_dict(d)
 
 
