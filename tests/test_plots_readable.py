@@ -47,7 +47,7 @@ def _assert_readable(fig) -> None:
                 labels = [t.get_text() for t in axis.get_ticklabels() if t.get_text()]
                 assert labels, "a log axis without tick labels"
                 assert all("$" not in s and "^" not in s for s in labels), labels
-                assert all(float(s) > 0 for s in labels), labels  # plain numbers
+                assert all(float(s.replace(",", "")) > 0 for s in labels), labels  # plain numbers
     assert fig.legends, "no legend"
     box = fig.legends[0].get_window_extent(renderer)
     for ax in axes:
@@ -61,6 +61,11 @@ def test_style_gives_every_curve_its_own_look():
     assert len(looks) == 40
     assert _plotting.style(3, line=False)["ls"] == "none"
     assert _plotting.style(0)["mfc"] == "none"  # hollow: a marker under another shows
+
+
+def test_plain_numbers():
+    assert [_plotting.plain_number(v) for v in (1e-10, 1e-3, 1, 20, 1e5, 1e6, 1e9)] == [
+        "1e-10", "0.001", "1", "20", "100,000", "1,000,000", "1e9"]
 
 
 def test_simulator_plots(tmp_path, figures):

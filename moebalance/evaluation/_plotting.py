@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["style", "finish", "MARKERS", "LINESTYLES"]
+__all__ = ["style", "finish", "plain_number", "MARKERS", "LINESTYLES"]
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 LINESTYLES = ("-", "--", "-.", ":")
@@ -45,6 +45,16 @@ def style(i: int, *, line: bool = True, markevery: Any = None) -> dict[str, Any]
     return kw
 
 
+def plain_number(v: float) -> str:
+    """A tick label without mathtext: ``0.001``, ``1``, ``100,000``, ``1e-10``, ``1e9``."""
+    if v == 0 or not math.isfinite(v):
+        return f"{v:g}"
+    if 1e-4 <= abs(v) < 1e7:
+        return f"{v:,.10g}"
+    mant, _, exp = f"{v:.0e}".partition("e")
+    return f"{mant}e{int(exp)}"
+
+
 def _plain_log_ticks(axis: Any, lo: float, hi: float) -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
@@ -53,7 +63,7 @@ def _plain_log_ticks(axis: Any, lo: float, hi: float) -> None:
     decades = math.log10(hi / lo) if hi > lo else 0.0
     subs = (1.0, 2.0, 5.0) if decades <= 2.5 else (1.0,)
     axis.set_major_locator(LogLocator(base=10, subs=subs, numticks=12))
-    axis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    axis.set_major_formatter(FuncFormatter(lambda v, _pos: plain_number(v)))
     axis.set_minor_formatter(NullFormatter())
 
 
