@@ -10,7 +10,20 @@ import numpy as np
 from ._validate import as_float_array, as_int, as_int_array
 from .errors import InfeasibleError
 
-__all__ = ["RoutingProblem"]
+__all__ = ["RoutingProblem", "expert_capacity"]
+
+
+def expert_capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: float) -> int:
+    """Per-expert capacity ``ceil(capacity_factor * T * k / E)`` (the one formula every layer, balancer and problem
+    uses; a product within 1e-9 above an integer rounds down to it, so ``1.0 * T * k / E`` exact stays exact)."""
+    for name, v in (("num_tokens", num_tokens), ("k", k), ("num_experts", num_experts)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (1 if name == "num_experts" else 0):
+            raise ValueError(f"`{name}` must be an integer >= {1 if name == 'num_experts' else 0}, got {v!r}")
+    cf = capacity_factor
+    if isinstance(cf, bool) or not isinstance(cf, (int, float, np.integer, np.floating)) or not math.isfinite(cf) \
+            or cf <= 0:
+        raise ValueError(f"`capacity_factor` must be a positive finite number, got {capacity_factor!r}")
+    return math.ceil(float(cf) * int(num_tokens) * int(k) / int(num_experts) - 1e-9)
 
 
 class RoutingProblem:
@@ -48,7 +61,7 @@ class RoutingProblem:
                 raise ValueError(f"`capacity_factor` must be a positive number, got {capacity_factor!r}") from None
             if not math.isfinite(cf) or cf <= 0:
                 raise ValueError(f"`capacity_factor` must be a positive finite number, got {capacity_factor!r}")
-            cap = np.full(E, math.ceil(cf * T * k / E - 1e-9), dtype=np.int64)
+            cap = np.full(E, expert_capacity(T, k, E, cf), dtype=np.int64)
         elif np.ndim(capacity) == 0 and not type(capacity).__module__.startswith("torch"):
             cap = np.full(E, as_int(capacity, "capacity", minimum=0), dtype=np.int64)
         else:
