@@ -402,7 +402,7 @@ class LLEPPlanner:
         x = a.astype(np.int64)
         if x.size and x.min() < 0:
             raise ValueError("`expert_loads` must be non-negative")
-        if int(x.sum()) >= 2 ** 62:  # python int sum: no wrap-around
+        if x.size and int(x.max()) >= 2 ** 62 // x.size and sum(x.tolist()) >= 2 ** 62:  # exact, no wrap-around
             raise ValueError("`expert_loads` sum past 2**62 tokens")
         return x
 
