@@ -171,3 +171,21 @@ def test_layer_planner_falls_back_and_refuses():
                                 "imbalance_threshold": None})
     with pytest.raises(ExpertParallelError, match="no usable plan"):
         sp.plan(np.array([200, 0, 0, 0, 0, 0, 0, 0]))
+
+
+def test_hot_path_benchmark_compares_equal_plans():
+    """benchmarks/hot_path.py sections 1-2 on one round: every timed pair computes the same plan (the script
+    asserts it: solve vs planner vs the authors' loop, the layer's old path vs the planner object)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "hot_path.py"
+    spec = importlib.util.spec_from_file_location("hot_path_benchmark", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.bench_solve(1)
+    assert [(r["E"], r["P"]) for r in rows] == mod.SOLVE_SIZES
+    assert all(r["spilled_chunks"] > 0 for r in rows)  # the skewed loads really exercise the spill cases
+    layer = mod.bench_layer(1)
+    assert {(r["E"], r["P"]) for r in layer} == {(e, p) for e in mod.LAYER_E for p in mod.LAYER_P}
+    assert all(r["copies"] > 0 for r in layer)
