@@ -34,8 +34,9 @@ from typing import Any
 
 import numpy as np
 
+from moebalance.plan import TokenRanges
 from moebalance.registry import register
-from moebalance.solution import Solution, Status
+from moebalance.solution import PlacementSolution, Status
 
 __all__ = ["LLEPPlan", "LLEPPlanner", "llep_capacity", "llep_uses_ep", "llep_plan", "llep_plan_reference", "plan_to_assignment",
            "llep_for", "run_llep"]
@@ -487,10 +488,13 @@ def run_llep(problem: Any, *, alpha: float | None = None, min_chunk: int | None 
 @register("placement", "llep", options={"alpha": None, "min_chunk": None, "fallback": True},
           description="LLEP least-loaded greedy (arXiv 2601.17111), exactly as the authors' reference code")
 def solve_llep(problem: Any, *, time_limit: float | None = None, alpha: float | None = None,
-               min_chunk: int | None = None, fallback: bool = True) -> Solution:
+               min_chunk: int | None = None, fallback: bool = True) -> PlacementSolution:
     """LLEP least-loaded greedy; ``alpha``/``min_chunk`` default to the problem's, ``fallback`` to EP."""
-    x, plan = run_llep(problem, alpha=alpha, min_chunk=min_chunk, fallback=bool(fallback))
+    # the same planner object as the expert-parallel layer's hot path (built here for this one problem)
+    plan = llep_for(problem, alpha=alpha, min_chunk=min_chunk, fallback=bool(fallback), spilled_only=True)
     stats = {"capacity": plan.capacity, "fallback": plan.fallback, "spilled_chunks": len(plan.weight_transfers)}
     msg = "imbalance below threshold: plain EP" if plan.fallback else f"capacity {plan.capacity} tokens/device"
-    return Solution(method="llep", status=Status.FEASIBLE, objective=float("nan"), assignment=x,
-                    token_ranges=plan.token_ranges, stats=stats, message=msg)
+    # the ranges of the experts that spilled, in LLEP's order; every other expert runs whole at home
+    ranges = TokenRanges.from_home(problem.expert_loads, problem.home, overrides=plan.token_ranges)
+    return PlacementSolution(method="llep", status=Status.FEASIBLE, assignment=plan.assignment,
+                             token_ranges=ranges, stats=stats, message=msg)

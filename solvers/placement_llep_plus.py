@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from moebalance.registry import register
-from moebalance.solution import Solution, Status
+from moebalance.solution import PlacementSolution, Status
 
 from .placement_llep import LLEPPlanner
 
@@ -183,7 +183,7 @@ def llep_plus_plan(planner: LLEPPlanner, expert_loads: Any, *, max_moves: int | 
           options={"max_moves": None, "min_gain": 1e-4, "balance_tol": 1e-3, "fallback": True},
           description="LLEP, then a bottleneck local search under the cost model (ours)")
 def solve_llep_plus(problem: Any, *, time_limit: float | None = None, max_moves: int | None = None,
-                    min_gain: float = 1e-4, balance_tol: float = 1e-3, fallback: bool = True) -> Solution:
+                    min_gain: float = 1e-4, balance_tol: float = 1e-3, fallback: bool = True) -> PlacementSolution:
     """LLEP followed by the bottleneck local search (``max_moves`` default ``max(P, 16)``)."""
     t0 = time.perf_counter()
     deadline = None if time_limit is None else t0 + time_limit
@@ -192,5 +192,5 @@ def solve_llep_plus(problem: Any, *, time_limit: float | None = None, max_moves:
                                                min_gain=min_gain, balance_tol=balance_tol, deadline=deadline)
     status = Status.TIME_LIMIT if timed_out else Status.FEASIBLE
     stats = {"moves": moves, "llep_fallback": plan.fallback, "llep_capacity": plan.capacity}
-    return Solution(method="llep+", status=status, objective=float("nan"), assignment=x, stats=stats,
+    return PlacementSolution(method="llep+", status=status, objective=float("nan"), assignment=x, stats=stats,
                     message=f"LLEP + {moves} local-search move(s)")
