@@ -18,7 +18,7 @@
 
 Methods whose back-end is missing on the machine (e.g. ``lp-cvxpy``, ``milp``) are left out and listed.
 ``--dry-run``: a 32-expert toy model (hidden = ffn = 32, k = 2, 4 devices, 64 tokens per device), float32, CPU,
-Triton interpreter, makespans for two scenarios.
+Triton interpreter, makespans for one scenario.
 
     python benchmarks/gpu_calibrate.py --out part.json [--dry-run]
 """
@@ -37,8 +37,8 @@ WANTED_METHODS = ("ep", "eplb", "eplb-home", "llep", "llep+", "lp")
 GPU = {"model": "gpt-oss-120b", "devices": 8, "tokens_per_device": 32768, "rows": [128, 512, 2048, 8192, 32768],
        "groups": [1, 8], "repeats": 10, "warmup": 2, "dtype": "bfloat16", "min_chunk": 1024, "copy_experts": 8,
        "measure_scenarios": None}
-DRY = {"model": None, "devices": 4, "tokens_per_device": 64, "rows": [16, 64, 128], "groups": [1, 4], "repeats": 2,
-       "warmup": 1, "dtype": "float32", "min_chunk": 16, "copy_experts": 2, "measure_scenarios": ["balanced", "80:1"]}
+DRY = {"model": None, "devices": 4, "tokens_per_device": 64, "rows": [16, 64], "groups": [1, 4], "repeats": 1,
+       "warmup": 0, "dtype": "float32", "min_chunk": 16, "copy_experts": 2, "measure_scenarios": ["80:1"]}
 
 
 def nnls2(samples: list[tuple[float, float, float]]) -> dict[str, float]:
@@ -245,9 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     copies = copy_bandwidth(cfg, H, F, dev, dtype, timer)
 
     assumed = sim.Hardware(dtype_bytes=dtype_bytes)
-    measured = sim.Hardware(device_flops=6.0 * H * F / fit_f["token_time"] if fit_f["token_time"] > 0 else
+    fitted_flops = fit_f["token_time"] > 0 and fit_f["r2"] > 0.5
+    measured = sim.Hardware(device_flops=6.0 * H * F / fit_f["token_time"] if fitted_flops else
                             assumed.device_flops, link_bandwidth=assumed.link_bandwidth,
                             gemm_overhead=fit_f["gemm_time"], dtype_bytes=dtype_bytes)
+    flops_source = ("measured: 6 * hidden * ffn / token_time of the forward fit" if fitted_flops else
+                    f"ASSUMED (simulator default): the fit is unusable (token_time {fit_f['token_time']:.3g} s, "
+                    f"R^2 {fit_f['r2']:.3f})")
     methods, missing = placement_methods()
     scenarios = ["balanced", *sim.PAPER_SCENARIOS]
     results = {}
@@ -277,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         "fit_forward": fit_f, "fit_forward_backward": fit_fb,
         "copy": copies,
         "hardware_assumed": dataclasses.asdict(assumed), "hardware_measured": dataclasses.asdict(measured),
+        "device_flops_source": flops_source,
         "link_bandwidth_source": "assumed (simulator default): NVLink GPU-to-GPU copies cannot be measured on one "
                                  "GPU; the device-to-device and host copies above are for reference",
         "cost_model_measured": dataclasses.asdict(CostModel(token_time=fit_f["token_time"],

@@ -27,7 +27,7 @@ from gpu_common import base_parser, device, is_dry, write_part
 
 GPU = {"tokens": 32768, "hidden": 2048, "ffn": 1024, "experts": 64, "top_k": 8, "repeats": 10, "warmup": 3,
        "dtype": "bfloat16"}
-DRY = {"tokens": 64, "hidden": 32, "ffn": 32, "experts": 8, "top_k": 2, "repeats": 2, "warmup": 1,
+DRY = {"tokens": 64, "hidden": 32, "ffn": 32, "experts": 8, "top_k": 2, "repeats": 1, "warmup": 0,
        "dtype": "float32"}
 PLACEMENTS = ("ep", "llep", "llep+")
 

@@ -31,7 +31,7 @@ from gpu_common import Timer, base_parser, dense_flops, device, expert_flops, is
 
 GPU = {"tokens": 32768, "hidden": 2048, "ffn": 1024, "experts": [8, 64, 256], "top_k": [2, 8], "repeats": 20,
        "warmup": 3, "dtype": "bfloat16", "block_m": None}
-DRY = {"tokens": 64, "hidden": 32, "ffn": 32, "experts": [8, 16], "top_k": [2], "repeats": 2, "warmup": 1,
+DRY = {"tokens": 64, "hidden": 32, "ffn": 32, "experts": [8, 16], "top_k": [2], "repeats": 1, "warmup": 0,
        "dtype": "float32", "block_m": 16}
 ROUTINGS = ("balanced", "skewed")
 METHODS = ("triton", "torch_loop", "torch_grouped_mm", "dense")

@@ -25,7 +25,7 @@ from gpu_common import Timer, base_parser, device, expert_flops, is_dry, write_p
 
 GPU = {"tokens": 32768, "hidden": 2048, "ffn": 1024, "experts": 64, "top_k": 8, "repeats": 10, "warmup": 3,
        "dtype": "bfloat16"}
-DRY = {"tokens": 64, "hidden": 32, "ffn": 32, "experts": 8, "top_k": 2, "repeats": 2, "warmup": 1,
+DRY = {"tokens": 64, "hidden": 32, "ffn": 32, "experts": 8, "top_k": 2, "repeats": 2, "warmup": 0,
        "dtype": "float32"}
 BALANCERS = ("none", "aux_loss", "loss_free", "bip")
 BACKENDS = ("triton", "torch")

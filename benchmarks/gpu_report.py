@@ -233,7 +233,8 @@ def render_markdown(res: dict[str, Any]) -> str:
               f"{s['model']} experts (hidden={s['hidden']}, ffn={s['ffn']}), {s['dtype']}. Forward fit "
               f"t = token_time * rows + gemm_time * GEMMs: token_time {_f(f['token_time'], '.3e')} s, gemm_time "
               f"{_f(f['gemm_time'], '.3e')} s, R^2 {_f(f['r2'], '.4f')} over {f['samples']} workloads -> "
-              f"device_flops {_f(hw['device_flops'], '.3e')} FLOP/s, gemm_overhead {_f(hw['gemm_overhead'], '.3e')} s.",
+              f"device_flops {_f(hw['device_flops'], '.3e')} FLOP/s ({cal.get('device_flops_source')}), "
+              f"gemm_overhead {_f(hw['gemm_overhead'], '.3e')} s.",
               f"Weight copies ({cp['experts']} experts, {cp['payload_bytes'] / 2**20:.1f} MiB): device-to-device "
               f"{_f(cp['device_to_device'].get('bytes_per_s'), '.3g', 1e-9)} GB/s, host-to-device "
               f"{_f(cp['host_to_device_pinned'].get('bytes_per_s'), '.3g', 1e-9)} GB/s, device-to-host "
