@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from gpu_common import Timer, base_parser, device, import_simulator, is_dry, write_part
+from gpu_common import Timer, base_parser, device, generator, import_simulator, is_dry, randn, write_part
 
 # the LLEP paper's Figure 4 speedups of LLEP over EP, gpt-oss-120b, P=8, 32K tokens per device
 PAPER_FIG4 = {30: (1.73, 2.41), 95: (5.19, 6.11)}
@@ -86,11 +86,10 @@ def gemm_sweep(cfg, H: int, F: int, dev, dtype, timer: Timer, dry: bool) -> list
     from moebalance.kernels import expert_ffn
 
     G_max, n_max = max(cfg["groups"]), max(cfg["rows"])
-    g = torch.Generator(device="cpu").manual_seed(3)
-    w = [(torch.randn(G_max, H, F, generator=g) * H ** -0.5).to(dev, dtype),
-         (torch.randn(G_max, H, F, generator=g) * H ** -0.5).to(dev, dtype),
-         (torch.randn(G_max, F, H, generator=g) * F ** -0.5).to(dev, dtype)]
-    x_all = torch.randn(G_max * n_max, H, generator=g).to(dev, dtype)
+    g = generator(dev, 3)
+    w = [randn((G_max, H, F), g, dev, dtype, H ** -0.5), randn((G_max, H, F), g, dev, dtype, H ** -0.5),
+         randn((G_max, F, H), g, dev, dtype, F ** -0.5)]
+    x_all = randn((G_max * n_max, H), g, dev, dtype)
     out = []
     for G in cfg["groups"]:
         for n in cfg["rows"]:
@@ -159,10 +158,9 @@ def measured_makespans(cfg, sim, preset, cost, scenarios, dev, dtype, timer: Tim
     from moebalance.kernels import expert_ffn
 
     E, H, F, P, T = preset.experts, preset.hidden, preset.ffn, cfg["devices"], cfg["tokens_per_device"]
-    g = torch.Generator(device="cpu").manual_seed(5)
-    w = [(torch.randn(E, H, F, generator=g) * H ** -0.5).to(dev, dtype),
-         (torch.randn(E, H, F, generator=g) * H ** -0.5).to(dev, dtype),
-         (torch.randn(E, F, H, generator=g) * F ** -0.5).to(dev, dtype)]
+    g = generator(dev, 5)
+    w = [randn((E, H, F), g, dev, dtype, H ** -0.5), randn((E, H, F), g, dev, dtype, H ** -0.5),
+         randn((E, F, H), g, dev, dtype, F ** -0.5)]
     plans = {}
     for sc in scenarios:
         loads = sim.scenario_loads(sc, preset, P, T)
@@ -177,7 +175,7 @@ def measured_makespans(cfg, sim, preset, cost, scenarios, dev, dtype, timer: Tim
                     for p in range(P)]
             plans[(sc, m)] = (x, pred)
     rows_max = max((int(v[0].sum(axis=0).max()) for v in plans.values() if v is not None), default=1)
-    x_all = torch.randn(rows_max, H, generator=g).to(dev, dtype)
+    x_all = randn((rows_max, H), g, dev, dtype)
     out = []
     with torch.no_grad():
         for sc in scenarios:

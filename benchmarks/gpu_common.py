@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 import gpu_bootstrap  # noqa: F401  (the checkout's package mapping, also when run without the suite)
 
 __all__ = ["is_dry", "base_parser", "device", "Timer", "timing_stats", "device_info", "slug", "write_part",
-           "expert_flops", "dense_flops", "now", "import_simulator", "module_available"]
+           "expert_flops", "dense_flops", "generator", "randn", "now", "import_simulator", "module_available"]
 
 HERE = Path(__file__).resolve().parent
 
@@ -94,6 +94,21 @@ class Timer:
                 fn()
                 times.append(time.perf_counter() - t0)
         return timing_stats(times)
+
+
+def generator(dev, seed: int):
+    """A seeded generator on ``dev``: inputs are drawn where they are used (drawing GiBs on the host is slow)."""
+    import torch
+
+    return torch.Generator(device=dev).manual_seed(seed)
+
+
+def randn(shape, gen, dev, dtype, scale: float = 1.0):
+    """Random normal ``shape`` times ``scale``, drawn on ``dev`` in ``dtype`` (never zeros)."""
+    import torch
+
+    t = torch.randn(*shape, generator=gen, device=dev, dtype=dtype)
+    return t.mul_(scale) if scale != 1.0 else t
 
 
 def expert_flops(tokens: int, k: int, hidden: int, ffn: int) -> int:

@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         port = s.getsockname()[1]
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     backend = "gloo" if dev.type == "cpu" else "nccl"
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)  # NCCL binds the rank to the current device
     t0 = time.perf_counter()
     init_process_group(backend, timeout=_dt.timedelta(seconds=60))
     init_s = time.perf_counter() - t0

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gpu_common import Timer, base_parser, dense_flops, device, expert_flops, is_dry, write_part
+from gpu_common import Timer, base_parser, dense_flops, device, expert_flops, generator, is_dry, randn, write_part
 
 GPU = {"tokens": 32768, "hidden": 2048, "ffn": 1024, "experts": [8, 64, 256], "top_k": [2, 8], "repeats": 20,
        "warmup": 3, "dtype": "bfloat16", "block_m": None}
@@ -51,13 +51,13 @@ def _case(T: int, H: int, F: int, E: int, k: int, routing: str, dtype, dev, time
 
     from moebalance.kernels import grouped_mm_available, moe_experts
 
-    g = torch.Generator(device="cpu").manual_seed(1000 * E + 10 * k + (routing == "skewed"))
-    mk = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(dev, dtype)  # noqa: E731
+    g = generator(dev, 1000 * E + 10 * k + (routing == "skewed"))
+    mk = lambda *s, scale=1.0: randn(s, g, dev, dtype, scale)  # noqa: E731
     x = mk(T, H).requires_grad_(True)
     w = [mk(E, H, F, scale=H ** -0.5).requires_grad_(True), mk(E, H, F, scale=H ** -0.5).requires_grad_(True),
          mk(E, F, H, scale=F ** -0.5).requires_grad_(True)]
     eidx, share = make_routing(T, E, k, routing, seed=E + k, device=dev)
-    gates = torch.softmax(torch.randn(T, k, generator=g), -1).to(dev).requires_grad_(True)
+    gates = torch.softmax(randn((T, k), g, dev, torch.float32), -1).requires_grad_(True)
     dy = mk(T, H)
     P = T * k
     loads = torch.bincount(eidx.reshape(-1), minlength=E).float()

@@ -53,7 +53,7 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_suite.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 mkdir "$WORK/boot"
 ln -s "$ROOT/benchmarks/gpu_bootstrap.py" "$WORK/boot/sitecustomize.py"
-export PYTHONPATH="$WORK/boot:$ROOT/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$WORK/boot${PYTHONPATH:+:$PYTHONPATH}"
 export MOEBALANCE_CHECKOUT=$ROOT PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 TQDM_DISABLE=1
 
 if [ "$DRY" = 1 ]; then
@@ -80,6 +80,8 @@ LOG="$OUTDIR/gpu_suite_${SLUG}${SUFFIX}.log"
 exec > >(tee -a "$LOG") 2>&1
 
 now() { date +%s.%N; }
+if command -v timeout > /dev/null; then TIMEOUT=(timeout --signal=INT --kill-after=15)
+else TIMEOUT=(); echo "gpu_suite: coreutils' timeout not found: steps run without their own limits"; fi
 START=$(now)
 echo "gpu_suite: $(date -u +%FT%TZ) root=$ROOT python=$PY dry=$DRY device=$SLUG budget=${BUDGET}s out=$OUTDIR"
 FAILED=0
@@ -105,7 +107,7 @@ step() {  # step NAME COMMAND...
   fi
   echo "=== [$name] (timeout ${limit}s) $*"
   t0=$(now)
-  timeout --signal=INT --kill-after=15 "$limit" "$@"
+  if [ ${#TIMEOUT[@]} -gt 0 ]; then "${TIMEOUT[@]}" "$limit" "$@"; else "$@"; fi
   rc=$?
   wall=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')
   [ "$rc" = 124 ] && echo "=== [$name] TIMED OUT after ${limit}s"
