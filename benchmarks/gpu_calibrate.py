@@ -268,9 +268,6 @@ def main(argv: list[str] | None = None) -> int:
                              "speedup_assumed_hw": a.get("speedup"), "speedup_measured_hw": b.get("speedup"),
                              "makespan_measured_hw_s": b.get("makespan_s"), "imbalance": b.get("imbalance"),
                              "paper_fig4_range": list(ref) if ref else None})
-    cost = measured.cost(preset)
-    mscen = cfg["measure_scenarios"] or scenarios
-    makespans = measured_makespans(cfg, sim, preset, cost, mscen, dev, dtype, timer)
     data = {
         "settings": {**cfg, "model": preset.name, "hidden": H, "ffn": F, "experts": preset.experts,
                      "top_k": preset.k},
@@ -285,12 +282,17 @@ def main(argv: list[str] | None = None) -> int:
         "cost_model_measured": dataclasses.asdict(CostModel(token_time=fit_f["token_time"],
                                                             gemm_time=fit_f["gemm_time"])),
         "methods": methods, "methods_missing_backend": missing,
-        "simulator": sim_rows, "measured_makespans": makespans,
+        "simulator": sim_rows, "measured_makespans": [], "complete": False,
     }
     for r in sim_rows:
         if r["method"] == "llep":
             print(f"  simulated {r['scenario']}: llep speedup assumed {r['speedup_assumed_hw']}, "
                   f"measured hw {r['speedup_measured_hw']}, paper {r['paper_fig4_range']}")
+    write_part(args.out, "calibration", data, dev, dry)  # the fit and the simulator survive a stop below
+    mscen = cfg["measure_scenarios"] or scenarios
+    data["measured_makespans"] = measured_makespans(cfg, sim, preset, measured.cost(preset), mscen, dev, dtype,
+                                                    timer)
+    data["complete"] = True
     write_part(args.out, "calibration", data, dev, dry)
     return 0
 

@@ -180,16 +180,32 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)  # tiny matmuls gain nothing from threads; one keeps a shared CPU steady
     dtype = getattr(torch, cfg["dtype"])
     timer = Timer(dev, cfg["repeats"], cfg["warmup"])
-    rows = []
+    rows: list[dict[str, Any]] = []
+    grid = [(E, k, rt) for E in cfg["experts"] for k in cfg["top_k"] for rt in cfg["routing"]
+            if k <= E and not (rt == "skewed" and E <= 4)]
+
+    def save(complete: bool) -> None:  # after every case: a step stopped by its time limit keeps what it measured
+        write_part(args.out, "kernels", {"settings": cfg, "methods": list(METHODS), "rows": rows,
+                                         "complete": complete, "cases_planned": len(grid),
+                                         "timing": "CUDA events, median" if dev.type == "cuda" else
+                                         "perf_counter, median (dry run: not a measurement)"}, dev, dry)
+
     for E in cfg["experts"]:
         for k in cfg["top_k"]:
             for routing in cfg["routing"]:
                 if k > E or (routing == "skewed" and E <= 4):
                     continue
-                r = _case(cfg["tokens"], cfg["hidden"], cfg["ffn"], E, k, routing, dtype, dev, timer,
-                          cfg["block_m"])
+                try:
+                    r = _case(cfg["tokens"], cfg["hidden"], cfg["ffn"], E, k, routing, dtype, dev, timer,
+                              cfg["block_m"])
+                except Exception as exc:  # e.g. out of memory building the case: record it, go on
+                    r = {"tokens": cfg["tokens"], "hidden": cfg["hidden"], "ffn": cfg["ffn"], "experts": E, "k": k,
+                         "routing": routing, "methods": {}, "triton_correct": False,
+                         "error": f"{type(exc).__name__}: {exc}"[:500]}
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
                 rows.append(r)
-                t = r["methods"]["triton"]
+                t = r["methods"].get("triton", {"error": r.get("error")})
                 print(f"E={E:<4} k={k} {routing:<8} triton fwd "
                       f"{t.get('fwd', {}).get('median_ms', float('nan')):.3f} ms "
                       f"({r.get('triton_fwd_share_of_dense', float('nan')):.2f} of dense, "
@@ -198,9 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"({r.get('triton_bwd_share_of_dense', float('nan')):.2f} of dense), "
                       f"correct={r['triton_correct']}" + (f" ERROR {t['error']}" if "error" in t else ""),
                       flush=True)
-    write_part(args.out, "kernels", {"settings": cfg, "methods": list(METHODS), "rows": rows,
-                                     "timing": "CUDA events, median" if dev.type == "cuda" else
-                                     "perf_counter, median (dry run: not a measurement)"}, dev, dry)
+                save(complete=False)
+    save(complete=True)
     return 0
 
 

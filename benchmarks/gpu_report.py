@@ -132,6 +132,10 @@ def build(work: Path, slug: str, dry: bool) -> dict[str, Any]:
     for s in SECTIONS:
         if s not in parts:
             missing.append(f"section {s!r} produced no results (see steps and the log)")
+        elif parts[s].get("complete") is False:
+            done = (f": {len(parts[s].get('rows', []))} of {parts[s]['cases_planned']} cases measured"
+                    if "cases_planned" in parts[s] else "")
+            missing.append(f"section {s!r} stopped before its end{done}")
     return {
         "suite": "gpu_suite", "version": 1, "dry_run": dry, "measured_on_gpu": (not dry) and
         dev.get("device_type") == "cuda", "device_slug": slug, "device": dev,
@@ -203,13 +207,13 @@ def render_markdown(res: dict[str, Any]) -> str:
         for r in k["rows"]:
             m = r["methods"]
             cell = lambda name, ph: _ms(m.get(name, {}).get(ph))  # noqa: E731
-            body.append([str(r["experts"]), str(r["k"]), r["routing"], _f(r["hot_share"], ".2f"),
+            body.append([str(r["experts"]), str(r["k"]), r["routing"], _f(r.get("hot_share"), ".2f"),
                          cell("triton", "fwd"), cell("triton", "bwd"), cell("torch_loop", "fwd"),
                          cell("torch_loop", "bwd"), cell("torch_grouped_mm", "fwd"), cell("dense", "fwd"),
-                         cell("dense", "bwd"), _f(m["triton"].get("fwd_tflops"), ".1f"),
+                         cell("dense", "bwd"), _f(m.get("triton", {}).get("fwd_tflops"), ".1f"),
                          _f(r.get("triton_fwd_share_of_dense"), ".2f"), _f(r.get("triton_bwd_share_of_dense"), ".2f"),
                          _f(r.get("triton_fwd_speedup_vs_loop"), ".2f"), _f(r.get("triton_bwd_speedup_vs_loop"), ".2f"),
-                         "yes" if r["triton_correct"] else "NO"])
+                         ("yes" if r["triton_correct"] else "NO") + (f" ERROR {r['error']}" if "error" in r else "")])
         L += _table(["E", "k", "routing", "hot share", "triton fwd", "triton bwd", "loop fwd", "loop bwd",
                      "grouped_mm fwd", "dense fwd", "dense bwd", "triton fwd TFLOP/s", "fwd/dense", "bwd/dense",
                      "fwd x loop", "bwd x loop", "correct"], body) + [""]

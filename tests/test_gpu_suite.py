@@ -89,6 +89,8 @@ def test_env_bootstrap_and_ceilings(dry):
 def test_kernels_grid_flops_and_times(dry):
     k = dry[1]["kernels"]
     s = k["settings"]
+    assert k["complete"] is True and k["cases_planned"] == len(k["rows"])
+    assert dry[1]["calibration"]["complete"] is True
     T, H, F = s["tokens"], s["hidden"], s["ffn"]
     cases = {(r["experts"], r["k"], r["routing"]) for r in k["rows"]}
     assert cases == {(E, kk, rt) for E in s["experts"] for kk in s["top_k"] for rt in ("balanced", "skewed")}
@@ -255,3 +257,24 @@ def test_bootstrap_maps_the_checkout_and_hides_blocked_modules(tmp_path):
     solvers, kernels, ortools_hidden, numpy_hidden = json.loads(r.stdout.strip().splitlines()[-1])
     assert Path(solvers) == ROOT / "solvers" / "__init__.py" and Path(kernels) == ROOT / "kernels" / "__init__.py"
     assert ortools_hidden is True and numpy_hidden is False
+
+
+def test_report_of_a_run_cut_short(tmp_path):
+    """A kernels step stopped by its limit after one failed case: the report renders and says what is missing."""
+    rep = _report_module()
+    part = {"section": "kernels", "dry_run": False, "device": {"device_type": "cuda", "name": "NVIDIA H200"},
+            "settings": {"tokens": 32768, "hidden": 2048, "ffn": 1024, "dtype": "bfloat16", "repeats": 20,
+                         "warmup": 3, "experts": [8], "top_k": [2]},
+            "complete": False, "cases_planned": 2, "timing": "CUDA events, median",
+            "rows": [{"tokens": 32768, "hidden": 2048, "ffn": 1024, "experts": 8, "k": 2, "routing": "balanced",
+                      "methods": {}, "triton_correct": False, "error": "OutOfMemoryError: boom"}]}
+    (tmp_path / "kernels.json").write_text(json.dumps(part))
+    (tmp_path / "steps.jsonl").write_text('{"name": "kernels", "rc": 124, "wall_s": 200.0, "timeout_s": 200}\n')
+    res = rep.build(tmp_path, "nvidia-h200", dry=False)
+    assert res["measured_on_gpu"] is True and res["env"] is None
+    assert any("stopped before its end: 1 of 2" in m for m in res["missing"])
+    assert any("'env'" in m for m in res["missing"])
+    t = [t for t in res["targets"] if t["target"] == "fwd_vs_dense"]
+    assert len(t) == 1 and t[0]["value"] is None and t[0]["status"] == "unmeasured"
+    md = rep.render_markdown(res)
+    assert "OutOfMemoryError" in md and "| kernels | 124 |" in md
