@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-gpu bench study report install clean gpu-suite gpu-suite-dry
+.PHONY: demo test test-gpu fuzz bench study report install clean gpu-suite gpu-suite-dry
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# every hypothesis property with random seeds and many examples (FUZZ_EXAMPLES per property)
+FUZZ_EXAMPLES ?= 1000
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider -m property \
+		--hypothesis-show-statistics
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from moebalance.study import main
+from moebalance.evaluation.study import main
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

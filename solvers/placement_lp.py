@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from moebalance.registry import register
-from moebalance.solution import Solution, Status
+from moebalance.solution import PlacementSolution, Status
 
 from ._cvxpy import import_cvxpy
 from ._placement_model import PlacementModel, build_model, incumbent, round_plan
@@ -82,7 +82,7 @@ def lp_bound_highs(problem: Any, time_limit: float | None = None, *, tighten: bo
 
 @register("placement", "lp", gives_bound=True, backends=("scipy",), options={"tighten": True},
           description="LP relaxation (scipy HiGHS): lower bound on the makespan, plus a rounded plan")
-def solve_lp(problem: Any, *, time_limit: float | None = None, tighten: bool = True) -> Solution:
+def solve_lp(problem: Any, *, time_limit: float | None = None, tighten: bool = True) -> PlacementSolution:
     """LP relaxation with HiGHS: the bound and a plan rounded from the LP's x."""
     t0 = time.perf_counter()
     m = _model(problem, bool(tighten))
@@ -91,16 +91,16 @@ def solve_lp(problem: Any, *, time_limit: float | None = None, tighten: bool = T
     status, bound, xa, msg = lp_bound_highs(problem, time_limit, model=m)
     if status == "optimal":
         x = _full_plan(problem, m, xa)
-        return Solution(method="lp", status=Status.FEASIBLE, objective=float("nan"), bound=bound, assignment=x,
+        return PlacementSolution(method="lp", status=Status.FEASIBLE, objective=float("nan"), bound=bound, assignment=x,
                         stats={"lp_status": status, "incumbent": m.upper}, message="rounded LP relaxation")
     st = {"infeasible": Status.INFEASIBLE, "time_limit": Status.TIME_LIMIT}.get(status, Status.ERROR)
-    return Solution(method="lp", status=st, objective=float("nan"), stats={"lp_status": status}, message=str(msg))
+    return PlacementSolution(method="lp", status=st, objective=float("nan"), stats={"lp_status": status}, message=str(msg))
 
 
 @register("placement", "lp-cvxpy", gives_bound=True, backends=("cvxpy",), options={"solver": None, "tighten": True},
           description="the same LP relaxation in cvxpy with explicit y (cross-check of `lp`)")
 def solve_lp_cvxpy(problem: Any, *, time_limit: float | None = None, solver: str | None = None,
-                   tighten: bool = True) -> Solution:
+                   tighten: bool = True) -> PlacementSolution:
     """LP relaxation written with explicit ``y`` and ``x <= M y``, solved through cvxpy (HiGHS when installed)."""
     cp, installed = import_cvxpy()
 
@@ -108,7 +108,7 @@ def solve_lp_cvxpy(problem: Any, *, time_limit: float | None = None, solver: str
     m = _model(problem, bool(tighten))
     A, P = m.a.shape
     if A == 0:
-        return Solution(method="lp-cvxpy", status=Status.FEASIBLE, objective=float("nan"), bound=0.0,
+        return PlacementSolution(method="lp-cvxpy", status=Status.FEASIBLE, objective=float("nan"), bound=0.0,
                         assignment=np.zeros(problem.shape, dtype=np.int64))
     x = cp.Variable((A, P), nonneg=True)
     y = cp.Variable((A, P), nonneg=True)
@@ -129,12 +129,12 @@ def solve_lp_cvxpy(problem: Any, *, time_limit: float | None = None, solver: str
     if prob.status == cp.OPTIMAL:
         xf = np.zeros(problem.shape, dtype=np.int64)
         xf[m.active] = round_plan(m, x.value)
-        return Solution(method="lp-cvxpy", status=Status.FEASIBLE, objective=float("nan"),
+        return PlacementSolution(method="lp-cvxpy", status=Status.FEASIBLE, objective=float("nan"),
                         bound=float(prob.value) * m.unit, assignment=xf,
                         stats={"cvxpy_status": prob.status, "cvxpy_solver": prob.solver_stats.solver_name},
                         message="rounded LP relaxation (cvxpy)")
     st = Status.INFEASIBLE if prob.status in (cp.INFEASIBLE, cp.INFEASIBLE_INACCURATE) else Status.ERROR
     if time_limit is not None and time.perf_counter() - t0 >= time_limit:
         st = Status.TIME_LIMIT
-    return Solution(method="lp-cvxpy", status=st, objective=float("nan"), stats={"cvxpy_status": prob.status},
+    return PlacementSolution(method="lp-cvxpy", status=st, objective=float("nan"), stats={"cvxpy_status": prob.status},
                     message=f"cvxpy status {prob.status}")

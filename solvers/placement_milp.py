@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 
 from moebalance.registry import register
-from moebalance.solution import Solution, Status
+from moebalance.solution import PlacementSolution, Status
 
+from ._interrupt import interruptible
 from ._placement_model import build_model, incumbent, round_plan
 
 __all__ = ["solve_milp"]
@@ -34,7 +35,7 @@ __all__ = ["solve_milp"]
           options={"mip_gap": 1e-7, "hint": True, "threads": 1},
           description="exact MILP (OR-Tools SCIP): optimal plan and proven bound")
 def solve_milp(problem: Any, *, time_limit: float | None = None, mip_gap: float = 1e-7, hint: bool = True,
-               threads: int = 1) -> Solution:
+               threads: int = 1) -> PlacementSolution:
     """Exact MILP with SCIP; ``mip_gap`` is SCIP's relative stopping gap, ``hint`` warm-starts from llep+."""
     from ortools.linear_solver import pywraplp
 
@@ -45,7 +46,7 @@ def solve_milp(problem: Any, *, time_limit: float | None = None, mip_gap: float 
     m = build_model(problem, upper)
     A, P = m.a.shape
     if A == 0:
-        return Solution(method="milp", status=Status.OPTIMAL, objective=float("nan"), bound=0.0,
+        return PlacementSolution(method="milp", status=Status.OPTIMAL, objective=float("nan"), bound=0.0,
                         assignment=np.zeros(problem.shape, dtype=np.int64))
     solver = pywraplp.Solver.CreateSolver("SCIP")
     if solver is None:
@@ -100,10 +101,12 @@ def solve_milp(problem: Any, *, time_limit: float | None = None, mip_gap: float 
         if left <= 0:
             return _fallback(problem, m, hint_x, None, "time limit reached while building the model")
         solver.SetTimeLimit(max(1, int(left * 1000)))
-    code = solver.Solve(params)
+    solver.SetSolverSpecificParametersAsString("misc/catchctrlc = FALSE\n")  # Ctrl-C reaches interruptible
+    with interruptible(solver.InterruptSolve):
+        code = solver.Solve(params)
     stats = {"scip_status": int(code), "nodes": int(solver.nodes()), "integral_objective": integral}
     if code == pywraplp.Solver.INFEASIBLE:
-        return Solution(method="milp", status=Status.INFEASIBLE, objective=float("nan"), stats=stats,
+        return PlacementSolution(method="milp", status=Status.INFEASIBLE, objective=float("nan"), stats=stats,
                         message="SCIP proved the limits admit no plan")
     bound = solver.Objective().BestBound() * m.unit
     if code in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
@@ -116,18 +119,18 @@ def solve_milp(problem: Any, *, time_limit: float | None = None, mip_gap: float 
         status = Status.OPTIMAL if code == pywraplp.Solver.OPTIMAL else Status.TIME_LIMIT
         if code == pywraplp.Solver.FEASIBLE and time_limit is None:
             status = Status.FEASIBLE
-        return Solution(method="milp", status=status, objective=float("nan"), bound=bound, assignment=xf,
+        return PlacementSolution(method="milp", status=status, objective=float("nan"), bound=bound, assignment=xf,
                         stats=stats, message=f"SCIP {'optimal' if status == Status.OPTIMAL else 'stopped'}")
     if code == pywraplp.Solver.NOT_SOLVED and time_limit is not None:
         return _fallback(problem, m, hint_x, bound, "SCIP found no plan within the time limit", stats)
-    return Solution(method="milp", status=Status.ERROR, objective=float("nan"), stats=stats,
+    return PlacementSolution(method="milp", status=Status.ERROR, objective=float("nan"), stats=stats,
                     message=f"SCIP returned status {code}")
 
 
 def _fallback(problem: Any, m: Any, hint_x: np.ndarray | None, bound: float | None, msg: str,
-              stats: dict | None = None) -> Solution:
+              stats: dict | None = None) -> PlacementSolution:
     if hint_x is None:
-        return Solution(method="milp", status=Status.TIME_LIMIT, objective=float("nan"), bound=bound,
+        return PlacementSolution(method="milp", status=Status.TIME_LIMIT, objective=float("nan"), bound=bound,
                         stats=stats or {}, message=msg)
-    return Solution(method="milp", status=Status.TIME_LIMIT, objective=float("nan"), bound=bound,
+    return PlacementSolution(method="milp", status=Status.TIME_LIMIT, objective=float("nan"), bound=bound,
                     assignment=hint_x, stats=stats or {}, message=msg + "; returning the llep+ warm start")

@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from moebalance.registry import register
-from moebalance.solution import Solution, Status
+from moebalance.solution import RoutingSolution, Status
 
+from ._interrupt import interruptible
 from ._routing_common import integer_scores, prices_from_assignment
 
 __all__ = ["solve_bip"]
@@ -21,7 +22,7 @@ __all__ = ["solve_bip"]
 @register("routing", "bip", exact=True, gives_bound=True, backends=("ortools",),
           options={"precision": 1e-8, "workers": 0},
           description="exact binary program with OR-Tools CP-SAT")
-def solve_bip(problem, *, time_limit=None, precision=1e-8, workers=0) -> Solution:
+def solve_bip(problem, *, time_limit=None, precision=1e-8, workers=0) -> RoutingSolution:
     """Exact BIP with CP-SAT. ``precision``: score resolution relative to the score range; ``workers``: CP-SAT
     search workers (0 = CP-SAT's default)."""
     from ortools.sat.python import cp_model
@@ -49,12 +50,14 @@ def solve_bip(problem, *, time_limit=None, precision=1e-8, workers=0) -> Solutio
         solver.parameters.max_time_in_seconds = float(time_limit)
     if workers:
         solver.parameters.num_workers = workers
-    code = solver.solve(m)
+    solver.parameters.catch_sigint_signal = False  # Ctrl-C reaches interruptible, which stops the search
+    with interruptible(solver.stop_search):
+        code = solver.solve(m)
     stats = {"backend_status": solver.status_name(code), "scale": scale, "precision": precision,
              "branches": solver.num_branches, "backend_wall_time": solver.wall_time}
     if code not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         status = Status.TIME_LIMIT if code == cp_model.UNKNOWN and time_limit is not None else Status.ERROR
-        return Solution(method="bip", status=status, objective=float("nan"), stats=stats,
+        return RoutingSolution(method="bip", status=status, objective=float("nan"), stats=stats,
                         message=f"CP-SAT: {solver.status_name(code)}")
     vals = np.array([solver.boolean_value(v) for v in flat], dtype=bool).reshape(T, E)
     assignment = np.sort(np.argsort(~vals, axis=1, kind="stable")[:, :k], axis=1).astype(np.int64)
@@ -65,5 +68,5 @@ def solve_bip(problem, *, time_limit=None, precision=1e-8, workers=0) -> Solutio
         status = Status.TIME_LIMIT if time_limit is not None else Status.FEASIBLE
         msg = "CP-SAT stopped at the time limit with a feasible answer"
     bias = prices_from_assignment(s, assignment, tol=2.0 / scale) if status == Status.OPTIMAL else None
-    return Solution(method="bip", status=status, objective=float("nan"), bound=float(bound),
+    return RoutingSolution(method="bip", status=status, objective=float("nan"), bound=float(bound),
                     assignment=assignment, bias=bias, stats=stats, message=msg)

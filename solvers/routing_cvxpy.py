@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from moebalance.registry import register
-from moebalance.solution import Solution, Status
+from moebalance.solution import RoutingSolution, Status
 
 from ._cvxpy import import_cvxpy
 from ._routing_common import chosen_to_assignment
@@ -20,7 +20,7 @@ _STATUS = {"optimal": Status.OPTIMAL, "optimal_inaccurate": Status.FEASIBLE,
 
 @register("routing", "cvxpy", gives_bound=True, backends=("cvxpy",), options={"solver": None},
           description="LP relaxation through cvxpy (cross-check of lp)")
-def solve_cvxpy(problem, *, time_limit=None, solver=None) -> Solution:
+def solve_cvxpy(problem, *, time_limit=None, solver=None) -> RoutingSolution:
     """LP relaxation with cvxpy; ``solver`` defaults to HIGHS when installed, else CLARABEL."""
     cp, installed = import_cvxpy()
     if solver is None:
@@ -41,7 +41,7 @@ def solve_cvxpy(problem, *, time_limit=None, solver=None) -> Solution:
     stats = {"backend_status": prob.status, "solver": solver}
     status = _STATUS.get(prob.status, Status.ERROR)
     if x.value is None:
-        return Solution(method="cvxpy", status=status if status != Status.OPTIMAL else Status.ERROR,
+        return RoutingSolution(method="cvxpy", status=status if status != Status.OPTIMAL else Status.ERROR,
                         objective=float("nan"), stats=stats, message=f"cvxpy status {prob.status}")
     xv = np.asarray(x.value)
     frac = float(np.abs(xv - np.rint(xv)).max())
@@ -52,6 +52,6 @@ def solve_cvxpy(problem, *, time_limit=None, solver=None) -> Solution:
         status = Status.FEASIBLE  # a fractional (interior) optimum: rounding is not proven optimal
     # only a solved LP's value bounds the optimum; an interrupted or inaccurate one proves nothing
     bound = float(prob.value) if prob.status == "optimal" else None
-    return Solution(method="cvxpy", status=status, objective=float("nan"), bound=bound,
+    return RoutingSolution(method="cvxpy", status=status, objective=float("nan"), bound=bound,
                     assignment=chosen_to_assignment(xv, problem.k), bias=bias, stats=stats,
                     message=f"cvxpy/{solver}: {prob.status}, max fractionality {frac:.2g}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from moebalance.registry import register
-from moebalance.solution import Solution, Status
+from moebalance.solution import RoutingSolution, Status
 
 from ._routing_common import integer_scores, prices_from_assignment
 
@@ -23,7 +23,7 @@ __all__ = ["solve_mcf"]
 
 @register("routing", "mcf", exact=True, gives_bound=True, backends=("ortools",),
           options={"max_cost": 2**30}, description="exact min-cost flow (OR-Tools SimpleMinCostFlow)")
-def solve_mcf(problem, *, time_limit=None, max_cost=2**30) -> Solution:
+def solve_mcf(problem, *, time_limit=None, max_cost=2**30) -> RoutingSolution:
     """Exact routing by min-cost flow (OR-Tools). ``time_limit`` is not supported by the back-end: the solve
     runs to completion and ``stats['time_limit_supported']`` is False."""
     from ortools.graph.python import min_cost_flow
@@ -51,13 +51,13 @@ def solve_mcf(problem, *, time_limit=None, max_cost=2**30) -> Solution:
     stats = {"backend_status": str(status), "scale": scale, "max_cost": int(max_cost),
              "time_limit_supported": False}
     if status != smcf.OPTIMAL:
-        return Solution(method="mcf", status=Status.ERROR, objective=float("nan"), stats=stats,
+        return RoutingSolution(method="mcf", status=Status.ERROR, objective=float("nan"), stats=stats,
                         message=f"OR-Tools min-cost flow returned {status}")
     flows = smcf.flows(np.arange(T * E)).reshape(T, E)
     assignment = np.sort(np.argsort(-flows, axis=1, kind="stable")[:, :k], axis=1).astype(np.int64)
     objective = float(np.take_along_axis(s, assignment, axis=1).sum())
     bound = objective + T * k / scale
     bias = prices_from_assignment(s, assignment, tol=2.0 / scale)
-    return Solution(method="mcf", status=Status.OPTIMAL, objective=objective, bound=bound,
+    return RoutingSolution(method="mcf", status=Status.OPTIMAL, objective=objective, bound=bound,
                     assignment=assignment, bias=bias, stats=stats,
                     message=f"optimal min-cost flow (score resolution {1 / scale:.2e})")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from moebalance.registry import register
-from moebalance.solution import Solution, Status
+from moebalance.solution import RoutingSolution, Status
 
 from ._routing_common import chosen_to_assignment
 
@@ -32,7 +32,7 @@ def routing_lp_matrices(problem):
 
 @register("routing", "lp", gives_bound=True, backends=("scipy",), options={"highs_method": "highs"},
           description="LP relaxation with scipy HiGHS (bound, duals, bias; integral by total unimodularity)")
-def solve_lp(problem, *, time_limit=None, highs_method="highs") -> Solution:
+def solve_lp(problem, *, time_limit=None, highs_method="highs") -> RoutingSolution:
     """LP relaxation (scipy ``linprog``, HiGHS). ``highs_method``: "highs", "highs-ds" or "highs-ipm"."""
     from scipy.optimize import linprog
 
@@ -45,10 +45,10 @@ def solve_lp(problem, *, time_limit=None, highs_method="highs") -> Solution:
                   b_eq=np.full(T, problem.k), bounds=(0, 1), method=highs_method, options=options)
     stats = {"backend_status": int(res.status), "backend_message": res.message, "iterations": int(res.nit)}
     if res.status == 1 and res.x is None:
-        return Solution(method="lp", status=Status.TIME_LIMIT, objective=float("nan"), stats=stats,
+        return RoutingSolution(method="lp", status=Status.TIME_LIMIT, objective=float("nan"), stats=stats,
                         message=f"HiGHS stopped: {res.message}")
     if res.status not in (0, 1) or res.x is None:
-        return Solution(method="lp", status=Status.ERROR, objective=float("nan"), stats=stats,
+        return RoutingSolution(method="lp", status=Status.ERROR, objective=float("nan"), stats=stats,
                         message=f"HiGHS failed: {res.message}")
     x = res.x.reshape(T, E)
     frac = float(np.abs(x - np.rint(x)).max())
@@ -56,11 +56,11 @@ def solve_lp(problem, *, time_limit=None, highs_method="highs") -> Solution:
     stats["integral"] = frac <= INTEGRALITY_TOL
     assignment = chosen_to_assignment(x, problem.k)
     if res.status == 1:
-        return Solution(method="lp", status=Status.TIME_LIMIT, objective=float("nan"), assignment=assignment,
+        return RoutingSolution(method="lp", status=Status.TIME_LIMIT, objective=float("nan"), assignment=assignment,
                         stats=stats, message=f"HiGHS stopped: {res.message}")
     bias = np.maximum(-np.asarray(res.ineqlin.marginals), 0.0)
     status = Status.OPTIMAL if stats["integral"] else Status.FEASIBLE
     msg = "LP optimum is integral (total unimodularity), hence optimal for the binary program" \
         if stats["integral"] else f"LP optimum is fractional (max {frac:.3g}); assignment rounded by top-k of x"
-    return Solution(method="lp", status=status, objective=float("nan"), bound=float(-res.fun),
+    return RoutingSolution(method="lp", status=status, objective=float("nan"), bound=float(-res.fun),
                     assignment=assignment, bias=bias, stats=stats, message=msg)

@@ -7,8 +7,9 @@ import time
 import numpy as np
 
 from moebalance.registry import register
-from moebalance.solution import Solution, Status
+from moebalance.solution import RoutingSolution, Status
 
+from ._interrupt import interruptible
 from ._routing_common import prices_from_assignment
 
 __all__ = ["solve_mip"]
@@ -18,7 +19,7 @@ _BACKENDS = ("SCIP", "HIGHS", "CBC")
 
 @register("routing", "mip", exact=True, gives_bound=True, backends=("ortools",), options={"backend": "SCIP"},
           description="exact binary program with OR-Tools MIP (SCIP, HiGHS or CBC)")
-def solve_mip(problem, *, time_limit=None, backend="SCIP") -> Solution:
+def solve_mip(problem, *, time_limit=None, backend="SCIP") -> RoutingSolution:
     """Exact BIP through ``pywraplp``; ``backend`` is "SCIP" (default), "HIGHS" or "CBC"."""
     from ortools.linear_solver import pywraplp
 
@@ -27,7 +28,7 @@ def solve_mip(problem, *, time_limit=None, backend="SCIP") -> Solution:
     t0 = time.perf_counter()
     solver = pywraplp.Solver.CreateSolver(backend)
     if solver is None:
-        return Solution(method="mip", status=Status.ERROR, objective=float("nan"),
+        return RoutingSolution(method="mip", status=Status.ERROR, objective=float("nan"),
                         message=f"OR-Tools was built without the {backend} back-end")
     s = problem.scores
     T, E = s.shape
@@ -51,13 +52,17 @@ def solve_mip(problem, *, time_limit=None, backend="SCIP") -> Solution:
         solver.SetTimeLimit(int(max(1, round(1000 * left))))
         if backend == "SCIP":
             solver.SetSolverSpecificParametersAsString(f"limits/time = {left:.3f}\n")
-    code = solver.Solve()
+    if backend == "SCIP":  # Ctrl-C reaches interruptible instead of SCIP's own handler
+        solver.SetSolverSpecificParametersAsString(
+            (f"limits/time = {left:.3f}\n" if time_limit is not None else "") + "misc/catchctrlc = FALSE\n")
+    with interruptible(solver.InterruptSolve):
+        code = solver.Solve()
     names = {solver.OPTIMAL: "OPTIMAL", solver.FEASIBLE: "FEASIBLE", solver.INFEASIBLE: "INFEASIBLE",
              solver.UNBOUNDED: "UNBOUNDED", solver.ABNORMAL: "ABNORMAL", solver.NOT_SOLVED: "NOT_SOLVED"}
     stats = {"backend": backend, "backend_status": names.get(code, str(code)), "nodes": solver.nodes()}
     if code not in (solver.OPTIMAL, solver.FEASIBLE):
         status = Status.TIME_LIMIT if code == solver.NOT_SOLVED and time_limit is not None else Status.ERROR
-        return Solution(method="mip", status=status, objective=float("nan"), stats=stats,
+        return RoutingSolution(method="mip", status=status, objective=float("nan"), stats=stats,
                         message=f"{backend}: {stats['backend_status']}")
     vals = np.array([[x[t][e].solution_value() for e in range(E)] for t in range(T)])
     assignment = np.sort(np.argsort(-vals, axis=1, kind="stable")[:, :k], axis=1).astype(np.int64)
@@ -72,5 +77,5 @@ def solve_mip(problem, *, time_limit=None, backend="SCIP") -> Solution:
     else:
         status = Status.TIME_LIMIT if time_limit is not None else Status.FEASIBLE
         msg, bias = f"{backend} stopped with a feasible answer", None
-    return Solution(method="mip", status=status, objective=float("nan"), bound=bound, assignment=assignment,
+    return RoutingSolution(method="mip", status=status, objective=float("nan"), bound=bound, assignment=assignment,
                     bias=bias, stats=stats, message=msg)

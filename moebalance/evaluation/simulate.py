@@ -15,16 +15,16 @@ import argparse
 import dataclasses
 import json
 import math
-import sys
-import types
+import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .placement import CostModel, PlacementProblem
-from .plan import peak_memory
-from .registry import solve
+from moebalance._validate import MAX_DEVICES, MAX_INT, as_int, check_elements
+from moebalance.placement import CostModel, PlacementProblem
+from moebalance.plan import peak_memory
+from moebalance.registry import solve
 
 __all__ = [
     "ModelPreset",
@@ -87,8 +87,9 @@ class Hardware:
 PAPER_SCENARIOS: tuple[str, ...] = tuple(f"{pct}:{n}" for pct in (30, 50, 80, 95) for n in (1, 4, 16))
 DEFAULT_SCENARIOS: tuple[str, ...] = ("balanced",) + PAPER_SCENARIOS + ("zipf:1.2",)
 DEFAULT_METHODS: tuple[str, ...] = ("ep", "eplb", "eplb-home", "llep", "llep+", "lp")
-# the `shared/data/routing` folder beside the project
-DEFAULT_ROUTING_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "routing"
+# the recorded routing data: $MOEBALANCE_ROUTING_DATA, else `../shared/data/routing` from the current directory
+# (the `shared` folder beside a checkout run from its root); never a path inside the installed package
+DEFAULT_ROUTING_DIR = Path(os.environ.get("MOEBALANCE_ROUTING_DATA", os.path.join("..", "shared", "data", "routing")))
 
 
 def _spread(total: int, weights: np.ndarray) -> np.ndarray:
@@ -116,8 +117,14 @@ def scenario_loads(scenario: str, model: ModelPreset, num_devices: int, tokens_p
       or to cold experts ``(i + j) % (E - n)``.
     - ``"zipf:s"``: shares ``1 / rank**s`` over a seeded random permutation of the experts.
     """
-    E, k, P, T = model.experts, model.k, int(num_devices), int(tokens_per_device)
+    E, k = model.experts, model.k
+    P = as_int(num_devices, "num_devices", minimum=1, maximum=MAX_DEVICES)
+    T = as_int(tokens_per_device, "tokens_per_device", minimum=1)
     total = P * T * k
+    if total > MAX_INT:
+        raise ValueError(f"`tokens_per_device` * `num_devices` * k = {total} token slots, over the limit of {MAX_INT}")
+    if style == "reference":
+        check_elements("tokens_per_device", T, k)
     if scenario == "balanced":
         return _spread(total, np.ones(E))
     kind, _, arg = scenario.partition(":")
@@ -507,14 +514,3 @@ def run_simulate_command(args: argparse.Namespace) -> int:
             print(f"wrote {path}")
         print(f"wrote {out / 'simulate.json'}")
     return 0
-
-
-class _CallableModule(types.ModuleType):
-    # importing the submodule binds `moebalance.simulate` to this module, shadowing the function that
-    # moebalance's lazy __getattr__ hands out; calling the module calls the function, so
-    # `moebalance.simulate(...)` works whatever was imported first
-    def __call__(self, *args: Any, **kwargs: Any) -> SimulationResult:
-        return simulate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
-from ._machine import cpu_name
+from moebalance._machine import cpu_name
 
 __all__ = [
     "StudyConfig",
@@ -628,7 +628,8 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _add_arguments(p: argparse.ArgumentParser, default_out: str) -> None:
-    d = StudyConfig()
+    # the defaults as declared: building a StudyConfig would check the model fields, which imports torch
+    d = argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(StudyConfig)})
     p.add_argument("--quick", action="store_true", help="smoke-test sizes (seconds); other flags override them")
     p.add_argument("--experts", type=_ints, default=None, help=f"numbers of experts (default {d.experts})")
     p.add_argument("--top-k", type=_ints, default=None, help=f"experts per token (default {d.top_k})")
