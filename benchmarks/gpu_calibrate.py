@@ -65,8 +65,11 @@ def placement_methods() -> tuple[list[str], dict[str, str]]:
     """The wanted placement methods installed here, and ``{method: why not}`` for the others."""
     from moebalance import available_methods
 
-    have = set(available_methods("placement"))
-    every = available_methods("placement", installed_only=False)
+    try:
+        have = set(available_methods("placement"))
+        every = available_methods("placement", installed_only=False)
+    except Exception as exc:  # a registry whose API moved: keep the methods that need no optional back-end
+        return [m for m in WANTED_METHODS if m != "lp"], {"lp": f"registry lookup failed: {exc!r}"}
     use = [m for m in WANTED_METHODS if m in have]
     missing = {}
     for m in every:
