@@ -29,7 +29,6 @@ import gpu_bootstrap  # noqa: F401  (the checkout's package mapping, also when r
 __all__ = ["is_dry", "base_parser", "device", "Timer", "timing_stats", "device_info", "slug", "write_part",
            "expert_flops", "dense_flops", "generator", "randn", "now", "import_simulator", "module_available"]
 
-HERE = Path(__file__).resolve().parent
 
 
 def is_dry(args: Optional[argparse.Namespace] = None) -> bool:

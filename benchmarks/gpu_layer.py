@@ -100,7 +100,8 @@ def run(cfg: dict[str, Any], dev, dtype) -> list[dict[str, Any]]:
                 r["train_step_vs_none"] = r["train_step"]["median_ms"] / b["train_step"]["median_ms"]
         print("  ".join(f"{r['balancer']}/{r['backend']}: train "
                         f"{r.get('train_step', {}).get('median_ms', float('nan')):.2f} ms, max_vio "
-                        f"{r.get('max_vio_first_step', float('nan')):.2f}->{r.get('max_vio_last_step', float('nan')):.2f}"
+                        f"{r.get('max_vio_first_step', float('nan')):.2f}->"
+                        f"{r.get('max_vio_last_step', float('nan')):.2f}"
                         + (f" ERROR {r['error']}" if "error" in r else "") for r in rows[-2:]), flush=True)
     return rows
 

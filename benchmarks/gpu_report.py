@@ -248,7 +248,8 @@ def render_markdown(res: dict[str, Any]) -> str:
         meas = {r["scenario"]: r.get("llep_speedup_measured_compute") for r in cal.get("measured_makespans", [])}
         L += _table(["scenario", "method", "speedup (assumed hw)", "speedup (measured hw)",
                      "measured compute speedup", "paper Fig.4"],
-                    [[r["scenario"], r["method"], _f(r["speedup_assumed_hw"], ".2f"), _f(r["speedup_measured_hw"], ".2f"),
+                    [[r["scenario"], r["method"], _f(r["speedup_assumed_hw"], ".2f"),
+                      _f(r["speedup_measured_hw"], ".2f"),
                       _f(meas.get(r["scenario"]), ".2f") if r["method"] == "llep" else "",
                       "-" if not r["paper_fig4_range"] else f"{r['paper_fig4_range'][0]}-{r['paper_fig4_range'][1]}"]
                      for r in sim]) + [""]

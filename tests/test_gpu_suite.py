@@ -221,8 +221,9 @@ def test_only_and_bad_arguments(tmp_path):
 
 def test_target_logic_on_gpu_numbers():
     rep = _report_module()
-    row = lambda E, rt, **kw: {"experts": E, "k": 2, "routing": rt, "tokens": 32768, "triton_correct": True,  # noqa: E731
-                               **kw}
+    def row(E, rt, **kw):
+        return {"experts": E, "k": 2, "routing": rt, "tokens": 32768, "triton_correct": True, **kw}
+
     kernels = {"rows": [
         row(8, "balanced", triton_fwd_share_of_dense=0.61, triton_bwd_share_of_dense=0.49),
         row(8, "skewed", triton_fwd_share_of_dense=0.1),  # the dense targets apply to balanced routing only
@@ -248,9 +249,9 @@ def test_bootstrap_maps_the_checkout_and_hides_blocked_modules(tmp_path):
     boot.mkdir()
     (boot / "sitecustomize.py").symlink_to(ROOT / "benchmarks" / "gpu_bootstrap.py")
     env = {**_env(), "PYTHONPATH": str(boot), "MOEBALANCE_CHECKOUT": str(ROOT), "GPU_SUITE_BLOCK": "ortools,cvxpy"}
-    code = ("import importlib.util, json, moebalance.solvers, moebalance.kernels\n"
+    code = ("import importlib.util as u, json, moebalance.solvers, moebalance.kernels\n"
             "print(json.dumps([moebalance.solvers.__file__, moebalance.kernels.__file__,\n"
-            "                  importlib.util.find_spec('ortools') is None, importlib.util.find_spec('numpy') is None]))")
+            "                  u.find_spec('ortools') is None, u.find_spec('numpy') is None]))")
     r = subprocess.run([sys.executable, "-c", code], env=env, cwd=str(tmp_path), capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr
