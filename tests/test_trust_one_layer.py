@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
@@ -31,8 +32,9 @@ OPTION_CASES: dict[str, list[dict]] = {
     "bias_update_rate": [{"balancer": "loss_free", "bias_update_rate": 0.05}],
     "aux_loss_coeff": [{"balancer": "aux_loss", "aux_loss_coeff": 0.5}],
     "capacity_factor": [{"capacity_factor": 1.0}, {"capacity_factor": 1.25, "balancer": "bip"}],
-    # "auto" is torch on CPU; "triton" cannot run on CPU tensors: both layers refuse it the same way
-    "backend": [{"backend": "auto"}, {"backend": "triton", "refused": True}],
+    # "auto" is torch on CPU; "triton" cannot run on CPU tensors: both layers refuse it the same way (unless
+    # Triton's interpreter is on, as tests/moe_testing.py turns it on for the kernel tests: then both run it)
+    "backend": [{"backend": "auto"}, {"backend": "triton", "refused": "unless-interpreted"}],
     "dtype": [{"dtype": "bfloat16"}],
     "bip_same_batch": [{"balancer": "bip", "bip_same_batch": True},
                        {"balancer": "bip", "bip_same_batch": True, "capacity_factor": 1.5}],
@@ -40,6 +42,14 @@ OPTION_CASES: dict[str, list[dict]] = {
 WORLD = 2
 # what tests/test_distributed.py's _layer sets when a case does not (the base every case departs from)
 BASE = {"hidden": 12, "ffn": 20, "num_experts": 8, "top_k": 2, "backend": "torch", "dtype": "float32"}
+
+
+def _refused(cfg: dict) -> bool:
+    """Whether the case must be refused, in this process's environment (the children inherit it)."""
+    r = cfg.get("refused", False)
+    if r == "unless-interpreted":
+        return os.environ.get("TRITON_INTERPRET") != "1"
+    return bool(r)
 
 
 def _flat_cases() -> list[tuple[str, dict]]:
@@ -58,7 +68,7 @@ def test_every_option_has_a_case():
 @pytest.fixture(scope="module")
 def option_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("options")
-    cases = [{"field": f, "config": {k: v for k, v in c.items() if k != "refused"}, "refused": c.get("refused", False)}
+    cases = [{"field": f, "config": {k: v for k, v in c.items() if k != "refused"}, "refused": _refused(c)}
              for f, c in _flat_cases()]
     (out / "options.json").write_text(json.dumps(cases))
     results, codes, log = _launch("options", WORLD, out, limit=240.0)
@@ -73,7 +83,7 @@ def test_option_behaves_the_same_in_both_layers(field, option_results):
     for i in idx:
         cfg = _flat_cases()[i][1]
         per_rank = [r["cases"][i] for r in option_results]
-        if cfg.get("refused"):
+        if _refused(cfg):
             for c in per_rank:
                 assert c["refused"]["layer"].startswith("ValueError"), c
                 assert c["refused"]["ep"].startswith("ValueError"), c
