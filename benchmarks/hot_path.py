@@ -13,7 +13,7 @@
 4. The torch path's ``loop`` fallback, forward + backward at E=64: weights split once (``unbind``, today) against
    one index per expert (``w[e]``, before: backward builds a full [E, H, F] gradient per expert).
 
-Every ratio comes from timings interleaved in one run (median over rounds). Prints tables and writes
+Every ratio comes from timings interleaved in one run (best of the rounds; CLI start-up: median). Prints tables and writes
 ``benchmarks/results/hot_path_cpu.json``. About a minute on a busy 2-core machine:
 
     python benchmarks/hot_path.py            # full run
@@ -52,7 +52,10 @@ def skewed_loads(E: int, P: int, seed: int, tokens_per_device: int = 4096, k: in
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, inner: int) -> dict[str, float]:
-    """Median seconds per call of each function, the functions taking turns in every round."""
+    """Best seconds per call of each function over ``rounds`` rounds in which the functions take turns.
+
+    The best, not the median: on a shared machine other processes only ever add time, and the medians of
+    sub-millisecond calls moved by 2-3x between runs here while the minima stayed within ~10%."""
     for f in fns.values():  # warm-up
         f()
     samples: dict[str, list[float]] = {name: [] for name in fns}
@@ -62,7 +65,7 @@ def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, inner: int) -> d
             for _ in range(inner):
                 f()
             samples[name].append((time.perf_counter() - t0) / inner)
-    return {name: statistics.median(v) for name, v in samples.items()}
+    return {name: min(v) for name, v in samples.items()}
 
 
 def _table(head: list[str], rows: list[list[str]]) -> str:
