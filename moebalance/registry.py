@@ -113,8 +113,14 @@ def register(family: Any, name: str, *, exact: bool = False, gives_bound: bool =
     return deco
 
 
+_SOLVERS_LOADED = False
+
+
 def _load_solvers() -> None:
-    importlib.import_module("moebalance.solvers")
+    global _SOLVERS_LOADED
+    if not _SOLVERS_LOADED:
+        importlib.import_module("moebalance.solvers")
+        _SOLVERS_LOADED = True
 
 
 def families() -> dict[str, type]:

@@ -490,11 +490,19 @@ def run_llep(problem: Any, *, alpha: float | None = None, min_chunk: int | None 
 def solve_llep(problem: Any, *, time_limit: float | None = None, alpha: float | None = None,
                min_chunk: int | None = None, fallback: bool = True) -> PlacementSolution:
     """LLEP least-loaded greedy; ``alpha``/``min_chunk`` default to the problem's, ``fallback`` to EP."""
-    # the same planner object as the expert-parallel layer's hot path (built here for this one problem)
-    plan = llep_for(problem, alpha=alpha, min_chunk=min_chunk, fallback=bool(fallback), spilled_only=True)
+    a = problem.alpha if alpha is None else alpha
+    m = problem.min_chunk if min_chunk is None else min_chunk
+    if isinstance(a, bool) or not isinstance(a, (int, float, np.floating)) or not np.isfinite(a) or a <= 0:
+        raise ValueError(f"`alpha` must be a positive finite number, got {alpha!r}")
+    if not _is_int(m) or m < 0:
+        raise ValueError(f"`min_chunk` must be an integer >= 0, got {min_chunk!r}")
+    # the planner proper on the problem's validated structure (what LLEPPlanner.plan runs per step)
+    plan = _llep_core(problem.expert_loads, problem.home, problem.home.tolist(), problem.num_devices, float(a),
+                      int(m), problem.imbalance_threshold if fallback else None, problem.max_tokens_per_device,
+                      True)
     stats = {"capacity": plan.capacity, "fallback": plan.fallback, "spilled_chunks": len(plan.weight_transfers)}
     msg = "imbalance below threshold: plain EP" if plan.fallback else f"capacity {plan.capacity} tokens/device"
     # the ranges of the experts that spilled, in LLEP's order; every other expert runs whole at home
     ranges = TokenRanges.from_home(problem.expert_loads, problem.home, overrides=plan.token_ranges)
-    return PlacementSolution(method="llep", status=Status.FEASIBLE, assignment=plan.assignment,
+    return PlacementSolution(method="llep", status=Status.FEASIBLE, assignment=ranges.counts(*problem.shape),
                              token_ranges=ranges, stats=stats, message=msg)
