@@ -79,7 +79,8 @@ def llep_uses_ep(native_loads: Any, imbalance_threshold: float | None) -> bool:
     if imbalance_threshold is None or imbalance_threshold <= 0:
         return False
     native = np.asarray(native_loads, dtype=np.float32)
-    mean = native.mean(dtype=np.float32)
+    # numpy's native.mean(dtype=float32), without its dispatch: a float32 sum, divided in float64, back to float32
+    mean = np.float32(float(np.add.reduce(native, dtype=np.float32)) / native.shape[0])
     ratio = 1.0 if mean == 0 else float(native.max() / mean)
     return ratio < imbalance_threshold
 
@@ -394,6 +395,10 @@ class LLEPPlanner:
 
     def _loads(self, expert_loads: Any) -> np.ndarray:
         a = np.asarray(expert_loads)
+        if a.dtype == np.int64 and a.shape == self.shape[:1]:  # the per-step case: only the values to check
+            if a.size and (a.min() < 0 or (int(a.max()) >= 2 ** 62 // a.size and sum(a.tolist()) >= 2 ** 62)):
+                raise ValueError("`expert_loads` must be non-negative, summing below 2**62")
+            return a
         if a.shape != (self.num_experts,) or not (np.issubdtype(a.dtype, np.integer)
                                                   or np.issubdtype(a.dtype, np.floating)):
             raise ValueError(f"`expert_loads` must be [{self.num_experts}] integers, got {a.dtype} {a.shape}")

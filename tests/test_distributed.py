@@ -43,7 +43,9 @@ def _launch(mode: str, world: int, out: Path, limit: float = 120.0,
 
     ``stop_others``: once rank 0 has exited, kill the other ranks (a deliberately stuck rank never ends)."""
     port = _free_port()
-    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # TRITON_INTERPRET off: tests/moe_testing.py turns it on in this process for the kernel tests, and with it
+    # backend="triton" would run on CPU tensors (the option test expects both layers to refuse it there)
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TRITON_INTERPRET="0")
     procs = [subprocess.Popen([sys.executable, __file__, "--worker", mode, str(r), str(world), str(port), str(out)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in range(world)]
