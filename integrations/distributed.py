@@ -113,8 +113,6 @@ PROBLEM_OPTIONS = ("cost", "max_tokens_per_device", "max_foreign_experts", "alph
                    "imbalance_threshold")
 """``placement_options`` that go to :class:`~moebalance.PlacementProblem`; the others go to ``solve``."""
 
-# until every registry entry carries `deterministic`: the methods whose plan depends only on the loads
-_OLD_DETERMINISTIC = ("ep", "llep", "llep+", "eplb")
 _USABLE = (Status.OPTIMAL, Status.FEASIBLE)
 _CODES = [(own, status) for own in (True, False) for status in _USABLE]  # broadcast plan: (requested method?, status)
 _PLANNED = ("ep", "llep", "llep+")  # methods with a planner object (no problem built, no full check per step)
@@ -521,8 +519,8 @@ class ExpertParallelMoE(nn.Module):
             raise ValueError(f"`placement`={placement!r} fails on an empty problem: {sol.message}")
         self._method = sol.method
         info = method_info(problem, placement)
-        deterministic = getattr(info, "deterministic", info.name in _OLD_DETERMINISTIC)
-        self._replicate = bool(deterministic) and self._solve_opts.get("time_limit") is None
+        # the registry's flag: a deterministic method gives every rank the same plan from the same loads
+        self._replicate = info.deterministic and self._solve_opts.get("time_limit") is None
         # ep / llep / llep+ replicated: a planner object built once, no problem or full check per step
         self._planner = _StepPlanner(self._method, problem, self._solve_opts) \
             if self._replicate and self._method in _PLANNED else None
