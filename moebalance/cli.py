@@ -144,6 +144,7 @@ def _report_warnings(caught: list[warnings.WarningMessage]) -> None:
 def _cmd_solve(args: argparse.Namespace) -> int:
     from .io import load_problem, save_solution_text
     from .registry import method_info, solve
+    from .solution import RoutingSolution
 
     out = check_output_path(args.json, "--json", (".json",)) if args.json else None
     options = _parse_options(args.option)
@@ -163,7 +164,7 @@ def _cmd_solve(args: argparse.Namespace) -> int:
     print(f"gap        {'-' if sol.gap is None else format(sol.gap, '.3e')}")
     print(f"wall time  {sol.wall_time:.4f} s\nmessage    {sol.message}")
     loads = getattr(sol, "loads", None)
-    if problem.kind == "routing" and loads is not None:
+    if isinstance(sol, RoutingSolution) and loads is not None:
         print(f"loads      max {loads.max()} / capacity {problem.capacity.max()} (min load {loads.min()})")
     if out is not None:
         _write_atomic(out, save_solution_text(sol))

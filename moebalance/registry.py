@@ -13,6 +13,8 @@ import dataclasses
 import importlib
 import importlib.util
 import math
+import os
+import pathlib
 import time
 from typing import Any, Callable
 
@@ -113,8 +115,14 @@ def register(family: Any, name: str, *, exact: bool = False, gives_bound: bool =
     return deco
 
 
+_SOLVERS_LOADED = False
+
+
 def _load_solvers() -> None:
-    importlib.import_module("moebalance.solvers")
+    global _SOLVERS_LOADED
+    if not _SOLVERS_LOADED:
+        importlib.import_module("moebalance.solvers")
+        _SOLVERS_LOADED = True
 
 
 def families() -> dict[str, type]:
@@ -217,13 +225,35 @@ def solve(problem: Any, method: str = "auto", *, time_limit: float | None = None
     t0 = time.perf_counter()
     try:
         raw = info.func(problem, time_limit=time_limit, **opts)
-    except ValueError:
-        raise
+    except ValueError as exc:
+        if _raised_by_us(exc):  # our own validation of an option: the caller's bad input
+            raise
+        raw = problem.solution_type(method=info.name, status=Status.ERROR,
+                                    message=f"back-end {type(exc).__name__}: {exc}")
     except Exception as exc:  # a back-end failure becomes a status, never a traceback
         raw = problem.solution_type(method=info.name, status=Status.ERROR,
                                     message=f"{type(exc).__name__}: {exc}")
     wall = time.perf_counter() - t0
     return finalize(problem, raw, method=info.name, wall_time=wall)
+
+
+# moebalance's own folders: the package and, in a checkout, the sub-package folders mapped by pyproject
+_OUR_FOLDERS = tuple(str(pathlib.Path(__file__).resolve().parent.parent / d) + os.sep
+                     for d in ("moebalance", "solvers", "kernels", "integrations"))
+
+
+def _raised_by_us(exc: BaseException) -> bool:
+    """True when the innermost frame that raised ``exc`` is moebalance's own code (input validation), False when
+    it is a back-end's (cvxpy, OR-Tools, scipy: a failure of the back-end, reported as status ``error``)."""
+    tb = exc.__traceback__
+    last = None
+    while tb is not None:
+        last = tb
+        tb = tb.tb_next
+    if last is None:
+        return True
+    filename = os.path.realpath(last.tb_frame.f_code.co_filename)
+    return filename.startswith(_OUR_FOLDERS)
 
 
 def _append(message: str, more: str) -> str:

@@ -11,10 +11,24 @@ from ._validate import MAX_EXPERTS, MAX_FACTOR, as_float_array, as_int, as_int_a
 from .errors import InfeasibleError
 from .solution import Evaluation, RoutingSolution
 
-__all__ = ["RoutingProblem", "RoutingSolution", "check_routing", "routing_dual_bound", "bias_reproduces"]
+__all__ = ["RoutingProblem", "RoutingSolution", "check_routing", "routing_dual_bound", "bias_reproduces",
+           "expert_capacity"]
 
 # relative tolerance of the check's ties (bias_reproduces)
 TIE_TOL = 1e-7
+
+
+def expert_capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: float) -> int:
+    """Per-expert capacity ``ceil(capacity_factor * T * k / E)`` (the one formula every layer, balancer and problem
+    uses; a product within 1e-9 above an integer rounds down to it, so ``1.0 * T * k / E`` exact stays exact)."""
+    for name, v in (("num_tokens", num_tokens), ("k", k), ("num_experts", num_experts)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (1 if name == "num_experts" else 0):
+            raise ValueError(f"`{name}` must be an integer >= {1 if name == 'num_experts' else 0}, got {v!r}")
+    cf = capacity_factor
+    if isinstance(cf, bool) or not isinstance(cf, (int, float, np.integer, np.floating)) or not math.isfinite(cf) \
+            or cf <= 0:
+        raise ValueError(f"`capacity_factor` must be a positive finite number, got {capacity_factor!r}")
+    return math.ceil(float(cf) * int(num_tokens) * int(k) / int(num_experts) - 1e-9)
 
 
 class RoutingProblem:
@@ -52,7 +66,7 @@ class RoutingProblem:
         cf: float | None = None
         if capacity is None:
             cf = as_real(capacity_factor, "capacity_factor", positive=True, maximum=MAX_FACTOR)
-            cap = np.full(E, math.ceil(cf * T * k / E - 1e-9), dtype=np.int64)
+            cap = np.full(E, expert_capacity(T, k, E, cf), dtype=np.int64)
         elif np.ndim(capacity) == 0 and not type(capacity).__module__.startswith("torch"):
             cap = np.full(E, as_int(capacity, "capacity", minimum=0), dtype=np.int64)
         else:

@@ -165,7 +165,7 @@ def to_solution(problem: Any, m: PlacementModel, raw: dict[str, Any], time_limit
                              stats=stats, message=f"SCIP {'optimal' if status == Status.OPTIMAL else raw['code']}")
 
 
-@register("placement", "milp", exact=True, gives_bound=True, deterministic=True, supports_time_limit=True,
+@register("placement", "milp", exact=True, gives_bound=True, deterministic=False, supports_time_limit=True,
           backends=("ortools",), aliases=("bip",), options={"mip_gap": 1e-7, "hint": True, "threads": 1},
           description="exact MILP (OR-Tools SCIP): optimal plan and proven bound")
 def solve_milp(problem: Any, *, time_limit: float | None = None, mip_gap: float = 1e-7, hint: bool = True,

@@ -131,7 +131,7 @@ def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = No
                            bias=bias, stats=stats, message=msg)
 
 
-@register("routing", "mip", exact=True, gives_bound=True, deterministic=True, supports_time_limit=True,
+@register("routing", "mip", exact=True, gives_bound=True, deterministic=False, supports_time_limit=True,
           backends=("ortools",), options={"backend": "SCIP"},
           description="exact binary program with OR-Tools MIP (SCIP, HiGHS or CBC)")
 def solve_mip(problem: Any, *, time_limit: float | None = None, backend: str = "SCIP") -> RoutingSolution:

@@ -93,7 +93,7 @@ def placement_problems(draw):
 
 
 @pytest.mark.parametrize("suffix", FORMATS)
-@settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+@settings(suppress_health_check=[HealthCheck.too_slow])  # examples: the profile (ci 100, `make fuzz` more)
 @given(problem=st.one_of(routing_problems(), placement_problems()))
 def test_every_problem_round_trips_identical(suffix, problem):
     assert_identical(problem, _round_trip(problem, suffix))

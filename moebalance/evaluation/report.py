@@ -113,6 +113,18 @@ def _plt() -> Any:
     return plt
 
 
+def style(i: int, **kw: Any) -> dict[str, Any]:
+    from ._plotting import style as _style
+
+    return _style(i, **kw)
+
+
+def finish(fig: Any, path: Path) -> Path:
+    from ._plotting import finish as _finish
+
+    return _finish(fig, path)
+
+
 def _find(name: str, folders: Sequence[Path], *, quick: bool) -> list[Path]:
     spec = INPUTS[name]
     pattern = spec.quick if quick else spec.full
@@ -194,36 +206,31 @@ def _routing_plots(insts: list[dict[str, Any]], methods: Sequence[str], assets: 
     ks = sorted({i["k"] for i in insts})
     fig, axes = plt.subplots(1, len(ks) + 1, figsize=(4.6 * (len(ks) + 1), 4.0), squeeze=False)
     for ax, k in zip(axes[0], ks):
-        for m in methods:
+        for j, m in enumerate(methods):
             pts = sorted((i["T"] * i["E"], i["results"][m]["wall_time"]) for i in insts if i["k"] == k
                          and m in i["results"] and not i["results"][m].get("skipped")
                          and i["results"][m].get("wall_time") is not None)
             if pts:
-                ax.plot(*zip(*pts), marker="o", ms=3, lw=0, label=m)  # T x E mixes E values: no lines
+                ax.plot(*zip(*pts), **style(j, line=False), label=m)  # T x E mixes E values: no lines
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("T x E (score entries)")
         ax.set_ylabel("wall time (s)")
         ax.set_title(f"k={k}")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
     ax = axes[0][-1]
     floor = 1e-10
     for j, m in enumerate(methods):
         gaps = [max(i["results"][m]["gap_to_opt"], floor) for i in insts if m in i["results"]
                 and i["results"][m].get("feasible") and i["results"][m].get("gap_to_opt") is not None]
-        ax.scatter(np.full(len(gaps), j) + np.linspace(-0.2, 0.2, len(gaps)), gaps, s=10)
+        ax.plot(np.full(len(gaps), j) + np.linspace(-0.2, 0.2, len(gaps)), gaps, **style(j, line=False))
     ax.set_xticks(range(len(methods)))
     ax.set_xticklabels(methods, rotation=45, fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel(f"gap to the optimum (floored at {floor:g})")
     ax.set_title("gap of feasible answers")
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    path = assets / "routing_solvers.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [finish(fig, assets / "routing_solvers.png")]
 
 
 # ---- 2. placement ------------------------------------------------------------------------------------------
@@ -281,19 +288,15 @@ def _placement_plot(summary: dict[str, Any], assets: Path) -> list[Path]:
     width = 0.8 / len(HEUR)
     for j, m in enumerate(HEUR):
         vals = [max(summary[s].get(f"{m}_median_gap") or 0.0, 1e-5) for s in sets]
-        ax.bar(np.arange(len(sets)) + (j - (len(HEUR) - 1) / 2) * width, vals, width, label=m)
+        ax.bar(np.arange(len(sets)) + (j - (len(HEUR) - 1) / 2) * width, vals, width, label=m,
+               color=style(j)["color"], hatch=("", "//", "..", "xx", "\\\\")[j % 5], edgecolor="black", lw=0.5)
     ax.set_xticks(range(len(sets)))
     ax.set_xticklabels(sets, fontsize=8)
     ax.set_yscale("log")
-    ax.set_ylabel("median gap to the best bound")
+    ax.set_ylabel("median gap to the best bound (floored at 1e-5)")
     ax.set_title("placement: gap to optimal (lower is better)")
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = assets / "placement_gaps.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [finish(fig, assets / "placement_gaps.png")]
 
 
 # ---- 3. simulator ------------------------------------------------------------------------------------------

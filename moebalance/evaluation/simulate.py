@@ -250,6 +250,8 @@ class SimulationResult:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        from ._plotting import finish, style
+
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         rows = [r for r in self.rows if r["makespan_s"] is not None and not r["scenario"].endswith("all-layers")]
@@ -262,31 +264,27 @@ class SimulationResult:
                                      squeeze=False)
             for ax, (model, P) in zip(axes[0], groups):
                 mine = [r for r in rows if r["model"] == model and r["devices"] == P]
-                for m in methods:
+                for j, m in enumerate(methods):
                     if m == "lp":
                         continue  # a rounded relaxation; its bound is drawn below
                     pts = sorted((r["imbalance"], r[key]) for r in mine if r["method"] == m and r[key] is not None)
                     if pts:
                         xs, ys = zip(*pts)
-                        ax.plot(xs, ys, marker="o", ms=4, lw=0, alpha=0.8, label=m)
+                        # points of different scenarios, not a curve: distinct hollow markers, no lines
+                        ax.plot(xs, ys, **style(j, line=False), label=m)
                 if key == "speedup":  # EP makespan over the LP bound: no plan can do better
                     ep = {(r["scenario"], r["layer"]): r["makespan_s"] for r in mine if r["method"] == "ep"}
                     pts = sorted((r["imbalance"], ep[(r["scenario"], r["layer"])] / r["lp_bound_s"]) for r in mine
                                  if r["method"] == "lp" and r["lp_bound_s"])
                     if pts:
                         xs, ys = zip(*pts)
-                        ax.plot(xs, ys, ls="--", lw=1, color="gray", label="LP bound (best possible)")
+                        ax.plot(xs, ys, ls=(0, (1, 1)), lw=1.5, color="black", label="LP bound (best possible)")
                 ax.set_xscale("log")
                 ax.set_xlabel("imbalance (EP max / mean device load)")
                 ax.set_ylabel(label)
                 ax.set_title(f"{model}, P={P}")
                 ax.grid(True, alpha=0.3)
-                ax.legend(fontsize=8)
-            fig.tight_layout()
-            path = out_dir / f"{prefix}_{fname}.png"
-            fig.savefig(path, dpi=120)
-            plt.close(fig)
-            paths.append(path)
+            paths.append(finish(fig, out_dir / f"{prefix}_{fname}.png", dpi=120))
         return paths
 
 
