@@ -126,9 +126,12 @@ def _ep_worker(rank: int, world: int, store: str, out: str, args_json: str) -> N
         opts = {"min_chunk": a["min_chunk"]} if placement == "llep" else {}
         mbt.enable(m, expert_parallel=True, placement=placement, **opts)
         models[placement] = m
-        res[placement] = {"step_s": [], "rows": [], "transfers": [], "plan_s": []}
+        res[placement] = {"step_s": [], "rows": [], "transfers": [], "plan_s": [], "comm_s": {}}
     for step in range(a["ep_steps"] + 1):  # step 0 warms up; the placements alternate so drift hits both
         for placement, m in models.items():
+            timings: dict = {}
+            for b in mbt._state(m).blocks:
+                b.shards.timings = timings  # seconds per communication phase, summed over the layers
             dist.barrier()
             t0 = time.perf_counter()
             m(ids).logits.float().square().mean().backward()
@@ -143,6 +146,8 @@ def _ep_worker(rank: int, world: int, store: str, out: str, args_json: str) -> N
                 r["rows"].append([int(b.shards.last_plan.assignment[:, rank].sum()) for b in blocks])
                 r["transfers"].append(sum(len(b.shards.last_plan.weight_transfers) for b in blocks))
                 r["plan_s"].append(sum(b.shards.last_plan.plan_time for b in blocks))
+                for what, sec in timings.items():
+                    r["comm_s"][what] = r["comm_s"].get(what, 0.0) + sec / a["ep_steps"]
     res["max_vio"] = [s.max_vio for s in mbt.load_stats(models["ep"])]
     Path(out, f"rank{rank}.json").write_text(json.dumps(res))
     dist.destroy_process_group()
@@ -168,7 +173,8 @@ def ep_vs_llep(args) -> dict:
                           "rows_per_rank_per_layer": rows[:, -1].tolist(),
                           "max_over_mean_rows": float(np.mean(rows.max(0) / rows.mean(0))),
                           "weight_transfers_per_step": float(np.mean(ranks[0][placement]["transfers"])),
-                          "plan_s_per_step": float(np.mean(ranks[0][placement]["plan_s"]))}
+                          "plan_s_per_step": float(np.mean(ranks[0][placement]["plan_s"])),
+                          "comm_s_per_step_per_rank": [r[placement]["comm_s"] for r in ranks]}
     out["llep_speedup"] = out["ep"]["median_step_s"] / out["llep"]["median_step_s"]
     return out
 
@@ -214,9 +220,9 @@ def main(argv=None) -> int:
     ap.add_argument("--val-seqs", type=int, default=64)
     ap.add_argument("--ep-steps", type=int, default=15)
     ap.add_argument("--ep-batch", type=int, default=8)
-    ap.add_argument("--ep-seq", type=int, default=128)
+    ap.add_argument("--ep-seq", type=int, default=256)
     ap.add_argument("--ep-hidden", type=int, default=128)
-    ap.add_argument("--ep-ffn", type=int, default=512)
+    ap.add_argument("--ep-ffn", type=int, default=2048)
     ap.add_argument("--ep-layers", type=int, default=2)
     ap.add_argument("--min-chunk", type=int, default=32)
     ap.add_argument("--skip-ep", action="store_true")
@@ -270,6 +276,10 @@ def main(argv=None) -> int:
             print(f"| {p} | {e['median_step_s']:.3f} | {e['max_over_mean_rows']:.2f} | "
                   f"{e['weight_transfers_per_step']:.1f} | {e['plan_s_per_step']:.4f} |")
         print(f"LLEP speed-up over EP: {ep['llep_speedup']:.2f}x")
+        for p in ("ep", "llep"):
+            for r, c in enumerate(ep[p]["comm_s_per_step_per_rank"]):
+                print(f"  {p} rank {r} waits/communication (s/step): "
+                      + ", ".join(f"{k} {v:.3f}" for k, v in sorted(c.items())))
     print(f"\nwrote {args.out / 'hf_models.json'}, {', '.join(p.name for p in plots)} "
           f"in {result['wall_time_s']:.0f} s")
     return 0

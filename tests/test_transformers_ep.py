@@ -21,6 +21,7 @@ from tests.test_transformers import ARCHS, build, run, skew, tokens  # noqa: E40
 
 ROOT = Path(__file__).resolve().parents[1]
 PLACEMENTS = ("ep", "llep")
+EXTRA = {"mixtral": ("milp",)}  # a method solved on rank 0 and broadcast
 SEQS_PER_RANK = 2
 # LLEP spills as soon as a device is over the mean (alpha=1), in chunks of any size
 LLEP_OPTIONS = {"min_chunk": 1, "imbalance_threshold": None}
@@ -40,10 +41,10 @@ def _worker(rank: int, world: int, out: str) -> None:
     ids = _global_batch(world)[rank * SEQS_PER_RANK:(rank + 1) * SEQS_PER_RANK]
     res: dict[str, np.ndarray] = {}
     for arch in ARCHS:
-        for placement in PLACEMENTS:
+        for placement in PLACEMENTS + EXTRA.get(arch, ()):
             model = build(arch)
             skew(model)
-            opts = LLEP_OPTIONS if placement == "llep" else {}
+            opts = LLEP_OPTIONS if placement != "ep" else {}
             mbt.enable(model, expert_parallel=True, placement=placement, **opts)
             logits = model(ids).logits
             r = torch.randn(_global_batch(world).shape + (logits.shape[-1],),
@@ -56,6 +57,8 @@ def _worker(rank: int, world: int, out: str) -> None:
                 res[f"{key}/grad/{n}"] = p.grad.numpy()
             blocks = mbt._state(model).blocks
             res[f"{key}/home"] = np.array([blocks[0].shards.lo, blocks[0].shards.hi])
+            res[f"{key}/replicated"] = np.array(blocks[0].shards.replicated_plan)
+            res[f"{key}/used"] = np.array([b.shards.last_plan.used for b in blocks])
             res[f"{key}/transfers"] = np.array([len(b.shards.last_plan.weight_transfers) for b in blocks])
             res[f"{key}/loads"] = np.stack([s.loads for s in mbt.load_stats(model)])
             mbt.disable(model)  # gathers the shards back
@@ -136,7 +139,7 @@ def test_expert_parallel_equals_one_process(world, references, tmp_path):
     spilled = 0
     for arch in ARCHS:
         ref_logits, ref_grads = references[world, arch]
-        for placement in PLACEMENTS:
+        for placement in PLACEMENTS + EXTRA.get(arch, ()):
             key = f"{arch}/{placement}"
             for r, res in enumerate(results):
                 rows = slice(r * SEQS_PER_RANK, (r + 1) * SEQS_PER_RANK)
@@ -157,6 +160,9 @@ def test_expert_parallel_equals_one_process(world, references, tmp_path):
             transfers = results[0][f"{key}/transfers"]
             if placement == "ep":
                 assert (transfers == 0).all()
+            # ep/llep plan on every rank; milp on rank 0, broadcast; no fallback happened
+            assert bool(results[0][f"{key}/replicated"]) == (placement != "milp")
+            assert (results[0][f"{key}/used"] == placement).all()
             spilled += int(transfers.sum())
     assert spilled > 0  # LLEP did copy experts under the skewed routers: the copies' path was exercised
     for arch, balancer in (("deepseek_v3", "loss_free"), ("qwen3_moe", "bip")):
