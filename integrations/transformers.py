@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moebalance.integrations._hf_trace import LoadTrace, read_trace
-from moebalance.kernels import BACKENDS, expert_ffn, moe_experts
+from moebalance.kernels import BACKENDS, expert_ffn, moe_experts, resolve_backend
 
 __all__ = [
     "enable",
@@ -535,6 +535,7 @@ def enable(model: nn.Module, *, balancer: str = "none", backend: str = "auto", e
         if dist.get_rank(group) < 0:
             raise ValueError("this process is not a member of `group`")
     found = _find_blocks(model)
+    resolve_backend(backend, found[0][3].down_proj.device)  # e.g. "triton" on CPU: ValueError now
     cache: dict = {}
     kinds = []
     for name, blk, router, experts in found:
@@ -564,8 +565,12 @@ def enable(model: nn.Module, *, balancer: str = "none", backend: str = "auto", e
         experts._moebalance = b
         router.forward = types.MethodType(_router_forward, router)
         blocks.append(b)
-    saved = model.get_experts_implementation() if hasattr(model, "get_experts_implementation") else None
+    configs = {id(b.experts.config): b.experts.config for b in blocks}
+    saved = [(c, c._experts_implementation) for c in configs.values()]
     model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
+    for c in configs.values():  # a model class transformers cannot switch at run time still gets it
+        if c._experts_implementation != EXPERTS_IMPLEMENTATION:
+            c._experts_implementation_internal = EXPERTS_IMPLEMENTATION
     model._moebalance = _State(blocks, saved, group, expert_parallel)
     return model
 
@@ -583,8 +588,8 @@ def disable(model: nn.Module) -> nn.Module:
         b.router.__dict__.pop("forward", None)
         if "moebalance_bias" in b.router._buffers:
             del b.router._buffers["moebalance_bias"]
-    if st.saved_impl is not None:
-        model.set_experts_implementation(st.saved_impl)
+    for config, impl in st.saved_impl:
+        config._experts_implementation_internal = impl
     del model._moebalance
     return model
 

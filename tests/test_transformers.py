@@ -61,6 +61,7 @@ def run(model, ids):
 
 
 def assert_close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5, what: str = "") -> None:
+    a, b = a.detach(), b.detach()
     scale = max(float(b.abs().max()), 1e-30)
     err = float((a - b).abs().max())
     assert err <= rel * scale, f"{what}: max error {err:.3e} > {rel} * {scale:.3e}"
@@ -252,7 +253,7 @@ def test_bad_arguments_are_refused_before_any_change():
              ({"expert_parallel": 1}, "`expert_parallel`"), ({"placement": "llep"}, "expert_parallel=True"),
              ({"bias_update_rate": float("nan")}, "`bias_update_rate`"), ({"min_chunk": 4}, "unknown option"),
              ({"aux_loss_coeff": -1.0}, "`aux_loss_coeff`"), ({"bip_iterations": 0}, "`bip_iterations`"),
-             ({"expert_parallel": True}, "torch.distributed")]
+             ({"expert_parallel": True}, "torch.distributed"), ({"backend": "triton"}, "`backend`")]
     for kwargs, match in cases:
         with pytest.raises(ValueError, match=match):
             mbt.enable(model, **kwargs)

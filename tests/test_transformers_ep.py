@@ -73,6 +73,14 @@ def _worker(rank: int, world: int, out: str) -> None:
         for _ in range(2):
             model(ids)
         res[f"{arch}/{balancer}/bias"] = np.stack([b.numpy() for b in mbt.biases(model)])
+    # aux_loss: each rank's share (global f, its own probabilities over the global token count)
+    model = build("olmoe")
+    skew(model)
+    mbt.enable(model, balancer="aux_loss", expert_parallel=True)
+    model.train()
+    model(ids)
+    res["olmoe/aux_loss"] = np.array(float(mbt.aux_loss(model).detach()))
+    res["olmoe/aux_loss_stats"] = np.array([s.aux_loss for s in mbt.load_stats(model)])
     np.savez(f"{out}/rank{rank}.npz", **res)
     dist.destroy_process_group()
 
@@ -129,6 +137,12 @@ def references():
             for _ in range(2):
                 model(ids)
             out[world, arch, balancer] = np.stack([b.numpy() for b in mbt.biases(model)])
+        model = build("olmoe")
+        skew(model)
+        mbt.enable(model, balancer="aux_loss")
+        model.train()
+        model(ids)
+        out[world, "aux"] = (float(mbt.aux_loss(model).detach()), [s.aux_loss for s in mbt.load_stats(model)])
     torch.set_num_threads(n)
     return out
 
@@ -169,6 +183,10 @@ def test_expert_parallel_equals_one_process(world, references, tmp_path):
         for res in results:
             np.testing.assert_allclose(res[f"{arch}/{balancer}/bias"], references[world, arch, balancer],
                                        rtol=1e-6, atol=1e-7)
+    total, per_layer = references[world, "aux"]
+    assert sum(float(res["olmoe/aux_loss"]) for res in results) == pytest.approx(total, rel=1e-5)
+    for res in results:  # the stats hold the global loss on every rank
+        np.testing.assert_allclose(res["olmoe/aux_loss_stats"], per_layer, rtol=1e-5)
 
 
 if __name__ == "__main__":
