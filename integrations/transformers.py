@@ -51,8 +51,10 @@ with MaxVio ``(max - mean) / mean`` and balancedness ``mean / max`` (the figure 
 :func:`disable` restores the model's routers, experts implementation and (under expert parallelism, a
 collective) full expert tensors.
 
-Limits: with gradient checkpointing a block's forward runs again in backward, so its balancer steps twice
-and its stats are the recompute's. The learned price of non-DeepSeek routers lives in a non-persistent buffer
+Gradient checkpointing: the recompute inside backward routes with the price of the original forward and
+records nothing (no second balancer step), so gradients match the model without checkpointing.
+
+Limits: the learned price of non-DeepSeek routers lives in a non-persistent buffer
 ``moebalance_bias`` (read it with :func:`biases`; it is not in ``state_dict``). The exchange synchronises with
 the host once per layer and step. ``torch.compile`` breaks the graph at the exchange.
 """
@@ -270,12 +272,16 @@ def _router_forward(self: nn.Module, hidden_states: Tensor):
     """The patched router: the original (balancer "none") or the priced rule; records what the block needs."""
     blk: _Block = self._moebalance
     h = hidden_states.reshape(-1, blk.hidden)
+    # inside backward this is gradient checkpointing's recompute: route with the price of the original
+    # forward (the balancer has stepped since) and record nothing, so the recompute matches the forward
+    blk.recompute = torch._C._current_graph_task_id() != -1
     if blk.balancer_name == "none":
         logits, gates, eidx = type(self).forward(self, hidden_states)
-        probs = _probs_of(blk.kind, logits)
-        blk.pending = (None, probs)
+        blk.pending = (None, _probs_of(blk.kind, logits))
         return logits, gates, eidx
-    logits, gates, eidx, scores, probs = _route(blk.kind, self, h, blk.price())
+    if not blk.recompute:
+        blk.used_price = blk.price().clone()
+    logits, gates, eidx, scores, probs = _route(blk.kind, self, h, blk.used_price)
     blk.pending = (scores.detach(), probs)
     return logits, gates, eidx
 
@@ -313,6 +319,8 @@ class _Block:
         self.backend = backend
         self.aux_coeff = float(options["aux_loss_coeff"])
         self.pending: Optional[tuple[Optional[Tensor], Optional[Tensor]]] = None
+        self.recompute = False
+        self.used_price: Optional[Tensor] = None
         self.last: Optional[tuple[Tensor, int, Tensor]] = None  # loads [E], tokens, aux value
         self.aux_loss: Tensor = torch.zeros(())
         self.shards: Any = None
@@ -354,6 +362,10 @@ class _Block:
             share = self.aux_coeff * E * (f * probs.sum(0) / max(T_all, 1)).sum()
         else:
             share = loads.new_zeros(())
+        if self.recompute:  # the same autograd ops as the forward, nothing recorded; every rank recomputes
+            self.recompute = False  # alike, so skipping the collectives below is symmetric
+            self.aux_loss = share if self.balancer_name == "aux_loss" else share.detach() * 0
+            return
         total = share.detach()
         if comm is not None and probs is not None:
             total = comm.all_gather("aux loss (stats)", total.reshape(1).cpu().double()).sum().to(loads.device)

@@ -265,3 +265,24 @@ def test_bad_arguments_are_refused_before_any_change():
         mbt.enable(model)
     with pytest.raises(ValueError, match="`model_type`"):
         mbt.tiny_config("llama")
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
+def test_gradient_checkpointing_recomputes_with_the_forwards_price(arch):
+    ids = tokens(4, 16)
+    grads, prices = [], []
+    for checkpointing in (False, True):
+        model = build(arch)
+        skew(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        mbt.enable(model, balancer="loss_free", bias_update_rate=0.05)
+        model.train()
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        prices.append(mbt.biases(model))
+    for a, b in zip(*prices):  # the balancer stepped once, not twice
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert set(grads[0]) == set(grads[1])
+    for n in grads[0]:
+        assert_close(grads[1][n], grads[0][n], what=f"{arch} grad {n} with checkpointing")
