@@ -17,7 +17,7 @@ import numpy as np
 
 from moebalance.check import routing_dual_bound
 from moebalance.registry import register
-from moebalance.solution import Solution, Status
+from moebalance.solution import RoutingSolution, Status
 
 from ._routing_common import chosen_to_assignment, greedy_fill
 
@@ -58,7 +58,7 @@ def price_iteration(scores: np.ndarray, k: int, capacity: np.ndarray, iterations
 
 @register("routing", "dual", gives_bound=True, options={"iterations": 50},
           description="price iteration (BIP-based balancing), repaired to feasibility, with a Lagrangian bound")
-def solve_dual(problem, *, time_limit=None, iterations=50) -> Solution:
+def solve_dual(problem, *, time_limit=None, iterations=50) -> RoutingSolution:
     """Price iteration; ``iterations`` caps the (p, q) sweeps (stops early on a fixed point)."""
     if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 0:
         raise ValueError(f"`iterations` must be a non-negative integer, got {iterations!r}")
@@ -88,10 +88,10 @@ def solve_dual(problem, *, time_limit=None, iterations=50) -> Solution:
         greedy_fill(red, chosen, room, need)
     stats = {"iterations": done, "repaired_slots": repaired}
     if int(need.sum()):
-        return Solution(method="dual", status=Status.ERROR, objective=float("nan"), bias=q, stats=stats,
+        return RoutingSolution(method="dual", status=Status.ERROR, objective=float("nan"), bias=q, stats=stats,
                         message=f"repair could not place {int(need.sum())} slot(s)")
     stopped = deadline is not None and time.perf_counter() > deadline and done < iterations
     status = Status.TIME_LIMIT if stopped else Status.FEASIBLE
-    return Solution(method="dual", status=status, objective=float("nan"),
+    return RoutingSolution(method="dual", status=status, objective=float("nan"),
                     bound=routing_dual_bound(problem, q), assignment=chosen_to_assignment(chosen, k), bias=q,
                     stats=stats, message=f"{done} price iteration(s), {repaired} slot(s) repaired")
