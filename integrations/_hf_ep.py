@@ -3,8 +3,8 @@
 The same protocol as :mod:`moebalance.integrations.distributed` (see its docstring), applied to a block whose
 routing the model already did: each rank keeps its home experts' rows of every ``[E, ...]`` expert tensor (the
 router, attention and shared experts stay replicated), all-gathers one header of per-expert pair counts, solves
-the placement problem of the global loads (``ep``, ``llep``, ``llep+``, ``eplb``: on every rank; others on rank
-0, broadcast), and sends the pairs with ``all_to_all_single`` as :func:`~moebalance.integrations.distributed.
+the placement problem of the global loads (methods the registry marks deterministic on every rank; others,
+or any under a ``time_limit``, on rank 0 and broadcast), and sends the pairs with ``all_to_all_single`` as :func:`~moebalance.integrations.distributed.
 exchange_counts` splits them. Copied experts' tensors go point to point, whatever their number (gpt-oss has
 four: ``gate_up_proj``, its bias, ``down_proj``, its bias). The expert step is a callable, so any layout the
 model has (SwiGLU on moebalance's kernels, gpt-oss's clamped, interleaved, biased GLU) runs unchanged.
@@ -28,8 +28,6 @@ from moebalance.integrations.distributed import ExpertParallelError, exchange_co
 
 __all__ = ["ExpertShards", "StepPlan", "home_of", "check_placement"]
 
-# methods whose plan depends only on the loads (every rank may compute it); others are broadcast from rank 0
-_DETERMINISTIC = ("ep", "llep", "llep+", "eplb")
 _USABLE = ("optimal", "feasible")
 
 
@@ -221,7 +219,12 @@ class ExpertShards:
         self.placement = placement
         self.problem_options = dict(problem_options)
         self.solve_options = dict(solve_options)
-        self.replicated_plan = placement in _DETERMINISTIC and self.solve_options.get("time_limit") is None
+        from moebalance import method_info
+
+        # the registry's flag: a deterministic method gives every rank the same plan from the same loads;
+        # the others (milp, or any method under a time limit) are solved on rank 0 and broadcast
+        info = method_info(self.problem(np.zeros(E, dtype=np.int64)), placement)
+        self.replicated_plan = info.deterministic and self.solve_options.get("time_limit") is None
         self.last_plan: Optional[StepPlan] = None
         self.last_exchange: dict[str, Any] = {}
         self.timings: Optional[dict[str, float]] = None  # a dict: seconds per phase are added to it
