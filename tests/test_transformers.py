@@ -275,7 +275,7 @@ def test_gradient_checkpointing_recomputes_with_the_forwards_price(arch):
         model = build(arch)
         skew(model)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         mbt.enable(model, balancer="loss_free", bias_update_rate=0.05)
         model.train()
         model(ids, labels=ids).loss.backward()
