@@ -41,7 +41,8 @@ interleaved, with biases -- and a router child ``gate`` or ``router``):
   loads, with moebalance's exchange (:mod:`._hf_ep`). Each rank runs the whole model on its own batch; the
   result, and each expert's gradient, equal the single-process model on the rank-major concatenation of the
   batches. Everything else is replicated: call :func:`allreduce_grads` after backward (or use DDP on the
-  non-expert parameters). Balancer steps use the global loads (BIP all-gathers the scores), so the price stays
+  non-expert parameters); the expert parameters are new (sharded) tensors, so build the optimizer after
+  ``enable``. Balancer steps use the global loads (BIP all-gathers the scores), so the price stays
   identical on every rank.
 
 :func:`load_stats` gives each MoE layer's expert loads of the last forward (global under expert parallelism)
