@@ -41,7 +41,7 @@ class SolverInfo:
 _REGISTRY: dict[str, dict[str, SolverInfo]] = {}
 _ALIASES: dict[str, dict[str, str]] = {}
 # preference order for method="auto": the first installed one wins
-DEFAULTS: dict[str, tuple[str, ...]] = {"routing": ("mcf", "lp", "greedy"), "placement": ("llep",)}
+DEFAULTS: dict[str, tuple[str, ...]] = {"routing": ("fast", "mcf", "lp", "greedy"), "placement": ("llep",)}
 # (available_methods lists exact methods first, then those giving a bound, then the rest, defaults first)
 
 

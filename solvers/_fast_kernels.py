@@ -173,68 +173,6 @@ def violations(s, sel, q, tol, out):
     return n
 
 
-def _recompute(s, cand, ncand, mem, load, slot, raw, arg, mark, x, ys, nys):
-    """raw[x, y], arg[x, y] from scratch for y in ys[:nys], scanning the tokens held by x."""
-    for j in range(nys):
-        y = ys[j]
-        raw[x, y] = np.inf
-        arg[x, y] = -1
-        mark[y] = True
-    for i in range(load[x]):
-        t = mem[x, i]
-        sx = s[t, x]
-        for j in range(ncand[t]):
-            y = cand[t, j]
-            if mark[y] and slot[t, y] < 0:
-                v = sx - s[t, y]
-                if v < raw[x, y]:
-                    raw[x, y] = v
-                    arg[x, y] = t
-    for j in range(nys):
-        mark[ys[j]] = False
-
-
-def _move(s, cand, ncand, mem, load, slot, raw, arg, mark, ys, t, u, v):
-    """Token t leaves expert u for its candidate v; patch membership and the raw/arg entries that change."""
-    E = s.shape[1]
-    p = slot[t, u] - 1
-    last = mem[u, load[u] - 1]
-    mem[u, p] = last
-    slot[last, u] = p + 1
-    load[u] -= 1
-    slot[t, u] = -1
-    mem[v, load[v]] = t
-    load[v] += 1
-    slot[t, v] = load[v]
-    # t becomes eligible for (v, y), y a candidate it does not hold, and for (x, u), x held
-    sv = s[t, v]
-    su = s[t, u]
-    for j in range(ncand[t]):
-        y = cand[t, j]
-        if slot[t, y] < 0:
-            w = sv - s[t, y]
-            if w < raw[v, y]:
-                raw[v, y] = w
-                arg[v, y] = t
-        elif y != v:
-            w = s[t, y] - su
-            if w < raw[y, u]:
-                raw[y, u] = w
-                arg[y, u] = t
-    # t is no longer eligible for (u, y) nor for (x, v): recompute the entries whose argmin it was
-    n = 0
-    for y in range(E):
-        if arg[u, y] == t:
-            ys[n] = y
-            n += 1
-    if n:
-        _recompute(s, cand, ncand, mem, load, slot, raw, arg, mark, u, ys, n)
-    for x in range(E):
-        if x != v and arg[x, v] == t:
-            ys[0] = v
-            _recompute(s, cand, ncand, mem, load, slot, raw, arg, mark, x, ys, 1)
-
-
 def add_best(s, q, cand, ncand, allowed, nadd, rows):
     """Append to each token t in ``rows`` its ``nadd`` best experts of ``s[t] - q`` among ``allowed`` [E] that
     are not yet its candidates (fewer when there are fewer or ``cand`` has no free column left)."""
@@ -274,6 +212,101 @@ def loads_of(sel, E):
     return out
 
 
+NBEST = 4  # tokens kept per arc: the NBEST smallest s[t,a]-s[t,b], so a moved argmin rarely forces a rescan
+
+
+def _insert(rawk, argk, cnt, exh, x, y, w, t):
+    """Offer token t with value w to arc (x, y)'s list of the smallest values (sorted, ``cnt`` long).
+
+    Invariant: the list holds the cnt smallest values of the eligible tokens; ``exh`` says it holds all of
+    them. A value above the list's largest can only join an exhaustive list with room."""
+    c = cnt[x, y]
+    K = rawk.shape[2]
+    if c == K:
+        if w >= rawk[x, y, K - 1]:
+            exh[x, y] = False
+            return
+        c = K - 1
+        exh[x, y] = False
+    elif not exh[x, y] and (c == 0 or w >= rawk[x, y, c - 1]):
+        return
+    i = c
+    while i > 0 and rawk[x, y, i - 1] > w:
+        rawk[x, y, i] = rawk[x, y, i - 1]
+        argk[x, y, i] = argk[x, y, i - 1]
+        i -= 1
+    rawk[x, y, i] = w
+    argk[x, y, i] = t
+    cnt[x, y] = c + 1
+
+
+def _recompute(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, x, ys, nys):
+    """Arc lists (x, y) from scratch for y in ys[:nys], scanning the tokens held by x."""
+    for j in range(nys):
+        y = ys[j]
+        cnt[x, y] = 0
+        exh[x, y] = True
+        mark[y] = True
+    for i in range(load[x]):
+        t = mem[x, i]
+        sx = s[t, x]
+        for j in range(ncand[t]):
+            y = cand[t, j]
+            if mark[y] and slot[t, y] < 0:
+                w = sx - s[t, y]
+                if cnt[x, y] < NBEST or w < rawk[x, y, NBEST - 1]:
+                    _insert(rawk, argk, cnt, exh, x, y, w, t)
+                else:
+                    exh[x, y] = False
+    for j in range(nys):
+        mark[ys[j]] = False
+
+
+def _delete(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, ys, x, y, t):
+    """Token t is no longer eligible for arc (x, y): drop it from the list, rescanning an emptied one."""
+    c = cnt[x, y]
+    for i in range(c):
+        if argk[x, y, i] == t:
+            for j in range(i, c - 1):
+                rawk[x, y, j] = rawk[x, y, j + 1]
+                argk[x, y, j] = argk[x, y, j + 1]
+            cnt[x, y] = c - 1
+            if c == 1 and not exh[x, y]:
+                ys[0] = y
+                _recompute(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, x, ys, 1)
+            return
+
+
+def _move(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, ys, t, u, v):
+    """Token t leaves expert u for its candidate v; patch membership and the arc lists that change."""
+    p = slot[t, u] - 1
+    last = mem[u, load[u] - 1]
+    mem[u, p] = last
+    slot[last, u] = p + 1
+    load[u] -= 1
+    slot[t, u] = -1
+    mem[v, load[v]] = t
+    load[v] += 1
+    slot[t, v] = load[v]
+    n = ncand[t]
+    # no longer eligible: (u, y) for the candidates y it did not hold (v among them), (x, v) for x held
+    for j in range(n):
+        y = cand[t, j]
+        if y == v or (slot[t, y] < 0 and y != u):
+            _delete(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, ys, u, y, t)
+        elif slot[t, y] > 0 and y != v:
+            _delete(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, ys, y, v, t)
+    # newly eligible: (v, y) for the candidates y it does not hold (u among them), (x, u) for x held
+    sv = s[t, v]
+    su = s[t, u]
+    for j in range(n):
+        y = cand[t, j]
+        if slot[t, y] < 0:
+            _insert(rawk, argk, cnt, exh, v, y, sv - s[t, y], t)
+        elif y != v:
+            _insert(rawk, argk, cnt, exh, y, u, s[t, y] - su, t)
+
+
 def ssp(s, cand, ncand, sel, cap, q, max_augment, reach):
     """Successive shortest paths from ``sel`` [T, k], a top-k of each token's candidates under ``s - q``.
 
@@ -303,8 +336,10 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach):
             mem[a, load[a]] = t
             load[a] += 1
             slot[t, a] = load[a]
-    raw = np.full((E, E), np.inf)
-    arg = np.full((E, E), -1, dtype=np.int64)
+    rawk = np.empty((E, E, NBEST))
+    argk = np.empty((E, E, NBEST), dtype=np.int64)
+    cnt = np.zeros((E, E), dtype=np.int64)
+    exh = np.ones((E, E), dtype=np.bool_)  # every list starts exhaustive (empty, nothing seen yet)
     for t in range(T):
         if ncand[t] <= k:
             continue
@@ -315,9 +350,10 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach):
                 b = cand[t, i]
                 if slot[t, b] < 0:
                     w = sa - s[t, b]
-                    if w < raw[a, b]:
-                        raw[a, b] = w
-                        arg[a, b] = t
+                    if cnt[a, b] < NBEST or w < rawk[a, b, NBEST - 1]:  # the common case skips the call
+                        _insert(rawk, argk, cnt, exh, a, b, w, t)
+                    else:
+                        exh[a, b] = False
     g = np.empty(E, dtype=np.int64)
     excess = np.empty(E + 1, dtype=np.int64)
     total = 0
@@ -376,8 +412,8 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach):
             if u < E:
                 qu = q[u]
                 for f in range(E):
-                    if not done[f] and arg[u, f] >= 0:
-                        w = raw[u, f] - qu + q[f]
+                    if not done[f] and cnt[u, f] > 0:
+                        w = rawk[u, f, 0] - qu + q[f]
                         if w < 0.0:
                             w = 0.0
                         if du + w < dist[f]:
@@ -409,7 +445,7 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach):
             u = pred[v]
             path_u[n] = u
             path_v[n] = v
-            path_tok[n] = arg[u, v] if (u < E and v < E) else -1
+            path_tok[n] = argk[u, v, 0] if (u < E and v < E) else -1
             n += 1
             v = u
         source = v
@@ -417,7 +453,7 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach):
             u = path_u[i]
             v = path_v[i]
             if u < E and v < E:
-                _move(s, cand, ncand, mem, load, slot, raw, arg, mark, ys, path_tok[i], u, v)
+                _move(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, ys, path_tok[i], u, v)
             elif v == E:
                 g[u] += 1
             else:
@@ -449,7 +485,7 @@ def kernels(use_numba: bool = True) -> dict:
         def comp(f):
             return jit(types.FunctionType(f.__code__, ns, f.__name__, f.__defaults__, f.__closure__))
 
-        for name in ("_select", "_recompute", "_move"):
+        for name in ("_select", "_insert", "_recompute", "_delete", "_move"):
             ns[name] = comp(globals()[name])
         _COMPILED = {key: comp(f) for key, f in _PY.items()}
     return _COMPILED

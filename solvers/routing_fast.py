@@ -77,7 +77,7 @@ def _top_m(red: np.ndarray, m: int) -> np.ndarray:
 
 
 def fast_route(scores: np.ndarray, k: int, capacity: np.ndarray, *, warm_start: np.ndarray | None = None,
-               price_iterations: int = 2, candidates: int | None = None, sweeps: int = 40, max_rounds: int = 4,
+               price_iterations: int = 3, candidates: int | None = None, sweeps: int = 10, max_rounds: int = 4,
                deadline: float | None = None, use_numba: bool = True) -> tuple[np.ndarray | None, np.ndarray,
                                                                                   dict[str, Any]]:
     """The exact routing of ``scores`` [T, E] (see the module docstring).
@@ -166,10 +166,10 @@ def fast_route(scores: np.ndarray, k: int, capacity: np.ndarray, *, warm_start: 
 
 
 @register("routing", "fast", exact=True, gives_bound=True,
-          options={"warm_start": None, "price_iterations": 2, "candidates": None, "sweeps": 40,
+          options={"warm_start": None, "price_iterations": 3, "candidates": None, "sweeps": 10,
                    "max_rounds": 4},
           description="exact: prices, top-m candidates, shortest augmenting paths, certified on the full problem")
-def solve_fast(problem, *, time_limit=None, warm_start=None, price_iterations=2, candidates=None, sweeps=40,
+def solve_fast(problem, *, time_limit=None, warm_start=None, price_iterations=3, candidates=None, sweeps=10,
                max_rounds=4) -> Solution:
     """Exact routing by price sweeps, candidate lists and shortest augmenting paths (module docstring).
 
