@@ -30,14 +30,17 @@ def is_torch(x: Any) -> bool:
 def _row_kth_largest(m: np.ndarray, kth: np.ndarray) -> np.ndarray:
     """``out[i]`` = the (kth[i]+1)-th largest of ``m[i, :]`` (kth 0-based; -inf where kth >= the row length).
 
-    Partitions rows of a contiguous array in ascending order (no negated copy): the fast axis for numpy."""
+    Partitions rows of a contiguous array in ascending order (no negated copy), reordering ``m`` in place."""
     n = m.shape[1]
     out = np.full(m.shape[0], -np.inf)
     for c in np.unique(kth):
         if c < n:
             rows = kth == c
-            sub = m if rows.all() else m[rows]
-            out[rows] = np.partition(sub, n - 1 - int(c), axis=1)[:, n - 1 - int(c)]
+            if rows.all():  # the common case (one capacity): partition m itself, in place
+                m.partition(n - 1 - int(c), axis=1)
+                out[:] = m[:, n - 1 - int(c)]
+            else:
+                out[rows] = np.partition(m[rows], n - 1 - int(c), axis=1)[:, n - 1 - int(c)]
     return out
 
 
@@ -79,9 +82,14 @@ def price_iteration(scores: Any, k: int, capacity: Any, iterations: int, q: Any 
         return np.zeros(E), 0
     done = 0
     sT = np.ascontiguousarray(s.T)  # [E, T]: the column step partitions rows of it
+    buf = np.empty_like(s)
+    bufT = np.empty_like(sT)
     for _ in range(iterations):
-        p = np.partition(s - q, E - 1 - k, axis=1)[:, E - 1 - k]  # (k+1)-th largest per token
-        q_new = np.maximum(_row_kth_largest(sT - p[None, :], cap), 0.0)
+        np.subtract(s, q, out=buf)
+        buf.partition(E - 1 - k, axis=1)  # in place: no [T, E] copy per sweep
+        p = buf[:, E - 1 - k].copy()  # (k+1)-th largest per token
+        np.subtract(sT, p[None, :], out=bufT)
+        q_new = np.maximum(_row_kth_largest(bufT, cap), 0.0)
         done += 1
         fixed = np.array_equal(q_new, q)
         q = q_new
