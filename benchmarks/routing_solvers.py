@@ -242,6 +242,12 @@ def _quiet_backends() -> None:
     finally:
         logging.disable(logging.NOTSET)
     logging.getLogger("__cvxpy__").setLevel(logging.ERROR)
+    # fast's compiled loops load (or, the first time ever, compile) once per process: do it before forking,
+    # so every child measures the steady state a training loop sees from its second step on
+    if "fast" in mb.available_methods("routing"):
+        from moebalance.solvers.routing_fast import warm_up
+
+        warm_up()
 
 
 def _cross_check(inst: dict[str, Any], exact: set[str]) -> list[str]:

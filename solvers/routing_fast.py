@@ -38,7 +38,7 @@ from moebalance.solution import Solution, Status
 from . import _fast_kernels as K
 from .routing_prices import dual_bound, price_iteration
 
-__all__ = ["solve_fast", "fast_route", "PYTHON_LIMIT"]
+__all__ = ["solve_fast", "fast_route", "warm_up", "PYTHON_LIMIT"]
 
 PYTHON_LIMIT = 20_000  # T*E above which, without numba, the flow back-end finishes instead of Python loops
 CHUNK = 200_000  # augmentations per kernel call (the clock is read between calls)
@@ -163,6 +163,15 @@ def fast_route(scores: np.ndarray, k: int, capacity: np.ndarray, *, warm_start: 
             sel[rows] = sub
     stats.update(augmentations=aug, dijkstra_pops=pops, rounds=rounds, seconds=time.perf_counter() - t0)
     return np.sort(sel, axis=1), q, stats
+
+
+def warm_up() -> None:
+    """Load (or, the first time on a machine, compile: ~10-30 s) every compiled loop now rather than in the first
+    solve. A process pays this once; numba caches the machine code on disk."""
+    rng = np.random.default_rng(0)
+    s = rng.random((40, 6)) + np.array([3.0, 2.0, 0, 0, 0, 0])  # two hot experts: paths and rounds
+    for opts in ({}, {"candidates": 3, "price_iterations": 0, "sweeps": 0}, {"max_rounds": 1}):
+        fast_route(s, 2, np.full(6, 14), **opts)
 
 
 @register("routing", "fast", exact=True, gives_bound=True,

@@ -68,13 +68,20 @@ def price_iteration(scores: Any, k: int, capacity: Any, iterations: int, q: Any 
         if k >= E or T == 0:
             return q * 0, 0
         free = cap >= T  # no price needed: the expert can take every token
-        cmax = int(cap[~free].max()) if (~free).any() else 0
-        idx = torch.as_tensor(np.where(free, 0, cap), device=s.device)
-        mask = torch.as_tensor(free, device=s.device)
+        if free.all():
+            return q * 0, iterations
+        uniform = bool(np.all(cap == cap[0]))  # the balancer's case: no host-to-device copy at all
+        cmax = int(cap[~free].max())
+        if not uniform:
+            idx = torch.as_tensor(np.where(free, 0, cap), device=s.device)
+            mask = torch.as_tensor(free, device=s.device)
         for _ in range(iterations):
             p = torch.topk(s - q, k + 1, dim=1).values[:, k]
             col = torch.topk(s - p[:, None], cmax + 1, dim=0).values  # [cmax+1, E]
-            q = torch.where(mask, 0.0, col.gather(0, idx[None, :])[0]).clamp_min(0.0)
+            if uniform:
+                q = col[cmax].clamp_min(0.0)
+            else:
+                q = torch.where(mask, 0.0, col.gather(0, idx[None, :])[0]).clamp_min(0.0)
         return q, iterations
     s = np.asarray(scores, dtype=np.float64)
     q = np.zeros(E) if q is None else np.asarray(q, dtype=np.float64).copy()

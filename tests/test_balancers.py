@@ -141,3 +141,46 @@ def test_bip_certificate_off_the_hot_path(lib):
     opt = solve(RoutingProblem(xs, 2, capacity=int(cert["capacity"])), "mcf").objective
     assert cert["optimum"] == pytest.approx(opt, rel=1e-9)
     assert gaps[-1] <= gaps[0] + 1e-12 and gaps[-1] < 1e-2
+
+
+def test_layer_bip_balancer_uses_the_tensor_path_on_cpu():
+    """The layer's bip balancer runs the tensor-only price step (the GPU code path) on CPU tensors."""
+    from moebalance.integrations.torch import MoEConfig, MoELayer
+
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(hidden=16, ffn=32, num_experts=8, top_k=2, balancer="bip"))
+    layer.train()
+    x = torch.randn(256, 16)
+    layer(x)
+    assert isinstance(layer.balancer.bias, torch.Tensor)
+    cert = layer.balancer.certificate()
+    assert cert is not None and cert["bound"] >= cert["optimum"] - 1e-6 * abs(cert["optimum"])
+
+
+@pytest.mark.gpu
+def test_bip_step_on_gpu_never_synchronises():
+    s = torch.tensor(routing_scores(8192, 64, kind="zipf", seed=5), device="cuda", dtype=torch.float32)
+    b = BIPBalancer(64, 8, iterations=4)
+    b.update(s)  # first call moves the state to the device
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            q = b.update(s)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert q.device.type == "cuda"
+    cert = b.certificate()  # off the hot path: synchronises, solves exactly on the CPU
+    assert cert["gap"] >= -1e-6
+
+
+def test_torch_price_iteration_with_per_expert_capacities_matches_numpy():
+    from moebalance.solvers.routing_prices import dual_bound, price_iteration
+
+    s = routing_scores(300, 6, kind="zipf", imbalance=1.5, seed=6)
+    cap = np.array([40, 400, 120, 0, 300, 90])  # one closed, two free (>= T) experts
+    qn, _ = price_iteration(s, 2, cap, 5, stop_when_fixed=False)
+    qt, _ = price_iteration(torch.tensor(s), 2, cap, 5)
+    assert np.allclose(qn, qt.numpy(), rtol=0, atol=1e-12)
+    assert qn[1] == qn[4] == 0.0
+    assert float(dual_bound(torch.tensor(s), 2, cap, qt)) == pytest.approx(dual_bound(s, 2, cap, qn), rel=1e-12)
