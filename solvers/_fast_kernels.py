@@ -71,6 +71,29 @@ def _select(a, n, kth):
     return a[kth]
 
 
+def top_m(s, q, m, cand):
+    """``cand[t, :m]`` = the m largest experts of ``s[t] - q`` (any order), without a [T, E] temporary."""
+    T, E = s.shape
+    r = np.empty(E)
+    w = np.empty(E)
+    for t in range(T):
+        for e in range(E):
+            r[e] = s[t, e] - q[e]
+            w[e] = r[e]
+        thr = _select(w, E, E - m)  # the m-th largest
+        n = 0
+        for e in range(E):
+            if r[e] > thr:
+                cand[t, n] = e
+                n += 1
+        for e in range(E):
+            if n >= m:
+                break
+            if r[e] == thr:
+                cand[t, n] = e
+                n += 1
+
+
 def sweeps(s, cand, ncand, k, cap, q, iterations, omega):
     """Price sweeps restricted to the candidates, in place on ``q`` [E]; returns the number done.
 
@@ -468,7 +491,7 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach):
 
 
 _PY = {"ssp": ssp, "sweeps": sweeps, "top_k": top_k_of_candidates, "violations": violations,
-       "add_best": add_best, "loads": loads_of}
+       "add_best": add_best, "loads": loads_of, "top_m": top_m}
 _COMPILED: dict | None = None
 
 

@@ -68,14 +68,6 @@ def _check_options(warm_start: Any, E: int, price_iterations: Any, candidates: A
     return np.maximum(q0, 0.0)
 
 
-def _top_m(red: np.ndarray, m: int) -> np.ndarray:
-    """``[T, m]`` int64: the m largest entries per row of ``red`` (any order)."""
-    E = red.shape[1]
-    if m >= E:
-        return np.broadcast_to(np.arange(E, dtype=np.int64), red.shape).copy()
-    return np.argpartition(-red, m - 1, axis=1)[:, :m].astype(np.int64)
-
-
 def fast_route(scores: np.ndarray, k: int, capacity: np.ndarray, *, warm_start: np.ndarray | None = None,
                price_iterations: int = 3, candidates: int | None = None, sweeps: int = 10, max_rounds: int = 4,
                deadline: float | None = None, use_numba: bool = True, overrelax: float = 2.0) -> tuple[np.ndarray | None, np.ndarray,
@@ -104,7 +96,10 @@ def fast_route(scores: np.ndarray, k: int, capacity: np.ndarray, *, warm_start: 
     extra = min(E, max(2, k // 2))  # candidates added per token and round
     width = min(E, m + 2 * extra)
     cand = np.empty((T, width), dtype=np.int64)
-    cand[:, :m] = _top_m(s - q, m)
+    if m < E:
+        kern["top_m"](s, q, m, cand)
+    else:
+        cand[:, :m] = np.arange(E)
     ncand = np.full(T, m, dtype=np.int64)
     stats["candidates"] = m
     stats["sweeps"] = int(kern["sweeps"](s, cand, ncand, k, cap, q, int(sweeps), float(overrelax))) if sweeps else 0
