@@ -74,7 +74,8 @@ def fast_route(scores: np.ndarray, k: int, capacity: np.ndarray, *, warm_start: 
                                                                                   dict[str, Any]]:
     """The exact routing of ``scores`` [T, E] (see the module docstring).
 
-    Returns ``(assignment [T, k] or None when the deadline stopped it, prices q [E], stats)``. ``capacity``
+    Returns ``(assignment [T, k] or None when the deadline stopped it (or, ``stats["failed"]``, an invariant
+    broke), prices q [E], stats)``. ``capacity``
     [E] must admit a feasible routing (``sum(min(capacity, T)) >= T * k``).
     """
     t0 = time.perf_counter()
@@ -128,6 +129,11 @@ def fast_route(scores: np.ndarray, k: int, capacity: np.ndarray, *, warm_start: 
             if deadline is not None and time.perf_counter() > deadline:
                 stats.update(augmentations=aug, dijkstra_pops=pops, rounds=rounds)
                 return None, q, stats
+        if rounds > max_rounds + 2 or (status == K.NO_PATH and int(ncand.min()) >= E):
+            # cannot happen on a feasible problem (the last rounds solve the full problem): say so
+            stats.update(augmentations=aug, dijkstra_pops=pops, rounds=rounds,
+                         failed="no augmenting path" if status == K.NO_PATH else "certificate rounds exhausted")
+            return None, q, stats
         if status == K.NO_PATH:
             # no feasible routing within the candidates: open the experts the excess could not reach
             rows, allowed = np.arange(T), ~reach[:E]
@@ -194,6 +200,11 @@ def solve_fast(problem, *, time_limit=None, warm_start=None, price_iterations=3,
                                       price_iterations=int(price_iterations), candidates=candidates,
                                       sweeps=int(sweeps), max_rounds=int(max_rounds), deadline=deadline)
     bound = dual_bound(problem.scores, problem.k, problem.capacity, q)
+    if assignment is None and "failed" in stats:  # an internal invariant broke: the flow answers instead
+        from .routing_flow import solve_mcf
+
+        sol = solve_mcf(problem, time_limit=time_limit)
+        return sol.replace(method="fast", stats={**sol.stats, "engine": f"mcf ({stats['failed']})"})
     if assignment is None:
         return Solution(method="fast", status=Status.TIME_LIMIT, objective=float("nan"), bound=bound,
                         stats=stats, message="time limit reached before the augmenting paths finished")

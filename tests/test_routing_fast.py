@@ -202,3 +202,16 @@ def test_k_equals_e_and_single_token():
     sol = solve(p, "fast")
     assert sol.assignment.tolist() == [[0, 2]]
     assert_certified(p, sol)
+
+
+def test_a_broken_invariant_falls_back_to_the_flow(monkeypatch):
+    """If the finish ever failed (it cannot on a feasible problem), the answer would still be exact."""
+    from moebalance.solvers import routing_fast
+
+    def broken(*a, **kw):
+        return None, np.zeros(a[0].shape[1]), {"failed": "no augmenting path"}
+
+    monkeypatch.setattr(routing_fast, "fast_route", broken)
+    p = routing_problem(100, 8, 2, kind="zipf", seed=2)
+    sol = solve(p, "fast")
+    assert sol.status == Status.OPTIMAL and sol.stats["engine"] == "mcf (no augmenting path)"
