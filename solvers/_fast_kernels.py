@@ -71,6 +71,26 @@ def _select(a, n, kth):
     return a[kth]
 
 
+def _kth_largest_small(a, n, kk, buf):
+    """The kk-th largest of ``a[:n]`` (kk <= n), with ``buf`` (>= kk long) as a descending insertion buffer:
+    much faster than quickselect for the short candidate rows."""
+    nb = 0
+    for i in range(n):
+        v = a[i]
+        if nb < kk:
+            j = nb
+            nb += 1
+        elif v > buf[kk - 1]:
+            j = kk - 1
+        else:
+            continue
+        while j > 0 and buf[j - 1] < v:
+            buf[j] = buf[j - 1]
+            j -= 1
+        buf[j] = v
+    return buf[kk - 1]
+
+
 def top_m(s, q, m, cand):
     """``cand[t, :m]`` = the m largest experts of ``s[t] - q`` (any order), without a [T, E] temporary."""
     T, E = s.shape
@@ -121,13 +141,16 @@ def sweeps(s, cand, ncand, k, cap, q, iterations, omega):
             fill[e] += 1
     p = np.empty(T)
     row = np.empty(M)
+    buf = np.empty(k + 1)
     col = np.empty(T)
+    wbuf = np.empty(WINDOW)
+    prev = np.full(E, np.inf)  # last sweep's threshold per expert: the next one is usually close to it
     for it in range(iterations):
         for t in range(T):
             n = ncand[t]
             for j in range(n):
                 row[j] = s[t, cand[t, j]] - q[cand[t, j]]
-            p[t] = _select(row, n, n - k - 1)
+            p[t] = _kth_largest_small(row, n, k + 1, buf)
         changed = False
         for e in range(E):
             n = cnt[e + 1] - cnt[e]
@@ -135,9 +158,31 @@ def sweeps(s, cand, ncand, k, cap, q, iterations, omega):
             v = 0.0
             if n > c:
                 b = cnt[e]
+                above = 0
+                pv = prev[e]
                 for i in range(n):
-                    col[i] = val[b + i] - p[tok[b + i]]
-                v = _select(col, n, n - c - 1)
+                    x = val[b + i] - p[tok[b + i]]
+                    col[i] = x
+                    if x > pv:
+                        above += 1
+                d = c - above  # the answer is the (d+1)-th largest value <= pv, or above pv when d < 0
+                if 0 <= d < WINDOW and n - above > d:
+                    m2 = 0
+                    for i in range(n):
+                        if col[i] <= pv:
+                            col[m2] = col[i]
+                            m2 += 1
+                    v = _kth_largest_small(col, m2, d + 1, wbuf)
+                elif -WINDOW < d < 0:
+                    m2 = 0
+                    for i in range(n):
+                        if col[i] > pv:
+                            col[m2] = -col[i]
+                            m2 += 1
+                    v = -_kth_largest_small(col, m2, -d, wbuf)  # the (-d)-th smallest above pv
+                else:
+                    v = _select(col, n, n - c - 1)
+                prev[e] = v
                 if v < 0.0:
                     v = 0.0
             v = q[e] + omega * (v - q[e])  # over-relaxed: omega = 2 halves the sweeps needed here
@@ -239,6 +284,7 @@ def loads_of(sel, E):
     return out
 
 
+WINDOW = 64  # thresholds that moved by fewer ranks than this are found by a short scan, not a quickselect
 NBEST = 4  # tokens kept per arc: the NBEST smallest s[t,a]-s[t,b], so a moved argmin rarely forces a rescan
 
 
@@ -512,7 +558,7 @@ def kernels(use_numba: bool = True) -> dict:
         def comp(f):
             return jit(types.FunctionType(f.__code__, ns, f.__name__, f.__defaults__, f.__closure__))
 
-        for name in ("_select", "_insert", "_recompute", "_delete", "_move"):
+        for name in ("_select", "_kth_largest_small", "_insert", "_recompute", "_delete", "_move"):
             ns[name] = comp(globals()[name])
         _COMPILED = {key: comp(f) for key, f in _PY.items()}
     return _COMPILED
