@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-gpu bench study report install clean
+.PHONY: demo test test-gpu fuzz bench study report install clean gpu-suite gpu-suite-dry
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# every hypothesis property with random seeds and many examples (FUZZ_EXAMPLES per property)
+FUZZ_EXAMPLES ?= 1000
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider -m property \
+		--hypothesis-show-statistics
+
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu
 
@@ -35,6 +41,13 @@ study: $(STAMP)
 
 report: $(STAMP)
 	$(PY) -m moebalance report
+
+# the GPU suite (docs/gpu.md): on a CUDA machine it needs no .venv (python3 with torch + triton); DRY=1 for a CPU dry run
+gpu-suite:
+	bash benchmarks/gpu_suite.sh $(if $(filter 1 true yes,$(DRY)),--dry-run)
+
+gpu-suite-dry: $(STAMP)
+	PYTHON=$(PY) bash benchmarks/gpu_suite.sh --dry-run
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

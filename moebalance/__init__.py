@@ -17,7 +17,7 @@ from .compare import Comparison, compare
 from .errors import InfeasibleError
 from .registry import available_methods, method_info, register, solve
 from .routing import RoutingProblem
-from .solution import Solution, Status
+from .solution import Evaluation, PlacementSolution, RoutingSolution, Solution, Status
 
 __version__ = "0.1.0"
 
@@ -26,6 +26,9 @@ __all__ = [
     "PlacementProblem",
     "CostModel",
     "Solution",
+    "RoutingSolution",
+    "PlacementSolution",
+    "Evaluation",
     "Status",
     "InfeasibleError",
     "solve",
@@ -44,7 +47,7 @@ __all__ = [
 _LAZY = {
     "PlacementProblem": ("moebalance.placement", "PlacementProblem"),
     "CostModel": ("moebalance.placement", "CostModel"),
-    "simulate": ("moebalance.simulate", "simulate"),
+    "simulate": ("moebalance.evaluation.simulate", "simulate"),  # the function; moebalance/simulate.py is no module
 }
 
 

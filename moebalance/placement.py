@@ -9,25 +9,20 @@ objective is the makespan under a :class:`CostModel`.
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from typing import Any
 
 import numpy as np
 
-from ._validate import as_int, as_int_array
+from ._validate import (MAX_DEVICES, MAX_EXPERTS, MAX_FACTOR, MAX_INT, MAX_MAGNITUDE, as_int, as_int_array,
+                        as_real, check_elements)
 from .errors import InfeasibleError
+from .solution import Evaluation, PlacementSolution
 
-__all__ = ["CostModel", "PlacementProblem"]
+__all__ = ["CostModel", "PlacementProblem", "PlacementSolution"]
 
 
 def _check_cost(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"`{name}` must be a non-negative number, got {value!r}")
-    v = float(value)
-    if not math.isfinite(v) or v < 0:
-        raise ValueError(f"`{name}` must be a finite non-negative number, got {value!r}")
-    return v
+    return as_real(value, name, minimum=0.0, maximum=MAX_MAGNITUDE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,17 +126,24 @@ class PlacementProblem:
 
     kind = "placement"
     sense = "min"
+    load_ratio_label = "max/mean"
+    solution_type = PlacementSolution
 
     def __init__(self, expert_loads: Any, num_devices: int, *, home: Any = None, cost: CostModel | None = None,
                  max_tokens_per_device: int | None = None, max_foreign_experts: int | None = None,
                  alpha: float = 1.0, min_chunk: int = 1024, imbalance_threshold: float | None = 1.3):
-        if np.ndim(expert_loads) != 1:
+        if isinstance(expert_loads, (str, bytes)) or np.ndim(expert_loads) != 1:
             raise ValueError(f"`expert_loads` must be a 1-D array, got {np.ndim(expert_loads)} dimensions")
         E = int(np.shape(expert_loads)[0])
         if E < 1:
             raise ValueError("`expert_loads` must hold at least one expert")
+        if E > MAX_EXPERTS:
+            raise ValueError(f"`expert_loads` has E={E} experts, over the limit of {MAX_EXPERTS}")
         loads = as_int_array(expert_loads, "expert_loads", (E,), minimum=0)
-        P = as_int(num_devices, "num_devices", minimum=1)
+        if float(loads.sum(dtype=np.float64)) > MAX_INT:  # the int64 sum could wrap; float64 cannot
+            raise ValueError(f"`expert_loads` must sum to at most {MAX_INT}, got {float(loads.sum(dtype=np.float64)):.4g}")
+        P = as_int(num_devices, "num_devices", minimum=1, maximum=MAX_DEVICES)
+        check_elements("num_devices", E, P)  # an assignment is [E, P]
         if home is None:
             if E % P:
                 raise ValueError(f"`expert_loads` has E={E} experts, not divisible by `num_devices`={P}; "
@@ -157,14 +159,11 @@ class PlacementProblem:
             raise ValueError(f"`cost` must be a CostModel, got {type(cost).__name__}")
         cap = _optional_int(max_tokens_per_device, "max_tokens_per_device")
         foreign = _optional_int(max_foreign_experts, "max_foreign_experts")
-        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
-            raise ValueError(f"`alpha` must be a positive finite number, got {alpha!r}")
+        alpha = as_real(alpha, "alpha", positive=True, maximum=MAX_FACTOR)
         min_chunk = as_int(min_chunk, "min_chunk", minimum=0)
         if imbalance_threshold is not None:
-            t = imbalance_threshold
-            if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t <= 0:
-                raise ValueError(f"`imbalance_threshold` must be a positive finite number or None, got {t!r}")
-            imbalance_threshold = float(t)
+            imbalance_threshold = as_real(imbalance_threshold, "imbalance_threshold", positive=True,
+                                          maximum=MAX_FACTOR)
         loads.setflags(write=False)
         h.setflags(write=False)
         self._loads = loads
@@ -180,7 +179,15 @@ class PlacementProblem:
         self._check_limits()
 
     def _check_limits(self) -> None:
-        """Necessary conditions for a plan to exist under the limits (each violation is a proof of infeasibility)."""
+        """Proven necessary conditions for a plan to exist under the limits; each violation proves infeasibility.
+
+        Only these are checked (the solvers decide the rest): the devices must hold every token
+        (``P * max_tokens_per_device >= total``); with ``max_foreign_experts = 0`` no token leaves its home,
+        so every device's native load must fit; otherwise each overloaded device ``p`` must shed parts of at
+        least ``k_p`` of its experts (its ``k_p`` largest just cover its excess), and each shed part takes a
+        foreign slot on a device other than ``p``: ``k_p <= F * (P - 1)`` and ``sum_p k_p <= F * P`` (an
+        overloaded device may host foreign experts once it has shed its own, so every device counts).
+        """
         total = int(self._loads.sum())
         P = self._P
         native = self.native_loads
@@ -194,17 +201,21 @@ class PlacementProblem:
         if over.size and F == 0:
             raise InfeasibleError(f"`max_foreign_experts`=0 forbids spilling, but device {int(over[0])} has "
                                   f"{int(native[over[0]])} native tokens > `max_tokens_per_device`={C}")
-        # each overloaded device must shed part of at least k experts (its k largest cover the excess), and
-        # every shed expert needs a foreign slot on a device that still has room
-        needed = 0
+        # k_p: experts device p must shed parts of; they go to the other devices' foreign slots. Hall's
+        # condition for that transport (every p to every q != p, F slots each) is exactly these two tests.
+        shed = []
         for p in over:
             mine = np.sort(self._loads[self._home == p])[::-1]
-            needed += int(np.searchsorted(np.cumsum(mine), native[p] - C) + 1)
-        hosts = int(np.count_nonzero(native < C))
-        if needed > F * hosts:
+            shed.append(int(np.searchsorted(np.cumsum(mine), native[p] - C) + 1))
+        for p, k_p in zip(over.tolist(), shed):
+            if k_p > F * (P - 1):
+                raise InfeasibleError(f"`max_foreign_experts`={F} is too small: device {p} must shed parts of at "
+                                      f"least {k_p} experts, but the other {P - 1} device(s) host at most "
+                                      f"{F * (P - 1)} foreign experts")
+        if sum(shed) > F * P:
             raise InfeasibleError(f"`max_foreign_experts`={F} is too small: overloaded devices must shed parts "
-                                  f"of at least {needed} experts, but {hosts} device(s) with room can host at most "
-                                  f"{F * hosts} foreign experts")
+                                  f"of at least {sum(shed)} experts, but {P} devices host at most {F * P} "
+                                  f"foreign experts")
 
     # read-only views ----------------------------------------------------------------------------
     @property
@@ -279,6 +290,29 @@ class PlacementProblem:
         E, P = self.shape
         return (f"PlacementProblem(E={E}, P={P}, tokens={self.total_tokens}, "
                 f"imbalance={self.imbalance_ratio():.3f})")
+
+    # the shared check ------------------------------------------------------------------------------
+    def evaluate(self, assignment: Any, solution: Any = None) -> Evaluation:
+        """The shared check of a plan ``[E, P]`` (see :func:`moebalance.plan.check_placement`); a solver's own
+        ``token_ranges`` on ``solution`` are kept when they tile the plan."""
+        from .plan import check_placement
+
+        return check_placement(self, assignment, token_ranges_hint=getattr(solution, "token_ranges", None))
+
+    def certify(self, solution: Any) -> tuple[float | None, dict[str, Any], dict[str, Any]]:
+        """Placement answers prove no bound of their own."""
+        return None, {}, {}
+
+    def objective_scale(self) -> float:
+        """The natural magnitude of the makespan: the mean device time of the tokens and expert GEMMs (a lower
+        bound on the makespan of every plan)."""
+        scale = getattr(self, "_scale", None)
+        if scale is None:
+            c = self._cost
+            total = float(self._loads.sum())
+            scale = float((c.token_time * total + c.gemm_time * np.count_nonzero(self._loads)) / self._P)
+            object.__setattr__(self, "_scale", scale)
+        return scale
 
     # files ----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -15,13 +15,15 @@ A plan is an assignment ``x`` ``[E, P]`` of token counts (``x[e, p]`` tokens of 
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Mapping
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from .check import CheckResult
+from .solution import Evaluation
 
 __all__ = [
+    "TokenRanges",
     "check_placement",
     "as_assignment",
     "device_times",
@@ -54,24 +56,213 @@ def as_assignment(problem: Any, assignment: Any) -> np.ndarray:
     return a.astype(np.int64)
 
 
+def _is_plain_plan(a: Any, shape: tuple[int, int]) -> bool:
+    return isinstance(a, np.ndarray) and a.dtype == np.int64 and a.shape == shape
+
+
 def _foreign_mask(problem: Any) -> np.ndarray:
-    E, P = problem.shape
-    mask = np.ones((E, P), dtype=bool)
-    mask[np.arange(E), problem.home] = False
+    """``[E, P]`` True where device p is not expert e's home (cached on the immutable problem, read-only)."""
+    mask = getattr(problem, "_foreign_mask_cache", None)
+    if mask is None:
+        E, P = problem.shape
+        mask = np.ones((E, P), dtype=bool)
+        mask[np.arange(E), problem.home] = False
+        mask.setflags(write=False)
+        try:
+            object.__setattr__(problem, "_foreign_mask_cache", mask)
+        except AttributeError:
+            pass
     return mask
+
+
+class TokenRanges(Mapping):
+    """Which contiguous slice of each expert's tokens each device computes, stored as four ``[n]`` arrays.
+
+    ``expert``, ``device``, ``start``, ``end`` (int64), grouped by expert in increasing expert order, the ranges of
+    one expert in token order. It reads as the mapping ``{expert: [(device, start, end), ...]}`` (experts with
+    no tokens are absent), so code written for a dict works; building, checking and converting it are
+    vectorised (``from_assignment``, ``validate``, ``counts``), which keeps the shared check linear in ``E * P``.
+    """
+
+    __slots__ = ("expert", "device", "start", "end", "_bounds", "_counts")
+
+    def __init__(self, expert: Any, device: Any, start: Any, end: Any):
+        self.expert = np.asarray(expert, dtype=np.int64)
+        self.device = np.asarray(device, dtype=np.int64)
+        self.start = np.asarray(start, dtype=np.int64)
+        self.end = np.asarray(end, dtype=np.int64)
+        self._bounds: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._counts: np.ndarray | None = None
+
+    @classmethod
+    def from_assignment(cls, x: np.ndarray, home: np.ndarray,
+                        overrides: Mapping | None = None) -> "TokenRanges":
+        """Canonical ranges of a conserving plan ``x`` ``[E, P]``: the home device first, then the others in
+        increasing device order. ``overrides`` (``{expert: [(device, start, end), ...]}``) replaces the ranges of
+        a few experts (a solver's own order); the result is validated by the check, not here."""
+        rows, cols = np.nonzero(x)
+        vals = x[rows, cols]
+        if overrides:
+            keep = ~np.isin(rows, np.fromiter(overrides.keys(), dtype=np.int64, count=len(overrides)))
+            rows, cols, vals = rows[keep], cols[keep], vals[keep]
+            extra = [(int(e), int(p), int(a), int(b)) for e, rs in overrides.items() for p, a, b in rs]
+        else:
+            extra = []
+        key = np.where(cols == home[rows], -1, cols)
+        order = np.lexsort((key, rows))
+        rows, cols, vals = rows[order], cols[order], vals[order]
+        ends = np.cumsum(vals)
+        first = np.ones(rows.shape[0], dtype=bool)
+        first[1:] = rows[1:] != rows[:-1]
+        group_start = np.maximum.accumulate(np.where(first, np.arange(rows.shape[0]), 0)) if rows.size else rows
+        base = (ends - vals)[group_start] if rows.size else ends
+        start, end = ends - vals - base, ends - base
+        if not extra:
+            return cls(rows, cols, start, end)
+        ex = np.asarray(extra, dtype=np.int64).reshape(-1, 4)
+        e_all = np.concatenate([rows, ex[:, 0]])
+        d_all = np.concatenate([cols, ex[:, 1]])
+        s_all = np.concatenate([start, ex[:, 2]])
+        t_all = np.concatenate([end, ex[:, 3]])
+        o = np.lexsort((s_all, e_all))
+        return cls(e_all[o], d_all[o], s_all[o], t_all[o])
+
+    @classmethod
+    def from_home(cls, loads: np.ndarray, home: np.ndarray, overrides: Mapping | None = None) -> "TokenRanges":
+        """Every expert with tokens computed whole on its home device, except the experts in ``overrides``
+        (``{expert: [(device, start, end), ...]}``, e.g. the few a planner spilled), in O(E + ranges)."""
+        loads = np.asarray(loads, dtype=np.int64)
+        keep = loads > 0
+        if overrides:
+            keys = np.fromiter(overrides.keys(), dtype=np.int64, count=len(overrides))
+            keep[keys] = False
+            ex = np.asarray([(int(e), int(p), int(a), int(b)) for e, rs in overrides.items() for p, a, b in rs],
+                            dtype=np.int64).reshape(-1, 4)
+        else:
+            ex = np.zeros((0, 4), dtype=np.int64)
+        e0 = np.flatnonzero(keep)
+        e_all = np.concatenate([e0, ex[:, 0]])
+        d_all = np.concatenate([np.asarray(home, dtype=np.int64)[e0], ex[:, 1]])
+        s_all = np.concatenate([np.zeros_like(e0), ex[:, 2]])
+        t_all = np.concatenate([loads[e0], ex[:, 3]])
+        if ex.shape[0]:
+            o = np.lexsort((s_all, e_all))
+            e_all, d_all, s_all, t_all = e_all[o], d_all[o], s_all[o], t_all[o]
+        return cls(e_all, d_all, s_all, t_all)
+
+    @classmethod
+    def from_dict(cls, ranges: Any) -> "TokenRanges":
+        """From ``{expert: [(device, start, end), ...]}`` (an existing TokenRanges is returned as is)."""
+        if isinstance(ranges, TokenRanges):
+            return ranges
+        flat = [(int(e), int(p), int(a), int(b)) for e, rs in ranges.items() for p, a, b in rs]
+        arr = np.asarray(flat, dtype=np.int64).reshape(-1, 4)
+        o = np.lexsort((np.arange(arr.shape[0]), arr[:, 0]))  # stable by expert, keeping each expert's order
+        arr = arr[o]
+        return cls(arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3])
+
+    def counts(self, num_experts: int, num_devices: int) -> np.ndarray:
+        """``[E, P]`` tokens per (expert, device) the ranges cover (an assignment; read-only, computed once)."""
+        c = self._counts
+        if c is None or c.shape != (num_experts, num_devices):
+            c = np.zeros(num_experts * num_devices, dtype=np.int64)
+            np.add.at(c, self.expert * num_devices + self.device, self.end - self.start)
+            c = c.reshape(num_experts, num_devices)
+            c.setflags(write=False)
+            self._counts = c
+        return c
+
+    def validate(self, x: np.ndarray, loads: np.ndarray) -> list[str]:
+        """Violations: each expert's ranges must tile ``[0, load)`` in order on valid devices and match ``x``."""
+        E, P = x.shape
+        e, d, s, t = self.expert, self.device, self.start, self.end
+        n = e.shape[0]
+        if n == 0:
+            return [] if not loads.any() else [f"token_ranges miss {int(np.count_nonzero(loads))} expert(s) "
+                                                f"with tokens"]
+        if e.min() < 0 or e.max() >= E:
+            return [f"token_ranges name an expert outside [0, {E})"]
+        if d.min() < 0 or d.max() >= P:
+            return [f"token_ranges name a device outside [0, {P})"]
+        bad: list[str] = []
+        first = np.ones(n, dtype=bool)
+        first[1:] = e[1:] != e[:-1]
+        last = np.ones(n, dtype=bool)
+        last[:-1] = first[1:]
+        if (e[1:] < e[:-1]).any():
+            bad.append("token_ranges are not grouped by expert")
+        expected = np.concatenate(([0], t[:-1]))  # each range starts where the last one of its expert ended
+        expected[first] = 0
+        if (t <= s).any() or (s != expected).any():
+            bad.append("token_ranges do not tile each expert's tokens in order")
+        covered = np.zeros(E, dtype=np.int64)
+        covered[e[last]] = t[last]
+        if not np.array_equal(covered, loads):
+            k = int(np.flatnonzero(covered != loads)[0])
+            bad.append(f"token_ranges cover {int(covered[k])} tokens of expert {k}, its load is {int(loads[k])}")
+        # an assignment that is this object's own (read-only) counts equals them by construction
+        if not bad and x is not self._counts and not np.array_equal(self.counts(E, P), x):
+            bad.append("token_ranges disagree with the assignment")
+        return bad
+
+    # the mapping view -----------------------------------------------------------------------------------------
+    def _index(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._bounds is None:
+            e = self.expert
+            first = np.ones(e.shape[0], dtype=bool)
+            first[1:] = e[1:] != e[:-1]
+            starts = np.flatnonzero(first)
+            stops = np.append(starts[1:], e.shape[0])
+            self._bounds = (e[starts], starts, stops)
+        return self._bounds
+
+    def __getitem__(self, expert: Any) -> list[tuple[int, int, int]]:
+        keys, starts, stops = self._index()
+        i = int(np.searchsorted(keys, int(expert)))
+        if i >= keys.shape[0] or keys[i] != int(expert):
+            raise KeyError(expert)
+        a, b = starts[i], stops[i]
+        return list(zip(self.device[a:b].tolist(), self.start[a:b].tolist(), self.end[a:b].tolist()))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._index()[0].tolist())
+
+    def __len__(self) -> int:
+        return int(self._index()[0].shape[0])
+
+    def __eq__(self, other: Any) -> bool:
+        if isinstance(other, TokenRanges):
+            return all(np.array_equal(getattr(self, f), getattr(other, f)) for f in ("expert", "device", "start",
+                                                                                       "end"))
+        if isinstance(other, Mapping):
+            return dict(self.items()) == {int(k): [tuple(r) for r in v] for k, v in other.items()}
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"TokenRanges({len(self)} experts, {self.expert.shape[0]} ranges)"
 
 
 def device_times(problem: Any, assignment: Any) -> np.ndarray:
     """``[P]`` time of each device under ``problem.cost`` (see :class:`moebalance.CostModel`)."""
-    x = as_assignment(problem, assignment).astype(np.float64)
+    return _device_times(problem, as_assignment(problem, assignment))
+
+
+def _device_times(problem: Any, x: np.ndarray, used: np.ndarray | None = None,
+                  used_foreign: np.ndarray | None = None) -> np.ndarray:
     c = problem.cost
-    used = x > 0
-    foreign = _foreign_mask(problem)
-    t = c.token_time * x.sum(axis=0) + c.gemm_time * used.sum(axis=0)
+    if used is None:
+        used = x > 0
+    t = c.token_time * x.sum(axis=0, dtype=np.float64)
+    if c.gemm_time:
+        t = t + c.gemm_time * used.sum(axis=0)
     if c.weight_time:
-        t = t + c.weight_time * (used & foreign).sum(axis=0)
+        if used_foreign is None:
+            used_foreign = used & _foreign_mask(problem)
+        t = t + c.weight_time * used_foreign.sum(axis=0)
     if c.token_transfer_time:
-        t = t + c.token_transfer_time * np.where(foreign, x, 0.0).sum(axis=0)
+        t = t + c.token_transfer_time * np.where(_foreign_mask(problem), x, 0).sum(axis=0, dtype=np.float64)
     return t
 
 
@@ -80,41 +271,25 @@ def makespan(problem: Any, assignment: Any) -> float:
     return float(device_times(problem, assignment).max())
 
 
-def token_ranges(problem: Any, assignment: Any) -> dict[int, list[tuple[int, int, int]]]:
-    """``{expert: [(device, start, end), ...]}`` tiling ``[0, load)`` of every expert with tokens.
+def token_ranges(problem: Any, assignment: Any) -> TokenRanges:
+    """:class:`TokenRanges` tiling ``[0, load)`` of every expert with tokens (reads as
+    ``{expert: [(device, start, end), ...]}``).
 
     Canonical order: the home device first, then the other devices in increasing order. Needs a plan that
     conserves tokens (rows summing to the loads, no negative entry).
     """
-    x = as_assignment(problem, assignment)
-    home = problem.home
-    out: dict[int, list[tuple[int, int, int]]] = {}
-    rows, cols = np.nonzero(x)
-    if rows.size == 0:
-        return out
-    vals = x[rows, cols]
-    # home entries sort before the others of the same expert
-    key = np.where(cols == home[rows], -1, cols)
-    order = np.lexsort((key, rows))
-    rows, cols, vals = rows[order].tolist(), cols[order].tolist(), vals[order].tolist()
-    start = 0
-    prev = -1
-    for e, p, v in zip(rows, cols, vals):
-        if e != prev:
-            prev, start = e, 0
-            ranges: list[tuple[int, int, int]] = []
-            out[e] = ranges
-        ranges.append((p, start, start + v))
-        start += v
-    return out
+    return TokenRanges.from_assignment(as_assignment(problem, assignment), problem.home)
 
 
 def weight_transfers(problem: Any, assignment: Any) -> list[tuple[int, int, int]]:
     """``[(expert, src, dst), ...]``: one weight copy per (expert, foreign device computing its tokens)."""
     x = as_assignment(problem, assignment)
-    rows, cols = np.nonzero((x > 0) & _foreign_mask(problem))
-    home = problem.home
-    return [(e, int(home[e]), p) for e, p in zip(rows.tolist(), cols.tolist())]
+    return _weight_transfers(problem, (x > 0) & _foreign_mask(problem))
+
+
+def _weight_transfers(problem: Any, used_foreign: np.ndarray) -> list[tuple[int, int, int]]:
+    rows, cols = np.nonzero(used_foreign)
+    return list(zip(rows.tolist(), problem.home[rows].tolist(), cols.tolist()))
 
 
 def assignment_from_ranges(problem: Any, ranges: dict[int, Iterable[tuple[int, int, int]]]) -> np.ndarray:
@@ -127,39 +302,17 @@ def assignment_from_ranges(problem: Any, ranges: dict[int, Iterable[tuple[int, i
     return x
 
 
-def _check_ranges(problem: Any, x: np.ndarray, ranges: Any) -> list[str]:
-    """Violations of a solver-supplied ``token_ranges``: each expert's ranges must tile [0, load) and match x."""
-    E, P = problem.shape
-    loads = problem.expert_loads
-    bad: list[str] = []
+def _check_ranges(problem: Any, x: np.ndarray, ranges: Any) -> tuple[TokenRanges | None, list[str]]:
+    """A solver-supplied ``token_ranges`` as :class:`TokenRanges`, and its violations (each expert's ranges
+    must tile [0, load) in order and match x)."""
     try:
-        seen = set()
-        for e, rs in ranges.items():
-            e = int(e)
-            if not 0 <= e < E:
-                bad.append(f"token_ranges names expert {e} outside [0, {E})")
-                continue
-            seen.add(e)
-            pos = 0
-            for p, s, t in rs:
-                if not (0 <= int(p) < P) or int(s) != pos or int(t) <= int(s):
-                    bad.append(f"token_ranges of expert {e} do not tile [0, {loads[e]}) in order")
-                    break
-                pos = int(t)
-            else:
-                if pos != loads[e]:
-                    bad.append(f"token_ranges of expert {e} cover {pos} tokens, load is {loads[e]}")
-        missing = set(np.flatnonzero(loads > 0).tolist()) - seen
-        if missing:
-            bad.append(f"token_ranges miss {len(missing)} expert(s) with tokens (e.g. {min(missing)})")
-        if not bad and not np.array_equal(assignment_from_ranges(problem, ranges), x):
-            bad.append("token_ranges disagree with the assignment")
+        tr = TokenRanges.from_dict(ranges)
     except (TypeError, ValueError, AttributeError) as exc:
-        bad.append(f"token_ranges malformed: {exc}")
-    return bad
+        return None, [f"token_ranges malformed: {exc}"]
+    return tr, tr.validate(x, problem.expert_loads)
 
 
-def check_placement(problem: Any, assignment: Any, token_ranges_hint: Any = None) -> CheckResult:
+def check_placement(problem: Any, assignment: Any, token_ranges_hint: Any = None) -> Evaluation:
     """Check a plan against ``problem`` and evaluate it (the shared evaluator behind ``moebalance.check``).
 
     Constraints: integer, non-negative, tokens conserved per expert, ``max_tokens_per_device`` and
@@ -170,9 +323,13 @@ def check_placement(problem: Any, assignment: Any, token_ranges_hint: Any = None
     """
     loads = problem.expert_loads
     try:
-        x = as_assignment(problem, assignment)
+        x = assignment if _is_plain_plan(assignment, problem.shape) else as_assignment(problem, assignment)
     except ValueError as exc:
-        return CheckResult(False, float("nan"), loads, float("nan"), [str(exc)])
+        return Evaluation(False, float("nan"), [str(exc)], {"loads": loads})
+    if token_ranges_hint is not None:
+        tr, bad = _check_ranges(problem, x, token_ranges_hint)
+        if tr is not None and not bad:
+            return _check_by_ranges(problem, x, tr)
     violations: list[str] = []
     if x.size and x.min() < 0:
         violations.append(f"{int(np.count_nonzero(x < 0))} negative token count(s)")
@@ -187,27 +344,74 @@ def check_placement(problem: Any, assignment: Any, token_ranges_hint: Any = None
         p = int(np.argmax(dev_loads))
         violations.append(f"{int(np.count_nonzero(dev_loads > C))} device(s) over max_tokens_per_device={C} "
                           f"(worst: device {p} computes {int(dev_loads[p])})")
+    used = x > 0
+    used_foreign = used & _foreign_mask(problem)
     F = problem.max_foreign_experts
     if F is not None:
-        nf = ((x > 0) & _foreign_mask(problem)).sum(axis=0)
+        nf = used_foreign.sum(axis=0)
         if nf.max() > F:
             p = int(np.argmax(nf))
             violations.append(f"{int(np.count_nonzero(nf > F))} device(s) over max_foreign_experts={F} "
                               f"(worst: device {p} hosts {int(nf[p])})")
-    times = device_times(problem, x)
+    times = _device_times(problem, x, used, used_foreign)
     mean = times.mean()
     ratio = float(times.max() / mean) if mean > 0 else 1.0
-    extras: dict[str, Any] = {"device_loads": dev_loads, "weight_transfers": weight_transfers(problem, x)}
+    extras: dict[str, Any] = {"device_loads": dev_loads, "weight_transfers": _weight_transfers(problem, used_foreign)}
     if not violations:
         if token_ranges_hint is not None:
-            bad = _check_ranges(problem, x, token_ranges_hint)
+            tr, bad = _check_ranges(problem, x, token_ranges_hint)
             violations += bad
             if not bad:
-                extras["token_ranges"] = {int(e): [tuple(int(v) for v in r) for r in rs]
-                                          for e, rs in token_ranges_hint.items()}
+                extras["token_ranges"] = tr
         if "token_ranges" not in extras and not violations:
-            extras["token_ranges"] = token_ranges(problem, x)
-    return CheckResult(not violations, float(times.max()), loads, ratio, violations, extras)
+            extras["token_ranges"] = TokenRanges.from_assignment(x, problem.home)
+    return Evaluation(not violations, float(times.max()), violations, {"loads": loads, **extras}, ratio)
+
+
+def _check_by_ranges(problem: Any, x: np.ndarray, tr: TokenRanges) -> Evaluation:
+    """The check of a plan ``x`` whose ranges ``tr`` were validated against it (they tile every expert's load
+    and sum to ``x``, so ``x`` is non-negative and conserves tokens): the rest is derived from the ranges in
+    O(ranges), with no pass over the dense ``[E, P]`` plan."""
+    E, P = problem.shape
+    loads = problem.expert_loads
+    c = problem.cost
+    violations: list[str] = []
+    dev_loads = np.bincount(tr.device, weights=tr.end - tr.start, minlength=P).astype(np.int64)
+    pairs = np.sort(tr.expert * P + tr.device)
+    if pairs.shape[0] > 1:
+        pairs = pairs[np.concatenate(([True], pairs[1:] != pairs[:-1]))]
+    pe, pd = pairs // P, pairs % P
+    foreign = problem.home[pe] != pd
+    n_used = np.bincount(pd, minlength=P)
+    n_foreign = np.bincount(pd[foreign], minlength=P)
+    C = problem.max_tokens_per_device
+    if C is not None and dev_loads.max() > C:
+        p = int(np.argmax(dev_loads))
+        violations.append(f"{int(np.count_nonzero(dev_loads > C))} device(s) over max_tokens_per_device={C} "
+                          f"(worst: device {p} computes {int(dev_loads[p])})")
+    F = problem.max_foreign_experts
+    if F is not None and n_foreign.max() > F:
+        p = int(np.argmax(n_foreign))
+        violations.append(f"{int(np.count_nonzero(n_foreign > F))} device(s) over max_foreign_experts={F} "
+                          f"(worst: device {p} hosts {int(n_foreign[p])})")
+    times = c.token_time * dev_loads.astype(np.float64)
+    if c.gemm_time:
+        times = times + c.gemm_time * n_used
+    if c.weight_time:
+        times = times + c.weight_time * n_foreign
+    if c.token_transfer_time:
+        fr = problem.home[tr.expert] != tr.device
+        times = times + c.token_transfer_time * np.bincount(tr.device[fr], weights=(tr.end - tr.start)[fr],
+                                                            minlength=P)
+    mean = float(times.sum()) / P
+    top = float(times.max())
+    ratio = top / mean if mean > 0 else 1.0
+    fe, fd = pe[foreign], pd[foreign]
+    transfers = list(zip(fe.tolist(), problem.home[fe].tolist(), fd.tolist()))
+    fields = {"loads": loads, "device_loads": dev_loads, "weight_transfers": transfers}
+    if not violations:
+        fields["token_ranges"] = tr
+    return Evaluation(not violations, top, violations, fields, ratio)
 
 
 # memory --------------------------------------------------------------------------------------------------

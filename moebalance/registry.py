@@ -1,4 +1,11 @@
-"""The method registry and ``solve``: one entry point per problem kind (after scipy's ``linprog(method=...)``)."""
+"""The method registry and ``solve``: one entry point per problem family (after scipy's ``linprog(method=...)``).
+
+Methods register against a problem class (``@register(RoutingProblem, "mcf", exact=True, ...)``); ``solve``
+looks the problem's class up, runs the method, and hands its raw answer to :func:`finalize`, which runs the
+shared check (``problem.evaluate``) and fills objective, feasibility, gap and status. Nothing here knows a
+family: the problem classes supply ``evaluate``, ``certify``, ``sense``, ``objective_scale`` and
+``solution_type``.
+"""
 
 from __future__ import annotations
 
@@ -6,183 +13,319 @@ import dataclasses
 import importlib
 import importlib.util
 import math
+import os
+import pathlib
 import time
 from typing import Any, Callable
 
-import numpy as np
+from .solution import Solution, Status, relative_gap
 
-from .check import bias_reproduces, check, routing_dual_bound
-from .solution import Solution, Status
-
-__all__ = ["SolverInfo", "register", "solve", "available_methods", "method_info", "DEFAULTS"]
+__all__ = ["SolverInfo", "register", "solve", "finalize", "available_methods", "method_info", "DEFAULTS",
+           "families", "OPTIMALITY_TOL"]
 
 # relative tolerance under which a claimed optimum must agree with its own bound
 OPTIMALITY_TOL = 1e-6
 
+# family names accepted where a user names a family by string (CLI, available_methods("routing"))
+_FAMILY_PATHS: dict[str, tuple[str, str]] = {
+    "routing": ("moebalance.routing", "RoutingProblem"),
+    "placement": ("moebalance.placement", "PlacementProblem"),
+    "replication": ("moebalance.replication", "ReplicationProblem"),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class SolverInfo:
-    """What a method is: its problem kind, whether it is exact or gives a bound, which back-end it needs."""
+    """What a method is (its capability flags) and how to call it.
 
-    kind: str
+    family:              the problem class it solves.
+    exact:               proves optimality when it finishes (status ``optimal``).
+    gives_bound:         returns a proven bound on the optimum.
+    deterministic:       the same problem gives the same assignment every run (the layers rely on it).
+    supports_time_limit: honours ``time_limit`` (model building included).
+    backends:            modules it imports (checked with ``is_installed`` without importing them).
+    options:             accepted options and their defaults.
+    """
+
+    family: type
     name: str
     func: Callable[..., Solution]
     exact: bool = False
     gives_bound: bool = False
+    deterministic: bool = True
+    supports_time_limit: bool = False
     backends: tuple[str, ...] = ()
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     description: str = ""
+
+    @property
+    def kind(self) -> str:
+        """The family's name (``routing``, ``placement``, ``replication``)."""
+        return str(getattr(self.family, "kind", self.family.__name__))
 
     def is_installed(self) -> bool:
         """True when every back-end module this method needs can be imported (checked without importing)."""
         return all(importlib.util.find_spec(b) is not None for b in self.backends)
 
 
-_REGISTRY: dict[str, dict[str, SolverInfo]] = {}
-_ALIASES: dict[str, dict[str, str]] = {}
-# preference order for method="auto": the first installed one wins
-DEFAULTS: dict[str, tuple[str, ...]] = {"routing": ("fast", "mcf", "lp", "greedy"), "placement": ("llep",)}
-# (available_methods lists exact methods first, then those giving a bound, then the rest, defaults first)
+_REGISTRY: dict[type, dict[str, SolverInfo]] = {}
+_ALIASES: dict[type, dict[str, str]] = {}
+# preference order for method="auto", per family name: the first installed one wins
+DEFAULTS: dict[str, tuple[str, ...]] = {
+    "routing": ("fast", "mcf", "lp", "greedy"),
+    "placement": ("llep",),
+    "replication": ("eplb+", "eplb"),
+}
 
 
-def register(kind: str, name: str, *, exact: bool = False, gives_bound: bool = False,
-             backends: tuple[str, ...] = (), options: dict[str, Any] | None = None,
-             aliases: tuple[str, ...] = (), description: str = "") -> Callable:
-    """Decorator: add ``func(problem, *, time_limit, **options) -> Solution`` to the registry of ``kind``.
+def _family_class(name: str) -> type:
+    module, attr = _FAMILY_PATHS[name]
+    return getattr(importlib.import_module(module), attr)
 
-    ``options`` maps each accepted option to its default; ``solve`` rejects any other option by name.
+
+def _as_family(family: Any, argname: str = "family") -> type:
+    if isinstance(family, type):
+        return family
+    if isinstance(family, str) and family in _FAMILY_PATHS:
+        return _family_class(family)
+    raise ValueError(f"`{argname}` must be a problem class or one of {', '.join(sorted(_FAMILY_PATHS))}, "
+                     f"got {family!r}")
+
+
+def register(family: Any, name: str, *, exact: bool = False, gives_bound: bool = False,
+             deterministic: bool = True, supports_time_limit: bool = False, backends: tuple[str, ...] = (),
+             options: dict[str, Any] | None = None, aliases: tuple[str, ...] = (),
+             description: str = "") -> Callable:
+    """Decorator: add ``func(problem, *, time_limit, **options) -> Solution`` to ``family``'s registry.
+
+    ``family`` is the problem class (a family name string is accepted). ``options`` maps each accepted
+    option to its default; ``solve`` rejects any other option by name.
     """
+    cls = _as_family(family)
 
     def deco(func: Callable[..., Solution]) -> Callable[..., Solution]:
-        info = SolverInfo(kind, name, func, exact, gives_bound, tuple(backends), dict(options or {}),
+        info = SolverInfo(cls, name, func, bool(exact), bool(gives_bound), bool(deterministic),
+                          bool(supports_time_limit), tuple(backends), dict(options or {}),
                           description or ((func.__doc__ or "").strip().splitlines() or [""])[0])
-        _REGISTRY.setdefault(kind, {})[name] = info
+        _REGISTRY.setdefault(cls, {})[name] = info
         for alias in aliases:
-            _ALIASES.setdefault(kind, {})[alias] = name
+            _ALIASES.setdefault(cls, {})[alias] = name
         return func
 
     return deco
 
 
+_SOLVERS_LOADED = False
+
+
 def _load_solvers() -> None:
-    importlib.import_module("moebalance.solvers")
+    global _SOLVERS_LOADED
+    if not _SOLVERS_LOADED:
+        importlib.import_module("moebalance.solvers")
+        _SOLVERS_LOADED = True
 
 
-def _kind_of(problem_or_kind: Any) -> str:
-    kind = problem_or_kind if isinstance(problem_or_kind, str) else getattr(problem_or_kind, "kind", None)
-    if kind not in ("routing", "placement"):
-        raise ValueError(
-            f"`problem` must be a RoutingProblem, a PlacementProblem or a kind name, got {problem_or_kind!r}"
-        )
-    return kind
+def families() -> dict[str, type]:
+    """``{name: problem class}`` of every family with registered methods."""
+    _load_solvers()
+    return {c.kind: c for c in _REGISTRY}
+
+
+def _table_of(problem: Any, *, allow_class: bool = True) -> tuple[type, dict[str, SolverInfo]]:
+    _load_solvers()
+    if isinstance(problem, str) and allow_class and problem in _FAMILY_PATHS:
+        cls = _family_class(problem)
+    elif isinstance(problem, type) and allow_class:
+        cls = problem
+    else:
+        cls = type(problem)
+    for c in cls.__mro__:
+        if c in _REGISTRY:
+            return c, _REGISTRY[c]
+    names = ", ".join(sorted(c.__name__ for c in _REGISTRY))
+    raise ValueError(f"`problem` must be a problem object ({names}), got {problem!r:.80}")
 
 
 def available_methods(problem: Any, *, installed_only: bool = True) -> list[str]:
-    """Names of the methods for this problem (or kind), those whose back-ends are installed by default."""
-    _load_solvers()
-    kind = _kind_of(problem)
-    infos = sorted(_REGISTRY.get(kind, {}).values(), key=lambda i: (not i.exact, not i.gives_bound, _rank(i)))
-    return [i.name for i in infos if i.is_installed() or not installed_only]
+    """Names of the methods for this problem (object, class or family name): exact ones first, then those
+    giving a bound, then the rest, defaults first within each; only installed ones unless told otherwise."""
+    cls, table = _table_of(problem)
+    order = DEFAULTS.get(getattr(cls, "kind", ""), ())
 
+    def rank(i: SolverInfo) -> tuple:
+        return (not i.exact, not i.gives_bound, order.index(i.name) if i.name in order else len(order))
 
-def _rank(info: SolverInfo) -> int:
-    order = DEFAULTS.get(info.kind, ())
-    return order.index(info.name) if info.name in order else len(order)
+    return [i.name for i in sorted(table.values(), key=rank) if i.is_installed() or not installed_only]
 
 
 def method_info(problem: Any, method: str) -> SolverInfo:
-    """The :class:`SolverInfo` of ``method`` (aliases allowed); ValueError naming the valid methods."""
-    _load_solvers()
-    kind = _kind_of(problem)
-    table = _REGISTRY.get(kind, {})
+    """The :class:`SolverInfo` of ``method`` (aliases and "auto" allowed); ValueError naming the valid methods."""
+    cls, table = _table_of(problem)
+    if not isinstance(method, str):
+        raise ValueError(f"`method` must be a method name, got {method!r:.80}")
     if method == "auto":
-        for name in DEFAULTS.get(kind, ()):
+        for name in DEFAULTS.get(getattr(cls, "kind", ""), ()):
             if name in table and table[name].is_installed():
                 return table[name]
-        raise ValueError(f"no installed method for {kind} problems; install ortools or scipy")
-    name = _ALIASES.get(kind, {}).get(method, method)
+        for info in table.values():
+            if info.is_installed():
+                return info
+        raise ValueError(f"no installed method for {cls.__name__}; install ortools or scipy")
+    name = _ALIASES.get(cls, {}).get(method, method)
     if name not in table:
-        valid = sorted(list(table) + list(_ALIASES.get(kind, {})))
-        raise ValueError(f"unknown `method` {method!r} for {kind} problems; valid methods: {', '.join(valid)}")
+        valid = sorted(list(table) + list(_ALIASES.get(cls, {})))
+        raise ValueError(f"unknown `method` {method!r} for {cls.__name__}; valid methods: {', '.join(valid)}")
     info = table[name]
     if not info.is_installed():
         raise ValueError(f"`method` {name!r} needs {', '.join(info.backends)}, which is not installed")
     return info
 
 
-def solve(problem: Any, method: str = "auto", *, time_limit: float | None = None, **options: Any) -> Solution:
-    """Solve ``problem`` with ``method`` and return a checked :class:`Solution`.
+def check_time_limit(time_limit: Any) -> float | None:
+    """``time_limit`` as positive finite seconds or None; ValueError naming it otherwise."""
+    if time_limit is None:
+        return None
+    if isinstance(time_limit, bool) or not isinstance(time_limit, (int, float)) or isinstance(time_limit, complex):
+        raise ValueError(f"`time_limit` must be a positive number of seconds, got {time_limit!r}")
+    t = float(time_limit)
+    if not (t > 0 and math.isfinite(t)):
+        raise ValueError(f"`time_limit` must be a positive number of seconds, got {time_limit!r}")
+    return t
 
-    Args:
-      problem: a :class:`RoutingProblem` or :class:`PlacementProblem`.
-      method: a registry name (``available_methods(problem)``) or "auto".
-      time_limit: seconds, or None. Methods with a back-end limit pass it on; iterative heuristics stop
-        early; a run that hit the limit has status ``time_limit``.
-      **options: method-specific options; unknown ones raise ValueError listing the valid ones.
 
-    Every answer goes through :func:`moebalance.check`: the objective and loads are recomputed, a violated
-    constraint turns the status into ``infeasible``, and a claimed optimum that disagrees with its own bound
-    is downgraded to ``feasible``.
-    """
-    info = method_info(problem, method)
-    if time_limit is not None:
-        try:
-            time_limit = float(time_limit)
-        except (TypeError, ValueError):
-            raise ValueError(f"`time_limit` must be a positive number of seconds, got {time_limit!r}") from None
-        if not (time_limit > 0 and math.isfinite(time_limit)):
-            raise ValueError(f"`time_limit` must be a positive number of seconds, got {time_limit!r}")
+def check_options(info: SolverInfo, options: dict[str, Any]) -> dict[str, Any]:
+    """Options merged over the method's defaults; ValueError naming unknown ones and listing the valid ones."""
     unknown = sorted(set(options) - set(info.options))
     if unknown:
         valid = ", ".join(sorted(info.options)) or "none"
         raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))} for method {info.name!r}; "
                          f"valid options: {valid}")
-    opts = {**info.options, **options}
+    return {**info.options, **options}
+
+
+def solve(problem: Any, method: str = "auto", *, time_limit: float | None = None, **options: Any) -> Solution:
+    """Solve ``problem`` with ``method`` and return a checked, typed solution.
+
+    Args:
+      problem: a problem object (:class:`RoutingProblem`, :class:`PlacementProblem`, ``ReplicationProblem``).
+      method: a registry name (``available_methods(problem)``) or "auto".
+      time_limit: seconds, or None. Methods with ``supports_time_limit`` honour it, model building included;
+        a run that hit the limit has status ``time_limit``.
+      **options: method-specific options; unknown ones raise ValueError listing the valid ones.
+
+    Every answer goes through the shared check (:func:`finalize`). KeyboardInterrupt propagates; any other
+    back-end exception becomes status ``error``.
+    """
+    if isinstance(problem, (str, type)):
+        raise ValueError(f"`problem` must be a problem object, not {problem!r:.80}; build one first, e.g. "
+                         f"RoutingProblem(scores, k)")
+    info = method_info(problem, method)
+    time_limit = check_time_limit(time_limit)
+    opts = check_options(info, options)
     t0 = time.perf_counter()
     try:
         raw = info.func(problem, time_limit=time_limit, **opts)
-    except ValueError:
-        raise
+    except ValueError as exc:
+        if _raised_by_us(exc):  # our own validation of an option: the caller's bad input
+            raise
+        raw = problem.solution_type(method=info.name, status=Status.ERROR,
+                                    message=f"back-end {type(exc).__name__}: {exc}")
     except Exception as exc:  # a back-end failure becomes a status, never a traceback
-        raw = Solution(method=info.name, status=Status.ERROR, objective=float("nan"),
-                       message=f"{type(exc).__name__}: {exc}")
+        raw = problem.solution_type(method=info.name, status=Status.ERROR,
+                                    message=f"{type(exc).__name__}: {exc}")
     wall = time.perf_counter() - t0
-    return finalize(problem, raw.replace(method=info.name, wall_time=wall))
+    return finalize(problem, raw, method=info.name, wall_time=wall)
 
 
-def finalize(problem: Any, sol: Solution) -> Solution:
-    """Run the shared check on ``sol`` and fill objective, loads, gap and status from it."""
-    stats = dict(sol.stats)
-    status = sol.status
-    message = sol.message
-    bound = sol.bound
-    extras: dict[str, Any] = {}
-    if sol.assignment is None:
-        objective, loads = float("nan"), None
-        stats["feasible"] = False
-        if status in (Status.OPTIMAL, Status.FEASIBLE):
-            status, message = Status.ERROR, (message + "; " if message else "") + "no assignment returned"
+# moebalance's own folders: the package and, in a checkout, the sub-package folders mapped by pyproject
+_OUR_FOLDERS = tuple(str(pathlib.Path(__file__).resolve().parent.parent / d) + os.sep
+                     for d in ("moebalance", "solvers", "kernels", "integrations"))
+
+
+def _raised_by_us(exc: BaseException) -> bool:
+    """True when the innermost frame that raised ``exc`` is moebalance's own code (input validation), False when
+    it is a back-end's (cvxpy, OR-Tools, scipy: a failure of the back-end, reported as status ``error``)."""
+    tb = exc.__traceback__
+    last = None
+    while tb is not None:
+        last = tb
+        tb = tb.tb_next
+    if last is None:
+        return True
+    filename = os.path.realpath(last.tb_frame.f_code.co_filename)
+    return filename.startswith(_OUR_FOLDERS)
+
+
+def _append(message: str, more: str) -> str:
+    return f"{message}; {more}" if message else more
+
+
+def finalize(problem: Any, raw: Solution, *, method: str | None = None, wall_time: float | None = None) -> Solution:
+    """Run the shared check on a solver's raw answer and return the family's typed solution.
+
+    - objective, feasibility and the family fields come from ``problem.evaluate``, never from the solver;
+    - an answer that violates a constraint is ``infeasible`` (or stays ``time_limit``/``error`` with its
+      assignment dropped, so a stopped solver never reads as an infeasible problem);
+    - ``problem.certify`` (optional) may tighten the bound from the answer and correct family fields (routing:
+      the Lagrangian bound of the bias; a bias that does not reproduce the assignment is moved to
+      ``stats["certificate_price"]``, keeping ``bias``'s contract);
+    - a bound on the wrong side of a feasible objective is dropped as invalid;
+    - a claimed optimum whose gap to its bound exceeds ``OPTIMALITY_TOL`` (or with no bound) is downgraded to
+      ``feasible``.
+    """
+    cls = problem.solution_type
+    stats = dict(raw.stats)
+    status = raw.status
+    message = raw.message
+    bound = raw.bound if raw.bound is None or math.isfinite(raw.bound) else None
+    assignment = raw.assignment
+    objective = float("nan")
+    feasible = False
+    fields: dict[str, Any] = {}
+    if assignment is None:
+        if status in (Status.OPTIMAL, Status.FEASIBLE, Status.INFEASIBLE):
+            status, message = Status.ERROR, _append(message, "no assignment returned")
     else:
-        res = check(problem, sol.assignment, token_ranges=sol.token_ranges)
-        objective, loads = res.objective, res.loads
-        stats["feasible"] = res.feasible
-        stats["load_ratio"] = res.load_ratio
-        extras = res.extras
-        if not res.feasible:
-            stats["violations"] = res.violations
-            if status != Status.ERROR:
+        ev = problem.evaluate(assignment, solution=raw)
+        objective, feasible, fields = ev.objective, ev.feasible, dict(ev.fields)
+        stats["load_ratio"] = ev.load_ratio
+        if not feasible:
+            stats["violations"] = list(ev.violations)
+            message = _append(message, "; ".join(ev.violations))
+            if status in (Status.TIME_LIMIT, Status.ERROR):
+                message = _append(message, "its infeasible incumbent was dropped")
+                assignment, objective, fields = None, float("nan"), {}
+            else:
                 status = Status.INFEASIBLE
-            message = (message + "; " if message else "") + "; ".join(res.violations)
-    if problem.kind == "routing" and sol.bias is not None and sol.assignment is not None and loads is not None:
-        dual = routing_dual_bound(problem, sol.bias)
-        stats["dual_bound"] = dual
-        stats["bias_reproduces"] = bias_reproduces(problem, np.asarray(sol.assignment), sol.bias)
-        bound = dual if bound is None else min(bound, dual)
+    certify = getattr(problem, "certify", None)
+    extra_bound, extra_stats, overrides = certify(raw) if (feasible and certify is not None) else (None, {}, {})
+    stats.update(extra_stats)
+    if overrides.get("message"):
+        message = _append(message, overrides.pop("message"))
+    if extra_bound is not None and math.isfinite(extra_bound):
+        bound = extra_bound if bound is None else (min(bound, extra_bound) if problem.sense == "max"
+                                                   else max(bound, extra_bound))
     gap = None
-    if bound is not None and math.isfinite(objective) and stats.get("feasible"):
-        gap = abs(bound - objective) / max(abs(bound), 1e-12)
-        if status == Status.OPTIMAL and gap > OPTIMALITY_TOL:
-            status = Status.FEASIBLE
-            message = (message + "; " if message else "") + f"claimed optimal but gap to bound is {gap:.3g}"
-    return sol.replace(status=status, objective=objective, loads=loads, bound=bound, gap=gap, stats=stats,
-                       message=message, **extras)
+    if bound is not None and feasible and math.isfinite(objective):
+        scale = problem.objective_scale()
+        tol = OPTIMALITY_TOL * max(abs(objective), abs(bound), 1e-9 * scale)
+        wrong_side = (bound < objective - tol) if problem.sense == "max" else (bound > objective + tol)
+        if wrong_side:
+            message = _append(message, f"the reported bound {bound:.8g} is invalid (the check's objective is "
+                                       f"{objective:.8g}); dropped")
+            stats["invalid_bound"] = bound
+            bound = None
+        else:
+            gap = relative_gap(bound, objective, scale)
+    if status == Status.OPTIMAL and (gap is None or gap > OPTIMALITY_TOL):
+        status = Status.FEASIBLE
+        why = "no valid bound" if gap is None else f"gap to bound is {gap:.3g}"
+        message = _append(message, f"claimed optimal but {why}")
+    names = cls.family_fields()
+    keep = {name: getattr(raw, name) for name in names if hasattr(raw, name)}
+    keep.update({k: v for k, v in fields.items() if k in names})
+    keep.update({k: v for k, v in overrides.items() if k in names})
+    return cls(method=method if method is not None else raw.method, status=status, objective=objective,
+               bound=bound, gap=gap, assignment=assignment,
+               wall_time=raw.wall_time if wall_time is None else wall_time, stats=stats, message=message,
+               feasible=feasible, **keep)

@@ -7,10 +7,28 @@ from typing import Any
 
 import numpy as np
 
-from ._validate import as_float_array, as_int, as_int_array
+from ._validate import MAX_EXPERTS, MAX_FACTOR, as_float_array, as_int, as_int_array, as_real
 from .errors import InfeasibleError
+from .solution import Evaluation, RoutingSolution
 
-__all__ = ["RoutingProblem"]
+__all__ = ["RoutingProblem", "RoutingSolution", "check_routing", "routing_dual_bound", "bias_reproduces",
+           "expert_capacity"]
+
+# relative tolerance of the check's ties (bias_reproduces)
+TIE_TOL = 1e-7
+
+
+def expert_capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: float) -> int:
+    """Per-expert capacity ``ceil(capacity_factor * T * k / E)`` (the one formula every layer, balancer and problem
+    uses; a product within 1e-9 above an integer rounds down to it, so ``1.0 * T * k / E`` exact stays exact)."""
+    for name, v in (("num_tokens", num_tokens), ("k", k), ("num_experts", num_experts)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (1 if name == "num_experts" else 0):
+            raise ValueError(f"`{name}` must be an integer >= {1 if name == 'num_experts' else 0}, got {v!r}")
+    cf = capacity_factor
+    if isinstance(cf, bool) or not isinstance(cf, (int, float, np.integer, np.floating)) or not math.isfinite(cf) \
+            or cf <= 0:
+        raise ValueError(f"`capacity_factor` must be a positive finite number, got {capacity_factor!r}")
+    return math.ceil(float(cf) * int(num_tokens) * int(k) / int(num_experts) - 1e-9)
 
 
 class RoutingProblem:
@@ -34,28 +52,25 @@ class RoutingProblem:
 
     kind = "routing"
     sense = "max"
+    load_ratio_label = "max/cap"
+    solution_type = RoutingSolution
 
     def __init__(self, scores: Any, k: int, capacity: Any = None, capacity_factor: float = 1.0):
         s = as_float_array(scores, "scores", 2)
         T, E = s.shape
         if T < 1 or E < 1:
             raise ValueError(f"`scores` must have at least one token and one expert, got shape {s.shape}")
+        if E > MAX_EXPERTS:
+            raise ValueError(f"`scores` has E={E} experts, over the limit of {MAX_EXPERTS}")
         k = as_int(k, "k", minimum=1, maximum=E)
+        cf: float | None = None
         if capacity is None:
-            try:
-                cf = float(capacity_factor)
-            except (TypeError, ValueError):
-                raise ValueError(f"`capacity_factor` must be a positive number, got {capacity_factor!r}") from None
-            if not math.isfinite(cf) or cf <= 0:
-                raise ValueError(f"`capacity_factor` must be a positive finite number, got {capacity_factor!r}")
-            cap = np.full(E, math.ceil(cf * T * k / E - 1e-9), dtype=np.int64)
+            cf = as_real(capacity_factor, "capacity_factor", positive=True, maximum=MAX_FACTOR)
+            cap = np.full(E, expert_capacity(T, k, E, cf), dtype=np.int64)
         elif np.ndim(capacity) == 0 and not type(capacity).__module__.startswith("torch"):
             cap = np.full(E, as_int(capacity, "capacity", minimum=0), dtype=np.int64)
         else:
             cap = as_int_array(capacity, "capacity", (E,), minimum=0)
-            cf = None
-        if capacity is not None:
-            cf = None
         if int(np.minimum(cap, T).sum()) < T * k:
             raise InfeasibleError(
                 f"`capacity` is too small: the experts can take {int(np.minimum(cap, T).sum())} token slots "
@@ -67,6 +82,7 @@ class RoutingProblem:
         self._k = k
         self._capacity = cap
         self._capacity_factor = cf
+        self._scale = None
 
     # read-only views -------------------------------------------------------------------------
     @property
@@ -111,6 +127,51 @@ class RoutingProblem:
             f"RoutingProblem(T={T}, E={E}, k={self.k}, capacity=[{self.capacity.min()}..{self.capacity.max()}])"
         )
 
+    # the shared check ---------------------------------------------------------------------------
+    def evaluate(self, assignment: Any, solution: Any = None) -> Evaluation:
+        """The shared check of an ``assignment`` ``[T, k]`` (see :func:`check_routing`)."""
+        return check_routing(self, assignment)
+
+    def certify(self, solution: Any) -> tuple[float | None, dict[str, Any], dict[str, Any]]:
+        """What a feasible answer proves by itself: ``(bound, stats, field corrections)``.
+
+        The Lagrangian bound of its ``bias`` and of any ``stats["certificate_price"]``. ``bias`` keeps its
+        contract (top-k of ``scores - bias`` reproduces the assignment up to ties): a bias that reproduces fewer
+        tokens is moved to ``stats["certificate_price"]`` (it still certifies the bound) and ``bias`` becomes
+        None.
+        """
+        stats: dict[str, Any] = {}
+        fixes: dict[str, Any] = {}
+        bounds = []
+        bias = getattr(solution, "bias", None)
+        cert = (solution.stats or {}).get("certificate_price")
+        if bias is not None:
+            bias = np.asarray(bias, dtype=np.float64)
+            if bias.shape != (self.num_experts,) or not np.all(np.isfinite(bias)):
+                return None, {"bias_invalid": True}, {"bias": None, "message": "the method's bias was malformed"}
+            bounds.append(routing_dual_bound(self, bias))
+            stats["dual_bound"] = bounds[-1]
+            rep = bias_reproduces(self, np.asarray(solution.assignment), bias)
+            stats["bias_reproduces"] = rep
+            if rep < 1.0:
+                fixes["bias"] = None
+                fixes["message"] = (f"its bias reproduces {rep:.1%} of the tokens: kept as "
+                                    f"stats['certificate_price'] only")
+                if cert is None:
+                    stats["certificate_price"] = bias
+        if cert is not None:
+            cert = np.asarray(cert, dtype=np.float64)
+            if cert.shape == (self.num_experts,) and np.all(np.isfinite(cert)):
+                bounds.append(routing_dual_bound(self, cert))
+                stats["certificate_bound"] = bounds[-1]
+        return (min(bounds) if bounds else None), stats, fixes
+
+    def objective_scale(self) -> float:
+        """The natural magnitude of the objective: ``k * sum_t max_e |scores[t, e]|`` (the gap's floor)."""
+        if self._scale is None:
+            object.__setattr__(self, "_scale", float(self._k * np.abs(self._scores).max(axis=1).sum()))
+        return self._scale  # type: ignore[return-value]
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON schema of a routing problem file (see ``moebalance.io``)."""
         return {
@@ -119,3 +180,71 @@ class RoutingProblem:
             "k": self.k,
             "capacity": self.capacity.tolist(),
         }
+
+
+def check_routing(problem: RoutingProblem, assignment: Any) -> Evaluation:
+    """``assignment`` [T, k] expert ids: in range, k distinct experts per token, loads within capacity."""
+    T, E = problem.shape
+    k = problem.k
+    a = np.asarray(assignment)
+    if a.shape != (T, k) or not (np.issubdtype(a.dtype, np.integer)):
+        return Evaluation(False, float("nan"),
+                          [f"assignment must be an integer array of shape ({T}, {k}), got {a.dtype} {a.shape}"])
+    violations: list[str] = []
+    if a.size and (a.min() < 0 or a.max() >= E):
+        return Evaluation(False, float("nan"), [f"expert ids must lie in [0, {E}), got range [{a.min()}, {a.max()}]"])
+    srt = np.sort(a, axis=1)
+    dup = int(np.count_nonzero(srt[:, 1:] == srt[:, :-1])) if k > 1 else 0
+    if dup:
+        violations.append(f"{dup} token(s) pick the same expert twice")
+    loads = np.bincount(a.ravel(), minlength=E).astype(np.int64)
+    over = loads - problem.capacity
+    if np.any(over > 0):
+        e = int(np.argmax(over))
+        violations.append(
+            f"{int(np.count_nonzero(over > 0))} expert(s) over capacity (worst: expert {e} has {loads[e]} "
+            f"> {problem.capacity[e]})"
+        )
+    # numpy's pairwise sum: relative error O(log2(T k) eps), whatever the scale and offset of the scores
+    objective = float(np.take_along_axis(problem.scores, a, axis=1).sum())
+    cap = problem.capacity.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(cap > 0, loads / np.maximum(cap, 1), np.where(loads > 0, np.inf, 0.0))
+    return Evaluation(not violations, objective, violations, {"loads": loads}, float(ratio.max()))
+
+
+def routing_dual_bound(problem: RoutingProblem, bias: Any) -> float:
+    """Certified upper bound on the routing optimum from any price vector ``bias`` [E].
+
+    Lagrangian duality: for q >= 0, OPT <= sum_t (sum of the k largest of scores[t] - q) + sum_e q_e capacity_e.
+    Negative prices are clipped to 0 (the bound stays valid). Summed with ``math.fsum`` and rounded up by a
+    the floating-point error of the sum (pairwise, ``O(log2(n) eps)`` of the terms' magnitude), so it stays
+    valid at any scale and offset.
+    """
+    q = np.maximum(np.asarray(bias, dtype=np.float64), 0.0)
+    red = problem.scores - q[None, :]
+    k = problem.k
+    E = red.shape[1]
+    topk = np.partition(red, E - k, axis=1)[:, E - k:]
+    cap = np.minimum(problem.capacity, problem.num_tokens).astype(np.float64)
+    qc = q * cap
+    total = float(topk.sum()) + float(qc.sum())
+    n = topk.size + qc.size
+    # each reduced score carries one rounding of |s| + |q|, each sum log2(n) more: round up by all of them
+    mag = float(np.abs(topk).sum()) + float(q.max(initial=0.0)) * topk.size + float(qc.sum())
+    slack = (math.log2(n + 1) + 4.0) * np.finfo(np.float64).eps * mag
+    return total + slack
+
+
+def bias_reproduces(problem: RoutingProblem, assignment: np.ndarray, bias: Any, tol: float = TIE_TOL) -> float:
+    """Fraction of tokens whose assigned experts are a top-k of ``scores - bias`` (ties allowed within tol,
+    relative to the magnitude of the reduced scores)."""
+    red = problem.scores - np.asarray(bias, dtype=np.float64)[None, :]
+    T, E = red.shape
+    chosen = np.zeros((T, E), dtype=bool)
+    np.put_along_axis(chosen, np.asarray(assignment), True, axis=1)
+    worst_in = np.where(chosen, red, np.inf).min(axis=1)
+    best_out = np.where(chosen, -np.inf, red).max(axis=1)
+    mag = float(np.abs(red).max()) if red.size else 0.0
+    scale = tol * mag if mag > 0 else 0.0
+    return float(np.mean(worst_in >= best_out - scale))

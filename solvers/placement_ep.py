@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from moebalance.registry import register
-from moebalance.solution import Solution, Status
+from moebalance.solution import PlacementSolution, Status
 
 __all__ = ["ep_assignment", "solve_ep"]
 
@@ -20,7 +20,8 @@ def ep_assignment(problem: Any) -> np.ndarray:
     return x
 
 
-@register("placement", "ep", description="standard expert parallelism: every token on its expert's home device")
-def solve_ep(problem: Any, *, time_limit: float | None = None) -> Solution:
+@register("placement", "ep", deterministic=True, supports_time_limit=False,
+          description="standard expert parallelism: every token on its expert's home device")
+def solve_ep(problem: Any, *, time_limit: float | None = None) -> PlacementSolution:
     """Standard expert parallelism (the baseline every speedup is measured against)."""
-    return Solution(method="ep", status=Status.FEASIBLE, objective=float("nan"), assignment=ep_assignment(problem))
+    return PlacementSolution(method="ep", status=Status.FEASIBLE, objective=float("nan"), assignment=ep_assignment(problem))

@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from moebalance.registry import register
-from moebalance.solution import Solution, Status
+from moebalance.solution import RoutingSolution, Status
 
 from ._routing_common import chosen_to_assignment, greedy_fill
 from .routing_prices import dual_bound, price_iteration
@@ -53,9 +53,11 @@ def repair(scores: np.ndarray, k: int, capacity: np.ndarray, q: np.ndarray) -> t
     return chosen, repaired, int(need.sum())
 
 
-@register("routing", "dual", gives_bound=True, options={"iterations": 50, "gap_tol": 1e-3, "warm_start": None},
+@register("routing", "dual", gives_bound=True, supports_time_limit=True,
+          options={"iterations": 50, "gap_tol": 1e-3, "warm_start": None},
           description="price iteration (BIP-based balancing), repaired to feasibility, with a Lagrangian bound")
-def solve_dual(problem, *, time_limit=None, iterations=50, gap_tol=1e-3, warm_start=None) -> Solution:
+def solve_dual(problem, *, time_limit=None, iterations=50, gap_tol=1e-3,
+               warm_start=None) -> RoutingSolution:
     """Price iteration; ``iterations`` caps the (p, q) sweeps, which stop early on a fixed point or once the
     certified gap is at most ``gap_tol``; ``warm_start`` [E]: starting prices."""
     if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 0:
@@ -106,12 +108,12 @@ def solve_dual(problem, *, time_limit=None, iterations=50, gap_tol=1e-3, warm_st
         nxt = min(iterations, 2 * nxt)
     stats = {"iterations": done, "gap_checks": checks}
     if best is None:
-        return Solution(method="dual", status=Status.ERROR, objective=float("nan"), bound=bound, stats=stats,
+        return RoutingSolution(method="dual", status=Status.ERROR, objective=float("nan"), bound=bound, stats=stats,
                         message=f"repair could not place {unplaced} slot(s)")
     obj, chosen, repaired, qb, bound_b = best
     stats.update(repaired_slots=repaired, certificate_bias=qb, certified_gap=float(gap))
     status = Status.TIME_LIMIT if (stopped and done < iterations and gap > gap_tol) else Status.FEASIBLE
-    return Solution(method="dual", status=status, objective=float("nan"), bound=min(bound, bound_b),
+    return RoutingSolution(method="dual", status=status, objective=float("nan"), bound=min(bound, bound_b),
                     assignment=chosen_to_assignment(chosen, k), bias=qb if repaired == 0 else None,
                     stats=stats, message=f"{done} price iteration(s), {repaired} slot(s) repaired, "
                                          f"certified gap {gap:.2e}")

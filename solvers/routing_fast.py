@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from moebalance.registry import register
-from moebalance.solution import Solution, Status
+from moebalance.solution import RoutingSolution, Status
 
 from . import _fast_kernels as K
 from .routing_prices import dual_bound, price_iteration
@@ -175,12 +175,12 @@ def warm_up() -> None:
         fast_route(s, 2, np.full(6, 14), **opts)
 
 
-@register("routing", "fast", exact=True, gives_bound=True,
+@register("routing", "fast", exact=True, gives_bound=True, supports_time_limit=True,
           options={"warm_start": None, "price_iterations": 3, "candidates": None, "sweeps": 10,
                    "max_rounds": 4},
           description="exact: prices, top-m candidates, shortest augmenting paths, certified on the full problem")
 def solve_fast(problem, *, time_limit=None, warm_start=None, price_iterations=3, candidates=None, sweeps=10,
-               max_rounds=4) -> Solution:
+               max_rounds=4) -> RoutingSolution:
     """Exact routing by price sweeps, candidate lists and shortest augmenting paths (module docstring).
 
     Options: ``warm_start`` [E] starting prices (e.g. the previous batch's ``bias``); ``price_iterations`` full
@@ -206,9 +206,9 @@ def solve_fast(problem, *, time_limit=None, warm_start=None, price_iterations=3,
         sol = solve_mcf(problem, time_limit=time_limit)
         return sol.replace(method="fast", stats={**sol.stats, "engine": f"mcf ({stats['failed']})"})
     if assignment is None:
-        return Solution(method="fast", status=Status.TIME_LIMIT, objective=float("nan"), bound=bound,
+        return RoutingSolution(method="fast", status=Status.TIME_LIMIT, objective=float("nan"), bound=bound,
                         stats=stats, message="time limit reached before the augmenting paths finished")
-    return Solution(method="fast", status=Status.OPTIMAL, objective=float("nan"), bound=bound,
+    return RoutingSolution(method="fast", status=Status.OPTIMAL, objective=float("nan"), bound=bound,
                     assignment=assignment, bias=q, stats=stats,
                     message=f"optimal: {stats.get('augmentations', 0)} augmenting path(s), "
                             f"{stats.get('rounds', 0)} certificate round(s)")

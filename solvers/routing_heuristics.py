@@ -5,15 +5,16 @@ from __future__ import annotations
 import numpy as np
 
 from moebalance.registry import register
-from moebalance.solution import Solution, Status
+from moebalance.solution import RoutingSolution, Status
 
 from ._routing_common import chosen_to_assignment, greedy_fill
 
 __all__ = ["solve_topk", "solve_greedy"]
 
 
-@register("routing", "topk", gives_bound=True, description="plain top-k ignoring capacity (unbalanced baseline)")
-def solve_topk(problem, *, time_limit=None) -> Solution:
+@register("routing", "topk", gives_bound=True, deterministic=True, supports_time_limit=False,
+          description="plain top-k ignoring capacity (unbalanced baseline)")
+def solve_topk(problem, *, time_limit=None) -> RoutingSolution:
     """Plain top-k of the scores, ignoring capacity.
 
     Its objective is an upper bound on the capacitated optimum (it drops the capacity constraints), so it is
@@ -23,13 +24,14 @@ def solve_topk(problem, *, time_limit=None) -> Solution:
     k = problem.k
     idx = np.sort(np.argpartition(-s, k - 1, axis=1)[:, :k], axis=1).astype(np.int64)
     bound = float(np.take_along_axis(s, idx, axis=1).sum())
-    return Solution(method="topk", status=Status.FEASIBLE, objective=float("nan"), bound=bound,
+    return RoutingSolution(method="topk", status=Status.FEASIBLE, objective=float("nan"), bound=bound,
                     assignment=idx, bias=np.zeros(problem.num_experts),
                     message="top-k without capacity (its objective bounds the optimum)")
 
 
-@register("routing", "greedy", description="capacity-aware greedy: best scores first, overflow to next-best")
-def solve_greedy(problem, *, time_limit=None) -> Solution:
+@register("routing", "greedy", deterministic=True, supports_time_limit=False,
+          description="capacity-aware greedy: best scores first, overflow to next-best")
+def solve_greedy(problem, *, time_limit=None) -> RoutingSolution:
     """Capacity-aware greedy: tokens propose their best experts, each expert keeps its highest-scored
     proposals up to capacity, and rejected tokens overflow to their next-best expert with room."""
     T, E = problem.shape
@@ -39,8 +41,8 @@ def solve_greedy(problem, *, time_limit=None) -> Solution:
     greedy_fill(problem.scores, chosen, room, need)
     left = int(need.sum())
     if left:
-        return Solution(method="greedy", status=Status.ERROR, objective=float("nan"),
+        return RoutingSolution(method="greedy", status=Status.ERROR, objective=float("nan"),
                         message=f"greedy could not place {left} token slot(s): every expert with room was "
                                 f"already taken by those tokens")
-    return Solution(method="greedy", status=Status.FEASIBLE, objective=float("nan"),
+    return RoutingSolution(method="greedy", status=Status.FEASIBLE, objective=float("nan"),
                     assignment=chosen_to_assignment(chosen, problem.k))

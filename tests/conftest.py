@@ -1,9 +1,24 @@
-"""Test-wide settings: in CI (CI=true) hypothesis draws the same examples every run, so a failure reproduces."""
+"""Test-wide settings.
+
+Hypothesis: the default profile ("ci", used by `make test` and CI) draws the same examples every run, so a
+failure reproduces; `make fuzz` selects the profile "fuzz" (random seeds, FUZZ_EXAMPLES examples per property,
+default 1000) through HYPOTHESIS_PROFILE. Every hypothesis test is marked `property` so `make fuzz` runs them
+all and nothing else.
+"""
 
 import os
 
-from hypothesis import settings
+import pytest
+from hypothesis import HealthCheck, settings
 
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
-if os.environ.get("CI"):
-    settings.load_profile("ci")
+settings.register_profile("fuzz", derandomize=False, deadline=None, print_blob=True,
+                          max_examples=int(os.environ.get("FUZZ_EXAMPLES", "1000")),
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if getattr(getattr(item, "obj", None), "is_hypothesis_test", False):
+            item.add_marker(pytest.mark.property)

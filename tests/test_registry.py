@@ -23,7 +23,7 @@ def fake_methods():
 
     yield add
     for n in names:
-        _REGISTRY["routing"].pop(n, None)
+        _REGISTRY[RoutingProblem].pop(n, None)
 
 
 def test_unknown_method_lists_valid_ones(problem):

@@ -1,0 +1,116 @@
+"""Issue 10: the package's internal import graph has no cycle, and the core never imports evaluation."""
+
+import ast
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FOLDERS = {"moebalance": "moebalance", "solvers": "moebalance.solvers", "kernels": "moebalance.kernels",
+           "integrations": "moebalance.integrations"}
+
+
+def _modules():
+    mods = {}
+    for folder, pkg in FOLDERS.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            rel = path.relative_to(ROOT / folder).with_suffix("")
+            parts = [p for p in rel.parts if p != "__init__"]
+            name = ".".join([pkg, *parts]) if parts else pkg
+            if folder == "moebalance" and parts and parts[0] in ("solvers", "kernels", "integrations"):
+                continue
+            mods[name] = (path, path.name == "__init__.py")
+    return mods
+
+
+def _edges(mods):
+    graph = {m: set() for m in mods}
+    for name, (path, is_pkg) in mods.items():
+        tree = ast.parse(path.read_text())
+        package = name if is_pkg else name.rpartition(".")[0]
+        for node in ast.walk(tree):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")
+                    up = up[: len(up) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                targets = [base] + [f"{base}.{a.name}" for a in node.names]
+            for t in targets:
+                if t in mods and t != name:
+                    # only imports at module level make cycles at import time
+                    graph[name].add(t)
+    return graph
+
+
+def _toplevel_edges(mods):
+    graph = {m: set() for m in mods}
+    for name, (path, is_pkg) in mods.items():
+        tree = ast.parse(path.read_text())
+        package = name if is_pkg else name.rpartition(".")[0]
+        for node in tree.body:
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")
+                    up = up[: len(up) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                targets = [base] + [f"{base}.{a.name}" for a in node.names]
+            for t in targets:
+                if t in mods and t != name:
+                    graph[name].add(t)
+    return graph
+
+
+def _find_cycle(graph):
+    color, stack = {}, []
+
+    def visit(n):
+        color[n] = 1
+        stack.append(n)
+        for m in sorted(graph[n]):
+            if color.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if m not in color:
+                c = visit(m)
+                if c:
+                    return c
+        stack.pop()
+        color[n] = 2
+        return None
+
+    for n in sorted(graph):
+        if n not in color:
+            c = visit(n)
+            if c:
+                return c
+    return None
+
+
+def test_no_import_cycle_at_module_level():
+    mods = _modules()
+    g = _toplevel_edges(mods)
+    # a package importing its own submodules is not a cycle through them
+    for name in g:
+        g[name] = {t for t in g[name] if not t.startswith(name + ".")}
+    assert _find_cycle(g) is None
+
+
+def test_core_never_imports_evaluation():
+    mods = _modules()
+    g = _edges(mods)
+    core = [m for m in mods if not m.startswith("moebalance.evaluation") and m not in ("moebalance.cli",
+                                                                                         "moebalance.__main__")]
+    for m in core:
+        bad = {t for t in g[m] if t.startswith("moebalance.evaluation")}
+        assert not bad, f"{m} imports {bad}"
+
+
+def test_check_and_plan_do_not_import_each_other():
+    g = _edges(_modules())
+    assert "moebalance.check" not in g["moebalance.plan"]
+    assert "moebalance.plan" not in g["moebalance.check"]
