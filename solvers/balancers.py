@@ -226,13 +226,12 @@ class BIPBalancer(_Balancer):
         if _is_torch(s):
             s = s.detach().cpu().double().numpy()
             q = q.detach().cpu().double().numpy()
-        from moebalance.routing import RoutingProblem
-
         from .routing_fast import fast_route
 
+        s = np.asarray(s, dtype=np.float64)
         E = s.shape[1]
         assignment, _, _ = fast_route(s, self.k, np.full(E, cap), warm_start=np.maximum(q, 0.0))
-        optimum = float(np.take_along_axis(RoutingProblem(s, self.k, capacity=cap).scores, assignment, 1).sum())
+        optimum = float(np.take_along_axis(s, assignment, 1).sum())
         bound = float(dual_bound(s, self.k, cap, q))
         return {"bound": bound, "optimum": optimum, "gap": (bound - optimum) / max(abs(optimum), 1e-12),
                 "capacity": float(cap)}
