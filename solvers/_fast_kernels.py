@@ -542,8 +542,8 @@ _COMPILED: dict | None = None
 
 
 def kernels(use_numba: bool = True) -> dict:
-    """``{"ssp", "sweeps", "top_k", "violations", "add_best", "loads"}``: compiled by numba (cached on disk) when it is installed
-    and ``use_numba``, else the plain Python functions."""
+    """``{"ssp", "sweeps", "top_k", "violations", "add_best", "loads", "top_m"}``: compiled by numba (cached on
+    disk) when it is installed and ``use_numba``, else the plain Python functions."""
     global _COMPILED
     if not (use_numba and HAVE_NUMBA):
         return _PY

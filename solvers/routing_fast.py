@@ -70,13 +70,13 @@ def _check_options(warm_start: Any, E: int, price_iterations: Any, candidates: A
 
 def fast_route(scores: np.ndarray, k: int, capacity: np.ndarray, *, warm_start: np.ndarray | None = None,
                price_iterations: int = 3, candidates: int | None = None, sweeps: int = 10, max_rounds: int = 4,
-               deadline: float | None = None, use_numba: bool = True, overrelax: float = 2.0) -> tuple[np.ndarray | None, np.ndarray,
-                                                                                  dict[str, Any]]:
+               deadline: float | None = None, use_numba: bool = True,
+               overrelax: float = 2.0) -> tuple[np.ndarray | None, np.ndarray, dict[str, Any]]:
     """The exact routing of ``scores`` [T, E] (see the module docstring).
 
     Returns ``(assignment [T, k] or None when the deadline stopped it (or, ``stats["failed"]``, an invariant
-    broke), prices q [E], stats)``. ``capacity``
-    [E] must admit a feasible routing (``sum(min(capacity, T)) >= T * k``).
+    broke), prices q [E], stats)``. ``capacity`` [E] must admit a feasible routing
+    (``sum(min(capacity, T)) >= T * k``). ``overrelax`` scales the candidate sweeps' price steps (1: plain).
     """
     t0 = time.perf_counter()
     T, E = scores.shape
