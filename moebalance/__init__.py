@@ -12,8 +12,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .check import CheckResult, check
-from .compare import Comparison, compare
+from .checking import CheckResult, check
+from .comparison import Comparison, compare
 from .errors import InfeasibleError
 from .registry import available_methods, method_info, register, solve
 from .routing import RoutingProblem

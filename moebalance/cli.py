@@ -178,7 +178,7 @@ def _cmd_solve(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import compare
+    from .comparison import compare
     from .io import load_problem
     from .registry import available_methods, method_info
 

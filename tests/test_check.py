@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from moebalance import RoutingProblem, solve
-from moebalance.check import bias_reproduces, check, check_routing, routing_dual_bound
+from moebalance import check
+from moebalance.routing import bias_reproduces, check_routing, routing_dual_bound
 
 
 @pytest.fixture

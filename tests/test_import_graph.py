@@ -112,5 +112,24 @@ def test_core_never_imports_evaluation():
 
 def test_check_and_plan_do_not_import_each_other():
     g = _edges(_modules())
-    assert "moebalance.check" not in g["moebalance.plan"]
-    assert "moebalance.plan" not in g["moebalance.check"]
+    assert "moebalance.checking" not in g["moebalance.plan"]
+    assert "moebalance.plan" not in g["moebalance.checking"]
+
+
+def test_no_module_doubles_as_a_function():
+    """Issue 10: a name of the package is a module or a function, never both (moebalance.check is the function;
+    its module is moebalance.checking)."""
+    import importlib
+    import pkgutil
+    import types
+
+    import moebalance
+
+    for name in dir(moebalance):
+        value = getattr(moebalance, name)
+        if isinstance(value, types.ModuleType):
+            continue
+        assert importlib.util.find_spec(f"moebalance.{name}") is None, f"moebalance.{name} is a module and a {type(value).__name__}"
+    for mod in pkgutil.iter_modules(moebalance.__path__):
+        if mod.name in moebalance.__all__:
+            assert isinstance(getattr(moebalance, mod.name), types.ModuleType), mod.name

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import moebalance as mb
 from moebalance import RoutingProblem, Status, solve
-from moebalance.check import bias_reproduces, routing_dual_bound
+from moebalance.routing import bias_reproduces, routing_dual_bound
 from moebalance.generate import routing_problem
 from moebalance.solvers import _fast_kernels as K
 from moebalance.solvers.routing_fast import fast_route

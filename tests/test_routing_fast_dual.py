@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from moebalance import RoutingProblem, Status, solve
-from moebalance.check import bias_reproduces, routing_dual_bound
+from moebalance.routing import bias_reproduces, routing_dual_bound
 from moebalance.generate import routing_problem
 
 

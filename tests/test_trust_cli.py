@@ -73,7 +73,7 @@ def test_everything_is_checked_before_solving(hard_file, tmp_path, args, needle)
 
 def test_python_compare_checks_every_name_first(monkeypatch):
     calls = []
-    monkeypatch.setattr(sys.modules["moebalance.compare"], "solve", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(sys.modules["moebalance.comparison"], "solve", lambda *a, **k: calls.append(a))
     with pytest.raises(ValueError, match="dula"):
         moebalance.compare(routing_problem(20, 4, 2), ["mcf", "dula"])
     assert calls == []

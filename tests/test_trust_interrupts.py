@@ -121,7 +121,7 @@ def test_keyboard_interrupt_stops_compare(monkeypatch):
         ran.append(method)
         return real_solve(problem, method, **kw)
 
-    monkeypatch.setattr(sys.modules["moebalance.compare"], "solve", counting_solve)
+    monkeypatch.setattr(sys.modules["moebalance.comparison"], "solve", counting_solve)
     started = _spy(monkeypatch, bip)
     _sigint_after(0.3, started)
     with pytest.raises(KeyboardInterrupt):

@@ -14,7 +14,7 @@ def _section(title: str) -> None:
 
 
 def _routing(quick: bool) -> None:
-    from moebalance.compare import compare
+    from moebalance.comparison import compare
     from moebalance.generate import routing_problem
     from moebalance.registry import available_methods, solve
 

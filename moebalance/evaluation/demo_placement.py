@@ -10,7 +10,7 @@ __all__ = ["run"]
 def run(quick: bool, section: Callable[[str], None]) -> None:
     import numpy as np
 
-    from moebalance.compare import compare
+    from moebalance.comparison import compare
     from moebalance.placement import PlacementProblem
     from moebalance.registry import available_methods
     from .simulate import DEFAULT_ROUTING_DIR, MODELS, Hardware, _spread, real_layers
