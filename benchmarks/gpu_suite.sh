@@ -125,7 +125,7 @@ step layer "$PY" "$B/gpu_layer.py" $DRYFLAG --out "$WORK/layer.json"
 step calibration "$PY" "$B/gpu_calibrate.py" $DRYFLAG --out "$WORK/calibration.json"
 step ep "$PY" "$B/gpu_ep.py" $DRYFLAG --out "$WORK/ep.json"
 # the test files that hold gpu-marked tests (collecting only these keeps unrelated imports out)
-GPU_TESTS=$(grep -l "pytest.mark.gpu" tests/test_*.py 2>/dev/null | tr '\n' ' ')
+GPU_TESTS=$(grep -rl --include="test_*.py" "pytest.mark.gpu" tests 2>/dev/null | sort | tr '\n' ' ')
 if [ -n "$GPU_TESTS" ]; then
   step pytest "$PY" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$WORK/pytest.xml" $GPU_TESTS
 else

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SUITE = ROOT / "benchmarks" / "gpu_suite.sh"
 SECTIONS = ("env", "kernels", "layer", "calibration", "ep")
 STEPS = ("env", "kernels", "layer", "calibration", "ep", "pytest")

@@ -12,7 +12,7 @@ pytest.importorskip("matplotlib")
 from moebalance.evaluation import _plotting, report  # noqa: E402
 from moebalance.evaluation.simulate import simulate  # noqa: E402
 from moebalance.evaluation.study import plot_study  # noqa: E402
-from tests.test_report import _placement, _routing  # noqa: E402
+from tests.evaluation.test_report import _placement, _routing  # noqa: E402
 
 
 @pytest.fixture

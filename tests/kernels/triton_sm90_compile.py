@@ -1,9 +1,9 @@
 """Compile every Triton kernel of moebalance.kernels for sm_90 (H100/H200) down to a cubin, without a GPU.
 
-Run as a script in a process without TRITON_INTERPRET (tests/test_kernels.py does): the interpreter
+Run as a script in a process without TRITON_INTERPRET (tests/kernels/test_kernels.py does): the interpreter
 accepts code that the real compiler rejects, so this is the CPU-side check of the GPU path.
 
-    python tests/triton_sm90_compile.py        # prints one line per kernel; exit status 1 on a failure
+    python tests/kernels/triton_sm90_compile.py        # prints one line per kernel; exit status 1 on a failure
 """
 
 from __future__ import annotations

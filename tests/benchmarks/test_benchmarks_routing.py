@@ -10,7 +10,7 @@ import pytest
 
 import moebalance as mb
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "routing_solvers.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "routing_solvers.py"
 
 
 def _load_script():

@@ -3,7 +3,7 @@
 import ast
 import pathlib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 FOLDERS = {"moebalance": "moebalance", "solvers": "moebalance.solvers", "kernels": "moebalance.kernels",
            "integrations": "moebalance.integrations"}
 

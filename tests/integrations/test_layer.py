@@ -12,12 +12,12 @@ import math
 import pytest
 import torch
 
-from .moe_testing import DEV, close, exact_fp32  # noqa: F401, I001  (first: TRITON_INTERPRET=1 without a GPU)
+from ..moe_testing import DEV, close, exact_fp32  # noqa: F401, I001  (first: TRITON_INTERPRET=1 without a GPU)
 
 from moebalance.integrations.torch import MoEConfig, MoELayer, apply_capacity, expert_ffn, route  # noqa: E402
 from moebalance.kernels import expert_ffn as kernels_expert_ffn  # noqa: E402
 
-from . import moe_naive  # noqa: E402
+from .. import moe_naive  # noqa: E402
 
 
 

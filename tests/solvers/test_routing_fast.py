@@ -14,7 +14,7 @@ from moebalance.generate import routing_problem
 from moebalance.solvers import _fast_kernels as K
 from moebalance.solvers.routing_fast import fast_route
 
-from .catalogue import CATALOGUE, brute_force_routing
+from ..catalogue import CATALOGUE, brute_force_routing
 
 IDS = [c[0] for c in CATALOGUE]
 

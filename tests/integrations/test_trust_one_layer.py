@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from moebalance.integrations.torch import MoEConfig, MoELayer
-from tests.test_distributed import TOL, _launch
+from tests.integrations.test_distributed import TOL, _launch
 
 # field -> configs that set it to non-default values (over the base: hidden 12, ffn 20, E 8, k 2, torch
 # backend, float32, 95%-skewed routing, LLEP placement with min_chunk 4)
@@ -32,14 +32,14 @@ OPTION_CASES: dict[str, list[dict]] = {
     "aux_loss_coeff": [{"balancer": "aux_loss", "aux_loss_coeff": 0.5}],
     "capacity_factor": [{"capacity_factor": 1.0}, {"capacity_factor": 1.25, "balancer": "bip"}],
     # "auto" is torch on CPU; "triton" cannot run on CPU tensors: both layers refuse it the same way (the
-    # workers run with TRITON_INTERPRET=0 whatever the kernel tests set in this process: tests/test_distributed.py)
+    # workers run with TRITON_INTERPRET=0 whatever the kernel tests set in this process: tests/integrations/test_distributed.py)
     "backend": [{"backend": "auto"}, {"backend": "triton", "refused": True}],
     "dtype": [{"dtype": "bfloat16"}],
     "bip_same_batch": [{"balancer": "bip", "bip_same_batch": True},
                        {"balancer": "bip", "bip_same_batch": True, "capacity_factor": 1.5}],
 }
 WORLD = 2
-# what tests/test_distributed.py's _layer sets when a case does not (the base every case departs from)
+# what tests/integrations/test_distributed.py's _layer sets when a case does not (the base every case departs from)
 BASE = {"hidden": 12, "ffn": 20, "num_experts": 8, "top_k": 2, "backend": "torch", "dtype": "float32"}
 
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import moebalance as mb
 from moebalance import CostModel, PlacementProblem, RoutingProblem, Status
 
-from .catalogue import brute_force_routing
+from ..catalogue import brute_force_routing
 from .test_placement_solvers import brute_force as brute_force_placement
 
 # the fuzz profile's example count; a small derandomized set otherwise (CI)

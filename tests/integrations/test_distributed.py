@@ -1,6 +1,6 @@
 """ExpertParallelMoE on CPU with gloo: outputs and every gradient against the single-process MoELayer.
 
-Each test launches its ranks as subprocesses of this file (``python tests/test_distributed.py --worker ...``),
+Each test launches its ranks as subprocesses of this file (``python tests/integrations/test_distributed.py --worker ...``),
 joined by a gloo process group on 127.0.0.1 at a free port. A worker builds the same seeded ``MoELayer`` on
 every rank, runs it single-process on the rank-major concatenation of all ranks' tokens (the reference), then
 runs ``ExpertParallelMoE.from_layer`` on its own tokens, and writes the largest differences, its plan and its
@@ -249,7 +249,7 @@ def _worker(mode: str, rank: int, world: int, port: int, out: Path) -> None:
                        timeout=datetime.timedelta(seconds=timeout))
     result: dict = {"rank": rank}
     path = out / f"{mode}-{rank}.json"
-    if mode == "options":  # tests/test_trust_one_layer.py: one case per MoEConfig option, hot path (no debug check)
+    if mode == "options":  # tests/integrations/test_trust_one_layer.py: one case per MoEConfig option, hot path (no debug check)
         cases = json.loads((out / "options.json").read_text())
         result["cases"] = [_run_option(rank, world, c) for c in cases]
     elif mode == "equivalence":

@@ -12,7 +12,7 @@ from moebalance import RoutingProblem, Status, solve
 from moebalance.routing import bias_reproduces, routing_dual_bound
 from moebalance.generate import routing_problem
 
-from .catalogue import CATALOGUE
+from ..catalogue import CATALOGUE
 
 EXACT = ["mcf", "bip", "mip"]
 BOUNDS = ["lp", "cvxpy", "dual", "topk"]  # methods whose bound must never be below the optimum
@@ -142,7 +142,7 @@ def test_relations_on_random_instances(problem):
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 2**31), T=st.integers(2, 10), E=st.integers(2, 5))
 def test_exact_methods_match_brute_force_on_random_tiny(seed, T, E):
-    from .catalogue import brute_force_routing
+    from ..catalogue import brute_force_routing
 
     rng = np.random.default_rng(seed)
     k = int(rng.integers(1, E + 1))

@@ -179,7 +179,7 @@ def test_hot_path_benchmark_compares_equal_plans():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "hot_path.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "hot_path.py"
     spec = importlib.util.spec_from_file_location("hot_path_benchmark", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "moe_layer.py"
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "moe_layer.py"
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,11 @@ import sys
 import pytest
 import torch
 
-from .moe_testing import DEV, close, exact_fp32  # noqa: F401, I001  (first: TRITON_INTERPRET=1 without a GPU)
+from ..moe_testing import DEV, close, exact_fp32  # noqa: F401, I001  (first: TRITON_INTERPRET=1 without a GPU)
 
 from moebalance.kernels import expert_ffn, moe_experts, ops, reference, resolve_backend  # noqa: E402
 
-from . import moe_naive  # noqa: E402
+from .. import moe_naive  # noqa: E402
 
 BLOCK_M = 16  # several row tiles per expert on the small shapes below
 

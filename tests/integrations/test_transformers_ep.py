@@ -17,9 +17,9 @@ import torch
 
 pytest.importorskip("transformers")
 
-from tests.test_transformers import ARCHS, build, run, skew, tokens  # noqa: E402
+from tests.integrations.test_transformers import ARCHS, build, run, skew, tokens  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PLACEMENTS = ("ep", "llep")
 EXTRA = {"mixtral": ("milp",)}  # a method solved on rank 0 and broadcast
 SEQS_PER_RANK = 2
@@ -88,7 +88,7 @@ def _worker(rank: int, world: int, out: str) -> None:
 def _launch(world: int, tmp: Path) -> list[dict[str, np.ndarray]]:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.test_transformers_ep", str(r), str(world), str(tmp)],
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.integrations.test_transformers_ep", str(r), str(world), str(tmp)],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in range(world)]
     logs = []
