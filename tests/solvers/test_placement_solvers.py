@@ -3,7 +3,6 @@ the reference transcription, the EPLB example, time limits and bad options."""
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
@@ -15,52 +14,32 @@ from moebalance.plan import device_times
 from moebalance.solvers.placement_eplb import balanced_packing, replicate
 from moebalance.solvers.placement_llep import llep_plan, llep_plan_reference, plan_to_assignment
 
+from ..catalogue_placement import PLACEMENT_CATALOGUE as CATALOGUE
+from ..catalogue_placement import PLACEMENT_OPTIMA, _compositions
+
 HEURISTICS = ["ep", "eplb", "eplb-home", "llep", "llep+"]
-
-
-def _compositions(total: int, parts: int):
-    for cuts in itertools.combinations(range(total + parts - 1), parts - 1):
-        prev, out = -1, []
-        for c in cuts:
-            out.append(c - prev - 1)
-            prev = c
-        out.append(total + parts - 2 - prev)
-        yield out
-
-
-def brute_force(p: PlacementProblem) -> float:
-    """Optimal makespan by enumerating every integer plan (tiny instances only)."""
-    E, P = p.shape
-    rows = [list(_compositions(int(L), P)) for L in p.expert_loads]
-    best = math.inf
-    for combo in itertools.product(*rows):
-        x = np.array(combo, dtype=np.int64)
-        if p.max_tokens_per_device is not None and x.sum(axis=0).max() > p.max_tokens_per_device:
-            continue
-        if p.max_foreign_experts is not None:
-            foreign = (x > 0) & (np.arange(P)[None, :] != p.home[:, None])
-            if foreign.sum(axis=0).max() > p.max_foreign_experts:
-                continue
-        best = min(best, float(device_times(p, x).max()))
-    return best
-
-
-CATALOGUE = {
-    "tokens-only": PlacementProblem([4, 1, 0, 3], 2, min_chunk=1, imbalance_threshold=None),
-    "gemm+weight": PlacementProblem([5, 1, 1, 0, 2, 0], 3, cost=CostModel(1, 2, 3, 0), min_chunk=1),
-    "transfer": PlacementProblem([6, 2, 1, 1], 2, cost=CostModel(1, 0.5, 2.5, 0.25), min_chunk=1,
-                                 imbalance_threshold=None),
-    "limits": PlacementProblem([5, 3, 0, 0, 1, 1], 3, cost=CostModel(1, 1, 1, 0), max_tokens_per_device=4,
-                               max_foreign_experts=1, min_chunk=1, imbalance_threshold=None),
-    "custom-home": PlacementProblem([3, 3, 2], 2, home=[1, 1, 0], cost=CostModel(1, 0, 4, 0), min_chunk=1),
-    "weights-dominate": PlacementProblem([6, 0, 0, 0], 4, cost=CostModel(1, 0, 5, 0), min_chunk=1,
-                                         imbalance_threshold=None),
-}
 
 
 @pytest.fixture(scope="module")
 def optima():
-    return {name: brute_force(p) for name, p in CATALOGUE.items()}
+    return dict(PLACEMENT_OPTIMA)
+
+
+@pytest.mark.parametrize("method", mb.available_methods("placement"))
+def test_every_method_on_the_catalogue(method):
+    """Every registered placement method (those added later included) on every catalogue problem: a feasible
+    answer is never below the optimum, an exact method that claims optimal reaches it, any bound is valid."""
+    info = mb.method_info("placement", method)
+    for name, p in CATALOGUE.items():
+        opt = PLACEMENT_OPTIMA[name]
+        tol = 1e-7 * max(1.0, opt)
+        sol = mb.solve(p, method, time_limit=30 if info.supports_time_limit else None)
+        if sol.feasible:
+            assert sol.objective >= opt - tol, (method, name, sol)
+        if info.exact and sol.status == Status.OPTIMAL:
+            assert sol.objective == pytest.approx(opt, abs=tol), (method, name)
+        if sol.bound is not None:
+            assert sol.bound <= opt + tol, (method, name, sol.bound, opt)
 
 
 @pytest.mark.parametrize("name", list(CATALOGUE))
