@@ -114,10 +114,38 @@ def _inverse(perm: np.ndarray) -> np.ndarray:
     return inv
 
 
+def replicate_to_target(weight: np.ndarray, num_phy: int, target: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Like :func:`replicate_rows`, but each expert first gets ``ceil(w / target)`` replicas (``target [N]``
+    per row; rows where that needs more than ``num_phy`` slots fall back to EPLB's counts), and the slots
+    left go greedily to the most load per replica. Slots list each expert's replicas together."""
+    N, E = weight.shape
+    w = weight.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        base = np.maximum(1, np.ceil(w / np.where(target > 0, target, np.inf)[:, None] - 1e-9)).astype(np.int64)
+    over = base.sum(axis=1) > num_phy
+    base[over] = 1
+    left = num_phy - base.sum(axis=1)
+    K = int(left.max()) if left.size else 0
+    cnt = base.copy()
+    if K > 0:
+        j = base[:, :, None] + np.arange(K)[None, None, :]  # count before each further replica
+        flat = (w[:, :, None] / j).reshape(N, -1)
+        order = np.argsort(-flat, axis=1, kind="stable")
+        take = np.arange(E * K)[None, :] < left[:, None]
+        e = order // K
+        np.add.at(cnt, (np.broadcast_to(np.arange(N)[:, None], e.shape)[take], e[take]), 1)
+    phy2log = np.stack([np.repeat(np.arange(E), c) for c in cnt])
+    rank = np.arange(num_phy)[None, :] - np.take_along_axis(np.cumsum(cnt, axis=1) - cnt, phy2log, axis=1)
+    return phy2log, rank, cnt
+
+
 def eplb_plan(weight: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int,
-              num_gpus: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              num_gpus: int, theta: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """EPLB's ``rebalance_experts_hierarchical`` on ``weight [L, E]``: ``(phy2log [L, R], phyrank [L, R],
-    logcnt [L, E])``. ``num_groups = num_nodes = 1`` is the global policy."""
+    logcnt [L, E])``. ``num_groups = num_nodes = 1`` is the global policy.
+
+    ``theta`` (not EPLB): replica counts from :func:`replicate_to_target` with target ``theta`` times the
+    node's mean GPU load instead of EPLB's greedy (a different start for ``eplb+``)."""
     w = to_float32(weight)
     L, E = w.shape
     gsize = E // num_groups
@@ -130,7 +158,11 @@ def eplb_plan(weight: np.ndarray, num_replicas: int, num_groups: int, num_nodes:
     mlog2log = _inverse(log2mlog)
     # 2. replicate within nodes: rows are (layer, node)
     tokens_per_mlog = np.take_along_axis(w, mlog2log, axis=1).reshape(L * num_nodes, E // num_nodes)
-    phy2mlog, phyrank, mlogcnt = replicate_rows(tokens_per_mlog, num_replicas // num_nodes)
+    if theta is None:
+        phy2mlog, phyrank, mlogcnt = replicate_rows(tokens_per_mlog, num_replicas // num_nodes)
+    else:
+        target = theta * tokens_per_mlog.astype(np.float64).sum(axis=1) / (num_gpus // num_nodes)
+        phy2mlog, phyrank, mlogcnt = replicate_to_target(tokens_per_mlog, num_replicas // num_nodes, target)
     # 3. pack replicas to GPUs within each node
     tokens_per_phy = np.take_along_axis(tokens_per_mlog / mlogcnt.astype(np.float32), phy2mlog, axis=1)
     pack, rip = pack_rows(tokens_per_phy, num_gpus // num_nodes)
@@ -143,12 +175,13 @@ def eplb_plan(weight: np.ndarray, num_replicas: int, num_groups: int, num_nodes:
     return phy2log, rank, logcnt
 
 
-def eplb_for(problem: ReplicationProblem, weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def eplb_for(problem: ReplicationProblem, weight: np.ndarray | None = None,
+             theta: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(``phy2log [L, R]``, ``log2phy [L, E, X]``) of EPLB on ``weight [L, E]`` (default: the problem's loads
     summed over its window) under the problem's groups, nodes and GPUs."""
     w = problem.summed_weight() if weight is None else weight
     phy2log, rank, _ = eplb_plan(w, problem.num_replicas, problem.num_groups, problem.num_nodes,
-                                 problem.num_gpus)
+                                 problem.num_gpus, theta=theta)
     return phy2log, log2phy_from_phy2log(phy2log, problem.num_experts, order=rank)
 
 
