@@ -39,7 +39,7 @@ def test_published_example_eplb_232_and_optimum_196_67():
     m = mb.solve(p, "milp", time_limit=60)
     assert m.status == Status.OPTIMAL
     assert m.objective == pytest.approx(590 / 3)
-    assert _brute_force(p) == pytest.approx(590 / 3)
+    # (tests/test_placement_solvers.py brute-forces the same optimum over all replica counts)
 
 
 def test_deepseek_readme_example():
@@ -259,11 +259,15 @@ def test_scale_invariance(a):
 
 
 def test_layer_bounds_hand_cases():
-    # no replicas (R == E): items fixed; 4 GPUs x 2 slots, items 10,9,8,7,1,1,1,1: pigeonhole 7 + 8? the 5
-    # largest hold two on one GPU: at least 7 + 1 ... the bound is max(mean 9.5, largest + smallest 11, 7 + 8)
+    # no replicas (R == E): items fixed. 10,9,8,7,1,1,1,1 on 4 GPUs x 2 slots: mean 9.5, largest item 10, and
+    # among the 5 largest two share a GPU (7 + 1 = 8): bound 10; the best pairing 10+1, 9+1, ... gives 11
     p = ReplicationProblem([10, 9, 8, 7, 1, 1, 1, 1], 8, 4)
-    assert layer_bounds(p)[0] == pytest.approx(15.0)
-    assert mb.solve(p, "eplb+").objective == pytest.approx(15.0)  # 10+1? no: 10,9,8,7 on four GPUs: 11
+    assert layer_bounds(p)[0] == pytest.approx(10.0)
+    assert mb.solve(p, "eplb+").objective == pytest.approx(11.0)
+    # 10,10,10,10,1,1 on 3 GPUs x 2: two of the four 10s share a GPU, so 20 (the mean is 14): bound = optimum
+    q = ReplicationProblem([10, 10, 10, 10, 1, 1], 6, 3)
+    assert layer_bounds(q)[0] == pytest.approx(20.0)
+    assert mb.solve(q, "eplb").objective == pytest.approx(20.0)
     # D'Hondt: one expert of 100 and three of 1 on 2 GPUs x 3 slots: counts 3,1,1,1 -> 33.3 per replica
     q = ReplicationProblem([100, 1, 1, 1], 6, 2)
     assert layer_bounds(q)[0] == pytest.approx(max(103 / 2, 100 / 3))
