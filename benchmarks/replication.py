@@ -177,37 +177,50 @@ def section_migration(runs, progress) -> dict:
 
 def section_dispatch(runs, progress) -> dict:
     """Static plans (planned on the training runs) serving held-out batches: even split vs the dispatch LP,
-    next to EP without replicas and LLEP (the placement family), under one cost model."""
+    next to EP without replicas and LLEP / llep+ (the placement family), and the hybrid (replicas with the
+    dispatch LP, then llep+ spilling replica units to other GPUs at the price of a weight copy), under one
+    cost model. Step time of a layer: its slowest GPU, ``token_time * tokens + gemm_time * busy slots`` (plus
+    ``weight_time`` per copied expert for the spilling methods)."""
     from moebalance.placement import CostModel, PlacementProblem
     from moebalance.solvers.replication_lp import dispatch
 
     names = sorted(runs)
     train, test = names[0::2], names[1::2]
     Wtr = np.stack([_norm(runs[n]) for n in train])
-    cost = CostModel.from_shapes(7168, 2048, 2, 4e14, 5e10, 2e-5)
+    # DeepSeek-V3 expert (hidden 7168, ffn 2048, bf16); 4e14 FLOP/s, 4.5e11 B/s links, 20 us per GEMM (assumed)
+    cost = CostModel.from_shapes(7168, 2048, 2, 4e14, 4.5e11, 2e-5)
     R = 288
+    S = R // G
     plan_a = mb.solve(ReplicationProblem(Wtr, R, G, num_groups=GROUPS, num_nodes=NODES), "eplb").assignment
     plan_b = mb.solve(ReplicationProblem(Wtr, R, G, num_groups=GROUPS, num_nodes=NODES), "eplb+").assignment
-    S = R // G
-    out = {"cost_model": cost.to_dict(), "tokens_per_batch": 8192 * 8, "runs": {}}
+    tokens = 8192 * 8
+    out = {"cost_model": cost.to_dict(), "tokens_per_batch": tokens, "runs": {}}
+
+    def step(share):  # share [L, R] tokens per slot
+        busy = (share.reshape(share.shape[0], G, S) > 0).sum(axis=2)
+        lo = share.reshape(share.shape[0], G, S).sum(axis=2)
+        return float((cost.token_time * lo + cost.gemm_time * busy).max(axis=1).sum())
+
     for name in test[:2]:
-        W = _norm(runs[name]) * 8192 * 8  # one batch of 8192 tokens, top-8
+        W = _norm(runs[name]) * tokens  # one batch: 8192 tokens, top-8
         L = W.shape[0]
         t = {}
-        ep = np.arange(256) // 8
-        ep_loads = np.stack([np.bincount(ep, weights=W[l], minlength=G) for l in range(L)])
-        t["ep_no_replicas"] = float((cost.token_time * ep_loads + cost.gemm_time * 8).max(axis=1).sum())
+        for m in ("ep", "llep", "llep+"):
+            t[f"{m}_no_replicas"] = sum(mb.solve(PlacementProblem(np.rint(W[l]).astype(np.int64), G, cost=cost),
+                                                 m).objective for l in range(L))
         for label, plan in (("eplb", plan_a), ("eplb+", plan_b)):
-            p = ReplicationProblem(W, R, G, num_groups=GROUPS, num_nodes=NODES)
-            even = gpu_loads(p.weight, plan, G)[0]
-            t[f"{label}_even"] = float((cost.token_time * even + cost.gemm_time * S).max(axis=1).sum())
-            _, lo, _ = dispatch(W, plan, G)
-            t[f"{label}_dispatch_lp"] = float((cost.token_time * lo + cost.gemm_time * S).max(axis=1).sum())
-        llep = 0.0
+            cnt = np.stack([np.bincount(plan[l], minlength=W.shape[1]) for l in range(L)])
+            even = np.take_along_axis(W / cnt, plan, axis=1)
+            t[f"{label}_even"] = step(even)
+            share, _, _ = dispatch(W, plan, G)
+            t[f"{label}_dispatch_lp"] = step(share)
+        # hybrid: eplb+ replicas with the dispatch LP, then llep+ may spill replica units (home: the slot's GPU)
+        hyb = 0.0
         for l in range(L):
-            pp = PlacementProblem(np.rint(W[l]).astype(np.int64), G, cost=cost)
-            llep += mb.solve(pp, "llep").objective
-        t["llep_no_replicas"] = llep
+            units = np.rint(share[l]).astype(np.int64)
+            pp = PlacementProblem(units, G, home=np.arange(R) // S, cost=cost)
+            hyb += min(mb.solve(pp, "llep+").objective, mb.solve(pp, "ep").objective)
+        t["hybrid_eplb+_lp_llep+"] = hyb
         out["runs"][name] = t
         progress(f"dispatch {name}: " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in t.items()))
     return out

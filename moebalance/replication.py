@@ -279,7 +279,9 @@ class ReplicationProblem:
             if old is None:
                 raise ValueError("`max_moves` needs `old_phy2log`: moves are counted from an old plan")
         # an overflowing objective cannot be certified
-        if not np.isfinite(w.sum(axis=2).max() * 1.0):
+        with np.errstate(over="ignore"):
+            overflow = not np.isfinite(w.sum(axis=2).max())
+        if overflow:
             raise ValueError("`weight` overflows: its per-layer sums are not finite")
         self._w = w
         self._w.setflags(write=False)

@@ -29,10 +29,8 @@ def _state(W: np.ndarray, a: np.ndarray, G: int, E: int):
     Lw, R = a.shape
     S = R // G
     lay = np.arange(Lw)[:, None]
-    c = np.zeros((Lw, E), dtype=np.int64)
-    np.add.at(c, (np.broadcast_to(lay, a.shape), a), 1)
-    n = np.zeros((Lw, G, E), dtype=np.int64)
-    np.add.at(n, (np.broadcast_to(lay, a.shape), np.broadcast_to(np.arange(R) // S, a.shape), a), 1)
+    c = np.bincount((a + E * lay).ravel(), minlength=Lw * E).reshape(Lw, E)
+    n = np.bincount(((lay * G + np.arange(R)[None, :] // S) * E + a).ravel(), minlength=Lw * G * E).reshape(Lw, G, E)
     x = W / np.maximum(c, 1)[:, None, :]  # [Lw, B, E] load per replica
     xs = np.take_along_axis(x, np.broadcast_to(a[:, None, :], (Lw, W.shape[1], R)), axis=2)  # [Lw, B, R]
     loads = xs.reshape(Lw, W.shape[1], G, S).sum(axis=3)

@@ -89,6 +89,13 @@ def solve_milp(problem: ReplicationProblem, *, time_limit: float | None = None,
                 stopped = True
                 states.append("time limit while building")
                 continue
+            # handing the model to SCIP takes about 1 us per nonzero (measured: 1.1 s for 1.1M) outside SCIP's
+            # own clock, and SCIP overshoots a little: keep both inside the limit
+            rest = 0.95 * rest - 1.5e-6 * m.A.nnz - 0.05
+            if rest <= 0.01:
+                stopped = True
+                states.append("time limit while building")
+                continue
             solver.set_time_limit_in_seconds(rest)
         st = solver.solve(model)
         name = st.name.lower()
@@ -96,8 +103,7 @@ def solve_milp(problem: ReplicationProblem, *, time_limit: float | None = None,
             bound = solver.best_objective_bound * m.scale
             if np.isfinite(bound):
                 bounds[l] = max(bounds[l], bound)
-            vals = solver.values(model.get_variables()).to_numpy() if hasattr(solver.values(model.get_variables()), "to_numpy") \
-                else np.array([solver.value(model.var_from_index(i)) for i in range(m.A.shape[1])])
+            vals = np.asarray(solver.values(model.get_variables()), dtype=np.float64)
             y = np.rint(vals[m.nz:m.nz + m.nz * G]).astype(np.int64).reshape(m.nz, G)
             gc = np.zeros((G, E), dtype=np.int64)
             np.add.at(gc.T, m.e_of, y)
