@@ -343,3 +343,38 @@ def test_evaluate_rejects_malformed_plans_and_round_trip():
     assert q.evaluate(np.array([[0, 1, 0, 2, 3, 2]])).objective == ok.objective
     with pytest.raises(ValueError, match="kind"):
         ReplicationProblem.from_dict({**p.to_dict(), "kind": "routing"})
+
+
+# ---- time limits, compare, interrupts ---------------------------------------------------------------------------
+def test_time_limits_statuses_and_compare():
+    rng = np.random.default_rng(0)
+    p = ReplicationProblem(rng.integers(1, 1000, (2, 64)), 80, 8)
+    s = mb.solve(p, "milp", time_limit=1.0)
+    assert s.wall_time < 3.0  # SCIP gets what is left after the warm start, the build and the hand-over
+    assert s.status in (Status.TIME_LIMIT, Status.OPTIMAL) and s.feasible
+    assert s.bound <= s.objective * (1 + 1e-9)
+    quick = mb.solve(p, "eplb+", time_limit=1e-4)
+    assert quick.feasible and quick.status in (Status.TIME_LIMIT, Status.FEASIBLE)
+    assert quick.objective <= mb.solve(p, "eplb").objective * (1 + 1e-12)
+    table = mb.compare(p, ["eplb", "eplb+", "lp"])
+    assert "eplb+" in str(table)
+
+
+def test_keyboard_interrupt_propagates(monkeypatch):
+    import moebalance.solvers.replication_eplb_plus as plus
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plus, "local_search", boom)
+    with pytest.raises(KeyboardInterrupt):
+        mb.solve(ReplicationProblem([[5, 3, 2, 1]], 6, 2), "eplb+")
+
+
+def test_window_objective_is_mean_over_batches():
+    w = np.array([[[9.0, 1, 4, 2]], [[1.0, 9, 2, 4]]])  # [B=2, L=1, E=4]
+    p = ReplicationProblem(w, 6, 3)
+    plan = np.array([[0, 1, 2, 3, 0, 1]])
+    per_batch = [ReplicationProblem(w[b], 6, 3).evaluate(plan).objective for b in range(2)]
+    assert p.evaluate(plan).objective == pytest.approx(np.mean(per_batch))
+    assert p.window and p.evaluate(plan).fields["gpu_loads"].shape == (1, 3)
