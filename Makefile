@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-gpu fuzz bench study report install clean
+.PHONY: demo test test-gpu fuzz bench study report install clean gpu-suite gpu-suite-dry
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,13 @@ study: $(STAMP)
 
 report: $(STAMP)
 	$(PY) -m moebalance report
+
+# the GPU suite (docs/gpu.md): on a CUDA machine it needs no .venv (python3 with torch + triton); DRY=1 for a CPU dry run
+gpu-suite:
+	bash benchmarks/gpu_suite.sh $(if $(filter 1 true yes,$(DRY)),--dry-run)
+
+gpu-suite-dry: $(STAMP)
+	PYTHON=$(PY) bash benchmarks/gpu_suite.sh --dry-run
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -8,7 +8,7 @@ bip_same_batch), for 16 and 64 experts with top-2 and top-8.
 
 Prints the table and the comparison with arXiv 2408.15664 and arXiv 2502.15451, and writes
 benchmarks/results/balancer_study.{json,md} and balancer_study_{maxvio,loss}.png (``_quick`` names for --quick).
-The same study runs as ``moebalance study``; the code is moebalance/study.py.
+The same study runs as ``moebalance study``; the code is moebalance/evaluation/study.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from moebalance.study import main
+from moebalance.evaluation.study import main
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -33,13 +33,13 @@ above 64 KiB on its own and returns it on free: the peak resident set then follo
     python benchmarks/ep_layer.py --mode calibrate --small                                            # CPU
 
 For every scenario and method it solves the placement of ``P`` simulated devices (loads from the simulator's
-:func:`moebalance.simulate.scenario_loads`), then runs each device's workload (its rows of each expert it
+:func:`moebalance.evaluation.simulate.scenario_loads`), then runs each device's workload (its rows of each expert it
 computes, through :func:`moebalance.kernels.expert_ffn`) on this one device and times it: the measured
 compute makespan of the plan is the slowest device's time. It fits ``time = token_time * rows + gemm_time *
 GEMMs`` over all workloads (non-negative least squares) and writes ``benchmarks/results/ep_cost_model_<device>.json``
 with that :class:`moebalance.CostModel` and the matching ``Hardware`` of the simulator (effective FLOP/s
 ``6 * hidden * ffn / token_time``, ``gemm_overhead = gemm_time``; the link bandwidth is assumed unless given).
-The simulator reads it as ``moebalance.simulate.simulate(..., hardware=Hardware(**json["hardware"]))``; this
+The simulator reads it as ``moebalance.evaluation.simulate.simulate(..., hardware=Hardware(**json["hardware"]))``; this
 script does so and prints the measured compute speedups beside the simulated ones (and, for gpt-oss-120b at
 P=8, the LLEP paper's Figure 4 range).
 """
@@ -384,7 +384,7 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     from moebalance import CostModel, PlacementProblem, solve
     from moebalance.kernels import expert_ffn
     from moebalance.plan import makespan
-    from moebalance.simulate import MODELS, Hardware, ModelPreset, scenario_loads, simulate
+    from moebalance.evaluation.simulate import MODELS, Hardware, ModelPreset, scenario_loads, simulate
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
@@ -501,7 +501,7 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
                                         {"token_time": fit_b["token_time"], "gemm_time": fit_b["gemm_time"]}),
         "hardware": hardware,
         "link_bandwidth_source": "given (--link-bandwidth)" if args.link_bandwidth else
-                                 "assumed (moebalance.simulate.Hardware default), not measured",
+                                 "assumed (moebalance.evaluation.simulate.Hardware default), not measured",
         "fit": {"forward": fit_f, "forward_backward": fit_b},
         "settings": {k_: v for k_, v in vars(args).items() if k_ not in ("out",)},
         "rows": rows,

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 import moebalance as mb
 from moebalance import PlacementProblem
-from moebalance.simulate import MODELS, PAPER_SCENARIOS, Hardware, _spread, real_layers, scenario_loads, simulate
+from moebalance.evaluation.simulate import MODELS, PAPER_SCENARIOS, Hardware, _spread, real_layers, scenario_loads, simulate
 from moebalance.solvers.placement_llep import llep_plan, llep_plan_reference
 
 RESULTS = Path(__file__).resolve().parent / "results"

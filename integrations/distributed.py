@@ -15,11 +15,15 @@ experts (rank ``r`` owns experts ``r * E/P ... (r+1) * E/P - 1``, the default ``
 1. routes its own tokens (:func:`moebalance.integrations.torch.route`, the single-device layer's function) and
    all-gathers one small header per rank: a health flag, the token count, grad flags and the per-expert pair
    counts ``[E]`` (and, for the aux loss, the per-expert probability sums);
-2. solves the placement problem of the global loads on every rank with
-   ``solve(PlacementProblem(loads, P, ...), method=placement)`` (deterministic methods: every rank computes the
-   same plan; a method that is not -- ``milp``, or any method given a ``time_limit`` -- is solved on group rank 0
-   and its ``[E, P]`` assignment broadcast). A plan whose status is not optimal/feasible (e.g. ``time_limit``)
-   falls back to ``llep``; an infeasible fallback raises on every rank;
+2. plans the placement of the global loads on every rank. ``ep``, ``llep`` and ``llep+`` run a planner object
+   built once (:class:`moebalance.solvers.placement_llep.LLEPPlanner`: home map, P, E, cost, LLEP parameters and
+   limits fixed at construction), with a cheap invariant check per step (every expert's tokens covered, counts
+   non-negative, limits kept; ``check_plans=True`` adds the full shared check, as the tests do); its assignment
+   and weight copies feed the exchange as they are. Other methods go through
+   ``solve(PlacementProblem(loads, P, ...), method=placement)``: deterministic ones (the registry's
+   ``deterministic`` flag) on every rank, the others (``milp``, or any method given a ``time_limit``) on group
+   rank 0, with the ``[E, P]`` assignment broadcast. A plan that is not usable (status not optimal/feasible, e.g.
+   ``time_limit``, or limits broken) falls back to ``llep``; an unusable fallback raises on every rank;
 3. sends each pair to a device the plan names for its expert, with one ``all_to_all_single`` of uneven split
    sizes. The plan fixes only how many pairs of expert e each device computes, so a rank first keeps its own
    pairs where the plan gives it room for them (a helper computes its own tokens of a spilled expert without
@@ -28,7 +32,7 @@ experts (rank ``r`` owns experts ``r * E/P ... (r+1) * E/P - 1``, the default ``
 4. the home rank of each copied expert sends its weights point to point (``batch_isend_irecv``), once per step;
 5. computes with the single-device expert FFN (:func:`moebalance.kernels.expert_ffn`), once for the home
    experts and once for the copied ones, sends the rows back with the reverse all-to-all and combines them
-   with the gates exactly as :class:`~moebalance.integrations.torch.MoELayer` does (fp32 sum over the k pairs).
+   with the gates by the single-device layer's own function (:func:`moebalance.kernels.combine_pairs`).
 
 Steps 3-5 are one ``autograd.Function`` whose backward runs the same exchange in reverse (all-to-all of the
 output gradient, the FFN's backward, reverse all-to-all of the input gradient, then the gradients of copied
@@ -44,11 +48,16 @@ copies' gradients included). The router is replicated: each rank's router gradie
 data parallelism's mean: it divides the router and the expert gradients by ``P``). Under DDP, keep the expert
 weights out of DDP's all-reduce (they are not replicas).
 
-Balancers. ``loss_free`` steps from the global loads and ``bip`` from the all-gathered scores, so the bias stays
-identical on every rank and equal to the single-process layer's. ``aux_loss`` is each rank's share of the
+Balancers. The balancer, its step, the aux loss and MaxVio are the single-device layer's functions
+(:mod:`moebalance.integrations.torch`). ``loss_free`` steps from the global loads and ``bip`` from the all-gathered
+scores, so the bias stays identical on every rank and equal to the single-process layer's; with
+``bip_same_batch`` the scores are all-gathered *before* routing (one extra small header gives the batch sizes)
+and the batch is priced first, as in the single-device layer. ``aux_loss`` is each rank's share of the
 global loss (global ``f_e``, this rank's probabilities over the global token count): the shares add up to the
 single-process loss, and so do their gradients. ``capacity_factor`` drops pairs by the global order of the
-single-process layer (pair scores and expert ids are all-gathered for it).
+single-process layer (pair scores and expert ids are all-gathered for it), with the same
+:func:`~moebalance.routing.expert_capacity` of the global token count. Every :class:`MoEConfig` option behaves
+as in :class:`MoELayer` (``tests/test_trust_one_layer.py`` checks each one, forward and backward).
 
 Faults and the timeout. :func:`init_process_group` sets a process-group timeout (``DEFAULT_TIMEOUT``, 120 s):
 every collective and point-to-point operation of the group waits at most that long for a peer. Every
@@ -70,7 +79,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import math
 import time
 from typing import Any, Callable, Optional
 
@@ -79,9 +87,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moebalance.integrations.torch import MoEConfig, MoELayer, MoEStats, apply_capacity, route
-from moebalance.kernels import expert_ffn, resolve_backend
+from moebalance.integrations.torch import (MoEConfig, MoELayer, MoEStats, apply_capacity, aux_loss_of, check_input,
+                                           make_balancer, max_violation, price_batch, route, router_probs,
+                                           router_scores, step_balancer)
+from moebalance.kernels import combine_pairs, expert_ffn, resolve_backend
 from moebalance.kernels.reference import sort_by_expert
+from moebalance.routing import expert_capacity
+from moebalance.solution import Status
 
 __all__ = [
     "ExpertParallelMoE",
@@ -101,10 +113,9 @@ PROBLEM_OPTIONS = ("cost", "max_tokens_per_device", "max_foreign_experts", "alph
                    "imbalance_threshold")
 """``placement_options`` that go to :class:`~moebalance.PlacementProblem`; the others go to ``solve``."""
 
-# methods whose plan depends only on the loads (so every rank may compute it); others are broadcast from rank 0
-_DETERMINISTIC = ("ep", "llep", "llep+", "eplb")
-_USABLE = ("optimal", "feasible")
+_USABLE = (Status.OPTIMAL, Status.FEASIBLE)
 _CODES = [(own, status) for own in (True, False) for status in _USABLE]  # broadcast plan: (requested method?, status)
+_PLANNED = ("ep", "llep", "llep+")  # methods with a planner object (no problem built, no full check per step)
 
 
 class ExpertParallelError(RuntimeError):
@@ -139,7 +150,7 @@ class EPPlan:
 
     method:           the requested placement method.
     used:             the method whose plan ran ("llep" after a fallback).
-    status:           that method's status (a :class:`moebalance.Status` value).
+    status:           that method's status (a :class:`moebalance.Status`).
     assignment:       ``[E, P]`` int64 token-expert pairs of expert e computed on device p.
     weight_transfers: ``[(expert, src, dst), ...]`` copies made this step, sorted by (expert, dst).
     plan_time:        seconds spent planning on this rank (solve, or waiting for rank 0's broadcast).
@@ -148,7 +159,7 @@ class EPPlan:
 
     method: str
     used: str
-    status: str
+    status: Status
     assignment: np.ndarray
     weight_transfers: list
     plan_time: float
@@ -181,6 +192,60 @@ def exchange_counts(counts: Any, assignment: Any, rank: int) -> tuple[np.ndarray
     send[rank] += keep[rank]
     recv[rank] += keep[rank]
     return send, recv
+
+
+def _copies(x: np.ndarray, home: np.ndarray) -> list[tuple[int, int, int]]:
+    """``[(expert, home, dst), ...]`` sorted by (expert, dst): every foreign device computing tokens of an expert."""
+    rows, cols = np.nonzero(x > 0)
+    foreign = cols != home[rows]
+    return [(e, int(home[e]), d) for e, d in zip(rows[foreign].tolist(), cols[foreign].tolist())]
+
+
+class _StepPlanner:
+    """The layer's planner for ``ep``, ``llep`` and ``llep+``: built once from the problem structure (a
+    :class:`~moebalance.solvers.placement_llep.LLEPPlanner`), it turns each step's loads into an assignment and its
+    weight copies with the cheap invariant check only."""
+
+    def __init__(self, method: str, problem: Any, solve_opts: dict[str, Any]):
+        from moebalance.solvers.placement_llep import LLEPPlanner
+
+        self.method = method
+        opts = dict(solve_opts)
+        self.llep = LLEPPlanner.for_problem(problem)  # also the fallback
+        self.planner = LLEPPlanner.for_problem(problem, fallback=bool(opts.pop("fallback", True)))
+        self.plus_opts = opts  # llep+: max_moves, min_gain, balance_tol
+
+    def _run(self, method: str, loads: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+        pl = self.planner if method == self.method else self.llep
+        if method == "ep":
+            x = np.zeros(pl.shape, dtype=np.int64)
+            x[np.arange(pl.num_experts), pl.home] = loads
+            return x, []
+        if method == "llep":
+            plan = pl.plan(loads)
+            return plan.assignment, plan.copies()
+        from moebalance.solvers.placement_llep_plus import llep_plus_plan
+
+        x = llep_plus_plan(pl, loads, **self.plus_opts)[0]
+        return x, _copies(x, pl.home)
+
+    def plan(self, loads: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int, int]], str, Status, str]:
+        """``(assignment [E, P], weight copies, method used, status, message)``; ExpertParallelError when neither
+        the method nor the llep fallback gives a plan within the limits."""
+        x, copies = self._run(self.method, loads)
+        bad = self.planner.invariant_violations(loads, x)
+        if not bad:
+            return x, copies, self.method, Status.FEASIBLE, ""
+        why = f"{self.method}'s plan is not usable ({'; '.join(bad)}); fell back to llep"
+        if self.method != "llep" or self.planner.imbalance_threshold != self.llep.imbalance_threshold:
+            x, copies = self._run("llep", loads)
+            again = self.llep.invariant_violations(loads, x)
+            if not again:
+                return x, copies, "llep", Status.FEASIBLE, why
+            bad = again
+        raise ExpertParallelError(
+            f"no usable plan: {why}, which is not usable either ({'; '.join(bad)}); raise "
+            f"max_tokens_per_device / max_foreign_experts or use a placement that respects them")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -373,11 +438,12 @@ class ExpertParallelMoE(nn.Module):
     ``last_plan`` (:class:`EPPlan`) and ``last_exchange`` (a dict of this rank's row and copy counts). Set
     ``profile = True`` to get ``last_timings``: seconds per phase of the last step on this rank (header, plan,
     weight copy, dispatch, expert compute, return; the backward's phases are added when it runs), with CUDA
-    synchronised around each phase (slower; for benchmarks).
+    synchronised around each phase (slower; for benchmarks). ``check_plans=True`` (or the attribute) runs the
+    full shared check (:func:`moebalance.check`) on every step's plan, on top of the cheap invariant check.
     """
 
     def __init__(self, config: MoEConfig, *, group: Any = None, placement: str = "ep", device: Any = None,
-                 **placement_options: Any):
+                 check_plans: bool = False, **placement_options: Any):
         super().__init__()
         if not isinstance(config, MoEConfig):
             raise ValueError(f"`config` must be a MoEConfig, got {type(config).__name__}")
@@ -402,7 +468,10 @@ class ExpertParallelMoE(nn.Module):
         self.w_up = nn.Parameter(torch.empty(n, c.hidden, c.ffn, **kw))
         self.w_down = nn.Parameter(torch.empty(n, c.ffn, c.hidden, **kw))
         self.register_buffer("bias", torch.zeros(E, dtype=torch.float32, device=device))
-        self.balancer = _make_balancer(c)
+        self.balancer = make_balancer(c)
+        if not isinstance(check_plans, bool):
+            raise ValueError(f"`check_plans` must be a bool, got {check_plans!r}")
+        self.check_plans = check_plans
         self._set_placement(placement, placement_options)
         self.aux_loss: Tensor = torch.zeros((), device=device)
         self.last_stats: Optional[MoEStats] = None
@@ -413,7 +482,7 @@ class ExpertParallelMoE(nn.Module):
         self._step = 0
 
     @classmethod
-    def from_layer(cls, layer: MoELayer, group: Any = None, placement: str = "ep",
+    def from_layer(cls, layer: MoELayer, group: Any = None, placement: str = "ep", check_plans: bool = False,
                    **placement_options: Any) -> "ExpertParallelMoE":
         """Split ``layer`` (built with the same seed on every rank): copy its router, bias and this rank's home
         experts' weights. ``placement`` is any placement method of :func:`moebalance.solve` ("ep", "llep",
@@ -422,7 +491,8 @@ class ExpertParallelMoE(nn.Module):
         rank alike."""
         if not isinstance(layer, MoELayer):
             raise ValueError(f"`layer` must be a MoELayer, got {type(layer).__name__}")
-        ep = cls(layer.config, group=group, placement=placement, device=layer.w_gate.device, **placement_options)
+        ep = cls(layer.config, group=group, placement=placement, device=layer.w_gate.device,
+                 check_plans=check_plans, **placement_options)
         s = slice(ep.home_experts.start, ep.home_experts.stop)
         with torch.no_grad():
             ep.router.weight.copy_(layer.router.weight)
@@ -434,21 +504,26 @@ class ExpertParallelMoE(nn.Module):
         return ep
 
     def _set_placement(self, placement: str, options: dict[str, Any]) -> None:
-        from moebalance import PlacementProblem, solve
+        from moebalance import PlacementProblem, method_info, solve
 
         if not isinstance(placement, str):
             raise ValueError(f"`placement` must be a method name, got {placement!r}")
         self.placement = placement
         self._problem_opts = {k: v for k, v in options.items() if k in PROBLEM_OPTIONS}
         self._solve_opts = {k: v for k, v in options.items() if k not in PROBLEM_OPTIONS}
-        self._replicate = placement in _DETERMINISTIC and self._solve_opts.get("time_limit") is None
         # a dry run on an empty problem validates the method, the problem options and the method's options now
         E, P = self.config.num_experts, self.world_size
-        sol = solve(PlacementProblem(np.zeros(E, dtype=np.int64), P, **self._problem_opts), placement,
-                    **self._solve_opts)
-        if sol.status.value == "error":
+        problem = PlacementProblem(np.zeros(E, dtype=np.int64), P, **self._problem_opts)
+        sol = solve(problem, placement, **self._solve_opts)
+        if sol.status == Status.ERROR:
             raise ValueError(f"`placement`={placement!r} fails on an empty problem: {sol.message}")
         self._method = sol.method
+        info = method_info(problem, placement)
+        # the registry's flag: a deterministic method gives every rank the same plan from the same loads
+        self._replicate = info.deterministic and self._solve_opts.get("time_limit") is None
+        # ep / llep / llep+ replicated: a planner object built once, no problem or full check per step
+        self._planner = _StepPlanner(self._method, problem, self._solve_opts) \
+            if self._replicate and self._method in _PLANNED else None
 
     def extra_repr(self) -> str:
         c = self.config
@@ -486,32 +561,45 @@ class ExpertParallelMoE(nn.Module):
                      self.w_gate.device.type == "cuda")
         on_gpu = dist.get_backend(self.group) == "nccl"
         hdev = self.w_gate.device if on_gpu else torch.device("cpu")
+        same_batch = c.bip_same_batch and self.training
         failure: Optional[BaseException] = None
-        try:
-            if not isinstance(x, Tensor) or x.ndim < 1 or x.shape[-1] != c.hidden:
-                raise ValueError(f"`x` must have last dimension hidden={c.hidden}, got shape "
-                                 f"{tuple(getattr(x, 'shape', ()))}")
+        T = 0
+        try:  # the same checks and routing functions as MoELayer
+            check_input(x, c.hidden)
+            backend = resolve_backend(c.backend, self.w_gate.device)
             x2 = x.reshape(-1, c.hidden).to(self.w_gate.dtype)
-            eidx, gates, scores = route(self.router(x2), k, router=c.router, bias=self.bias,
-                                        normalize_gates=c.normalize_gates)
             T = x2.shape[0]
-            counts = torch.bincount(eidx.reshape(-1), minlength=E).double()
-            probs = scores.detach() if c.router == "softmax" else \
-                scores.detach() / (scores.detach().sum(-1, keepdim=True) + 1e-20)
-            x_grad = torch.is_grad_enabled() and x2.requires_grad
-            w_grad = torch.is_grad_enabled() and any(p.requires_grad for p in (self.w_gate, self.w_up, self.w_down))
-            header = torch.cat([torch.tensor([1.0, T, x_grad, w_grad], dtype=torch.float64, device=counts.device),
-                                counts, probs.double().sum(0)])
-        except Exception as exc:  # the other ranks learn of it through the header instead of a timeout
+            logits = self.router(x2)
+            if same_batch:
+                scores0 = router_scores(logits.detach(), c.router)
+        except Exception as exc:  # the other ranks learn of it through a header instead of a timeout
             failure = exc
+        all_scores: Optional[Tensor] = None
+        if same_batch:  # bip_same_batch: price the whole batch (all ranks' scores) before routing it
+            pre = torch.tensor([float(failure is None), T], dtype=torch.float64)
+            heads0 = comm.all_gather("bip same-batch header (all_gather)", pre.to(hdev)).cpu().numpy()
+            self._raise_if_failed(failure, heads0, "the same-batch pricing")
+            Ts0 = heads0[:, 1].astype(np.int64)
+            all_scores = self._gather_rows(comm, "bip balancer: scores (all_gather)", scores0, Ts0, hdev)
+            if Ts0.sum():
+                price_batch(self.balancer, self.bias, all_scores)
+        if failure is None:
+            try:
+                eidx, gates, scores = route(logits, k, router=c.router, bias=self.bias,
+                                            normalize_gates=c.normalize_gates)
+                counts = torch.bincount(eidx.reshape(-1), minlength=E).double()
+                probs = router_probs(scores, c.router)
+                x_grad = torch.is_grad_enabled() and x2.requires_grad
+                w_grad = torch.is_grad_enabled() and any(p.requires_grad for p in (self.w_gate, self.w_up,
+                                                                                   self.w_down))
+                header = torch.cat([torch.tensor([1.0, T, x_grad, w_grad], dtype=torch.float64,
+                                                 device=counts.device), counts, probs.detach().double().sum(0)])
+            except Exception as exc:
+                failure = exc
+        if failure is not None:
             header = torch.zeros(4 + 2 * E, dtype=torch.float64)
         heads = comm.all_gather("routing header (all_gather)", header.to(hdev)).cpu().numpy()
-        if failure is not None:
-            raise failure
-        bad = np.flatnonzero(heads[:, 0] == 0).tolist()
-        if bad:
-            raise ExpertParallelError(f"rank {self.rank}/{P}: rank(s) {bad} failed before the token exchange in "
-                                      f"step {self._step} (see their errors); stopping here too")
+        self._raise_if_failed(failure, heads, "the token exchange")
         if len(set(map(tuple, heads[:, 2:4].tolist()))) > 1:
             raise ExpertParallelError(f"rank {self.rank}/{P}: ranks disagree on what needs gradients "
                                       f"(x, expert weights) per rank: {heads[:, 2:4].astype(bool).tolist()}; run "
@@ -524,32 +612,41 @@ class ExpertParallelMoE(nn.Module):
         with comm.timed("plan"):
             plan = self._plan(comm, C.sum(0), hdev)
         self.last_plan = plan
-        ex, send_pairs = self._exchange(comm, kept, C, plan, x2.device)
+        ex, send_pairs = self._exchange(comm, kept, C, plan, x2.device, backend)
         y_send = _ExpertExchange.apply(x2.index_select(0, send_pairs // k), self.w_gate, self.w_up, self.w_down, ex)
         o = x2.new_zeros((T * k, c.hidden)).index_copy(0, send_pairs, y_send).view(T, k, c.hidden)
-        keep = kept < E  # the single-process layer's combine: fp32 sum over the kept pairs
-        o = torch.where(keep[..., None], o.float(), 0.0)
-        y = (o * torch.where(keep, gates.float(), 0.0)[..., None]).sum(1).to(x2.dtype)
-        self._balance(comm, loads, heads[:, 4 + E:].sum(0), Ts, int(loads.sum() - C.sum()), scores, hdev)
+        y = combine_pairs(o, kept, gates, E).to(x2.dtype)  # MoELayer's combine
+        self._balance(comm, loads, heads[:, 4 + E:].sum(0), Ts, int(loads.sum() - C.sum()), scores, hdev,
+                      all_scores)
         return y.reshape(x.shape).to(x.dtype)
+
+    def _raise_if_failed(self, failure: Optional[BaseException], heads: np.ndarray, before: str) -> None:
+        """Raise this rank's own failure, or ExpertParallelError when another rank's health flag is down."""
+        if failure is not None:
+            raise failure
+        bad = np.flatnonzero(heads[:, 0] == 0).tolist()
+        if bad:
+            raise ExpertParallelError(f"rank {self.rank}/{self.world_size}: rank(s) {bad} failed before {before} "
+                                      f"in step {self._step} (see their errors); stopping here too")
+
+    @staticmethod
+    def _gather_rows(comm: _Comm, what: str, t: Tensor, Ts: np.ndarray, hdev: torch.device) -> Tensor:
+        """Every rank's rows ``t [T_r, ...]`` concatenated rank-major ``[sum(Ts), ...]`` (padded all-gather)."""
+        pad = int(Ts.max()) - t.shape[0]
+        got = comm.all_gather(what, torch.nn.functional.pad(t, (0, 0, 0, pad)).to(hdev))
+        return torch.cat([got[r, :Ts[r]] for r in range(comm.world)]).to(t.device)
 
     def _global_capacity(self, comm: _Comm, eidx: Tensor, scores: Tensor, Ts: np.ndarray,
                          hdev: torch.device) -> tuple[Tensor, np.ndarray]:
         """This rank's kept ``[T, k]`` and every rank's kept counts ``[P, E]`` under the global capacity."""
         c = self.config
         E, k = c.num_experts, c.top_k
-        Tmax, T = int(Ts.max()), eidx.shape[0]
-        pad = Tmax - T
         pair_scores = scores.detach().gather(1, eidx)
-        ids = comm.all_gather("capacity: expert ids (all_gather)",
-                              torch.nn.functional.pad(eidx, (0, 0, 0, pad)).to(hdev))
-        vals = comm.all_gather("capacity: pair scores (all_gather)",
-                               torch.nn.functional.pad(pair_scores, (0, 0, 0, pad)).to(hdev))
-        ids_all = torch.cat([ids[r, :Ts[r]] for r in range(comm.world)]).to(eidx.device)
-        vals_all = torch.cat([vals[r, :Ts[r]] for r in range(comm.world)]).to(eidx.device)
+        ids_all = self._gather_rows(comm, "capacity: expert ids (all_gather)", eidx, Ts, hdev)
+        vals_all = self._gather_rows(comm, "capacity: pair scores (all_gather)", pair_scores, Ts, hdev)
         # apply_capacity reads scores[t, eidx[t, j]] only: a dense [T_all, E] holding the pair scores suffices
         dense = torch.zeros(ids_all.shape[0], E, device=eidx.device).scatter_(1, ids_all, vals_all)
-        cap = math.ceil(c.capacity_factor * int(Ts.sum()) * k / E - 1e-9)
+        cap = expert_capacity(int(Ts.sum()), k, E, c.capacity_factor)
         kept_all = apply_capacity(ids_all, dense, cap)
         starts = np.concatenate([[0], np.cumsum(Ts)])
         C = np.stack([np.bincount(kept_all[starts[r]:starts[r + 1]].reshape(-1).cpu().numpy(),
@@ -558,60 +655,74 @@ class ExpertParallelMoE(nn.Module):
 
     def _plan(self, comm: _Comm, loads: np.ndarray, hdev: torch.device) -> EPPlan:
         from moebalance import PlacementProblem
-        from moebalance.plan import weight_transfers
 
         t0 = time.perf_counter()
-        problem = PlacementProblem(loads, self.world_size, **self._problem_opts)
-        E, P = problem.shape
-        if self._replicate:
-            x, used, status, msg = self._solve(problem)
+        E, P = self.config.num_experts, self.world_size
+        problem = None
+        if self._planner is not None:  # the hot path: the planner object, the cheap invariant check inside
+            x, copies, used, status, msg = self._planner.plan(loads)
         else:
-            # rank 0 solves; the last slot says how: _CODES index, or -1 when it failed
-            buf = torch.zeros(E * P + 1, dtype=torch.int64)
-            err: Optional[BaseException] = None
-            if self.rank == 0:
-                try:
-                    x, used, status, msg = self._solve(problem)
-                    buf[:-1] = torch.from_numpy(x.reshape(-1))
-                    buf[-1] = _CODES.index((used == self._method, status))
-                except Exception as exc:
-                    err = exc
-                    buf[-1] = -1
-            buf = buf.to(hdev)
-            root = comm.global_rank(0)
-            comm.run("plan broadcast", lambda: dist.broadcast(buf, src=root, group=self.group))
-            if err is not None:
-                raise err
-            buf = buf.cpu()
-            if int(buf[-1]) < 0:
-                raise ExpertParallelError(f"rank {self.rank}/{P}: rank 0 failed to compute the plan in step "
-                                          f"{self._step} (see its error)")
-            x = buf[:-1].numpy().reshape(E, P)
-            if self.rank != 0:
-                own, status = _CODES[int(buf[-1])]
-                used = self._method if own else "llep"
-                msg = "plan broadcast from rank 0"
-        if not np.array_equal(x.sum(axis=1), problem.expert_loads):
-            raise ExpertParallelError(f"rank {self.rank}/{P}: the plan does not conserve tokens")  # invariant
-        return EPPlan(self.placement, used, status, x, sorted(weight_transfers(problem, x), key=lambda t: (t[0], t[2])),
-                      time.perf_counter() - t0, msg)
+            problem = PlacementProblem(loads, P, **self._problem_opts)
+            if self._replicate:
+                x, used, status, msg = self._solve(problem)
+            else:
+                x, used, status, msg = self._broadcast_plan(comm, problem, hdev)
+            if not np.array_equal(x.sum(axis=1), loads):  # invariant (solve checked the plan on rank 0)
+                raise ExpertParallelError(f"rank {self.rank}/{P}: the plan does not conserve tokens")
+            copies = _copies(x, problem.home)
+        if self.check_plans:  # debug: the full shared check on every step's plan
+            from moebalance import check
 
-    def _solve(self, problem: Any) -> tuple[np.ndarray, str, str, str]:
+            res = check(problem or PlacementProblem(loads, P, **self._problem_opts), x)
+            if not res.feasible:
+                raise ExpertParallelError(f"rank {self.rank}/{P}: step {self._step}'s plan ({used}) fails the "
+                                          f"shared check: {'; '.join(res.violations)}")
+        return EPPlan(self.placement, used, status, x, copies, time.perf_counter() - t0, msg)
+
+    def _broadcast_plan(self, comm: _Comm, problem: Any, hdev: torch.device) -> tuple[np.ndarray, str, Status, str]:
+        """Rank 0 solves and broadcasts; the last slot says how: _CODES index, or -1 when it failed."""
+        E, P = problem.shape
+        buf = torch.zeros(E * P + 1, dtype=torch.int64)
+        err: Optional[BaseException] = None
+        if self.rank == 0:
+            try:
+                x, used, status, msg = self._solve(problem)
+                buf[:-1] = torch.from_numpy(x.reshape(-1))
+                buf[-1] = _CODES.index((used == self._method, status))
+            except Exception as exc:
+                err = exc
+                buf[-1] = -1
+        buf = buf.to(hdev)
+        root = comm.global_rank(0)
+        comm.run("plan broadcast", lambda: dist.broadcast(buf, src=root, group=self.group))
+        if err is not None:
+            raise err
+        buf = buf.cpu()
+        if int(buf[-1]) < 0:
+            raise ExpertParallelError(f"rank {self.rank}/{P}: rank 0 failed to compute the plan in step "
+                                      f"{self._step} (see its error)")
+        x = buf[:-1].numpy().reshape(E, P)
+        if self.rank == 0:
+            return x, used, status, msg
+        own, status = _CODES[int(buf[-1])]
+        return x, self._method if own else "llep", status, "plan broadcast from rank 0"
+
+    def _solve(self, problem: Any) -> tuple[np.ndarray, str, Status, str]:
         from moebalance import solve
 
         sol = solve(problem, self.placement, **self._solve_opts)
-        if sol.status.value in _USABLE:
-            return np.asarray(sol.assignment, dtype=np.int64), sol.method, sol.status.value, sol.message
+        if sol.status in _USABLE:
+            return np.asarray(sol.assignment, dtype=np.int64), sol.method, Status(sol.status), sol.message
         why = f"{sol.method} returned status {sol.status.value} ({sol.message}); fell back to llep"
         fb = solve(problem, "llep")
-        if fb.status.value not in _USABLE:
+        if fb.status not in _USABLE:
             raise ExpertParallelError(
                 f"no usable plan: {why}, which returned {fb.status.value} ({fb.message}); raise "
                 f"max_tokens_per_device / max_foreign_experts or use a placement that respects them")
-        return np.asarray(fb.assignment, dtype=np.int64), "llep", fb.status.value, why
+        return np.asarray(fb.assignment, dtype=np.int64), "llep", Status(fb.status), why
 
-    def _exchange(self, comm: _Comm, kept: Tensor, C: np.ndarray, plan: EPPlan,
-                  device: torch.device) -> tuple[_Exchange, Tensor]:
+    def _exchange(self, comm: _Comm, kept: Tensor, C: np.ndarray, plan: EPPlan, device: torch.device,
+                  backend: str) -> tuple[_Exchange, Tensor]:
         """This rank's split sizes and orders, and its kept pair ids in send order ``[n_send]``."""
         E, P, r = self.config.num_experts, self.world_size, self.rank
         send, recv = exchange_counts(C, plan.assignment, r)
@@ -646,51 +757,26 @@ class ExpertParallelMoE(nn.Module):
                                       f"{int(plan.assignment[:, r].sum())}")
         self.last_exchange = {"sent": int(send.sum()), "received": int(recv.sum()),
                               "copies": [e for e, _ in copies], "lent": lent}
-        backend = resolve_backend(self.config.backend, device)
         ex = _Exchange(comm, send.sum(1).tolist(), recv.sum(1).tolist(), order, rows[:self.experts_per_rank],
                        rows[self.experts_per_rank:], copies, lent, lo, backend)
         return ex, send_pairs
 
     def _balance(self, comm: _Comm, loads: np.ndarray, prob_sums: np.ndarray, Ts: np.ndarray, dropped: int,
-                 scores: Tensor, hdev: torch.device) -> None:
-        """Global stats, this rank's aux-loss share and the bias step (identical on every rank)."""
+                 scores: Tensor, hdev: torch.device, all_scores: Optional[Tensor]) -> None:
+        """Global stats, this rank's aux-loss share and the bias step (identical on every rank), by MoELayer's
+        functions."""
         c = self.config
-        E, k = c.num_experts, c.top_k
         T_all = int(Ts.sum())
         dev = scores.device
         loads_t = torch.as_tensor(loads, dtype=torch.float32, device=dev)
-        mean = max(T_all * k / E, 1e-12)
-        f = loads_t / max(T_all * k, 1)
-        if c.router == "softmax":
-            probs = scores
-        else:
-            probs = scores / (scores.sum(-1, keepdim=True) + 1e-20)
-        share = c.aux_loss_coeff * E * (f * probs.sum(0) / max(T_all, 1)).sum()
-        total = c.aux_loss_coeff * E * float((f.double().cpu().numpy() * prob_sums / max(T_all, 1)).sum())
+        share = aux_loss_of(c, loads_t, router_probs(scores, c.router).sum(0), T_all)
+        total = aux_loss_of(c, loads_t, torch.as_tensor(prob_sums, dtype=torch.float32, device=dev), T_all)
         self.aux_loss = share if c.balancer == "aux_loss" else torch.zeros((), device=dev)
-        self.last_stats = MoEStats(loads=loads_t, max_vio=(loads_t.max() - mean) / mean,
-                                   aux_loss=torch.tensor(total, device=dev), dropped=torch.tensor(dropped))
+        self.last_stats = MoEStats(loads=loads_t, max_vio=max_violation(loads_t, T_all, c.top_k),
+                                   aux_loss=total.detach(), dropped=torch.tensor(dropped))
         if not (self.training and self.balancer is not None and T_all):
             return
-        with torch.no_grad():
-            self.balancer.bias = self.bias  # the buffer is the state, as in MoELayer
-            if c.balancer == "loss_free":
-                new = self.balancer.update(loads_t)
-            else:
-                pad = int(Ts.max()) - scores.shape[0]
-                got = comm.all_gather("bip balancer: scores (all_gather)",
-                                      torch.nn.functional.pad(scores.detach().float(), (0, 0, 0, pad)).to(hdev))
-                new = self.balancer.update(torch.cat([got[r, :Ts[r]] for r in range(comm.world)]).to(dev))
-            self.bias.copy_(new)
-
-
-def _make_balancer(c: MoEConfig) -> Any:
-    if c.balancer == "loss_free":
-        from moebalance.solvers.balancers import LossFreeBalancer
-
-        return LossFreeBalancer(c.num_experts, c.top_k, rate=c.bias_update_rate)
-    if c.balancer == "bip":
-        from moebalance.solvers.balancers import BIPBalancer
-
-        return BIPBalancer(c.num_experts, c.top_k, capacity_factor=c.capacity_factor or 1.0)
-    return None
+        if c.balancer == "bip" and all_scores is None:
+            all_scores = self._gather_rows(comm, "bip balancer: scores (all_gather)", scores.detach().float(), Ts,
+                                           hdev)
+        step_balancer(c, self.balancer, self.bias, loads_t, all_scores)

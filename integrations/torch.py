@@ -19,9 +19,16 @@ buffer, updated without gradient after each training-mode forward by
 :class:`moebalance.solvers.balancers.LossFreeBalancer` / :class:`~moebalance.solvers.balancers.BIPBalancer`.
 
 Capacity: ``capacity_factor=None`` is dropless. Otherwise each expert keeps at most
-``ceil(capacity_factor * T * k / E)`` pairs, chosen in order of the router score ``scores[t, e]`` (highest
+``ceil(capacity_factor * T * k / E)`` pairs (:func:`moebalance.routing.expert_capacity`), chosen in order of the router score ``scores[t, e]`` (highest
 first, ties to the lower token index); a dropped pair contributes nothing (its gate is not redistributed), so a
 token whose k pairs are all dropped outputs zero (the residual connection around the layer carries it).
+
+The steps are module functions shared with the expert-parallel layer
+(:class:`moebalance.integrations.distributed.ExpertParallelMoE`), so both compute the same thing:
+:func:`check_input`, :func:`router_scores` and :func:`route`, :func:`make_balancer`, :func:`price_batch`
+(``bip_same_batch``), :func:`apply_capacity` with :func:`~moebalance.routing.expert_capacity`,
+:func:`moebalance.kernels.combine_pairs` (the gate combine), :func:`aux_loss_of`, :func:`max_violation` and
+:func:`step_balancer`.
 """
 
 from __future__ import annotations
@@ -34,8 +41,11 @@ import torch
 from torch import Tensor, nn
 
 from moebalance.kernels.experts import BACKENDS, expert_ffn, moe_experts, resolve_backend
+from moebalance.routing import expert_capacity
 
-__all__ = ["MoEConfig", "MoELayer", "MoEStats", "route", "apply_capacity", "expert_ffn", "ROUTERS", "BALANCERS"]
+__all__ = ["MoEConfig", "MoELayer", "MoEStats", "route", "router_scores", "apply_capacity", "expert_capacity",
+           "expert_ffn", "check_input", "make_balancer", "price_batch", "step_balancer", "router_probs",
+           "aux_loss_of", "max_violation", "ROUTERS", "BALANCERS"]
 
 ROUTERS = ("softmax", "sigmoid")
 BALANCERS = ("none", "aux_loss", "loss_free", "bip")
@@ -129,6 +139,83 @@ class MoEStats:
     dropped: Tensor
 
 
+def check_input(x: Any, hidden: int, name: str = "x") -> None:
+    """ValueError naming ``name`` unless ``x`` is a floating-point torch tensor ``[..., hidden]`` (>= 1-D).
+
+    Refused: numpy arrays and other non-tensors, 0-d tensors, integer, bool and complex tensors (a silent cast
+    would compute on truncated or reinterpreted data)."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"`{name}` must be a torch.Tensor [..., hidden={hidden}], got {type(x).__name__}")
+    if x.ndim < 1:
+        raise ValueError(f"`{name}` must have at least one dimension [..., hidden={hidden}], got a 0-d tensor")
+    if not x.is_floating_point():
+        raise ValueError(f"`{name}` must be a floating-point tensor, got {x.dtype}")
+    if x.shape[-1] != hidden:
+        raise ValueError(f"`{name}` must have last dimension hidden={hidden}, got shape {tuple(x.shape)}")
+
+
+def router_scores(logits: Tensor, router: str) -> Tensor:
+    """``[T, E]`` float32 router scores: softmax or sigmoid of the logits."""
+    z = logits.float()
+    return torch.softmax(z, dim=-1) if router == "softmax" else torch.sigmoid(z)
+
+
+def router_probs(scores: Tensor, router: str) -> Tensor:
+    """``[T, E]`` per-token probabilities ``P`` of the aux loss: softmax scores as they are, sigmoid scores
+    normalised per token."""
+    return scores if router == "softmax" else scores / (scores.sum(-1, keepdim=True) + 1e-20)
+
+
+def aux_loss_of(config: "MoEConfig", loads: Tensor, prob_sums: Tensor, num_tokens: int) -> Tensor:
+    """Switch loss with top-k: ``aux_loss_coeff * E * sum_e f_e * prob_sums[e] / T``.
+
+    ``loads`` ``[E]``: pairs per expert over all T tokens (``f_e = loads / (T * k)``); ``prob_sums`` ``[E]``: the
+    sum of :func:`router_probs` over the tokens at hand (all T: the loss; one rank's: that rank's share, and the
+    shares add up to the loss). Differentiable through ``prob_sums``; 0 when ``num_tokens`` is 0.
+    """
+    c = config
+    T = max(int(num_tokens), 1)
+    return c.aux_loss_coeff * c.num_experts * (loads / (T * c.top_k) * prob_sums / T).sum()
+
+
+def max_violation(loads: Tensor, num_tokens: int, k: int) -> Tensor:
+    """MaxVio ``(max_e loads[e] - mean) / mean`` with ``mean = T * k / E``; 0 for an empty batch."""
+    if not num_tokens:
+        return loads.sum() * 0  # an empty batch violates nothing
+    mean = num_tokens * k / loads.shape[0]
+    return (loads.max() - mean) / mean
+
+
+def make_balancer(config: "MoEConfig") -> Any:
+    """The online balancer of ``config.balancer`` ("loss_free", "bip"), or None."""
+    c = config
+    if c.balancer == "loss_free":
+        from moebalance.solvers.balancers import LossFreeBalancer
+
+        return LossFreeBalancer(c.num_experts, c.top_k, rate=c.bias_update_rate)
+    if c.balancer == "bip":
+        from moebalance.solvers.balancers import BIPBalancer
+
+        return BIPBalancer(c.num_experts, c.top_k, capacity_factor=c.capacity_factor or 1.0)
+    return None
+
+
+def step_balancer(config: "MoEConfig", balancer: Any, bias: Tensor, loads: Tensor, scores: Tensor) -> None:
+    """One balancer step after a training forward, in place on the ``bias`` buffer ``[E]`` (the state: what
+    ``state_dict`` saves), from the batch's ``loads`` ``[E]`` ("loss_free") or its ``scores`` ``[T, E]``
+    ("bip"; all of the batch's tokens)."""
+    with torch.no_grad():
+        balancer.bias = bias
+        bias.copy_(balancer.update(loads if config.balancer == "loss_free" else scores.detach()))
+
+
+def price_batch(balancer: Any, bias: Tensor, scores: Tensor) -> None:
+    """``bip_same_batch``: price the batch's own ``scores`` ``[T, E]`` before routing it (bias in place)."""
+    with torch.no_grad():
+        balancer.bias = bias
+        bias.copy_(balancer.update(scores.detach()))
+
+
 def route(logits: Tensor, top_k: int, *, router: str = "softmax", bias: Optional[Tensor] = None,
           normalize_gates: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Top-k routing with a selection bias: ``(eidx [T, k] int64, gates [T, k] float32, scores [T, E] float32)``.
@@ -141,8 +228,7 @@ def route(logits: Tensor, top_k: int, *, router: str = "softmax", bias: Optional
         raise ValueError(f"`router` must be one of {ROUTERS}, got {router!r}")
     if logits.ndim != 2 or not 1 <= top_k <= logits.shape[1]:
         raise ValueError(f"`logits` must be [T, E] with 1 <= top_k <= E, got {tuple(logits.shape)}, top_k={top_k}")
-    z = logits.float()
-    scores = torch.softmax(z, dim=-1) if router == "softmax" else torch.sigmoid(z)
+    scores = router_scores(logits, router)
     select = scores.detach() if bias is None else scores.detach() - bias.float()
     # a stable descending sort makes ties deterministic (lower index first) on every device and back-end
     eidx = torch.sort(select, dim=-1, descending=True, stable=True).indices[:, :top_k]
@@ -191,22 +277,10 @@ class MoELayer(nn.Module):
         self.w_up = nn.Parameter(torch.empty(c.num_experts, c.hidden, c.ffn, **kw))
         self.w_down = nn.Parameter(torch.empty(c.num_experts, c.ffn, c.hidden, **kw))
         self.register_buffer("bias", torch.zeros(c.num_experts, dtype=torch.float32, device=device))
-        self.balancer = self._make_balancer()
+        self.balancer = make_balancer(c)
         self.aux_loss: Tensor = torch.zeros((), device=device)
         self.last_stats: Optional[MoEStats] = None
         self.reset_parameters()
-
-    def _make_balancer(self):
-        c = self.config
-        if c.balancer == "loss_free":
-            from moebalance.solvers.balancers import LossFreeBalancer
-
-            return LossFreeBalancer(c.num_experts, c.top_k, rate=c.bias_update_rate)
-        if c.balancer == "bip":
-            from moebalance.solvers.balancers import BIPBalancer
-
-            return BIPBalancer(c.num_experts, c.top_k, capacity_factor=c.capacity_factor or 1.0)
-        return None
 
     def reset_parameters(self) -> None:
         """Router as ``nn.Linear``; expert weights uniform in +-1/sqrt(fan_in); bias and balancer state zero."""
@@ -227,22 +301,17 @@ class MoELayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``[..., hidden]`` -> ``[..., hidden]``."""
         c = self.config
-        if x.shape[-1] != c.hidden:
-            raise ValueError(f"`x` must have last dimension hidden={c.hidden}, got shape {tuple(x.shape)}")
+        check_input(x, c.hidden)
         x2 = x.reshape(-1, c.hidden).to(self.w_gate.dtype)
         T = x2.shape[0]
         logits = self.router(x2)
         if c.bip_same_batch and self.training and T:
-            with torch.no_grad():  # price this very batch before routing it
-                z = logits.detach().float()
-                self.balancer.bias = self.bias
-                self.bias.copy_(self.balancer.update(torch.softmax(z, -1) if c.router == "softmax"
-                                                     else torch.sigmoid(z)))
+            price_batch(self.balancer, self.bias, router_scores(logits.detach(), c.router))
         eidx, gates, scores = route(logits, c.top_k, router=c.router, bias=self.bias,
                                     normalize_gates=c.normalize_gates)
         kept = eidx
         if c.capacity_factor is not None:
-            kept = apply_capacity(eidx, scores, math.ceil(c.capacity_factor * T * c.top_k / c.num_experts - 1e-9))
+            kept = apply_capacity(eidx, scores, expert_capacity(T, c.top_k, c.num_experts, c.capacity_factor))
         y = moe_experts(x2, kept, gates, self.w_gate, self.w_up, self.w_down,
                         backend=resolve_backend(c.backend, x2.device))
         self._balance(eidx, kept, scores)
@@ -254,16 +323,9 @@ class MoELayer(nn.Module):
         flat = eidx.reshape(-1)
         loads = torch.zeros(E, dtype=torch.float32, device=flat.device).scatter_add_(
             0, flat, torch.ones(flat.shape, dtype=torch.float32, device=flat.device))
-        mean = max(T * c.top_k / E, 1e-12)
-        # Switch loss with top-k: f_e over the T*k pairs; sigmoid scores are normalised per token into P_e
-        probs = scores if c.router == "softmax" else scores / (scores.sum(-1, keepdim=True) + 1e-20)
-        aux = c.aux_loss_coeff * E * (loads / max(T * c.top_k, 1) * probs.mean(0)).sum() if T else scores.sum() * 0
+        aux = aux_loss_of(c, loads, router_probs(scores, c.router).sum(0), T)
         self.aux_loss = aux if c.balancer == "aux_loss" else torch.zeros((), device=scores.device)
-        max_vio = (loads.max() - mean) / mean if T else loads.sum()  # an empty batch violates nothing
-        self.last_stats = MoEStats(loads=loads, max_vio=max_vio, aux_loss=aux.detach(), dropped=(kept >= E).sum())
+        self.last_stats = MoEStats(loads=loads, max_vio=max_violation(loads, T, c.top_k), aux_loss=aux.detach(),
+                                   dropped=(kept >= E).sum())
         if self.training and self.balancer is not None and T:
-            with torch.no_grad():
-                # the buffer is the state (it is what state_dict saves and loads): the balancer steps from it
-                self.balancer.bias = self.bias
-                new = self.balancer.update(loads if c.balancer == "loss_free" else scores.detach())
-                self.bias.copy_(new)
+            step_balancer(c, self.balancer, self.bias, loads, scores)

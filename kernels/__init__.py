@@ -17,6 +17,7 @@ from typing import Any
 __all__ = [
     "moe_experts",
     "expert_ffn",
+    "combine_pairs",
     "resolve_backend",
     "grouped_mm_available",
     "BACKENDS",
@@ -25,7 +26,8 @@ __all__ = [
     "reference",
 ]
 
-_FROM_EXPERTS = {"moe_experts", "expert_ffn", "resolve_backend", "grouped_mm_available", "BACKENDS", "TORCH_IMPLS"}
+_FROM_EXPERTS = {"moe_experts", "expert_ffn", "combine_pairs", "resolve_backend", "grouped_mm_available", "BACKENDS",
+                 "TORCH_IMPLS"}
 
 
 def __getattr__(name: str) -> Any:

@@ -25,7 +25,8 @@ from torch import Tensor
 
 from . import ops, reference
 
-__all__ = ["moe_experts", "expert_ffn", "resolve_backend", "grouped_mm_available", "BACKENDS", "TORCH_IMPLS"]
+__all__ = ["moe_experts", "expert_ffn", "combine_pairs", "resolve_backend", "grouped_mm_available", "BACKENDS",
+           "TORCH_IMPLS"]
 
 BACKENDS = ("auto", "triton", "torch")
 TORCH_IMPLS = ("auto", "grouped_mm", "loop")
@@ -195,7 +196,10 @@ def _grouped(a: Tensor, w: Tensor, offsets: Tensor, impl: str) -> Tensor:
         ends = torch.cat([offsets[1:-1], offsets.new_full((1,), N)]).to(torch.int32)
         return _ContiguousGrad.apply(torch._grouped_mm(a, w, offs=ends))
     bounds = offsets.tolist()
-    parts = [a[bounds[e]:bounds[e + 1]] @ w[e] for e in range(w.shape[0])]
+    # split the stacked weight once: indexing w[e] per expert would make backward build a full [E, K, M]
+    # zero gradient per expert (E times the memory traffic); unbind's backward stacks the E slices once
+    ws = w.unbind(0)
+    parts = [a[bounds[e]:bounds[e + 1]] @ ws[e] for e in range(len(ws)) if bounds[e + 1] > bounds[e]]
     parts.append(a.new_zeros(N - bounds[-1], w.shape[2]))
     return torch.cat(parts)
 
@@ -226,10 +230,20 @@ def _torch_experts(x, eidx, gates, w_gate, w_up, w_down, impl):
     inverse = torch.empty_like(pair)
     inverse[pair] = torch.arange(pair.numel(), device=pair.device)
     o = o_sorted.index_select(0, inverse).view(T, k, w_down.shape[2])
-    keep = (eidx >= 0) & (eidx < E)
+    return combine_pairs(o, eidx, gates, E).to(x.dtype)
+
+
+def combine_pairs(o: Tensor, eidx: Tensor, gates: Tensor, num_experts: int) -> Tensor:
+    """``[T, hidden]`` float32: ``sum_j gates[t, j] * o[t, j]`` over the kept pairs (ids in ``[0, E)``).
+
+    ``o`` ``[T, k, hidden]`` expert outputs per pair (rows of dropped pairs may hold anything: they are masked,
+    not multiplied, so NaN there cannot leak), ``eidx`` ``[T, k]``, ``gates`` ``[T, k]``. The fp32 sum over the
+    k pairs is the combine of the single-device layer and of the expert-parallel one.
+    """
+    keep = (eidx >= 0) & (eidx < num_experts)
     o = torch.where(keep[..., None], o.float(), 0.0)
     w = torch.where(keep, gates.float(), 0.0)
-    return (o * w[..., None]).sum(1).to(x.dtype)
+    return (o * w[..., None]).sum(1)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ _LAZY = {
     "rebalance_experts": ("moebalance.replication", "rebalance_experts"),
     "PlacementProblem": ("moebalance.placement", "PlacementProblem"),
     "CostModel": ("moebalance.placement", "CostModel"),
-    "simulate": ("moebalance.simulate", "simulate"),
+    "simulate": ("moebalance.evaluation.simulate", "simulate"),  # the function; moebalance/simulate.py is no module
 }
 
 

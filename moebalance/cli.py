@@ -1,104 +1,268 @@
 """The ``moebalance`` command line: demo, solve, compare, gen, simulate, study, report.
 
-Every error is one line on stderr (``moebalance: error: ...``) and exit status 2.
+Every method name, option and output path is checked before anything is solved. Errors are one line on
+stderr (``moebalance: error: ...``). Exit status:
+
+====  ==========================================================================================================
+0     done; ``solve``: the answer is feasible (``optimal``, ``feasible``, or ``time_limit`` with an answer)
+1     ``solve``: status ``error``, or ``time_limit`` without an answer; ``compare``: no method gave a feasible
+      answer
+2     bad input or usage: a bad file, method, option, size or output path (nothing was solved or written)
+3     ``solve``: the problem is infeasible (proven by the constructor) or the answer is ``infeasible``;
+      ``compare``: the problem is proven infeasible
+130   interrupted (Ctrl-C): one line on stderr, no output file written
+====  ==========================================================================================================
+
+Start-up is light: ``--help`` of every command imports numpy and the core only; the back-ends (torch, OR-Tools,
+cvxpy, triton, matplotlib) load when a command needs them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
+import os
 import sys
-from typing import Any, Sequence
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
-import numpy as np
+__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INFEASIBLE", "EXIT_INTERRUPTED"]
 
-__all__ = ["main", "build_parser"]
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INFEASIBLE = 3
+EXIT_INTERRUPTED = 130
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors as one line like every other error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"moebalance: error: {message} (see `{self.prog} --help`)\n")
+
+
+# ---- checks made before anything runs -------------------------------------------------------------------
 def _parse_options(pairs: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
             raise ValueError(f"`--option` must look like NAME=VALUE, got {pair!r}")
         name, value = pair.split("=", 1)
+        if not name:
+            raise ValueError(f"`--option` must look like NAME=VALUE, got {pair!r}")
         try:
             out[name] = json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             out[name] = value
     return out
 
 
-def _cmd_solve(args: argparse.Namespace) -> int:
-    from .io import load_problem, save_solution
-    from .registry import solve
+def check_output_path(path: str | os.PathLike, name: str, suffixes: Sequence[str] = ()) -> Path:
+    """``path`` as a Path if a file can be written there (its folder exists and is writable), else ValueError.
 
+    Nothing is created: the command writes the file only once it has something to write.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"`{name}` {str(p)!r} is a folder, not a file")
+    if suffixes and p.suffix not in suffixes:
+        raise ValueError(f"`{name}` must end in {' or '.join(suffixes)}, got {p.name!r}")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise ValueError(f"`{name}` {str(p)!r}: folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ValueError(f"`{name}` {str(p)!r} is not writable")
+    return p
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # a file appears whole or not at all (an interrupt in the middle leaves nothing)
+    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number of seconds, got {text!r}")
+    return v
+
+
+@contextlib.contextmanager
+def _backend_quiet() -> Iterator[list[warnings.WarningMessage]]:
+    """Keep back-end banners and warnings off stdout while solving.
+
+    C libraries (HiGHS, SCIP) print banners straight to file descriptor 1: it points to /dev/null meanwhile.
+    Python warnings raised by back-ends (e.g. cvxpy's overflow RuntimeWarning) are collected; the caller prints
+    one summary line on stderr. Every answer is checked by moebalance anyway.
+    """
+    sys.stdout.flush()
+    try:
+        fd = sys.stdout.fileno()
+        saved = os.dup(fd)
+    except (AttributeError, OSError, ValueError):  # stdout is no real file (e.g. captured): nothing to guard
+        fd = saved = -1
+    devnull = os.open(os.devnull, os.O_WRONLY) if saved >= 0 else -1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            if saved >= 0:
+                os.dup2(devnull, fd)
+            yield caught
+        finally:
+            if saved >= 0:
+                sys.stdout.flush()
+                os.dup2(saved, fd)
+                os.close(saved)
+                os.close(devnull)
+
+
+def _report_warnings(caught: list[warnings.WarningMessage]) -> None:
+    if caught:
+        first = caught[0]
+        print(f"moebalance: note: {len(caught)} back-end warning(s) while solving; first: "
+              f"{first.category.__name__}: {str(first.message).splitlines()[0] if str(first.message) else ''}",
+              file=sys.stderr)
+
+
+# ---- commands ---------------------------------------------------------------------------------------------
+def _cmd_solve(args: argparse.Namespace) -> int:
+    from .io import load_problem, save_solution_text
+    from .registry import method_info, solve
+    from .solution import RoutingSolution
+
+    out = check_output_path(args.json, "--json", (".json",)) if args.json else None
+    options = _parse_options(args.option)
     problem = load_problem(args.file)
-    sol = solve(problem, args.method, time_limit=args.time_limit, **_parse_options(args.option))
+    info = method_info(problem, args.method)
+    unknown = sorted(set(options) - set(info.options))
+    if unknown:
+        valid = ", ".join(sorted(info.options)) or "none"
+        raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))} for method {info.name!r}; "
+                         f"valid options: {valid}")
+    with _backend_quiet() as caught:
+        sol = solve(problem, args.method, time_limit=args.time_limit, **options)
+    _report_warnings(caught)
     print(repr(problem))
     print(f"method     {sol.method}\nstatus     {sol.status.value}\nobjective  {sol.objective:.10g}")
     print(f"bound      {'-' if sol.bound is None else format(sol.bound, '.10g')}")
     print(f"gap        {'-' if sol.gap is None else format(sol.gap, '.3e')}")
     print(f"wall time  {sol.wall_time:.4f} s\nmessage    {sol.message}")
-    if problem.kind == "routing" and sol.loads is not None:
-        print(f"loads      max {sol.loads.max()} / capacity {problem.capacity.max()} "
-              f"(min load {sol.loads.min()})")
-    if args.json:
-        save_solution(sol, args.json)
-        print(f"wrote {args.json}")
-    return 0
+    loads = getattr(sol, "loads", None)
+    if isinstance(sol, RoutingSolution) and loads is not None:
+        print(f"loads      max {loads.max()} / capacity {problem.capacity.max()} (min load {loads.min()})")
+    if out is not None:
+        _write_atomic(out, save_solution_text(sol))
+        print(f"wrote {out}")
+    status = sol.status.value
+    if status == "infeasible":
+        return EXIT_INFEASIBLE
+    if status == "error" or not sol.feasible:
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare
     from .io import load_problem
+    from .registry import available_methods, method_info
 
+    out = check_output_path(args.json, "--json", (".json",)) if args.json else None
     problem = load_problem(args.file)
-    methods = args.methods.split(",") if args.methods else None
-    table = compare(problem, methods, time_limit=args.time_limit, progress=not args.no_progress)
+    if args.methods is not None:
+        methods = [m.strip() for m in args.methods.split(",")]
+        if not all(methods):
+            raise ValueError(f"`--methods` must be comma-separated method names, got {args.methods!r}")
+        for m in methods:  # every name is checked before the first method runs
+            method_info(problem, m)
+    else:
+        methods = available_methods(problem)
+    with _backend_quiet() as caught:
+        table = compare(problem, methods, time_limit=args.time_limit, progress=not args.no_progress)
+    _report_warnings(caught)
     print(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(table.to_json(indent=1))
-        print(f"wrote {args.json}")
-    return 0
+    if out is not None:
+        _write_atomic(out, table.to_json(indent=1))
+        print(f"wrote {out}")
+    return EXIT_OK if any(s.feasible for s in table.solutions) else EXIT_FAILED
 
 
 def _cmd_gen(args: argparse.Namespace) -> int:
-    from .generate import routing_problem
-    from .io import save_problem
+    from .io import problem_text
 
+    out = check_output_path(args.output, "output", (".npz", ".json"))
     if args.family == "placement":
+        from .evaluation.simulate import MODELS, Hardware, scenario_loads
         from .placement import PlacementProblem
-        from .simulate import MODELS, Hardware, scenario_loads
 
         if args.model not in MODELS:
             raise ValueError(f"`--model` must be one of {', '.join(sorted(MODELS))}, got {args.model!r}")
         loads = scenario_loads(args.scenario, MODELS[args.model], args.devices, args.tokens, seed=args.seed)
         cost = Hardware().cost(MODELS[args.model]) if args.cost == "model" else None
-        problem = PlacementProblem(loads, args.devices, cost=cost)
-        save_problem(problem, args.output)
-        print(f"wrote {args.output}: {problem!r}")
-        return 0
-    problem = routing_problem(args.tokens, args.experts, args.k, kind=args.kind, imbalance=args.imbalance,
-                              hot_experts=args.hot_experts, capacity_factor=args.capacity_factor,
-                              seed=args.seed)
-    save_problem(problem, args.output)
-    top = np.argpartition(-problem.scores, problem.k - 1, axis=1)[:, : problem.k]
-    loads = np.bincount(top.ravel(), minlength=problem.num_experts)
-    print(f"wrote {args.output}: {problem!r}; plain top-k max/mean load {loads.max() / loads.mean():.2f}")
-    return 0
+        problem: Any = PlacementProblem(loads, args.devices, cost=cost)
+        note = ""
+    else:
+        import numpy as np
+
+        from .generate import routing_problem
+
+        problem = routing_problem(args.tokens, args.experts, args.k, kind=args.kind, imbalance=args.imbalance,
+                                  hot_experts=args.hot_experts, capacity_factor=args.capacity_factor,
+                                  seed=args.seed)
+        top = np.argpartition(-problem.scores, problem.k - 1, axis=1)[:, : problem.k]
+        loads = np.bincount(top.ravel(), minlength=problem.num_experts)
+        note = f"; plain top-k max/mean load {loads.max() / loads.mean():.2f}"
+    _write_bytes_atomic(out, problem_text(problem, out.suffix))
+    print(f"wrote {out}: {problem!r}{note}")
+    return EXIT_OK
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .evaluation.demo import run_demo
 
-    return run_demo(quick=args.quick)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # back-end numerics; every answer is checked
+        return run_demo(quick=args.quick)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from . import __version__
+
+    parser = _Parser(
         prog="moebalance",
-        description="Solve MoE load-balancing assignment problems and see each method's gap to the optimum.")
+        description="Solve MoE load-balancing assignment problems and see each method's gap to the optimum.",
+        epilog="Exit status: 0 done (solve: a feasible answer), 1 solve: error or no answer / compare: no "
+               "feasible answer, 2 bad input or usage, 3 infeasible, 130 interrupted. Every name, option and "
+               "output path is checked before anything is solved.")
+    parser.add_argument("--version", action="version", version=f"moebalance {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -107,20 +271,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smaller instances, skip the slowest methods")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("solve", help="solve a problem file with one method")
-    p.add_argument("file", help="problem file (.npz or .json; schema in moebalance.io)")
+    p = sub.add_parser("solve", help="solve a problem file with one method",
+                       description="Solve a problem file with one method and print the checked answer. Exit "
+                                   "status 0 for a feasible answer, 1 for error or no answer, 3 for infeasible.")
+    p.add_argument("file", help="problem file (.npz or .json; schema in docs/formats.md)")
     p.add_argument("--method", "-m", default="auto", help="method name (see `moebalance compare`); default auto")
-    p.add_argument("--time-limit", type=float, default=None, help="seconds")
+    p.add_argument("--time-limit", type=_positive_seconds, default=None,
+                   help="seconds for the whole solve, model building included (default: none)")
     p.add_argument("--option", "-o", action="append", default=[], metavar="NAME=VALUE",
                    help="method option, repeatable (VALUE parsed as JSON when it can be)")
-    p.add_argument("--json", metavar="OUT", help="also write the solution as JSON")
+    p.add_argument("--json", metavar="OUT", help="also write the solution as JSON to OUT (.json)")
     p.set_defaults(func=_cmd_solve)
 
     p = sub.add_parser("compare", help="solve a problem file with several methods and tabulate the gaps")
     p.add_argument("file", help="problem file (.npz or .json)")
     p.add_argument("--methods", help="comma-separated method names (default: every installed method)")
-    p.add_argument("--time-limit", type=float, default=60.0, help="seconds per method (default 60)")
-    p.add_argument("--json", metavar="OUT", help="also write the table as JSON")
+    p.add_argument("--time-limit", type=_positive_seconds, default=60.0, help="seconds per method (default 60)")
+    p.add_argument("--json", metavar="OUT", help="also write the table as JSON to OUT (.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_compare)
 
@@ -138,19 +305,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "assumed H200-class hardware (GEMM, weight-copy and transfer times count); 'tokens' = "
                         "the makespan is the largest per-device token count")
     p.add_argument("--kind", default="zipf", choices=["hot", "zipf", "dirichlet", "uniform"],
-                   help="popularity skew (default zipf)")
-    p.add_argument("--tokens", "-T", type=int, default=1024)
-    p.add_argument("--experts", "-E", type=int, default=64)
-    p.add_argument("--k", "-k", type=int, default=8)
-    p.add_argument("--imbalance", type=float, default=1.0, help="strength of the skew (0 = balanced)")
-    p.add_argument("--hot-experts", type=int, default=1, help="number of hot experts for --kind hot")
-    p.add_argument("--capacity-factor", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+                   help="routing: popularity skew (default zipf)")
+    p.add_argument("--tokens", "-T", type=int, default=1024,
+                   help="routing: tokens T; placement: tokens per device (default 1024)")
+    p.add_argument("--experts", "-E", type=int, default=64, help="routing: experts E (default 64)")
+    p.add_argument("--k", "-k", type=int, default=8, help="routing: experts per token (default 8)")
+    p.add_argument("--imbalance", type=float, default=1.0, help="routing: strength of the skew (0 = balanced)")
+    p.add_argument("--hot-experts", type=int, default=1, help="routing: number of hot experts for --kind hot")
+    p.add_argument("--capacity-factor", type=float, default=1.0,
+                   help="routing: capacity per expert = ceil(factor * T * k / E) (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=_cmd_gen)
 
-    from .report import add_report_command
-    from .simulate import add_simulate_command
-    from .study import add_study_command
+    from .evaluation.report import add_report_command
+    from .evaluation.simulate import add_simulate_command
+    from .evaluation.study import add_study_command
 
     add_simulate_command(sub)
     add_study_command(sub)
@@ -159,16 +328,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (see the module docstring)."""
+    from .errors import InfeasibleError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, OSError) as exc:
-        print(f"moebalance: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("moebalance: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except InfeasibleError as exc:
+        print(f"moebalance: infeasible: {exc}", file=sys.stderr)
+        return EXIT_INFEASIBLE
+    except (ValueError, OSError, MemoryError) as exc:
+        print(f"moebalance: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+              file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,8 +6,8 @@ import json
 import math
 from typing import Any, Iterable
 
-from .registry import available_methods, solve
-from .solution import Solution
+from .registry import available_methods, check_options, check_time_limit, method_info, solve
+from .solution import Solution, relative_gap
 
 __all__ = ["Comparison", "compare"]
 
@@ -35,7 +35,7 @@ class Comparison:
     def gap_of(self, sol: Solution) -> float | None:
         if self.best_bound is None or not sol.feasible or not math.isfinite(sol.objective):
             return None
-        return abs(self.best_bound - sol.objective) / max(abs(self.best_bound), 1e-12)
+        return relative_gap(self.best_bound, sol.objective, self.problem.objective_scale())
 
     def rows(self) -> list[dict[str, Any]]:
         out = []
@@ -56,7 +56,7 @@ class Comparison:
                           **kwargs)
 
     def __str__(self) -> str:
-        ratio_name = "max/cap" if self.problem.kind == "routing" else "max/mean"
+        ratio_name = getattr(self.problem, "load_ratio_label", "load ratio")
         head = ["method", "status", "objective", "bound", "gap", ratio_name, "time (s)"]
         body = []
         for r in self.rows():
@@ -88,6 +88,14 @@ def compare(problem: Any, methods: Iterable[str] | None = None, *, time_limit: f
     """
     names = list(methods) if methods is not None else available_methods(problem)
     options = options or {}
+    # every name, option and the time limit are checked before anything is solved
+    time_limit = check_time_limit(time_limit)
+    infos = [method_info(problem, m) for m in names]
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise ValueError(f"`options` names method(s) not compared: {', '.join(map(repr, unknown))}")
+    for m, info in zip(names, infos):
+        check_options(info, options.get(m, {}))
     it: Iterable[str] = names
     if progress:
         from tqdm.auto import tqdm

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ._validate import as_int
+from ._validate import MAX_EXPERTS, as_int, as_real, check_elements
 from .routing import RoutingProblem
 
 __all__ = ["KINDS", "routing_scores", "routing_problem"]
@@ -36,6 +36,8 @@ def routing_scores(num_tokens: int, num_experts: int, *, kind: str = "zipf", imb
                    hot_experts: int = 1, seed: int | None = 0) -> np.ndarray:
     """``[T, E]`` softmax router scores with a skewed expert popularity.
 
+    ``T * E`` is limited to :data:`moebalance._validate.MAX_ELEMENTS`, checked before anything is drawn.
+
     Args:
       kind: "hot" (``hot_experts`` experts get +imbalance*2 logits), "zipf" (log-Zipf popularity),
         "dirichlet" (log of a Dirichlet(0.3) draw) or "uniform" (no skew).
@@ -43,11 +45,12 @@ def routing_scores(num_tokens: int, num_experts: int, *, kind: str = "zipf", imb
       seed: random seed (None = fresh entropy).
     """
     T = as_int(num_tokens, "num_tokens", minimum=1)
-    E = as_int(num_experts, "num_experts", minimum=1)
+    E = as_int(num_experts, "num_experts", minimum=1, maximum=MAX_EXPERTS)
+    check_elements("num_tokens", T, E)  # the [T, E] scores, before they are drawn
     if kind not in KINDS:
         raise ValueError(f"`kind` must be one of {', '.join(KINDS)}, got {kind!r}")
-    if not np.isfinite(imbalance) or imbalance < 0:
-        raise ValueError(f"`imbalance` must be a finite number >= 0, got {imbalance!r}")
+    imbalance = as_real(imbalance, "imbalance", minimum=0.0, maximum=100.0)  # a logit scale: exp(100) is finite
+    hot_experts = as_int(hot_experts, "hot_experts", minimum=0)
     rng = np.random.default_rng(seed)
     scale = 2.0 if kind == "hot" else 1.0
     logits = rng.normal(size=(T, E)) + scale * imbalance * _popularity(kind, E, rng, hot_experts)[None, :]

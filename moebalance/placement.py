@@ -9,13 +9,12 @@ objective is the makespan under a :class:`CostModel`.
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from typing import Any
 
 import numpy as np
 
-from ._validate import as_int, as_int_array
+from ._validate import (MAX_DEVICES, MAX_EXPERTS, MAX_FACTOR, MAX_INT, MAX_MAGNITUDE, as_int, as_int_array,
+                        as_real, check_elements)
 from .errors import InfeasibleError
 from .solution import Evaluation, PlacementSolution
 
@@ -23,12 +22,7 @@ __all__ = ["CostModel", "PlacementProblem", "PlacementSolution"]
 
 
 def _check_cost(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"`{name}` must be a non-negative number, got {value!r}")
-    v = float(value)
-    if not math.isfinite(v) or v < 0:
-        raise ValueError(f"`{name}` must be a finite non-negative number, got {value!r}")
-    return v
+    return as_real(value, name, minimum=0.0, maximum=MAX_MAGNITUDE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,18 +126,24 @@ class PlacementProblem:
 
     kind = "placement"
     sense = "min"
+    load_ratio_label = "max/mean"
     solution_type = PlacementSolution
 
     def __init__(self, expert_loads: Any, num_devices: int, *, home: Any = None, cost: CostModel | None = None,
                  max_tokens_per_device: int | None = None, max_foreign_experts: int | None = None,
                  alpha: float = 1.0, min_chunk: int = 1024, imbalance_threshold: float | None = 1.3):
-        if np.ndim(expert_loads) != 1:
+        if isinstance(expert_loads, (str, bytes)) or np.ndim(expert_loads) != 1:
             raise ValueError(f"`expert_loads` must be a 1-D array, got {np.ndim(expert_loads)} dimensions")
         E = int(np.shape(expert_loads)[0])
         if E < 1:
             raise ValueError("`expert_loads` must hold at least one expert")
+        if E > MAX_EXPERTS:
+            raise ValueError(f"`expert_loads` has E={E} experts, over the limit of {MAX_EXPERTS}")
         loads = as_int_array(expert_loads, "expert_loads", (E,), minimum=0)
-        P = as_int(num_devices, "num_devices", minimum=1)
+        if float(loads.sum(dtype=np.float64)) > MAX_INT:  # the int64 sum could wrap; float64 cannot
+            raise ValueError(f"`expert_loads` must sum to at most {MAX_INT}, got {float(loads.sum(dtype=np.float64)):.4g}")
+        P = as_int(num_devices, "num_devices", minimum=1, maximum=MAX_DEVICES)
+        check_elements("num_devices", E, P)  # an assignment is [E, P]
         if home is None:
             if E % P:
                 raise ValueError(f"`expert_loads` has E={E} experts, not divisible by `num_devices`={P}; "
@@ -159,14 +159,11 @@ class PlacementProblem:
             raise ValueError(f"`cost` must be a CostModel, got {type(cost).__name__}")
         cap = _optional_int(max_tokens_per_device, "max_tokens_per_device")
         foreign = _optional_int(max_foreign_experts, "max_foreign_experts")
-        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
-            raise ValueError(f"`alpha` must be a positive finite number, got {alpha!r}")
+        alpha = as_real(alpha, "alpha", positive=True, maximum=MAX_FACTOR)
         min_chunk = as_int(min_chunk, "min_chunk", minimum=0)
         if imbalance_threshold is not None:
-            t = imbalance_threshold
-            if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t <= 0:
-                raise ValueError(f"`imbalance_threshold` must be a positive finite number or None, got {t!r}")
-            imbalance_threshold = float(t)
+            imbalance_threshold = as_real(imbalance_threshold, "imbalance_threshold", positive=True,
+                                          maximum=MAX_FACTOR)
         loads.setflags(write=False)
         h.setflags(write=False)
         self._loads = loads
@@ -302,16 +299,20 @@ class PlacementProblem:
 
         return check_placement(self, assignment, token_ranges_hint=getattr(solution, "token_ranges", None))
 
-    def certify(self, solution: Any, *, feasible: bool = True) -> tuple[float | None, dict[str, Any]]:
+    def certify(self, solution: Any) -> tuple[float | None, dict[str, Any], dict[str, Any]]:
         """Placement answers prove no bound of their own."""
-        return None, {}
+        return None, {}, {}
 
     def objective_scale(self) -> float:
         """The natural magnitude of the makespan: the mean device time of the tokens and expert GEMMs (a lower
         bound on the makespan of every plan)."""
-        c = self._cost
-        E, total = self.num_experts, float(self._loads.sum())
-        return float((c.token_time * total + c.gemm_time * np.count_nonzero(self._loads)) / self._P)
+        scale = getattr(self, "_scale", None)
+        if scale is None:
+            c = self._cost
+            total = float(self._loads.sum())
+            scale = float((c.token_time * total + c.gemm_time * np.count_nonzero(self._loads)) / self._P)
+            object.__setattr__(self, "_scale", scale)
+        return scale
 
     # files ----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

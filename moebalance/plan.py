@@ -84,7 +84,7 @@ class TokenRanges(Mapping):
     vectorised (``from_assignment``, ``validate``, ``counts``), which keeps the shared check linear in ``E * P``.
     """
 
-    __slots__ = ("expert", "device", "start", "end", "_bounds")
+    __slots__ = ("expert", "device", "start", "end", "_bounds", "_counts")
 
     def __init__(self, expert: Any, device: Any, start: Any, end: Any):
         self.expert = np.asarray(expert, dtype=np.int64)
@@ -92,6 +92,7 @@ class TokenRanges(Mapping):
         self.start = np.asarray(start, dtype=np.int64)
         self.end = np.asarray(end, dtype=np.int64)
         self._bounds: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._counts: np.ndarray | None = None
 
     @classmethod
     def from_assignment(cls, x: np.ndarray, home: np.ndarray,
@@ -161,10 +162,15 @@ class TokenRanges(Mapping):
         return cls(arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3])
 
     def counts(self, num_experts: int, num_devices: int) -> np.ndarray:
-        """``[E, P]`` tokens per (expert, device) the ranges cover (an assignment)."""
-        x = np.zeros(num_experts * num_devices, dtype=np.int64)
-        np.add.at(x, self.expert * num_devices + self.device, self.end - self.start)
-        return x.reshape(num_experts, num_devices)
+        """``[E, P]`` tokens per (expert, device) the ranges cover (an assignment; read-only, computed once)."""
+        c = self._counts
+        if c is None or c.shape != (num_experts, num_devices):
+            c = np.zeros(num_experts * num_devices, dtype=np.int64)
+            np.add.at(c, self.expert * num_devices + self.device, self.end - self.start)
+            c = c.reshape(num_experts, num_devices)
+            c.setflags(write=False)
+            self._counts = c
+        return c
 
     def validate(self, x: np.ndarray, loads: np.ndarray) -> list[str]:
         """Violations: each expert's ranges must tile ``[0, load)`` in order on valid devices and match ``x``."""
@@ -183,17 +189,19 @@ class TokenRanges(Mapping):
         first[1:] = e[1:] != e[:-1]
         last = np.ones(n, dtype=bool)
         last[:-1] = first[1:]
-        if np.any(e[1:] < e[:-1]):
+        if (e[1:] < e[:-1]).any():
             bad.append("token_ranges are not grouped by expert")
-        prev_end = np.concatenate([[0], t[:-1]])
-        if np.any(t <= s) or np.any(s[first] != 0) or np.any(s[~first] != prev_end[~first]):
+        expected = np.concatenate(([0], t[:-1]))  # each range starts where the last one of its expert ended
+        expected[first] = 0
+        if (t <= s).any() or (s != expected).any():
             bad.append("token_ranges do not tile each expert's tokens in order")
         covered = np.zeros(E, dtype=np.int64)
         covered[e[last]] = t[last]
         if not np.array_equal(covered, loads):
             k = int(np.flatnonzero(covered != loads)[0])
             bad.append(f"token_ranges cover {int(covered[k])} tokens of expert {k}, its load is {int(loads[k])}")
-        if not bad and not np.array_equal(self.counts(E, P), x):
+        # an assignment that is this object's own (read-only) counts equals them by construction
+        if not bad and x is not self._counts and not np.array_equal(self.counts(E, P), x):
             bad.append("token_ranges disagree with the assignment")
         return bad
 
@@ -369,7 +377,9 @@ def _check_by_ranges(problem: Any, x: np.ndarray, tr: TokenRanges) -> Evaluation
     c = problem.cost
     violations: list[str] = []
     dev_loads = np.bincount(tr.device, weights=tr.end - tr.start, minlength=P).astype(np.int64)
-    pairs = np.unique(tr.expert * P + tr.device)
+    pairs = np.sort(tr.expert * P + tr.device)
+    if pairs.shape[0] > 1:
+        pairs = pairs[np.concatenate(([True], pairs[1:] != pairs[:-1]))]
     pe, pd = pairs // P, pairs % P
     foreign = problem.home[pe] != pd
     n_used = np.bincount(pd, minlength=P)
@@ -393,14 +403,15 @@ def _check_by_ranges(problem: Any, x: np.ndarray, tr: TokenRanges) -> Evaluation
         fr = problem.home[tr.expert] != tr.device
         times = times + c.token_transfer_time * np.bincount(tr.device[fr], weights=(tr.end - tr.start)[fr],
                                                             minlength=P)
-    mean = times.mean()
-    ratio = float(times.max() / mean) if mean > 0 else 1.0
+    mean = float(times.sum()) / P
+    top = float(times.max())
+    ratio = top / mean if mean > 0 else 1.0
     fe, fd = pe[foreign], pd[foreign]
     transfers = list(zip(fe.tolist(), problem.home[fe].tolist(), fd.tolist()))
     fields = {"loads": loads, "device_loads": dev_loads, "weight_transfers": transfers}
     if not violations:
         fields["token_ranges"] = tr
-    return Evaluation(not violations, float(times.max()), violations, fields, ratio)
+    return Evaluation(not violations, top, violations, fields, ratio)
 
 
 # memory --------------------------------------------------------------------------------------------------

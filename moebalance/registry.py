@@ -13,6 +13,8 @@ import dataclasses
 import importlib
 import importlib.util
 import math
+import os
+import pathlib
 import time
 from typing import Any, Callable
 
@@ -113,8 +115,14 @@ def register(family: Any, name: str, *, exact: bool = False, gives_bound: bool =
     return deco
 
 
+_SOLVERS_LOADED = False
+
+
 def _load_solvers() -> None:
-    importlib.import_module("moebalance.solvers")
+    global _SOLVERS_LOADED
+    if not _SOLVERS_LOADED:
+        importlib.import_module("moebalance.solvers")
+        _SOLVERS_LOADED = True
 
 
 def families() -> dict[str, type]:
@@ -217,13 +225,35 @@ def solve(problem: Any, method: str = "auto", *, time_limit: float | None = None
     t0 = time.perf_counter()
     try:
         raw = info.func(problem, time_limit=time_limit, **opts)
-    except ValueError:
-        raise
+    except ValueError as exc:
+        if _raised_by_us(exc):  # our own validation of an option: the caller's bad input
+            raise
+        raw = problem.solution_type(method=info.name, status=Status.ERROR,
+                                    message=f"back-end {type(exc).__name__}: {exc}")
     except Exception as exc:  # a back-end failure becomes a status, never a traceback
         raw = problem.solution_type(method=info.name, status=Status.ERROR,
                                     message=f"{type(exc).__name__}: {exc}")
     wall = time.perf_counter() - t0
     return finalize(problem, raw, method=info.name, wall_time=wall)
+
+
+# moebalance's own folders: the package and, in a checkout, the sub-package folders mapped by pyproject
+_OUR_FOLDERS = tuple(str(pathlib.Path(__file__).resolve().parent.parent / d) + os.sep
+                     for d in ("moebalance", "solvers", "kernels", "integrations"))
+
+
+def _raised_by_us(exc: BaseException) -> bool:
+    """True when the innermost frame that raised ``exc`` is moebalance's own code (input validation), False when
+    it is a back-end's (cvxpy, OR-Tools, scipy: a failure of the back-end, reported as status ``error``)."""
+    tb = exc.__traceback__
+    last = None
+    while tb is not None:
+        last = tb
+        tb = tb.tb_next
+    if last is None:
+        return True
+    filename = os.path.realpath(last.tb_frame.f_code.co_filename)
+    return filename.startswith(_OUR_FOLDERS)
 
 
 def _append(message: str, more: str) -> str:
@@ -236,7 +266,9 @@ def finalize(problem: Any, raw: Solution, *, method: str | None = None, wall_tim
     - objective, feasibility and the family fields come from ``problem.evaluate``, never from the solver;
     - an answer that violates a constraint is ``infeasible`` (or stays ``time_limit``/``error`` with its
       assignment dropped, so a stopped solver never reads as an infeasible problem);
-    - ``problem.certify`` may tighten the bound from the answer (routing: the Lagrangian bound of the bias);
+    - ``problem.certify`` (optional) may tighten the bound from the answer and correct family fields (routing:
+      the Lagrangian bound of the bias; a bias that does not reproduce the assignment is moved to
+      ``stats["certificate_price"]``, keeping ``bias``'s contract);
     - a bound on the wrong side of a feasible objective is dropped as invalid;
     - a claimed optimum whose gap to its bound exceeds ``OPTIMALITY_TOL`` (or with no bound) is downgraded to
       ``feasible``.
@@ -265,8 +297,11 @@ def finalize(problem: Any, raw: Solution, *, method: str | None = None, wall_tim
                 assignment, objective, fields = None, float("nan"), {}
             else:
                 status = Status.INFEASIBLE
-    extra_bound, extra_stats = problem.certify(raw, feasible=feasible) if feasible else (None, {})
+    certify = getattr(problem, "certify", None)
+    extra_bound, extra_stats, overrides = certify(raw) if (feasible and certify is not None) else (None, {}, {})
     stats.update(extra_stats)
+    if overrides.get("message"):
+        message = _append(message, overrides.pop("message"))
     if extra_bound is not None and math.isfinite(extra_bound):
         bound = extra_bound if bound is None else (min(bound, extra_bound) if problem.sense == "max"
                                                    else max(bound, extra_bound))
@@ -286,8 +321,10 @@ def finalize(problem: Any, raw: Solution, *, method: str | None = None, wall_tim
         status = Status.FEASIBLE
         why = "no valid bound" if gap is None else f"gap to bound is {gap:.3g}"
         message = _append(message, f"claimed optimal but {why}")
-    keep = {name: getattr(raw, name) for name in cls.family_fields() if hasattr(raw, name)}
-    keep.update({k: v for k, v in fields.items() if k in cls.family_fields()})
+    names = cls.family_fields()
+    keep = {name: getattr(raw, name) for name in names if hasattr(raw, name)}
+    keep.update({k: v for k, v in fields.items() if k in names})
+    keep.update({k: v for k, v in overrides.items() if k in names})
     return cls(method=method if method is not None else raw.method, status=status, objective=objective,
                bound=bound, gap=gap, assignment=assignment,
                wall_time=raw.wall_time if wall_time is None else wall_time, stats=stats, message=message,

@@ -7,14 +7,28 @@ from typing import Any
 
 import numpy as np
 
-from ._validate import as_float_array, as_int, as_int_array
+from ._validate import MAX_EXPERTS, MAX_FACTOR, as_float_array, as_int, as_int_array, as_real
 from .errors import InfeasibleError
 from .solution import Evaluation, RoutingSolution
 
-__all__ = ["RoutingProblem", "RoutingSolution", "check_routing", "routing_dual_bound", "bias_reproduces"]
+__all__ = ["RoutingProblem", "RoutingSolution", "check_routing", "routing_dual_bound", "bias_reproduces",
+           "expert_capacity"]
 
 # relative tolerance of the check's ties (bias_reproduces)
 TIE_TOL = 1e-7
+
+
+def expert_capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: float) -> int:
+    """Per-expert capacity ``ceil(capacity_factor * T * k / E)`` (the one formula every layer, balancer and problem
+    uses; a product within 1e-9 above an integer rounds down to it, so ``1.0 * T * k / E`` exact stays exact)."""
+    for name, v in (("num_tokens", num_tokens), ("k", k), ("num_experts", num_experts)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (1 if name == "num_experts" else 0):
+            raise ValueError(f"`{name}` must be an integer >= {1 if name == 'num_experts' else 0}, got {v!r}")
+    cf = capacity_factor
+    if isinstance(cf, bool) or not isinstance(cf, (int, float, np.integer, np.floating)) or not math.isfinite(cf) \
+            or cf <= 0:
+        raise ValueError(f"`capacity_factor` must be a positive finite number, got {capacity_factor!r}")
+    return math.ceil(float(cf) * int(num_tokens) * int(k) / int(num_experts) - 1e-9)
 
 
 class RoutingProblem:
@@ -38,6 +52,7 @@ class RoutingProblem:
 
     kind = "routing"
     sense = "max"
+    load_ratio_label = "max/cap"
     solution_type = RoutingSolution
 
     def __init__(self, scores: Any, k: int, capacity: Any = None, capacity_factor: float = 1.0):
@@ -45,22 +60,17 @@ class RoutingProblem:
         T, E = s.shape
         if T < 1 or E < 1:
             raise ValueError(f"`scores` must have at least one token and one expert, got shape {s.shape}")
+        if E > MAX_EXPERTS:
+            raise ValueError(f"`scores` has E={E} experts, over the limit of {MAX_EXPERTS}")
         k = as_int(k, "k", minimum=1, maximum=E)
+        cf: float | None = None
         if capacity is None:
-            try:
-                cf = float(capacity_factor)
-            except (TypeError, ValueError):
-                raise ValueError(f"`capacity_factor` must be a positive number, got {capacity_factor!r}") from None
-            if not math.isfinite(cf) or cf <= 0:
-                raise ValueError(f"`capacity_factor` must be a positive finite number, got {capacity_factor!r}")
-            cap = np.full(E, math.ceil(cf * T * k / E - 1e-9), dtype=np.int64)
+            cf = as_real(capacity_factor, "capacity_factor", positive=True, maximum=MAX_FACTOR)
+            cap = np.full(E, expert_capacity(T, k, E, cf), dtype=np.int64)
         elif np.ndim(capacity) == 0 and not type(capacity).__module__.startswith("torch"):
             cap = np.full(E, as_int(capacity, "capacity", minimum=0), dtype=np.int64)
         else:
             cap = as_int_array(capacity, "capacity", (E,), minimum=0)
-            cf = None
-        if capacity is not None:
-            cf = None
         if int(np.minimum(cap, T).sum()) < T * k:
             raise InfeasibleError(
                 f"`capacity` is too small: the experts can take {int(np.minimum(cap, T).sum())} token slots "
@@ -122,28 +132,39 @@ class RoutingProblem:
         """The shared check of an ``assignment`` ``[T, k]`` (see :func:`check_routing`)."""
         return check_routing(self, assignment)
 
-    def certify(self, solution: Any, *, feasible: bool = True) -> tuple[float | None, dict[str, Any]]:
-        """A bound the answer itself proves: the Lagrangian bound of its ``bias`` (or of a certificate price
-        in ``stats["certificate_price"]``), and how much of the assignment the bias reproduces."""
+    def certify(self, solution: Any) -> tuple[float | None, dict[str, Any], dict[str, Any]]:
+        """What a feasible answer proves by itself: ``(bound, stats, field corrections)``.
+
+        The Lagrangian bound of its ``bias`` and of any ``stats["certificate_price"]``. ``bias`` keeps its
+        contract (top-k of ``scores - bias`` reproduces the assignment up to ties): a bias that reproduces fewer
+        tokens is moved to ``stats["certificate_price"]`` (it still certifies the bound) and ``bias`` becomes
+        None.
+        """
         stats: dict[str, Any] = {}
-        bound = None
+        fixes: dict[str, Any] = {}
+        bounds = []
         bias = getattr(solution, "bias", None)
+        cert = (solution.stats or {}).get("certificate_price")
         if bias is not None:
             bias = np.asarray(bias, dtype=np.float64)
             if bias.shape != (self.num_experts,) or not np.all(np.isfinite(bias)):
-                stats["bias_invalid"] = True
-                return None, stats
-            bound = routing_dual_bound(self, bias)
-            stats["dual_bound"] = bound
-            stats["bias_reproduces"] = bias_reproduces(self, np.asarray(solution.assignment), bias)
-        cert = solution.stats.get("certificate_price") if solution.stats else None
+                return None, {"bias_invalid": True}, {"bias": None, "message": "the method's bias was malformed"}
+            bounds.append(routing_dual_bound(self, bias))
+            stats["dual_bound"] = bounds[-1]
+            rep = bias_reproduces(self, np.asarray(solution.assignment), bias)
+            stats["bias_reproduces"] = rep
+            if rep < 1.0:
+                fixes["bias"] = None
+                fixes["message"] = (f"its bias reproduces {rep:.1%} of the tokens: kept as "
+                                    f"stats['certificate_price'] only")
+                if cert is None:
+                    stats["certificate_price"] = bias
         if cert is not None:
             cert = np.asarray(cert, dtype=np.float64)
             if cert.shape == (self.num_experts,) and np.all(np.isfinite(cert)):
-                b = routing_dual_bound(self, cert)
-                stats["certificate_bound"] = b
-                bound = b if bound is None else min(bound, b)
-        return bound, stats
+                bounds.append(routing_dual_bound(self, cert))
+                stats["certificate_bound"] = bounds[-1]
+        return (min(bounds) if bounds else None), stats, fixes
 
     def objective_scale(self) -> float:
         """The natural magnitude of the objective: ``k * sum_t max_e |scores[t, e]|`` (the gap's floor)."""

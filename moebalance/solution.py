@@ -122,8 +122,12 @@ class Solution:
     @classmethod
     def family_fields(cls) -> tuple[str, ...]:
         """Names of the fields this class adds to :class:`Solution`."""
-        base = {f.name for f in dataclasses.fields(Solution)}
-        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in base)
+        cached = cls.__dict__.get("_family_fields")
+        if cached is None:
+            base = {f.name for f in dataclasses.fields(Solution)}
+            cached = tuple(f.name for f in dataclasses.fields(cls) if f.name not in base)
+            type.__setattr__(cls, "_family_fields", cached)
+        return cached
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (arrays become lists)."""

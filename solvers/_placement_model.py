@@ -1,17 +1,44 @@
 """Coefficients shared by the placement LP and MILP (private: no solver registers here).
 
-Costs are divided by a unit (the token time when it is positive) so that back-end tolerances act on
-numbers of order "tokens", not on seconds of order 1e-8.
+Costs are divided by a unit (the token time when it is positive, else the largest other cost) so that
+back-end tolerances act on numbers of order "tokens", not on seconds of order 1e-8. The unit scales with the
+costs (no floor: a floor of 1.0 once let SCIP call a plan optimal at twice the optimum with
+``gemm_time=1e-7``), so the back-end model is the same at every scale of the cost model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import numpy as np
 
-__all__ = ["PlacementModel", "build_model", "incumbent", "round_plan"]
+__all__ = ["PlacementModel", "build_model", "incumbent", "round_plan", "time_unit", "lower_bound", "BOUND_TOL",
+           "run_isolated", "placement_job"]
+
+# relative allowance on a back-end's lower bound for its feasibility tolerances (normalised units)
+BOUND_TOL = 1e-7
+
+
+def time_unit(cost: Any) -> float:
+    """The unit every device time is divided by: ``token_time`` when positive, else the largest other cost,
+    else 1 (all costs zero: every plan has makespan 0)."""
+    if cost.token_time > 0:
+        return float(cost.token_time)
+    rest = max(cost.gemm_time, cost.weight_time, cost.token_transfer_time)
+    return float(rest) if rest > 0 else 1.0
+
+
+def lower_bound(model: "PlacementModel", value: float, *, integral: bool = False) -> float:
+    """A back-end's lower bound ``value`` (normalised units) in the problem's units, lowered by ``BOUND_TOL``
+    relative for its tolerances; with integral device times the optimum is an integer, so the bound rounds up
+    to the next one once that allowance is taken."""
+    v = float(value)
+    low = v - BOUND_TOL * max(1.0, abs(v))
+    if integral:
+        low = max(low, float(np.ceil(v - 1e-6)))
+    return max(0.0, low) * model.unit
 
 
 @dataclasses.dataclass
@@ -50,7 +77,7 @@ class PlacementModel:
 def build_model(problem: Any, upper: float | None = None) -> PlacementModel:
     """Normalised coefficients of ``problem``; ``upper``, the makespan of a feasible plan, tightens big-M."""
     c = problem.cost
-    unit = c.token_time if c.token_time > 0 else max(c.gemm_time, c.weight_time, c.token_transfer_time, 1.0)
+    unit = time_unit(c)
     loads_all = problem.expert_loads
     active = np.flatnonzero(loads_all > 0)
     loads = loads_all[active].astype(np.int64)
@@ -113,3 +140,74 @@ def round_plan(model: PlacementModel, xa: np.ndarray) -> np.ndarray:
             p = int(np.argmax(fl[i]))
             fl[i, p] -= 1
     return fl
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+
+
+def placement_job(data: dict, params: dict) -> dict:
+    """Run a placement solver function on the problem in ``params`` (in a child process)."""
+    import importlib
+
+    from moebalance.placement import PlacementProblem
+
+    from ._isolate import child_time_left
+
+    problem = PlacementProblem.from_dict(params["problem"])
+    mod, _, name = params["func"].partition(":")
+    func = getattr(importlib.import_module(mod), name)
+    sol = func(problem, time_limit=child_time_left(params, margin=0.1), **params["options"])
+    out: dict[str, Any] = {"status": sol.status.value, "bound": sol.bound, "message": sol.message,
+                           "stats": _json_safe(sol.stats)}
+    if sol.assignment is not None:
+        out["assignment"] = np.asarray(sol.assignment, dtype=np.int64)
+    return out
+
+
+def run_isolated(method: str, func: str, problem: Any, options: dict[str, Any], *, time_limit: float | None,
+                 start: float) -> Any:
+    """``func`` ("module:function", a placement solver taking ``time_limit``) under a hard deadline: in this
+    process when there is no limit or the model is small, else in a child process (:mod:`._isolate`) that
+    the deadline stops; then the answer is the llep+ incumbent with status ``time_limit``."""
+    import importlib
+
+    from moebalance.solution import PlacementSolution, Status
+
+    from ._isolate import INPROCESS_CELLS, run_bounded
+
+    E, P = problem.shape
+    if time_limit is None or E * P <= INPROCESS_CELLS:
+        mod, _, name = func.partition(":")
+        left = None if time_limit is None else max(1e-3, time_limit - (time.perf_counter() - start))
+        return getattr(importlib.import_module(mod), name)(problem, time_limit=left, **options)
+    params = {"problem": _json_safe(problem.to_dict()), "func": func, "options": _json_safe(options)}
+
+    def plan() -> tuple[np.ndarray, float]:
+        return incumbent(problem)
+
+    raw, inc = run_bounded("moebalance.solvers._placement_model:placement_job", {}, params,
+                           time_limit=time_limit, start=start, cells=E * P, meanwhile=plan)
+    if raw is None:
+        x, _ = inc
+        return PlacementSolution(method=method, status=Status.TIME_LIMIT, assignment=x,
+                                 stats={"stopped_by": "deadline (process killed)"},
+                                 message="the time limit stopped the back-end; returning the llep+ plan")
+    bound = raw.get("bound")
+    assignment = raw.get("assignment")
+    status = Status(raw["status"])
+    if assignment is None and status == Status.TIME_LIMIT:
+        assignment = inc[0]
+    return PlacementSolution(method=method, status=status, bound=None if bound is None else float(bound),
+                             assignment=assignment, stats=dict(raw.get("stats") or {}),
+                             message=str(raw.get("message", "")))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
-__all__ = ["chosen_to_assignment", "prices_from_assignment", "greedy_fill", "integer_scores"]
+__all__ = ["chosen_to_assignment", "prices_from_assignment", "greedy_fill", "integer_scores", "RoutingScale",
+           "repair", "fallback", "problem_data", "problem_from", "drive", "certify_prices"]
 
 
 def chosen_to_assignment(chosen: np.ndarray, k: int) -> np.ndarray:
@@ -64,7 +67,8 @@ def prices_from_assignment(scores: np.ndarray, assignment: np.ndarray, tol: floa
     return np.maximum(-d[:E], 0.0)
 
 
-def greedy_fill(scores: np.ndarray, chosen: np.ndarray, room: np.ndarray, need: np.ndarray) -> np.ndarray:
+def greedy_fill(scores: np.ndarray, chosen: np.ndarray, room: np.ndarray, need: np.ndarray,
+                deadline: float | None = None) -> np.ndarray:
     """Fill each token's missing slots with its best experts that still have room, highest scores first.
 
     Args:
@@ -75,6 +79,7 @@ def greedy_fill(scores: np.ndarray, chosen: np.ndarray, room: np.ndarray, need: 
 
     Rounds: every needy token proposes its best expert not yet tried; each expert accepts the highest-scored
     proposals up to its room; the rest move on to their next choice. At most E rounds, each vectorised.
+    ``deadline`` (a ``time.perf_counter()`` value) stops the swap phase early, leaving slots unplaced.
     Returns ``need`` (all zero on success).
     """
     T, E = scores.shape
@@ -100,16 +105,19 @@ def greedy_fill(scores: np.ndarray, chosen: np.ndarray, room: np.ndarray, need: 
         need[toks] -= 1
         np.subtract.at(room, exps, 1)
     if need.any():
-        _swap_fill(scores, chosen, room, need)
+        _swap_fill(scores, chosen, room, need, deadline)
     return need
 
 
-def _swap_fill(scores: np.ndarray, chosen: np.ndarray, room: np.ndarray, need: np.ndarray) -> None:
+def _swap_fill(scores: np.ndarray, chosen: np.ndarray, room: np.ndarray, need: np.ndarray,
+               deadline: float | None = None) -> None:
     """Place slots the rounds could not: a token t whose only experts with room r are ones it already has
     takes expert a from a token u that moves to r (t: +a, u: a -> r), choosing the least costly such swap.
     With tight capacities (sum of capacities == T * k) this is what the last few tokens need."""
     for t in np.flatnonzero(need > 0):
         while need[t] > 0:
+            if deadline is not None and time.perf_counter() > deadline:
+                return
             best = None
             for r in np.flatnonzero(room > 0):
                 ok = chosen & ~chosen[:, r][:, None] & ~chosen[t][None, :]
@@ -126,3 +134,132 @@ def _swap_fill(scores: np.ndarray, chosen: np.ndarray, room: np.ndarray, need: n
             chosen[u, a], chosen[u, r], chosen[t, a] = False, True, True
             room[r] -= 1
             need[t] -= 1
+
+
+EPS = float(np.finfo(np.float64).eps)
+
+
+class RoutingScale:
+    """The affine map between a problem's scores and the normalised scores handed to every back-end.
+
+    ``scores[t, e] = unit * norm[t, e] + offset[t]`` with ``offset[t] = min_e scores[t, e]`` and ``unit`` the
+    largest per-token range, so ``norm`` lies in [0, 1] whatever the scale and offset of the data. Every token
+    takes exactly k experts, so an objective ``v`` of the normalised problem is ``unit * v + k * sum(offset)``
+    in the problem's units and the optimum is the same assignment.
+
+    ``magnitude`` (``sum_t k * max_e |scores[t, e]|``, at least the size of any objective) sizes the float
+    rounding allowance :meth:`upper` adds: the map itself and the sums of ``T * k`` terms each lose at most a
+    few ``T * k * eps`` of it.
+    """
+
+    def __init__(self, scores: np.ndarray, k: int):
+        s = np.asarray(scores, dtype=np.float64)
+        self.k = int(k)
+        self.offset = s.min(axis=1)
+        span = float((s.max(axis=1) - self.offset).max()) if s.size else 0.0
+        self.unit = span if span > 0 else 1.0
+        self.magnitude = float(self.k * np.abs(s).max(axis=1).sum()) if s.size else 0.0
+        self._base = float(self.k * self.offset.sum())
+        self.rounding = 4.0 * (s.size + 2) * EPS * self.magnitude
+
+    def normalise(self, scores: np.ndarray) -> np.ndarray:
+        """``[T, E]`` scores in [0, 1]."""
+        return np.clip((np.asarray(scores, dtype=np.float64) - self.offset[:, None]) / self.unit, 0.0, 1.0)
+
+    def objective(self, value: float) -> float:
+        """A normalised objective in the problem's units."""
+        return self.unit * float(value) + self._base
+
+    def upper(self, value: float, allowance: float = 0.0) -> float:
+        """A normalised upper bound in the problem's units, raised by ``allowance`` (normalised units: the
+        back-end's tolerance or quantisation) and by the float rounding of the map."""
+        return self.unit * (float(value) + allowance) + self._base + self.rounding
+
+
+def repair(scores: np.ndarray, weight: np.ndarray, k: int, capacity: np.ndarray) -> np.ndarray | None:
+    """A feasible ``[T, k]`` assignment near a (possibly fractional or infeasible) ``weight`` [T, E]: top-k of
+    ``weight`` per token, over-full experts keep their highest-weight tokens, the rest are placed greedily by
+    score. None when the greedy fill cannot place every slot."""
+    T, E = scores.shape
+    w = np.nan_to_num(np.asarray(weight, dtype=np.float64), nan=0.0)
+    idx = np.argsort(-w, axis=1, kind="stable")[:, :k]
+    chosen = np.zeros((T, E), dtype=bool)
+    np.put_along_axis(chosen, idx, True, axis=1)
+    need = np.zeros(T, dtype=np.int64)
+    loads = chosen.sum(axis=0)
+    for e in np.flatnonzero(loads > capacity):
+        rows = np.flatnonzero(chosen[:, e])
+        drop = rows[np.argsort(w[rows, e], kind="stable")[: loads[e] - capacity[e]]]
+        chosen[drop, e] = False
+        need[drop] += 1
+    room = np.asarray(capacity, dtype=np.int64) - chosen.sum(axis=0)
+    if need.any():
+        greedy_fill(scores, chosen, room, need)
+        if need.any():
+            return None
+    return chosen_to_assignment(chosen, k)
+
+
+def fallback(problem, deadline: float | None = None) -> dict:
+    """What a routing solve stopped by its deadline still has: the greedy answer ``[T, k]`` (None when it
+    could not finish by ``deadline``) and the top-k bound (capacity dropped: a valid upper bound)."""
+    s = problem.scores
+    T, E = s.shape
+    k = problem.k
+    chosen = np.zeros((T, E), dtype=bool)
+    room = np.asarray(problem.capacity, dtype=np.int64).copy()
+    need = np.full(T, k, dtype=np.int64)
+    greedy_fill(s, chosen, room, need, deadline=deadline)
+    top = np.partition(s, E - k, axis=1)[:, E - k:]
+    scale = RoutingScale(s, k)
+    return {"assignment": None if need.any() else chosen_to_assignment(chosen, k),
+            "bound": float(top.sum()) + scale.rounding}
+
+
+def problem_data(problem) -> dict:
+    """The arrays a routing job needs (see :mod:`._isolate`)."""
+    return {"scores": problem.scores, "capacity": problem.capacity, "k": np.array(problem.k)}
+
+
+def problem_from(data: dict):
+    """The :class:`RoutingProblem` of :func:`problem_data`'s arrays (in a child process)."""
+    from moebalance.routing import RoutingProblem
+
+    return RoutingProblem(data["scores"], int(data["k"]), capacity=data["capacity"])
+
+
+def drive(method: str, problem, target: str, params: dict, *, time_limit, start: float, to_solution, guard=None):
+    """problem -> job (build + run, maybe in a child under a hard deadline) -> ``to_solution(problem, raw)``.
+
+    When the deadline killed the job, or the job returned no answer under a time limit, the answer is the
+    greedy assignment with the top-k bound and status ``time_limit``. ``guard``: see :func:`._isolate.run_bounded`.
+    """
+    from moebalance.solution import RoutingSolution, Status
+
+    from ._isolate import INPROCESS_CELLS, run_bounded
+
+    T, E = problem.shape
+    isolated = time_limit is not None and T * E > INPROCESS_CELLS
+    # the fallback works while the child does, and gives up shortly before the child is killed
+    soon = None if time_limit is None else start + 0.95 * time_limit
+    raw, fb = run_bounded(target, problem_data(problem), params, time_limit=time_limit, start=start, cells=T * E,
+                          meanwhile=(lambda: fallback(problem, soon)) if isolated else None, guard=guard)
+    if raw is None:
+        fb = fb or fallback(problem, soon)
+        return RoutingSolution(method=method, status=Status.TIME_LIMIT, objective=float("nan"), bound=fb["bound"],
+                        assignment=fb["assignment"], stats={"stopped_by": "deadline (process killed)"},
+                        message="the time limit stopped the back-end; greedy answer and top-k bound")
+    sol = to_solution(problem, raw, time_limit)
+    if sol.status == Status.TIME_LIMIT and sol.assignment is None:
+        fb = fb or fallback(problem, soon)
+        bound = fb["bound"] if sol.bound is None else min(sol.bound, fb["bound"])
+        sol = sol.replace(assignment=fb["assignment"], bound=bound,
+                          message=sol.message + "; greedy answer returned")
+    return sol
+
+
+def certify_prices(scores: np.ndarray, assignment: np.ndarray, tol: float) -> np.ndarray | None:
+    """Prices ``[E]`` certifying ``assignment``: the exact ones when they exist (their dual bound then equals
+    the objective), else those within ``tol`` (a back-end's quantisation or tolerance), else None."""
+    q = prices_from_assignment(scores, assignment, tol=0.0)
+    return q if q is not None else prices_from_assignment(scores, assignment, tol=tol)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from moebalance._validate import as_int
+from moebalance.routing import expert_capacity
 
 __all__ = ["LossFreeBalancer", "BIPBalancer"]
 
@@ -149,7 +150,7 @@ class BIPBalancer(_Balancer):
         q = self._state_for(scores)
         T, E = scores.shape
         k = self.k
-        cap = math.ceil(self.capacity_factor * T * k / E - 1e-9)
+        cap = expert_capacity(T, k, E, self.capacity_factor)
         if k >= E or cap >= T or T == 0:
             self._bias = q * 0  # no expert can be over capacity: no price is needed
             return self._bias

@@ -106,14 +106,15 @@ def _eplb(problem: Any, method: str, num_replicas: int | None, keep_home: bool) 
                     message=f"{int(num_replicas)} slots, {int((counts > 1).sum())} expert(s) replicated")
 
 
-@register("placement", "eplb", options={"num_replicas": None},
+@register("placement", "eplb", deterministic=True, supports_time_limit=False, options={"num_replicas": None},
           description="DeepSeek EPLB-style replication and balanced packing, tokens split evenly over copies")
 def solve_eplb(problem: Any, *, time_limit: float | None = None, num_replicas: int | None = None) -> PlacementSolution:
     """EPLB replication; ``num_replicas`` defaults to one redundant slot per device (``P * (E / P + 1)``)."""
     return _eplb(problem, "eplb", num_replicas, keep_home=False)
 
 
-@register("placement", "eplb-home", options={"num_replicas": None},
+@register("placement", "eplb-home", deterministic=True, supports_time_limit=False,
+          options={"num_replicas": None},
           description="EPLB replication keeping each expert's first copy at home; only redundant copies move")
 def solve_eplb_home(problem: Any, *, time_limit: float | None = None, num_replicas: int | None = None) -> PlacementSolution:
     """EPLB replication with the EP layout kept: redundant copies fill each device's free slots."""

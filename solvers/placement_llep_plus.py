@@ -23,9 +23,9 @@ import numpy as np
 from moebalance.registry import register
 from moebalance.solution import PlacementSolution, Status
 
-from .placement_llep import llep_for, plan_to_assignment
+from .placement_llep import LLEPPlanner
 
-__all__ = ["improve_plan", "solve_llep_plus"]
+__all__ = ["improve_plan", "llep_plus_plan", "solve_llep_plus"]
 
 
 def improve_plan(problem: Any, assignment: Any, *, max_moves: int | None = None, min_gain: float = 1e-4,
@@ -35,6 +35,8 @@ def improve_plan(problem: Any, assignment: Any, *, max_moves: int | None = None,
     A move must lower the slowest device's time by at least ``min_gain`` (relative), and the search stops once
     the slowest device is within ``balance_tol`` (relative) of the mean device time: moving tokens keeps their
     total time, so from there a perfect rebalance would gain about that much, at the cost of a move per device.
+    ``problem`` is a :class:`~moebalance.PlacementProblem` or an :class:`LLEPPlanner` (only its structure is
+    read: ``shape``, ``home``, ``cost`` and the limits).
     """
     x = np.array(assignment, dtype=np.int64)  # a copy, updated move by move
     E, P = problem.shape
@@ -158,13 +160,12 @@ def improve_plan(problem: Any, assignment: Any, *, max_moves: int | None = None,
     return x, moves, timed_out
 
 
-@register("placement", "llep+",
-          options={"max_moves": None, "min_gain": 1e-4, "balance_tol": 1e-3, "fallback": True},
-          description="LLEP, then a bottleneck local search under the cost model (ours)")
-def solve_llep_plus(problem: Any, *, time_limit: float | None = None, max_moves: int | None = None,
-                    min_gain: float = 1e-4, balance_tol: float = 1e-3, fallback: bool = True) -> PlacementSolution:
-    """LLEP followed by the bottleneck local search (``max_moves`` default ``max(P, 16)``)."""
-    t0 = time.perf_counter()
+def llep_plus_plan(planner: LLEPPlanner, expert_loads: Any, *, max_moves: int | None = None,
+                   min_gain: float = 1e-4, balance_tol: float = 1e-3, deadline: float | None = None
+                   ) -> tuple[np.ndarray, Any, int, bool]:
+    """llep+ on one step's loads with a prepared planner: ``(assignment [E, P], LLEP plan, moves, timed out)``.
+
+    The code path of ``solve(problem, "llep+")`` and of the expert-parallel layer alike."""
     if max_moves is not None and (isinstance(max_moves, bool) or not isinstance(max_moves, (int, np.integer))
                                   or max_moves < 0):
         raise ValueError(f"`max_moves` must be an integer >= 0, got {max_moves!r}")
@@ -172,11 +173,23 @@ def solve_llep_plus(problem: Any, *, time_limit: float | None = None, max_moves:
         raise ValueError(f"`min_gain` must be a number in [0, 1), got {min_gain!r}")
     if isinstance(balance_tol, bool) or not isinstance(balance_tol, (int, float)) or not 0 <= balance_tol < 1:
         raise ValueError(f"`balance_tol` must be a number in [0, 1), got {balance_tol!r}")
-    plan = llep_for(problem, fallback=bool(fallback), spilled_only=True)
-    deadline = None if time_limit is None else t0 + time_limit
-    x0 = plan_to_assignment(plan, problem.expert_loads, problem.home)
-    x, moves, timed_out = improve_plan(problem, x0, max_moves=max_moves, min_gain=float(min_gain),
+    plan = planner.plan(expert_loads, spilled_only=True)
+    x, moves, timed_out = improve_plan(planner, plan.assignment, max_moves=max_moves, min_gain=float(min_gain),
                                        balance_tol=float(balance_tol), deadline=deadline)
+    return x, plan, moves, timed_out
+
+
+@register("placement", "llep+",
+          options={"max_moves": None, "min_gain": 1e-4, "balance_tol": 1e-3, "fallback": True},
+          description="LLEP, then a bottleneck local search under the cost model (ours)")
+def solve_llep_plus(problem: Any, *, time_limit: float | None = None, max_moves: int | None = None,
+                    min_gain: float = 1e-4, balance_tol: float = 1e-3, fallback: bool = True) -> PlacementSolution:
+    """LLEP followed by the bottleneck local search (``max_moves`` default ``max(P, 16)``)."""
+    t0 = time.perf_counter()
+    deadline = None if time_limit is None else t0 + time_limit
+    planner = LLEPPlanner.for_problem(problem, fallback=bool(fallback))
+    x, plan, moves, timed_out = llep_plus_plan(planner, problem.expert_loads, max_moves=max_moves,
+                                               min_gain=min_gain, balance_tol=balance_tol, deadline=deadline)
     status = Status.TIME_LIMIT if timed_out else Status.FEASIBLE
     stats = {"moves": moves, "llep_fallback": plan.fallback, "llep_capacity": plan.capacity}
     return PlacementSolution(method="llep+", status=status, objective=float("nan"), assignment=x, stats=stats,

@@ -17,9 +17,10 @@ from moebalance.registry import register
 from moebalance.solution import PlacementSolution, Status
 
 from ._cvxpy import import_cvxpy
-from ._placement_model import PlacementModel, build_model, incumbent, round_plan
+from ._placement_model import PlacementModel, build_model, incumbent, lower_bound, round_plan, run_isolated
+from ._status import CVXPY, SCIPY_HIGHS
 
-__all__ = ["lp_bound_highs", "solve_lp", "solve_lp_cvxpy"]
+__all__ = ["lp_bound_highs", "solve_lp", "solve_lp_cvxpy", "lp_inprocess", "lp_cvxpy_inprocess"]
 
 
 def _full_plan(problem: Any, model: PlacementModel, xa: np.ndarray) -> np.ndarray:
@@ -71,19 +72,24 @@ def lp_bound_highs(problem: Any, time_limit: float | None = None, *, tighten: bo
         options["time_limit"] = float(time_limit)
     res = linprog(c, A_ub=vstack(ub_blocks).tocsr(), b_ub=np.concatenate(ub_rhs), A_eq=A_eq.tocsr(),
                   b_eq=m.loads.astype(np.float64), bounds=bounds, method="highs", options=options)
-    if res.status == 0:
-        return "optimal", float(res.fun) * m.unit, res.x[:n].reshape(A, P), res.message
-    if res.status == 2:
-        return "infeasible", None, None, res.message
-    if res.status == 1:
-        return "time_limit", None, None, res.message
-    return "error", None, None, res.message
+    ours = SCIPY_HIGHS.translate(res.status, time_limit=time_limit, has_solution=res.x is not None)
+    if ours == Status.OPTIMAL:
+        return "optimal", lower_bound(m, res.fun), res.x[:n].reshape(A, P), res.message
+    return ours.value, None, None, res.message
 
 
-@register("placement", "lp", gives_bound=True, backends=("scipy",), options={"tighten": True},
+@register("placement", "lp", gives_bound=True, deterministic=True, supports_time_limit=True, backends=("scipy",),
+          options={"tighten": True},
           description="LP relaxation (scipy HiGHS): lower bound on the makespan, plus a rounded plan")
 def solve_lp(problem: Any, *, time_limit: float | None = None, tighten: bool = True) -> PlacementSolution:
-    """LP relaxation with HiGHS: the bound and a plan rounded from the LP's x."""
+    """LP relaxation with HiGHS: the bound and a plan rounded from the LP's x (under ``time_limit`` a large
+    model runs in a child process the deadline stops)."""
+    return run_isolated("lp", "moebalance.solvers.placement_lp:lp_inprocess", problem, {"tighten": bool(tighten)},
+                        time_limit=time_limit, start=time.perf_counter())
+
+
+def lp_inprocess(problem: Any, *, time_limit: float | None = None, tighten: bool = True) -> PlacementSolution:
+    """:func:`solve_lp` in this process."""
     t0 = time.perf_counter()
     m = _model(problem, bool(tighten))
     if time_limit is not None:
@@ -93,15 +99,31 @@ def solve_lp(problem: Any, *, time_limit: float | None = None, tighten: bool = T
         x = _full_plan(problem, m, xa)
         return PlacementSolution(method="lp", status=Status.FEASIBLE, objective=float("nan"), bound=bound, assignment=x,
                         stats={"lp_status": status, "incumbent": m.upper}, message="rounded LP relaxation")
-    st = {"infeasible": Status.INFEASIBLE, "time_limit": Status.TIME_LIMIT}.get(status, Status.ERROR)
+    st = Status(status) if status in ("infeasible", "time_limit") else Status.ERROR
     return PlacementSolution(method="lp", status=st, objective=float("nan"), stats={"lp_status": status}, message=str(msg))
 
 
-@register("placement", "lp-cvxpy", gives_bound=True, backends=("cvxpy",), options={"solver": None, "tighten": True},
+@register("placement", "lp-cvxpy", gives_bound=True, deterministic=True, supports_time_limit=True,
+          backends=("cvxpy",), options={"solver": None, "tighten": True},
           description="the same LP relaxation in cvxpy with explicit y (cross-check of `lp`)")
 def solve_lp_cvxpy(problem: Any, *, time_limit: float | None = None, solver: str | None = None,
                    tighten: bool = True) -> PlacementSolution:
-    """LP relaxation written with explicit ``y`` and ``x <= M y``, solved through cvxpy (HiGHS when installed)."""
+    """LP relaxation written with explicit ``y`` and ``x <= M y``, solved through cvxpy (HiGHS when installed;
+    under ``time_limit`` a large model runs in a child process the deadline stops)."""
+    if solver is not None:
+        _, installed = import_cvxpy()
+        if solver not in installed:
+            raise ValueError(f"`solver` {solver!r} is not installed for cvxpy; installed: {', '.join(installed)}")
+    return run_isolated("lp-cvxpy", "moebalance.solvers.placement_lp:lp_cvxpy_inprocess", problem,
+                        {"solver": solver, "tighten": bool(tighten)}, time_limit=time_limit,
+                        start=time.perf_counter())
+
+
+def lp_cvxpy_inprocess(problem: Any, *, time_limit: float | None = None, solver: str | None = None,
+                       tighten: bool = True) -> PlacementSolution:
+    """:func:`solve_lp_cvxpy` in this process."""
+    import warnings
+
     cp, installed = import_cvxpy()
 
     t0 = time.perf_counter()
@@ -125,15 +147,19 @@ def solve_lp_cvxpy(problem: Any, *, time_limit: float | None = None, solver: str
     kwargs: dict[str, Any] = {}
     if time_limit is not None and solver == "HIGHS":
         kwargs["time_limit"] = max(1e-3, float(time_limit) - (time.perf_counter() - t0))
-    prob.solve(solver=solver, **kwargs)
-    if prob.status == cp.OPTIMAL:
+    with warnings.catch_warnings():  # cvxpy warns on inaccurate answers; the status says it
+        warnings.simplefilter("ignore")
+        prob.solve(solver=solver, **kwargs)
+    ours = CVXPY.translate(prob.status, time_limit=time_limit, has_solution=x.value is not None)
+    if ours == Status.OPTIMAL:
         xf = np.zeros(problem.shape, dtype=np.int64)
         xf[m.active] = round_plan(m, x.value)
         return PlacementSolution(method="lp-cvxpy", status=Status.FEASIBLE, objective=float("nan"),
-                        bound=float(prob.value) * m.unit, assignment=xf,
+                        bound=lower_bound(m, prob.value), assignment=xf,
                         stats={"cvxpy_status": prob.status, "cvxpy_solver": prob.solver_stats.solver_name},
                         message="rounded LP relaxation (cvxpy)")
-    st = Status.INFEASIBLE if prob.status in (cp.INFEASIBLE, cp.INFEASIBLE_INACCURATE) else Status.ERROR
+    # an inaccurate or interrupted LP proves no bound and its x is no plan
+    st = ours if ours in (Status.INFEASIBLE, Status.TIME_LIMIT) else Status.ERROR
     if time_limit is not None and time.perf_counter() - t0 >= time_limit:
         st = Status.TIME_LIMIT
     return PlacementSolution(method="lp-cvxpy", status=st, objective=float("nan"), stats={"cvxpy_status": prob.status},

@@ -8,11 +8,16 @@
           sum_{e foreign to p} y[e, p] <= max_foreign_experts   (if set)
           x integer >= 0, y binary
 
-SCIP takes float coefficients directly (CP-SAT would need them scaled to integers). The model starts from the
-``llep+`` plan as a hint, and its makespan ``U`` tightens every big-M to ``min(load, cap, (U - b) / a)`` (valid:
-an optimal plan never has a device above ``U``). ``time_limit`` is passed to SCIP (minus the time spent
-building); a run stopped by it reports status ``time_limit`` with SCIP's best bound, and the hint plan if SCIP
-found nothing better.
+Steps: :func:`build` (problem -> ``pywraplp.Solver`` loaded from an ``MPModelProto`` that OR-Tools' model
+builder fills from one scipy sparse matrix), :func:`run` (-> status, values, bound), :func:`to_solution`
+(-> our answer; status from :data:`._status.PYWRAPLP`).
+
+The model starts from the ``llep+`` plan as a hint, and its makespan ``U`` tightens every big-M to
+``min(load, cap, (U - b) / a)`` (valid: an optimal plan never has a device above ``U``). Costs are divided by
+:func:`._placement_model.time_unit`, so SCIP sees the same model at every scale of the cost model; its bound
+is mapped back with :func:`._placement_model.lower_bound`. ``time_limit`` covers the incumbent search and the
+build (the clock is checked between steps) and is passed to SCIP for the rest; a run stopped by it reports
+``time_limit`` with SCIP's best bound, and the hint plan if SCIP found nothing better.
 """
 
 from __future__ import annotations
@@ -25,109 +30,184 @@ import numpy as np
 from moebalance.registry import register
 from moebalance.solution import PlacementSolution, Status
 
-from ._placement_model import build_model, incumbent, round_plan
+from ._placement_model import PlacementModel, build_model, incumbent, lower_bound, round_plan, run_isolated
+from ._status import PYWRAPLP
 
-__all__ = ["solve_milp"]
+from ._interrupt import interruptible
+
+__all__ = ["solve_milp", "milp_inprocess", "milp_matrix", "build", "run", "to_solution"]
 
 
-@register("placement", "milp", exact=True, gives_bound=True, backends=("ortools",), aliases=("bip",),
-          options={"mip_gap": 1e-7, "hint": True, "threads": 1},
-          description="exact MILP (OR-Tools SCIP): optimal plan and proven bound")
-def solve_milp(problem: Any, *, time_limit: float | None = None, mip_gap: float = 1e-7, hint: bool = True,
-               threads: int = 1) -> PlacementSolution:
-    """Exact MILP with SCIP; ``mip_gap`` is SCIP's relative stopping gap, ``hint`` warm-starts from llep+."""
-    from ortools.linear_solver import pywraplp
+def milp_matrix(m: PlacementModel) -> dict[str, Any]:
+    """Columns ``x`` (A*P, row-major), ``y`` (A*P), ``T``; rows: loads, links, device times, capacities,
+    foreign limits. Returns the csr matrix, row and column bounds, objective, integrality and ``integral``
+    (device times are integers in the model's unit, so T can be integer)."""
+    import scipy.sparse as sp
 
-    t0 = time.perf_counter()
-    if not (isinstance(mip_gap, (int, float)) and 0 <= mip_gap < 1):
-        raise ValueError(f"`mip_gap` must be a number in [0, 1), got {mip_gap!r}")
-    hint_x, upper = incumbent(problem) if hint else (None, None)
-    m = build_model(problem, upper)
     A, P = m.a.shape
-    if A == 0:
-        return PlacementSolution(method="milp", status=Status.OPTIMAL, objective=float("nan"), bound=0.0,
-                        assignment=np.zeros(problem.shape, dtype=np.int64))
+    n = A * P
+    Mcap = np.minimum(m.M, m.loads[:, None]).astype(np.float64).ravel()
+    X, Y, TT = np.arange(n), n + np.arange(n), 2 * n
+    ii = np.repeat(np.arange(A), P)
+    pp = np.tile(np.arange(P), A)
+    rows, cols, vals, lo, up = [], [], [], [], []
+    r0 = 0
+
+    def block(r, c, v, nrows, lower, upper):
+        nonlocal r0
+        rows.append(r + r0), cols.append(c), vals.append(v)
+        lo.append(np.broadcast_to(lower, nrows)), up.append(np.broadcast_to(upper, nrows))
+        r0 += nrows
+
+    block(ii, X, np.ones(n), A, m.loads.astype(np.float64), m.loads.astype(np.float64))
+    block(np.concatenate([np.arange(n), np.arange(n)]), np.concatenate([X, Y]),
+          np.concatenate([np.ones(n), -Mcap]), n, -np.inf, 0.0)
+    bmask = m.b.ravel() != 0
+    block(np.concatenate([pp, pp[bmask], np.arange(P)]), np.concatenate([X, Y[bmask], np.full(P, TT)]),
+          np.concatenate([m.a.ravel(), m.b.ravel()[bmask], -np.ones(P)]), P, -np.inf, 0.0)
+    if m.C is not None:
+        block(pp, X, np.ones(n), P, -np.inf, float(m.C))
+    if m.F is not None:
+        fmask = m.foreign.ravel()
+        block(pp[fmask], Y[fmask], np.ones(int(fmask.sum())), P, -np.inf, float(m.F))
+    matrix = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                           shape=(r0, 2 * n + 1))
+    obj = np.zeros(2 * n + 1)
+    obj[TT] = 1.0
+    return {"matrix": matrix, "row_lower": np.concatenate(lo).astype(np.float64),
+            "row_upper": np.concatenate(up).astype(np.float64),
+            "col_lower": np.zeros(2 * n + 1), "col_upper": np.concatenate([Mcap, np.ones(n), [np.inf]]),
+            "objective": obj, "integral": m.integral_times()}
+
+
+def build(m: PlacementModel, *, hint_x: np.ndarray | None = None, mip_gap: float = 1e-7,
+          threads: int = 1) -> dict[str, Any]:
+    """``{"solver": a SCIP pywraplp.Solver, ...}`` holding the MILP of model ``m`` (``hint_x`` ``[A, P]``: a warm start)."""
+    from ortools.linear_solver import pywraplp
+    from ortools.linear_solver.python import model_builder_helper as mbh
+
+    d = milp_matrix(m)
+    n = m.a.size
+    helper = mbh.ModelBuilderHelper()
+    helper.fill_model_from_sparse_data(d["col_lower"], d["col_upper"], d["objective"], d["row_lower"],
+                                       d["row_upper"], d["matrix"])
+    for i in range(2 * n + (1 if d["integral"] else 0)):
+        helper.set_var_integrality(i, True)
     solver = pywraplp.Solver.CreateSolver("SCIP")
     if solver is None:
         raise RuntimeError("OR-Tools was built without SCIP")
-    inf = solver.infinity()
-    Mcap = np.minimum(m.M, m.loads[:, None]).astype(np.int64).tolist()
-    x = [[solver.IntVar(0, Mcap[i][p], "") for p in range(P)] for i in range(A)]
-    y = [[solver.BoolVar("") for _ in range(P)] for i in range(A)]
-    integral = m.integral_times()
-    T = solver.IntVar(0, inf, "T") if integral else solver.NumVar(0, inf, "T")
-    a, b = m.a.tolist(), m.b.tolist()
-    for i in range(A):
-        row = solver.Constraint(float(m.loads[i]), float(m.loads[i]))
-        for p in range(P):
-            row.SetCoefficient(x[i][p], 1.0)
-            link = solver.Constraint(-inf, 0.0)
-            link.SetCoefficient(x[i][p], 1.0)
-            link.SetCoefficient(y[i][p], -float(Mcap[i][p]))
-    for p in range(P):
-        row = solver.Constraint(-inf, 0.0)
-        row.SetCoefficient(T, -1.0)
-        for i in range(A):
-            row.SetCoefficient(x[i][p], a[i][p])
-            if b[i][p]:
-                row.SetCoefficient(y[i][p], b[i][p])
-        if m.C is not None:
-            cap = solver.Constraint(-inf, float(m.C))
-            for i in range(A):
-                cap.SetCoefficient(x[i][p], 1.0)
-        if m.F is not None:
-            fr = solver.Constraint(-inf, float(m.F))
-            for i in range(A):
-                if m.foreign[i, p]:
-                    fr.SetCoefficient(y[i][p], 1.0)
-    solver.Minimize(T)
-    if hint_x is not None:
-        hx = hint_x[m.active]
-        if np.isfinite(upper):
-            hv = hx.ravel().astype(float).tolist()
-            hy = (hx > 0).ravel().astype(float).tolist()
-            t_hint = float(((m.a * hx).sum(axis=0) + (m.b * (hx > 0)).sum(axis=0)).max())
-            if integral:
-                t_hint = float(np.ceil(t_hint - 1e-9))
-            solver.SetHint([v for r in x for v in r] + [v for r in y for v in r] + [T], hv + hy + [t_hint])
-        else:
-            hint_x = None
-    params = pywraplp.MPSolverParameters()
-    params.SetDoubleParam(params.RELATIVE_MIP_GAP, float(mip_gap))
+    err = solver.LoadModelFromProto(mbh.to_mpmodel_proto(helper))
+    if err:
+        raise RuntimeError(f"SCIP rejected the model: {err}")
+    solver.SuppressOutput()
     solver.SetNumThreads(int(threads))
+    if hint_x is not None:
+        hx = np.asarray(hint_x, dtype=np.float64)
+        t_hint = float(((m.a * hx).sum(axis=0) + (m.b * (hx > 0)).sum(axis=0)).max())
+        if d["integral"]:
+            t_hint = float(np.ceil(t_hint - 1e-9))
+        values = np.concatenate([hx.ravel(), (hx > 0).ravel().astype(np.float64), [t_hint]])
+        solver.SetHint(solver.variables(), values.tolist())
+    return {"solver": solver, "mip_gap": float(mip_gap), "integral": d["integral"], "shape": m.a.shape}
+
+
+def run(model: dict[str, Any], time_limit: float | None = None) -> dict[str, Any]:
+    """Solve: ``{"code", "x" [A, P] (when a solution exists), "bound" (normalised), "nodes"}``."""
+    from ortools.linear_solver import linear_solver_pb2, pywraplp
+
+    info, solver = model, model["solver"]
+    params = pywraplp.MPSolverParameters()
+    params.SetDoubleParam(params.RELATIVE_MIP_GAP, info["mip_gap"])
+    scip = "misc/catchctrlc = FALSE\n"  # Ctrl-C reaches interruptible
     if time_limit is not None:
-        left = time_limit - (time.perf_counter() - t0)
-        if left <= 0:
-            return _fallback(problem, m, hint_x, None, "time limit reached while building the model")
-        solver.SetTimeLimit(max(1, int(left * 1000)))
-    code = solver.Solve(params)
-    stats = {"scip_status": int(code), "nodes": int(solver.nodes()), "integral_objective": integral}
-    if code == pywraplp.Solver.INFEASIBLE:
+        solver.SetTimeLimit(max(1, int(time_limit * 1000)))
+        scip += f"limits/time = {max(0.01, time_limit):.3f}\n"
+    solver.SetSolverSpecificParametersAsString(scip)
+    with interruptible(solver.InterruptSolve):
+        solver.Solve(params)
+    resp = linear_solver_pb2.MPSolutionResponse()
+    solver.FillSolutionResponseProto(resp)
+    out: dict[str, Any] = {"code": PYWRAPLP.name(resp.status), "nodes": int(solver.nodes()),
+                           "integral": info["integral"]}
+    if resp.HasField("best_objective_bound") and np.isfinite(resp.best_objective_bound):
+        out["bound"] = float(resp.best_objective_bound)
+    A, P = info["shape"]
+    if len(resp.variable_value):
+        out["x"] = np.asarray(resp.variable_value, dtype=np.float64)[: A * P].reshape(A, P)
+    return out
+
+
+def to_solution(problem: Any, m: PlacementModel, raw: dict[str, Any], time_limit: float | None = None, *,
+                hint_x: np.ndarray | None = None) -> PlacementSolution:
+    """Our answer from :func:`run`'s output (``hint_x``: the full ``[E, P]`` warm start, returned when SCIP
+    has nothing better under a time limit)."""
+    xs = raw.get("x")
+    status = PYWRAPLP.translate(raw["code"], time_limit=time_limit, has_solution=xs is not None)
+    stats = {"backend_status": raw["code"], "nodes": raw.get("nodes"), "integral_objective": raw.get("integral")}
+    bound = lower_bound(m, raw["bound"], integral=bool(raw.get("integral"))) if "bound" in raw else None
+    if status == Status.INFEASIBLE:
         return PlacementSolution(method="milp", status=Status.INFEASIBLE, objective=float("nan"), stats=stats,
                         message="SCIP proved the limits admit no plan")
-    bound = solver.Objective().BestBound() * m.unit
-    if code in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
-        xs = np.array([[v.solution_value() for v in r] for r in x])
-        xa = np.rint(xs).astype(np.int64)
-        if not np.array_equal(xa.sum(axis=1), m.loads):
-            xa = round_plan(m, xs)
-        xf = np.zeros(problem.shape, dtype=np.int64)
-        xf[m.active] = xa
-        status = Status.OPTIMAL if code == pywraplp.Solver.OPTIMAL else Status.TIME_LIMIT
-        if code == pywraplp.Solver.FEASIBLE and time_limit is None:
-            status = Status.FEASIBLE
-        return PlacementSolution(method="milp", status=status, objective=float("nan"), bound=bound, assignment=xf,
-                        stats=stats, message=f"SCIP {'optimal' if status == Status.OPTIMAL else 'stopped'}")
-    if code == pywraplp.Solver.NOT_SOLVED and time_limit is not None:
-        return _fallback(problem, m, hint_x, bound, "SCIP found no plan within the time limit", stats)
-    return PlacementSolution(method="milp", status=Status.ERROR, objective=float("nan"), stats=stats,
-                    message=f"SCIP returned status {code}")
+    if xs is None:
+        msg = f"SCIP: {raw['code']}"
+        if status == Status.TIME_LIMIT and hint_x is not None:
+            return PlacementSolution(method="milp", status=status, objective=float("nan"), bound=bound, assignment=hint_x,
+                            stats=stats, message=msg + "; returning the llep+ warm start")
+        return PlacementSolution(method="milp", status=status, objective=float("nan"), bound=bound, stats=stats,
+                        message=msg)
+    xa = np.rint(xs).astype(np.int64)
+    if not np.array_equal(xa.sum(axis=1), m.loads) or xa.min() < 0:
+        xa = round_plan(m, xs)
+    xf = np.zeros(problem.shape, dtype=np.int64)
+    xf[m.active] = xa
+    return PlacementSolution(method="milp", status=status, objective=float("nan"), bound=bound, assignment=xf,
+                    stats=stats, message=f"SCIP {'optimal' if status == Status.OPTIMAL else raw['code']}")
 
 
-def _fallback(problem: Any, m: Any, hint_x: np.ndarray | None, bound: float | None, msg: str,
-              stats: dict | None = None) -> PlacementSolution:
+@register("placement", "milp", exact=True, gives_bound=True, deterministic=False, supports_time_limit=True,
+          backends=("ortools",), aliases=("bip",), options={"mip_gap": 1e-7, "hint": True, "threads": 1},
+          description="exact MILP (OR-Tools SCIP): optimal plan and proven bound")
+def solve_milp(problem: Any, *, time_limit: float | None = None, mip_gap: float = 1e-7, hint: bool = True,
+               threads: int = 1) -> PlacementSolution:
+    """Exact MILP with SCIP; ``mip_gap`` is SCIP's relative stopping gap, ``hint`` warm-starts from llep+.
+    Under ``time_limit`` a large model runs in a child process that the deadline stops."""
+    t0 = time.perf_counter()
+    if isinstance(mip_gap, bool) or not (isinstance(mip_gap, (int, float)) and 0 <= mip_gap < 1):
+        raise ValueError(f"`mip_gap` must be a number in [0, 1), got {mip_gap!r}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"`threads` must be a positive integer, got {threads!r}")
+    return run_isolated("milp", "moebalance.solvers.placement_milp:milp_inprocess", problem,
+                        {"mip_gap": float(mip_gap), "hint": bool(hint), "threads": int(threads)},
+                        time_limit=time_limit, start=t0)
+
+
+def milp_inprocess(problem: Any, *, time_limit: float | None = None, mip_gap: float = 1e-7, hint: bool = True,
+                   threads: int = 1) -> PlacementSolution:
+    """:func:`solve_milp` in this process: the clock is checked between the steps, SCIP gets what is left."""
+    t0 = time.perf_counter()
+
+    def left() -> float | None:
+        return None if time_limit is None else time_limit - (time.perf_counter() - t0)
+
+    hint_x, upper = incumbent(problem) if hint else (None, None)
+    if hint_x is not None and not np.isfinite(upper):
+        hint_x = None
+    m = build_model(problem, upper)
+    if m.a.shape[0] == 0:
+        return PlacementSolution(method="milp", status=Status.OPTIMAL, objective=float("nan"), bound=0.0,
+                        assignment=np.zeros(problem.shape, dtype=np.int64))
+    if left() is not None and left() <= 0:
+        return _stopped(problem, hint_x, "time limit reached before the model was built")
+    model = build(m, hint_x=None if hint_x is None else hint_x[m.active], mip_gap=mip_gap, threads=threads)
+    rest = left()
+    if rest is not None and rest <= 0.01:
+        return _stopped(problem, hint_x, "time limit reached while building the model")
+    raw = run(model, rest)
+    return to_solution(problem, m, raw, time_limit, hint_x=hint_x)
+
+
+def _stopped(problem: Any, hint_x: np.ndarray | None, msg: str) -> PlacementSolution:
     if hint_x is None:
-        return PlacementSolution(method="milp", status=Status.TIME_LIMIT, objective=float("nan"), bound=bound,
-                        stats=stats or {}, message=msg)
-    return PlacementSolution(method="milp", status=Status.TIME_LIMIT, objective=float("nan"), bound=bound,
-                    assignment=hint_x, stats=stats or {}, message=msg + "; returning the llep+ warm start")
+        return PlacementSolution(method="milp", status=Status.TIME_LIMIT, objective=float("nan"), message=msg)
+    return PlacementSolution(method="milp", status=Status.TIME_LIMIT, objective=float("nan"), assignment=hint_x,
+                    message=msg + "; returning the llep+ warm start")

@@ -12,7 +12,8 @@ from ._routing_common import chosen_to_assignment, greedy_fill
 __all__ = ["solve_topk", "solve_greedy"]
 
 
-@register("routing", "topk", gives_bound=True, description="plain top-k ignoring capacity (unbalanced baseline)")
+@register("routing", "topk", gives_bound=True, deterministic=True, supports_time_limit=False,
+          description="plain top-k ignoring capacity (unbalanced baseline)")
 def solve_topk(problem, *, time_limit=None) -> RoutingSolution:
     """Plain top-k of the scores, ignoring capacity.
 
@@ -28,7 +29,8 @@ def solve_topk(problem, *, time_limit=None) -> RoutingSolution:
                     message="top-k without capacity (its objective bounds the optimum)")
 
 
-@register("routing", "greedy", description="capacity-aware greedy: best scores first, overflow to next-best")
+@register("routing", "greedy", deterministic=True, supports_time_limit=False,
+          description="capacity-aware greedy: best scores first, overflow to next-best")
 def solve_greedy(problem, *, time_limit=None) -> RoutingSolution:
     """Capacity-aware greedy: tokens propose their best experts, each expert keeps its highest-scored
     proposals up to capacity, and rejected tokens overflow to their next-best expert with room."""

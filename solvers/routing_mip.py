@@ -1,76 +1,144 @@
-"""The exact binary program through OR-Tools' MIP interface (pywraplp: SCIP by default, or HiGHS / CBC)."""
+"""The exact binary program through OR-Tools' MIP interface (pywraplp: SCIP by default, or HiGHS / CBC).
+
+Steps: :func:`build` (problem -> ``pywraplp.Solver`` loaded from an ``MPModelProto`` that OR-Tools'
+model builder fills from a scipy sparse matrix in one call), :func:`run` (-> status, values, bound, as an
+``MPSolutionResponse``), :func:`to_solution` (-> our answer; status from :data:`._status.PYWRAPLP`).
+
+Scale: the back-end sees normalised scores in [0, 1] (:class:`._routing_common.RoutingScale`); the objective
+and bound are mapped back, the bound raised by ``BOUND_TOL * T * k`` normalised units for the back-end's
+tolerances (it was seen 37% off with raw scores near 1e-9). Time: under ``time_limit`` a large model runs in a
+child process that the deadline stops (SCIP overran a 1 s limit by 1.7 s at 4096x64, HiGHS by 9 s).
+"""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 
 from moebalance.registry import register
 from moebalance.solution import RoutingSolution, Status
 
-from ._routing_common import prices_from_assignment
+from ._isolate import child_time_left
+from ._routing_common import RoutingScale, drive, certify_prices, problem_from
+from ._status import PYWRAPLP
 
-__all__ = ["solve_mip"]
+from ._interrupt import interruptible
 
-_BACKENDS = ("SCIP", "HIGHS", "CBC")
+__all__ = ["solve_mip", "build", "run", "to_solution", "routing_matrix", "BACKENDS"]
+
+BACKENDS = ("SCIP", "HIGHS", "CBC")
+# allowance on the back-end's bound, per token slot, in normalised score units (its feasibility tolerances)
+BOUND_TOL = 1e-6
 
 
-@register("routing", "mip", exact=True, gives_bound=True, backends=("ortools",), options={"backend": "SCIP"},
-          description="exact binary program with OR-Tools MIP (SCIP, HiGHS or CBC)")
-def solve_mip(problem, *, time_limit=None, backend="SCIP") -> RoutingSolution:
-    """Exact BIP through ``pywraplp``; ``backend`` is "SCIP" (default), "HIGHS" or "CBC"."""
+def routing_matrix(problem: Any) -> tuple[Any, np.ndarray, np.ndarray]:
+    """``(A [T + E', T * E] csr, lower, upper)``: token rows ``sum_e x = k``, then a capacity row per expert
+    whose capacity is below T (variable ``t * E + e`` is x[t, e])."""
+    import scipy.sparse as sp
+
+    T, E = problem.shape
+    cap = np.minimum(problem.capacity, T)
+    tight = np.flatnonzero(cap < T)
+    rows = sp.kron(sp.eye(T, format="csr"), np.ones((1, E)), format="csr")
+    cols = sp.kron(np.ones((1, T)), sp.eye(E, format="csr")[tight], format="csr")
+    A = sp.vstack([rows, cols], format="csr").astype(np.float64)
+    lower = np.concatenate([np.full(T, float(problem.k)), np.full(tight.size, -np.inf)])
+    upper = np.concatenate([np.full(T, float(problem.k)), cap[tight].astype(np.float64)])
+    return A, lower, upper
+
+
+def build(problem: Any, *, backend: str = "SCIP") -> Any:
+    """A ``pywraplp.Solver`` of ``backend`` holding the binary program on normalised scores (maximised)."""
     from ortools.linear_solver import pywraplp
+    from ortools.linear_solver.python import model_builder_helper as mbh
 
-    if backend not in _BACKENDS:
-        raise ValueError(f"`backend` must be one of {', '.join(_BACKENDS)}, got {backend!r}")
-    t0 = time.perf_counter()
+    T, E = problem.shape
+    n = T * E
+    scale = RoutingScale(problem.scores, problem.k)
+    A, lower, upper = routing_matrix(problem)
+    helper = mbh.ModelBuilderHelper()
+    helper.fill_model_from_sparse_data(np.zeros(n), np.ones(n), scale.normalise(problem.scores).ravel(),
+                                       lower, upper, A)
+    for i in range(n):
+        helper.set_var_integrality(i, True)
+    helper.set_maximize(True)
     solver = pywraplp.Solver.CreateSolver(backend)
     if solver is None:
-        return RoutingSolution(method="mip", status=Status.ERROR, objective=float("nan"),
-                        message=f"OR-Tools was built without the {backend} back-end")
-    s = problem.scores
-    T, E = s.shape
-    k = problem.k
-    x = [[solver.BoolVar(f"x{t}_{e}") for e in range(E)] for t in range(T)]
-    for t in range(T):
-        solver.Add(solver.Sum(x[t]) == k)
-    cap = np.minimum(problem.capacity, T)
-    for e in range(E):
-        if cap[e] < T:
-            solver.Add(solver.Sum([x[t][e] for t in range(T)]) <= int(cap[e]))
-    obj = solver.Objective()
-    for t in range(T):
-        for e in range(E):
-            obj.SetCoefficient(x[t][e], float(s[t, e]))
-    obj.SetMaximization()
+        raise RuntimeError(f"OR-Tools was built without the {backend} back-end")
+    err = solver.LoadModelFromProto(mbh.to_mpmodel_proto(helper))
+    if err:
+        raise RuntimeError(f"{backend} rejected the model: {err}")
+    solver.SuppressOutput()
+    return solver
+
+
+def run(solver: Any, time_limit: float | None = None) -> dict[str, Any]:
+    """Solve: ``{"code", "x" [T * E] (when a solution exists), "bound", "nodes"}``."""
+    from ortools.linear_solver import linear_solver_pb2
+
+    params = "misc/catchctrlc = FALSE\n" if solver.SolverVersion().startswith("SCIP") else ""
     if time_limit is not None:
-        # the limit covers model building too; SCIP also gets it as its own parameter, which it checks
-        # inside presolve and the root LP (SetTimeLimit alone was seen to overrun 60 s by minutes)
-        left = max(0.05, time_limit - (time.perf_counter() - t0))
-        solver.SetTimeLimit(int(max(1, round(1000 * left))))
-        if backend == "SCIP":
-            solver.SetSolverSpecificParametersAsString(f"limits/time = {left:.3f}\n")
-    code = solver.Solve()
-    names = {solver.OPTIMAL: "OPTIMAL", solver.FEASIBLE: "FEASIBLE", solver.INFEASIBLE: "INFEASIBLE",
-             solver.UNBOUNDED: "UNBOUNDED", solver.ABNORMAL: "ABNORMAL", solver.NOT_SOLVED: "NOT_SOLVED"}
-    stats = {"backend": backend, "backend_status": names.get(code, str(code)), "nodes": solver.nodes()}
-    if code not in (solver.OPTIMAL, solver.FEASIBLE):
-        status = Status.TIME_LIMIT if code == solver.NOT_SOLVED and time_limit is not None else Status.ERROR
+        solver.SetTimeLimit(int(max(1, round(1000 * time_limit))))
+        if params:  # SCIP also checks its own parameter inside presolve and the root LP
+            params += f"limits/time = {max(0.01, time_limit):.3f}\n"
+    if params:
+        solver.SetSolverSpecificParametersAsString(params)
+    with interruptible(solver.InterruptSolve):
+        solver.Solve()
+    resp = linear_solver_pb2.MPSolutionResponse()
+    solver.FillSolutionResponseProto(resp)
+    out: dict[str, Any] = {"code": PYWRAPLP.name(resp.status), "nodes": int(solver.nodes())}
+    if len(resp.variable_value):
+        out["x"] = np.asarray(resp.variable_value, dtype=np.float64)
+        out["bound"] = float(resp.best_objective_bound)
+    return out
+
+
+def job(data: dict, params: dict) -> dict:
+    """build + run from arrays (in this process or a child)."""
+    return run(build(problem_from(data), backend=params["backend"]), child_time_left(params))
+
+
+def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = None, *,
+                backend: str = "SCIP") -> RoutingSolution:
+    """Our answer from :func:`run`'s output."""
+    T, E = problem.shape
+    k = problem.k
+    x = raw.get("x")
+    status = PYWRAPLP.translate(raw["code"], time_limit=time_limit, has_solution=x is not None)
+    stats = {"backend": backend, "backend_status": raw["code"], "nodes": raw.get("nodes")}
+    if status == Status.INFEASIBLE:
+        status = Status.ERROR  # a routing problem is feasible by construction
+    if x is None:
         return RoutingSolution(method="mip", status=status, objective=float("nan"), stats=stats,
-                        message=f"{backend}: {stats['backend_status']}")
-    vals = np.array([[x[t][e].solution_value() for e in range(E)] for t in range(T)])
+                        message=f"{backend}: {raw['code']}")
+    scale = RoutingScale(problem.scores, k)
+    vals = np.asarray(x).reshape(T, E)
     assignment = np.sort(np.argsort(-vals, axis=1, kind="stable")[:, :k], axis=1).astype(np.int64)
-    try:
-        bound = float(obj.BestBound())
-    except Exception:  # some back-ends do not report a bound
-        bound = None
-    if code == solver.OPTIMAL:
-        status, msg = Status.OPTIMAL, f"{backend} proved optimality"
-        span = float(np.abs(s).max()) or 1.0
-        bias = prices_from_assignment(s, assignment, tol=1e-9 * span)
+    bound = raw.get("bound")
+    if bound is not None and np.isfinite(bound):
+        bound = scale.upper(bound, allowance=BOUND_TOL * T * k)
     else:
-        status = Status.TIME_LIMIT if time_limit is not None else Status.FEASIBLE
-        msg, bias = f"{backend} stopped with a feasible answer", None
+        bound = None
+    if status == Status.OPTIMAL:
+        msg = f"{backend} proved optimality"
+        bias = certify_prices(problem.scores, assignment, tol=1e-9 * scale.unit)
+    else:
+        msg, bias = f"{backend} stopped ({raw['code']}) with a feasible answer", None
     return RoutingSolution(method="mip", status=status, objective=float("nan"), bound=bound, assignment=assignment,
                     bias=bias, stats=stats, message=msg)
+
+
+@register("routing", "mip", exact=True, gives_bound=True, deterministic=False, supports_time_limit=True,
+          backends=("ortools",), options={"backend": "SCIP"},
+          description="exact binary program with OR-Tools MIP (SCIP, HiGHS or CBC)")
+def solve_mip(problem: Any, *, time_limit: float | None = None, backend: str = "SCIP") -> RoutingSolution:
+    """Exact BIP through ``pywraplp``; ``backend`` is "SCIP" (default), "HIGHS" or "CBC"."""
+    t0 = time.perf_counter()
+    if backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    return drive("mip", problem, "moebalance.solvers.routing_mip:job", {"backend": backend},
+                 time_limit=time_limit, start=t0, guard=lambda stop: interruptible(stop),
+                 to_solution=lambda p, raw, tl: to_solution(p, raw, tl, backend=backend))

@@ -43,7 +43,9 @@ def _launch(mode: str, world: int, out: Path, limit: float = 120.0,
 
     ``stop_others``: once rank 0 has exited, kill the other ranks (a deliberately stuck rank never ends)."""
     port = _free_port()
-    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # TRITON_INTERPRET off: tests/moe_testing.py turns it on in this process for the kernel tests, and with it
+    # backend="triton" would run on CPU tensors (the option test expects both layers to refuse it there)
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TRITON_INTERPRET="0")
     procs = [subprocess.Popen([sys.executable, __file__, "--worker", mode, str(r), str(world), str(port), str(out)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in range(world)]
@@ -71,19 +73,19 @@ def _launch(mode: str, world: int, out: Path, limit: float = 120.0,
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _inputs(case: str, world: int, seed: int):
-    """Per-rank token counts and the rank-major ``x_all [T_all, HIDDEN]`` for a routing case."""
+def _inputs(case: str, world: int, seed: int, hidden: int = HIDDEN):
+    """Per-rank token counts and the rank-major ``x_all [T_all, hidden]`` for a routing case."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     Ts = [24 + 4 * r for r in range(world)]
     if case == "empty":
         Ts = [0 if r % 2 else t for r, t in enumerate(Ts)]
-    x = torch.randn(sum(Ts), HIDDEN, generator=g)
+    x = torch.randn(sum(Ts), hidden, generator=g)
     if case in ("skew95", "empty"):
         # 95% of the tokens lean hard on the direction the router maps to expert 0 (home: rank 0)
         hot = torch.rand(sum(Ts), generator=g) < 0.95
-        x[hot] += 4.0 * torch.nn.functional.one_hot(torch.tensor(0), HIDDEN).float()
+        x[hot] += 4.0 * torch.nn.functional.one_hot(torch.tensor(0), hidden).float()
     return Ts, x
 
 
@@ -95,10 +97,15 @@ def _layer(seed: int, case: str, **config):
     torch.manual_seed(seed)
     config.setdefault("dtype", torch.float32)
     config.setdefault("num_experts", E)
-    layer = MoELayer(MoEConfig(hidden=HIDDEN, ffn=FFN, top_k=config.pop("top_k", K), backend="torch", **config))
+    config.setdefault("hidden", HIDDEN)
+    config.setdefault("ffn", FFN)
+    config.setdefault("top_k", K)
+    config.setdefault("backend", "torch")
+    layer = MoELayer(MoEConfig(**config))
+    hidden = config["hidden"]
     with torch.no_grad():
         if case in ("skew95", "empty"):
-            layer.router.weight[0] = 3.0 * torch.nn.functional.one_hot(torch.tensor(0), HIDDEN).float()
+            layer.router.weight[0] = 3.0 * torch.nn.functional.one_hot(torch.tensor(0), hidden).float()
         if case == "all_one":
             layer.bias[0] = -10.0  # a price below every other: every token picks expert 0
     return layer
@@ -113,8 +120,11 @@ def _diff(a, b) -> float:
 
 
 def _run_case(rank: int, world: int, case: str, placement: str, options: dict, steps: int = 1,
-              train: bool = False, **config) -> dict:
-    """One case: the EP layer against the single-process layer for ``steps`` steps; errors and plan as a dict."""
+              train: bool = False, check_plans: bool = True, **config) -> dict:
+    """One case: the EP layer against the single-process layer for ``steps`` steps; errors and plan as a dict.
+
+    ``check_plans``: the EP layer runs the full shared check on every plan (its debug flag) on top of the cheap
+    invariant check of the hot path."""
     import torch
     import torch.distributed as dist
 
@@ -123,13 +133,13 @@ def _run_case(rank: int, world: int, case: str, placement: str, options: dict, s
     seed = 1234 + sum(map(ord, case + placement))
     layer = _layer(seed, case, **config)
     layer.train(train)
-    ep = ExpertParallelMoE.from_layer(layer, placement=placement, **options)
+    ep = ExpertParallelMoE.from_layer(layer, placement=placement, check_plans=check_plans, **options)
     lo, hi = ep.home_experts.start, ep.home_experts.stop
     res: dict = {"case": case, "placement": placement, "options": options, "errors": {}, "plans": [], "exchange": [],
                  "loads": [],
                  "tol": TOL if layer.w_gate.dtype == torch.float32 else 2e-2}
     for step in range(steps):
-        Ts, x_all = _inputs(case, world, seed + step)
+        Ts, x_all = _inputs(case, world, seed + step, layer.config.hidden)
         s = slice(sum(Ts[:rank]), sum(Ts[:rank + 1]))
         w_out = torch.randn(x_all.shape, generator=torch.Generator().manual_seed(seed + 99 + step))
         for p in list(layer.parameters()) + list(ep.parameters()):
@@ -159,9 +169,12 @@ def _run_case(rank: int, world: int, case: str, placement: str, options: dict, s
         res["used"] = ep.last_plan.used
         res["exchange"].append(ep.last_exchange)
         res["loads"].append(layer.last_stats.loads.tolist())
+        res.setdefault("max_vio", []).append(float(layer.last_stats.max_vio))
+        res.setdefault("ep_max_vio", []).append(float(ep.last_stats.max_vio))
         res.setdefault("bias", []).append(ep.bias.tolist())
-        res["dropped"] = int(ep.last_stats.dropped)
-        assert int(ep.last_stats.dropped) == int(layer.last_stats.dropped)
+        res["dropped"] = int(layer.last_stats.dropped)
+        res.setdefault("ep_dropped", []).append(int(ep.last_stats.dropped))
+        res.setdefault("ref_dropped", []).append(int(layer.last_stats.dropped))
         res["ref_scale"] = float(yr.abs().max())
         with torch.no_grad():  # both layers take the same SGD step, so step 2 starts from equal weights again
             for p in layer.parameters():
@@ -203,6 +216,28 @@ def _balancer_cases() -> list[tuple]:
     ]
 
 
+def _run_option(rank: int, world: int, case: dict) -> dict:
+    """One option case; a config both layers must refuse records each layer's ValueError instead."""
+    import torch
+
+    from moebalance.integrations.distributed import ExpertParallelMoE
+
+    config = dict(case["config"])
+    if case.get("refused"):
+        layer = _layer(1, "skew95", **config)
+        ep = ExpertParallelMoE.from_layer(layer, placement="llep", min_chunk=4)
+        got = {}
+        for name, mod in (("layer", layer), ("ep", ep)):
+            try:
+                mod(torch.randn(8, layer.config.hidden))
+                got[name] = "no error"
+            except ValueError as exc:
+                got[name] = f"ValueError: {exc}"
+        return {"refused": got}
+    return _run_case(rank, world, "skew95", "llep", {"min_chunk": 4}, steps=2, train=True, check_plans=False,
+                     **config)
+
+
 def _worker(mode: str, rank: int, world: int, port: int, out: Path) -> None:
     import torch
 
@@ -214,7 +249,10 @@ def _worker(mode: str, rank: int, world: int, port: int, out: Path) -> None:
                        timeout=datetime.timedelta(seconds=timeout))
     result: dict = {"rank": rank}
     path = out / f"{mode}-{rank}.json"
-    if mode == "equivalence":
+    if mode == "options":  # tests/test_trust_one_layer.py: one case per MoEConfig option, hot path (no debug check)
+        cases = json.loads((out / "options.json").read_text())
+        result["cases"] = [_run_option(rank, world, c) for c in cases]
+    elif mode == "equivalence":
         result["cases"] = [_run_case(rank, world, c, m, o, **cfg) for c, m, o, cfg in _equivalence_cases(world)]
         if world == 2:  # one launch less: the training-mode cases ride along
             result["balancers"] = [_run_case(rank, world, c, m, o, steps=2, train=True, **cfg)
@@ -235,6 +273,21 @@ def _worker(mode: str, rank: int, world: int, port: int, out: Path) -> None:
             bad_options.append(str(exc))
         result["bad_options"] = bad_options
         ep = ExpertParallelMoE.from_layer(layer, placement="llep", min_chunk=4)
+        import numpy as np_
+
+        refused = {}  # every rank passes the same bad input: each raises its own ValueError naming `x`
+        for name, bad in (("numpy", np_.zeros((4, HIDDEN), dtype=np_.float32)), ("0-d", torch.tensor(1.0)),
+                          ("int", torch.ones(4, HIDDEN, dtype=torch.int64)),
+                          ("bool", torch.ones(4, HIDDEN, dtype=torch.bool)),
+                          ("complex", torch.ones(4, HIDDEN, dtype=torch.complex64))):
+            try:
+                ep(bad)
+                refused[name] = "no error"
+            except ValueError as exc:
+                refused[name] = f"ValueError: {exc}"
+            except Exception as exc:
+                refused[name] = f"{type(exc).__name__}: {exc}"
+        result["refused_inputs"] = refused
         x = torch.randn(16, HIDDEN)
         # 1. bad input on rank 1: rank 1 raises its ValueError, the others learn it from the header at once
         t0 = time.monotonic()
@@ -282,6 +335,7 @@ def _check_equivalence(results: list[dict], world: int) -> None:
             c = rank_cases[i]
             bad = {k: v for k, v in c["errors"].items() if v > c["tol"]}
             assert not bad, f"{name}: rank {by_rank.index(rank_cases)} differs from the single-process layer: {bad}"
+            assert c["ep_dropped"] == c["ref_dropped"], name
             # the plan is identical on every rank
             assert c["plans"] == case["plans"], f"{name}: ranks computed different plans"
         plan = np.asarray(case["plans"][0])
@@ -331,6 +385,7 @@ def _check_balancers(results: list[dict]) -> None:
         for r in results:
             bad = {k: v for k, v in r["balancers"][i]["errors"].items() if v > TOL}
             assert not bad, f"balancer case {i} ({case['placement']}): {bad}"
+            assert r["balancers"][i]["ep_dropped"] == r["balancers"][i]["ref_dropped"]
     # the bias really moved in the loss_free and bip cases (else the bias check would be vacuous)
     for case in results[0]["balancers"][:2]:
         assert max(map(abs, case["bias"][-1])) > 0, case["bias"]
@@ -351,6 +406,10 @@ def test_a_failing_rank_never_hangs_the_others(mode, tmp_path):
     assert r0["bad_input"].startswith("ExpertParallelError") and "rank(s) [1] failed" in r0["bad_input"]
     assert r0["bad_input_s"] < r0["timeout_s"]
     assert r0["recovered"] and r1["recovered"]
+    for r in (r0, r1):  # numpy, 0-d, int, bool, complex inputs: a ValueError naming `x` on every rank
+        assert set(r["refused_inputs"]) == {"numpy", "0-d", "int", "bool", "complex"}
+        for name, msg in r["refused_inputs"].items():
+            assert msg.startswith("ValueError") and "`x`" in msg, (name, msg)
     # rank 1 raised outside the layer: rank 0 fails with a clear error within the timeout (plus slack)
     assert codes[1] != 0 and "injected failure on rank 1" in log
     assert r0["fault"].startswith("ExpertParallelError") and "rank 0/2" in r0["fault"], r0["fault"]

@@ -313,3 +313,57 @@ def test_expert_ffn_backward_from_a_sum_grouped_mm():
     assert "loop" in grads
     if "grouped_mm" in grads:
         assert torch.allclose(grads["grouped_mm"], grads["loop"], atol=1e-5)
+
+
+def test_loop_fallback_splits_the_weights_once():
+    """The loop path's backward must not build a full [E, H, F] gradient per expert (what indexing ``w[e]`` per
+    expert does: one SelectBackward per expert, each scattering into a zero tensor of the whole stack); the
+    weights are split once (one UnbindBackward per stacked weight), and the gradients still match the naive
+    per-token loop."""
+    torch.manual_seed(0)
+    E, H, F_ = 6, 8, 12
+    eidx = _routing(20, 2, E, empty=(4,), drop=3, device="cpu")
+    x = torch.randn(20, H, requires_grad=True)
+    gates = torch.rand(20, 2, requires_grad=True)
+    w = [t.requires_grad_() for t in _weights(E, H, F_, device="cpu")]
+    y = moe_experts(x, eidx, gates, *w, backend="torch", torch_impl="loop")
+    kinds: dict[str, int] = {}
+    seen, stack = set(), [y.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        kinds[type(fn).__name__] = kinds.get(type(fn).__name__, 0) + 1
+        stack.extend(f for f, _ in fn.next_functions)
+    assert kinds.get("UnbindBackward0") == 3, kinds
+    assert not any(k.startswith("SelectBackward") for k in kinds), kinds
+    y.square().sum().backward()
+    got = [x.grad, gates.grad] + [t.grad for t in w]
+    xs, gs, ws = x.detach().requires_grad_(), gates.detach().requires_grad_(), [t.detach().requires_grad_() for t in w]
+    moe_naive.experts_per_token(xs, eidx, gs, *ws).square().sum().backward()
+    for a, b in zip(got, [xs.grad, gs.grad] + [t.grad for t in ws]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_expert_capacity_is_the_one_formula():
+    """``expert_capacity`` against exact rational arithmetic, and the layer, the balancer and the routing problem
+    all use it (same capacity for the same T, k, E, factor)."""
+    from fractions import Fraction
+    import math
+
+    import numpy as np
+
+    from moebalance import RoutingProblem
+    from moebalance.routing import expert_capacity
+
+    for T, k, E, cf in [(10, 2, 4, 1.1), (40, 3, 7, 1.0), (7, 1, 7, 1.0), (1000, 8, 64, 1.25), (0, 2, 4, 1.0),
+                        (5, 1, 6, 1.2), (3, 2, 5, 0.5), (10 ** 9, 8, 384, 1.0)]:
+        want = math.ceil(Fraction(cf) * T * k / E - Fraction(1, 10 ** 9))
+        assert expert_capacity(T, k, E, cf) == want, (T, k, E, cf)
+        if 0 < T < 10 ** 4 and cf >= 1:  # the routing problem's default capacity is the same number
+            assert RoutingProblem(np.zeros((T, E)), k, capacity_factor=cf).capacity[0] == want
+    for bad, name in [((-1, 2, 4, 1.0), "num_tokens"), ((4, 2, 0, 1.0), "num_experts"), ((4, 2, 4, 0.0),
+                      "capacity_factor"), ((4, 2, 4, float("nan")), "capacity_factor"), ((4, True, 4, 1.0), "k")]:
+        with pytest.raises(ValueError, match=f"`{name}`"):
+            expert_capacity(*bad)

@@ -1,18 +1,17 @@
-"""moebalance.report: the report from small inputs of every kind, missing and unreadable inputs named instead of
+"""moebalance.evaluation.report: the report from small inputs of every kind, missing and unreadable inputs named instead of
 crashing, the quick runs of missing inputs, and the command line."""
 
 from __future__ import annotations
 
 import json
 import re
-import textwrap
 from pathlib import Path
 
 import pytest
 
-from moebalance import report
-from moebalance.report import build_report
-from moebalance.study import StudyConfig, run_study, write_outputs
+from moebalance.evaluation import report
+from moebalance.evaluation.report import build_report
+from moebalance.evaluation.study import StudyConfig, run_study, write_outputs
 
 SMALL = dict(devices=2, tokens_per_device=64, progress=False)
 
@@ -128,30 +127,51 @@ def test_missing_and_unreadable_inputs_are_named(tmp_path):
     _images_exist(md, out)
 
 
-def test_run_quick_fills_the_missing_inputs(tmp_path, monkeypatch, study_json):
-    """Quick runs go into the plots folder; the benchmark scripts are stood in for by tiny ones."""
-    bench = tmp_path / "bench"
-    bench.mkdir()
-    payload = {"routing_solvers.py": _routing(), "placement.py": _placement(), "ep_layer.py": _calibration()}
-    for name, data in payload.items():
-        (bench / name).write_text(textwrap.dedent(f"""
-            import json, sys
-            out = sys.argv[sys.argv.index("--out") + 1]
-            open(out, "w").write(json.dumps({data!r}))
-        """))
-    monkeypatch.setattr(report, "BENCHMARKS", bench)
-    monkeypatch.setattr(report, "_quick_study", lambda assets, progress: (assets / "balancer_study_quick.json")
-                        .write_text(study_json.read_text()))
+def test_run_quick_runs_only_the_in_package_study(tmp_path, monkeypatch, study_json):
+    """--run-quick makes the quick study (in this process) beside --out, never runs a benchmark script (the
+    report reads their JSON), and names each missing benchmark with the command that makes it."""
+    import subprocess
+
+    def no_subprocess(*a, **k):
+        raise AssertionError("the report must not run subprocesses")
+
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    monkeypatch.setattr(subprocess, "Popen", no_subprocess)
+    calls = []
+    monkeypatch.setattr(report, "_quick_study", lambda assets, progress: (
+        calls.append(assets), (assets / "balancer_study_quick.json").write_text(study_json.read_text())))
     empty = tmp_path / "results"
     empty.mkdir()
     out = tmp_path / "r" / "report.md"
     res = build_report(out, results_dir=empty, routing_dir=tmp_path / "nowhere", run_quick=True, **SMALL)
-    assert "not yet run" not in res.markdown
     assets = out.parent / "report_files"
-    for name in ("routing_solvers_quick.json", "placement_quick.json", "ep_cost_model_quick.json",
-                 "balancer_study_quick.json"):
-        assert (assets / name).is_file()
+    assert calls == [assets] and (assets / "balancer_study_quick.json").is_file()
     assert "(quick run)" in res.markdown and "## 4. Balancer training study" in res.markdown
+    assert "not yet run: python benchmarks/routing_solvers.py (quick: python benchmarks/routing_solvers.py " \
+           "--quick" in res.markdown
+    assert set(res.missing) >= {"routing", "placement"} and "study" not in res.missing
+    assert not list(empty.iterdir())  # nothing written into the results folder
+
+
+def test_relative_out_writes_only_below_the_current_directory(tmp_path, monkeypatch, study_json):
+    """A relative --out lands under the current directory, not in the package's or repository's folders."""
+    import moebalance
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(report, "_quick_study", lambda assets, progress: (assets / "balancer_study_quick.json")
+                        .write_text(study_json.read_text()))
+    root = Path(moebalance.__file__).resolve().parents[1]  # the checkout (editable install) or site-packages
+
+    def listing():
+        return {p: p.stat().st_mtime_ns for folder in (root, root / "moebalance", root / "benchmarks" / "results")
+                if folder.is_dir() for p in folder.iterdir()}
+
+    before = listing()
+    assert report.main(["--out", "rel/report.md", "--results", str(tmp_path), "--routing-data", "nowhere",
+                        "--run-quick", "--devices", "2", "--tokens-per-device", "64", "--no-progress"]) == 0
+    assert (tmp_path / "rel" / "report.md").is_file()
+    assert (tmp_path / "rel" / "report_files" / "balancer_study_quick.json").is_file()
+    assert listing() == before
 
 
 def test_command_line(tmp_path, capsys):

@@ -200,8 +200,9 @@ def test_bip_time_limit_is_honoured_and_reported():
     assert sol.status in (Status.TIME_LIMIT, Status.OPTIMAL)
     if sol.status == Status.TIME_LIMIT:
         assert "time limit" in sol.message or "UNKNOWN" in str(sol.stats.get("backend_status"))
-    # model building is outside CP-SAT's clock; the solve itself stopped near the limit
-    assert sol.stats["backend_wall_time"] < 5.0
+    # the limit covers model building: the whole solve stops within it (issue 9, class 5)
+    assert sol.wall_time <= 0.5 * 1.1 + 0.5
+    assert sol.feasible or sol.assignment is None
 
 
 def test_lp_time_limit_reports_time_limit():
@@ -214,6 +215,6 @@ def test_mcf_bias_and_bound_precision():
     p = routing_problem(500, 16, 4, seed=4)
     sol = solve(p, "mcf")
     # the flow's own bound adds the rounding allowance T*k/scale; the prices' dual bound may be tighter
-    assert -1e-9 <= sol.bound - sol.objective <= 500 * 4 / sol.stats["scale"] + 1e-12
+    assert -1e-9 <= sol.bound - sol.objective <= 500 * 4 * sol.stats["score_resolution"] + 1e-9
     assert sol.stats["dual_bound"] == pytest.approx(sol.objective, rel=1e-9)
     assert bias_reproduces(p, sol.assignment, sol.bias) == 1.0

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import moebalance as mb
-from moebalance.simulate import (
+from moebalance.evaluation.simulate import (
     DEFAULT_ROUTING_DIR,
     MODELS,
     ModelPreset,
@@ -73,10 +73,17 @@ def test_simulate_rows_relations(tmp_path):
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
 
 
-def test_package_level_simulate_is_callable():
-    # `import moebalance.simulate` rebinds the package attribute to the submodule; it must stay callable
-    import moebalance.simulate  # noqa: F401
+def test_package_level_simulate_is_the_function_not_a_module():
+    # no module doubles as a function: `moebalance.simulate` is the function of moebalance.evaluation.simulate,
+    # and there is no module of that name to shadow it
+    import importlib.util
+    import types
 
+    import moebalance.evaluation.simulate as sim_module
+
+    assert importlib.util.find_spec("moebalance.simulate") is None
+    assert mb.simulate is sim_module.simulate and not isinstance(mb.simulate, types.ModuleType)
+    assert not callable(sim_module)
     res = mb.simulate("gpt-oss-20b", 4, 128, scenarios=["80:1"], methods=["llep"])
     assert {r["method"] for r in res.rows} == {"ep", "llep"}
 
@@ -146,7 +153,7 @@ def test_cli_subcommand(tmp_path, capsys):
 def test_hardware_file_from_calibration(tmp_path):
     import json
 
-    from moebalance.simulate import Hardware, load_hardware
+    from moebalance.evaluation.simulate import Hardware, load_hardware
 
     f = tmp_path / "cal.json"
     f.write_text(json.dumps({"hardware": {"device_flops": 1.3e10, "link_bandwidth": 4.5e11, "gemm_overhead": 0.0,

@@ -1,4 +1,4 @@
-"""moebalance.study: the corpus split, balancer specs, configuration checks, the noise floor, and a smoke run of
+"""moebalance.evaluation.study: the corpus split, balancer specs, configuration checks, the noise floor, and a smoke run of
 the whole study (tiny sizes, a few steps) with its outputs and command line."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import zlib
 import numpy as np
 import pytest
 
-from moebalance import study
-from moebalance.study import StudyConfig, StudyResult, noise_floor, parse_balancer, run_study, stdlib_corpus
+from moebalance.evaluation import study
+from moebalance.evaluation.study import StudyConfig, StudyResult, noise_floor, parse_balancer, run_study, stdlib_corpus
 
 
 def _tree(tmp_path):

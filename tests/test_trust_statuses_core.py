@@ -84,3 +84,20 @@ def test_results_are_typed_per_family(p):
     assert type(q) is PlacementSolution and q.feasible and q.device_loads.tolist() == [8, 0]
     assert not hasattr(r, "token_ranges") and not hasattr(q, "bias")
     assert "feasible" not in r.stats
+
+
+def test_a_back_end_value_error_is_status_error_not_bad_input(p, fake):
+    import json
+
+    @fake(RoutingProblem, "_backend_valueerror")
+    def crashes(prob, *, time_limit=None):
+        json.loads("{not json")  # a ValueError raised inside a library, as cvxpy's "Cannot unpack" is
+        return None
+
+    sol = solve(p, "_backend_valueerror")
+    assert sol.status == Status.ERROR and "back-end" in sol.message
+
+
+def test_our_own_option_validation_stays_a_value_error(p):
+    with pytest.raises(ValueError, match="max_cost"):
+        solve(p, "mcf", max_cost=-1)

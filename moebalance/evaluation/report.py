@@ -1,17 +1,21 @@
 """``moebalance report``: one self-contained Markdown report of every benchmark, with its PNG plots.
 
-It collects, from the result folder (default ``benchmarks/results``):
+It reads the JSON files the benchmarks wrote, from a results folder (``--results``, default ``benchmarks/results``
+under the current directory):
 
 1. the routing-solver benchmark (``routing_solvers.json``, and ``routing_solvers_target.json`` when present);
 2. the placement gap table (``placement.json``);
-3. the simulator's speedup and peak-memory curves, computed here with :func:`moebalance.simulate.simulate`: the
-   LLEP paper's scenarios and the recorded routing in ``shared/data/routing`` (a path option), under assumed
-   hardware and, where a calibration file ``ep_cost_model_*.json`` exists, under that measured cost model;
+3. the simulator's speedup and peak-memory curves, computed here with
+   :func:`moebalance.evaluation.simulate.simulate`: the LLEP paper's scenarios and the recorded routing
+   (``--routing-data``), under assumed hardware and, where a calibration file ``ep_cost_model_*.json`` exists,
+   under that measured cost model;
 4. the balancer training study (``balancer_study.json``).
 
 The report goes to ``<out>`` and its plots to the folder ``<out stem>_files`` beside it. A missing input is
-named in the report with the command that makes it ("not yet run: ..."); ``run_quick=True`` (``--run-quick``)
-runs the quick version of each missing one first, into that folder. matplotlib is imported by the plots.
+named in the report with the command that makes it ("not yet run: ..."). The benchmarks are scripts of the
+repository, not of the package: the report never runs them. ``run_quick=True`` (``--run-quick``) runs, in this
+process, the quick version of the one input the package itself can make (the training study), into the plots
+folder. Nothing is written outside ``<out>`` and its plots folder. matplotlib is imported by the plots.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -32,29 +35,29 @@ import numpy as np
 
 __all__ = ["build_report", "ReportResult", "INPUTS", "add_report_command", "run_report_command", "main"]
 
-REPO = Path(__file__).resolve().parents[1]
-BENCHMARKS = REPO / "benchmarks"
-DEFAULT_RESULTS = BENCHMARKS / "results"
+# relative to the current directory (a checkout's root), never to the installed package
+DEFAULT_RESULTS = Path("benchmarks") / "results"
 
 
 @dataclasses.dataclass(frozen=True)
 class _Input:
     full: str  # file name of the full run, in the results folder
     quick: str  # file name of the quick run
-    command: str  # how to make the full run
-    quick_args: tuple[str, ...]  # the quick run: benchmark script arguments (the study runs in-process)
+    command: str  # how to make the full run (from a checkout's root)
+    quick_command: str  # how to make the quick run
 
 
 INPUTS: dict[str, _Input] = {
     "routing": _Input("routing_solvers.json", "routing_solvers_quick.json", "python benchmarks/routing_solvers.py",
-                      ("routing_solvers.py", "--quick", "--no-progress", "--out")),
+                      "python benchmarks/routing_solvers.py --quick --out benchmarks/results/routing_solvers_quick.json"),
     "placement": _Input("placement.json", "placement_quick.json", "python benchmarks/placement.py",
-                        ("placement.py", "--quick", "--out")),
+                        "python benchmarks/placement.py --quick --out benchmarks/results/placement_quick.json"),
     "calibration": _Input("ep_cost_model_*.json", "ep_cost_model_quick.json",
                           "python benchmarks/ep_layer.py --mode calibrate --small",
-                          ("ep_layer.py", "--mode", "calibrate", "--small", "--no-progress", "--out")),
+                          "python benchmarks/ep_layer.py --mode calibrate --small --out "
+                          "benchmarks/results/ep_cost_model_quick.json"),
     "study": _Input("balancer_study.json", "balancer_study_quick.json", "python benchmarks/balancer_study.py",
-                    ()),
+                    "moebalance report --run-quick"),
 }
 
 
@@ -110,6 +113,18 @@ def _plt() -> Any:
     return plt
 
 
+def style(i: int, **kw: Any) -> dict[str, Any]:
+    from ._plotting import style as _style
+
+    return _style(i, **kw)
+
+
+def finish(fig: Any, path: Path) -> Path:
+    from ._plotting import finish as _finish
+
+    return _finish(fig, path)
+
+
 def _find(name: str, folders: Sequence[Path], *, quick: bool) -> list[Path]:
     spec = INPUTS[name]
     pattern = spec.quick if quick else spec.full
@@ -124,24 +139,6 @@ def _quick_study(assets: Path, progress: bool) -> None:
     from .study import StudyConfig, run_study, write_outputs
 
     write_outputs(run_study(StudyConfig.quick(), progress=progress), assets, "balancer_study_quick")
-
-
-def _run_quick(name: str, assets: Path, progress: bool) -> Optional[str]:
-    """Run the quick version of one input into ``assets``; return an error line, or None when it worked."""
-    spec = INPUTS[name]
-    target = assets / spec.quick
-    if name == "study":
-        _quick_study(assets, progress)
-        return None
-    script = BENCHMARKS / spec.quick_args[0]
-    if not script.is_file():
-        return f"{script} not found (the benchmarks folder ships with the repository, not the package)"
-    cmd = [sys.executable, str(script), *spec.quick_args[1:], str(target)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0 or not target.is_file():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        return f"`{' '.join(cmd[1:])}` failed (exit {proc.returncode}): {tail[0]}"
-    return None
 
 
 # ---- 1. routing solvers ------------------------------------------------------------------------------------
@@ -209,36 +206,31 @@ def _routing_plots(insts: list[dict[str, Any]], methods: Sequence[str], assets: 
     ks = sorted({i["k"] for i in insts})
     fig, axes = plt.subplots(1, len(ks) + 1, figsize=(4.6 * (len(ks) + 1), 4.0), squeeze=False)
     for ax, k in zip(axes[0], ks):
-        for m in methods:
+        for j, m in enumerate(methods):
             pts = sorted((i["T"] * i["E"], i["results"][m]["wall_time"]) for i in insts if i["k"] == k
                          and m in i["results"] and not i["results"][m].get("skipped")
                          and i["results"][m].get("wall_time") is not None)
             if pts:
-                ax.plot(*zip(*pts), marker="o", ms=3, lw=0, label=m)  # T x E mixes E values: no lines
+                ax.plot(*zip(*pts), **style(j, line=False), label=m)  # T x E mixes E values: no lines
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("T x E (score entries)")
         ax.set_ylabel("wall time (s)")
         ax.set_title(f"k={k}")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
     ax = axes[0][-1]
     floor = 1e-10
     for j, m in enumerate(methods):
         gaps = [max(i["results"][m]["gap_to_opt"], floor) for i in insts if m in i["results"]
                 and i["results"][m].get("feasible") and i["results"][m].get("gap_to_opt") is not None]
-        ax.scatter(np.full(len(gaps), j) + np.linspace(-0.2, 0.2, len(gaps)), gaps, s=10)
+        ax.plot(np.full(len(gaps), j) + np.linspace(-0.2, 0.2, len(gaps)), gaps, **style(j, line=False))
     ax.set_xticks(range(len(methods)))
     ax.set_xticklabels(methods, rotation=45, fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel(f"gap to the optimum (floored at {floor:g})")
     ax.set_title("gap of feasible answers")
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    path = assets / "routing_solvers.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [finish(fig, assets / "routing_solvers.png")]
 
 
 # ---- 2. placement ------------------------------------------------------------------------------------------
@@ -296,19 +288,15 @@ def _placement_plot(summary: dict[str, Any], assets: Path) -> list[Path]:
     width = 0.8 / len(HEUR)
     for j, m in enumerate(HEUR):
         vals = [max(summary[s].get(f"{m}_median_gap") or 0.0, 1e-5) for s in sets]
-        ax.bar(np.arange(len(sets)) + (j - (len(HEUR) - 1) / 2) * width, vals, width, label=m)
+        ax.bar(np.arange(len(sets)) + (j - (len(HEUR) - 1) / 2) * width, vals, width, label=m,
+               color=style(j)["color"], hatch=("", "//", "..", "xx", "\\\\")[j % 5], edgecolor="black", lw=0.5)
     ax.set_xticks(range(len(sets)))
     ax.set_xticklabels(sets, fontsize=8)
     ax.set_yscale("log")
-    ax.set_ylabel("median gap to the best bound")
+    ax.set_ylabel("median gap to the best bound (floored at 1e-5)")
     ax.set_title("placement: gap to optimal (lower is better)")
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = assets / "placement_gaps.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [finish(fig, assets / "placement_gaps.png")]
 
 
 # ---- 3. simulator ------------------------------------------------------------------------------------------
@@ -350,7 +338,7 @@ def _simulate_section(routing_dir: Optional[Path], calibrations: list[Path], ass
         else:
             real.append(spec)
     lines = ["## 3. Simulated speedup and peak memory", "",
-             f"Computed now with `moebalance.simulate.simulate` (P={devices}, {tokens} tokens per device; methods "
+             f"Computed now with `moebalance.evaluation.simulate.simulate` (P={devices}, {tokens} tokens per device; methods "
              "ep, eplb, eplb-home, llep, llep+, and lp for the bound): the LLEP paper's scenarios (`pct:n` = pct% of "
              f"the token slots into n experts) and the recorded routing in `{folder}` "
              f"({', '.join(real) if real else 'not found'}), whose per-layer rows are summed over each model's "
@@ -414,11 +402,12 @@ def build_report(out: str | Path = DEFAULT_RESULTS / "report.md", *, results_dir
 
     Args:
       out: the report's path (``.md``).
-      results_dir: where the benchmarks wrote their JSON (default ``benchmarks/results`` of this repository).
-      routing_dir: the recorded routing data (default the ``shared/data/routing`` folder beside the repository).
+      results_dir: where the benchmarks wrote their JSON (default ``benchmarks/results`` under the current
+        directory).
+      routing_dir: the recorded routing data (default ``DEFAULT_ROUTING_DIR`` of the simulator).
       cost_model: a calibration JSON (``benchmarks/ep_layer.py --mode calibrate``); default every
         ``ep_cost_model_*.json`` in ``results_dir``.
-      run_quick: run the quick version of each missing input first (into the plots folder).
+      run_quick: run the quick training study first when its JSON is missing (into the plots folder).
       devices, tokens_per_device: the simulator's P and tokens per device.
     """
     out = Path(out)
@@ -437,7 +426,6 @@ def build_report(out: str | Path = DEFAULT_RESULTS / "report.md", *, results_dir
 
     found: dict[str, list[Path]] = {}
     missing: dict[str, str] = {}
-    notes: list[str] = []
     for name in INPUTS:
         if name == "calibration" and cost_model is not None:
             cm = Path(cost_model)
@@ -446,21 +434,19 @@ def build_report(out: str | Path = DEFAULT_RESULTS / "report.md", *, results_dir
             found[name] = [cm]
             continue
         hits = _find(name, folders, quick=False) or _find(name, folders, quick=True)
-        if not hits and run_quick:
-            err = _run_quick(name, assets, progress)
-            if err:
-                notes.append(f"quick run of {name} failed: {err}")
+        if not hits and run_quick and name == "study":
+            _quick_study(assets, progress)
             hits = _find(name, [assets], quick=True)
         if hits:
             found[name] = hits if name == "calibration" else hits[:1]
         elif name != "calibration":
-            missing[name] = f"not yet run: {INPUTS[name].command}"
+            missing[name] = f"not yet run: {INPUTS[name].command} (quick: {INPUTS[name].quick_command})"
 
     sections: list[str] = []
     plots: list[Path] = []
     for name, title, render in (("routing", "## 1. Routing solvers", None), ("placement", "## 2. Placement", None)):
         if name not in found:
-            sections.append(f"{title}\n\n{missing[name]} (quick version: `moebalance report --run-quick`).\n")
+            sections.append(f"{title}\n\n{missing[name]}.\n")
             continue
         src = found[name][0]
         try:
@@ -492,8 +478,7 @@ def build_report(out: str | Path = DEFAULT_RESULTS / "report.md", *, results_dir
         sections.append(text)
         plots += ps
     else:
-        sections.append(f"## 4. Balancer training study\n\n{missing['study']} (quick version: "
-                        "`moebalance report --run-quick`).\n")
+        sections.append(f"## 4. Balancer training study\n\n{missing['study']}.\n")
 
     head = ["# moebalance report", "",
             f"Generated {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} "
@@ -505,7 +490,6 @@ def build_report(out: str | Path = DEFAULT_RESULTS / "report.md", *, results_dir
                           or "none") + ".", ""]
     if missing:
         head += ["Missing inputs:", ""] + [f"- {k}: {v}" for k, v in missing.items()] + [""]
-    head += [f"- {n}" for n in notes] + ([""] if notes else [])
     markdown = "\n".join(head + sections).rstrip() + "\n"
     out.write_text(markdown, encoding="utf-8")
     return ReportResult(out, plots, {k: [str(p) for p in v] for k, v in found.items()}, missing, markdown)
@@ -524,11 +508,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the report (.md); plots go to <stem>_files/ beside it")
     p.add_argument("--results", default=None, help=f"folder of the benchmark JSON files (default {DEFAULT_RESULTS})")
     p.add_argument("--routing-data", default=None,
-                   help="folder of the recorded routing data (default: shared/data/routing beside the repository)")
+                   help="folder of the recorded routing data (default: $MOEBALANCE_ROUTING_DATA or ../shared/data/routing)")
     p.add_argument("--cost-model", default=None,
                    help="calibration JSON of benchmarks/ep_layer.py --mode calibrate (default: ep_cost_model_*.json "
                         "in the results folder)")
-    p.add_argument("--run-quick", action="store_true", help="run the quick version of each missing input first")
+    p.add_argument("--run-quick", action="store_true",
+                   help="when the study's JSON is missing, run the quick study first (in this process, into the "
+                        "plots folder); the benchmark scripts are never run")
     p.add_argument("--devices", type=int, default=8, help="simulated devices P")
     p.add_argument("--tokens-per-device", type=int, default=32768, help="simulated tokens per device")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -553,14 +539,14 @@ def add_report_command(subparsers: Any) -> argparse.ArgumentParser:
                     "peak-memory curves (assumed hardware and, where a calibration file exists, the measured cost "
                     "model; paper scenarios and recorded routing) and the balancer training study into one "
                     "Markdown report with its PNG plots. Missing inputs are named with the command that makes "
-                    "them; --run-quick runs their quick versions first.")
+                    "them; --run-quick runs the quick training study first.")
     _add_arguments(p)
     p.set_defaults(func=run_report_command)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m moebalance.report``: errors are one line on stderr, exit status 2."""
+    """``python -m moebalance.evaluation.report``: errors are one line on stderr, exit status 2."""
     p = argparse.ArgumentParser(prog="moebalance report", description=(__doc__ or "").splitlines()[0])
     _add_arguments(p)
     args = p.parse_args(argv)

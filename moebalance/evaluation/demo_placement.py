@@ -10,9 +10,9 @@ __all__ = ["run"]
 def run(quick: bool, section: Callable[[str], None]) -> None:
     import numpy as np
 
-    from .compare import compare
-    from .placement import PlacementProblem
-    from .registry import available_methods
+    from moebalance.compare import compare
+    from moebalance.placement import PlacementProblem
+    from moebalance.registry import available_methods
     from .simulate import DEFAULT_ROUTING_DIR, MODELS, Hardware, _spread, real_layers
 
     P, tokens_per_device = 8, 16384

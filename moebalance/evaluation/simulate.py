@@ -15,16 +15,16 @@ import argparse
 import dataclasses
 import json
 import math
-import sys
-import types
+import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .placement import CostModel, PlacementProblem
-from .plan import peak_memory
-from .registry import solve
+from moebalance._validate import MAX_DEVICES, MAX_INT, as_int, check_elements
+from moebalance.placement import CostModel, PlacementProblem
+from moebalance.plan import peak_memory
+from moebalance.registry import solve
 
 __all__ = [
     "ModelPreset",
@@ -87,8 +87,9 @@ class Hardware:
 PAPER_SCENARIOS: tuple[str, ...] = tuple(f"{pct}:{n}" for pct in (30, 50, 80, 95) for n in (1, 4, 16))
 DEFAULT_SCENARIOS: tuple[str, ...] = ("balanced",) + PAPER_SCENARIOS + ("zipf:1.2",)
 DEFAULT_METHODS: tuple[str, ...] = ("ep", "eplb", "eplb-home", "llep", "llep+", "lp")
-# the `shared/data/routing` folder beside the project
-DEFAULT_ROUTING_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "routing"
+# the recorded routing data: $MOEBALANCE_ROUTING_DATA, else `../shared/data/routing` from the current directory
+# (the `shared` folder beside a checkout run from its root); never a path inside the installed package
+DEFAULT_ROUTING_DIR = Path(os.environ.get("MOEBALANCE_ROUTING_DATA", os.path.join("..", "shared", "data", "routing")))
 
 
 def _spread(total: int, weights: np.ndarray) -> np.ndarray:
@@ -116,8 +117,14 @@ def scenario_loads(scenario: str, model: ModelPreset, num_devices: int, tokens_p
       or to cold experts ``(i + j) % (E - n)``.
     - ``"zipf:s"``: shares ``1 / rank**s`` over a seeded random permutation of the experts.
     """
-    E, k, P, T = model.experts, model.k, int(num_devices), int(tokens_per_device)
+    E, k = model.experts, model.k
+    P = as_int(num_devices, "num_devices", minimum=1, maximum=MAX_DEVICES)
+    T = as_int(tokens_per_device, "tokens_per_device", minimum=1)
     total = P * T * k
+    if total > MAX_INT:
+        raise ValueError(f"`tokens_per_device` * `num_devices` * k = {total} token slots, over the limit of {MAX_INT}")
+    if style == "reference":
+        check_elements("tokens_per_device", T, k)
     if scenario == "balanced":
         return _spread(total, np.ones(E))
     kind, _, arg = scenario.partition(":")
@@ -243,6 +250,8 @@ class SimulationResult:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        from ._plotting import finish, style
+
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         rows = [r for r in self.rows if r["makespan_s"] is not None and not r["scenario"].endswith("all-layers")]
@@ -255,31 +264,27 @@ class SimulationResult:
                                      squeeze=False)
             for ax, (model, P) in zip(axes[0], groups):
                 mine = [r for r in rows if r["model"] == model and r["devices"] == P]
-                for m in methods:
+                for j, m in enumerate(methods):
                     if m == "lp":
                         continue  # a rounded relaxation; its bound is drawn below
                     pts = sorted((r["imbalance"], r[key]) for r in mine if r["method"] == m and r[key] is not None)
                     if pts:
                         xs, ys = zip(*pts)
-                        ax.plot(xs, ys, marker="o", ms=4, lw=0, alpha=0.8, label=m)
+                        # points of different scenarios, not a curve: distinct hollow markers, no lines
+                        ax.plot(xs, ys, **style(j, line=False), label=m)
                 if key == "speedup":  # EP makespan over the LP bound: no plan can do better
                     ep = {(r["scenario"], r["layer"]): r["makespan_s"] for r in mine if r["method"] == "ep"}
                     pts = sorted((r["imbalance"], ep[(r["scenario"], r["layer"])] / r["lp_bound_s"]) for r in mine
                                  if r["method"] == "lp" and r["lp_bound_s"])
                     if pts:
                         xs, ys = zip(*pts)
-                        ax.plot(xs, ys, ls="--", lw=1, color="gray", label="LP bound (best possible)")
+                        ax.plot(xs, ys, ls=(0, (1, 1)), lw=1.5, color="black", label="LP bound (best possible)")
                 ax.set_xscale("log")
                 ax.set_xlabel("imbalance (EP max / mean device load)")
                 ax.set_ylabel(label)
                 ax.set_title(f"{model}, P={P}")
                 ax.grid(True, alpha=0.3)
-                ax.legend(fontsize=8)
-            fig.tight_layout()
-            path = out_dir / f"{prefix}_{fname}.png"
-            fig.savefig(path, dpi=120)
-            plt.close(fig)
-            paths.append(path)
+            paths.append(finish(fig, out_dir / f"{prefix}_{fname}.png", dpi=120))
         return paths
 
 
@@ -507,14 +512,3 @@ def run_simulate_command(args: argparse.Namespace) -> int:
             print(f"wrote {path}")
         print(f"wrote {out / 'simulate.json'}")
     return 0
-
-
-class _CallableModule(types.ModuleType):
-    # importing the submodule binds `moebalance.simulate` to this module, shadowing the function that
-    # moebalance's lazy __getattr__ hands out; calling the module calls the function, so
-    # `moebalance.simulate(...)` works whatever was imported first
-    def __call__(self, *args: Any, **kwargs: Any) -> SimulationResult:
-        return simulate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

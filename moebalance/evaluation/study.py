@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
-from ._machine import cpu_name
+from moebalance._machine import cpu_name
 
 __all__ = [
     "StudyConfig",
@@ -444,6 +444,8 @@ def plot_study(result: dict[str, Any], out_dir: str | Path, prefix: str = "balan
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ._plotting import finish, style
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     groups = _by_config(result)
@@ -455,9 +457,13 @@ def plot_study(result: dict[str, Any], out_dir: str | Path, prefix: str = "balan
                                         ("loss", "training loss (nats/byte, 10-step mean)", "loss", 10)):
         fig, axes = plt.subplots(nrow, ncol, figsize=(6.2 * ncol, 4.0 * nrow), squeeze=False)
         for ax, key in zip(axes.flat, keys):
-            for label, r in groups[key].items():
+            n = len(groups[key])
+            for j, (label, r) in enumerate(groups[key].items()):
                 y = _smooth(r[what], smooth)
-                ax.plot(np.arange(len(y)), y, lw=1.1, label=label)
+                # markers at staggered steps, so curves that lie on each other stay visible
+                every = max(1, len(y) // 12)
+                ax.plot(np.arange(len(y)), y, **style(j, markevery=(round(j * every / n) % every, every)),
+                        label=label)
             E, k = key
             if what == "loss":  # the first steps dwarf the differences between balancers: zoom on the rest
                 ys = np.concatenate([_smooth(r[what], smooth)[len(r[what]) // 5:] for r in groups[key].values()])
@@ -473,14 +479,9 @@ def plot_study(result: dict[str, Any], out_dir: str | Path, prefix: str = "balan
             ax.set_xlabel("step")
             ax.set_ylabel(ylabel)
             ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=7)
         for ax in list(axes.flat)[len(keys):]:
             ax.set_visible(False)
-        fig.tight_layout()
-        path = out_dir / f"{prefix}_{fname}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(finish(fig, out_dir / f"{prefix}_{fname}.png"))
     return paths
 
 
@@ -628,7 +629,8 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _add_arguments(p: argparse.ArgumentParser, default_out: str) -> None:
-    d = StudyConfig()
+    # the defaults as declared: building a StudyConfig would check the model fields, which imports torch
+    d = argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(StudyConfig)})
     p.add_argument("--quick", action="store_true", help="smoke-test sizes (seconds); other flags override them")
     p.add_argument("--experts", type=_ints, default=None, help=f"numbers of experts (default {d.experts})")
     p.add_argument("--top-k", type=_ints, default=None, help=f"experts per token (default {d.top_k})")

@@ -14,9 +14,9 @@ def _section(title: str) -> None:
 
 
 def _routing(quick: bool) -> None:
-    from .compare import compare
-    from .generate import routing_problem
-    from .registry import available_methods, solve
+    from moebalance.compare import compare
+    from moebalance.generate import routing_problem
+    from moebalance.registry import available_methods, solve
 
     T, E, k = (512, 16, 2) if quick else (2048, 64, 8)
     _section(f"Routing: {T} tokens, {E} experts, top-{k}, capacity factor 1.0 (Zipf-skewed router)")
@@ -38,7 +38,7 @@ def _routing(quick: bool) -> None:
 
 
 def _balancers(quick: bool) -> None:
-    from .solvers.balancers import BIPBalancer, LossFreeBalancer
+    from moebalance.solvers.balancers import BIPBalancer, LossFreeBalancer
 
     E, k, T, steps = 16, 2, 1024, (20 if quick else 60)
     _section(f"Online balancers over {steps} batches of {T} tokens (E={E}, top-{k}, same skewed router)")
@@ -82,9 +82,9 @@ def run_demo(quick: bool = False) -> int:
     """Run every part of the demo; returns 0."""
     _routing(quick)
     _balancers(quick)
-    if importlib.util.find_spec("moebalance.demo_placement") is not None:
+    if importlib.util.find_spec("moebalance.evaluation.demo_placement") is not None:
         _placement(quick)
-    if importlib.util.find_spec("moebalance.demo_layer") is not None:
+    if importlib.util.find_spec("moebalance.evaluation.demo_layer") is not None:
         _layer(quick)
     print("\nNext: `moebalance gen p.npz && moebalance compare p.npz`, and the README.")
     return 0
