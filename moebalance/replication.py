@@ -437,10 +437,11 @@ class ReplicationProblem:
                         return h.astype(np.int64)
         return log2phy_from_phy2log(a, E)
 
-    def certify(self, solution: Any, *, feasible: bool = True) -> tuple[float | None, dict[str, Any]]:
-        """A lower bound that holds for every plan (:func:`layer_bounds`, summed over layers)."""
-        lb = layer_bounds(self)
-        return float(lb.sum()), {"combinatorial_bound": float(lb.sum())}
+    def certify(self, solution: Any) -> tuple[float | None, dict[str, Any], dict[str, Any]]:
+        """``(bound, stats, field corrections)``: a lower bound that holds for every plan (:func:`layer_bounds`,
+        summed over layers); no field is corrected."""
+        lb = float(layer_bounds(self).sum())
+        return lb, {"combinatorial_bound": lb}, {}
 
     def objective_scale(self) -> float:
         """The natural magnitude of the objective: the sum over layers of the mean GPU load (a lower bound)."""

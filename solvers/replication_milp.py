@@ -31,7 +31,7 @@ def plan_from_gpu_counts(counts: np.ndarray) -> np.ndarray:
     return np.concatenate([np.repeat(np.arange(counts.shape[1]), row) for row in counts])
 
 
-@register(ReplicationProblem, "milp", exact=True, gives_bound=True, supports_time_limit=True,
+@register(ReplicationProblem, "milp", exact=True, gives_bound=True, deterministic=False, supports_time_limit=True,
           backends=("ortools",), options={"mip_gap": 1e-7},
           description="exact MILP per layer (OR-Tools SCIP), eplb+ warm start; optimal plan and proven bound")
 def solve_milp(problem: ReplicationProblem, *, time_limit: float | None = None,
