@@ -233,3 +233,61 @@ def relabel_gpus(new: np.ndarray, old: np.ndarray, num_experts: int, num_gpus: i
         res[gpu_map] = blocks
         out[l] = res.reshape(R)
     return out
+
+
+def relink(W: Any, start: Any, target: Any, num_gpus: int, *, num_groups: int = 1, num_nodes: int = 1,
+           old: Any = None, max_moves: int | None = None, deadline: float | None = None) -> np.ndarray:
+    """Walk from ``start [L, R]`` towards ``target [L, R]`` one slot at a time, within the move budget.
+
+    Each step repaints one slot with its target expert (the slot's old expert keeps >= 1 replica, groups stay
+    on their node), choosing the step with the lowest objective; it stops when no step fits the budget. With
+    a budget below the target's moves this keeps the target's most useful changes (path relinking).
+    """
+    W = np.asarray(W, dtype=np.float64)
+    a = np.array(start, dtype=np.int64)
+    t = np.asarray(target, dtype=np.int64)
+    L, B, E = W.shape
+    R = a.shape[1]
+    G = num_gpus
+    S = R // G
+    gpu_of = np.arange(R) // S
+    node_of = (np.arange(G) // (G // num_nodes))[gpu_of]
+    gsize = E // num_groups
+    budget = np.inf if max_moves is None else float(max_moves)
+    oldn = None
+    if old is not None:
+        _, oldn, _, _ = _state(np.zeros((L, 1, E)), np.asarray(old, dtype=np.int64), G, E)
+    for l in range(L):
+        w = W[l] / max(W[l].sum(axis=1).mean() / G, 1e-300)
+        while True:
+            if deadline is not None and time.perf_counter() > deadline:
+                return a
+            al = a[l]
+            diff = np.flatnonzero(al != t[l])
+            if diff.size == 0:
+                break
+            c, n, _, loads = _state(w[None], al[None], G, E)
+            c, n, loads = c[0], n[0], loads[0]
+            ea, eb, g = al[diff], t[l][diff], gpu_of[diff]
+            ok = c[ea] >= 2
+            if num_nodes > 1:
+                gnode = np.full(num_groups, -1)
+                gnode[al // gsize] = node_of
+                ok &= gnode[eb // gsize] == node_of[diff]
+            if oldn is not None:
+                moves = R - np.minimum(n, oldn[l]).sum()
+                dm = (n[g, ea] <= oldn[l][g, ea]).astype(int) - (n[g, eb] < oldn[l][g, eb]).astype(int)
+                ok &= (moves + dm <= budget) | (dm <= 0)
+            if not ok.any():
+                break
+            diff, ea, eb, g = diff[ok], ea[ok], eb[ok], g[ok]
+            onehot = np.eye(G)[g]  # [I, G]
+            na, nb = n[:, ea].T, n[:, eb].T  # [I, G]
+            ca, cb = c[ea][:, None], c[eb][:, None]
+            new = (loads[:, None, :]
+                   + w[:, ea, None] * ((na - onehot) / (ca - 1) - na / ca)[None]
+                   + w[:, eb, None] * ((nb + onehot) / (cb + 1) - nb / cb)[None])  # [B, I, G]
+            f = new.max(axis=2).mean(axis=0) + 1e-9 * (new ** 2).sum(axis=2).mean(axis=0)
+            k = int(f.argmin())
+            a[l, diff[k]] = eb[k]
+    return a

@@ -22,6 +22,7 @@ from moebalance.replication import ReplicationProblem, ReplicationSolution, coun
 from moebalance.solution import Status
 
 from ._replication_search import local_search, relabel_gpus
+from ._replication_search import relink as path_relink
 from .replication_eplb import eplb_for
 
 __all__ = ["solve_eplb_plus", "solve_migrate", "improve"]
@@ -51,14 +52,16 @@ def _deadline(time_limit: float | None) -> float | None:
 
 
 @register(ReplicationProblem, "eplb+", supports_time_limit=True,
-          options={"max_rounds": 10_000, "starts": ()},
+          options={"max_rounds": 10_000, "starts": (), "relink": True},
           description="EPLB then local search (swaps, re-splits of replica counts), never worse than eplb; "
                       "window-aware and migration-aware")
 def solve_eplb_plus(problem: ReplicationProblem, *, time_limit: float | None = None,
-                    max_rounds: int = 10_000, starts: Any = ()) -> ReplicationSolution:
+                    max_rounds: int = 10_000, starts: Any = (), relink: bool = True) -> ReplicationSolution:
     """EPLB's plan improved by local search; ``max_rounds`` caps the search rounds (0: EPLB relabelled);
     ``starts``: further starts whose replica counts are ``ceil(load / (theta * mean GPU load))`` for each
-    theta (then EPLB's greedy for the slots left), searched too (without a move budget)."""
+    theta (then EPLB's greedy for the slots left), searched too (without a move budget); ``relink``: under a
+    move budget, also walk from the old plan towards the unconstrained plan (path relinking), then search."""
+    relink_target = bool(relink)
     max_rounds = _check_rounds(max_rounds)
     try:
         starts = tuple(float(t) for t in starts)
@@ -99,6 +102,17 @@ def solve_eplb_plus(problem: ReplicationProblem, *, time_limit: float | None = N
             better = within & (_layer_objective(problem, p2) < _layer_objective(problem, plan))
             plan = np.where(better[:, None], p2, plan)
         stats["layers_from_eplb"] = int(within.sum())
+        if relink_target and not within.all() and problem.max_moves > 0:
+            # path relinking: walk from the old plan towards the unconstrained eplb+ plan within the budget
+            free, _ = improve(problem, start, budget=False, max_rounds=max_rounds, deadline=deadline)
+            free = relabel_gpus(free, old, E, G, problem.num_nodes)
+            W = np.transpose(problem.weight, (1, 0, 2))
+            mid = path_relink(W, old, free, G, num_groups=problem.num_groups, num_nodes=problem.num_nodes, old=old,
+                         max_moves=problem.max_moves, deadline=deadline)
+            p3, _ = improve(problem, mid, max_rounds=max_rounds, deadline=deadline)
+            better = _layer_objective(problem, p3) < _layer_objective(problem, plan) * (1 - 1e-12)
+            plan = np.where(better[:, None], p3, plan)
+            stats["layers_from_relinking"] = int(better.sum())
     timed_out = deadline is not None and time.perf_counter() > deadline
     status = Status.TIME_LIMIT if timed_out else Status.FEASIBLE
     return ReplicationSolution(method="eplb+", status=status, assignment=plan, stats=stats,
