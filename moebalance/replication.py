@@ -158,12 +158,13 @@ def _dhondt_threshold(w: np.ndarray, R: int) -> np.ndarray:
 
 def _pigeonhole(items: np.ndarray, G: int, S: int) -> np.ndarray:
     """``[N]`` bound on the largest GPU sum when the replica loads ``items [N, G*S]`` are fixed: among the
-    ``kG + 1`` largest, some GPU holds ``k + 1``; its other ``S - k - 1`` slots hold at least the smallest."""
+    ``kG + 1`` largest (k = 0: the largest alone), some GPU holds ``k + 1``; its other ``S - k - 1`` slots hold
+    at least the smallest items."""
     srt = -np.sort(-items, axis=1)  # descending
     asc = srt[:, ::-1]
     cum_small = np.concatenate([np.zeros((items.shape[0], 1)), np.cumsum(asc, axis=1)], axis=1)
     best = np.zeros(items.shape[0])
-    for k in range(1, S):
+    for k in range(0, S):
         top = k * G + 1
         if top > items.shape[1]:
             break

@@ -259,10 +259,11 @@ def test_scale_invariance(a):
 
 
 def test_layer_bounds_hand_cases():
-    # no replicas (R == E): items fixed. 10,9,8,7,1,1,1,1 on 4 GPUs x 2 slots: mean 9.5, largest item 10, and
-    # among the 5 largest two share a GPU (7 + 1 = 8): bound 10; the best pairing 10+1, 9+1, ... gives 11
+    # no replicas (R == E): items fixed. 10,9,8,7,1,1,1,1 on 4 GPUs x 2 slots: mean 9.5; among the 5 largest
+    # two share a GPU (7 + 1 = 8); the largest shares its GPU with at least the smallest (10 + 1 = 11): bound 11,
+    # which the best pairing 10+1, 9+1, ... reaches
     p = ReplicationProblem([10, 9, 8, 7, 1, 1, 1, 1], 8, 4)
-    assert layer_bounds(p)[0] == pytest.approx(10.0)
+    assert layer_bounds(p)[0] == pytest.approx(11.0)
     assert mb.solve(p, "eplb+").objective == pytest.approx(11.0)
     # 10,10,10,10,1,1 on 3 GPUs x 2: two of the four 10s share a GPU, so 20 (the mean is 14): bound = optimum
     q = ReplicationProblem([10, 10, 10, 10, 1, 1], 6, 3)
