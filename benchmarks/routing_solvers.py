@@ -16,6 +16,8 @@ cap or a hard wall limit is killed instead of taking the machine down.
 
     python benchmarks/routing_solvers.py                 # full grid (~30-40 min on 2 cores)
     python benchmarks/routing_solvers.py --quick         # smoke test (small instances, < 30 s)
+    python benchmarks/routing_solvers.py --targets --methods mcf,fast,dual,topk   # issue 13's two instances
+    python benchmarks/routing_solvers.py --scaling       # time vs T and E of mcf and fast, PNG plot
 
 Writes JSON (``--out``, default ``benchmarks/results/routing_solvers.json``) and a markdown table beside it
 (same name, ``.md``), and prints the table and one "target met / NOT met" line per target.
@@ -51,12 +53,20 @@ QUICK_OUT = HERE / "results" / "routing_solvers_quick.json"
 FULL_GRID = {"tokens": (1024, 4096, 16384), "experts": (16, 64, 256), "k": (1, 2, 8)}
 QUICK_GRID = {"tokens": (256, 512), "experts": (8, 16), "k": (2,)}
 REFERENCE = "mcf"  # exact, no time limit, fast: the optimum every gap is measured to
-COLUMN_ORDER = ("mcf", "lp", "cvxpy", "bip", "mip", "dual", "greedy", "topk")
+COLUMN_ORDER = ("mcf", "fast", "lp", "cvxpy", "bip", "mip", "dual", "greedy", "topk")
 GENERATOR = {"function": "moebalance.generate.routing_problem", "kind": "zipf", "imbalance": 1.0}
 
 TARGET = {"T": 4096, "E": 64, "k": 8}
 TARGET_SPEEDUP = 100.0  # fastest exact method vs bip
 TARGET_DUAL_GAP = 1e-3  # dual's gap to the optimum
+# issue 13: fast vs a plain full-graph min-cost flow (mcf) in the same run, at two sizes
+FAST_TARGETS = ({"name": "fast_small", "T": 4096, "E": 64, "k": 8, "speedup": 10.0, "aim_s": 0.010,
+                 "aim_floor_ratio": 5.0},
+                {"name": "fast_large", "T": 65536, "E": 256, "k": 8, "speedup": 10.0})
+TARGET_INSTANCES = [(t["T"], t["E"], t["k"]) for t in FAST_TARGETS]
+SCALING_OUT = HERE / "results" / "routing_solvers_scaling.json"
+SCALING_T = (1024, 4096, 16384, 65536)  # at E=64, k=8
+SCALING_E = (16, 64, 256)  # at T=16384, k=8
 REL_TOL = 1e-6  # cross-checks between methods
 MiB = 2**20
 
@@ -232,6 +242,12 @@ def _quiet_backends() -> None:
     finally:
         logging.disable(logging.NOTSET)
     logging.getLogger("__cvxpy__").setLevel(logging.ERROR)
+    # fast's compiled loops load (or, the first time ever, compile) once per process: do it before forking,
+    # so every child measures the steady state a training loop sees from its second step on
+    if "fast" in mb.available_methods("routing"):
+        from moebalance.solvers.routing_fast import warm_up
+
+        warm_up()
 
 
 def _cross_check(inst: dict[str, Any], exact: set[str]) -> list[str]:
@@ -255,10 +271,23 @@ def _cross_check(inst: dict[str, Any], exact: set[str]) -> list[str]:
     return bad
 
 
+def topk_floor(problem: Any, repeats: int = 3) -> float:
+    """Seconds to read the scores and take a plain top-k (``argpartition``), the best of ``repeats``: the floor
+    no routing method can beat."""
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.argpartition(-problem.scores, problem.k - 1, axis=1)[:, : problem.k]
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def run_benchmark(tokens: tuple[int, ...], experts: tuple[int, ...], ks: tuple[int, ...], *,
                   methods: list[str] | None = None, capacity_factor: float = 1.0, time_cap: float = 60.0,
-                  mem_limit_gib: float = 10.0, seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Run the grid and return the JSON-ready result (see the module docstring)."""
+                  mem_limit_gib: float = 10.0, seed: int = 0, progress: bool = True,
+                  instances: list[tuple[int, int, int]] | None = None) -> dict[str, Any]:
+    """Run the grid (or the explicit ``instances`` (T, E, k)) and return the JSON-ready result (see the
+    module docstring)."""
     from tqdm.auto import tqdm
 
     from moebalance.generate import routing_problem
@@ -277,7 +306,8 @@ def run_benchmark(tokens: tuple[int, ...], experts: tuple[int, ...], ks: tuple[i
     exact = {m for m in methods if mb.method_info("routing", m).exact}
     mem_limit_mib = mem_limit_gib * 1024
     hard_limit = 3 * time_cap + 60  # model building is outside the back-ends' time limits
-    combos = [(T, E, k) for E in sorted(experts) for k in sorted(ks) for T in sorted(tokens) if k <= E]
+    combos = ([(T, E, k) for E in sorted(experts) for k in sorted(ks) for T in sorted(tokens) if k <= E]
+              if instances is None else list(instances))
     history: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     instances = []
     bar = tqdm(total=len(combos) * len(methods), desc="routing", unit="run", disable=not progress)
@@ -287,7 +317,8 @@ def run_benchmark(tokens: tuple[int, ...], experts: tuple[int, ...], ks: tuple[i
                                   imbalance=GENERATOR["imbalance"], seed=seed)
         inst: dict[str, Any] = {"name": f"T={T} E={E} k={k}", "T": T, "E": E, "k": k,
                                 "capacity": int(problem.capacity[0]), "seed": seed, "target": forced,
-                                "load_average": list(os.getloadavg()), "results": {}}
+                                "load_average": list(os.getloadavg()), "topk_floor_s": topk_floor(problem),
+                                "results": {}}
         for m in methods:
             bar.set_postfix_str(f"T={T} E={E} k={k} {m}")
             reason = None if (forced or m == REFERENCE) else skip_reason(m, T, E, k, history[m], time_cap,
@@ -339,8 +370,10 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                  (TARGET["T"], TARGET["E"], TARGET["k"])), None)
     where = f"T={TARGET['T']}, E={TARGET['E']}, k={TARGET['k']}"
     if inst is None:
-        return [{"name": n, "met": None, "line": f"target NOT measured: {n} ({where} is not in this grid)"}
-                for n in ("speedup", "dual_gap")]
+        return ([{"name": n, "met": None, "line": f"target NOT measured: {n} ({where} is not in this grid)"}
+                 for n in ("speedup",)] + _fast_targets(result)
+                + [{"name": "dual_gap", "met": None,
+                    "line": f"target NOT measured: dual_gap ({where} is not in this grid)"}])
     res = inst["results"]
     exact = set(result["config"]["exact_methods"])
     out = []
@@ -372,6 +405,7 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                     "bip_time": bip["wall_time"], "bip_status": bip["status"],
                     "line": f"{verdict[met]}: fastest exact method {best} {proven[best]['wall_time']:.3f} s vs "
                             f"{bip_txt}: {ratio_txt} (need >= {TARGET_SPEEDUP:g}x) at {where}"})
+    out += _fast_targets(result)
     dual = res.get("dual", {})
     gap = dual.get("gap_to_opt")
     if gap is None or not dual.get("feasible"):
@@ -385,6 +419,101 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                             f"(need <= {100 * TARGET_DUAL_GAP:g}%; its own certified gap {100 * (own or 0):.4f}%), "
                             f"{dual['wall_time']:.3f} s vs mcf {res[REFERENCE]['wall_time']:.3f} s at {where}"})
     return out
+
+
+def _fast_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 13: ``fast`` at least 10x faster than ``mcf`` (both proven optimal, same run) at T=4096, E=64, k=8
+    and at T=65536, E=256, k=8; the aims (<= 10 ms, <= 5x the top-k floor) are reported beside the first."""
+    out = []
+    for tg in FAST_TARGETS:
+        where = f"T={tg['T']}, E={tg['E']}, k={tg['k']}"
+        inst = next((i for i in result["instances"] if (i["T"], i["E"], i["k"]) == (tg["T"], tg["E"], tg["k"])),
+                    None)
+        if inst is None:
+            out.append({"name": tg["name"], "met": None,
+                        "line": f"target NOT measured: {tg['name']} ({where} is not in this grid)"})
+            continue
+        fast, mcf = inst["results"].get("fast", {}), inst["results"].get(REFERENCE, {})
+        if fast.get("status") != "optimal" or mcf.get("status") != "optimal":
+            out.append({"name": tg["name"], "met": False if fast.get("status") else None,
+                        "line": f"target NOT met: fast {fast.get('status')} / mcf {mcf.get('status')} at {where}"})
+            continue
+        ratio = mcf["wall_time"] / fast["wall_time"]
+        floor = inst.get("topk_floor_s")
+        met = ratio >= tg["speedup"]
+        rec = {"name": tg["name"], "met": met, "ratio": ratio, "fast_s": fast["wall_time"],
+               "mcf_s": mcf["wall_time"], "topk_floor_s": floor, "fast_peak_rss_mib": fast.get("peak_rss_mib")}
+        extra = ""
+        if floor:
+            rec["floor_ratio"] = fast["wall_time"] / floor
+            extra = f"; {rec['floor_ratio']:.1f}x the top-k floor ({floor * 1e3:.1f} ms)"
+        if "aim_s" in tg:
+            rec["aim_met"] = bool(fast["wall_time"] <= tg["aim_s"] and rec.get("floor_ratio", math.inf)
+                                  <= tg["aim_floor_ratio"])
+            extra += (f"; aim (<= {tg['aim_s'] * 1e3:g} ms and <= {tg['aim_floor_ratio']:g}x the floor) "
+                      f"{'met' if rec['aim_met'] else 'NOT met'}")
+        rec["line"] = (f"target {'met' if met else 'NOT met'}: fast {fast['wall_time'] * 1e3:.1f} ms vs mcf "
+                       f"{mcf['wall_time'] * 1e3:.0f} ms: {ratio:.1f}x (need >= {tg['speedup']:g}x) at {where}"
+                       + extra)
+        out.append(rec)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- scaling ----
+def run_scaling(tokens: tuple[int, ...] = SCALING_T, experts: tuple[int, ...] = SCALING_E, k: int = 8, *,
+                methods: list[str] | None = None, seed: int = 0, mem_limit_gib: float = 10.0,
+                time_cap: float = 600.0) -> dict[str, Any]:
+    """Time of each exact method (default: every installed one without a time limit issue: mcf, fast) against
+    T (at E=64) and against E (at T=16384), with the top-k floor; each run in a forked child."""
+    from moebalance.generate import routing_problem
+
+    _quiet_backends()
+    methods = methods or [m for m in ("mcf", "fast") if m in mb.available_methods("routing")]
+    points = [(T, 64) for T in tokens] + [(16384, E) for E in experts if (16384, E) not in [(T, 64) for T in tokens]]
+    rows = []
+    for T, E in points:
+        problem = routing_problem(T, E, k, kind=GENERATOR["kind"], imbalance=GENERATOR["imbalance"], seed=seed)
+        row: dict[str, Any] = {"T": T, "E": E, "k": k, "topk_floor_s": topk_floor(problem), "results": {}}
+        for m in methods:
+            r = run_method(problem, m, None, time_cap, mem_limit_gib * 1024)
+            row["results"][m] = {f: r.get(f) for f in ("status", "wall_time", "objective", "peak_rss_mib")}
+        opt = [r["objective"] for r in row["results"].values() if r["status"] == "optimal"]
+        row["agree"] = bool(opt) and max(opt) - min(opt) <= REL_TOL * max(1.0, abs(max(opt)))
+        rows.append(row)
+        print(f"T={T:6d} E={E:4d}  floor {row['topk_floor_s'] * 1e3:8.1f} ms  " + "  ".join(
+            f"{m} {row['results'][m]['wall_time'] * 1e3 if row['results'][m]['wall_time'] else float('nan'):9.1f} ms"
+            for m in methods), flush=True)
+    return {"benchmark": "routing_solvers_scaling", "machine": machine_info(), "methods": methods, "k": k,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "rows": rows}
+
+
+def plot_scaling(result: dict[str, Any], path: Path) -> None:
+    """Two panels: time vs T (E=64) and time vs E (T=16384), log-log, one line per method plus the floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, (axis, fixed, fval) in zip(axes, (("T", "E", 64), ("E", "T", 16384))):
+        rows = sorted((r for r in result["rows"] if r[fixed] == fval), key=lambda r: r[axis])
+        xs = [r[axis] for r in rows]
+        for m in result["methods"]:
+            ax.plot(xs, [r["results"][m]["wall_time"] for r in rows], marker="o", label=m)
+        ax.plot(xs, [r["topk_floor_s"] for r in rows], "k--", label="top-k floor")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(axis)
+        ax.set_ylabel("seconds")
+        ax.set_title(f"time vs {axis} ({fixed}={fval}, k={result['k']})")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"exact routing methods on {result['machine']['cpu_model']} ({result['machine']['cores']} cores, "
+                 "shared)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------ markdown ----
@@ -446,7 +575,7 @@ def render_markdown(result: dict[str, Any]) -> str:
             row += [_cell(inst["results"][m], what) for m in methods]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
-    lines += ["### Targets (T=4096, E=64, k=8)", ""] + [f"- {t['line']}" for t in result["targets"]] + [""]
+    lines += ["### Targets", ""] + [f"- {t['line']}" for t in result["targets"]] + [""]
     cap = f"{cfg['time_cap_s']:g} s"
     loads = [i["load_average"][0] for i in result["instances"] if i.get("load_average")]
     lines += [f"Notes: \"skipped (>{cap} at T=.., E=..)\" means the method took longer than {cap} (or stopped at "
@@ -478,6 +607,10 @@ def _ints(text: str) -> tuple[int, ...]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small smoke-test grid (< 30 s)")
+    ap.add_argument("--targets", action="store_true",
+                    help="only the issue-13 target instances (T=4096 E=64 k=8 and T=65536 E=256 k=8)")
+    ap.add_argument("--scaling", action="store_true",
+                    help="time vs T and E of each exact method (mcf, fast) with the top-k floor: JSON and PNG")
     ap.add_argument("--out", type=Path, default=None,
                     help=f"JSON path (default {DEFAULT_OUT.relative_to(HERE.parent)}; --quick: "
                          f"{QUICK_OUT.relative_to(HERE.parent)}); the markdown table goes beside it as .md")
@@ -503,12 +636,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error("--capacity-factor must be a positive number")
     if not args.time_cap > 0:
         ap.error("--time-cap must be positive")
+    if args.scaling:
+        out = args.out or SCALING_OUT
+        res = run_scaling(args.tokens or SCALING_T, args.experts or SCALING_E, (args.k or (8,))[0],
+                          methods=args.methods.split(",") if args.methods else None, seed=args.seed,
+                          mem_limit_gib=args.mem_limit_gib)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=1, allow_nan=False) + "\n")
+        plot_scaling(res, out.with_suffix(".png"))
+        print(f"wrote {out} and {out.with_suffix('.png')}")
+        return res
     grid = QUICK_GRID if args.quick else FULL_GRID
-    out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
+    default_out = QUICK_OUT if args.quick else DEFAULT_OUT
+    if args.targets:
+        default_out = HERE / "results" / "routing_solvers_targets.json"
+    out = args.out or default_out
     result = run_benchmark(args.tokens or grid["tokens"], args.experts or grid["experts"], args.k or grid["k"],
                            methods=args.methods.split(",") if args.methods else None,
                            capacity_factor=args.capacity_factor, time_cap=args.time_cap,
-                           mem_limit_gib=args.mem_limit_gib, seed=args.seed, progress=not args.no_progress)
+                           mem_limit_gib=args.mem_limit_gib, seed=args.seed, progress=not args.no_progress,
+                           instances=TARGET_INSTANCES if args.targets else None)
     result["config"]["quick"] = bool(args.quick)
     result["config"]["command"] = " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else argv))
     md = render_markdown(result)

@@ -72,7 +72,7 @@ _REGISTRY: dict[type, dict[str, SolverInfo]] = {}
 _ALIASES: dict[type, dict[str, str]] = {}
 # preference order for method="auto", per family name: the first installed one wins
 DEFAULTS: dict[str, tuple[str, ...]] = {
-    "routing": ("mcf", "lp", "greedy"),
+    "routing": ("fast", "mcf", "lp", "greedy"),
     "placement": ("llep",),
     "replication": ("eplb+", "eplb"),
 }

@@ -8,7 +8,8 @@ The job is ``func(data, params) -> dict`` named by ``"module:function"``, where 
 arrays and ``params`` is JSON. It runs in this process when there is no time limit or the model is small
 (``cells <= INPROCESS_CELLS``: building and solving then take milliseconds and the back-end's own limit
 holds); otherwise in ``python -m moebalance.solvers._isolate``, with data and result passed as ``.npz`` files
-(``allow_pickle=False``) in a temporary folder. The child's output is discarded (no back-end banners).
+(``allow_pickle=False``) in a temporary folder. The child's stdout is discarded (no back-end banners); the
+last line of its stderr names the error when it fails (a RuntimeError, which ``solve`` reports as ``error``).
 :func:`run_bounded` returns the job's result, or None when the deadline killed it; KeyboardInterrupt kills
 the child and propagates.
 """
@@ -69,7 +70,8 @@ def run_bounded(target: str, data: dict[str, Any], params: dict[str, Any], *, ti
     """Run ``target(data, params)`` and return ``(result or None, meanwhile())``.
 
     ``start`` is the caller's ``time.perf_counter()`` at the start of the solve (the limit covers everything);
-    ``meanwhile`` (e.g. a fallback answer) runs in this process while a child works (not at all in-process). ``params['deadline']``
+    ``meanwhile`` (e.g. a fallback answer) runs in this process while a child works (not at all in-process).
+    ``params['deadline']``
     is set to the wall-clock deadline the job should give its back-end. ``guard(stop)`` (e.g.
     ``_interrupt.interruptible``) wraps the wait for the child, with ``stop`` killing it.
     """
@@ -83,8 +85,9 @@ def run_bounded(target: str, data: dict[str, Any], params: dict[str, Any], *, ti
     with tempfile.TemporaryDirectory(prefix="moebalance-") as tmp:
         src, dst = os.path.join(tmp, "in.npz"), os.path.join(tmp, "out.npz")
         _save(src, data, p)
-        proc = subprocess.Popen([sys.executable, "-m", "moebalance.solvers._isolate", target, src, dst],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with open(os.path.join(tmp, "err.txt"), "wb") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "moebalance.solvers._isolate", target, src, dst],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
         try:
             side = meanwhile() if meanwhile is not None else None
             try:
@@ -93,7 +96,9 @@ def run_bounded(target: str, data: dict[str, Any], params: dict[str, Any], *, ti
             except subprocess.TimeoutExpired:
                 return None, side
             if proc.returncode != 0 or not os.path.exists(dst):
-                raise RuntimeError(f"the back-end process for {target} exited with code {proc.returncode}")
+                with open(os.path.join(tmp, "err.txt"), "rb") as f:
+                    last = (f.read().decode(errors="replace").strip().splitlines() or [""])[-1]
+                raise RuntimeError(f"the back-end process for {target} exited with code {proc.returncode}: {last}")
             out, extra = _load(dst)
             out.update(extra)
             return out, side

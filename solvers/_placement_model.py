@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["PlacementModel", "build_model", "incumbent", "round_plan", "time_unit", "lower_bound", "BOUND_TOL",
-           "run_isolated", "placement_job"]
+           "run_isolated", "placement_job", "normalised_problem"]
 
 # relative allowance on a back-end's lower bound for its feasibility tolerances (normalised units)
 BOUND_TOL = 1e-7
@@ -97,18 +97,33 @@ def build_model(problem: Any, upper: float | None = None) -> PlacementModel:
                           None if upper is None else float(upper))
 
 
+def normalised_problem(problem: Any) -> Any:
+    """``problem`` with every cost divided by :func:`time_unit` and rounded to 12 significant digits: the same
+    plans and constraints, makespans divided by the unit (to within 1e-12). The rounding makes the costs
+    bit-identical at every scale, so heuristics run on it (whose ties a last-bit difference can flip) give the
+    same plan at every scale of the cost model."""
+    from moebalance.placement import PlacementProblem
+
+    unit = time_unit(problem.cost)
+    d = problem.to_dict()
+    d["cost"] = {name: float(f"{value / unit:.12g}") for name, value in d["cost"].items()}
+    return PlacementProblem.from_dict(d)
+
+
 def incumbent(problem: Any) -> tuple[np.ndarray, float]:
     """An llep+ plan ``[E, P]`` (searched up to ``4 (E + P)`` moves) and its makespan (inf when it breaks a
-    limit, so it bounds nothing)."""
+    limit, so it bounds nothing). The search runs on :func:`normalised_problem`, so the plan (and every cut
+    it tightens) does not depend on the scale of the costs."""
     from moebalance.plan import check_placement
 
     from .placement_llep import llep_for, plan_to_assignment
     from .placement_llep_plus import improve_plan
 
     E, P = problem.shape
+    norm = normalised_problem(problem)
     # a longer search than llep+'s default: a lower incumbent tightens every cut
-    x0 = plan_to_assignment(llep_for(problem, spilled_only=True), problem.expert_loads, problem.home)
-    x, _, _ = improve_plan(problem, x0, max_moves=4 * (E + P))
+    x0 = plan_to_assignment(llep_for(norm, spilled_only=True), problem.expert_loads, problem.home)
+    x, _, _ = improve_plan(norm, x0, max_moves=4 * (E + P))
     res = check_placement(problem, x)
     return x, (res.objective if res.feasible else float("inf"))
 

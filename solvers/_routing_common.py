@@ -1,4 +1,5 @@
-"""Pieces several routing solvers share: integer scaling, prices from an assignment, greedy filling."""
+"""Pieces several routing solvers share: the score normalisation, prices from an assignment, greedy filling and
+repair, and the drive that runs an adapter under a hard deadline."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import time
 
 import numpy as np
 
-__all__ = ["chosen_to_assignment", "prices_from_assignment", "greedy_fill", "integer_scores", "RoutingScale",
+__all__ = ["chosen_to_assignment", "prices_from_assignment", "greedy_fill", "RoutingScale",
            "repair", "fallback", "problem_data", "problem_from", "drive", "certify_prices"]
 
 
@@ -14,20 +15,6 @@ def chosen_to_assignment(chosen: np.ndarray, k: int) -> np.ndarray:
     """``[T, E]`` 0/1 (or fractional) matrix -> ``[T, k]`` expert ids of the k largest entries per token."""
     idx = np.argsort(-chosen.astype(np.float64), axis=1, kind="stable")[:, :k]
     return np.sort(idx, axis=1).astype(np.int64)
-
-
-def integer_scores(scores: np.ndarray, max_int: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Quantise ``scores`` [T, E] for integer back-ends.
-
-    Returns ``(ints, rowmin, scale)`` with ``scores ~= ints / scale + rowmin[:, None]`` and ``0 <= ints <= max_int``.
-    Each token picks exactly k experts, so shifting a token's row by a constant does not change the optimum;
-    the rounding error is at most ``0.5 / scale`` per score, hence at most ``T * k / scale`` on the objective.
-    """
-    rowmin = scores.min(axis=1)
-    shifted = scores - rowmin[:, None]
-    span = float(shifted.max())
-    scale = max_int / span if span > 0 else 1.0
-    return np.rint(shifted * scale).astype(np.int64), rowmin, scale
 
 
 def prices_from_assignment(scores: np.ndarray, assignment: np.ndarray, tol: float = 0.0) -> np.ndarray | None:
@@ -247,8 +234,8 @@ def drive(method: str, problem, target: str, params: dict, *, time_limit, start:
     if raw is None:
         fb = fb or fallback(problem, soon)
         return RoutingSolution(method=method, status=Status.TIME_LIMIT, objective=float("nan"), bound=fb["bound"],
-                        assignment=fb["assignment"], stats={"stopped_by": "deadline (process killed)"},
-                        message="the time limit stopped the back-end; greedy answer and top-k bound")
+                               assignment=fb["assignment"], stats={"stopped_by": "deadline (process killed)"},
+                               message="the time limit stopped the back-end; greedy answer and top-k bound")
     sol = to_solution(problem, raw, time_limit)
     if sol.status == Status.TIME_LIMIT and sol.assignment is None:
         fb = fb or fallback(problem, soon)

@@ -8,8 +8,15 @@ and answer in the same library, device and dtype (torch: float32 state on the in
   convention: ``q_e += u * sign(load_e - mean_load)`` (an overloaded expert becomes dearer).
 - :class:`BIPBalancer`: the per-batch dual (price) iteration of BIP-based balancing (arXiv 2502.15451):
   ``p_t = (k+1)-th largest of scores[t] - q`` then ``q_e = max(0, (c+1)-th largest of scores[:, e] - p)``
-  with ``c = ceil(capacity_factor * T * k / E)``, a few inner iterations per batch, warm-started from the
-  previous batch's q.
+  with ``c = ceil(capacity_factor * T * k / E)``, a fixed number of inner iterations per batch, warm-started
+  from the previous batch's q (:func:`moebalance.solvers.routing_prices.price_iteration`, the one
+  implementation ``dual`` uses too). On torch input (a GPU router) the step is tensors only, with no host
+  synchronisation; :meth:`BIPBalancer.certificate` proves, off the hot path, how far the last batch's prices
+  are from the optimal ones (their Lagrangian bound against the exact optimum of ``fast``).
+
+Bad input is refused with a ValueError naming the argument: NaN or inf loads and scores included (a torch
+tensor on an accelerator is checked without a host synchronisation: the bias then stays as it was and an
+asynchronous assertion reports the bad input at the next synchronisation).
 """
 
 from __future__ import annotations
@@ -22,11 +29,44 @@ import numpy as np
 from moebalance._validate import as_int
 from moebalance.routing import expert_capacity
 
+from .routing_prices import dual_bound, is_torch, price_iteration
+
 __all__ = ["LossFreeBalancer", "BIPBalancer"]
 
+_is_torch = is_torch
 
-def _is_torch(x: Any) -> bool:
-    return type(x).__module__.startswith("torch")
+
+def _finite_or_raise(x: Any, name: str) -> Any:
+    """ValueError naming ``name`` when ``x`` holds NaN or inf. On an accelerator (no host sync) it returns a
+    0-d bool tensor ``ok`` instead, and queues an asynchronous assertion; the caller keeps its state when
+    ``ok`` is False. Returns None when the check has passed."""
+    if _is_torch(x):
+        import torch
+
+        if not (x.is_floating_point() or x.is_complex()):
+            return None
+        ok = torch.isfinite(x).all()
+        if x.device.type == "cpu":
+            if not bool(ok):
+                raise ValueError(f"`{name}` must be finite: it contains NaN or inf")
+            return None
+        torch._assert_async(ok, f"`{name}` must be finite: it contains NaN or inf")
+        return ok
+    arr = np.asarray(x)
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise ValueError(f"`{name}` must be a numeric array, got dtype {arr.dtype}")
+    if np.issubdtype(arr.dtype, np.inexact) and not np.all(np.isfinite(arr)):
+        raise ValueError(f"`{name}` must be finite: it contains NaN or inf")
+    return None
+
+
+def _keep_if_bad(ok: Any, new: Any, old: Any) -> Any:
+    """``new``, or ``old`` where the async finiteness check ``ok`` failed (torch on an accelerator)."""
+    if ok is None:
+        return new
+    import torch
+
+    return torch.where(ok, new, old)
 
 
 class _Balancer:
@@ -43,8 +83,10 @@ class _Balancer:
     @bias.setter
     def bias(self, value: Any) -> None:
         """Set the prices (e.g. restored from a checkpoint or a layer's buffer); ``[E]``, numpy or torch."""
-        if tuple(value.shape) != (self.num_experts,):
-            raise ValueError(f"`bias` must have shape [{self.num_experts}], got {tuple(value.shape)}")
+        if tuple(getattr(value, "shape", ())) != (self.num_experts,):
+            raise ValueError(f"`bias` must have shape [{self.num_experts}], got {tuple(getattr(value, 'shape', ()))}")
+        if not _is_torch(value) or value.device.type == "cpu":
+            _finite_or_raise(value, "bias")
         if _is_torch(value):
             self._bias = value.detach().float().clone()
         else:
@@ -67,9 +109,10 @@ class _Balancer:
             self._bias = self._bias.detach().cpu().double().numpy()
         return self._bias
 
-    def _check_scores(self, x: Any) -> None:
-        if x.ndim != 2 or x.shape[1] != self.num_experts:
-            raise ValueError(f"`scores` must have shape [T, {self.num_experts}], got {tuple(x.shape)}")
+    def _check_scores(self, x: Any) -> Any:
+        if getattr(x, "ndim", None) != 2 or x.shape[1] != self.num_experts:
+            raise ValueError(f"`scores` must have shape [T, {self.num_experts}], got {tuple(np.shape(x))}")
+        return _finite_or_raise(x, "scores")
 
     def loads(self, scores: Any) -> Any:
         """``[E]`` tokens per expert when each token takes the top-k of ``scores - bias`` (scores ``[T, E]``)."""
@@ -102,22 +145,25 @@ class LossFreeBalancer(_Balancer):
 
     def update(self, x: Any) -> Any:
         """Update from ``[T, E]`` scores (loads = top-k of scores - bias) or ``[E]`` loads; return the new bias."""
-        if x.ndim == 2:
+        ndim = getattr(x, "ndim", None)
+        ok = None
+        if ndim == 2:
             loads = self.loads(x)
-        elif x.ndim == 1 and x.shape[0] == self.num_experts:
+        elif ndim == 1 and x.shape[0] == self.num_experts:
             loads = x
-            # checked for numpy only: on torch it would cost a host sync every training step
+            ok = _finite_or_raise(x, "loads")
+            # the sign check is for numpy only: on torch it would cost a host sync every training step
             if not _is_torch(x) and (np.asarray(loads) < 0).any():
                 raise ValueError("`loads` must be non-negative")
         else:
             raise ValueError(f"`x` must be [T, {self.num_experts}] scores or [{self.num_experts}] loads, "
-                             f"got shape {tuple(x.shape)}")
+                             f"got shape {tuple(np.shape(x))}")
         q = self._state_for(x)
         if _is_torch(x):
             import torch
 
             lf = loads.detach().float()
-            self._bias = q + self.rate * torch.sign(lf - lf.mean())
+            self._bias = _keep_if_bad(ok, q + self.rate * torch.sign(lf - lf.mean()), q)
         else:
             lf = np.asarray(loads, dtype=np.float64)
             self._bias = q + self.rate * np.sign(lf - lf.mean())
@@ -131,7 +177,7 @@ class BIPBalancer(_Balancer):
       num_experts: E.
       k: experts per token.
       capacity_factor: per-expert capacity ``c = ceil(capacity_factor * T * k / E)`` for a batch of T tokens.
-      iterations: inner (p, q) iterations per batch.
+      iterations: inner (p, q) iterations per batch (a fixed budget: the torch step never synchronises).
     """
 
     def __init__(self, num_experts: int, k: int, capacity_factor: float = 1.0, iterations: int = 4):
@@ -141,32 +187,51 @@ class BIPBalancer(_Balancer):
             raise ValueError(f"`capacity_factor` must be a positive finite number, got {capacity_factor!r}")
         self.capacity_factor = float(capacity_factor)
         self.iterations = as_int(iterations, "iterations", minimum=1)
+        self._last: tuple[Any, int, Any] | None = None
 
     def update(self, scores: Any) -> Any:
         """Run the inner iterations on ``[T, E]`` scores, warm-started from the current bias; return it."""
         if getattr(scores, "ndim", 0) != 2:
             raise ValueError("`scores` must be a [T, E] array: BIPBalancer needs scores, not loads")
-        self._check_scores(scores)
+        ok = self._check_scores(scores)
         q = self._state_for(scores)
         T, E = scores.shape
         k = self.k
         cap = expert_capacity(T, k, E, self.capacity_factor)
         if k >= E or cap >= T or T == 0:
             self._bias = q * 0  # no expert can be over capacity: no price is needed
+            self._last = None
             return self._bias
         if _is_torch(scores):
-            import torch
-
             s = scores.detach().float()
-            for _ in range(self.iterations):
-                p = torch.topk(s - q, k + 1, dim=1).values[:, k]
-                q = torch.topk(s - p[:, None], cap + 1, dim=0).values[cap].clamp_min(0.0)
+            new, _ = price_iteration(s, k, cap, self.iterations, q, stop_when_fixed=False)
+            self._bias = _keep_if_bad(ok, new, q)
         else:
             s = np.asarray(scores, dtype=np.float64)
-            for _ in range(self.iterations):
-                red = s - q
-                p = -np.partition(-red, k, axis=1)[:, k]
-                col = s - p[:, None]
-                q = np.maximum(-np.partition(-col, cap, axis=0)[cap], 0.0)
-        self._bias = q
+            self._bias, _ = price_iteration(s, k, cap, self.iterations, q)
+        self._last = (s, cap, self._bias)
         return self._bias
+
+    def certificate(self) -> dict[str, float] | None:
+        """How good the last batch's prices are, proved (off the hot path: this synchronises and solves).
+
+        Returns ``{"bound", "optimum", "gap", "capacity"}``: ``bound`` is the Lagrangian bound of the prices
+        on the last batch (valid for any prices), ``optimum`` the exact optimum of that batch under capacity
+        (method ``fast``, warm-started from the prices), ``gap = (bound - optimum) / max(|optimum|, 1e-12)``
+        (0 for optimal prices). None before the first priced batch.
+        """
+        if self._last is None:
+            return None
+        s, cap, q = self._last
+        if _is_torch(s):
+            s = s.detach().cpu().double().numpy()
+            q = q.detach().cpu().double().numpy()
+        from .routing_fast import fast_route
+
+        s = np.asarray(s, dtype=np.float64)
+        E = s.shape[1]
+        assignment, _, _ = fast_route(s, self.k, np.full(E, cap), warm_start=np.maximum(q, 0.0))
+        optimum = float(np.take_along_axis(s, assignment, 1).sum())
+        bound = float(dual_bound(s, self.k, cap, q))
+        return {"bound": bound, "optimum": optimum, "gap": (bound - optimum) / max(abs(optimum), 1e-12),
+                "capacity": float(cap)}

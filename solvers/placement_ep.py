@@ -24,4 +24,5 @@ def ep_assignment(problem: Any) -> np.ndarray:
           description="standard expert parallelism: every token on its expert's home device")
 def solve_ep(problem: Any, *, time_limit: float | None = None) -> PlacementSolution:
     """Standard expert parallelism (the baseline every speedup is measured against)."""
-    return PlacementSolution(method="ep", status=Status.FEASIBLE, objective=float("nan"), assignment=ep_assignment(problem))
+    return PlacementSolution(method="ep", status=Status.FEASIBLE, objective=float("nan"),
+                             assignment=ep_assignment(problem))

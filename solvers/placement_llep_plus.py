@@ -76,7 +76,7 @@ def improve_plan(problem: Any, assignment: Any, *, max_moves: int | None = None,
         if tmin >= tp or tp - sum(t) / P < balance_tol * tp:
             break
         least = t.index(tmin)
-        best_score = tp - max(min_gain * abs(tp), 1e-12)
+        best_score = tp - min_gain * abs(tp)  # relative: the same moves at any scale of the costs
         best = None
         for e, xe in by_dev[p].items():
             he = home[e]

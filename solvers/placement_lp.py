@@ -4,6 +4,10 @@
 Relaxation: ``y[e, p]`` in [0, 1]. At an LP optimum ``y = x / M_e`` (``y`` only costs), so ``lp`` substitutes it
 and keeps only ``x``; ``lp-cvxpy`` keeps ``y`` and the linking rows ``x <= M y``. Both return the bound and a
 plan rounded from the LP's ``x`` (status ``feasible``: a rounded relaxation is not proven optimal).
+
+Steps of ``lp``: :func:`build` (normalised model -> ``linprog`` arguments), :func:`run` (-> status name, x, value),
+:func:`lp_bound_highs` (-> our status and the lower bound in the problem's units, via
+:data:`._status.SCIPY_HIGHS` and :func:`._placement_model.lower_bound`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from ._cvxpy import import_cvxpy
 from ._placement_model import PlacementModel, build_model, incumbent, lower_bound, round_plan, run_isolated
 from ._status import CVXPY, SCIPY_HIGHS
 
-__all__ = ["lp_bound_highs", "solve_lp", "solve_lp_cvxpy", "lp_inprocess", "lp_cvxpy_inprocess"]
+__all__ = ["lp_bound_highs", "build", "run", "solve_lp", "solve_lp_cvxpy", "lp_inprocess", "lp_cvxpy_inprocess"]
 
 
 def _full_plan(problem: Any, model: PlacementModel, xa: np.ndarray) -> np.ndarray:
@@ -33,17 +37,13 @@ def _model(problem: Any, tighten: bool) -> PlacementModel:
     return build_model(problem, incumbent(problem)[1] if tighten else None)
 
 
-def lp_bound_highs(problem: Any, time_limit: float | None = None, *, tighten: bool = True,
-                   model: PlacementModel | None = None) -> tuple[str, float | None, np.ndarray | None, str]:
-    """Solve the x-only relaxation with HiGHS: (status, bound in the problem's time unit, ``[A, P]`` x, message)."""
-    from scipy.optimize import linprog
+def build(m: PlacementModel) -> dict[str, Any]:
+    """``linprog`` arguments of the x-only relaxation of model ``m`` (columns ``x[i, p]`` at ``i * P + p``, then
+    T), in the model's normalised time unit."""
     from scipy.sparse import coo_matrix, vstack
 
-    m = model if model is not None else _model(problem, tighten)
     A, P = m.a.shape
-    if A == 0:
-        return "optimal", 0.0, np.zeros((0, P)), "no tokens"
-    n = A * P  # x[i, p] at column i * P + p; T is the last column
+    n = A * P
     Mx = np.where(m.M > 0, m.M, 1.0)  # x is fixed at 0 where M = 0
     coef = m.a + m.b / Mx  # device time per token once y = x / M
     cols = np.arange(n)
@@ -67,15 +67,39 @@ def lp_bound_highs(problem: Any, time_limit: float | None = None, *, tighten: bo
     bounds = np.zeros((n + 1, 2))
     bounds[:n, 1] = np.minimum(m.M, np.float64(m.loads.max())).ravel()
     bounds[n] = (0.0, np.inf)
+    return {"c": c, "A_ub": vstack(ub_blocks).tocsr(), "b_ub": np.concatenate(ub_rhs), "A_eq": A_eq.tocsr(),
+            "b_eq": m.loads.astype(np.float64), "bounds": bounds, "method": "highs", "shape": (A, P)}
+
+
+def run(model: dict[str, Any], time_limit: float | None = None) -> dict[str, Any]:
+    """Solve: ``{"code", "message", "x" [A, P] and "value" (normalised) when solved}``."""
+    from scipy.optimize import linprog
+
+    kw = {k: v for k, v in model.items() if k != "shape"}
     options: dict[str, Any] = {"presolve": True}
     if time_limit is not None:
         options["time_limit"] = float(time_limit)
-    res = linprog(c, A_ub=vstack(ub_blocks).tocsr(), b_ub=np.concatenate(ub_rhs), A_eq=A_eq.tocsr(),
-                  b_eq=m.loads.astype(np.float64), bounds=bounds, method="highs", options=options)
-    ours = SCIPY_HIGHS.translate(res.status, time_limit=time_limit, has_solution=res.x is not None)
+    res = linprog(**kw, options=options)
+    out: dict[str, Any] = {"code": SCIPY_HIGHS.name(res.status), "message": str(res.message)}
+    if res.status == 0 and res.x is not None:
+        A, P = model["shape"]
+        out["x"] = res.x[: A * P].reshape(A, P)
+        out["value"] = float(res.fun)
+    return out
+
+
+def lp_bound_highs(problem: Any, time_limit: float | None = None, *, tighten: bool = True,
+                   model: PlacementModel | None = None) -> tuple[str, float | None, np.ndarray | None, str]:
+    """Solve the x-only relaxation with HiGHS: (status, bound in the problem's time unit, ``[A, P]`` x, message)."""
+    m = model if model is not None else _model(problem, tighten)
+    A, P = m.a.shape
+    if A == 0:
+        return "optimal", 0.0, np.zeros((0, P)), "no tokens"
+    raw = run(build(m), time_limit)
+    ours = SCIPY_HIGHS.translate(raw["code"], time_limit=time_limit, has_solution="x" in raw)
     if ours == Status.OPTIMAL:
-        return "optimal", lower_bound(m, res.fun), res.x[:n].reshape(A, P), res.message
-    return ours.value, None, None, res.message
+        return "optimal", lower_bound(m, raw["value"]), raw["x"], raw["message"]
+    return ours.value, None, None, raw["message"]
 
 
 @register("placement", "lp", gives_bound=True, deterministic=True, supports_time_limit=True, backends=("scipy",),
@@ -97,10 +121,12 @@ def lp_inprocess(problem: Any, *, time_limit: float | None = None, tighten: bool
     status, bound, xa, msg = lp_bound_highs(problem, time_limit, model=m)
     if status == "optimal":
         x = _full_plan(problem, m, xa)
-        return PlacementSolution(method="lp", status=Status.FEASIBLE, objective=float("nan"), bound=bound, assignment=x,
-                        stats={"lp_status": status, "incumbent": m.upper}, message="rounded LP relaxation")
+        return PlacementSolution(method="lp", status=Status.FEASIBLE, objective=float("nan"), bound=bound,
+                                 assignment=x, stats={"lp_status": status, "incumbent": m.upper},
+                                 message="rounded LP relaxation")
     st = Status(status) if status in ("infeasible", "time_limit") else Status.ERROR
-    return PlacementSolution(method="lp", status=st, objective=float("nan"), stats={"lp_status": status}, message=str(msg))
+    return PlacementSolution(method="lp", status=st, objective=float("nan"), stats={"lp_status": status},
+                             message=str(msg))
 
 
 @register("placement", "lp-cvxpy", gives_bound=True, deterministic=True, supports_time_limit=True,
@@ -131,7 +157,7 @@ def lp_cvxpy_inprocess(problem: Any, *, time_limit: float | None = None, solver:
     A, P = m.a.shape
     if A == 0:
         return PlacementSolution(method="lp-cvxpy", status=Status.FEASIBLE, objective=float("nan"), bound=0.0,
-                        assignment=np.zeros(problem.shape, dtype=np.int64))
+                                 assignment=np.zeros(problem.shape, dtype=np.int64))
     x = cp.Variable((A, P), nonneg=True)
     y = cp.Variable((A, P), nonneg=True)
     T = cp.Variable()
@@ -155,12 +181,12 @@ def lp_cvxpy_inprocess(problem: Any, *, time_limit: float | None = None, solver:
         xf = np.zeros(problem.shape, dtype=np.int64)
         xf[m.active] = round_plan(m, x.value)
         return PlacementSolution(method="lp-cvxpy", status=Status.FEASIBLE, objective=float("nan"),
-                        bound=lower_bound(m, prob.value), assignment=xf,
-                        stats={"cvxpy_status": prob.status, "cvxpy_solver": prob.solver_stats.solver_name},
-                        message="rounded LP relaxation (cvxpy)")
+                                 bound=lower_bound(m, prob.value), assignment=xf,
+                                 stats={"cvxpy_status": prob.status, "cvxpy_solver": prob.solver_stats.solver_name},
+                                 message="rounded LP relaxation (cvxpy)")
     # an inaccurate or interrupted LP proves no bound and its x is no plan
     st = ours if ours in (Status.INFEASIBLE, Status.TIME_LIMIT) else Status.ERROR
     if time_limit is not None and time.perf_counter() - t0 >= time_limit:
         st = Status.TIME_LIMIT
     return PlacementSolution(method="lp-cvxpy", status=st, objective=float("nan"), stats={"cvxpy_status": prob.status},
-                    message=f"cvxpy status {prob.status}")
+                             message=f"cvxpy status {prob.status}")

@@ -82,7 +82,8 @@ def milp_matrix(m: PlacementModel) -> dict[str, Any]:
 
 def build(m: PlacementModel, *, hint_x: np.ndarray | None = None, mip_gap: float = 1e-7,
           threads: int = 1) -> dict[str, Any]:
-    """``{"solver": a SCIP pywraplp.Solver, ...}`` holding the MILP of model ``m`` (``hint_x`` ``[A, P]``: a warm start)."""
+    """``{"solver": a SCIP pywraplp.Solver, ...}`` holding the MILP of model ``m`` (``hint_x`` ``[A, P]``: a
+    warm start)."""
     from ortools.linear_solver import pywraplp
     from ortools.linear_solver.python import model_builder_helper as mbh
 
@@ -147,21 +148,21 @@ def to_solution(problem: Any, m: PlacementModel, raw: dict[str, Any], time_limit
     bound = lower_bound(m, raw["bound"], integral=bool(raw.get("integral"))) if "bound" in raw else None
     if status == Status.INFEASIBLE:
         return PlacementSolution(method="milp", status=Status.INFEASIBLE, objective=float("nan"), stats=stats,
-                        message="SCIP proved the limits admit no plan")
+                                 message="SCIP proved the limits admit no plan")
     if xs is None:
         msg = f"SCIP: {raw['code']}"
         if status == Status.TIME_LIMIT and hint_x is not None:
-            return PlacementSolution(method="milp", status=status, objective=float("nan"), bound=bound, assignment=hint_x,
-                            stats=stats, message=msg + "; returning the llep+ warm start")
+            return PlacementSolution(method="milp", status=status, objective=float("nan"), bound=bound,
+                                     assignment=hint_x, stats=stats, message=msg + "; returning the llep+ warm start")
         return PlacementSolution(method="milp", status=status, objective=float("nan"), bound=bound, stats=stats,
-                        message=msg)
+                                 message=msg)
     xa = np.rint(xs).astype(np.int64)
     if not np.array_equal(xa.sum(axis=1), m.loads) or xa.min() < 0:
         xa = round_plan(m, xs)
     xf = np.zeros(problem.shape, dtype=np.int64)
     xf[m.active] = xa
     return PlacementSolution(method="milp", status=status, objective=float("nan"), bound=bound, assignment=xf,
-                    stats=stats, message=f"SCIP {'optimal' if status == Status.OPTIMAL else raw['code']}")
+                             stats=stats, message=f"SCIP {'optimal' if status == Status.OPTIMAL else raw['code']}")
 
 
 @register("placement", "milp", exact=True, gives_bound=True, deterministic=False, supports_time_limit=True,
@@ -195,7 +196,7 @@ def milp_inprocess(problem: Any, *, time_limit: float | None = None, mip_gap: fl
     m = build_model(problem, upper)
     if m.a.shape[0] == 0:
         return PlacementSolution(method="milp", status=Status.OPTIMAL, objective=float("nan"), bound=0.0,
-                        assignment=np.zeros(problem.shape, dtype=np.int64))
+                                 assignment=np.zeros(problem.shape, dtype=np.int64))
     if left() is not None and left() <= 0:
         return _stopped(problem, hint_x, "time limit reached before the model was built")
     model = build(m, hint_x=None if hint_x is None else hint_x[m.active], mip_gap=mip_gap, threads=threads)
@@ -210,4 +211,4 @@ def _stopped(problem: Any, hint_x: np.ndarray | None, msg: str) -> PlacementSolu
     if hint_x is None:
         return PlacementSolution(method="milp", status=Status.TIME_LIMIT, objective=float("nan"), message=msg)
     return PlacementSolution(method="milp", status=Status.TIME_LIMIT, objective=float("nan"), assignment=hint_x,
-                    message=msg + "; returning the llep+ warm start")
+                             message=msg + "; returning the llep+ warm start")

@@ -105,7 +105,7 @@ def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = No
         status = Status.ERROR  # a routing problem is feasible by construction
     if x is None:
         return RoutingSolution(method="bip", status=status, objective=float("nan"), stats=stats,
-                        message=f"CP-SAT: {raw['code']}")
+                               message=f"CP-SAT: {raw['code']}")
     scale = RoutingScale(problem.scores, k)
     vals = np.asarray(x).reshape(T, E).astype(bool)
     assignment = np.sort(np.argsort(~vals, axis=1, kind="stable")[:, :k], axis=1).astype(np.int64)
@@ -116,7 +116,7 @@ def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = No
     else:
         msg, bias = f"CP-SAT stopped ({raw['code']}) with a feasible answer", None
     return RoutingSolution(method="bip", status=status, objective=float("nan"), bound=bound, assignment=assignment,
-                    bias=bias, stats=stats, message=msg)
+                           bias=bias, stats=stats, message=msg)
 
 
 @register("routing", "bip", exact=True, gives_bound=True, deterministic=False, supports_time_limit=True,

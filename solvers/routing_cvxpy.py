@@ -91,7 +91,7 @@ def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = No
         status = Status.ERROR  # a routing problem is feasible by construction
     if x is None:
         return RoutingSolution(method="cvxpy", status=status, objective=float("nan"), stats=stats,
-                        message=f"cvxpy status {code}")
+                               message=f"cvxpy status {code}")
     scale = RoutingScale(problem.scores, k)
     xv = np.asarray(x).reshape(T, E)
     frac = float(np.abs(xv - np.rint(xv)).max())
@@ -118,9 +118,9 @@ def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = No
     if assignment is None and status in (Status.OPTIMAL, Status.FEASIBLE):
         status = Status.ERROR
     return RoutingSolution(method="cvxpy", status=status, objective=float("nan"), bound=bound, assignment=assignment,
-                    bias=bias, stats=stats,
-                    message=f"cvxpy/{raw.get('solver')}: {code}, max fractionality {frac:.2g}"
-                            + ("; iterate repaired to a feasible assignment" if stats.get("repaired") else ""))
+                           bias=bias, stats=stats,
+                           message=f"cvxpy/{raw.get('solver')}: {code}, max fractionality {frac:.2g}"
+                           + ("; iterate repaired to a feasible assignment" if stats.get("repaired") else ""))
 
 
 @register("routing", "cvxpy", gives_bound=True, deterministic=True, supports_time_limit=True, backends=("cvxpy",),

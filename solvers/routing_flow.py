@@ -79,7 +79,7 @@ def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = No
     stats = {"backend_status": code, "max_cost": int(max_cost), "score_resolution": scale.unit / max_cost}
     if status != Status.OPTIMAL:
         return RoutingSolution(method="mcf", status=Status.ERROR if status == Status.INFEASIBLE else status,
-                        objective=float("nan"), stats=stats, message=f"OR-Tools min-cost flow returned {code}")
+                               objective=float("nan"), stats=stats, message=f"OR-Tools min-cost flow returned {code}")
     T, E = problem.shape
     k = problem.k
     assignment = np.sort(np.argsort(-flows, axis=1, kind="stable")[:, :k], axis=1).astype(np.int64)
@@ -87,8 +87,8 @@ def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = No
     bound = scale.upper(value, allowance=T * k / max_cost)
     bias = certify_prices(problem.scores, assignment, tol=2.0 * scale.unit / max_cost)
     return RoutingSolution(method="mcf", status=Status.OPTIMAL, objective=float("nan"), bound=bound,
-                    assignment=assignment, bias=bias, stats=stats,
-                    message=f"optimal min-cost flow (score resolution {scale.unit / max_cost:.2e})")
+                           assignment=assignment, bias=bias, stats=stats,
+                           message=f"optimal min-cost flow (score resolution {scale.unit / max_cost:.2e})")
 
 
 @register("routing", "mcf", exact=True, gives_bound=True, deterministic=True, supports_time_limit=True,

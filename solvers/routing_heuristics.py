@@ -25,8 +25,8 @@ def solve_topk(problem, *, time_limit=None) -> RoutingSolution:
     idx = np.sort(np.argpartition(-s, k - 1, axis=1)[:, :k], axis=1).astype(np.int64)
     bound = float(np.take_along_axis(s, idx, axis=1).sum())
     return RoutingSolution(method="topk", status=Status.FEASIBLE, objective=float("nan"), bound=bound,
-                    assignment=idx, bias=np.zeros(problem.num_experts),
-                    message="top-k without capacity (its objective bounds the optimum)")
+                           assignment=idx, bias=np.zeros(problem.num_experts),
+                           message="top-k without capacity (its objective bounds the optimum)")
 
 
 @register("routing", "greedy", deterministic=True, supports_time_limit=False,
@@ -42,7 +42,7 @@ def solve_greedy(problem, *, time_limit=None) -> RoutingSolution:
     left = int(need.sum())
     if left:
         return RoutingSolution(method="greedy", status=Status.ERROR, objective=float("nan"),
-                        message=f"greedy could not place {left} token slot(s): every expert with room was "
-                                f"already taken by those tokens")
+                               message=f"greedy could not place {left} token slot(s): every expert with room was "
+                               f"already taken by those tokens")
     return RoutingSolution(method="greedy", status=Status.FEASIBLE, objective=float("nan"),
-                    assignment=chosen_to_assignment(chosen, problem.k))
+                           assignment=chosen_to_assignment(chosen, problem.k))

@@ -89,7 +89,7 @@ def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = No
     if x is None or "value" not in raw:
         # an interrupted iterate is no LP answer: its top-k may break capacity, so it is not returned
         return RoutingSolution(method="lp", status=status, objective=float("nan"), stats=stats,
-                        message=f"HiGHS: {raw.get('message')}")
+                               message=f"HiGHS: {raw.get('message')}")
     scale = RoutingScale(problem.scores, k)
     xv = np.asarray(x).reshape(T, E)
     frac = float(np.abs(xv - np.rint(xv)).max())
@@ -108,7 +108,7 @@ def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = No
     msg = "LP optimum is integral (total unimodularity), hence optimal for the binary program" \
         if stats["integral"] else f"LP optimum is fractional (max {frac:.3g}); assignment rounded by top-k of x"
     return RoutingSolution(method="lp", status=status, objective=float("nan"), bound=bound, assignment=assignment,
-                    bias=bias, stats=stats, message=msg)
+                           bias=bias, stats=stats, message=msg)
 
 
 @register("routing", "lp", gives_bound=True, deterministic=True, supports_time_limit=True, backends=("scipy",),

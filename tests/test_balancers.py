@@ -81,3 +81,106 @@ def test_bias_setter_numpy_and_torch():
     assert isinstance(b.bias, torch.Tensor) and b.bias.dtype == torch.float32
     with pytest.raises(ValueError, match="bias"):
         b.bias = np.zeros(3)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_balancers_refuse_non_finite_input(bad, lib):
+    loads = np.array([3.0, bad, 1.0, 0.0])
+    scores = np.random.default_rng(0).random((16, 4))
+    scores[2, 1] = bad
+    if lib == "torch":
+        loads, scores = torch.tensor(loads), torch.tensor(scores, dtype=torch.float32)
+    lf = LossFreeBalancer(4, 1)
+    before = np.array(lf.bias, dtype=float).copy()
+    with pytest.raises(ValueError, match="loads"):
+        lf.update(loads)
+    with pytest.raises(ValueError, match="scores"):
+        lf.update(scores)
+    with pytest.raises(ValueError, match="scores"):
+        BIPBalancer(4, 1).update(scores)
+    with pytest.raises(ValueError, match="bias"):
+        lf.bias = loads
+    assert np.all(np.isfinite(np.asarray(lf.bias))) and np.array_equal(np.asarray(lf.bias, dtype=float), before)
+    lf.update(np.array([3.0, 0.0, 1.0, 0.0]))  # still usable: the refused input left no trace
+    assert np.all(np.isfinite(lf.bias))
+
+
+def test_bip_torch_step_is_the_numpy_step_and_needs_no_sync():
+    """The torch path runs the same price iteration (one implementation), with a fixed budget."""
+    from moebalance.solvers.routing_prices import price_iteration
+
+    s = routing_scores(512, 16, kind="zipf", imbalance=1.5, seed=3)
+    qn, _ = price_iteration(s, 2, 64, 6, stop_when_fixed=False)  # c = 512 * 2 / 16
+    qt, done = price_iteration(torch.tensor(s, dtype=torch.float64), 2, 64, 6)
+    assert done == 6 and isinstance(qt, torch.Tensor)
+    assert np.allclose(qn, qt.numpy(), rtol=0, atol=1e-12)
+    b = BIPBalancer(16, 2, iterations=6)
+    qb = b.update(torch.tensor(s, dtype=torch.float32))
+    assert np.allclose(qb.numpy(), qn, atol=1e-5)
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_bip_certificate_off_the_hot_path(lib):
+    s = routing_scores(1024, 16, kind="zipf", imbalance=1.5, seed=4)
+    x = torch.tensor(s, dtype=torch.float32) if lib == "torch" else s
+    b = BIPBalancer(16, 2, iterations=1)
+    assert b.certificate() is None
+    gaps = []
+    for it in (1, 2, 30):
+        b.iterations = it
+        b.reset()
+        b.update(x)
+        cert = b.certificate()
+        assert cert["bound"] >= cert["optimum"] - 1e-6 * abs(cert["optimum"])  # a valid bound
+        gaps.append(cert["gap"])
+    # the exact optimum is the one mcf finds on the same batch and capacity
+    from moebalance import RoutingProblem, solve
+
+    xs = np.asarray(x, dtype=np.float64) if lib == "numpy" else x.double().numpy()
+    opt = solve(RoutingProblem(xs, 2, capacity=int(cert["capacity"])), "mcf").objective
+    assert cert["optimum"] == pytest.approx(opt, rel=1e-9)
+    assert gaps[-1] <= gaps[0] + 1e-12 and gaps[-1] < 1e-2
+
+
+def test_layer_bip_balancer_uses_the_tensor_path_on_cpu():
+    """The layer's bip balancer runs the tensor-only price step (the GPU code path) on CPU tensors."""
+    from moebalance.integrations.torch import MoEConfig, MoELayer
+
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(hidden=16, ffn=32, num_experts=8, top_k=2, balancer="bip"))
+    layer.train()
+    x = torch.randn(256, 16)
+    layer(x)
+    assert isinstance(layer.balancer.bias, torch.Tensor)
+    cert = layer.balancer.certificate()
+    assert cert is not None and cert["bound"] >= cert["optimum"] - 1e-6 * abs(cert["optimum"])
+
+
+@pytest.mark.gpu
+def test_bip_step_on_gpu_never_synchronises():
+    s = torch.tensor(routing_scores(8192, 64, kind="zipf", seed=5), device="cuda", dtype=torch.float32)
+    b = BIPBalancer(64, 8, iterations=4)
+    b.update(s)  # first call moves the state to the device
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            q = b.update(s)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert q.device.type == "cuda"
+    cert = b.certificate()  # off the hot path: synchronises, solves exactly on the CPU
+    assert cert["gap"] >= -1e-6
+
+
+def test_torch_price_iteration_with_per_expert_capacities_matches_numpy():
+    from moebalance.solvers.routing_prices import dual_bound, price_iteration
+
+    s = routing_scores(300, 6, kind="zipf", imbalance=1.5, seed=6)
+    cap = np.array([40, 400, 120, 0, 300, 90])  # one closed, two free (>= T) experts
+    qn, _ = price_iteration(s, 2, cap, 5, stop_when_fixed=False)
+    qt, _ = price_iteration(torch.tensor(s), 2, cap, 5)
+    assert np.allclose(qn, qt.numpy(), rtol=0, atol=1e-12)
+    assert qn[1] == qn[4] == 0.0
+    assert float(dual_bound(torch.tensor(s), 2, cap, qt)) == pytest.approx(dual_bound(s, 2, cap, qn), rel=1e-12)

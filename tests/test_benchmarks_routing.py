@@ -49,7 +49,7 @@ def test_quick_json_structure(quick):
         assert set(inst["results"]) == methods
         for r in inst["results"].values():
             assert {"status", "wall_time", "objective", "bound", "own_gap", "gap_to_opt", "peak_rss_mib"} <= set(r)
-    assert [t["name"] for t in res["targets"]] == ["speedup", "dual_gap"]
+    assert [t["name"] for t in res["targets"]] == ["speedup", "fast_small", "fast_large", "dual_gap"]
     assert all(t["met"] is None for t in res["targets"])  # the target instance is not in the quick grid
     assert res["warnings"] == []
     # the printed and the written markdown carry the same tables
@@ -108,14 +108,40 @@ def _result(bip_status, bip_time, dual_gap):
 
 
 def test_evaluate_targets_lines():
-    speed, gap = bench.evaluate_targets(_result("optimal", 60.0, 5e-4))
+    speed, _, _, gap = bench.evaluate_targets(_result("optimal", 60.0, 5e-4))
     assert speed["met"] is True and speed["fastest_exact"] == "mcf" and speed["ratio"] == pytest.approx(120.0)
     assert not speed["ratio_is_lower_bound"] and speed["line"].startswith("target met")
     assert gap["met"] is True and gap["line"].startswith("target met")
-    speed, gap = bench.evaluate_targets(_result("time_limit", 40.0, 2e-3))  # unfinished bip: 80x lower bound
+    speed, _, _, gap = bench.evaluate_targets(_result("time_limit", 40.0, 2e-3))  # unfinished bip: 80x lower bound
     assert speed["met"] is None and speed["ratio_is_lower_bound"] and "NOT met as measured" in speed["line"]
     assert gap["met"] is False and gap["line"].startswith("target NOT met")
-    speed, _ = bench.evaluate_targets(_result("time_limit", 70.0, 0.0))  # unfinished, yet >= 100x: met
+    speed = bench.evaluate_targets(_result("time_limit", 70.0, 0.0))[0]  # unfinished, yet >= 100x: met
     assert speed["met"] is True and ">= 140x (a lower bound)" in speed["line"]
-    speed, _ = bench.evaluate_targets(_result("optimal", 40.0, 0.0))  # finished in 80x the time: not met
+    speed = bench.evaluate_targets(_result("optimal", 40.0, 0.0))[0]  # finished in 80x the time: not met
     assert speed["met"] is False and speed["line"].startswith("target NOT met: ")
+
+
+def test_fast_targets_lines():
+    res = _result("optimal", 60.0, 5e-4)
+    inst = res["instances"][0]
+    inst["topk_floor_s"] = 0.002
+    inst["results"]["fast"] = {"status": "optimal", "wall_time": 0.04, "feasible": True, "gap_to_opt": 0.0}
+    small = bench.evaluate_targets(res)[1]
+    assert small["name"] == "fast_small" and small["ratio"] == pytest.approx(0.5 / 0.04)
+    assert small["met"] is True and small["aim_met"] is False and small["floor_ratio"] == pytest.approx(20.0)
+    assert small["line"].startswith("target met: fast 40.0 ms vs mcf 500 ms: 12.5x")
+    inst["results"]["fast"]["wall_time"] = 0.1
+    assert bench.evaluate_targets(res)[1]["met"] is False
+    inst["results"]["fast"]["status"] = "feasible"  # not proven optimal: never met
+    assert bench.evaluate_targets(res)[1]["met"] is False
+    assert bench.evaluate_targets(res)[2]["met"] is None  # the large instance is not in this result
+
+
+def test_scaling_plot_is_written(tmp_path):
+    res = {"methods": ["mcf", "fast"], "k": 8, "machine": {"cpu_model": "cpu", "cores": 2},
+           "rows": [{"T": T, "E": E, "topk_floor_s": 1e-3 * T / 1024,
+                     "results": {"mcf": {"wall_time": 0.1 * T / 1024}, "fast": {"wall_time": 0.01 * T / 1024}}}
+                    for T, E in [(1024, 64), (4096, 64), (16384, 64), (16384, 16), (16384, 256)]]}
+    path = tmp_path / "scaling.png"
+    bench.plot_scaling(res, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

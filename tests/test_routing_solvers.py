@@ -25,7 +25,8 @@ def rel(a, b):
 
 
 def test_all_methods_registered():
-    assert set(mb.available_methods("routing")) == {"mcf", "bip", "mip", "lp", "cvxpy", "topk", "greedy", "dual"}
+    assert set(mb.available_methods("routing")) == {"mcf", "fast", "bip", "mip", "lp", "cvxpy", "topk", "greedy",
+                                                    "dual"}
 
 
 @pytest.mark.parametrize("method", EXACT + ["lp", "cvxpy"])

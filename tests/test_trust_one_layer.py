@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import numpy as np
 import pytest
@@ -32,9 +31,9 @@ OPTION_CASES: dict[str, list[dict]] = {
     "bias_update_rate": [{"balancer": "loss_free", "bias_update_rate": 0.05}],
     "aux_loss_coeff": [{"balancer": "aux_loss", "aux_loss_coeff": 0.5}],
     "capacity_factor": [{"capacity_factor": 1.0}, {"capacity_factor": 1.25, "balancer": "bip"}],
-    # "auto" is torch on CPU; "triton" cannot run on CPU tensors: both layers refuse it the same way (unless
-    # Triton's interpreter is on, as tests/moe_testing.py turns it on for the kernel tests: then both run it)
-    "backend": [{"backend": "auto"}, {"backend": "triton", "refused": "unless-interpreted"}],
+    # "auto" is torch on CPU; "triton" cannot run on CPU tensors: both layers refuse it the same way (the
+    # workers run with TRITON_INTERPRET=0 whatever the kernel tests set in this process: tests/test_distributed.py)
+    "backend": [{"backend": "auto"}, {"backend": "triton", "refused": True}],
     "dtype": [{"dtype": "bfloat16"}],
     "bip_same_batch": [{"balancer": "bip", "bip_same_batch": True},
                        {"balancer": "bip", "bip_same_batch": True, "capacity_factor": 1.5}],
@@ -45,11 +44,7 @@ BASE = {"hidden": 12, "ffn": 20, "num_experts": 8, "top_k": 2, "backend": "torch
 
 
 def _refused(cfg: dict) -> bool:
-    """Whether the case must be refused, in this process's environment (the children inherit it)."""
-    r = cfg.get("refused", False)
-    if r == "unless-interpreted":
-        return os.environ.get("TRITON_INTERPRET") != "1"
-    return bool(r)
+    return bool(cfg.get("refused", False))
 
 
 def _flat_cases() -> list[tuple[str, dict]]:

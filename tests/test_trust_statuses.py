@@ -159,3 +159,21 @@ def test_capability_flags_on_every_method(family):
         assert isinstance(info.backends, tuple)
         if info.exact:
             assert info.gives_bound, name
+
+
+def test_placement_adapter_steps_build_run_to_solution():
+    from moebalance import CostModel, PlacementProblem
+    from moebalance.solvers import placement_lp, placement_milp
+    from moebalance.solvers._placement_model import build_model
+
+    from .test_placement_solvers import brute_force
+
+    p = PlacementProblem([5, 1, 1, 0, 2, 0], 3, cost=CostModel(1, 2, 3, 0), min_chunk=1)
+    opt = brute_force(p)
+    m = build_model(p)
+    raw = placement_milp.run(placement_milp.build(m))
+    assert raw["code"] == "MPSOLVER_OPTIMAL"
+    sol = mb.registry.finalize(p, placement_milp.to_solution(p, m, raw))
+    assert sol.status == Status.OPTIMAL and sol.objective == pytest.approx(opt) and sol.bound <= opt + 1e-9
+    lp = placement_lp.run(placement_lp.build(m))
+    assert lp["code"] == "optimal" and lp["value"] * m.unit <= opt + 1e-9

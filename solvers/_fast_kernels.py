@@ -1,0 +1,564 @@
+"""Inner loops of the exact routing method ``fast`` (see :mod:`moebalance.solvers.routing_fast`).
+
+Plain Python functions, compiled by numba when it is installed (:func:`kernels`); without numba the very same
+code runs as Python: exactly as correct, much slower. numba because these loops walk shortest paths one unit
+at a time over a dense E x E graph and patch a few entries per step, and select order statistics over short
+candidate lists: nothing numpy can vectorise.
+
+Each token t has a candidate list ``cand[t, :ncand[t]]`` of experts (its top-m of ``scores - q`` from the
+price phase; every expert in the fallback round). ``slot[t, e]`` is 0 for a non-candidate, -1 for a candidate
+t does not hold, and p > 0 when t holds e (t sits at ``mem[e, p - 1]``).
+
+Shortest augmenting paths (:func:`ssp`). Every token holds a top-k of its candidates under ``scores - q``
+(dual feasibility), so moving token t from expert a to candidate b has reduced cost
+``(s[t,a]-q_a) - (s[t,b]-q_b) >= 0``. The compressed graph has the E experts and a sink S: arc a->b weighs
+``raw[a,b] - q_a + q_b`` with ``raw[a,b] = min over tokens t in a with candidate b not held of s[t,a]-s[t,b]``
+(argmin ``arg[a,b]``); arc e->S (room left) weighs ``-q_e`` (0: experts with room have price 0); arc S->e
+(e sends one unit less to S) weighs ``q_e``. A priced expert sends its full capacity to S, so its room is a
+deficit; an over-full expert has an excess. Dijkstra from every excess node to the nearest deficit node, one
+unit moved along the path, prices raised by ``max(D - d_e, 0)`` (normalised so that S keeps potential 0):
+every reduced cost stays non-negative. With no excess left the assignment is feasible, every token holds a
+top-k of its candidates under ``scores - q`` and every expert with room has price 0: optimal for the
+candidate problem, and for the full problem once :func:`violations` finds no token preferring a
+non-candidate.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+
+__all__ = ["kernels", "HAVE_NUMBA", "OK", "NO_PATH", "BUDGET"]
+
+HAVE_NUMBA = importlib.util.find_spec("numba") is not None  # imported only by kernels()
+OK, NO_PATH, BUDGET = 0, 1, 2
+
+
+def _select(a, n, kth):
+    """The kth smallest (0-based) of ``a[:n]``, reordering ``a`` in place (quickselect, median of three)."""
+    lo = 0
+    hi = n - 1
+    while hi > lo:
+        mid = (lo + hi) >> 1
+        x, y, z = a[lo], a[mid], a[hi]
+        if x > y:
+            x, y = y, x
+        if y > z:
+            y = z
+            if x > y:
+                y = x
+        pivot = y
+        i = lo
+        j = hi
+        while i <= j:
+            while a[i] < pivot:
+                i += 1
+            while a[j] > pivot:
+                j -= 1
+            if i <= j:
+                tmp = a[i]
+                a[i] = a[j]
+                a[j] = tmp
+                i += 1
+                j -= 1
+        if kth <= j:
+            hi = j
+        elif kth >= i:
+            lo = i
+        else:
+            return a[kth]
+    return a[kth]
+
+
+def _kth_largest_small(a, n, kk, buf):
+    """The kk-th largest of ``a[:n]`` (kk <= n), with ``buf`` (>= kk long) as a descending insertion buffer:
+    much faster than quickselect for the short candidate rows."""
+    nb = 0
+    for i in range(n):
+        v = a[i]
+        if nb < kk:
+            j = nb
+            nb += 1
+        elif v > buf[kk - 1]:
+            j = kk - 1
+        else:
+            continue
+        while j > 0 and buf[j - 1] < v:
+            buf[j] = buf[j - 1]
+            j -= 1
+        buf[j] = v
+    return buf[kk - 1]
+
+
+def top_m(s, q, m, cand):
+    """``cand[t, :m]`` = the m largest experts of ``s[t] - q`` (any order), without a [T, E] temporary."""
+    T, E = s.shape
+    r = np.empty(E)
+    w = np.empty(E)
+    for t in range(T):
+        for e in range(E):
+            r[e] = s[t, e] - q[e]
+            w[e] = r[e]
+        thr = _select(w, E, E - m)  # the m-th largest
+        n = 0
+        for e in range(E):
+            if r[e] > thr:
+                cand[t, n] = e
+                n += 1
+        for e in range(E):
+            if n >= m:
+                break
+            if r[e] == thr:
+                cand[t, n] = e
+                n += 1
+
+
+def sweeps(s, cand, ncand, k, cap, q, iterations, omega):
+    """Price sweeps restricted to the candidates, in place on ``q`` [E]; returns the number done.
+
+    ``p_t`` = (k+1)-th largest of ``s[t, c] - q_c`` over t's candidates; ``q_e`` = max(0, (cap_e+1)-th largest
+    of ``s[t, e] - p_t`` over the tokens with candidate e) (0 when at most cap_e tokens have it). Stops early on
+    a fixed point. ``omega`` over-relaxes the expert step (``q += omega * (q_new - q)``, clipped at 0; 1 is the
+    plain iteration). Every token needs at least k+1 candidates."""
+    T, E = s.shape
+    M = cand.shape[1]
+    # tokens per expert (CSR), built once
+    cnt = np.zeros(E + 1, dtype=np.int64)
+    for t in range(T):
+        for j in range(ncand[t]):
+            cnt[cand[t, j] + 1] += 1
+    for e in range(E):
+        cnt[e + 1] += cnt[e]
+    fill = cnt[:E].copy()
+    tok = np.empty(cnt[E], dtype=np.int64)
+    val = np.empty(cnt[E])
+    for t in range(T):
+        for j in range(ncand[t]):
+            e = cand[t, j]
+            tok[fill[e]] = t
+            val[fill[e]] = s[t, e]
+            fill[e] += 1
+    p = np.empty(T)
+    row = np.empty(M)
+    buf = np.empty(k + 1)
+    col = np.empty(T)
+    wbuf = np.empty(WINDOW)
+    prev = np.full(E, np.inf)  # last sweep's threshold per expert: the next one is usually close to it
+    for it in range(iterations):
+        for t in range(T):
+            n = ncand[t]
+            for j in range(n):
+                row[j] = s[t, cand[t, j]] - q[cand[t, j]]
+            p[t] = _kth_largest_small(row, n, k + 1, buf)
+        changed = False
+        for e in range(E):
+            n = cnt[e + 1] - cnt[e]
+            c = cap[e]
+            v = 0.0
+            if n > c:
+                b = cnt[e]
+                above = 0
+                pv = prev[e]
+                for i in range(n):
+                    x = val[b + i] - p[tok[b + i]]
+                    col[i] = x
+                    if x > pv:
+                        above += 1
+                d = c - above  # the answer is the (d+1)-th largest value <= pv, or above pv when d < 0
+                if 0 <= d < WINDOW and n - above > d:
+                    m2 = 0
+                    for i in range(n):
+                        if col[i] <= pv:
+                            col[m2] = col[i]
+                            m2 += 1
+                    v = _kth_largest_small(col, m2, d + 1, wbuf)
+                elif -WINDOW < d < 0:
+                    m2 = 0
+                    for i in range(n):
+                        if col[i] > pv:
+                            col[m2] = -col[i]
+                            m2 += 1
+                    v = -_kth_largest_small(col, m2, -d, wbuf)  # the (-d)-th smallest above pv
+                else:
+                    v = _select(col, n, n - c - 1)
+                prev[e] = v
+                if v < 0.0:
+                    v = 0.0
+            v = q[e] + omega * (v - q[e])  # over-relaxed: omega = 2 halves the sweeps needed here
+            if v < 0.0:
+                v = 0.0
+            if v != q[e]:
+                changed = True
+            q[e] = v
+        if not changed:
+            return it + 1
+    return iterations
+
+
+def top_k_of_candidates(s, cand, ncand, k, q, sel):
+    """``sel[t]`` = a top-k of t's candidates under ``s - q`` (ties: the earlier candidate)."""
+    T = s.shape[0]
+    M = cand.shape[1]
+    row = np.empty(M)
+    for t in range(T):
+        n = ncand[t]
+        for j in range(n):
+            row[j] = s[t, cand[t, j]] - q[cand[t, j]]
+        # k passes of selection: k is small next to the candidate count
+        for i in range(k):
+            b = -1
+            bv = -np.inf
+            for j in range(n):
+                if row[j] > bv:
+                    bv = row[j]
+                    b = j
+            if b < 0:  # fewer finite candidates than k cannot happen (ncand >= k)
+                b = i
+            sel[t, i] = cand[t, b]
+            row[b] = -np.inf
+
+
+def violations(s, sel, q, tol, out):
+    """Tokens whose held experts are not a top-k of the FULL row of ``s - q`` (beyond ``tol``): written to
+    ``out``; returns their count. This is the certificate: none means the candidate optimum is optimal."""
+    T, E = s.shape
+    k = sel.shape[1]
+    n = 0
+    held = np.zeros(E, dtype=np.bool_)
+    for t in range(T):
+        lo = np.inf
+        for j in range(k):
+            e = sel[t, j]
+            held[e] = True
+            v = s[t, e] - q[e]
+            if v < lo:
+                lo = v
+        lim = lo + tol
+        for e in range(E):
+            if not held[e] and s[t, e] - q[e] > lim:
+                out[n] = t
+                n += 1
+                break
+        for j in range(k):
+            held[sel[t, j]] = False
+    return n
+
+
+def add_best(s, q, cand, ncand, allowed, nadd, rows):
+    """Append to each token t in ``rows`` its ``nadd`` best experts of ``s[t] - q`` among ``allowed`` [E] that
+    are not yet its candidates (fewer when there are fewer or ``cand`` has no free column left)."""
+    E = s.shape[1]
+    inlist = np.zeros(E, dtype=np.bool_)
+    for r in range(rows.shape[0]):
+        t = rows[r]
+        n0 = ncand[t]
+        for j in range(n0):
+            inlist[cand[t, j]] = True
+        for a in range(nadd):
+            if ncand[t] >= cand.shape[1]:
+                break
+            b = -1
+            bv = -np.inf
+            for e in range(E):
+                if allowed[e] and not inlist[e]:
+                    v = s[t, e] - q[e]
+                    if b < 0 or v > bv:
+                        bv = v
+                        b = e
+            if b < 0:
+                break
+            inlist[b] = True
+            cand[t, ncand[t]] = b
+            ncand[t] += 1
+        for j in range(ncand[t]):
+            inlist[cand[t, j]] = False
+
+
+def loads_of(sel, E):
+    """``[E]`` tokens per expert of ``sel`` [T, k]."""
+    out = np.zeros(E, dtype=np.int64)
+    for t in range(sel.shape[0]):
+        for j in range(sel.shape[1]):
+            out[sel[t, j]] += 1
+    return out
+
+
+WINDOW = 64  # thresholds that moved by fewer ranks than this are found by a short scan, not a quickselect
+NBEST = 4  # tokens kept per arc: the NBEST smallest s[t,a]-s[t,b], so a moved argmin rarely forces a rescan
+
+
+def _insert(rawk, argk, cnt, exh, x, y, w, t):
+    """Offer token t with value w to arc (x, y)'s list of the smallest values (sorted, ``cnt`` long).
+
+    Invariant: the list holds the cnt smallest values of the eligible tokens; ``exh`` says it holds all of
+    them. A value above the list's largest can only join an exhaustive list with room."""
+    c = cnt[x, y]
+    K = rawk.shape[2]
+    if c == K:
+        if w >= rawk[x, y, K - 1]:
+            exh[x, y] = False
+            return
+        c = K - 1
+        exh[x, y] = False
+    elif not exh[x, y] and (c == 0 or w >= rawk[x, y, c - 1]):
+        return
+    i = c
+    while i > 0 and rawk[x, y, i - 1] > w:
+        rawk[x, y, i] = rawk[x, y, i - 1]
+        argk[x, y, i] = argk[x, y, i - 1]
+        i -= 1
+    rawk[x, y, i] = w
+    argk[x, y, i] = t
+    cnt[x, y] = c + 1
+
+
+def _recompute(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, x, ys, nys):
+    """Arc lists (x, y) from scratch for y in ys[:nys], scanning the tokens held by x."""
+    for j in range(nys):
+        y = ys[j]
+        cnt[x, y] = 0
+        exh[x, y] = True
+        mark[y] = True
+    for i in range(load[x]):
+        t = mem[x, i]
+        sx = s[t, x]
+        for j in range(ncand[t]):
+            y = cand[t, j]
+            if mark[y] and slot[t, y] < 0:
+                w = sx - s[t, y]
+                if cnt[x, y] < NBEST or w < rawk[x, y, NBEST - 1]:
+                    _insert(rawk, argk, cnt, exh, x, y, w, t)
+                else:
+                    exh[x, y] = False
+    for j in range(nys):
+        mark[ys[j]] = False
+
+
+def _delete(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, ys, x, y, t):
+    """Token t is no longer eligible for arc (x, y): drop it from the list, rescanning an emptied one."""
+    c = cnt[x, y]
+    for i in range(c):
+        if argk[x, y, i] == t:
+            for j in range(i, c - 1):
+                rawk[x, y, j] = rawk[x, y, j + 1]
+                argk[x, y, j] = argk[x, y, j + 1]
+            cnt[x, y] = c - 1
+            if c == 1 and not exh[x, y]:
+                ys[0] = y
+                _recompute(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, x, ys, 1)
+            return
+
+
+def _move(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, ys, t, u, v):
+    """Token t leaves expert u for its candidate v; patch membership and the arc lists that change."""
+    p = slot[t, u] - 1
+    last = mem[u, load[u] - 1]
+    mem[u, p] = last
+    slot[last, u] = p + 1
+    load[u] -= 1
+    slot[t, u] = -1
+    mem[v, load[v]] = t
+    load[v] += 1
+    slot[t, v] = load[v]
+    n = ncand[t]
+    # no longer eligible: (u, y) for the candidates y it did not hold (v among them), (x, v) for x held
+    for j in range(n):
+        y = cand[t, j]
+        if y == v or (slot[t, y] < 0 and y != u):
+            _delete(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, ys, u, y, t)
+        elif slot[t, y] > 0 and y != v:
+            _delete(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, ys, y, v, t)
+    # newly eligible: (v, y) for the candidates y it does not hold (u among them), (x, u) for x held
+    sv = s[t, v]
+    su = s[t, u]
+    for j in range(n):
+        y = cand[t, j]
+        if slot[t, y] < 0:
+            _insert(rawk, argk, cnt, exh, v, y, sv - s[t, y], t)
+        elif y != v:
+            _insert(rawk, argk, cnt, exh, y, u, s[t, y] - su, t)
+
+
+def ssp(s, cand, ncand, sel, cap, q, max_augment, reach):
+    """Successive shortest paths from ``sel`` [T, k], a top-k of each token's candidates under ``s - q``.
+
+    Args:
+      s: ``[T, E]`` float64 scores.
+      cand, ncand: ``[T, M]`` candidate experts and ``[T]`` their counts (held experts are candidates).
+      sel: ``[T, k]`` int64; overwritten with the candidate problem's optimal assignment on success.
+      cap: ``[E]`` int64 capacities, already clipped to T.
+      q: ``[E]`` float64 prices >= 0, updated in place to the optimal prices.
+      max_augment: stop (status BUDGET) after this many augmentations.
+
+      reach: ``[E + 1]`` bool, written on status NO_PATH: the nodes the excess could reach (no deficit among
+        them: the candidate problem has no feasible routing until some token in them gets a candidate outside).
+
+    Returns ``(status, augmentations, dijkstra_pops)``.
+    """
+    T, E = s.shape
+    k = sel.shape[1]
+    slot = np.zeros((T, E), dtype=np.int32)
+    mem = np.empty((E, T), dtype=np.int32)
+    load = np.zeros(E, dtype=np.int64)
+    for t in range(T):
+        for j in range(ncand[t]):
+            slot[t, cand[t, j]] = -1
+        for j in range(k):
+            a = sel[t, j]
+            mem[a, load[a]] = t
+            load[a] += 1
+            slot[t, a] = load[a]
+    rawk = np.empty((E, E, NBEST))
+    argk = np.empty((E, E, NBEST), dtype=np.int64)
+    cnt = np.zeros((E, E), dtype=np.int64)
+    exh = np.ones((E, E), dtype=np.bool_)  # every list starts exhaustive (empty, nothing seen yet)
+    for t in range(T):
+        if ncand[t] <= k:
+            continue
+        for j in range(k):
+            a = sel[t, j]
+            sa = s[t, a]
+            for i in range(ncand[t]):
+                b = cand[t, i]
+                if slot[t, b] < 0:
+                    w = sa - s[t, b]
+                    if cnt[a, b] < NBEST or w < rawk[a, b, NBEST - 1]:  # the common case skips the call
+                        _insert(rawk, argk, cnt, exh, a, b, w, t)
+                    else:
+                        exh[a, b] = False
+    g = np.empty(E, dtype=np.int64)
+    excess = np.empty(E + 1, dtype=np.int64)
+    total = 0
+    for e in range(E):
+        g[e] = cap[e] if q[e] > 0 else min(load[e], cap[e])
+        excess[e] = load[e] - g[e]
+        total += g[e]
+    excess[E] = total - T * k
+    dist = np.empty(E + 1)
+    pred = np.empty(E + 1, dtype=np.int64)
+    done = np.zeros(E + 1, dtype=np.bool_)
+    mark = np.zeros(E, dtype=np.bool_)
+    ys = np.empty(E, dtype=np.int64)
+    path_tok = np.empty(E + 1, dtype=np.int64)
+    path_u = np.empty(E + 1, dtype=np.int64)
+    path_v = np.empty(E + 1, dtype=np.int64)
+    aug = 0
+    pops = 0
+    while True:
+        any_excess = False
+        for v in range(E + 1):
+            if excess[v] > 0:
+                any_excess = True
+                break
+        if not any_excess or aug >= max_augment:
+            for t in range(T):  # write the state back: a top-k per token (feasible when no excess is left)
+                j = 0
+                for i in range(ncand[t]):
+                    e = cand[t, i]
+                    if slot[t, e] > 0:
+                        sel[t, j] = e
+                        j += 1
+            return (BUDGET if any_excess else OK), aug, pops
+        for v in range(E + 1):
+            dist[v] = 0.0 if excess[v] > 0 else np.inf
+            pred[v] = -1
+            done[v] = False
+        target = -1
+        while True:
+            u = -1
+            best = np.inf
+            for v in range(E + 1):
+                if not done[v] and dist[v] < best:
+                    best = dist[v]
+                    u = v
+            if u < 0:
+                for v in range(E + 1):
+                    reach[v] = done[v]
+                return NO_PATH, aug, pops
+            done[u] = True
+            pops += 1
+            if excess[u] < 0:
+                target = u
+                break
+            du = dist[u]
+            if u < E:
+                qu = q[u]
+                for f in range(E):
+                    if not done[f] and cnt[u, f] > 0:
+                        w = rawk[u, f, 0] - qu + q[f]
+                        if w < 0.0:
+                            w = 0.0
+                        if du + w < dist[f]:
+                            dist[f] = du + w
+                            pred[f] = u
+                if g[u] < cap[u] and not done[E]:
+                    w = -qu
+                    if w < 0.0:
+                        w = 0.0
+                    if du + w < dist[E]:
+                        dist[E] = du + w
+                        pred[E] = u
+            else:
+                for f in range(E):
+                    if not done[f] and g[f] > 0:
+                        w = q[f]
+                        if du + w < dist[f]:
+                            dist[f] = du + w
+                            pred[f] = E
+        D = dist[target]
+        dS = min(dist[E], D)
+        for e in range(E):
+            qe = q[e] - min(dist[e], D) + dS
+            q[e] = qe if qe > 0.0 else 0.0
+        # collect the path first (the tokens its arcs chose), then apply it
+        n = 0
+        v = target
+        while pred[v] >= 0:
+            u = pred[v]
+            path_u[n] = u
+            path_v[n] = v
+            path_tok[n] = argk[u, v, 0] if (u < E and v < E) else -1
+            n += 1
+            v = u
+        source = v
+        for i in range(n):
+            u = path_u[i]
+            v = path_v[i]
+            if u < E and v < E:
+                _move(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, ys, path_tok[i], u, v)
+            elif v == E:
+                g[u] += 1
+            else:
+                g[v] -= 1
+        excess[source] -= 1
+        excess[target] += 1
+        aug += 1
+
+
+_PY = {"ssp": ssp, "sweeps": sweeps, "top_k": top_k_of_candidates, "violations": violations,
+       "add_best": add_best, "loads": loads_of, "top_m": top_m}
+_COMPILED: dict | None = None
+
+
+def kernels(use_numba: bool = True) -> dict:
+    """``{"ssp", "sweeps", "top_k", "violations", "add_best", "loads", "top_m"}``: compiled by numba (cached on
+    disk) when it is installed and ``use_numba``, else the plain Python functions."""
+    global _COMPILED
+    if not (use_numba and HAVE_NUMBA):
+        return _PY
+    if _COMPILED is None:
+        import types
+
+        import numba
+
+        jit = numba.njit(cache=True, nogil=True)
+        ns = dict(globals())  # the compiled functions call compiled helpers: rebind them in a namespace
+
+        def comp(f):
+            return jit(types.FunctionType(f.__code__, ns, f.__name__, f.__defaults__, f.__closure__))
+
+        for name in ("_select", "_kth_largest_small", "_insert", "_recompute", "_delete", "_move"):
+            ns[name] = comp(globals()[name])
+        _COMPILED = {key: comp(f) for key, f in _PY.items()}
+    return _COMPILED

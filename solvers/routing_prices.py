@@ -1,0 +1,123 @@
+"""The one price iteration of BIP-based balancing (arXiv 2502.15451), for numpy arrays and torch tensors alike.
+
+Block-coordinate descent on the Lagrangian dual of capacitated top-k routing, alternately
+
+  p_t <- (k+1)-th largest of scores[t, :] - q                          (token prices)
+  q_e <- max(0, (c_e+1)-th largest of scores[:, e] - p)                (expert prices, the bias)
+
+Any ``q >= 0`` certifies the upper bound ``sum_t topk(scores[t] - q) + q . min(c, T)`` on the optimum
+(:func:`dual_bound`). The iteration reaches near-optimal prices in a few sweeps but is not exact in general:
+the exact method ``fast`` (:mod:`moebalance.solvers.routing_fast`) starts from it and finishes by shortest
+paths. ``dual`` and both balancers call this one function; with a torch tensor it runs on the tensor's device
+with tensors only (a fixed number of sweeps, no host synchronisation).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+__all__ = ["price_iteration", "dual_bound", "is_torch"]
+
+
+def is_torch(x: Any) -> bool:
+    """True for a torch tensor (checked without importing torch)."""
+    return type(x).__module__.startswith("torch")
+
+
+def _row_kth_largest(m: np.ndarray, kth: np.ndarray) -> np.ndarray:
+    """``out[i]`` = the (kth[i]+1)-th largest of ``m[i, :]`` (kth 0-based; -inf where kth >= the row length).
+
+    Partitions rows of a contiguous array in ascending order (no negated copy), reordering ``m`` in place."""
+    n = m.shape[1]
+    out = np.full(m.shape[0], -np.inf)
+    for c in np.unique(kth):
+        if c < n:
+            rows = kth == c
+            if rows.all():  # the common case (one capacity): partition m itself, in place
+                m.partition(n - 1 - int(c), axis=1)
+                out[:] = m[:, n - 1 - int(c)]
+            else:
+                out[rows] = np.partition(m[rows], n - 1 - int(c), axis=1)[:, n - 1 - int(c)]
+    return out
+
+
+def price_iteration(scores: Any, k: int, capacity: Any, iterations: int, q: Any = None, *,
+                    deadline: float | None = None, stop_when_fixed: bool = True) -> tuple[Any, int]:
+    """Run ``iterations`` (p, q) sweeps from ``q`` (zeros when None); returns ``(q [E], sweeps done)``.
+
+    Args:
+      scores: ``[T, E]`` numpy array or torch tensor (the torch path computes in the tensor's float dtype,
+        float32 for half inputs, on its device).
+      k: experts per token.
+      capacity: an int or ``[E]`` host integers (numpy or a list: never a device tensor, so torch needs no sync).
+      iterations: the number of sweeps (numpy stops earlier on a fixed point or at ``deadline``; torch always
+        runs all of them).
+      q: ``[E]`` starting prices (a warm start, e.g. the previous batch's), same library as ``scores``.
+    """
+    T, E = scores.shape
+    cap = np.minimum(np.broadcast_to(np.asarray(capacity, dtype=np.int64), (E,)), T)
+    if is_torch(scores):
+        import torch
+
+        s = scores.detach()
+        s = s.float() if s.dtype in (torch.float16, torch.bfloat16) else s
+        q = torch.zeros(E, dtype=s.dtype, device=s.device) if q is None else q.to(s.dtype)
+        if k >= E or T == 0:
+            return q * 0, 0
+        free = cap >= T  # no price needed: the expert can take every token
+        if free.all():
+            return q * 0, iterations
+        uniform = bool(np.all(cap == cap[0]))  # the balancer's case: no host-to-device copy at all
+        cmax = int(cap[~free].max())
+        if not uniform:
+            idx = torch.as_tensor(np.where(free, 0, cap), device=s.device)
+            mask = torch.as_tensor(free, device=s.device)
+        for _ in range(iterations):
+            p = torch.topk(s - q, k + 1, dim=1).values[:, k]
+            col = torch.topk(s - p[:, None], cmax + 1, dim=0).values  # [cmax+1, E]
+            if uniform:
+                q = col[cmax].clamp_min(0.0)
+            else:
+                q = torch.where(mask, 0.0, col.gather(0, idx[None, :])[0]).clamp_min(0.0)
+        return q, iterations
+    s = np.asarray(scores, dtype=np.float64)
+    q = np.zeros(E) if q is None else np.asarray(q, dtype=np.float64).copy()
+    if k >= E or T == 0:
+        return np.zeros(E), 0
+    done = 0
+    sT = np.ascontiguousarray(s.T)  # [E, T]: the column step partitions rows of it
+    buf = np.empty_like(s)
+    bufT = np.empty_like(sT)
+    for _ in range(iterations):
+        np.subtract(s, q, out=buf)
+        buf.partition(E - 1 - k, axis=1)  # in place: no [T, E] copy per sweep
+        p = buf[:, E - 1 - k].copy()  # (k+1)-th largest per token
+        np.subtract(sT, p[None, :], out=bufT)
+        q_new = np.maximum(_row_kth_largest(bufT, cap), 0.0)
+        done += 1
+        fixed = np.array_equal(q_new, q)
+        q = q_new
+        if (stop_when_fixed and fixed) or (deadline is not None and time.perf_counter() > deadline):
+            break
+    return q, done
+
+
+def dual_bound(scores: Any, k: int, capacity: Any, q: Any) -> Any:
+    """The Lagrangian bound ``sum_t topk(scores[t] - q) + q . min(c, T)`` for prices ``q >= 0`` (clipped).
+
+    numpy: a float; torch: a 0-d tensor on the scores' device (no host synchronisation)."""
+    T, E = scores.shape
+    cap = np.minimum(np.broadcast_to(np.asarray(capacity, dtype=np.int64), (E,)), T)
+    if is_torch(scores):
+        import torch
+
+        s = scores.detach().double()
+        qq = q.double().clamp_min(0.0)
+        c = torch.as_tensor(cap, dtype=torch.float64, device=s.device)
+        return torch.topk(s - qq, k, dim=1).values.sum() + qq @ c
+    qq = np.maximum(np.asarray(q, dtype=np.float64), 0.0)
+    red = np.asarray(scores, dtype=np.float64) - qq
+    return float(np.partition(red, E - k, axis=1)[:, E - k:].sum() + qq @ cap)

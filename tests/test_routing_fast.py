@@ -1,0 +1,217 @@
+"""The exact method ``fast``: catalogue, brute force, agreement with ``mcf``, scale, options, both engines."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import moebalance as mb
+from moebalance import RoutingProblem, Status, solve
+from moebalance.check import bias_reproduces, routing_dual_bound
+from moebalance.generate import routing_problem
+from moebalance.solvers import _fast_kernels as K
+from moebalance.solvers.routing_fast import fast_route
+
+from .catalogue import CATALOGUE, brute_force_routing
+
+IDS = [c[0] for c in CATALOGUE]
+
+
+def rel(a, b):
+    return abs(a - b) / max(1.0, abs(b))
+
+
+def assert_certified(problem, sol):
+    """Optimal, feasible, prices reproduce the assignment and their Lagrangian bound equals the objective."""
+    assert sol.status == Status.OPTIMAL, sol
+    assert sol.feasible and sol.stats["bias_reproduces"] == 1.0
+    assert np.all(sol.bias >= 0)
+    scale = max(1.0, float(np.abs(problem.scores).sum()))
+    assert abs(routing_dual_bound(problem, sol.bias) - sol.objective) <= 1e-9 * scale
+    assert sol.bound >= sol.objective - 1e-9 * scale
+    # complementary slackness: a priced expert is full
+    assert np.all(sol.loads[sol.bias > 0] == np.minimum(problem.capacity, problem.num_tokens)[sol.bias > 0])
+
+
+def test_registered_and_auto_default():
+    info = mb.method_info("routing", "fast")
+    assert info.exact and info.gives_bound
+    assert mb.method_info("routing", "auto").name == "fast"
+
+
+@pytest.mark.parametrize("name, problem, optimum", CATALOGUE, ids=IDS)
+def test_catalogue_reaches_brute_force_optimum(name, problem, optimum):
+    sol = solve(problem, "fast")
+    assert rel(sol.objective, optimum) < 1e-9
+    assert_certified(problem, sol)
+
+
+def _problem(seed, T, E, k, kind):
+    """Random instances, ties and degenerate capacities included."""
+    rng = np.random.default_rng(seed)
+    k = min(k, E)
+    if kind == "ties":
+        s = rng.integers(0, 3, size=(T, E)).astype(float)
+    elif kind == "equal":
+        s = np.ones((T, E))
+    else:
+        s = rng.normal(size=(T, E)) + 2 * rng.normal(size=E)
+    cap_kind = rng.integers(0, 4)
+    if cap_kind == 0:  # capacity exactly T*k/E where that is an integer, else its ceiling
+        return RoutingProblem(s, k, capacity_factor=1.0)
+    if cap_kind == 1:  # capacities above T
+        return RoutingProblem(s, k, capacity=rng.integers(T, 3 * T + 1, size=E))
+    cap = rng.integers(0, T + 1, size=E)  # zero capacities allowed; top up until feasible
+    cap[rng.integers(E)] = 0
+    while np.minimum(cap, T).sum() < T * k:
+        e = rng.integers(E)
+        cap[e] += cap[e] < T
+    if cap_kind == 3:  # tight: sum of capacities exactly T*k
+        while np.minimum(cap, T).sum() > T * k:
+            e = rng.integers(E)
+            if cap[e] > 0:
+                cap[e] -= 1
+    return RoutingProblem(s, k, capacity=cap)
+
+
+instances = st.builds(_problem, seed=st.integers(0, 2**31), T=st.integers(1, 40), E=st.integers(1, 9),
+                      k=st.integers(1, 5), kind=st.sampled_from(["normal", "ties", "equal"]))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=instances)
+def test_agrees_with_mcf(problem):
+    ref = solve(problem, "mcf")
+    sol = solve(problem, "fast")
+    assert rel(sol.objective, ref.objective) < 1e-7
+    assert_certified(problem, sol)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31), T=st.integers(1, 9), E=st.integers(1, 5))
+def test_matches_brute_force_on_tiny(seed, T, E):
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(1, E + 1))
+    per_token = math.comb(E, k)
+    if per_token > 1:
+        T = max(1, min(T, int(math.log(5000) / math.log(per_token))))
+    cap = rng.integers(0, T + 1, size=E)
+    while np.minimum(cap, T).sum() < T * k:
+        cap[rng.integers(E)] += 1
+    p = RoutingProblem(rng.random((T, E)).round(1), k, capacity=cap)  # rounding makes ties common
+    sol = solve(p, "fast")
+    assert rel(sol.objective, brute_force_routing(p)) < 1e-9
+    assert_certified(p, sol)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31), a_exp=st.floats(-12, 12), b=st.sampled_from([0.0, -3.0, 1e3, 1e6]))
+def test_scale_and_offset(seed, a_exp, b):
+    """Scores a*s + b: objective a*opt + b*T*k, status unchanged, bound valid, same prices up to a."""
+    p = routing_problem(60, 6, 2, kind="zipf", imbalance=1.5, seed=seed % 1000)
+    a = 10.0 ** a_exp
+    base = solve(p, "fast")
+    q = RoutingProblem(a * p.scores + b, p.k, capacity=p.capacity)
+    sol = solve(q, "fast")
+    assert sol.status == base.status == Status.OPTIMAL
+    T, k = p.num_tokens, p.k
+    # exact in real arithmetic; float64 rounding of a*s + b bounds the error
+    err = 1e-9 * (abs(a) * np.abs(p.scores).sum() + abs(b) * T * k)
+    assert abs(sol.objective - (a * base.objective + b * T * k)) <= err
+    assert sol.bound >= sol.objective - err
+    assert sol.stats["bias_reproduces"] == 1.0
+
+
+def test_skewed_medium_instances_agree_with_mcf():
+    for seed, (T, E, k) in enumerate([(2000, 16, 2), (1500, 64, 8), (3000, 32, 4)]):
+        p = routing_problem(T, E, k, kind="zipf", imbalance=1.0 + 0.5 * seed, seed=seed)
+        ref, sol = solve(p, "mcf"), solve(p, "fast")
+        assert rel(sol.objective, ref.objective) < 1e-9
+        assert_certified(p, sol)
+        assert sol.stats["augmentations"] >= 0 and sol.stats["rounds"] >= 1
+
+
+@pytest.mark.parametrize("opts", [dict(candidates=3, price_iterations=0, sweeps=0),  # infeasible candidates
+                                  dict(max_rounds=1, price_iterations=0, sweeps=0),  # straight to the full graph
+                                  dict(candidates=64, sweeps=50, price_iterations=10)])
+def test_every_path_of_the_driver_stays_exact(opts):
+    p = routing_problem(600, 16, 2, kind="zipf", imbalance=2.0, seed=3)
+    ref, sol = solve(p, "mcf"), solve(p, "fast", **opts)
+    assert rel(sol.objective, ref.objective) < 1e-9
+    assert_certified(p, sol)
+
+
+def test_python_engine_equals_compiled():
+    """Without numba the same loops run as Python: same optimum, certified."""
+    p = routing_problem(300, 12, 3, kind="zipf", imbalance=1.5, seed=4)
+    a1, q1, s1 = fast_route(p.scores, p.k, p.capacity, use_numba=True)
+    a2, q2, s2 = fast_route(p.scores, p.k, p.capacity, use_numba=False)
+    assert s2["engine"] == "python"
+    o1 = np.take_along_axis(p.scores, a1, 1).sum()
+    o2 = np.take_along_axis(p.scores, a2, 1).sum()
+    assert o1 == pytest.approx(o2, rel=1e-12)
+    assert routing_dual_bound(p, q2) == pytest.approx(o2, rel=1e-12)
+    assert bias_reproduces(p, a2, q2) == 1.0
+
+
+def test_without_numba_large_problems_go_to_the_flow(monkeypatch):
+    monkeypatch.setattr(K, "HAVE_NUMBA", False)
+    p = routing_problem(2000, 16, 2, kind="zipf", seed=1)
+    sol = solve(p, "fast")
+    assert sol.status == Status.OPTIMAL and "mcf" in sol.stats["engine"]
+    small = routing_problem(50, 6, 2, kind="zipf", seed=1)
+    assert solve(small, "fast").stats["engine"] == "python"
+
+
+def test_warm_start_from_previous_batch():
+    # two batches of one router: the same expert popularity, different tokens
+    s = routing_problem(6000, 32, 4, kind="zipf", imbalance=1.5, seed=10).scores
+    p1, p2 = RoutingProblem(s[:3000], 4), RoutingProblem(s[3000:], 4)
+    first = solve(p1, "fast")
+    cold = solve(p2, "fast", price_iterations=0, sweeps=0)
+    warm = solve(p2, "fast", warm_start=first.bias, price_iterations=0, sweeps=0)
+    assert warm.objective == pytest.approx(cold.objective, rel=1e-12)
+    assert_certified(p2, warm)
+    assert warm.stats["augmentations"] < cold.stats["augmentations"]
+
+
+def test_bad_options_raise_value_error_naming_them():
+    p = routing_problem(20, 4, 2, seed=0)
+    with pytest.raises(ValueError, match="warm_start"):
+        solve(p, "fast", warm_start=np.array([0.0, np.nan, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="warm_start"):
+        solve(p, "fast", warm_start=np.zeros(3))
+    for name, bad in (("price_iterations", -1), ("sweeps", 1.5), ("max_rounds", 0), ("candidates", 0)):
+        with pytest.raises(ValueError, match=name):
+            solve(p, "fast", **{name: bad})
+
+
+def test_time_limit_is_honest():
+    p = routing_problem(4000, 64, 8, kind="zipf", seed=0)
+    sol = solve(p, "fast", time_limit=1e-6)
+    assert sol.status in (Status.TIME_LIMIT, Status.OPTIMAL)
+    assert sol.bound is not None and sol.bound >= solve(p, "fast").objective - 1e-9
+
+
+def test_k_equals_e_and_single_token():
+    p = RoutingProblem(np.random.default_rng(0).random((5, 3)), 3)
+    assert_certified(p, solve(p, "fast"))
+    p = RoutingProblem([[0.2, 0.5, 0.3]], 2, capacity=[1, 0, 1])
+    sol = solve(p, "fast")
+    assert sol.assignment.tolist() == [[0, 2]]
+    assert_certified(p, sol)
+
+
+def test_a_broken_invariant_falls_back_to_the_flow(monkeypatch):
+    """If the finish ever failed (it cannot on a feasible problem), the answer would still be exact."""
+    from moebalance.solvers import routing_fast
+
+    def broken(*a, **kw):
+        return None, np.zeros(a[0].shape[1]), {"failed": "no augmenting path"}
+
+    monkeypatch.setattr(routing_fast, "fast_route", broken)
+    p = routing_problem(100, 8, 2, kind="zipf", seed=2)
+    sol = solve(p, "fast")
+    assert sol.status == Status.OPTIMAL and sol.stats["engine"] == "mcf (no augmenting path)"

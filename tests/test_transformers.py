@@ -1,0 +1,289 @@
+"""moebalance.integrations.transformers on tiny random models of the six architectures (CPU, no download)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from moebalance.integrations import transformers as mbt  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3")
+VOCAB = 256
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is ~10x faster than two contending ones on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def build(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(mbt.tiny_config(arch, vocab=VOCAB, **overrides)).float()
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # a pretrained-like correction, to test its sign
+                buf.copy_(torch.randn(buf.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    return model
+
+
+def skew(model: torch.nn.Module, shift: float = 2.0) -> None:
+    """Every token prefers experts 0 and 1: a shared direction v in the embeddings and routers leaning to it."""
+    emb = model.get_input_embeddings().weight
+    v = torch.randn(emb.shape[1], generator=torch.Generator().manual_seed(2))
+    v = v / v.norm()
+    with torch.no_grad():
+        emb.add_(v * emb.norm(dim=1).mean())
+        for _, _, router, _ in mbt._find_blocks(model):
+            router.weight.mul_(8.0)  # diverse tokens: router logits of std ~1 instead of ~0.1
+            router.weight[:2] += shift * v / router.weight.shape[1] ** 0.5
+
+
+def tokens(batch: int = 2, seq: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def run(model, ids):
+    """``(logits, {name: grad})`` of a fixed random projection of the logits."""
+    model.zero_grad(set_to_none=True)
+    logits = model(ids).logits
+    r = torch.randn(logits.shape, generator=torch.Generator().manual_seed(3))
+    (logits * r).sum().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5, what: str = "") -> None:
+    a, b = a.detach(), b.detach()
+    scale = max(float(b.abs().max()), 1e-30)
+    err = float((a - b).abs().max())
+    assert err <= rel * scale, f"{what}: max error {err:.3e} > {rel} * {scale:.3e}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_equal_to_unpatched_and_disable_restores(arch):
+    model = build(arch)
+    skew(model)
+    ids = tokens()
+    ref_logits, ref_grads = run(model, ids)
+    impl = model.get_experts_implementation()
+    assert mbt.enable(model) is model
+    assert model.config._experts_implementation == mbt.EXPERTS_IMPLEMENTATION
+    logits, grads = run(model, ids)
+    assert_close(logits, ref_logits, what=f"{arch} logits")
+    assert set(grads) == set(ref_grads)
+    for n in ref_grads:
+        assert_close(grads[n], ref_grads[n], what=f"{arch} grad {n}")
+    # load_stats: every layer routes T*k pairs; the loads are the router's own choices
+    T = ids.numel()
+    stats = mbt.load_stats(model)
+    blocks = mbt._find_blocks(model)
+    assert len(stats) == len(blocks) == 2
+    for s, (_, _, router, _) in zip(stats, blocks):
+        k, E = router.top_k, router.weight.shape[0]
+        assert s.tokens == T and s.top_k == k and s.loads.shape == (E,) and int(s.loads.sum()) == T * k
+        mean = T * k / E
+        assert s.max_vio == pytest.approx((s.loads.max() - mean) / mean)
+        assert s.balancedness == pytest.approx(mean / s.loads.max())
+    # the priced routing rule with a zero price (balancer "loss_free" in eval mode) is the model's own rule
+    mbt.disable(model)
+    mbt.enable(model, balancer="loss_free")
+    model.eval()
+    logits2, grads2 = run(model, ids)
+    assert_close(logits2, ref_logits, what=f"{arch} priced logits")
+    for n in ref_grads:
+        assert_close(grads2[n], ref_grads[n], what=f"{arch} priced grad {n}")
+    model.train()
+    mbt.disable(model)
+    assert model.get_experts_implementation() == impl
+    assert not mbt.is_enabled(model)
+    for _, _, router, experts in blocks:
+        assert "forward" not in router.__dict__ and not hasattr(router, "moebalance_bias")
+        assert not hasattr(experts, "_moebalance")
+    logits3, grads3 = run(model, ids)
+    assert torch.equal(logits3, ref_logits)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_training_from_skewed_router(arch):
+    """loss_free and bip lower MaxVio during a short fine-tune; with none it stays high."""
+    finals = {}
+    for balancer in ("none", "loss_free", "bip"):
+        model = build(arch)
+        skew(model)
+        mbt.enable(model, balancer=balancer, bias_update_rate=0.03)
+        first = mbt.biases(model)
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        curve = []
+        for step in range(20):
+            ids = tokens(8, 32, seed=step)
+            model(ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            curve.append(np.mean([s.max_vio for s in mbt.load_stats(model)]))
+        finals[balancer] = (curve[0], float(np.mean(curve[-5:])))
+        if balancer == "none":  # no price steps (DeepSeek's correction bias stays as loaded)
+            for b, b0 in zip(mbt.biases(model), first):
+                assert torch.equal(b, b0)
+    start = finals["none"][0]
+    assert start > 1.5, finals  # the skew works: the first batch is far from balanced
+    assert finals["none"][1] > 0.7 * start, finals
+    assert finals["loss_free"][1] < 0.75 * finals["none"][1], finals
+    assert finals["bip"][1] < 0.5 * finals["none"][1], finals
+
+
+def test_deepseek_bias_is_the_negated_price():
+    """DeepSeek-V3 adds e_score_correction_bias to the scores: the balancer's price q is its negation."""
+    model = build("deepseek_v3")
+    skew(model)
+    router = mbt._find_blocks(model)[0][2]
+    before = router.e_score_correction_bias.clone()
+    mbt.enable(model, balancer="loss_free", bias_update_rate=0.01)
+    assert torch.equal(mbt.biases(model)[0], -before)
+    model.train()
+    model(tokens())
+    loads = mbt.load_stats(model)[0].loads
+    step = np.sign(loads - loads.mean()) * 0.01  # the price of an overloaded expert rises...
+    np.testing.assert_allclose(mbt.biases(model)[0].numpy(), -before.numpy() + step, atol=1e-6)
+    # ...so its correction bias (added to the scores) falls; disable keeps the learned correction
+    np.testing.assert_allclose(router.e_score_correction_bias.numpy(), before.numpy() - step, atol=1e-6)
+    mbt.disable(model)
+    np.testing.assert_allclose(router.e_score_correction_bias.numpy(), before.numpy() - step, atol=1e-6)
+
+
+def test_bias_changes_choices_not_gates():
+    """A price moves tokens off expert 0; each kept pair's gate is the router's own score for that expert."""
+    model = build("qwen3_moe")
+    mbt.enable(model, balancer="loss_free")
+    model.eval()
+    block = mbt._state(model).blocks[0]
+    router = block.router
+    h = torch.randn(64, router.weight.shape[1], generator=torch.Generator().manual_seed(5))
+    _, _, idx0 = router(h)
+    block.set_price(torch.tensor([10.0] + [0.0] * 7))
+    _, gates, idx = router(h)
+    assert bool((idx0 == 0).any()) and not bool((idx == 0).any())
+    probs = torch.softmax(torch.nn.functional.linear(h, router.weight).float(), -1).gather(1, idx)
+    torch.testing.assert_close(gates, probs / probs.sum(-1, keepdim=True))
+
+
+def test_aux_loss_balancer_is_differentiable():
+    model = build("mixtral")
+    skew(model)
+    mbt.enable(model, balancer="aux_loss", aux_loss_coeff=0.1)
+    model.train()
+    model(tokens())
+    aux = mbt.aux_loss(model)
+    assert aux.requires_grad and float(aux.detach()) > 0
+    E = 8
+    # the Switch loss from its definition: coeff * E * sum_e f_e * P_e per layer
+    router = mbt._find_blocks(model)[0][2]
+    assert float(aux.detach()) == pytest.approx(sum(s.aux_loss for s in mbt.load_stats(model)), rel=1e-5)
+    s0 = mbt.load_stats(model)[0]
+    assert s0.aux_loss >= 0.1 * E * (1 / E) * 0.999  # f and P are distributions: the loss is >= coeff (uniform)
+    aux.backward()
+    assert router.weight.grad is not None and float(router.weight.grad.abs().sum()) > 0
+
+
+def test_from_config_experts_implementation_and_recorder(tmp_path):
+    """`experts_implementation="moebalance"` is a registered transformers option; the recorder's trace reads back."""
+    cfg = mbt.tiny_config("olmoe", vocab=VOCAB)
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_config(cfg)
+    torch.manual_seed(0)
+    ours = AutoModelForCausalLM.from_config(cfg, experts_implementation="moebalance")
+    assert ours.config._experts_implementation == "moebalance"
+    ids = tokens()
+    assert_close(ours(ids).logits, plain(ids).logits, what="from_config(experts_implementation=moebalance)")
+    mbt.enable(plain, balancer="bip")
+    plain.train()
+    with mbt.LoadRecorder(plain) as rec:
+        for step in range(3):
+            plain(tokens(2, 8 + step, seed=step))
+            assert rec.steps == step + 1
+            np.testing.assert_array_equal(rec.trace().loads[-1], np.stack([s.loads for s in mbt.load_stats(plain)]))
+    plain(ids)  # closed: not recorded
+    for suffix in (".npz", ".json"):
+        path = rec.save(tmp_path / f"trace{suffix}")
+        tr = mbt.read_trace(path)
+        assert tr.shape == (3, 2, 8) and tr.top_k == 2 and tr.model_type == "olmoe"
+        assert tr.tokens.tolist() == [16, 18, 20]
+        assert (tr.loads.sum(axis=2) == 2 * tr.tokens[:, None]).all()
+        problem = tr.placement_problem(step=1, layer=0, num_devices=2)
+        np.testing.assert_array_equal(problem.expert_loads, tr.loads[1, 0])
+        assert tr.window(1).shape == (2, 2, 8)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"kind": "routing", "loads": []}')
+    with pytest.raises(ValueError, match="expert-load trace"):
+        mbt.read_trace(bad)
+
+
+class _MyMoEBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = torch.nn.Linear(8, 4)
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(4))
+
+
+def test_unsupported_models_get_clear_errors():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dense = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(ValueError, match="LlamaForCausalLM.*no module with an `experts` child"):
+        mbt.enable(dense)
+    holder = torch.nn.Sequential(_MyMoEBlock())
+    with pytest.raises(ValueError, match="_MyMoEBlock"):
+        mbt.enable(holder)
+    with pytest.raises(ValueError, match="torch.nn.Module"):
+        mbt.enable("mixtral")
+
+
+def test_bad_arguments_are_refused_before_any_change(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the kernel tests turn the interpreter on in this process
+    model = build("mixtral")
+    cases = [({"balancer": "magic"}, "`balancer`"), ({"backend": "cuda"}, "`backend`"),
+             ({"expert_parallel": 1}, "`expert_parallel`"), ({"placement": "llep"}, "expert_parallel=True"),
+             ({"bias_update_rate": float("nan")}, "`bias_update_rate`"), ({"min_chunk": 4}, "unknown option"),
+             ({"aux_loss_coeff": -1.0}, "`aux_loss_coeff`"), ({"bip_iterations": 0}, "`bip_iterations`"),
+             ({"expert_parallel": True}, "torch.distributed"), ({"backend": "triton"}, "`backend`")]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            mbt.enable(model, **kwargs)
+        assert not mbt.is_enabled(model) and model.config._experts_implementation != "moebalance"
+    with pytest.raises(ValueError, match="not enabled"):
+        mbt.load_stats(model)
+    mbt.enable(model)
+    with pytest.raises(ValueError, match="already enabled"):
+        mbt.enable(model)
+    with pytest.raises(ValueError, match="`model_type`"):
+        mbt.tiny_config("llama")
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
+def test_gradient_checkpointing_recomputes_with_the_forwards_price(arch):
+    ids = tokens(4, 16)
+    grads, prices = [], []
+    for checkpointing in (False, True):
+        model = build(arch)
+        skew(model)
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        mbt.enable(model, balancer="loss_free", bias_update_rate=0.05)
+        model.train()
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        prices.append(mbt.biases(model))
+    for a, b in zip(*prices):  # the balancer stepped once, not twice
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert set(grads[0]) == set(grads[1])
+    for n in grads[0]:
+        assert_close(grads[1][n], grads[0][n], what=f"{arch} grad {n} with checkpointing")
