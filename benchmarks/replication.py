@@ -273,7 +273,8 @@ def table(res: dict) -> str:
         lines.append(f"| {R} | {g['median_layer_gap_eplb']:.3%} | {g['median_layer_gap_eplbp']:.3%} | "
                      f"{g['max_layer_gap_eplb']:.3%} | {g['max_layer_gap_eplbp']:.3%} | {g['eplbp_never_worse']} | "
                      f"{g['eplb_time_median'] * 1e3:.1f} ms | {g['eplbp_time_median'] * 1e3:.0f} ms |")
-    lines += ["", "| policy, slots | reference transcription | eplb | speed-up | identical | eplb+ |", "|---|---|---|---|---|---|"]
+    lines += ["", "| policy, slots | reference transcription | eplb | speed-up | identical | eplb+ |",
+              "|---|---|---|---|---|---|"]
     for k, v in res["timing"].items():
         lines.append(f"| {k} | {v['reference_s'] * 1e3:.0f} ms | {v['eplb_s'] * 1e3:.1f} ms | {v['speedup']:.0f}x | "
                      f"{v['identical']} | {v['eplb_plus_s'] * 1e3:.0f} ms |")
@@ -296,7 +297,8 @@ def table(res: dict) -> str:
     lm = res["lp_milp"]
     lines += ["", f"LP ({lm['lp']['run']}, 288 slots): bound {lm['lp']['bound']:.6g} (LP alone "
                   f"{lm['lp']['lp_only']:.6g}, combinatorial {lm['lp']['combinatorial']:.6g}), "
-                  f"{lm['lp']['wall_time']:.1f} s", "", "| layer | milp status | milp gap | milp objective | milp bound | "
+                  f"{lm['lp']['wall_time']:.1f} s", "",
+              "| layer | milp status | milp gap | milp objective | milp bound | "
               "eplb+ | combinatorial bound | time |", "|---|---|---|---|---|---|---|---|"]
     for r in lm["milp"]:
         gap = "n/a" if r["gap"] is None else f"{r['gap']:.3%}"

@@ -72,7 +72,8 @@ def replicate_rows(weight: np.ndarray, num_phy: int) -> tuple[np.ndarray, np.nda
     return phy2log, rank, logcnt
 
 
-def pack_rows(weight: np.ndarray, num_packs: int, capacity: Any = None, initial: Any = None) -> tuple[np.ndarray, np.ndarray]:
+def pack_rows(weight: np.ndarray, num_packs: int, capacity: Any = None,
+              initial: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """EPLB's ``balanced_packing`` on every row of ``weight [N, n]``: ``(pack [N, n], rank_in_pack [N, n])``.
 
     Items, heaviest first (stable on ties), go to the lightest pack with room (lowest id on ties).
@@ -114,7 +115,8 @@ def _inverse(perm: np.ndarray) -> np.ndarray:
     return inv
 
 
-def replicate_to_target(weight: np.ndarray, num_phy: int, target: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def replicate_to_target(weight: np.ndarray, num_phy: int,
+                        target: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Like :func:`replicate_rows`, but each expert first gets ``ceil(w / target)`` replicas (``target [N]``
     per row; rows where that needs more than ``num_phy`` slots fall back to EPLB's counts), and the slots
     left go greedily to the most load per replica. Slots list each expert's replicas together."""

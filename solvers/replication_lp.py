@@ -6,8 +6,8 @@ The relaxation keeps what no GPU-level symmetry can blur: every expert picks a m
 largest GPU load is at least the mean GPU load and at least each expert's load per replica
 (``T_b >= sum_k w[b, e] / k z[e, k]``). Counts range as in the MILP (``k_lo .. k_lo + slack`` from the
 objective of EPLB's plan). One sparse LP holds every layer. Its plan is EPLB's (the method exists for its
-bound; the shared check adds the combinatorial bound, so the reported bound is the larger of the two). Under a move budget the plan is
-the old one; the bound ignores the budget (still valid, as a relaxation).
+bound; the shared check adds the combinatorial bound, so the reported bound is the larger of the two).
+Under a move budget the plan is the old one; the bound ignores the budget (still valid, as a relaxation).
 """
 
 from __future__ import annotations
