@@ -40,11 +40,17 @@ __all__ = [
     "compare",
     "Comparison",
     "simulate",
+    "ReplicationProblem",
+    "ReplicationSolution",
+    "rebalance_experts",
     "__version__",
 ]
 
 # names defined in modules that later issues add; resolved on first use
 _LAZY = {
+    "ReplicationProblem": ("moebalance.replication", "ReplicationProblem"),
+    "ReplicationSolution": ("moebalance.replication", "ReplicationSolution"),
+    "rebalance_experts": ("moebalance.replication", "rebalance_experts"),
     "PlacementProblem": ("moebalance.placement", "PlacementProblem"),
     "CostModel": ("moebalance.placement", "CostModel"),
     "simulate": ("moebalance.evaluation.simulate", "simulate"),  # the function; moebalance/simulate.py is no module

@@ -18,7 +18,6 @@ replication idea without the re-layout.
 
 from __future__ import annotations
 
-import heapq
 from typing import Any
 
 import numpy as np
@@ -26,44 +25,29 @@ import numpy as np
 from moebalance.registry import register
 from moebalance.solution import PlacementSolution, Status
 
+from .replication_eplb import pack_rows, replicate_rows
+
 __all__ = ["replicate", "balanced_packing", "pack_to_device", "eplb_assignment", "solve_eplb", "solve_eplb_home"]
 
 
 def replicate(loads: Any, num_replicas: int) -> np.ndarray:
-    """``[E]`` number of copies per expert: one each, then greedily to the highest load per copy."""
+    """``[E]`` number of copies per expert: one each, then greedily to the highest load per copy (ties: lower
+    expert id); the vectorised routine of ``replication_eplb`` in float64."""
     w = np.asarray(loads, dtype=np.float64)
-    E = w.shape[0]
-    counts = [1] * E
-    heap = [(-w[e], e) for e in range(E)]
-    heapq.heapify(heap)
-    for _ in range(num_replicas - E):
-        _, e = heapq.heappop(heap)
-        counts[e] += 1
-        heapq.heappush(heap, (-w[e] / counts[e], e))
-    return np.asarray(counts, dtype=np.int64)
+    return replicate_rows(w[None, :], int(num_replicas))[2][0]
 
 
 def balanced_packing(weights: Any, num_packs: int, capacity: Any = None, initial: Any = None) -> np.ndarray:
     """``[N]`` pack of each item: heaviest first onto the lightest pack with room (ties: lower pack id).
 
     ``capacity`` ``[num_packs]`` items per pack (default ``N / num_packs`` each); ``initial`` ``[num_packs]``
-    load already in each pack (default 0).
+    load already in each pack (default 0). The vectorised routine of ``replication_eplb`` in float64.
     """
     w = np.asarray(weights, dtype=np.float64)
     N = w.shape[0]
-    cap = [N // num_packs] * num_packs if capacity is None else [int(c) for c in capacity]
-    start = [0.0] * num_packs if initial is None else [float(v) for v in initial]
-    pack = np.empty(N, dtype=np.int64)
-    heap = [(start[p], p) for p in range(num_packs) if cap[p] > 0]  # full packs leave the heap
-    heapq.heapify(heap)
-    count = [0] * num_packs
-    for i in np.argsort(-w, kind="stable").tolist():
-        load, p = heapq.heappop(heap)
-        pack[i] = p
-        count[p] += 1
-        if count[p] < cap[p]:
-            heapq.heappush(heap, (load + w[i], p))
-    return pack
+    cap = np.full(num_packs, N // num_packs, dtype=np.int64) if capacity is None else np.asarray(capacity)
+    init = None if initial is None else np.asarray(initial, dtype=np.float64)[None, :]
+    return pack_rows(w[None, :], num_packs, capacity=cap, initial=init)[0][0]
 
 
 def pack_to_device(pack: np.ndarray, home_of_copy: np.ndarray, num_devices: int) -> np.ndarray:

@@ -1,0 +1,149 @@
+"""``lp``: a lower bound from a linear relaxation (scipy's HiGHS), and ``dispatch``: the best per-batch split
+of each expert's tokens over its replicas (the problem SGLang's LPLB solves per batch), an exact LP.
+
+The relaxation keeps what no GPU-level symmetry can blur: every expert picks a mix of replica counts
+(``z[e, k] >= 0``, ``sum_k z = 1``), the counts use the ``R`` slots (``sum k z <= R``), and in every batch the
+largest GPU load is at least the mean GPU load and at least each expert's load per replica
+(``T_b >= sum_k w[b, e] / k z[e, k]``). Counts range as in the MILP (``k_lo .. k_lo + slack`` from the
+objective of EPLB's plan). One sparse LP holds every layer. Its plan is EPLB's (the method exists for its
+bound; the shared check adds the combinatorial bound, so the reported bound is the larger of the two).
+Under a move budget the plan is the old one; the bound ignores the budget (still valid, as a relaxation).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from moebalance.registry import register
+from moebalance.replication import ReplicationProblem, ReplicationSolution, gpu_loads
+from moebalance.solution import Status
+
+from .replication_eplb import eplb_for
+
+__all__ = ["solve_lp", "relaxation_bound", "dispatch"]
+
+
+def relaxation_bound(problem: ReplicationProblem, upper: np.ndarray, time_limit: float | None = None
+                     ) -> tuple[np.ndarray | None, str]:
+    """``[L]`` LP bound per layer (None if HiGHS did not finish) and HiGHS's message."""
+    from scipy.optimize import linprog
+
+    B, L, E = problem.shape
+    R, G = problem.num_replicas, problem.num_gpus
+    blocks, lo_rows, hi_rows, cs, lbs = [], [], [], [], []
+    for l in range(L):
+        w = problem.weight[:, l, :]
+        scale = float(w.sum(axis=1).mean() / G) or 1.0
+        wn = w / scale
+        klo = np.maximum(1, np.ceil(wn.mean(axis=0) / (upper[l] / scale) * (1 - 1e-12) - 1e-12)).astype(np.int64)
+        slack = max(0, R - int(klo.sum()))
+        e_of = np.repeat(np.arange(E), slack + 1)
+        k_of = (klo[:, None] + np.arange(slack + 1)).ravel()
+        nz = e_of.size
+        rows = [e_of, np.full(nz, E)]
+        cols = [np.arange(nz), np.arange(nz)]
+        vals = [np.ones(nz), k_of.astype(np.float64)]
+        # T_b - sum_k w/k z >= 0 for every (b, e)
+        for b in range(B):
+            r0 = E + 1 + b * E
+            rows += [r0 + e_of, r0 + np.arange(E)]
+            cols += [np.arange(nz), np.full(E, nz + b)]
+            vals += [-(wn[b, e_of] / k_of), np.ones(E)]
+        A = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                          shape=(E + 1 + B * E, nz + B))
+        blocks.append(A)
+        lo_rows.append(np.concatenate([np.ones(E), [-np.inf], np.zeros(B * E)]))
+        hi_rows.append(np.concatenate([np.ones(E), [float(R)], np.full(B * E, np.inf)]))
+        cs.append(np.concatenate([np.zeros(nz), np.full(B, scale / B)]))
+        lbs.append(np.concatenate([np.zeros(nz), wn.sum(axis=1) / G]))
+    A = sp.block_diag(blocks, format="csr")
+    lo, hi = np.concatenate(lo_rows), np.concatenate(hi_rows)
+    c = np.concatenate(cs)
+    lb = np.concatenate(lbs)
+    eq = lo == hi
+    ub_rows = ~eq
+    # linprog form: A_ub x <= b_ub (both sides as needed), A_eq x = b_eq
+    fin_hi = ub_rows & np.isfinite(hi)
+    fin_lo = ub_rows & np.isfinite(lo)
+    A_ub = sp.vstack([A[fin_hi], -A[fin_lo]], format="csr")
+    b_ub = np.concatenate([hi[fin_hi], -lo[fin_lo]])
+    opts: dict[str, Any] = {"presolve": True}
+    if time_limit is not None:
+        opts["time_limit"] = float(time_limit)
+    res = linprog(c, A_ub=A_ub, b_ub=b_ub, A_eq=A[eq], b_eq=lo[eq], bounds=np.stack([lb, np.full_like(lb, np.inf)], 1),
+                  method="highs", options=opts)
+    if res.status != 0:
+        return None, res.message
+    # a valid bound needs the dual side; HiGHS's optimum is exact up to its tolerance (1e-7 of O(1) numbers)
+    per_layer = []
+    off = 0
+    for A_l, c_l in zip(blocks, cs):
+        n = A_l.shape[1]
+        per_layer.append(float(c_l @ res.x[off:off + n]))
+        off += n
+    return np.array(per_layer) * (1 - 1e-7), res.message
+
+
+@register(ReplicationProblem, "lp", gives_bound=True, supports_time_limit=True, backends=("scipy",),
+          description="linear relaxation (scipy HiGHS): a lower bound; the plan is EPLB's")
+def solve_lp(problem: ReplicationProblem, *, time_limit: float | None = None) -> ReplicationSolution:
+    """LP bound; the returned plan is EPLB's (the old plan under a move budget, which it always meets)."""
+    plan, log2phy = eplb_for(problem)
+    if problem.max_moves is not None:
+        plan, log2phy = np.array(problem.old_phy2log), None
+    upper = gpu_loads(problem.weight, plan, problem.num_gpus).max(axis=2).mean(axis=0)
+    bound, msg = relaxation_bound(problem, upper, time_limit)
+    if bound is None:
+        status = Status.TIME_LIMIT if time_limit is not None and "time" in str(msg).lower() else Status.ERROR
+        return ReplicationSolution(method="lp", status=status, assignment=plan, log2phy=log2phy,
+                                   message=f"HiGHS: {msg}; plan from EPLB")
+    return ReplicationSolution(method="lp", status=Status.FEASIBLE, assignment=plan, log2phy=log2phy,
+                               bound=float(bound.sum()), stats={"lp_layer_bounds": bound.tolist()},
+                               message="LP relaxation bound (HiGHS); plan from EPLB")
+
+
+def dispatch(weight: Any, phy2log: Any, num_gpus: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Best split of each expert's tokens over its replicas for one batch.
+
+    Args:
+      weight: ``[L, E]`` tokens per expert in this batch.
+      phy2log: ``[L, R]`` the placement in force.
+      num_gpus: G (slot j on GPU j // (R / G)).
+
+    Returns ``(share [L, R]`` tokens each slot computes (summing to ``weight`` per expert), ``gpu_loads [L, G]``,
+    ``max_load [L]``): per layer the LP ``min T s.t. sum_{j of e} x_j = w_e, sum_{j on g} x_j <= T, x >= 0``,
+    solved exactly by HiGHS (fractional tokens; rounding moves any GPU by less than one token per slot).
+    """
+    from scipy.optimize import linprog
+
+    w = np.asarray(weight, dtype=np.float64)
+    a = np.asarray(phy2log, dtype=np.int64)
+    L, R = a.shape
+    E = w.shape[1]
+    G = int(num_gpus)
+    S = R // G
+    share = np.zeros((L, R))
+    for l in range(L):
+        scale = float(w[l].sum() / G) or 1.0
+        wn = w[l] / scale
+        # columns: x_j (R), T
+        A_eq = sp.csr_matrix((np.ones(R), (a[l], np.arange(R))), shape=(E, R + 1))
+        rows = np.arange(R) // S
+        A_ub = sp.hstack([sp.csr_matrix((np.ones(R), (rows, np.arange(R))), shape=(G, R)),
+                          -np.ones((G, 1))], format="csr")
+        c = np.zeros(R + 1)
+        c[-1] = 1.0
+        res = linprog(c, A_ub=A_ub, b_ub=np.zeros(G), A_eq=A_eq, b_eq=wn, bounds=(0, None), method="highs")
+        if res.status != 0:
+            raise RuntimeError(f"HiGHS failed on the dispatch LP of layer {l}: {res.message}")
+        x = np.clip(res.x[:R], 0, None)
+        # exact row sums (solver tolerance): rescale per expert
+        tot = np.bincount(a[l], weights=x, minlength=E)
+        x = np.where(tot[a[l]] > 0, x * wn[a[l]] / np.where(tot[a[l]] > 0, tot[a[l]], 1), wn[a[l]] /
+                     np.bincount(a[l], minlength=E)[a[l]])
+        share[l] = x * scale
+    loads = share.reshape(L, G, S).sum(axis=2)
+    return share, loads, loads.max(axis=1)
