@@ -13,7 +13,7 @@ import moebalance as mb
 from moebalance import InfeasibleError, Status
 from moebalance.replication import ReplicationProblem, count_moves, gpu_loads, layer_bounds
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = [600, 560, 120, 120, 20, 10, 10, 10]
 
 
@@ -39,7 +39,7 @@ def test_published_example_eplb_232_and_optimum_196_67():
     m = mb.solve(p, "milp", time_limit=60)
     assert m.status == Status.OPTIMAL
     assert m.objective == pytest.approx(590 / 3)
-    # (tests/test_placement_solvers.py brute-forces the same optimum over all replica counts)
+    # (tests/solvers/test_placement_solvers.py brute-forces the same optimum over all replica counts)
 
 
 def test_deepseek_readme_example():
