@@ -241,6 +241,8 @@ class TokenRanges(Mapping):
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
+        if self.expert.shape[0] <= 32:  # small: the mapping itself
+            return f"TokenRanges({dict(self.items())})"
         return f"TokenRanges({len(self)} experts, {self.expert.shape[0]} ranges)"
 
 
