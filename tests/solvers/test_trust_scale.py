@@ -21,7 +21,7 @@ import moebalance as mb
 from moebalance import CostModel, PlacementProblem, RoutingProblem, Status
 
 from ..catalogue import brute_force_routing
-from .test_placement_solvers import brute_force as brute_force_placement
+from ..catalogue_placement import brute_force_placement
 
 # the fuzz profile's example count; a small derandomized set otherwise (CI)
 EXAMPLES = settings.default.max_examples if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz" else 12

@@ -166,7 +166,7 @@ def test_placement_adapter_steps_build_run_to_solution():
     from moebalance.solvers import placement_lp, placement_milp
     from moebalance.solvers._placement_model import build_model
 
-    from .test_placement_solvers import brute_force
+    from ..catalogue_placement import brute_force_placement as brute_force
 
     p = PlacementProblem([5, 1, 1, 0, 2, 0], 3, cost=CostModel(1, 2, 3, 0), min_chunk=1)
     opt = brute_force(p)
