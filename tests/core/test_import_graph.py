@@ -21,12 +21,14 @@ def _modules():
     return mods
 
 
-def _edges(mods):
+def _edges(mods, *, toplevel_only=False):
+    """``{module: modules it imports}``; with ``toplevel_only`` only imports at module level (the ones that
+    run at import time and so can make a cycle), else every import, function-level ones included."""
     graph = {m: set() for m in mods}
     for name, (path, is_pkg) in mods.items():
         tree = ast.parse(path.read_text())
         package = name if is_pkg else name.rpartition(".")[0]
-        for node in ast.walk(tree):
+        for node in (tree.body if toplevel_only else ast.walk(tree)):
             targets = []
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
@@ -37,32 +39,7 @@ def _edges(mods):
                     up = up[: len(up) - node.level + 1]
                     base = ".".join(up + ([base] if base else []))
                 targets = [base] + [f"{base}.{a.name}" for a in node.names]
-            for t in targets:
-                if t in mods and t != name:
-                    # only imports at module level make cycles at import time
-                    graph[name].add(t)
-    return graph
-
-
-def _toplevel_edges(mods):
-    graph = {m: set() for m in mods}
-    for name, (path, is_pkg) in mods.items():
-        tree = ast.parse(path.read_text())
-        package = name if is_pkg else name.rpartition(".")[0]
-        for node in tree.body:
-            targets = []
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    up = package.split(".")
-                    up = up[: len(up) - node.level + 1]
-                    base = ".".join(up + ([base] if base else []))
-                targets = [base] + [f"{base}.{a.name}" for a in node.names]
-            for t in targets:
-                if t in mods and t != name:
-                    graph[name].add(t)
+            graph[name].update(t for t in targets if t in mods and t != name)
     return graph
 
 
@@ -93,7 +70,7 @@ def _find_cycle(graph):
 
 def test_no_import_cycle_at_module_level():
     mods = _modules()
-    g = _toplevel_edges(mods)
+    g = _edges(mods, toplevel_only=True)
     # a package importing its own submodules is not a cycle through them
     for name in g:
         g[name] = {t for t in g[name] if not t.startswith(name + ".")}
@@ -133,3 +110,11 @@ def test_no_module_doubles_as_a_function():
     for mod in pkgutil.iter_modules(moebalance.__path__):
         if mod.name in moebalance.__all__:
             assert isinstance(getattr(moebalance, mod.name), types.ModuleType), mod.name
+
+
+def test_the_cycle_finder_finds_cycles():
+    # the walk above is only meaningful if it would catch one
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _find_cycle({"a": {"b"}, "b": set()}) is None
+    g = _edges(_modules(), toplevel_only=True)
+    assert "moebalance.solution" in g["moebalance.registry"]  # the graph is really read
