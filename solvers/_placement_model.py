@@ -97,6 +97,14 @@ def build_model(problem: Any, upper: float | None = None) -> PlacementModel:
                           None if upper is None else float(upper))
 
 
+def normalised_costs(cost: Any) -> tuple[float, float, float, float]:
+    """``(token_time, gemm_time, weight_time, token_transfer_time)`` divided by :func:`time_unit` and rounded to
+    12 significant digits: bit-identical at every scale of the cost model."""
+    unit = time_unit(cost)
+    return tuple(float(f"{v / unit:.12g}") for v in (cost.token_time, cost.gemm_time, cost.weight_time,
+                                                      cost.token_transfer_time))  # type: ignore[return-value]
+
+
 def normalised_problem(problem: Any) -> Any:
     """``problem`` with every cost divided by :func:`time_unit` and rounded to 12 significant digits: the same
     plans and constraints, makespans divided by the unit (to within 1e-12). The rounding makes the costs

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from moebalance.registry import register
+from moebalance.solvers._placement_model import normalised_costs
 from moebalance.solution import PlacementSolution, Status
 
 from .placement_llep import LLEPPlanner
@@ -42,8 +43,9 @@ def improve_plan(problem: Any, assignment: Any, *, max_moves: int | None = None,
     E, P = problem.shape
     home_arr = problem.home
     home = home_arr.tolist()
-    c = problem.cost
-    tt, gt, wt, tr = c.token_time, c.gemm_time, c.weight_time, c.token_transfer_time
+    # the search compares sums of costs: it runs on the costs in their own unit, rounded to 12 significant
+    # digits, so the same moves are made at every scale of the cost model (a last-bit difference flips ties)
+    tt, gt, wt, tr = normalised_costs(problem.cost)
     C = problem.max_tokens_per_device
     F = problem.max_foreign_experts
     if max_moves is None:

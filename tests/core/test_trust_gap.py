@@ -40,7 +40,12 @@ def test_gap_uses_the_larger_magnitude_and_the_floor():
     assert math.isfinite(relative_gap(1e-300, 0.0, 0.0))
 
 
-@given(st.floats(-1e6, 1e6), st.floats(-1e6, 1e6), st.floats(1e-12, 1e12))
+def _value():
+    # magnitudes where floats scale exactly: the floor never drops below the smallest normal float
+    return st.one_of(st.just(0.0), st.floats(1e-200, 1e6), st.floats(-1e6, -1e-200))
+
+
+@given(_value(), _value(), st.floats(1e-12, 1e12))
 def test_gap_is_scale_free(b, o, a):
     g = relative_gap(b, o, abs(b) + abs(o))
     ga = relative_gap(a * b, a * o, a * (abs(b) + abs(o)))
