@@ -32,11 +32,25 @@ __all__ = ["solve_dual", "price_iteration", "repair"]
 OVERFLOW_TO_CHECK = 0.01  # repair and check the gap once at most this share of the T*k slots overflows
 
 
-def repair(scores: np.ndarray, k: int, capacity: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, int, int]:
-    """Top-k of ``scores - q`` [T, E] made feasible; returns ``(chosen [T, E] bool, slots repaired, unplaced)``."""
-    T, E = scores.shape
+# reduced scores are compared on a grid of 2**-36 of the largest |score|: values a last bit apart (equal in exact
+# arithmetic) are equal, so ties break the same way (by expert order) at every scale and offset of the scores
+_GRID = 2.0 ** -36
+
+
+def reduced_key(scores: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """``[T, E]`` float64 integers ordering ``scores - q`` as exact arithmetic would, up to 2**-36 relative."""
+    unit = _GRID * float(np.abs(scores).max(initial=0.0) + np.abs(q).max(initial=0.0))
     red = scores - q
-    idx = np.argpartition(-red, k - 1, axis=1)[:, :k]
+    return np.rint(red / unit) if unit > 0 else red
+
+
+def repair(scores: np.ndarray, k: int, capacity: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """Top-k of ``scores - q`` [T, E] made feasible; returns ``(chosen [T, E] bool, slots repaired, unplaced)``.
+
+    The reduced scores are compared through :func:`reduced_key` (scale free; exact ties to the lower expert)."""
+    T, E = scores.shape
+    red = reduced_key(scores, q)
+    idx = np.argsort(-red, axis=1, kind="stable")[:, :k]
     chosen = np.zeros((T, E), dtype=bool)
     np.put_along_axis(chosen, idx, True, axis=1)
     loads = chosen.sum(axis=0)
@@ -88,7 +102,8 @@ def solve_dual(problem, *, time_limit=None, iterations=50, gap_tol=1e-3,
         bound = dual_bound(s, k, cap, q)
         if best is None and done < iterations and not fixed:
             # repairing a far-off top-k is slow and futile: check only once the overflow is small
-            over = np.bincount(np.argpartition(s - q, E - k, axis=1)[:, E - k:].ravel(), minlength=E) - cap
+            top = np.argsort(-reduced_key(s, q), axis=1, kind="stable")[:, :k]
+            over = np.bincount(top.ravel(), minlength=E) - cap
             if over.clip(0).sum() > OVERFLOW_TO_CHECK * T * k:
                 nxt = min(iterations, 2 * nxt)
                 continue

@@ -89,6 +89,7 @@ def price_iteration(scores: Any, k: int, capacity: Any, iterations: int, q: Any 
         return np.zeros(E), 0
     done = 0
     sT = np.ascontiguousarray(s.T)  # [E, T]: the column step partitions rows of it
+    smax = float(np.abs(s).max(initial=0.0))
     buf = np.empty_like(s)
     bufT = np.empty_like(sT)
     for _ in range(iterations):
@@ -98,7 +99,8 @@ def price_iteration(scores: Any, k: int, capacity: Any, iterations: int, q: Any 
         np.subtract(sT, p[None, :], out=bufT)
         q_new = np.maximum(_row_kth_largest(bufT, cap), 0.0)
         done += 1
-        fixed = np.array_equal(q_new, q)
+        # a fixed point up to rounding (relative to the scores' magnitude), the same at every scale
+        fixed = bool(np.abs(q_new - q).max(initial=0.0) <= 8 * np.finfo(np.float64).eps * smax)
         q = q_new
         if (stop_when_fixed and fixed) or (deadline is not None and time.perf_counter() > deadline):
             break
