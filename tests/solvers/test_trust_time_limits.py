@@ -85,14 +85,17 @@ def test_placement_time_limit_covers_model_building(big_placement, method):
     assert sol.assignment is None or sol.feasible, sol
 
 
-def test_keyboard_interrupt_kills_the_child_process(monkeypatch, big_routing):
-    """A KeyboardInterrupt while a child process solves propagates and leaves no child behind."""
+@pytest.mark.parametrize("mode", ["fork", "spawn"])
+def test_keyboard_interrupt_kills_the_child_process(monkeypatch, big_routing, mode):
+    """A KeyboardInterrupt while a child process solves propagates and leaves no child behind (a forked child
+    on Linux, a fresh interpreter with MOEBALANCE_ISOLATE=spawn)."""
     import subprocess
 
     from moebalance.solvers import _isolate
 
+    monkeypatch.setenv("MOEBALANCE_ISOLATE", mode)
     seen = []
-    real = subprocess.Popen
+    real = _isolate._Forked if mode == "fork" else subprocess.Popen
 
     class Spy(real):  # type: ignore[misc, valid-type]
         def wait(self, timeout=None):
@@ -101,7 +104,21 @@ def test_keyboard_interrupt_kills_the_child_process(monkeypatch, big_routing):
                 raise KeyboardInterrupt
             return super().wait(timeout)
 
-    monkeypatch.setattr(_isolate.subprocess, "Popen", Spy)
+    monkeypatch.setattr(_isolate, "_Forked", Spy) if mode == "fork" else \
+        monkeypatch.setattr(_isolate.subprocess, "Popen", Spy)
     with pytest.raises(KeyboardInterrupt):
         mb.solve(big_routing, "lp", time_limit=5)
     assert seen and all(p.poll() is not None for p in seen)
+
+
+@pytest.mark.parametrize("mode", ["fork", "spawn"])
+def test_a_failing_child_is_an_error_naming_the_cause(monkeypatch, mode):
+    import time
+
+    from moebalance.solvers import _isolate
+
+    monkeypatch.setenv("MOEBALANCE_ISOLATE", mode)
+    with pytest.raises(RuntimeError, match="exited with code 1: TypeError"):
+        # json.loads(data, params) with two dicts: a TypeError inside the child
+        _isolate.run_bounded("json:loads", {"x": np.zeros(3)}, {}, time_limit=5, start=time.perf_counter(),
+                             cells=10**6)
