@@ -71,129 +71,270 @@ def _select(a, n, kth):
     return a[kth]
 
 
-def _kth_largest_small(a, n, kk, buf):
-    """The kk-th largest of ``a[:n]`` (kk <= n), with ``buf`` (>= kk long) as a descending insertion buffer:
-    much faster than quickselect for the short candidate rows."""
+def _kth_smallest_small(a, n, r, buf):
+    """The r-th smallest (1-based, r <= n) of ``a[:n]`` with ``buf`` (>= r long) as an ascending insertion
+    buffer: for the auction's late steps, which evict only a few tokens."""
     nb = 0
     for i in range(n):
         v = a[i]
-        if nb < kk:
+        if nb < r:
             j = nb
             nb += 1
-        elif v > buf[kk - 1]:
-            j = kk - 1
+        elif v < buf[r - 1]:
+            j = r - 1
+        else:
+            continue
+        while j > 0 and buf[j - 1] > v:
+            buf[j] = buf[j - 1]
+            j -= 1
+        buf[j] = v
+    return buf[r - 1]
+
+
+def prepare(scores, q, k, M, s, sel, held, lst, lstv, nl, bound):
+    """One pass over ``scores`` [T, E]: ``s`` = scores minus each row's maximum; ``sel[t]`` = a top-k of
+    ``s[t] - q`` (``held[t]`` its membership); ``lst[t, :nl[t]]`` = the next M experts (never a held one) with
+    their scores ``lstv``; ``bound[t]`` = the (k+M+1)-th value of the row (-inf when it has no more): while
+    prices only rise, no expert outside the list is worth more to t than that."""
+    T, E = scores.shape
+    K = k + M + 1
+    buf = np.empty(K)
+    bi = np.empty(K, dtype=np.int64)
+    for t in range(T):
+        mx = scores[t, 0]
+        for e in range(1, E):
+            if scores[t, e] > mx:
+                mx = scores[t, e]
+        for e in range(E):
+            s[t, e] = scores[t, e] - mx
+        nb = 0
+        for e in range(E):
+            v = s[t, e] - q[e]
+            if nb < K:
+                j = nb
+                nb += 1
+            elif v > buf[K - 1]:
+                j = K - 1
+            else:
+                continue
+            while j > 0 and buf[j - 1] < v:
+                buf[j] = buf[j - 1]
+                bi[j] = bi[j - 1]
+                j -= 1
+            buf[j] = v
+            bi[j] = e
+        for j in range(k):
+            sel[t, j] = bi[j]
+            held[t, bi[j]] = True
+        n = min(nb, K - 1) - k
+        for j in range(n):
+            e = bi[k + j]
+            lst[t, j] = e
+            lstv[t, j] = s[t, e]
+        nl[t] = n
+        bound[t] = buf[K - 1] if nb == K else -np.inf
+
+
+def _rebuild(s, q, held, t, lst, lstv, nl, bound, buf, bi):
+    """t's list from its full row: the M best experts it does not hold (their scores beside them) and the
+    next value as the bound. Returns the list position of the best one."""
+    E = s.shape[1]
+    M = lst.shape[1]
+    nb = 0
+    for e in range(E):
+        if held[t, e]:
+            continue
+        v = s[t, e] - q[e]
+        if nb <= M:
+            j = nb
+            nb += 1
+        elif v > buf[M]:
+            j = M
         else:
             continue
         while j > 0 and buf[j - 1] < v:
             buf[j] = buf[j - 1]
+            bi[j] = bi[j - 1]
             j -= 1
         buf[j] = v
-    return buf[kk - 1]
+        bi[j] = e
+    n = min(nb, M)
+    for j in range(n):
+        lst[t, j] = bi[j]
+        lstv[t, j] = s[t, bi[j]]
+    nl[t] = n
+    bound[t] = buf[M] if nb > M else -np.inf
+    return 0
 
 
-def top_m(s, q, m, cand):
-    """``cand[t, :m]`` = the m largest experts of ``s[t] - q`` (any order), without a [T, E] temporary."""
+def _best_alt(s, q, held, t, lst, lstv, nl, bound, buf, bi):
+    """The list position of the best expert t does not hold, under ``s - q``: from its list when the list's
+    best reaches the bound (prices only rise, so nothing outside the list can beat it), else from a rebuilt
+    list."""
+    b = -1
+    bv = -np.inf
+    for j in range(nl[t]):
+        v = lstv[t, j] - q[lst[t, j]]
+        if v > bv:
+            bv = v
+            b = j
+    if b >= 0 and bv >= bound[t]:
+        return b
+    return _rebuild(s, q, held, t, lst, lstv, nl, bound, buf, bi)
+
+
+def auction(s, k, cap, q, sel, held, lst, lstv, nl, bound, budget, stall, out):
+    """Expert-side auction from ``sel`` [T, k] (a top-k of every row of ``s - q``), in place on ``q``,
+    ``sel``, ``held`` and the lists.
+
+    An over-full expert e raises its price by the (cap_e+1)-th largest margin of its tokens (margin: what t
+    loses by swapping e for its best other expert), so exactly cap_e keep it; the others take their best
+    other expert (which may overflow in turn: a FIFO of over-full experts) and list e in its place. Every
+    token keeps a top-k of its full row of ``s - q`` throughout, prices only rise, and an expert that raised
+    its price stays at least full: each step keeps the dual feasible and moves toward the optimum. Stops when
+    no expert is over-full, after ``budget`` steps, or when the last E steps removed fewer than ``stall``
+    units of excess per step (near-ties, which one-expert steps resolve only slowly: the shortest paths finish
+    faster).
+
+    ``out`` [4] receives (steps, evictions, list refreshes, excess left)."""
     T, E = s.shape
-    r = np.empty(E)
-    w = np.empty(E)
+    M = lst.shape[1]
+    load = np.zeros(E, dtype=np.int64)
     for t in range(T):
-        for e in range(E):
-            r[e] = s[t, e] - q[e]
-            w[e] = r[e]
-        thr = _select(w, E, E - m)  # the m-th largest
-        n = 0
-        for e in range(E):
-            if r[e] > thr:
-                cand[t, n] = e
-                n += 1
-        for e in range(E):
-            if n >= m:
-                break
-            if r[e] == thr:
-                cand[t, n] = e
-                n += 1
-
-
-def sweeps(s, cand, ncand, k, cap, q, iterations, omega):
-    """Price sweeps restricted to the candidates, in place on ``q`` [E]; returns the number done.
-
-    ``p_t`` = (k+1)-th largest of ``s[t, c] - q_c`` over t's candidates; ``q_e`` = max(0, (cap_e+1)-th largest
-    of ``s[t, e] - p_t`` over the tokens with candidate e) (0 when at most cap_e tokens have it). Stops early on
-    a fixed point. ``omega`` over-relaxes the expert step (``q += omega * (q_new - q)``, clipped at 0; 1 is the
-    plain iteration). Every token needs at least k+1 candidates."""
-    T, E = s.shape
-    M = cand.shape[1]
-    # tokens per expert (CSR), built once
-    cnt = np.zeros(E + 1, dtype=np.int64)
+        for j in range(k):
+            load[sel[t, j]] += 1
+    mem = np.empty((E, T), dtype=np.int32)
+    memv = np.empty((E, T))
+    fill = np.zeros(E, dtype=np.int64)
     for t in range(T):
-        for j in range(ncand[t]):
-            cnt[cand[t, j] + 1] += 1
-    for e in range(E):
-        cnt[e + 1] += cnt[e]
-    fill = cnt[:E].copy()
-    tok = np.empty(cnt[E], dtype=np.int64)
-    val = np.empty(cnt[E])
-    for t in range(T):
-        for j in range(ncand[t]):
-            e = cand[t, j]
-            tok[fill[e]] = t
-            val[fill[e]] = s[t, e]
+        for j in range(k):
+            e = sel[t, j]
+            mem[e, fill[e]] = t
+            memv[e, fill[e]] = s[t, e]
             fill[e] += 1
-    p = np.empty(T)
-    row = np.empty(M)
-    buf = np.empty(k + 1)
-    col = np.empty(T)
-    wbuf = np.empty(WINDOW)
-    prev = np.full(E, np.inf)  # last sweep's threshold per expert: the next one is usually close to it
-    for it in range(iterations):
-        for t in range(T):
-            n = ncand[t]
-            for j in range(n):
-                row[j] = s[t, cand[t, j]] - q[cand[t, j]]
-            p[t] = _kth_largest_small(row, n, k + 1, buf)
-        changed = False
-        for e in range(E):
-            n = cnt[e + 1] - cnt[e]
-            c = cap[e]
-            v = 0.0
-            if n > c:
-                b = cnt[e]
-                above = 0
-                pv = prev[e]
-                for i in range(n):
-                    x = val[b + i] - p[tok[b + i]]
-                    col[i] = x
-                    if x > pv:
-                        above += 1
-                d = c - above  # the answer is the (d+1)-th largest value <= pv, or above pv when d < 0
-                if 0 <= d < WINDOW and n - above > d:
-                    m2 = 0
-                    for i in range(n):
-                        if col[i] <= pv:
-                            col[m2] = col[i]
-                            m2 += 1
-                    v = _kth_largest_small(col, m2, d + 1, wbuf)
-                elif -WINDOW < d < 0:
-                    m2 = 0
-                    for i in range(n):
-                        if col[i] > pv:
-                            col[m2] = -col[i]
-                            m2 += 1
-                    v = -_kth_largest_small(col, m2, -d, wbuf)  # the (-d)-th smallest above pv
-                else:
-                    v = _select(col, n, n - c - 1)
-                prev[e] = v
-                if v < 0.0:
-                    v = 0.0
-            v = q[e] + omega * (v - q[e])  # over-relaxed: omega = 2 halves the sweeps needed here
-            if v < 0.0:
-                v = 0.0
-            if v != q[e]:
-                changed = True
-            q[e] = v
-        if not changed:
-            return it + 1
-    return iterations
+    buf = np.empty(M + 1)
+    bi = np.empty(M + 1, dtype=np.int64)
+    alt = np.empty(T, dtype=np.int64)  # list position of t's best other expert
+    altq = np.empty(T)  # its price when found (prices only rise: unchanged means still the best)
+    for t in range(T):
+        p = _best_alt(s, q, held, t, lst, lstv, nl, bound, buf, bi)
+        alt[t] = p
+        altq[t] = q[lst[t, p]]
+    queue = np.empty(E, dtype=np.int64)
+    inq = np.zeros(E, dtype=np.bool_)
+    head = 0
+    tail = 0
+    excess = 0
+    for e in range(E):
+        if load[e] > cap[e]:
+            excess += load[e] - cap[e]
+            queue[tail % E] = e
+            tail += 1
+            inq[e] = True
+    marg = np.empty(T)
+    work = np.empty(T)
+    sbuf = np.empty(33)
+    steps = 0
+    evictions = 0
+    refreshes = 0
+    window_excess = excess
+    window_start = 0
+    while head < tail and steps < budget:
+        e = queue[head % E]
+        head += 1
+        inq[e] = False
+        L = load[e]
+        C = cap[e]
+        if L <= C:
+            continue
+        steps += 1
+        qe = q[e]
+        for i in range(L):
+            t = mem[e, i]
+            p = alt[t]
+            qa = q[lst[t, p]]
+            if qa != altq[t]:  # its best other expert got dearer: look again
+                p = _best_alt(s, q, held, t, lst, lstv, nl, bound, buf, bi)
+                alt[t] = p
+                qa = q[lst[t, p]]
+                altq[t] = qa
+                refreshes += 1
+            marg[i] = (memv[e, i] - qe) - (lstv[t, p] - qa)
+        r = L - C  # tokens to evict: d is the r-th smallest margin
+        if r <= 32:
+            d = _kth_smallest_small(marg, L, r, sbuf)
+        else:
+            for i in range(L):
+                work[i] = marg[i]
+            d = _select(work, L, r - 1)
+        below = 0
+        for i in range(L):
+            if marg[i] < d:
+                below += 1
+        ties = r - below  # tokens at exactly d that leave too
+        if d > 0.0:
+            q[e] = qe + d
+        w = 0
+        for i in range(L):
+            t = mem[e, i]
+            mi = marg[i]
+            if mi > d or (mi == d and ties <= 0):
+                mem[e, w] = t
+                memv[e, w] = memv[e, i]
+                w += 1
+                continue
+            if mi == d:
+                ties -= 1
+            p = alt[t]
+            a = lst[t, p]
+            va = lstv[t, p]
+            lst[t, p] = e  # e takes a's place in t's list
+            lstv[t, p] = memv[e, i]
+            held[t, e] = False
+            held[t, a] = True
+            la = load[a]
+            mem[a, la] = t
+            memv[a, la] = va
+            load[a] = la + 1
+            if la + 1 > cap[a]:
+                excess += 1
+                if not inq[a]:
+                    queue[tail % E] = a
+                    tail += 1
+                    inq[a] = True
+            p = _best_alt(s, q, held, t, lst, lstv, nl, bound, buf, bi)
+            alt[t] = p
+            altq[t] = q[lst[t, p]]
+            evictions += 1
+        excess -= L - w
+        load[e] = w
+        if steps - window_start >= E:
+            if window_excess - excess < stall * (steps - window_start):
+                break
+            window_excess = excess
+            window_start = steps
+    cnt = np.zeros(T, dtype=np.int64)
+    for e in range(E):
+        for i in range(load[e]):
+            t = mem[e, i]
+            sel[t, cnt[t]] = e
+            cnt[t] += 1
+    out[0] = steps
+    out[1] = evictions
+    out[2] = refreshes
+    out[3] = excess
+
+
+def candidates_from_lists(sel, lst, nl, cand, ncand):
+    """``cand[t]`` = t's held experts, then its list (experts it does not hold)."""
+    T, k = sel.shape
+    for t in range(T):
+        for j in range(k):
+            cand[t, j] = sel[t, j]
+        n = min(nl[t], cand.shape[1] - k)
+        for j in range(n):
+            cand[t, k + j] = lst[t, j]
+        ncand[t] = k + n
 
 
 def top_k_of_candidates(s, cand, ncand, k, q, sel):
@@ -284,7 +425,6 @@ def loads_of(sel, E):
     return out
 
 
-WINDOW = 64  # thresholds that moved by fewer ranks than this are found by a short scan, not a quickselect
 NBEST = 4  # tokens kept per arc: the NBEST smallest s[t,a]-s[t,b], so a moved argmin rarely forces a rescan
 
 
@@ -536,8 +676,8 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach):
         aug += 1
 
 
-_PY = {"ssp": ssp, "sweeps": sweeps, "top_k": top_k_of_candidates, "violations": violations,
-       "add_best": add_best, "loads": loads_of, "top_m": top_m}
+_PY = {"ssp": ssp, "prepare": prepare, "auction": auction, "candidates": candidates_from_lists,
+       "top_k": top_k_of_candidates, "violations": violations, "add_best": add_best, "loads": loads_of}
 _COMPILED: dict | None = None
 
 
@@ -552,13 +692,17 @@ def kernels(use_numba: bool = True) -> dict:
 
         import numba
 
-        jit = numba.njit(cache=True, nogil=True)
         ns = dict(globals())  # the compiled functions call compiled helpers: rebind them in a namespace
 
-        def comp(f):
-            return jit(types.FunctionType(f.__code__, ns, f.__name__, f.__defaults__, f.__closure__))
+        def comp(f, **opts):
+            return numba.njit(cache=True, nogil=True, **opts)(
+                types.FunctionType(f.__code__, ns, f.__name__, f.__defaults__, f.__closure__))
 
-        for name in ("_select", "_kth_largest_small", "_insert", "_recompute", "_delete", "_move"):
+        # helpers are inlined into their callers: a call that passes arrays costs two atomic reference
+        # counts per array, which dominated the auction's and the paths' inner loops
+        for name in ("_select", "_rebuild", "_recompute", "_delete", "_move"):
             ns[name] = comp(globals()[name])
+        for name in ("_kth_smallest_small", "_best_alt", "_insert"):
+            ns[name] = comp(globals()[name], inline="always")
         _COMPILED = {key: comp(f) for key, f in _PY.items()}
     return _COMPILED

@@ -87,7 +87,7 @@ def solve_dual(problem, *, time_limit=None, iterations=50, gap_tol=1e-3,
     T, E = s.shape
     k = problem.k
     cap = np.minimum(problem.capacity, T)
-    q = _check_options(warm_start, E, 0, None, 0, 1)
+    q = _check_options(warm_start, E, None, 0, 0.0, 1)
     q = np.zeros(E) if q is None else q
     done, checks, nxt = 0, 0, 1
     best = None  # (objective, chosen, repaired, q, bound)

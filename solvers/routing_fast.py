@@ -27,6 +27,7 @@ so the answer is exact either way (``stats["engine"]`` says which ran).
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -36,23 +37,29 @@ from moebalance.registry import register
 from moebalance.solution import RoutingSolution, Status
 
 from . import _fast_kernels as K
-from .routing_prices import dual_bound, price_iteration
+from .routing_prices import dual_bound
 
 __all__ = ["solve_fast", "fast_route", "warm_up", "PYTHON_LIMIT"]
 
 PYTHON_LIMIT = 20_000  # T*E above which, without numba, the flow back-end finishes instead of Python loops
 CHUNK = 200_000  # augmentations per kernel call (the clock is read between calls)
+DEFAULT_LIST = 4  # experts listed per token beyond its k (the auction's alternatives, the paths' candidates)
+AUCTION_STEPS_PER_EXPERT = 200  # the auction's step budget, per expert
+REBUILD_FACTOR = 4
+STALL = 0.5  # the auction hands over once the last E steps removed fewer units of excess per step
 
 
-def _check_options(warm_start: Any, E: int, price_iterations: Any, candidates: Any, sweeps: Any,
+def _check_options(warm_start: Any, E: int, candidates: Any, auction_steps: Any, stall: Any,
                    max_rounds: Any) -> np.ndarray | None:
-    for name, v, lo in (("price_iterations", price_iterations, 0), ("sweeps", sweeps, 0),
-                        ("max_rounds", max_rounds, 1)):
+    for name, v, lo in (("auction_steps", auction_steps, 0), ("max_rounds", max_rounds, 1)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
             raise ValueError(f"`{name}` must be an integer >= {lo}, got {v!r}")
     if candidates is not None and (isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer))
                                    or candidates < 1):
         raise ValueError(f"`candidates` must be a positive integer or None, got {candidates!r}")
+    if isinstance(stall, bool) or not isinstance(stall, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(stall) or stall < 0:
+        raise ValueError(f"`stall` must be a finite number >= 0, got {stall!r}")
     if warm_start is None:
         return None
     if type(warm_start).__module__.startswith("torch"):
@@ -69,14 +76,14 @@ def _check_options(warm_start: Any, E: int, price_iterations: Any, candidates: A
 
 
 def fast_route(scores: np.ndarray, k: int, capacity: np.ndarray, *, warm_start: np.ndarray | None = None,
-               price_iterations: int = 3, candidates: int | None = None, sweeps: int = 10, max_rounds: int = 4,
-               deadline: float | None = None, use_numba: bool = True,
-               overrelax: float = 2.0) -> tuple[np.ndarray | None, np.ndarray, dict[str, Any]]:
+               candidates: int | None = None, auction_steps: int | None = None, stall: float = STALL,
+               max_rounds: int = 4, deadline: float | None = None,
+               use_numba: bool = True) -> tuple[np.ndarray | None, np.ndarray, dict[str, Any]]:
     """The exact routing of ``scores`` [T, E] (see the module docstring).
 
     Returns ``(assignment [T, k] or None when the deadline stopped it (or, ``stats["failed"]``, an invariant
     broke), prices q [E], stats)``. ``capacity`` [E] must admit a feasible routing
-    (``sum(min(capacity, T)) >= T * k``). ``overrelax`` scales the candidate sweeps' price steps (1: plain).
+    (``sum(min(capacity, T)) >= T * k``).
     """
     t0 = time.perf_counter()
     T, E = scores.shape
@@ -85,32 +92,36 @@ def fast_route(scores: np.ndarray, k: int, capacity: np.ndarray, *, warm_start: 
     if k >= E:
         return np.broadcast_to(np.arange(E, dtype=np.int64), (T, E)).copy(), np.zeros(E), stats
     kern = K.kernels(use_numba)
-    # per-token shift: removes offsets (exact for nearby values), changes no optimum
-    s = np.ascontiguousarray(scores - scores.max(axis=1, keepdims=True), dtype=np.float64)
     q = np.zeros(E) if warm_start is None else np.array(warm_start, dtype=np.float64)
-    times = stats["times"] = {"setup": time.perf_counter() - t0}
-    q, done = price_iteration(s, k, cap, price_iterations, q, deadline=deadline)
-    times["prices"] = time.perf_counter() - t0
-    q = np.ascontiguousarray(q, dtype=np.float64)
-    stats["price_iterations"] = done
-    m = max(k + 1, min(E, 3 * k if candidates is None else int(candidates)))
-    extra = min(E, max(2, k // 2))  # candidates added per token and round
-    width = min(E, m + 2 * extra)
-    cand = np.empty((T, width), dtype=np.int64)
-    if m < E:
-        kern["top_m"](s, q, m, cand)
-    else:
-        cand[:, :m] = np.arange(E)
-    ncand = np.full(T, m, dtype=np.int64)
-    stats["candidates"] = m
-    stats["sweeps"] = int(kern["sweeps"](s, cand, ncand, k, cap, q, int(sweeps), float(overrelax))) if sweeps else 0
-    times["sweeps"] = time.perf_counter() - t0
+    M = max(1, min(E - k, DEFAULT_LIST if candidates is None else int(candidates) - k))  # listed non-held
+    # one pass: scores shifted per row (exact for nearby values, no optimum changes), top-k and the next M
+    sc = np.ascontiguousarray(scores, dtype=np.float64)
+    s = np.empty_like(sc)
     sel = np.empty((T, k), dtype=np.int64)
-    kern["top_k"](s, cand, ncand, k, q, sel)
+    held = np.zeros((T, E), dtype=np.bool_)
+    W = min(E - k, REBUILD_FACTOR * M)  # a list rebuilt during the auction holds more: fewer rebuilds later
+    lst = np.empty((T, W), dtype=np.int64)
+    lstv = np.empty((T, W))
+    nl = np.empty(T, dtype=np.int64)
+    bound = np.empty(T)
+    kern["prepare"](sc, q, k, M, s, sel, held, lst, lstv, nl, bound)
+    times = stats["times"] = {"prepare": time.perf_counter() - t0}
+    steps = (AUCTION_STEPS_PER_EXPERT * E) if auction_steps is None else int(auction_steps)
+    out = np.zeros(4, dtype=np.int64)
+    kern["auction"](s, k, cap, q, sel, held, lst, lstv, nl, bound, steps, float(stall), out)
+    times["auction"] = time.perf_counter() - t0
+    stats["auction"] = {"steps": int(out[0]), "evictions": int(out[1]), "list_refreshes": int(out[2]),
+                        "excess_left": int(out[3])}
+    extra = min(E, max(2, k // 2))  # candidates added per token and round
+    cand = np.empty((T, min(E, 2 * k + M + 2 * extra)), dtype=np.int64)
+    ncand = np.empty(T, dtype=np.int64)
+    kern["candidates"](sel, lst, nl, cand, ncand)
+    del held, lst, lstv, nl, bound
+    stats["candidates"] = k + M
     # every expert with room becomes a candidate of the tokens that like it best: short, feasible paths
     room = kern["loads"](sel, E) < cap
-    if room.any() and m < E:
-        kern["add_best"](s, q, cand, ncand, room, min(2, E - m), np.arange(T))
+    if room.any() and int(ncand.min()) < E:
+        kern["add_best"](s, q, cand, ncand, room, min(2, E - k), np.arange(T))
     span = float(s.max() - s.min())
     tol = 1e-12 * max(span, float(q.max(initial=0.0)), np.finfo(float).tiny)
     out = np.empty(T, dtype=np.int64)
@@ -171,25 +182,29 @@ def warm_up() -> None:
     solve. A process pays this once; numba caches the machine code on disk."""
     rng = np.random.default_rng(0)
     s = rng.random((40, 6)) + np.array([3.0, 2.0, 0, 0, 0, 0])  # two hot experts: paths and rounds
-    for opts in ({}, {"candidates": 3, "price_iterations": 0, "sweeps": 0}, {"max_rounds": 1}):
+    for opts in ({}, {"candidates": 3, "auction_steps": 0}, {"max_rounds": 1, "auction_steps": 1}):
         fast_route(s, 2, np.full(6, 14), **opts)
 
 
 @register("routing", "fast", exact=True, gives_bound=True, supports_time_limit=True,
-          options={"warm_start": None, "price_iterations": 3, "candidates": None, "sweeps": 10,
+          options={"warm_start": None, "candidates": None, "auction_steps": None, "stall": STALL,
                    "max_rounds": 4},
-          description="exact: prices, top-m candidates, shortest augmenting paths, certified on the full problem")
-def solve_fast(problem, *, time_limit=None, warm_start=None, price_iterations=3, candidates=None, sweeps=10,
+          description="exact: an expert-side auction on the prices, then shortest augmenting paths, "
+                      "certified on the full problem")
+def solve_fast(problem, *, time_limit=None, warm_start=None, candidates=None, auction_steps=None, stall=STALL,
                max_rounds=4) -> RoutingSolution:
-    """Exact routing by price sweeps, candidate lists and shortest augmenting paths (module docstring).
+    """Exact routing by an auction on the expert prices and shortest augmenting paths (module docstring).
 
-    Options: ``warm_start`` [E] starting prices (e.g. the previous batch's ``bias``); ``price_iterations`` full
-    sweeps; ``candidates`` m per token (default 3k); ``sweeps`` over the candidates; ``max_rounds`` certificate
-    rounds before every expert becomes a candidate.
+    Options: ``warm_start`` [E] starting prices (e.g. the previous batch's ``bias``); ``candidates`` experts
+    listed per token (default k+4): its held experts and its best others, the graph of the shortest paths;
+    ``auction_steps`` the auction's step budget (default 200 E; 0: straight to the shortest paths);
+    ``stall`` the auction's hand-over rate (units of excess per step); ``max_rounds`` certificate rounds
+    before every expert becomes a candidate.
     """
     t0 = time.perf_counter()
     T, E = problem.shape
-    q0 = _check_options(warm_start, E, price_iterations, candidates, sweeps, max_rounds)
+    q0 = _check_options(warm_start, E, candidates, 0 if auction_steps is None else auction_steps, stall,
+                        max_rounds)
     if not K.HAVE_NUMBA and T * E > PYTHON_LIMIT:
         from .routing_flow import solve_mcf
 
@@ -197,18 +212,20 @@ def solve_fast(problem, *, time_limit=None, warm_start=None, price_iterations=3,
         return sol.replace(method="fast", stats={**sol.stats, "engine": "mcf (numba is not installed)"})
     deadline = None if time_limit is None else t0 + time_limit
     assignment, q, stats = fast_route(problem.scores, problem.k, problem.capacity, warm_start=q0,
-                                      price_iterations=int(price_iterations), candidates=candidates,
-                                      sweeps=int(sweeps), max_rounds=int(max_rounds), deadline=deadline)
-    bound = dual_bound(problem.scores, problem.k, problem.capacity, q)
+                                      candidates=candidates, auction_steps=auction_steps, stall=float(stall),
+                                      max_rounds=int(max_rounds), deadline=deadline)
     if assignment is None and "failed" in stats:  # an internal invariant broke: the flow answers instead
         from .routing_flow import solve_mcf
 
         sol = solve_mcf(problem, time_limit=time_limit)
         return sol.replace(method="fast", stats={**sol.stats, "engine": f"mcf ({stats['failed']})"})
     if assignment is None:
+        bound = dual_bound(problem.scores, problem.k, problem.capacity, q)
         return RoutingSolution(method="fast", status=Status.TIME_LIMIT, objective=float("nan"), bound=bound,
-                        stats=stats, message="time limit reached before the augmenting paths finished")
-    return RoutingSolution(method="fast", status=Status.OPTIMAL, objective=float("nan"), bound=bound,
-                    assignment=assignment, bias=q, stats=stats,
-                    message=f"optimal: {stats.get('augmentations', 0)} augmenting path(s), "
-                            f"{stats.get('rounds', 0)} certificate round(s)")
+                               stats=stats, message="time limit reached before the augmenting paths finished")
+    # the bound is the Lagrangian bound of q, which the shared check computes from the problem's own scores
+    return RoutingSolution(method="fast", status=Status.OPTIMAL, objective=float("nan"), bound=None,
+                           assignment=assignment, bias=q, stats=stats,
+                           message=f"optimal: auction of {stats.get('auction', {}).get('steps', 0)} step(s), "
+                                   f"{stats.get('augmentations', 0)} augmenting path(s), "
+                                   f"{stats.get('rounds', 0)} certificate round(s)")

@@ -133,9 +133,11 @@ def test_skewed_medium_instances_agree_with_mcf():
         assert sol.stats["augmentations"] >= 0 and sol.stats["rounds"] >= 1
 
 
-@pytest.mark.parametrize("opts", [dict(candidates=3, price_iterations=0, sweeps=0),  # infeasible candidates
-                                  dict(max_rounds=1, price_iterations=0, sweeps=0),  # straight to the full graph
-                                  dict(candidates=64, sweeps=50, price_iterations=10)])
+@pytest.mark.parametrize("opts", [dict(candidates=3, auction_steps=0),  # infeasible candidates, no auction
+                                  dict(max_rounds=1, auction_steps=0),  # straight to the full graph
+                                  dict(candidates=16, auction_steps=10**6, stall=0.0),  # the auction to its end
+                                  dict(stall=1e9),  # the auction hands over after E steps
+                                  dict(auction_steps=1)])
 def test_every_path_of_the_driver_stays_exact(opts):
     p = routing_problem(600, 16, 2, kind="zipf", imbalance=2.0, seed=3)
     ref, sol = solve(p, "mcf"), solve(p, "fast", **opts)
@@ -170,11 +172,16 @@ def test_warm_start_from_previous_batch():
     s = routing_problem(6000, 32, 4, kind="zipf", imbalance=1.5, seed=10).scores
     p1, p2 = RoutingProblem(s[:3000], 4), RoutingProblem(s[3000:], 4)
     first = solve(p1, "fast")
-    cold = solve(p2, "fast", price_iterations=0, sweeps=0)
-    warm = solve(p2, "fast", warm_start=first.bias, price_iterations=0, sweeps=0)
+    cold = solve(p2, "fast", auction_steps=0)
+    warm = solve(p2, "fast", warm_start=first.bias, auction_steps=0)
     assert warm.objective == pytest.approx(cold.objective, rel=1e-12)
     assert_certified(p2, warm)
     assert warm.stats["augmentations"] < cold.stats["augmentations"]
+    # with the auction on, the warm start leaves it less to do
+    cold, warm = solve(p2, "fast"), solve(p2, "fast", warm_start=first.bias)
+    assert warm.objective == pytest.approx(cold.objective, rel=1e-12)
+    assert_certified(p2, warm)
+    assert warm.stats["auction"]["evictions"] < cold.stats["auction"]["evictions"]
 
 
 def test_bad_options_raise_value_error_naming_them():
@@ -183,7 +190,8 @@ def test_bad_options_raise_value_error_naming_them():
         solve(p, "fast", warm_start=np.array([0.0, np.nan, 0.0, 0.0]))
     with pytest.raises(ValueError, match="warm_start"):
         solve(p, "fast", warm_start=np.zeros(3))
-    for name, bad in (("price_iterations", -1), ("sweeps", 1.5), ("max_rounds", 0), ("candidates", 0)):
+    for name, bad in (("auction_steps", -1), ("auction_steps", 1.5), ("stall", -0.5), ("stall", float("nan")),
+                      ("stall", True), ("max_rounds", 0), ("candidates", 0)):
         with pytest.raises(ValueError, match=name):
             solve(p, "fast", **{name: bad})
 
@@ -215,3 +223,81 @@ def test_a_broken_invariant_falls_back_to_the_flow(monkeypatch):
     p = routing_problem(100, 8, 2, kind="zipf", seed=2)
     sol = solve(p, "fast")
     assert sol.status == Status.OPTIMAL and sol.stats["engine"] == "mcf (no augmenting path)"
+
+
+def _auction_state(scores, k, cap, q, steps, M, use_numba):
+    """Run prepare + auction on ``scores`` and return the state (the kernels' own arrays)."""
+    kern = K.kernels(use_numba)
+    T, E = scores.shape
+    s = np.empty_like(scores)
+    sel = np.empty((T, k), dtype=np.int64)
+    held = np.zeros((T, E), dtype=np.bool_)
+    lst = np.empty((T, min(E - k, 2 * M)), dtype=np.int64)
+    lstv = np.empty(lst.shape)
+    nl = np.empty(T, dtype=np.int64)
+    bound = np.empty(T)
+    kern["prepare"](scores, q, k, M, s, sel, held, lst, lstv, nl, bound)
+    out = np.zeros(4, dtype=np.int64)
+    kern["auction"](s, k, cap, q, sel, held, lst, lstv, nl, bound, steps, 0.0, out)
+    return s, sel, held, lst, lstv, nl, bound, out
+
+
+@pytest.mark.parametrize("use_numba", [True, False])
+@pytest.mark.parametrize("seed", range(6))
+def test_auction_keeps_the_dual_feasible(seed, use_numba):
+    """After any number of auction steps: every token holds a top-k of its FULL row of s - q (checked from
+    the definition, not from the kernels' bookkeeping), its list holds only experts it does not hold, with
+    their own scores, and no expert outside the list beats the bound; an expert with a price is at least
+    full; prices never fall."""
+    rng = np.random.default_rng(seed)
+    T, E, k = (300, 12, 3) if not use_numba else (1500, 24, 4)
+    p = routing_problem(T, E, k, kind="zipf", imbalance=1.0 + 0.3 * seed, seed=seed)
+    scores = np.ascontiguousarray(p.scores)
+    if seed % 2:  # ties: scores on a coarse grid
+        scores = np.round(scores * 20) / 20
+    cap = np.minimum(p.capacity, T).astype(np.int64)
+    q0 = np.zeros(E) if seed < 3 else rng.random(E) * 0.01 * (rng.random(E) < 0.3)
+    for steps in (0, 1, 7, 3000):
+        q = q0.copy()
+        s, sel, held, lst, lstv, nl, bound, out = _auction_state(scores, k, cap, q, steps, 2, use_numba)
+        assert np.all(q >= q0)
+        shifted = scores - scores.max(axis=1, keepdims=True)
+        assert np.array_equal(s, shifted)
+        red = shifted - q
+        chosen = np.take_along_axis(red, sel, 1)
+        mask = np.zeros((T, E), dtype=bool)
+        np.put_along_axis(mask, sel, True, 1)
+        assert np.array_equal(mask, held) and np.all(mask.sum(1) == k)
+        best_out = np.where(mask, -np.inf, red).max(1)
+        assert np.all(chosen.min(1) >= best_out - 1e-12)
+        for t in range(T):
+            listed = lst[t, : nl[t]]
+            assert not held[t, listed].any()
+            assert np.array_equal(lstv[t, : nl[t]], s[t, listed])
+            others = np.setdiff1d(np.flatnonzero(~held[t]), listed)
+            if others.size:
+                assert red[t, others].max() <= bound[t] + 1e-15
+        loads = np.bincount(sel.ravel(), minlength=E)
+        excess = int(np.maximum(loads - cap, 0).sum())
+        assert out[3] == excess
+        raised = q > q0
+        assert np.all(loads[raised] >= cap[raised])
+        assert out[0] <= steps
+
+
+def test_price_certificate_equals_the_two_public_checks():
+    """The shared check's one-pass certificate gives exactly routing_dual_bound and bias_reproduces, for
+    optimal prices and for arbitrary ones."""
+    from moebalance.routing import _price_certificate
+
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        p = routing_problem(400, 16, 3, kind="zipf", imbalance=1.5, seed=seed)
+        opt = solve(p, "fast")
+        for q in (np.asarray(opt.bias), rng.random(16) * 0.05, np.zeros(16), -rng.random(16)):
+            for a in (opt.assignment, solve(p, "greedy").assignment):
+                bound, rep = _price_certificate(p, np.asarray(a), q)
+                assert rep == bias_reproduces(p, np.asarray(a), q)
+                ref = routing_dual_bound(p, q)
+                assert bound == pytest.approx(ref, rel=1e-13, abs=1e-13)
+                assert bound >= opt.objective - 1e-9
