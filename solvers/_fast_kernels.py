@@ -29,10 +29,10 @@ import importlib.util
 
 import numpy as np
 
-__all__ = ["kernels", "HAVE_NUMBA", "OK", "NO_PATH", "BUDGET"]
+__all__ = ["kernels", "HAVE_NUMBA", "OK", "NO_PATH", "BUDGET", "NEED_ROOM", "ROUNDS"]
 
 HAVE_NUMBA = importlib.util.find_spec("numba") is not None  # imported only by kernels()
-OK, NO_PATH, BUDGET = 0, 1, 2
+OK, NO_PATH, BUDGET, NEED_ROOM, ROUNDS = 0, 1, 2, 3, 4
 
 
 def _select(a, n, kth):
@@ -91,15 +91,47 @@ def _kth_smallest_small(a, n, r, buf):
     return buf[r - 1]
 
 
+def _top_row(s, q, k, M, t, sel, held, lst, lstv, nl, bound, buf, bi):
+    """Row t from scratch: ``sel[t]`` = a top-k of ``s[t] - q`` (``held[t]`` set; the caller clears the old
+    one), the next M experts listed with their scores, and the (k+M+1)-th value as the bound."""
+    E = s.shape[1]
+    K = k + M + 1
+    nb = 0
+    for e in range(E):
+        v = s[t, e] - q[e]
+        if nb < K:
+            j = nb
+            nb += 1
+        elif v > buf[K - 1]:
+            j = K - 1
+        else:
+            continue
+        while j > 0 and buf[j - 1] < v:
+            buf[j] = buf[j - 1]
+            bi[j] = bi[j - 1]
+            j -= 1
+        buf[j] = v
+        bi[j] = e
+    for j in range(k):
+        sel[t, j] = bi[j]
+        held[t, bi[j]] = True
+    n = min(nb, K - 1) - k
+    for j in range(n):
+        e = bi[k + j]
+        lst[t, j] = e
+        lstv[t, j] = s[t, e]
+    nl[t] = n
+    bound[t] = buf[K - 1] if nb == K else -np.inf
+
+
 def prepare(scores, q, k, M, s, sel, held, lst, lstv, nl, bound):
     """One pass over ``scores`` [T, E]: ``s`` = scores minus each row's maximum; ``sel[t]`` = a top-k of
     ``s[t] - q`` (``held[t]`` its membership); ``lst[t, :nl[t]]`` = the next M experts (never a held one) with
     their scores ``lstv``; ``bound[t]`` = the (k+M+1)-th value of the row (-inf when it has no more): while
     prices only rise, no expert outside the list is worth more to t than that."""
     T, E = scores.shape
-    K = k + M + 1
-    buf = np.empty(K)
-    bi = np.empty(K, dtype=np.int64)
+    buf = np.empty(k + M + 1)
+    bi = np.empty(k + M + 1, dtype=np.int64)
     for t in range(T):
         mx = scores[t, 0]
         for e in range(1, E):
@@ -107,32 +139,112 @@ def prepare(scores, q, k, M, s, sel, held, lst, lstv, nl, bound):
                 mx = scores[t, e]
         for e in range(E):
             s[t, e] = scores[t, e] - mx
-        nb = 0
+        _top_row(s, q, k, M, t, sel, held, lst, lstv, nl, bound, buf, bi)
+
+
+def lift(s, k, cap, q, sel, held, lst, lstv, nl, bound, iterations):
+    """Jacobi price steps before the auction, in place (the state is as :func:`prepare` leaves it).
+
+    Each step raises every over-full expert's price at once by the (cap_e+1)-th largest margin of its tokens
+    (what the auction's first step for e alone would do), then every token takes its top-k of ``s - q``
+    again, from its held and listed experts when that is provably its top-k (the k-th value still reaches its
+    bound), from its full row otherwise. From zero prices every step stays below the optimal prices (raising
+    other prices only raises e's margins), and one step about halves the auction's work: the hot experts'
+    prices move in bulk instead of token by token. Returns the number of full-row rescans."""
+    T, E = s.shape
+    M = lst.shape[1]
+    start = np.zeros(E + 1, dtype=np.int64)
+    marg = np.empty(T * k)
+    vals = np.empty(k + M)
+    ids = np.empty(k + M, dtype=np.int64)
+    buf = np.empty(k + M + 1)
+    bi = np.empty(k + M + 1, dtype=np.int64)
+    alt = np.empty(T)
+    fill = np.empty(E, dtype=np.int64)
+    rescans = 0
+    for it in range(iterations):
+        for e in range(E + 1):
+            start[e] = 0
+        for t in range(T):
+            for j in range(k):
+                start[sel[t, j] + 1] += 1
+        over = False
         for e in range(E):
-            v = s[t, e] - q[e]
-            if nb < K:
-                j = nb
-                nb += 1
-            elif v > buf[K - 1]:
-                j = K - 1
-            else:
+            if start[e + 1] > cap[e]:
+                over = True
+            start[e + 1] += start[e]
+        if not over:
+            break
+        for e in range(E):
+            fill[e] = start[e]
+        for t in range(T):
+            b = -np.inf
+            for j in range(nl[t]):
+                v = lstv[t, j] - q[lst[t, j]]
+                if v > b:
+                    b = v
+            if b < bound[t]:  # a non-listed expert may be t's best other: its true value is needed
+                b = bound[t]
+                for e in range(E):
+                    if not held[t, e]:
+                        v = s[t, e] - q[e]
+                        if v > b:
+                            b = v
+            alt[t] = b
+            for j in range(k):
+                e = sel[t, j]
+                marg[fill[e]] = (s[t, e] - q[e]) - b
+                fill[e] += 1
+        qn = q.copy()
+        for e in range(E):
+            L = start[e + 1] - start[e]
+            if L > cap[e]:
+                d = _select(marg[start[e]:start[e + 1]], L, L - cap[e] - 1)
+                if d > 0.0:
+                    qn[e] = q[e] + d
+        for e in range(E):
+            q[e] = qn[e]
+        for t in range(T):
+            n = 0
+            for j in range(k):
+                e = sel[t, j]
+                ids[n] = e
+                vals[n] = s[t, e] - q[e]
+                n += 1
+            for j in range(nl[t]):
+                e = lst[t, j]
+                ids[n] = e
+                vals[n] = s[t, e] - q[e]
+                n += 1
+            # the n - k smallest become the list, the k largest are held
+            for j in range(n - k):
+                m = j
+                for i in range(j + 1, n):
+                    if vals[i] < vals[m]:
+                        m = i
+                v = vals[j]
+                vals[j] = vals[m]
+                vals[m] = v
+                e = ids[j]
+                ids[j] = ids[m]
+                ids[m] = e
+            if n > k and vals[n - k] < bound[t]:  # a non-listed expert may beat a held one: the full row
+                for j in range(k):
+                    held[t, sel[t, j]] = False
+                _top_row(s, q, k, M, t, sel, held, lst, lstv, nl, bound, buf, bi)
+                rescans += 1
                 continue
-            while j > 0 and buf[j - 1] < v:
-                buf[j] = buf[j - 1]
-                bi[j] = bi[j - 1]
-                j -= 1
-            buf[j] = v
-            bi[j] = e
-        for j in range(k):
-            sel[t, j] = bi[j]
-            held[t, bi[j]] = True
-        n = min(nb, K - 1) - k
-        for j in range(n):
-            e = bi[k + j]
-            lst[t, j] = e
-            lstv[t, j] = s[t, e]
-        nl[t] = n
-        bound[t] = buf[K - 1] if nb == K else -np.inf
+            for j in range(k):
+                held[t, sel[t, j]] = False
+            for j in range(k):
+                e = ids[n - k + j]
+                sel[t, j] = e
+                held[t, e] = True
+            for j in range(n - k):
+                lst[t, j] = ids[j]
+                lstv[t, j] = s[t, ids[j]]
+            nl[t] = n - k
+    return rescans
 
 
 def _rebuild(s, q, held, t, lst, lstv, nl, bound, buf, bi):
@@ -425,6 +537,7 @@ def loads_of(sel, E):
     return out
 
 
+ADD_PER_ROUND = 2  # experts a token that fails the certificate gains as candidates per round
 NBEST = 4  # tokens kept per arc: the NBEST smallest s[t,a]-s[t,b], so a moved argmin rarely forces a rescan
 
 
@@ -458,6 +571,7 @@ def _recompute(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, x, y
     for j in range(nys):
         y = ys[j]
         cnt[x, y] = 0
+        rawk[x, y, 0] = np.inf
         exh[x, y] = True
         mark[y] = True
     for i in range(load[x]):
@@ -484,6 +598,8 @@ def _delete(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, ys, x, 
                 rawk[x, y, j] = rawk[x, y, j + 1]
                 argk[x, y, j] = argk[x, y, j + 1]
             cnt[x, y] = c - 1
+            if c == 1:
+                rawk[x, y, 0] = np.inf
             if c == 1 and not exh[x, y]:
                 ys[0] = y
                 _recompute(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, x, ys, 1)
@@ -520,7 +636,7 @@ def _move(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, ys, t, u,
             _insert(rawk, argk, cnt, exh, y, u, s[t, y] - su, t)
 
 
-def ssp(s, cand, ncand, sel, cap, q, max_augment, reach):
+def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out):
     """Successive shortest paths from ``sel`` [T, k], a top-k of each token's candidates under ``s - q``.
 
     Args:
@@ -533,8 +649,18 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach):
 
       reach: ``[E + 1]`` bool, written on status NO_PATH: the nodes the excess could reach (no deficit among
         them: the candidate problem has no feasible routing until some token in them gets a candidate outside).
+      tol: the certificate's tolerance on reduced scores.
+      max_rounds: certificate rounds before status ROUNDS.
+      out: ``[R]`` int64; ``out[r]`` = tokens that failed certificate round r.
 
-    Returns ``(status, augmentations, dijkstra_pops)``.
+    Once no excess is left, the certificate runs on the full problem, in place: a token that prefers an
+    expert outside its candidates gets it as a candidate (with its arcs: the graph is patched, not rebuilt)
+    and takes the top-k of its candidates, which moves excess; the paths resume. Status OK means certified:
+    every token holds a top-k of its full row of ``s - q`` (within ``tol``), loads are within capacity and
+    every expert with room is unpriced. NEED_ROOM: a token has no free candidate column (``cand`` must be
+    widened); ROUNDS: ``max_rounds`` rounds found violations.
+
+    Returns ``(status, augmentations, dijkstra_pops, certificate rounds)``.
     """
     T, E = s.shape
     k = sel.shape[1]
@@ -550,23 +676,34 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach):
             load[a] += 1
             slot[t, a] = load[a]
     rawk = np.empty((E, E, NBEST))
+    for a in range(E):
+        for b in range(E):
+            rawk[a, b, 0] = np.inf  # invariant: an arc without tokens weighs +inf
     argk = np.empty((E, E, NBEST), dtype=np.int64)
     cnt = np.zeros((E, E), dtype=np.int64)
     exh = np.ones((E, E), dtype=np.bool_)  # every list starts exhaustive (empty, nothing seen yet)
+    nh = np.empty(cand.shape[1], dtype=np.int64)
+    nhv = np.empty(cand.shape[1])
     for t in range(T):
-        if ncand[t] <= k:
+        m = 0
+        for i in range(ncand[t]):
+            b = cand[t, i]
+            if slot[t, b] < 0:
+                nh[m] = b
+                nhv[m] = s[t, b]
+                m += 1
+        if m == 0:
             continue
         for j in range(k):
             a = sel[t, j]
             sa = s[t, a]
-            for i in range(ncand[t]):
-                b = cand[t, i]
-                if slot[t, b] < 0:
-                    w = sa - s[t, b]
-                    if cnt[a, b] < NBEST or w < rawk[a, b, NBEST - 1]:  # the common case skips the call
-                        _insert(rawk, argk, cnt, exh, a, b, w, t)
-                    else:
-                        exh[a, b] = False
+            for i in range(m):
+                b = nh[i]
+                w = sa - nhv[i]
+                if cnt[a, b] < NBEST or w < rawk[a, b, NBEST - 1]:  # the common case skips the call
+                    _insert(rawk, argk, cnt, exh, a, b, w, t)
+                else:
+                    exh[a, b] = False
     g = np.empty(E, dtype=np.int64)
     excess = np.empty(E + 1, dtype=np.int64)
     total = 0
@@ -576,6 +713,7 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach):
         total += g[e]
     excess[E] = total - T * k
     dist = np.empty(E + 1)
+    key = np.empty(E + 1)
     pred = np.empty(E + 1, dtype=np.int64)
     done = np.zeros(E + 1, dtype=np.bool_)
     mark = np.zeros(E, dtype=np.bool_)
@@ -585,13 +723,90 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach):
     path_v = np.empty(E + 1, dtype=np.int64)
     aug = 0
     pops = 0
+    rounds = 0
     while True:
         any_excess = False
         for v in range(E + 1):
             if excess[v] > 0:
                 any_excess = True
                 break
-        if not any_excess or aug >= max_augment:
+        status = -1
+        if any_excess and aug >= max_augment:
+            status = BUDGET
+        elif not any_excess:
+            # the certificate on the full problem: every token's experts a top-k of its FULL row of s - q
+            nv = 0
+            lacked = False
+            for t in range(T):
+                lo = np.inf
+                for i in range(ncand[t]):
+                    e = cand[t, i]
+                    if slot[t, e] > 0:
+                        v = s[t, e] - q[e]
+                        if v < lo:
+                            lo = v
+                lim = lo + tol
+                bad = False
+                for e in range(E):
+                    if slot[t, e] <= 0 and s[t, e] - q[e] > lim:
+                        bad = True
+                        break
+                if not bad:
+                    continue
+                nv += 1
+                # its best experts outside the candidates become candidates, with their arcs (patched in)
+                for _ in range(ADD_PER_ROUND):
+                    b = -1
+                    bv = lim
+                    for e in range(E):
+                        if slot[t, e] == 0:
+                            v = s[t, e] - q[e]
+                            if v > bv:
+                                bv = v
+                                b = e
+                    if b < 0:
+                        break
+                    if ncand[t] >= cand.shape[1]:
+                        lacked = True
+                        break
+                    cand[t, ncand[t]] = b
+                    ncand[t] += 1
+                    slot[t, b] = -1
+                    for i in range(ncand[t] - 1):
+                        x = cand[t, i]
+                        if slot[t, x] > 0:
+                            _insert(rawk, argk, cnt, exh, x, b, s[t, x] - s[t, b], t)
+                # t takes the top-k of its candidates: swap its worst held for its best other while it gains
+                for _ in range(k):
+                    a = -1
+                    av = np.inf
+                    b = -1
+                    bv = -np.inf
+                    for i in range(ncand[t]):
+                        e = cand[t, i]
+                        v = s[t, e] - q[e]
+                        if slot[t, e] > 0:
+                            if v < av:
+                                av = v
+                                a = e
+                        elif v > bv:
+                            bv = v
+                            b = e
+                    if b < 0 or bv <= av:
+                        break
+                    _move(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, ys, t, a, b)
+                    excess[a] -= 1
+                    excess[b] += 1
+            if out.shape[0] > rounds:
+                out[rounds] = nv
+            rounds += 1
+            if nv == 0:
+                status = OK
+            elif lacked:
+                status = NEED_ROOM
+            elif rounds >= max_rounds:
+                status = ROUNDS
+        if status >= 0:
             for t in range(T):  # write the state back: a top-k per token (feasible when no excess is left)
                 j = 0
                 for i in range(ncand[t]):
@@ -599,9 +814,12 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach):
                     if slot[t, e] > 0:
                         sel[t, j] = e
                         j += 1
-            return (BUDGET if any_excess else OK), aug, pops
+            return status, aug, pops, rounds
+        if not any_excess:
+            continue
         for v in range(E + 1):
             dist[v] = 0.0 if excess[v] > 0 else np.inf
+            key[v] = dist[v]  # dist of the nodes not yet settled, inf once settled
             pred[v] = -1
             done[v] = False
         target = -1
@@ -609,42 +827,43 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach):
             u = -1
             best = np.inf
             for v in range(E + 1):
-                if not done[v] and dist[v] < best:
-                    best = dist[v]
+                if key[v] < best:
+                    best = key[v]
                     u = v
             if u < 0:
                 for v in range(E + 1):
                     reach[v] = done[v]
-                return NO_PATH, aug, pops
+                return NO_PATH, aug, pops, rounds
             done[u] = True
+            key[u] = np.inf
             pops += 1
             if excess[u] < 0:
                 target = u
                 break
             du = dist[u]
+            # weights are clipped at 0, so a settled node (dist <= du) is never improved: no check needed
             if u < E:
                 qu = q[u]
                 for f in range(E):
-                    if not done[f] and cnt[u, f] > 0:
-                        w = rawk[u, f, 0] - qu + q[f]
-                        if w < 0.0:
-                            w = 0.0
-                        if du + w < dist[f]:
-                            dist[f] = du + w
-                            pred[f] = u
-                if g[u] < cap[u] and not done[E]:
-                    w = -qu
-                    if w < 0.0:
-                        w = 0.0
-                    if du + w < dist[E]:
-                        dist[E] = du + w
+                    w = rawk[u, f, 0] - qu + q[f]  # +inf for an arc without tokens
+                    nd = du + (w if w > 0.0 else 0.0)
+                    if nd < dist[f]:
+                        dist[f] = nd
+                        key[f] = nd
+                        pred[f] = u
+                if g[u] < cap[u]:
+                    nd = du + (-qu if qu < 0.0 else 0.0)
+                    if nd < dist[E]:
+                        dist[E] = nd
+                        key[E] = nd
                         pred[E] = u
             else:
                 for f in range(E):
-                    if not done[f] and g[f] > 0:
-                        w = q[f]
-                        if du + w < dist[f]:
-                            dist[f] = du + w
+                    if g[f] > 0:
+                        nd = du + q[f]
+                        if nd < dist[f]:
+                            dist[f] = nd
+                            key[f] = nd
                             pred[f] = E
         D = dist[target]
         dS = min(dist[E], D)
@@ -676,7 +895,7 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach):
         aug += 1
 
 
-_PY = {"ssp": ssp, "prepare": prepare, "auction": auction, "candidates": candidates_from_lists,
+_PY = {"ssp": ssp, "prepare": prepare, "lift": lift, "auction": auction, "candidates": candidates_from_lists,
        "top_k": top_k_of_candidates, "violations": violations, "add_best": add_best, "loads": loads_of}
 _COMPILED: dict | None = None
 
@@ -700,7 +919,7 @@ def kernels(use_numba: bool = True) -> dict:
 
         # helpers are inlined into their callers: a call that passes arrays costs two atomic reference
         # counts per array, which dominated the auction's and the paths' inner loops
-        for name in ("_select", "_rebuild", "_recompute", "_delete", "_move"):
+        for name in ("_select", "_top_row", "_rebuild", "_recompute", "_delete", "_move"):
             ns[name] = comp(globals()[name])
         for name in ("_kth_smallest_small", "_best_alt", "_insert"):
             ns[name] = comp(globals()[name], inline="always")

@@ -45,7 +45,8 @@ PYTHON_LIMIT = 20_000  # T*E above which, without numba, the flow back-end finis
 CHUNK = 200_000  # augmentations per kernel call (the clock is read between calls)
 DEFAULT_LIST = 4  # experts listed per token beyond its k (the auction's alternatives, the paths' candidates)
 AUCTION_STEPS_PER_EXPERT = 200  # the auction's step budget, per expert
-REBUILD_FACTOR = 4
+REBUILD_FACTOR = 1
+LIFT_STEPS = 1  # Jacobi price steps before the auction
 STALL = 0.5  # the auction hands over once the last E steps removed fewer units of excess per step
 
 
@@ -77,7 +78,7 @@ def _check_options(warm_start: Any, E: int, candidates: Any, auction_steps: Any,
 
 def fast_route(scores: np.ndarray, k: int, capacity: np.ndarray, *, warm_start: np.ndarray | None = None,
                candidates: int | None = None, auction_steps: int | None = None, stall: float = STALL,
-               max_rounds: int = 4, deadline: float | None = None,
+               max_rounds: int = 4, deadline: float | None = None, lift_steps: int = LIFT_STEPS,
                use_numba: bool = True) -> tuple[np.ndarray | None, np.ndarray, dict[str, Any]]:
     """The exact routing of ``scores`` [T, E] (see the module docstring).
 
@@ -106,6 +107,9 @@ def fast_route(scores: np.ndarray, k: int, capacity: np.ndarray, *, warm_start: 
     bound = np.empty(T)
     kern["prepare"](sc, q, k, M, s, sel, held, lst, lstv, nl, bound)
     times = stats["times"] = {"prepare": time.perf_counter() - t0}
+    if lift_steps:
+        stats["lift_rescans"] = int(kern["lift"](s, k, cap, q, sel, held, lst, lstv, nl, bound, int(lift_steps)))
+        times["lift"] = time.perf_counter() - t0
     steps = (AUCTION_STEPS_PER_EXPERT * E) if auction_steps is None else int(auction_steps)
     out = np.zeros(4, dtype=np.int64)
     kern["auction"](s, k, cap, q, sel, held, lst, lstv, nl, bound, steps, float(stall), out)
@@ -113,7 +117,7 @@ def fast_route(scores: np.ndarray, k: int, capacity: np.ndarray, *, warm_start: 
     stats["auction"] = {"steps": int(out[0]), "evictions": int(out[1]), "list_refreshes": int(out[2]),
                         "excess_left": int(out[3])}
     extra = min(E, max(2, k // 2))  # candidates added per token and round
-    cand = np.empty((T, min(E, 2 * k + M + 2 * extra)), dtype=np.int64)
+    cand = np.empty((T, min(E, k + W + 2 + 2 * extra)), dtype=np.int64)  # room for the certificate's additions
     ncand = np.empty(T, dtype=np.int64)
     kern["candidates"](sel, lst, nl, cand, ncand)
     del held, lst, lstv, nl, bound
@@ -126,44 +130,41 @@ def fast_route(scores: np.ndarray, k: int, capacity: np.ndarray, *, warm_start: 
     tol = 1e-12 * max(span, float(q.max(initial=0.0)), np.finfo(float).tiny)
     out = np.empty(T, dtype=np.int64)
     reach = np.zeros(E + 1, dtype=np.bool_)
-    aug = pops = 0
-    rounds = 0
+    vout = np.zeros(64, dtype=np.int64)
+    aug = pops = rounds = calls = 0
+    violations: list[int] = []
     while True:
-        rounds += 1
-        while True:
-            status, a, p = kern["ssp"](s, cand, ncand, sel, cap, q, CHUNK, reach)
-            aug += int(a)
-            pops += int(p)
-            times[f"ssp{rounds}"] = time.perf_counter() - t0
-            if status != K.BUDGET:
-                break
-            if deadline is not None and time.perf_counter() > deadline:
-                stats.update(augmentations=aug, dijkstra_pops=pops, rounds=rounds)
-                return None, q, stats
-        if rounds > max_rounds + 2 or (status == K.NO_PATH and int(ncand.min()) >= E):
-            # cannot happen on a feasible problem (the last rounds solve the full problem): say so
-            stats.update(augmentations=aug, dijkstra_pops=pops, rounds=rounds,
+        calls += 1
+        status, a, p, r = kern["ssp"](s, cand, ncand, sel, cap, q, CHUNK, reach, tol, int(max_rounds), vout)
+        aug += int(a)
+        pops += int(p)
+        rounds += int(r)
+        violations += [int(v) for v in vout[: min(int(r), vout.size)]]
+        times[f"paths{calls}"] = time.perf_counter() - t0
+        if status == K.OK:
+            break
+        if calls > max_rounds + 3 or (status == K.NO_PATH and int(ncand.min()) >= E):
+            # cannot happen on a feasible problem (the last calls solve the full problem): say so
+            stats.update(augmentations=aug, dijkstra_pops=pops, rounds=rounds, violations=violations,
                          failed="no augmenting path" if status == K.NO_PATH else "certificate rounds exhausted")
             return None, q, stats
+        if deadline is not None and time.perf_counter() > deadline:
+            stats.update(augmentations=aug, dijkstra_pops=pops, rounds=rounds, violations=violations)
+            return None, q, stats
+        if status == K.BUDGET:
+            continue
         if status == K.NO_PATH:
             # no feasible routing within the candidates: open the experts the excess could not reach
             rows, allowed = np.arange(T), ~reach[:E]
-            stats.setdefault("violations", []).append(-1)
-        else:
-            bad = out[: kern["violations"](s, sel, q, tol, out)].copy()
-            times[f"certify{rounds}"] = time.perf_counter() - t0
-            if bad.size == 0:
-                break
-            rows, allowed = bad, np.ones(E, dtype=np.bool_)
-            stats.setdefault("violations", []).append(int(bad.size))
-        if deadline is not None and time.perf_counter() > deadline:
-            stats.update(augmentations=aug, dijkstra_pops=pops, rounds=rounds)
-            return None, q, stats
-        if rounds >= max_rounds:  # the full problem: every expert is a candidate of every token
+            violations.append(-1)
+        else:  # NEED_ROOM or ROUNDS: wider candidate lists for the tokens that still prefer an outsider
+            rows = out[: kern["violations"](s, sel, q, tol, out)].copy()
+            allowed = np.ones(E, dtype=np.bool_)
+        if calls >= max_rounds:  # the full problem: every expert is a candidate of every token
             rows, allowed, nadd = np.arange(T), np.ones(E, dtype=np.bool_), E
         else:
             nadd = extra
-        need = int(ncand[rows].max(initial=0)) + nadd
+        need = int(ncand[rows].max(initial=0)) + nadd + extra
         if need > cand.shape[1] and cand.shape[1] < E:
             wider = np.empty((T, min(E, need)), dtype=np.int64)
             wider[:, : cand.shape[1]] = cand
@@ -173,6 +174,8 @@ def fast_route(scores: np.ndarray, k: int, capacity: np.ndarray, *, warm_start: 
             sub = np.empty((rows.size, k), dtype=np.int64)
             kern["top_k"](np.ascontiguousarray(s[rows]), np.ascontiguousarray(cand[rows]), ncand[rows], k, q, sub)
             sel[rows] = sub
+    if violations:
+        stats["violations"] = violations
     stats.update(augmentations=aug, dijkstra_pops=pops, rounds=rounds, seconds=time.perf_counter() - t0)
     return np.sort(sel, axis=1), q, stats
 
