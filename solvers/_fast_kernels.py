@@ -91,14 +91,46 @@ def _kth_smallest_small(a, n, r, buf):
     return buf[r - 1]
 
 
-def _top_row(s, q, k, M, t, sel, held, lst, lstv, nl, bound, buf, bi):
-    """Row t from scratch: ``sel[t]`` = a top-k of ``s[t] - q`` (``held[t]`` set; the caller clears the old
-    one), the next M experts listed with their scores, and the (k+M+1)-th value as the bound."""
-    E = s.shape[1]
-    K = k + M + 1
+def _top_values(vals, E, K, buf, bi, ids):
+    """The K largest of ``vals[:E]`` into ``buf`` (descending) and their indices into ``bi``; returns how
+    many (min(K, E)). A threshold from every 4th value (the r-th largest of them, r chosen so that about 2K
+    of the row pass) filters the row without branches, and only the survivors go through the sorted
+    insertion, which is what costs (``ids``: [E] scratch). Rows where fewer than K pass are inserted whole."""
+    n = E
+    if E >= 4 * K:
+        S = (E + 3) // 4
+        r = min(S, 2 * K * S // E + 2)
+        nb = 0
+        for i in range(S):  # the r largest of the sample, descending
+            v = vals[4 * i]
+            if nb < r:
+                j = nb
+                nb += 1
+            elif v > buf[r - 1]:
+                j = r - 1
+            else:
+                continue
+            while j > 0 and buf[j - 1] < v:
+                buf[j] = buf[j - 1]
+                j -= 1
+            buf[j] = v
+        tau = buf[r - 1]
+        c = 0
+        for e in range(E):
+            ids[c] = e
+            c += vals[e] >= tau
+        if c >= K:
+            n = c
+        else:
+            for e in range(E):
+                ids[e] = e
+    else:
+        for e in range(E):
+            ids[e] = e
     nb = 0
-    for e in range(E):
-        v = s[t, e] - q[e]
+    for i in range(n):
+        e = ids[i]
+        v = vals[e]
         if nb < K:
             j = nb
             nb += 1
@@ -112,26 +144,49 @@ def _top_row(s, q, k, M, t, sel, held, lst, lstv, nl, bound, buf, bi):
             j -= 1
         buf[j] = v
         bi[j] = e
+    return nb
+
+
+def _top_row(s, q, k, M, t, sel, held, lst, lstv, nl, bound, buf, bi, vals, ids):
+    """Row t from scratch: ``sel[t]`` = a top-k of ``s[t] - q`` (``held[t]`` set; the caller clears the old
+    one), the next M experts listed with their scores, and the (k+M+1)-th value as the bound."""
+    E = s.shape[1]
+    K = k + M + 1
+    for e in range(E):
+        vals[e] = s[t, e] - q[e]
+    nb = _top_values(vals, E, K, buf, bi, ids)
     for j in range(k):
         sel[t, j] = bi[j]
         held[t, bi[j]] = True
-    n = min(nb, K - 1) - k
-    for j in range(n):
+    m = min(nb, K - 1) - k
+    for j in range(m):
         e = bi[k + j]
         lst[t, j] = e
         lstv[t, j] = s[t, e]
-    nl[t] = n
+    nl[t] = m
     bound[t] = buf[K - 1] if nb == K else -np.inf
 
 
-def prepare(scores, q, k, M, s, sel, held, lst, lstv, nl, bound):
-    """One pass over ``scores`` [T, E]: ``s`` = scores minus each row's maximum; ``sel[t]`` = a top-k of
-    ``s[t] - q`` (``held[t]`` its membership); ``lst[t, :nl[t]]`` = the next M experts (never a held one) with
-    their scores ``lstv``; ``bound[t]`` = the (k+M+1)-th value of the row (-inf when it has no more): while
-    prices only rise, no expert outside the list is worth more to t than that."""
+def prepare(scores, q, k, M, cap, lift, s, sel, held, lst, lstv, nl, bound):
+    """Two passes over ``scores`` [T, E], in place on ``q``.
+
+    Pass 1: ``s`` = scores minus each row's maximum, and, when ``lift``, one Jacobi step on the prices:
+    every over-full expert's price rises at once by the (cap_e+1)-th largest margin of its tokens (margin: a
+    token's value for e under ``s - q`` minus its (k+1)-th value), which is what the auction's first step for
+    e alone would do. From zero prices the step stays below the optimal prices in practice (raising the
+    others' prices only raises e's margins; on 30 random instances it never rose above the prices ``fast``
+    ends with), and it about halves the auction's work: the hot experts' prices move in bulk instead of
+    token by token. Correctness does not depend on it: the shortest paths repair any deficit it leaves. Pass 2: ``sel[t]`` = a top-k of ``s[t] - q`` (``held[t]`` its membership),
+    ``lst[t, :nl[t]]`` = the next M experts (never a held one) with their scores ``lstv``, ``bound[t]`` = the
+    (k+M+1)-th value of the row (-inf when it has no more): while prices only rise, no expert outside the
+    list is worth more to t than that."""
     T, E = scores.shape
-    buf = np.empty(k + M + 1)
-    bi = np.empty(k + M + 1, dtype=np.int64)
+    K = k + M + 1
+    buf = np.empty(K)
+    bi = np.empty(K, dtype=np.int64)
+    vals = np.empty(E)
+    ids = np.empty(E, dtype=np.int64)
+    marg = np.empty((T, k)) if lift else np.empty((0, k))
     for t in range(T):
         mx = scores[t, 0]
         for e in range(1, E):
@@ -139,32 +194,15 @@ def prepare(scores, q, k, M, s, sel, held, lst, lstv, nl, bound):
                 mx = scores[t, e]
         for e in range(E):
             s[t, e] = scores[t, e] - mx
-        _top_row(s, q, k, M, t, sel, held, lst, lstv, nl, bound, buf, bi)
-
-
-def lift(s, k, cap, q, sel, held, lst, lstv, nl, bound, iterations):
-    """Jacobi price steps before the auction, in place (the state is as :func:`prepare` leaves it).
-
-    Each step raises every over-full expert's price at once by the (cap_e+1)-th largest margin of its tokens
-    (what the auction's first step for e alone would do), then every token takes its top-k of ``s - q``
-    again, from its held and listed experts when that is provably its top-k (the k-th value still reaches its
-    bound), from its full row otherwise. From zero prices every step stays below the optimal prices (raising
-    other prices only raises e's margins), and one step about halves the auction's work: the hot experts'
-    prices move in bulk instead of token by token. Returns the number of full-row rescans."""
-    T, E = s.shape
-    M = lst.shape[1]
-    start = np.zeros(E + 1, dtype=np.int64)
-    marg = np.empty(T * k)
-    vals = np.empty(k + M)
-    ids = np.empty(k + M, dtype=np.int64)
-    buf = np.empty(k + M + 1)
-    bi = np.empty(k + M + 1, dtype=np.int64)
-    alt = np.empty(T)
-    fill = np.empty(E, dtype=np.int64)
-    rescans = 0
-    for it in range(iterations):
-        for e in range(E + 1):
-            start[e] = 0
+        if lift:
+            for e in range(E):
+                vals[e] = s[t, e] - q[e]
+            _top_values(vals, E, k + 1, buf, bi, ids)  # the k+1 largest, descending
+            for j in range(k):
+                sel[t, j] = bi[j]
+                marg[t, j] = buf[j] - buf[k]
+    if lift:
+        start = np.zeros(E + 1, dtype=np.int64)
         for t in range(T):
             for j in range(k):
                 start[sel[t, j] + 1] += 1
@@ -173,78 +211,22 @@ def lift(s, k, cap, q, sel, held, lst, lstv, nl, bound, iterations):
             if start[e + 1] > cap[e]:
                 over = True
             start[e + 1] += start[e]
-        if not over:
-            break
-        for e in range(E):
-            fill[e] = start[e]
-        for t in range(T):
-            b = -np.inf
-            for j in range(nl[t]):
-                v = lstv[t, j] - q[lst[t, j]]
-                if v > b:
-                    b = v
-            if b < bound[t]:  # a non-listed expert may be t's best other: its true value is needed
-                b = bound[t]
-                for e in range(E):
-                    if not held[t, e]:
-                        v = s[t, e] - q[e]
-                        if v > b:
-                            b = v
-            alt[t] = b
-            for j in range(k):
-                e = sel[t, j]
-                marg[fill[e]] = (s[t, e] - q[e]) - b
-                fill[e] += 1
-        qn = q.copy()
-        for e in range(E):
-            L = start[e + 1] - start[e]
-            if L > cap[e]:
-                d = _select(marg[start[e]:start[e + 1]], L, L - cap[e] - 1)
-                if d > 0.0:
-                    qn[e] = q[e] + d
-        for e in range(E):
-            q[e] = qn[e]
-        for t in range(T):
-            n = 0
-            for j in range(k):
-                e = sel[t, j]
-                ids[n] = e
-                vals[n] = s[t, e] - q[e]
-                n += 1
-            for j in range(nl[t]):
-                e = lst[t, j]
-                ids[n] = e
-                vals[n] = s[t, e] - q[e]
-                n += 1
-            # the n - k smallest become the list, the k largest are held
-            for j in range(n - k):
-                m = j
-                for i in range(j + 1, n):
-                    if vals[i] < vals[m]:
-                        m = i
-                v = vals[j]
-                vals[j] = vals[m]
-                vals[m] = v
-                e = ids[j]
-                ids[j] = ids[m]
-                ids[m] = e
-            if n > k and vals[n - k] < bound[t]:  # a non-listed expert may beat a held one: the full row
+        if over:
+            fill = start[:E].copy()
+            col = np.empty(T * k)
+            for t in range(T):
                 for j in range(k):
-                    held[t, sel[t, j]] = False
-                _top_row(s, q, k, M, t, sel, held, lst, lstv, nl, bound, buf, bi)
-                rescans += 1
-                continue
-            for j in range(k):
-                held[t, sel[t, j]] = False
-            for j in range(k):
-                e = ids[n - k + j]
-                sel[t, j] = e
-                held[t, e] = True
-            for j in range(n - k):
-                lst[t, j] = ids[j]
-                lstv[t, j] = s[t, ids[j]]
-            nl[t] = n - k
-    return rescans
+                    e = sel[t, j]
+                    col[fill[e]] = marg[t, j]
+                    fill[e] += 1
+            for e in range(E):
+                L = start[e + 1] - start[e]
+                if L > cap[e]:
+                    d = _select(col[start[e]:start[e + 1]], L, L - cap[e] - 1)
+                    if d > 0.0:
+                        q[e] += d
+    for t in range(T):
+        _top_row(s, q, k, M, t, sel, held, lst, lstv, nl, bound, buf, bi, vals, ids)
 
 
 def _rebuild(s, q, held, t, lst, lstv, nl, bound, buf, bi):
@@ -895,7 +877,7 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out):
         aug += 1
 
 
-_PY = {"ssp": ssp, "prepare": prepare, "lift": lift, "auction": auction, "candidates": candidates_from_lists,
+_PY = {"ssp": ssp, "prepare": prepare, "auction": auction, "candidates": candidates_from_lists,
        "top_k": top_k_of_candidates, "violations": violations, "add_best": add_best, "loads": loads_of}
 _COMPILED: dict | None = None
 
@@ -919,9 +901,9 @@ def kernels(use_numba: bool = True) -> dict:
 
         # helpers are inlined into their callers: a call that passes arrays costs two atomic reference
         # counts per array, which dominated the auction's and the paths' inner loops
-        for name in ("_select", "_top_row", "_rebuild", "_recompute", "_delete", "_move"):
+        for name in ("_select", "_rebuild", "_recompute", "_delete", "_move"):
             ns[name] = comp(globals()[name])
-        for name in ("_kth_smallest_small", "_best_alt", "_insert"):
+        for name in ("_kth_smallest_small", "_top_values", "_top_row", "_best_alt", "_insert"):
             ns[name] = comp(globals()[name], inline="always")
         _COMPILED = {key: comp(f) for key, f in _PY.items()}
     return _COMPILED

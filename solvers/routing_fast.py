@@ -46,7 +46,6 @@ CHUNK = 200_000  # augmentations per kernel call (the clock is read between call
 DEFAULT_LIST = 4  # experts listed per token beyond its k (the auction's alternatives, the paths' candidates)
 AUCTION_STEPS_PER_EXPERT = 200  # the auction's step budget, per expert
 REBUILD_FACTOR = 1
-LIFT_STEPS = 1  # Jacobi price steps before the auction
 STALL = 0.5  # the auction hands over once the last E steps removed fewer units of excess per step
 
 
@@ -78,7 +77,7 @@ def _check_options(warm_start: Any, E: int, candidates: Any, auction_steps: Any,
 
 def fast_route(scores: np.ndarray, k: int, capacity: np.ndarray, *, warm_start: np.ndarray | None = None,
                candidates: int | None = None, auction_steps: int | None = None, stall: float = STALL,
-               max_rounds: int = 4, deadline: float | None = None, lift_steps: int = LIFT_STEPS,
+               max_rounds: int = 4, deadline: float | None = None, lift: bool = True,
                use_numba: bool = True) -> tuple[np.ndarray | None, np.ndarray, dict[str, Any]]:
     """The exact routing of ``scores`` [T, E] (see the module docstring).
 
@@ -105,11 +104,8 @@ def fast_route(scores: np.ndarray, k: int, capacity: np.ndarray, *, warm_start: 
     lstv = np.empty((T, W))
     nl = np.empty(T, dtype=np.int64)
     bound = np.empty(T)
-    kern["prepare"](sc, q, k, M, s, sel, held, lst, lstv, nl, bound)
+    kern["prepare"](sc, q, k, M, cap, bool(lift), s, sel, held, lst, lstv, nl, bound)
     times = stats["times"] = {"prepare": time.perf_counter() - t0}
-    if lift_steps:
-        stats["lift_rescans"] = int(kern["lift"](s, k, cap, q, sel, held, lst, lstv, nl, bound, int(lift_steps)))
-        times["lift"] = time.perf_counter() - t0
     steps = (AUCTION_STEPS_PER_EXPERT * E) if auction_steps is None else int(auction_steps)
     out = np.zeros(4, dtype=np.int64)
     kern["auction"](s, k, cap, q, sel, held, lst, lstv, nl, bound, steps, float(stall), out)
@@ -121,12 +117,15 @@ def fast_route(scores: np.ndarray, k: int, capacity: np.ndarray, *, warm_start: 
     ncand = np.empty(T, dtype=np.int64)
     kern["candidates"](sel, lst, nl, cand, ncand)
     del held, lst, lstv, nl, bound
+    times["cand"] = time.perf_counter() - t0
     stats["candidates"] = k + M
     # every expert with room becomes a candidate of the tokens that like it best: short, feasible paths
     room = kern["loads"](sel, E) < cap
     if room.any() and int(ncand.min()) < E:
         kern["add_best"](s, q, cand, ncand, room, min(2, E - k), np.arange(T))
+    times["room"] = time.perf_counter() - t0
     span = float(s.max() - s.min())
+    times["span"] = time.perf_counter() - t0
     tol = 1e-12 * max(span, float(q.max(initial=0.0)), np.finfo(float).tiny)
     out = np.empty(T, dtype=np.int64)
     reach = np.zeros(E + 1, dtype=np.bool_)

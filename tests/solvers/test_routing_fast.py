@@ -225,8 +225,9 @@ def test_a_broken_invariant_falls_back_to_the_flow(monkeypatch):
     assert sol.status == Status.OPTIMAL and sol.stats["engine"] == "mcf (no augmenting path)"
 
 
-def _auction_state(scores, k, cap, q, steps, M, use_numba):
-    """Run prepare + auction on ``scores`` and return the state (the kernels' own arrays)."""
+def _auction_state(scores, k, cap, q, steps, M, use_numba, lift=False):
+    """Run prepare + auction on ``scores`` and return the state (the kernels' own arrays) and the prices
+    ``prepare`` left (the lift's)."""
     kern = K.kernels(use_numba)
     T, E = scores.shape
     s = np.empty_like(scores)
@@ -236,19 +237,20 @@ def _auction_state(scores, k, cap, q, steps, M, use_numba):
     lstv = np.empty(lst.shape)
     nl = np.empty(T, dtype=np.int64)
     bound = np.empty(T)
-    kern["prepare"](scores, q, k, M, s, sel, held, lst, lstv, nl, bound)
+    kern["prepare"](scores, q, k, M, cap, lift, s, sel, held, lst, lstv, nl, bound)
+    lifted = q.copy()
     out = np.zeros(4, dtype=np.int64)
     kern["auction"](s, k, cap, q, sel, held, lst, lstv, nl, bound, steps, 0.0, out)
-    return s, sel, held, lst, lstv, nl, bound, out
+    return s, sel, held, lst, lstv, nl, bound, out, lifted
 
 
 @pytest.mark.parametrize("use_numba", [True, False])
 @pytest.mark.parametrize("seed", range(6))
 def test_auction_keeps_the_dual_feasible(seed, use_numba):
-    """After any number of auction steps: every token holds a top-k of its FULL row of s - q (checked from
-    the definition, not from the kernels' bookkeeping), its list holds only experts it does not hold, with
-    their own scores, and no expert outside the list beats the bound; an expert with a price is at least
-    full; prices never fall."""
+    """After the lift and any number of auction steps: every token holds a top-k of its FULL row of s - q
+    (checked from the definition, not from the kernels' bookkeeping), its list holds only experts it does not
+    hold, with their own scores, and no expert outside the list beats the bound; an expert the auction
+    raised is at least full; prices never fall."""
     rng = np.random.default_rng(seed)
     T, E, k = (300, 12, 3) if not use_numba else (1500, 24, 4)
     p = routing_problem(T, E, k, kind="zipf", imbalance=1.0 + 0.3 * seed, seed=seed)
@@ -257,10 +259,13 @@ def test_auction_keeps_the_dual_feasible(seed, use_numba):
         scores = np.round(scores * 20) / 20
     cap = np.minimum(p.capacity, T).astype(np.int64)
     q0 = np.zeros(E) if seed < 3 else rng.random(E) * 0.01 * (rng.random(E) < 0.3)
-    for steps in (0, 1, 7, 3000):
+    for steps, lift in ((0, False), (1, False), (7, True), (3000, False), (3000, True), (0, True)):
         q = q0.copy()
-        s, sel, held, lst, lstv, nl, bound, out = _auction_state(scores, k, cap, q, steps, 2, use_numba)
-        assert np.all(q >= q0)
+        s, sel, held, lst, lstv, nl, bound, out, lifted = _auction_state(scores, k, cap, q, steps, 2, use_numba,
+                                                                         lift)
+        assert np.all(q >= lifted) and np.all(lifted >= q0)
+        if not lift:
+            assert np.array_equal(lifted, q0)
         shifted = scores - scores.max(axis=1, keepdims=True)
         assert np.array_equal(s, shifted)
         red = shifted - q
@@ -280,7 +285,7 @@ def test_auction_keeps_the_dual_feasible(seed, use_numba):
         loads = np.bincount(sel.ravel(), minlength=E)
         excess = int(np.maximum(loads - cap, 0).sum())
         assert out[3] == excess
-        raised = q > q0
+        raised = q > lifted  # the auction's own raises leave an expert at least full
         assert np.all(loads[raised] >= cap[raised])
         assert out[0] <= steps
 
