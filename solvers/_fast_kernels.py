@@ -529,22 +529,22 @@ def _insert(rawk, argk, cnt, exh, x, y, w, t):
     Invariant: the list holds the cnt smallest values of the eligible tokens; ``exh`` says it holds all of
     them. A value above the list's largest can only join an exhaustive list with room."""
     c = cnt[x, y]
-    K = rawk.shape[2]
+    K = rawk.shape[0]
     if c == K:
-        if w >= rawk[x, y, K - 1]:
+        if w >= rawk[K - 1, x, y]:
             exh[x, y] = False
             return
         c = K - 1
         exh[x, y] = False
-    elif not exh[x, y] and (c == 0 or w >= rawk[x, y, c - 1]):
+    elif not exh[x, y] and (c == 0 or w >= rawk[c - 1, x, y]):
         return
     i = c
-    while i > 0 and rawk[x, y, i - 1] > w:
-        rawk[x, y, i] = rawk[x, y, i - 1]
-        argk[x, y, i] = argk[x, y, i - 1]
+    while i > 0 and rawk[i - 1, x, y] > w:
+        rawk[i, x, y] = rawk[i - 1, x, y]
+        argk[i, x, y] = argk[i - 1, x, y]
         i -= 1
-    rawk[x, y, i] = w
-    argk[x, y, i] = t
+    rawk[i, x, y] = w
+    argk[i, x, y] = t
     cnt[x, y] = c + 1
 
 
@@ -553,7 +553,7 @@ def _recompute(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, x, y
     for j in range(nys):
         y = ys[j]
         cnt[x, y] = 0
-        rawk[x, y, 0] = np.inf
+        rawk[0, x, y] = np.inf
         exh[x, y] = True
         mark[y] = True
     for i in range(load[x]):
@@ -563,7 +563,7 @@ def _recompute(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, x, y
             y = cand[t, j]
             if mark[y] and slot[t, y] < 0:
                 w = sx - s[t, y]
-                if cnt[x, y] < NBEST or w < rawk[x, y, NBEST - 1]:
+                if cnt[x, y] < NBEST or w < rawk[NBEST - 1, x, y]:
                     _insert(rawk, argk, cnt, exh, x, y, w, t)
                 else:
                     exh[x, y] = False
@@ -575,13 +575,13 @@ def _delete(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, ys, x, 
     """Token t is no longer eligible for arc (x, y): drop it from the list, rescanning an emptied one."""
     c = cnt[x, y]
     for i in range(c):
-        if argk[x, y, i] == t:
+        if argk[i, x, y] == t:
             for j in range(i, c - 1):
-                rawk[x, y, j] = rawk[x, y, j + 1]
-                argk[x, y, j] = argk[x, y, j + 1]
+                rawk[j, x, y] = rawk[j + 1, x, y]
+                argk[j, x, y] = argk[j + 1, x, y]
             cnt[x, y] = c - 1
             if c == 1:
-                rawk[x, y, 0] = np.inf
+                rawk[0, x, y] = np.inf
             if c == 1 and not exh[x, y]:
                 ys[0] = y
                 _recompute(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, x, ys, 1)
@@ -657,11 +657,11 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out):
             mem[a, load[a]] = t
             load[a] += 1
             slot[t, a] = load[a]
-    rawk = np.empty((E, E, NBEST))
+    rawk = np.empty((NBEST, E, E))  # [i, a, b]: the i-th smallest, contiguous over b for Dijkstra
     for a in range(E):
         for b in range(E):
-            rawk[a, b, 0] = np.inf  # invariant: an arc without tokens weighs +inf
-    argk = np.empty((E, E, NBEST), dtype=np.int64)
+            rawk[0, a, b] = np.inf  # invariant: an arc without tokens weighs +inf
+    argk = np.empty((NBEST, E, E), dtype=np.int64)
     cnt = np.zeros((E, E), dtype=np.int64)
     exh = np.ones((E, E), dtype=np.bool_)  # every list starts exhaustive (empty, nothing seen yet)
     nh = np.empty(cand.shape[1], dtype=np.int64)
@@ -682,7 +682,7 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out):
             for i in range(m):
                 b = nh[i]
                 w = sa - nhv[i]
-                if cnt[a, b] < NBEST or w < rawk[a, b, NBEST - 1]:  # the common case skips the call
+                if cnt[a, b] < NBEST or w < rawk[NBEST - 1, a, b]:  # the common case skips the call
                     _insert(rawk, argk, cnt, exh, a, b, w, t)
                 else:
                     exh[a, b] = False
@@ -806,12 +806,15 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out):
             done[v] = False
         target = -1
         while True:
-            u = -1
             best = np.inf
-            for v in range(E + 1):
-                if key[v] < best:
-                    best = key[v]
-                    u = v
+            for v in range(E + 1):  # a plain min (vectorised), then its first index
+                best = min(best, key[v])
+            u = -1
+            if best < np.inf:
+                for v in range(E + 1):
+                    if key[v] == best:
+                        u = v
+                        break
             if u < 0:
                 for v in range(E + 1):
                     reach[v] = done[v]
@@ -826,13 +829,13 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out):
             # weights are clipped at 0, so a settled node (dist <= du) is never improved: no check needed
             if u < E:
                 qu = q[u]
-                for f in range(E):
-                    w = rawk[u, f, 0] - qu + q[f]  # +inf for an arc without tokens
-                    nd = du + (w if w > 0.0 else 0.0)
-                    if nd < dist[f]:
-                        dist[f] = nd
-                        key[f] = nd
-                        pred[f] = u
+                for f in range(E):  # branch-free, so that it vectorises
+                    w = rawk[0, u, f] - qu + q[f]  # +inf for an arc without tokens
+                    nd = du + max(w, 0.0)
+                    better = nd < dist[f]
+                    dist[f] = nd if better else dist[f]
+                    key[f] = nd if better else key[f]
+                    pred[f] = u if better else pred[f]
                 if g[u] < cap[u]:
                     nd = du + (-qu if qu < 0.0 else 0.0)
                     if nd < dist[E]:
@@ -859,7 +862,7 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out):
             u = pred[v]
             path_u[n] = u
             path_v[n] = v
-            path_tok[n] = argk[u, v, 0] if (u < E and v < E) else -1
+            path_tok[n] = argk[0, u, v] if (u < E and v < E) else -1
             n += 1
             v = u
         source = v
