@@ -9,10 +9,10 @@ and answer in the same library, device and dtype (torch: float32 state on the in
 - :class:`BIPBalancer`: the per-batch dual (price) iteration of BIP-based balancing (arXiv 2502.15451):
   ``p_t = (k+1)-th largest of scores[t] - q`` then ``q_e = max(0, (c+1)-th largest of scores[:, e] - p)``
   with ``c = ceil(capacity_factor * T * k / E)``, a fixed number of inner iterations per batch, warm-started
-  from the previous batch's q (:func:`moebalance.solvers.routing_prices.price_iteration`, the one
-  implementation ``dual`` uses too). On torch input (a GPU router) the step is tensors only, with no host
-  synchronisation; :meth:`BIPBalancer.certificate` proves, off the hot path, how far the last batch's prices
-  are from the optimal ones (their Lagrangian bound against the exact optimum of ``fast``).
+  from the previous batch's q (:func:`moebalance.solvers.routing_prices.price_iteration`). On torch input
+  (a GPU router) the step is tensors only, with no host synchronisation; :meth:`BIPBalancer.certificate`
+  proves, off the hot path, how far the last batch's prices are from the optimal ones (their Lagrangian bound
+  against the exact optimum of ``fast``).
 
 Bad input is refused with a ValueError naming the argument: NaN or inf loads and scores included (a torch
 tensor on an accelerator is checked without a host synchronisation: the bias then stays as it was and an

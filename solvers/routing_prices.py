@@ -8,7 +8,7 @@ Block-coordinate descent on the Lagrangian dual of capacitated top-k routing, al
 Any ``q >= 0`` certifies the upper bound ``sum_t topk(scores[t] - q) + q . min(c, T)`` on the optimum
 (:func:`dual_bound`). The iteration reaches near-optimal prices in a few sweeps but is not exact in general:
 the exact method ``fast`` (:mod:`moebalance.solvers.routing_fast`) starts from it and finishes by shortest
-paths. ``dual`` and both balancers call this one function; with a torch tensor it runs on the tensor's device
+paths. Both balancers call this one function; with a torch tensor it runs on the tensor's device
 with tensors only (a fixed number of sweeps, no host synchronisation).
 """
 

@@ -32,8 +32,8 @@ def test_unknown_method_lists_valid_ones(problem):
 
 
 def test_unknown_option_lists_valid_ones(problem):
-    with pytest.raises(ValueError, match=r"unknown option.*'iters'.*valid options: .*iterations"):
-        solve(problem, "dual", iters=3)
+    with pytest.raises(ValueError, match=r"unknown option.*'maxcost'.*valid options: .*max_cost"):
+        solve(problem, "mcf", maxcost=3)
 
 
 @pytest.mark.parametrize("bad", [0, -1, float("nan"), float("inf"), "soon"])

@@ -94,7 +94,7 @@ def test_study_plots_keep_coinciding_curves_visible(tmp_path, figures):
 
 def test_report_plots(tmp_path, figures):
     data = _routing()
-    report._routing_plots(data["instances"], ["mcf", "dual", "topk"], tmp_path)
+    report._routing_plots(data["instances"], ["mcf", "greedy", "topk"], tmp_path)
     report._placement_plot(_placement()["gap_table"]["summary"], tmp_path)
     assert len(figures) == 2
     for fig in figures:

@@ -22,18 +22,18 @@ def _routing() -> dict:
 
     insts = [
         {"name": "T=64 E=4 k=1", "T": 64, "E": 4, "k": 1, "topk_load_ratio": 2.0,
-         "results": {"mcf": res(0.01, 0.0), "dual": res(0.02, 3e-4, "feasible"),
+         "results": {"mcf": res(0.01, 0.0), "greedy": res(0.02, 3e-4, "feasible"),
                      "topk": res(0.001, -0.2, "infeasible", False)}},
         {"name": "T=128 E=8 k=2", "T": 128, "E": 8, "k": 2, "topk_load_ratio": 3.0,
-         "results": {"mcf": res(0.03, 0.0), "dual": {"skipped": "skipped (>60 s at T=64, E=4)"},
+         "results": {"mcf": res(0.03, 0.0), "greedy": {"skipped": "skipped (>60 s at T=64, E=4)"},
                      "topk": res(0.002, -0.3, "infeasible", False)}},
     ]
     return {"benchmark": "routing_solvers", "machine": {"cpu_model": "test cpu", "cores": 2,
                                                        "load_average_at_start": [1.0, 1.0, 1.0]},
-            "config": {"methods": ["mcf", "dual", "topk"], "capacity_factor": 1.0, "time_cap_s": 60.0,
+            "config": {"methods": ["mcf", "greedy", "topk"], "capacity_factor": 1.0, "time_cap_s": 60.0,
                        "reference": "mcf", "quick": True},
             "instances": insts, "warnings": [],
-            "targets": [{"name": "dual_gap", "met": True, "line": "target met: dual within 0.03% (test)"}]}
+            "targets": [{"name": "fast_small", "met": True, "line": "target met: fast 3.0x faster than mcf (test)"}]}
 
 
 def _placement() -> dict:
@@ -96,9 +96,9 @@ def test_full_report_from_small_inputs(tmp_path, study_json):
         assert title in md
     assert "not yet run" not in md
     assert set(res.inputs) == {"routing", "placement", "calibration", "study"}
-    # the routing summary is computed from the instances: dual ran once of two, its gap 3e-4; topk infeasible
-    assert re.search(r"\| dual \| 1/2 \| 3\.0e-04 \| 3\.0e-04 \|", md), md
-    assert "| topk | 2/2 | - | - |" in md and "target met: dual within 0.03% (test)" in md
+    # the routing summary is computed from the instances: greedy ran once of two, its gap 3e-4; topk infeasible
+    assert re.search(r"\| greedy \| 1/2 \| 3\.0e-04 \| 3\.0e-04 \|", md), md
+    assert "| topk | 2/2 | - | - |" in md and "target met: fast 3.0x faster than mcf (test)" in md
     assert "| toy P=4 | 1 | 150.00% | 30.00% | 60.00% | 5.00% | 1.00% |" in md
     assert "Measured cost model from `ep_cost_model_testcpu.json`" in md and "calibrated-testcpu" in md
     assert "olmoe/all-layers" in md and "mixtral/all-layers" in md
