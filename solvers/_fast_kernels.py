@@ -179,7 +179,8 @@ def prepare(scores, q, k, M, cap, lift, s, sel, held, lst, lstv, nl, bound):
     token by token. Correctness does not depend on it: the shortest paths repair any deficit it leaves. Pass 2: ``sel[t]`` = a top-k of ``s[t] - q`` (``held[t]`` its membership),
     ``lst[t, :nl[t]]`` = the next M experts (never a held one) with their scores ``lstv``, ``bound[t]`` = the
     (k+M+1)-th value of the row (-inf when it has no more): while prices only rise, no expert outside the
-    list is worth more to t than that."""
+    list is worth more to t than that. Returns False, after pass 1 only, when ``lift`` finds no expert
+    over-full (``sel`` is then a top-k of every row; ``held`` and the lists are not built: :func:`relist`)."""
     T, E = scores.shape
     K = k + M + 1
     buf = np.empty(K)
@@ -225,6 +226,19 @@ def prepare(scores, q, k, M, cap, lift, s, sel, held, lst, lstv, nl, bound):
                     d = _select(col[start[e]:start[e + 1]], L, L - cap[e] - 1)
                     if d > 0.0:
                         q[e] += d
+        else:
+            return False  # no expert is over-full: ``sel`` is the top-k; held and lists are left unbuilt
+    relist(s, q, k, M, sel, held, lst, lstv, nl, bound)
+    return True
+
+
+def relist(s, q, k, M, sel, held, lst, lstv, nl, bound):
+    """:func:`prepare`'s second pass: every row's top-k, list and bound under ``q``."""
+    T, E = s.shape
+    buf = np.empty(k + M + 1)
+    bi = np.empty(k + M + 1, dtype=np.int64)
+    vals = np.empty(E)
+    ids = np.empty(E, dtype=np.int64)
     for t in range(T):
         _top_row(s, q, k, M, t, sel, held, lst, lstv, nl, bound, buf, bi, vals, ids)
 
@@ -880,7 +894,7 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out):
         aug += 1
 
 
-_PY = {"ssp": ssp, "prepare": prepare, "auction": auction, "candidates": candidates_from_lists,
+_PY = {"ssp": ssp, "prepare": prepare, "relist": relist, "auction": auction, "candidates": candidates_from_lists,
        "top_k": top_k_of_candidates, "violations": violations, "add_best": add_best, "loads": loads_of}
 _COMPILED: dict | None = None
 
@@ -904,7 +918,7 @@ def kernels(use_numba: bool = True) -> dict:
 
         # helpers are inlined into their callers: a call that passes arrays costs two atomic reference
         # counts per array, which dominated the auction's and the paths' inner loops
-        for name in ("_select", "_rebuild", "_recompute", "_delete", "_move"):
+        for name in ("_select", "_rebuild", "_recompute", "_delete", "_move", "relist"):
             ns[name] = comp(globals()[name])
         for name in ("_kth_smallest_small", "_top_values", "_top_row", "_best_alt", "_insert"):
             ns[name] = comp(globals()[name], inline="always")

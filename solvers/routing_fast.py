@@ -104,14 +104,26 @@ def fast_route(scores: np.ndarray, k: int, capacity: np.ndarray, *, warm_start: 
     lstv = np.empty((T, W))
     nl = np.empty(T, dtype=np.int64)
     bound = np.empty(T)
-    kern["prepare"](sc, q, k, M, cap, bool(lift), s, sel, held, lst, lstv, nl, bound)
+    built = kern["prepare"](sc, q, k, M, cap, bool(lift), s, sel, held, lst, lstv, nl, bound)
     times = stats["times"] = {"prepare": time.perf_counter() - t0}
+    if not built:  # no expert is over-full under q: optimal as it stands when every priced expert is full
+        loads = kern["loads"](sel, E)
+        if not np.any((q > 0) & (loads < cap)):
+            stats.update(augmentations=0, rounds=0, auction={"steps": 0, "evictions": 0, "list_refreshes": 0,
+                                                             "excess_left": 0})
+            return np.sort(sel, axis=1), q, stats
+        kern["relist"](s, q, k, M, sel, held, lst, lstv, nl, bound)
     steps = (AUCTION_STEPS_PER_EXPERT * E) if auction_steps is None else int(auction_steps)
     out = np.zeros(4, dtype=np.int64)
     kern["auction"](s, k, cap, q, sel, held, lst, lstv, nl, bound, steps, float(stall), out)
     times["auction"] = time.perf_counter() - t0
     stats["auction"] = {"steps": int(out[0]), "evictions": int(out[1]), "list_refreshes": int(out[2]),
                         "excess_left": int(out[3])}
+    if out[3] == 0:  # nothing over-full: optimal as it stands when every priced expert is full
+        loads = kern["loads"](sel, E)
+        if not np.any((q > 0) & (loads < cap)):
+            stats.update(augmentations=0, rounds=0)
+            return np.sort(sel, axis=1), q, stats
     extra = min(E, max(2, k // 2))  # candidates added per token and round
     cand = np.empty((T, min(E, k + W + 2 + 2 * extra)), dtype=np.int64)  # room for the certificate's additions
     ncand = np.empty(T, dtype=np.int64)
