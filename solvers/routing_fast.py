@@ -46,6 +46,7 @@ CHUNK = 200_000  # augmentations per kernel call (the clock is read between call
 DEFAULT_LIST = 4  # experts listed per token beyond its k (the auction's alternatives, the paths' candidates)
 AUCTION_STEPS_PER_EXPERT = 200  # the auction's step budget, per expert
 REBUILD_FACTOR = 1
+LIFT_SAMPLE = 512  # tokens the Jacobi step before the auction samples (every (T // 512)-th)
 STALL = 0.5  # the auction hands over once the last E steps removed fewer units of excess per step
 
 
@@ -77,7 +78,7 @@ def _check_options(warm_start: Any, E: int, candidates: Any, auction_steps: Any,
 
 def fast_route(scores: np.ndarray, k: int, capacity: np.ndarray, *, warm_start: np.ndarray | None = None,
                candidates: int | None = None, auction_steps: int | None = None, stall: float = STALL,
-               max_rounds: int = 4, deadline: float | None = None, lift: bool = True,
+               max_rounds: int = 4, deadline: float | None = None, lift: int | None = None,
                use_numba: bool = True) -> tuple[np.ndarray | None, np.ndarray, dict[str, Any]]:
     """The exact routing of ``scores`` [T, E] (see the module docstring).
 
@@ -104,7 +105,8 @@ def fast_route(scores: np.ndarray, k: int, capacity: np.ndarray, *, warm_start: 
     lstv = np.empty((T, W))
     nl = np.empty(T, dtype=np.int64)
     bound = np.empty(T)
-    built = kern["prepare"](sc, q, k, M, cap, bool(lift), s, sel, held, lst, lstv, nl, bound)
+    stride = max(1, T // LIFT_SAMPLE) if lift is None else int(lift)
+    built = kern["prepare"](sc, q, k, M, cap, stride, s, sel, held, lst, lstv, nl, bound)
     times = stats["times"] = {"prepare": time.perf_counter() - t0}
     if not built:  # no expert is over-full under q: optimal as it stands when every priced expert is full
         loads = kern["loads"](sel, E)

@@ -225,7 +225,7 @@ def test_a_broken_invariant_falls_back_to_the_flow(monkeypatch):
     assert sol.status == Status.OPTIMAL and sol.stats["engine"] == "mcf (no augmenting path)"
 
 
-def _auction_state(scores, k, cap, q, steps, M, use_numba, lift=False):
+def _auction_state(scores, k, cap, q, steps, M, use_numba, lift=0):
     """Run prepare + auction on ``scores`` and return the state (the kernels' own arrays) and the prices
     ``prepare`` left (the lift's)."""
     kern = K.kernels(use_numba)
@@ -259,7 +259,7 @@ def test_auction_keeps_the_dual_feasible(seed, use_numba):
         scores = np.round(scores * 20) / 20
     cap = np.minimum(p.capacity, T).astype(np.int64)
     q0 = np.zeros(E) if seed < 3 else rng.random(E) * 0.01 * (rng.random(E) < 0.3)
-    for steps, lift in ((0, False), (1, False), (7, True), (3000, False), (3000, True), (0, True)):
+    for steps, lift in ((0, 0), (1, 0), (7, 1), (3000, 0), (3000, 1), (0, 1), (5, 3), (3000, 4)):
         q = q0.copy()
         s, sel, held, lst, lstv, nl, bound, out, lifted = _auction_state(scores, k, cap, q, steps, 2, use_numba,
                                                                          lift)
