@@ -237,7 +237,8 @@ def _auction_state(scores, k, cap, q, steps, M, use_numba, lift=0):
     lstv = np.empty(lst.shape)
     nl = np.empty(T, dtype=np.int64)
     bound = np.empty(T)
-    kern["prepare"](scores, q, k, M, cap, lift, s, sel, held, lst, lstv, nl, bound)
+    if not kern["prepare"](scores, q, k, M, cap, lift, s, sel, held, lst, lstv, nl, bound):
+        kern["relist"](s, q, k, M, sel, held, lst, lstv, nl, bound)  # nothing over-full: lists on demand
     lifted = q.copy()
     out = np.zeros(4, dtype=np.int64)
     kern["auction"](s, k, cap, q, sel, held, lst, lstv, nl, bound, steps, 0.0, out)
