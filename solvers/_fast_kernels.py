@@ -1,16 +1,19 @@
 """Inner loops of the exact routing method ``fast`` (see :mod:`moebalance.solvers.routing_fast`).
 
 Plain Python functions, compiled by numba when it is installed (:func:`kernels`); without numba the very same
-code runs as Python: exactly as correct, much slower. numba because these loops walk shortest paths one unit
-at a time over a dense E x E graph and patch a few entries per step, and select order statistics over short
-candidate lists: nothing numpy can vectorise.
+code runs as Python: exactly as correct, much slower. numba because these loops move single tokens between
+experts (the auction), walk shortest paths one unit at a time over a dense E x E graph and patch a few entries
+per step, and select order statistics over short lists: nothing numpy can vectorise.
 
-Each token t has a candidate list ``cand[t, :ncand[t]]`` of experts (its top-m of ``scores - q`` from the
-price phase; every expert in the fallback round). ``slot[t, e]`` is 0 for a non-candidate, -1 for a candidate
-t does not hold, and p > 0 when t holds e (t sits at ``mem[e, p - 1]``).
+State shared by the steps: ``s`` [T, E] the scores shifted per row; q [E] the prices; ``sel`` [T, k] each
+token's held experts, always a top-k of its full row of ``s - q`` (``held`` [T, E] their membership); ``lst``
+[T, M] / ``lstv`` / ``nl`` [T] each token's list of experts it does not hold, with their scores, and ``bound``
+[T]: while prices only rise, no expert outside the list is worth more to the token than the bound.
 
-Shortest augmenting paths (:func:`ssp`). Every token holds a top-k of its candidates under ``scores - q``
-(dual feasibility), so moving token t from expert a to candidate b has reduced cost
+Shortest augmenting paths (:func:`ssp`). Each token t has a candidate list ``cand[t, :ncand[t]]`` (its held
+and listed experts; more in later rounds). ``slot[t, e]`` is 0 for a non-candidate, -1 for a candidate t does
+not hold, and p > 0 when t holds e (t sits at ``mem[e, p - 1]``). Every token holds a top-k of its candidates
+under ``s - q`` (dual feasibility), so moving token t from expert a to candidate b has reduced cost
 ``(s[t,a]-q_a) - (s[t,b]-q_b) >= 0``. The compressed graph has the E experts and a sink S: arc a->b weighs
 ``raw[a,b] - q_a + q_b`` with ``raw[a,b] = min over tokens t in a with candidate b not held of s[t,a]-s[t,b]``
 (argmin ``arg[a,b]``); arc e->S (room left) weighs ``-q_e`` (0: experts with room have price 0); arc S->e
@@ -18,9 +21,8 @@ Shortest augmenting paths (:func:`ssp`). Every token holds a top-k of its candid
 deficit; an over-full expert has an excess. Dijkstra from every excess node to the nearest deficit node, one
 unit moved along the path, prices raised by ``max(D - d_e, 0)`` (normalised so that S keeps potential 0):
 every reduced cost stays non-negative. With no excess left the assignment is feasible, every token holds a
-top-k of its candidates under ``scores - q`` and every expert with room has price 0: optimal for the
-candidate problem, and for the full problem once :func:`violations` finds no token preferring a
-non-candidate.
+top-k of its candidates under ``s - q`` and every expert with room has price 0: optimal for the candidate
+problem, and for the full problem once the certificate finds no token preferring a non-candidate.
 """
 
 from __future__ import annotations
@@ -921,8 +923,9 @@ _COMPILED: dict | None = None
 
 
 def kernels(use_numba: bool = True) -> dict:
-    """``{"ssp", "sweeps", "top_k", "violations", "add_best", "loads", "top_m"}``: compiled by numba (cached on
-    disk) when it is installed and ``use_numba``, else the plain Python functions."""
+    """``{"ssp", "prepare", "relist", "auction", "candidates", "top_k", "violations", "add_best", "loads"}``:
+    compiled by numba (cached on disk) when it is installed and ``use_numba``, else the plain Python
+    functions."""
     global _COMPILED
     if not (use_numba and HAVE_NUMBA):
         return _PY

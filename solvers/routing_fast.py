@@ -1,22 +1,30 @@
 """``fast``: exact capacitated routing at close to the speed of top-k, certified on the full problem.
 
 The routing LP has T*E variables but only E capacity duals, and E is tiny next to T. The method works on the
-prices q [E] and touches each token only a few times:
+prices q [E], keeps every token on an exact top-k of its full row of ``scores - q`` from start to end (the
+dual stays feasible), and moves toward feasibility:
 
-1. Prices. A few full sweeps of the price iteration (:func:`moebalance.solvers.routing_prices.price_iteration`),
-   from ``warm_start`` (e.g. the previous batch's prices) or zero.
-2. Candidates. Each token keeps its top-m experts of ``scores - q`` (m = ``candidates``, default 3k, at least
-   k+1); the price sweeps go on over these lists only (cheap: T*m instead of T*E per sweep).
-3. Exact finish. Successive shortest paths on the compressed graph of E experts plus a sink: one unit at a
-   time from over-full experts to experts with room, prices rising by the path lengths
-   (:mod:`moebalance.solvers._fast_kernels`); at the end the assignment is the optimum of the candidate
-   problem and q its dual.
-4. Certificate. Every token's experts must be a top-k of its FULL row of ``scores - q``; tokens that prefer a
-   non-candidate get their top-m under the new q as candidates and step 3 resumes from where it stopped.
-   After ``max_rounds`` rounds every expert becomes a candidate (the full problem), so the method always ends
-   exact. With no violation the assignment is a top-k of ``scores - q`` for every token, every expert with
-   room has price 0 and loads are within capacity, so the Lagrangian bound with q equals the objective:
-   ``bias`` is q, and ``bound`` is that bound, computed on the full problem from the problem's own scores.
+1. Prepare (:func:`~moebalance.solvers._fast_kernels.prepare`). One Jacobi step on the prices from a sample of
+   about 512 tokens (every over-full expert's price rises at once to where its sampled tokens' margins would
+   leave it full), then one pass over all T*E scores: each token's top-k under q, its next
+   ``candidates - k`` experts (default 4) with their scores, and a bound on everything else.
+2. Auction (:func:`~moebalance.solvers._fast_kernels.auction`). An over-full expert raises its price by the
+   (c+1)-th largest margin of its tokens, so exactly c keep it; the others take their best other expert
+   (from their list while it provably beats everything outside, else from their row). Prices only rise, each
+   step keeps the dual feasible; it hands over once the last E steps removed under ``stall`` units of excess
+   per step (near-ties, which one-expert steps resolve slowly) or after ``auction_steps``.
+3. Shortest augmenting paths (:func:`~moebalance.solvers._fast_kernels.ssp`) on the compressed graph of E
+   experts plus a sink, over each token's held and listed experts: one unit at a time from over-full experts
+   to experts with room, prices rising by the path lengths. With no excess left, the certificate runs on the
+   full problem inside the same kernel: a token that prefers an expert outside its candidates gets it (the
+   graph is patched, not rebuilt), takes the top-k of its candidates and the paths resume. When the
+   candidates admit no feasible routing, or after ``max_rounds`` rounds, the driver widens the candidates
+   and, at the end, makes every expert a candidate (the full problem), so the method always ends exact.
+
+With no violation left the assignment is a top-k of ``scores - q`` for every token, every expert with room has
+price 0 and loads are within capacity, so the Lagrangian bound of q equals the objective: ``bias`` is q, and the
+shared check computes that bound from the problem's own scores. Problems where nothing is over-full return
+after step 1 or 2.
 
 Scores are shifted per token (each token takes exactly k experts, so this changes no optimum) so that offsets
 do not eat the precision; no other scaling is needed (every step compares differences of scores and prices).

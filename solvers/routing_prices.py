@@ -6,9 +6,10 @@ Block-coordinate descent on the Lagrangian dual of capacitated top-k routing, al
   q_e <- max(0, (c_e+1)-th largest of scores[:, e] - p)                (expert prices, the bias)
 
 Any ``q >= 0`` certifies the upper bound ``sum_t topk(scores[t] - q) + q . min(c, T)`` on the optimum
-(:func:`dual_bound`). The iteration reaches near-optimal prices in a few sweeps but is not exact in general:
-the exact method ``fast`` (:mod:`moebalance.solvers.routing_fast`) starts from it and finishes by shortest
-paths. Both balancers call this one function; with a torch tensor it runs on the tensor's device
+(:func:`dual_bound`). The iteration reaches near-optimal prices in a few sweeps but is not exact in general;
+its expert step, taken once from a sample of tokens, is the first step of the exact method ``fast``
+(:mod:`moebalance.solvers.routing_fast`), which then runs an auction and shortest paths. Both balancers call
+this one function; with a torch tensor it runs on the tensor's device
 with tensors only (a fixed number of sweeps, no host synchronisation).
 """
 
