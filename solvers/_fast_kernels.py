@@ -557,7 +557,9 @@ def loads_of(sel, E):
 
 
 ADD_PER_ROUND = 2  # experts a token that fails the certificate gains as candidates per round
-NBEST = 4  # tokens kept per arc: the NBEST smallest s[t,a]-s[t,b], so a moved argmin rarely forces a rescan
+CONNECT = 64  # tokens that gain an unreachable expert as a candidate when no path is left
+NBEST_MIN, NBEST_MAX = 4, 16  # tokens kept per arc (the smallest s[t,a]-s[t,b]): more when experts hold many
+# tokens, so that a list rarely empties (an emptied list rescans every token of its expert)
 
 
 def _insert(rawk, argk, cnt, exh, x, y, w, t):
@@ -587,6 +589,7 @@ def _insert(rawk, argk, cnt, exh, x, y, w, t):
 
 def _recompute(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, x, ys, nys):
     """Arc lists (x, y) from scratch for y in ys[:nys], scanning the tokens held by x."""
+    nb = rawk.shape[0]
     for j in range(nys):
         y = ys[j]
         cnt[x, y] = 0
@@ -600,7 +603,7 @@ def _recompute(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, x, y
             y = cand[t, j]
             if mark[y] and slot[t, y] < 0:
                 w = sx - s[t, y]
-                if cnt[x, y] < NBEST or w < rawk[NBEST - 1, x, y]:
+                if cnt[x, y] < nb or w < rawk[nb - 1, x, y]:
                     _insert(rawk, argk, cnt, exh, x, y, w, t)
                 else:
                     exh[x, y] = False
@@ -694,11 +697,12 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out):
             mem[a, load[a]] = t
             load[a] += 1
             slot[t, a] = load[a]
-    rawk = np.empty((NBEST, E, E))  # [i, a, b]: the i-th smallest, contiguous over b for Dijkstra
+    nb = min(NBEST_MAX, max(NBEST_MIN, (T * k) // (E * 512)))
+    rawk = np.empty((nb, E, E))  # [i, a, b]: the i-th smallest, contiguous over b for Dijkstra
     for a in range(E):
         for b in range(E):
             rawk[0, a, b] = np.inf  # invariant: an arc without tokens weighs +inf
-    argk = np.empty((NBEST, E, E), dtype=np.int64)
+    argk = np.empty((nb, E, E), dtype=np.int64)
     cnt = np.zeros((E, E), dtype=np.int64)
     exh = np.ones((E, E), dtype=np.bool_)  # every list starts exhaustive (empty, nothing seen yet)
     nh = np.empty(cand.shape[1], dtype=np.int64)
@@ -719,7 +723,7 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out):
             for i in range(m):
                 b = nh[i]
                 w = sa - nhv[i]
-                if cnt[a, b] < NBEST or w < rawk[NBEST - 1, a, b]:  # the common case skips the call
+                if cnt[a, b] < nb or w < rawk[nb - 1, a, b]:  # the common case skips the call
                     _insert(rawk, argk, cnt, exh, a, b, w, t)
                 else:
                     exh[a, b] = False
@@ -733,6 +737,9 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out):
     excess[E] = total - T * k
     dist = np.empty(E + 1)
     key = np.empty(E + 1)
+    worst = np.empty(T)
+    gbuf = np.empty(CONNECT)
+    gtok = np.empty(CONNECT, dtype=np.int64)
     pred = np.empty(E + 1, dtype=np.int64)
     done = np.zeros(E + 1, dtype=np.bool_)
     mark = np.zeros(E, dtype=np.bool_)
@@ -853,9 +860,7 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out):
                         u = v
                         break
             if u < 0:
-                for v in range(E + 1):
-                    reach[v] = done[v]
-                return NO_PATH, aug, pops, rounds
+                break
             done[u] = True
             key[u] = np.inf
             pops += 1
@@ -887,6 +892,53 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out):
                             dist[f] = nd
                             key[f] = nd
                             pred[f] = E
+        if target < 0:
+            # no deficit reachable: connect every unreached expert to the tokens that value it most (their
+            # best gain over their worst held expert), patching the graph; give up only if none can take it
+            added = 0
+            for t in range(T):
+                lo = np.inf
+                for i in range(ncand[t]):
+                    e = cand[t, i]
+                    if slot[t, e] > 0:
+                        lo = min(lo, s[t, e] - q[e])
+                worst[t] = lo
+            for b in range(E):
+                if done[b]:
+                    continue
+                nbst = 0
+                for t in range(T):
+                    if slot[t, b] != 0 or ncand[t] >= cand.shape[1]:
+                        continue
+                    gain = (s[t, b] - q[b]) - worst[t]
+                    if nbst < CONNECT:
+                        j = nbst
+                        nbst += 1
+                    elif gain > gbuf[CONNECT - 1]:
+                        j = CONNECT - 1
+                    else:
+                        continue
+                    while j > 0 and gbuf[j - 1] < gain:
+                        gbuf[j] = gbuf[j - 1]
+                        gtok[j] = gtok[j - 1]
+                        j -= 1
+                    gbuf[j] = gain
+                    gtok[j] = t
+                for j in range(nbst):
+                    t = gtok[j]
+                    cand[t, ncand[t]] = b
+                    ncand[t] += 1
+                    slot[t, b] = -1
+                    for i in range(ncand[t] - 1):
+                        x = cand[t, i]
+                        if slot[t, x] > 0:
+                            _insert(rawk, argk, cnt, exh, x, b, s[t, x] - s[t, b], t)
+                    added += 1
+            if added == 0:
+                for v in range(E + 1):
+                    reach[v] = done[v]
+                return NO_PATH, aug, pops, rounds
+            continue
         D = dist[target]
         dS = min(dist[E], D)
         for e in range(E):
