@@ -208,6 +208,8 @@ def warm_up() -> None:
     s = rng.random((40, 6)) + np.array([3.0, 2.0, 0, 0, 0, 0])  # two hot experts: paths and rounds
     for opts in ({}, {"candidates": 3, "auction_steps": 0}, {"max_rounds": 1, "auction_steps": 1}):
         fast_route(s, 2, np.full(6, 14), **opts)
+    s.flags.writeable = False  # a problem's scores are read-only: numba compiles that type apart
+    fast_route(s, 2, np.full(6, 14))
 
 
 @register("routing", "fast", exact=True, gives_bound=True, supports_time_limit=True,
