@@ -93,6 +93,25 @@ def _kth_smallest_small(a, n, r, buf):
     return buf[r - 1]
 
 
+def _push_desc(buf, bi, nb, K, v, e):
+    """Offer value v (index e) to the K largest seen so far, ``buf[:nb]`` descending with their indices in
+    ``bi``; returns the new count."""
+    if nb < K:
+        j = nb
+        nb += 1
+    elif v > buf[K - 1]:
+        j = K - 1
+    else:
+        return nb
+    while j > 0 and buf[j - 1] < v:
+        buf[j] = buf[j - 1]
+        bi[j] = bi[j - 1]
+        j -= 1
+    buf[j] = v
+    bi[j] = e
+    return nb
+
+
 def _top_values(vals, E, K, buf, bi, ids):
     """The K largest of ``vals[:E]`` into ``buf`` (descending) and their indices into ``bi``; returns how
     many (min(K, E)). A threshold from every 4th value (the r-th largest of them, r chosen so that about 2K
@@ -132,20 +151,7 @@ def _top_values(vals, E, K, buf, bi, ids):
     nb = 0
     for i in range(n):
         e = ids[i]
-        v = vals[e]
-        if nb < K:
-            j = nb
-            nb += 1
-        elif v > buf[K - 1]:
-            j = K - 1
-        else:
-            continue
-        while j > 0 and buf[j - 1] < v:
-            buf[j] = buf[j - 1]
-            bi[j] = bi[j - 1]
-            j -= 1
-        buf[j] = v
-        bi[j] = e
+        nb = _push_desc(buf, bi, nb, K, vals[e], e)
     return nb
 
 
@@ -275,20 +281,7 @@ def _rebuild(s, q, held, t, lst, lstv, nl, bound, buf, bi):
     for e in range(E):
         if held[t, e]:
             continue
-        v = s[t, e] - q[e]
-        if nb <= M:
-            j = nb
-            nb += 1
-        elif v > buf[M]:
-            j = M
-        else:
-            continue
-        while j > 0 and buf[j - 1] < v:
-            buf[j] = buf[j - 1]
-            bi[j] = bi[j - 1]
-            j -= 1
-        buf[j] = v
-        bi[j] = e
+        nb = _push_desc(buf, bi, nb, M + 1, s[t, e] - q[e], e)
     n = min(nb, M)
     for j in range(n):
         lst[t, j] = bi[j]
@@ -587,6 +580,18 @@ def _insert(rawk, argk, cnt, exh, x, y, w, t):
     cnt[x, y] = c + 1
 
 
+def _add_candidate(s, cand, ncand, slot, rawk, argk, cnt, exh, t, b):
+    """Expert b becomes a candidate of token t (a free column is the caller's check), with the arcs from the
+    experts t holds (patched into their lists)."""
+    cand[t, ncand[t]] = b
+    ncand[t] += 1
+    slot[t, b] = -1
+    for i in range(ncand[t] - 1):
+        x = cand[t, i]
+        if slot[t, x] > 0:
+            _insert(rawk, argk, cnt, exh, x, b, s[t, x] - s[t, b], t)
+
+
 def _recompute(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, x, ys, nys):
     """Arc lists (x, y) from scratch for y in ys[:nys], scanning the tokens held by x."""
     nb = rawk.shape[0]
@@ -795,13 +800,7 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out):
                     if ncand[t] >= cand.shape[1]:
                         lacked = True
                         break
-                    cand[t, ncand[t]] = b
-                    ncand[t] += 1
-                    slot[t, b] = -1
-                    for i in range(ncand[t] - 1):
-                        x = cand[t, i]
-                        if slot[t, x] > 0:
-                            _insert(rawk, argk, cnt, exh, x, b, s[t, x] - s[t, b], t)
+                    _add_candidate(s, cand, ncand, slot, rawk, argk, cnt, exh, t, b)
                 # t takes the top-k of its candidates: swap its worst held for its best other while it gains
                 for _ in range(k):
                     a = -1
@@ -910,29 +909,9 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out):
                 for t in range(T):
                     if slot[t, b] != 0 or ncand[t] >= cand.shape[1]:
                         continue
-                    gain = (s[t, b] - q[b]) - worst[t]
-                    if nbst < CONNECT:
-                        j = nbst
-                        nbst += 1
-                    elif gain > gbuf[CONNECT - 1]:
-                        j = CONNECT - 1
-                    else:
-                        continue
-                    while j > 0 and gbuf[j - 1] < gain:
-                        gbuf[j] = gbuf[j - 1]
-                        gtok[j] = gtok[j - 1]
-                        j -= 1
-                    gbuf[j] = gain
-                    gtok[j] = t
+                    nbst = _push_desc(gbuf, gtok, nbst, CONNECT, (s[t, b] - q[b]) - worst[t], t)
                 for j in range(nbst):
-                    t = gtok[j]
-                    cand[t, ncand[t]] = b
-                    ncand[t] += 1
-                    slot[t, b] = -1
-                    for i in range(ncand[t] - 1):
-                        x = cand[t, i]
-                        if slot[t, x] > 0:
-                            _insert(rawk, argk, cnt, exh, x, b, s[t, x] - s[t, b], t)
+                    _add_candidate(s, cand, ncand, slot, rawk, argk, cnt, exh, gtok[j], b)
                     added += 1
             if added == 0:
                 for v in range(E + 1):
@@ -996,7 +975,8 @@ def kernels(use_numba: bool = True) -> dict:
         # counts per array, which dominated the auction's and the paths' inner loops
         for name in ("_select", "_rebuild", "_recompute", "_delete", "_move", "relist"):
             ns[name] = comp(globals()[name])
-        for name in ("_kth_smallest_small", "_top_values", "_top_row", "_best_alt", "_insert"):
+        for name in ("_push_desc", "_kth_smallest_small", "_top_values", "_top_row", "_best_alt", "_insert",
+                     "_add_candidate"):
             ns[name] = comp(globals()[name], inline="always")
         _COMPILED = {key: comp(f) for key, f in _PY.items()}
     return _COMPILED
