@@ -22,6 +22,15 @@ def _routing(quick: bool) -> None:
     _section(f"Routing: {T} tokens, {E} experts, top-{k}, capacity factor 1.0 (Zipf-skewed router)")
     problem = routing_problem(T, E, k, kind="zipf", imbalance=1.0, seed=0)
     methods = [m for m in available_methods(problem) if not (quick and m in ("bip", "mip", "cvxpy"))]
+    if "fast" in methods:  # numba compiles fast's loops once per machine (cached on disk): not a solve's time
+        import time
+
+        from moebalance.solvers.routing_fast import warm_up
+
+        t0 = time.perf_counter()
+        warm_up()
+        print(f"fast's compiled loops loaded in {time.perf_counter() - t0:.1f} s (compiled on the first run on a "
+              "machine, then cached)")
     table = compare(problem, methods, time_limit=30.0, progress=True)
     print(table)
     print("(gap: distance to the best proven bound of all methods; topk ignores capacity, so it is infeasible "
