@@ -226,6 +226,15 @@ def section_dispatch(runs, progress) -> dict:
     return out
 
 
+def _save(fig, path: Path) -> str:
+    """Lay out, write (110 dpi) and close ``fig``; returns the path as a string."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
 def plots(res: dict, folder: Path) -> list[str]:
     import matplotlib
 
@@ -244,11 +253,7 @@ def plots(res: dict, folder: Path) -> list[str]:
         ax.set_xlabel("layer")
         ax.set_ylabel("balancedness (mean / max GPU load)")
         ax.legend()
-    fig.tight_layout()
-    f = folder / "replication_balancedness.png"
-    fig.savefig(f, dpi=110)
-    files.append(str(f))
-    plt.close(fig)
+    files.append(_save(fig, folder / "replication_balancedness.png"))
     fig, ax = plt.subplots(figsize=(6, 4))
     rows = res["migration"]["rows"]
     ax.plot([r["max_moves"] for r in rows], [r["eplbp"] for r in rows], "o-", label="eplb+ under the budget")
@@ -258,11 +263,7 @@ def plots(res: dict, folder: Path) -> list[str]:
     ax.set_xlabel("max_moves per layer (of 288 slots)")
     ax.set_ylabel("sum over layers of the max GPU load")
     ax.legend()
-    fig.tight_layout()
-    f = folder / "replication_migration.png"
-    fig.savefig(f, dpi=110)
-    files.append(str(f))
-    plt.close(fig)
+    files.append(_save(fig, folder / "replication_migration.png"))
     return files
 
 

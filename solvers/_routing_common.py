@@ -66,13 +66,15 @@ def greedy_fill(scores: np.ndarray, chosen: np.ndarray, room: np.ndarray, need: 
 
     Rounds: every needy token proposes its best expert not yet tried; each expert accepts the highest-scored
     proposals up to its room; the rest move on to their next choice. At most E rounds, each vectorised.
-    ``deadline`` (a ``time.perf_counter()`` value) stops the swap phase early, leaving slots unplaced.
+    ``deadline`` (a ``time.perf_counter()`` value) stops the fill and the swap phase early, leaving slots unplaced.
     Returns ``need`` (all zero on success).
     """
     T, E = scores.shape
     pref = np.argsort(-scores, axis=1, kind="stable")
     ptr = np.zeros(T, dtype=np.int64)
     for _ in range(E):
+        if deadline is not None and time.perf_counter() > deadline:
+            return need  # out of time: slots left unplaced (the caller then has no greedy answer)
         toks = np.flatnonzero((need > 0) & (ptr < E))
         if toks.size == 0:
             break
@@ -187,6 +189,9 @@ def repair(scores: np.ndarray, weight: np.ndarray, k: int, capacity: np.ndarray)
     return chosen_to_assignment(chosen, k)
 
 
+GREEDY_SECONDS_PER_ENTRY = 2e-7  # what the greedy fallback may cost, pessimistically
+
+
 def fallback(problem, deadline: float | None = None) -> dict:
     """What a routing solve stopped by its deadline still has: the greedy answer ``[T, k]`` (None when it
     could not finish by ``deadline``) and the top-k bound (capacity dropped: a valid upper bound)."""
@@ -196,7 +201,10 @@ def fallback(problem, deadline: float | None = None) -> dict:
     chosen = np.zeros((T, E), dtype=bool)
     room = np.asarray(problem.capacity, dtype=np.int64).copy()
     need = np.full(T, k, dtype=np.int64)
-    greedy_fill(s, chosen, room, need, deadline=deadline)
+    # the greedy's sort alone costs about 1e-7 s a score entry and cannot stop midway: skip it when the
+    # deadline would not leave it that much (the answer is then the bound only)
+    if deadline is None or time.perf_counter() + GREEDY_SECONDS_PER_ENTRY * T * E < deadline:
+        greedy_fill(s, chosen, room, need, deadline=deadline)
     top = np.partition(s, E - k, axis=1)[:, E - k:]
     scale = RoutingScale(s, k)
     return {"assignment": None if need.any() else chosen_to_assignment(chosen, k),
@@ -215,21 +223,25 @@ def problem_from(data: dict):
     return RoutingProblem(data["scores"], int(data["k"]), capacity=data["capacity"])
 
 
-def drive(method: str, problem, target: str, params: dict, *, time_limit, start: float, to_solution, guard=None):
+def drive(method: str, problem, target: str, params: dict, *, time_limit, start: float, to_solution, guard=None,
+          isolate: bool | None = None):
     """problem -> job (build + run, maybe in a child under a hard deadline) -> ``to_solution(problem, raw)``.
 
     When the deadline killed the job, or the job returned no answer under a time limit, the answer is the
     greedy assignment with the top-k bound and status ``time_limit``. ``guard``: see :func:`._isolate.run_bounded`.
+    ``isolate``: run the job in a child under the hard deadline (default: under a time limit, above
+    ``INPROCESS_CELLS`` score entries).
     """
     from moebalance.solution import RoutingSolution, Status
 
     from ._isolate import INPROCESS_CELLS, run_bounded
 
     T, E = problem.shape
-    isolated = time_limit is not None and T * E > INPROCESS_CELLS
+    isolated = time_limit is not None and (T * E > INPROCESS_CELLS if isolate is None else isolate)
     # the fallback works while the child does, and gives up shortly before the child is killed
     soon = None if time_limit is None else start + 0.95 * time_limit
-    raw, fb = run_bounded(target, problem_data(problem), params, time_limit=time_limit, start=start, cells=T * E,
+    raw, fb = run_bounded(target, problem_data(problem), params, time_limit=time_limit, start=start,
+                          cells=T * E if isolated else 0,
                           meanwhile=(lambda: fallback(problem, soon)) if isolated else None, guard=guard)
     if raw is None:
         fb = fb or fallback(problem, soon)

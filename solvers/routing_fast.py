@@ -45,12 +45,15 @@ from moebalance.registry import register
 from moebalance.solution import RoutingSolution, Status
 
 from . import _fast_kernels as K
+from ._isolate import child_time_left
+from ._routing_common import drive, problem_from
 from .routing_prices import dual_bound
 
-__all__ = ["solve_fast", "fast_route", "warm_up", "PYTHON_LIMIT"]
+__all__ = ["solve_fast", "fast_route", "job", "warm_up", "PYTHON_LIMIT"]
 
 PYTHON_LIMIT = 20_000  # T*E above which, without numba, the flow back-end finishes instead of Python loops
 CHUNK = 200_000  # augmentations per kernel call (the clock is read between calls)
+SECONDS_PER_ENTRY = 2e-7  # a pessimistic cost of a solve per score entry (measured: 60-70 ns at 4096x64)
 DEFAULT_LIST = 4  # experts listed per token beyond its k (the auction's alternatives, the paths' candidates)
 AUCTION_STEPS_PER_EXPERT = 200  # the auction's step budget, per expert
 REBUILD_FACTOR = 1
@@ -116,6 +119,8 @@ def fast_route(scores: np.ndarray, k: int, capacity: np.ndarray, *, warm_start: 
     stride = max(1, T // LIFT_SAMPLE) if lift is None else int(lift)
     built = kern["prepare"](sc, q, k, M, cap, stride, s, sel, held, lst, lstv, nl, bound)
     times = stats["times"] = {"prepare": time.perf_counter() - t0}
+    if deadline is not None and time.perf_counter() > deadline:
+        return None, q, stats
     if not built:  # no expert is over-full under q: optimal as it stands when every priced expert is full
         loads = kern["loads"](sel, E)
         if not np.any((q > 0) & (loads < cap)):
@@ -129,6 +134,8 @@ def fast_route(scores: np.ndarray, k: int, capacity: np.ndarray, *, warm_start: 
     times["auction"] = time.perf_counter() - t0
     stats["auction"] = {"steps": int(out[0]), "evictions": int(out[1]), "list_refreshes": int(out[2]),
                         "excess_left": int(out[3])}
+    if deadline is not None and time.perf_counter() > deadline:
+        return None, q, stats
     if out[3] == 0:  # nothing over-full: optimal as it stands when every priced expert is full
         loads = kern["loads"](sel, E)
         if not np.any((q > 0) & (loads < cap)):
@@ -236,22 +243,50 @@ def solve_fast(problem, *, time_limit=None, warm_start=None, candidates=None, au
 
         sol = solve_mcf(problem, time_limit=time_limit)
         return sol.replace(method="fast", stats={**sol.stats, "engine": "mcf (numba is not installed)"})
-    deadline = None if time_limit is None else t0 + time_limit
-    assignment, q, stats = fast_route(problem.scores, problem.k, problem.capacity, warm_start=q0,
-                                      candidates=candidates, auction_steps=auction_steps, stall=float(stall),
-                                      max_rounds=int(max_rounds), deadline=deadline)
-    if assignment is None and "failed" in stats:  # an internal invariant broke: the flow answers instead
+    params = {"warm_start": None if q0 is None else q0.tolist(), "candidates": candidates,
+              "auction_steps": auction_steps, "stall": float(stall), "max_rounds": int(max_rounds)}
+    # under a time limit that the solve may not fit well inside (judged from its size, pessimistically), it
+    # runs in a child process the deadline kills (greedy answer then); otherwise here, checking the clock
+    # between phases (the child's start and the copy of the scores would cost more than the solve)
+    isolate = time_limit is not None and T * E * SECONDS_PER_ENTRY > 0.25 * time_limit
+    return drive("fast", problem, "moebalance.solvers.routing_fast:job", params, time_limit=time_limit, start=t0,
+                 to_solution=lambda p, raw, tl: _to_solution(p, raw, tl, t0), isolate=isolate)
+
+
+def job(data: dict, params: dict) -> dict:
+    """:func:`fast_route` from arrays (in this process or a child), up to ``params["deadline"]`` (wall clock)."""
+    problem = problem_from(data)
+    left = child_time_left(params, margin=0.0)
+    deadline = None if left is None else time.perf_counter() + left
+    q0 = params.get("warm_start")
+    assignment, q, stats = fast_route(problem.scores, problem.k, problem.capacity,
+                                      warm_start=None if q0 is None else np.asarray(q0, dtype=np.float64),
+                                      candidates=params.get("candidates"), auction_steps=params.get("auction_steps"),
+                                      stall=float(params.get("stall", STALL)),
+                                      max_rounds=int(params.get("max_rounds", 4)), deadline=deadline)
+    out: dict[str, Any] = {"q": np.asarray(q, dtype=np.float64), "stats": stats}
+    if assignment is not None:
+        out["assignment"] = np.asarray(assignment, dtype=np.int64)
+    return out
+
+
+def _to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None, t0: float) -> RoutingSolution:
+    """Our answer from :func:`job`'s output."""
+    q = np.asarray(raw["q"], dtype=np.float64)
+    stats = dict(raw["stats"])
+    if "assignment" not in raw and "failed" in stats:  # an internal invariant broke: the flow answers instead
         from .routing_flow import solve_mcf
 
-        sol = solve_mcf(problem, time_limit=time_limit)
+        left = None if time_limit is None else max(0.01, time_limit - (time.perf_counter() - t0))
+        sol = solve_mcf(problem, time_limit=left)
         return sol.replace(method="fast", stats={**sol.stats, "engine": f"mcf ({stats['failed']})"})
-    if assignment is None:
+    if "assignment" not in raw:
         bound = dual_bound(problem.scores, problem.k, problem.capacity, q)
         return RoutingSolution(method="fast", status=Status.TIME_LIMIT, objective=float("nan"), bound=bound,
                                stats=stats, message="time limit reached before the augmenting paths finished")
     # the bound is the Lagrangian bound of q, which the shared check computes from the problem's own scores
     return RoutingSolution(method="fast", status=Status.OPTIMAL, objective=float("nan"), bound=None,
-                           assignment=assignment, bias=q, stats=stats,
+                           assignment=np.asarray(raw["assignment"], dtype=np.int64), bias=q, stats=stats,
                            message=f"optimal: auction of {stats.get('auction', {}).get('steps', 0)} step(s), "
                                    f"{stats.get('augmentations', 0)} augmenting path(s), "
                                    f"{stats.get('rounds', 0)} certificate round(s)")

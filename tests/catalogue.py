@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 
@@ -28,6 +29,23 @@ def brute_force_routing(problem: RoutingProblem) -> float:
 
     rec(0, np.zeros(E, dtype=np.int64), 0.0)
     return best
+
+
+def tiny_random_problem(seed: int, T: int, E: int, *, random_capacity: bool = False) -> RoutingProblem:
+    """A random routing problem small enough for :func:`brute_force_routing` (at most ~5000 assignments):
+    k drawn in [1, E], T cut down to fit, scores on a 0.1 grid so that ties are common; with
+    ``random_capacity`` random per-expert capacities, raised until a feasible routing exists."""
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(1, E + 1))
+    per_token = math.comb(E, k)
+    if per_token > 1:
+        T = max(1, min(T, int(math.log(5000) / math.log(per_token))))
+    cap = None
+    if random_capacity:
+        cap = rng.integers(0, T + 1, size=E)
+        while np.minimum(cap, T).sum() < T * k:
+            cap[rng.integers(E)] += 1
+    return RoutingProblem(rng.random((T, E)).round(1), k, capacity=cap)
 
 
 def _cases() -> list[tuple[str, RoutingProblem]]:

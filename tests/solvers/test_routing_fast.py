@@ -1,7 +1,5 @@
 """The exact method ``fast``: catalogue, brute force, agreement with ``mcf``, scale, options, both engines."""
 
-import math
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -14,7 +12,7 @@ from moebalance.generate import routing_problem
 from moebalance.solvers import _fast_kernels as K
 from moebalance.solvers.routing_fast import fast_route
 
-from ..catalogue import CATALOGUE, brute_force_routing
+from ..catalogue import CATALOGUE, brute_force_routing, tiny_random_problem
 
 IDS = [c[0] for c in CATALOGUE]
 
@@ -92,15 +90,7 @@ def test_agrees_with_mcf(problem):
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31), T=st.integers(1, 9), E=st.integers(1, 5))
 def test_matches_brute_force_on_tiny(seed, T, E):
-    rng = np.random.default_rng(seed)
-    k = int(rng.integers(1, E + 1))
-    per_token = math.comb(E, k)
-    if per_token > 1:
-        T = max(1, min(T, int(math.log(5000) / math.log(per_token))))
-    cap = rng.integers(0, T + 1, size=E)
-    while np.minimum(cap, T).sum() < T * k:
-        cap[rng.integers(E)] += 1
-    p = RoutingProblem(rng.random((T, E)).round(1), k, capacity=cap)  # rounding makes ties common
+    p = tiny_random_problem(seed, T, E, random_capacity=True)
     sol = solve(p, "fast")
     assert rel(sol.objective, brute_force_routing(p)) < 1e-9
     assert_certified(p, sol)

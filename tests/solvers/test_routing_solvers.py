@@ -1,6 +1,5 @@
 """Every routing method on the brute-force catalogue, and the relations between methods on random instances."""
 
-import math
 
 import numpy as np
 import pytest
@@ -141,15 +140,9 @@ def test_relations_on_random_instances(problem):
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 2**31), T=st.integers(2, 10), E=st.integers(2, 5))
 def test_exact_methods_match_brute_force_on_random_tiny(seed, T, E):
-    from ..catalogue import brute_force_routing
+    from ..catalogue import brute_force_routing, tiny_random_problem
 
-    rng = np.random.default_rng(seed)
-    k = int(rng.integers(1, E + 1))
-    # brute force visits up to C(E, k)**T assignments: keep that under ~5000
-    per_token = math.comb(E, k)
-    if per_token > 1:
-        T = max(1, min(T, int(math.log(5000) / math.log(per_token))))
-    p = RoutingProblem(rng.random((T, E)).round(1), k)  # rounding makes ties common
+    p = tiny_random_problem(seed, T, E)
     best = brute_force_routing(p)
     for m in EXACT:
         assert rel(solve(p, m).objective, best) < 1e-9, m

@@ -65,9 +65,29 @@ def test_a_generous_limit_still_solves(big_routing_bound):
     # the child process does not change answers: a limit the solve fits in gives the optimum
     p = routing_problem(512, 64, 8, kind="zipf", seed=1)
     ref = mb.solve(p, "mcf")
-    for m in ("lp", "mcf"):
+    for m in ("lp", "mcf", "fast"):
         sol = mb.solve(p, m, time_limit=60)
         assert sol.status == Status.OPTIMAL and sol.objective == pytest.approx(ref.objective, rel=1e-9), sol
+
+
+def test_fast_under_a_tight_limit_runs_in_a_child(big_routing, big_routing_bound):
+    """A limit a solve of this size may not fit inside well sends ``fast`` to a child process: its answer
+    comes back through the child's files (optimal, equal to mcf's), and a limit too short for it still
+    returns in time and honestly."""
+    from moebalance.solvers.routing_fast import SECONDS_PER_ENTRY
+
+    T, E = big_routing.shape
+    tl = 0.15
+    assert T * E * SECONDS_PER_ENTRY > 0.25 * tl  # this limit takes the child path
+    sol = mb.solve(big_routing, "fast", time_limit=tl)
+    assert sol.wall_time <= _budget(tl), sol.wall_time
+    assert sol.status == Status.OPTIMAL and sol.objective == pytest.approx(big_routing_bound, rel=1e-9), sol
+    assert sol.stats["bias_reproduces"] == 1.0 and sol.stats["auction"]["steps"] > 0
+    short = mb.solve(big_routing, "fast", time_limit=0.002)
+    assert short.wall_time <= _budget(0.002), short.wall_time
+    assert short.status in (Status.TIME_LIMIT, Status.OPTIMAL), short
+    assert short.assignment is None or short.feasible
+    assert short.bound is None or short.bound >= big_routing_bound * (1 - 1e-9)
 
 
 @pytest.fixture(scope="module")
