@@ -175,7 +175,7 @@ def _top_row(s, q, k, M, t, sel, held, lst, lstv, nl, bound, buf, bi, vals, ids)
     bound[t] = buf[K - 1] if nb == K else -np.inf
 
 
-def prepare(scores, q, k, M, cap, lift, s, sel, held, lst, lstv, nl, bound):
+def prepare(scores, q, k, M, cap, lift, steps, s, sel, held, lst, lstv, nl, bound):
     """Passes over ``scores`` [T, E], in place on ``q``.
 
     With ``lift`` (a stride >= 1), first one Jacobi step on the prices, from every ``lift``-th token: every
@@ -206,36 +206,48 @@ def prepare(scores, q, k, M, cap, lift, s, sel, held, lst, lstv, nl, bound):
         ns = (T + stride - 1) // stride
         ssel = sel[:ns]
         marg = np.empty((ns, k))
+        mxs = np.empty(ns)
         for i in range(ns):
             t = i * stride
             mx = scores[t, 0]
             for e in range(1, E):
                 if scores[t, e] > mx:
                     mx = scores[t, e]
+            mxs[i] = mx
             if stride == 1:
                 for e in range(E):
                     s[t, e] = scores[t, e] - mx
-            for e in range(E):
-                vals[e] = (scores[t, e] - mx) - q[e]
-            _top_values(vals, E, k + 1, buf, bi, ids)  # the k+1 largest, descending
-            for j in range(k):
-                ssel[i, j] = bi[j]
-                marg[i, j] = buf[j] - buf[k]
         shifted = stride == 1
-        start = np.zeros(E + 1, dtype=np.int64)
-        for i in range(ns):
-            for j in range(k):
-                start[ssel[i, j] + 1] += 1
-        over = False
+        start = np.empty(E + 1, dtype=np.int64)
         cs = np.empty(E, dtype=np.int64)
+        col = np.empty(ns * k)
         for e in range(E):
             cs[e] = cap[e] if stride == 1 else (cap[e] * ns) // T
-            if start[e + 1] > cs[e]:
-                over = True
-            start[e + 1] += start[e]
-        if over:
+        for step in range(max(1, steps)):
+            for i in range(ns):
+                t = i * stride
+                mx = mxs[i]
+                for e in range(E):
+                    vals[e] = (scores[t, e] - mx) - q[e]
+                _top_values(vals, E, k + 1, buf, bi, ids)  # the k+1 largest, descending
+                for j in range(k):
+                    ssel[i, j] = bi[j]
+                    marg[i, j] = buf[j] - buf[k]
+            for e in range(E + 1):
+                start[e] = 0
+            for i in range(ns):
+                for j in range(k):
+                    start[ssel[i, j] + 1] += 1
+            over = False
+            for e in range(E):
+                if start[e + 1] > cs[e]:
+                    over = True
+                start[e + 1] += start[e]
+            if not over:
+                if stride == 1:
+                    return False  # no expert is over-full: ``sel`` is the top-k; held and lists are left unbuilt
+                break
             fill = start[:E].copy()
-            col = np.empty(ns * k)
             for i in range(ns):
                 for j in range(k):
                     e = ssel[i, j]
@@ -247,8 +259,6 @@ def prepare(scores, q, k, M, cap, lift, s, sel, held, lst, lstv, nl, bound):
                     d = _select(col[start[e]:start[e + 1]], L, L - cs[e] - 1)
                     if d > 0.0:
                         q[e] += d
-        elif stride == 1:
-            return False  # no expert is over-full: ``sel`` is the top-k; held and lists are left unbuilt
     if not shifted:
         for t in range(T):
             mx = scores[t, 0]
@@ -728,8 +738,21 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out):
             for i in range(m):
                 b = nh[i]
                 w = sa - nhv[i]
-                if cnt[a, b] < nb or w < rawk[nb - 1, a, b]:  # the common case skips the call
-                    _insert(rawk, argk, cnt, exh, a, b, w, t)
+                # _insert written out (half the time here): no list has lost an entry yet, so a list that
+                # is not full is exhaustive, and one that rejects or drops a value no longer is
+                c = cnt[a, b]
+                if c < nb or w < rawk[nb - 1, a, b]:
+                    if c == nb:
+                        c = nb - 1
+                        exh[a, b] = False
+                    h = c
+                    while h > 0 and rawk[h - 1, a, b] > w:
+                        rawk[h, a, b] = rawk[h - 1, a, b]
+                        argk[h, a, b] = argk[h - 1, a, b]
+                        h -= 1
+                    rawk[h, a, b] = w
+                    argk[h, a, b] = t
+                    cnt[a, b] = c + 1
                 else:
                     exh[a, b] = False
     g = np.empty(E, dtype=np.int64)
@@ -842,6 +865,95 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out):
             return status, aug, pops, rounds
         if not any_excess:
             continue
+        nsrc = 0
+        ndef = 0
+        for v in range(E + 1):
+            if excess[v] > 0:
+                nsrc += 1
+            elif excess[v] < 0:
+                ndef += 1
+        if nsrc > ndef:
+            # more excess nodes than deficits (the usual case: many experts a few over, one sink): Dijkstra
+            # backwards from the deficits over the reversed arcs stops at the first excess node, after a few
+            # pops instead of nearly all. dist[v]: the shortest path from v to a deficit.
+            for v in range(E + 1):
+                dist[v] = 0.0 if excess[v] < 0 else np.inf
+                key[v] = dist[v]
+                pred[v] = -1  # here: the next node on v's path
+            source = -1
+            while True:
+                best = np.inf
+                for v in range(E + 1):
+                    best = min(best, key[v])
+                u = -1
+                if best < np.inf:
+                    for v in range(E + 1):
+                        if key[v] == best:
+                            u = v
+                            break
+                if u < 0:
+                    break
+                key[u] = np.inf
+                pops += 1
+                if excess[u] > 0:
+                    source = u
+                    break
+                du = dist[u]
+                if u < E:
+                    qu = q[u]
+                    for f in range(E):  # arcs f -> u
+                        w = rawk[0, f, u] - q[f] + qu
+                        nd = du + max(w, 0.0)
+                        better = nd < dist[f]
+                        dist[f] = nd if better else dist[f]
+                        key[f] = nd if better else key[f]
+                        pred[f] = u if better else pred[f]
+                    if g[u] > 0:  # S -> u
+                        nd = du + (qu if qu > 0.0 else 0.0)
+                        if nd < dist[E]:
+                            dist[E] = nd
+                            key[E] = nd
+                            pred[E] = u
+                else:
+                    for f in range(E):  # f -> S for the experts with room
+                        if g[f] < cap[f]:
+                            nd = du + (-q[f] if q[f] < 0.0 else 0.0)
+                            if nd < dist[f]:
+                                dist[f] = nd
+                                key[f] = nd
+                                pred[f] = E
+            if source >= 0:
+                # potentials from the distances to the deficits: prices rise by min(dist, D) (the sink's
+                # normalised to 0), which keeps every reduced cost >= 0 and makes the path's arcs tight
+                D = dist[source]
+                dS = min(dist[E], D)
+                for e in range(E):
+                    qe = q[e] + min(dist[e], D) - dS
+                    q[e] = qe if qe > 0.0 else 0.0
+                n = 0
+                u = source
+                while pred[u] >= 0:
+                    v = pred[u]
+                    path_u[n] = u
+                    path_v[n] = v
+                    path_tok[n] = argk[0, u, v] if (u < E and v < E) else -1
+                    n += 1
+                    u = v
+                target = u
+                for i in range(n):
+                    u = path_u[i]
+                    v = path_v[i]
+                    if u < E and v < E:
+                        _move(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, ys, path_tok[i], u, v)
+                    elif v == E:
+                        g[u] += 1
+                    else:
+                        g[v] -= 1
+                excess[source] -= 1
+                excess[target] += 1
+                aug += 1
+                continue
+            # no excess node reaches a deficit: the forward search below finds what the excess reaches
         for v in range(E + 1):
             dist[v] = 0.0 if excess[v] > 0 else np.inf
             key[v] = dist[v]  # dist of the nodes not yet settled, inf once settled

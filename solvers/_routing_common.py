@@ -217,9 +217,12 @@ def problem_data(problem) -> dict:
 
 
 def problem_from(data: dict):
-    """The :class:`RoutingProblem` of :func:`problem_data`'s arrays (in a child process)."""
+    """The :class:`RoutingProblem` of :func:`problem_data`'s arrays: the problem itself in-process (``drive``
+    passes it along: no copy, no second validation), rebuilt from the arrays in a child process."""
     from moebalance.routing import RoutingProblem
 
+    if isinstance(data.get("problem"), RoutingProblem):
+        return data["problem"]
     return RoutingProblem(data["scores"], int(data["k"]), capacity=data["capacity"])
 
 
@@ -240,7 +243,8 @@ def drive(method: str, problem, target: str, params: dict, *, time_limit, start:
     isolated = time_limit is not None and (T * E > INPROCESS_CELLS if isolate is None else isolate)
     # the fallback works while the child does, and gives up shortly before the child is killed
     soon = None if time_limit is None else start + 0.95 * time_limit
-    raw, fb = run_bounded(target, problem_data(problem), params, time_limit=time_limit, start=start,
+    data = problem_data(problem) if isolated else dict(problem_data(problem), problem=problem)
+    raw, fb = run_bounded(target, data, params, time_limit=time_limit, start=start,
                           cells=T * E if isolated else 0,
                           meanwhile=(lambda: fallback(problem, soon)) if isolated else None, guard=guard)
     if raw is None:

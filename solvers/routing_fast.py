@@ -57,7 +57,9 @@ SECONDS_PER_ENTRY = 2e-7  # a pessimistic cost of a solve per score entry (measu
 DEFAULT_LIST = 4  # experts listed per token beyond its k (the auction's alternatives, the paths' candidates)
 AUCTION_STEPS_PER_EXPERT = 200  # the auction's step budget, per expert
 REBUILD_FACTOR = 1
-LIFT_SAMPLE = 512  # tokens the Jacobi step before the auction samples (every (T // 512)-th)
+LIFT_SAMPLE = 512  # tokens the Jacobi steps before the auction sample: at least this many,
+LIFT_PER_EXPERT = 64  # and about this many sampled token slots per expert (E * 64 / k tokens)
+LIFT_STEPS = 2  # Jacobi steps on the sample
 STALL = 0.5  # the auction hands over once the last E steps removed fewer units of excess per step
 
 
@@ -90,6 +92,7 @@ def _check_options(warm_start: Any, E: int, candidates: Any, auction_steps: Any,
 def fast_route(scores: np.ndarray, k: int, capacity: np.ndarray, *, warm_start: np.ndarray | None = None,
                candidates: int | None = None, auction_steps: int | None = None, stall: float = STALL,
                max_rounds: int = 4, deadline: float | None = None, lift: int | None = None,
+               lift_steps: int | None = None,
                use_numba: bool = True) -> tuple[np.ndarray | None, np.ndarray, dict[str, Any]]:
     """The exact routing of ``scores`` [T, E] (see the module docstring).
 
@@ -118,8 +121,9 @@ def fast_route(scores: np.ndarray, k: int, capacity: np.ndarray, *, warm_start: 
     lstv = np.empty((T, W))
     nl = np.empty(T, dtype=np.int64)
     bound = np.empty(T)
-    stride = max(1, T // LIFT_SAMPLE) if lift is None else int(lift)
-    built = kern["prepare"](sc, q, k, M, cap, stride, s, sel, held, lst, lstv, nl, bound)
+    stride = max(1, T // max(LIFT_SAMPLE, LIFT_PER_EXPERT * E // k)) if lift is None else int(lift)
+    built = kern["prepare"](sc, q, k, M, cap, stride, LIFT_STEPS if lift_steps is None else int(lift_steps), s, sel,
+                            held, lst, lstv, nl, bound)
     times = stats["times"] = {"prepare": time.perf_counter() - t0}
     if deadline is not None and time.perf_counter() > deadline:
         return None, q, stats

@@ -215,9 +215,9 @@ def test_a_broken_invariant_falls_back_to_the_flow(monkeypatch):
     assert sol.status == Status.OPTIMAL and sol.stats["engine"] == "mcf (no augmenting path)"
 
 
-def _auction_state(scores, k, cap, q, steps, M, use_numba, lift=0):
+def _auction_state(scores, k, cap, q, steps, M, use_numba, lift=0, lift_steps=1):
     """Run prepare + auction on ``scores`` and return the state (the kernels' own arrays) and the prices
-    ``prepare`` left (the lift's)."""
+    ``prepare`` left (the lift's: ``lift_steps`` Jacobi steps on every ``lift``-th token)."""
     kern = K.kernels(use_numba)
     T, E = scores.shape
     s = np.empty_like(scores)
@@ -227,7 +227,7 @@ def _auction_state(scores, k, cap, q, steps, M, use_numba, lift=0):
     lstv = np.empty(lst.shape)
     nl = np.empty(T, dtype=np.int64)
     bound = np.empty(T)
-    if not kern["prepare"](scores, q, k, M, cap, lift, s, sel, held, lst, lstv, nl, bound):
+    if not kern["prepare"](scores, q, k, M, cap, lift, lift_steps, s, sel, held, lst, lstv, nl, bound):
         kern["relist"](s, q, k, M, sel, held, lst, lstv, nl, bound)  # nothing over-full: lists on demand
     lifted = q.copy()
     out = np.zeros(4, dtype=np.int64)
@@ -250,10 +250,11 @@ def test_auction_keeps_the_dual_feasible(seed, use_numba):
         scores = np.round(scores * 20) / 20
     cap = np.minimum(p.capacity, T).astype(np.int64)
     q0 = np.zeros(E) if seed < 3 else rng.random(E) * 0.01 * (rng.random(E) < 0.3)
-    for steps, lift in ((0, 0), (1, 0), (7, 1), (3000, 0), (3000, 1), (0, 1), (5, 3), (3000, 4)):
+    for steps, lift, lift_steps in ((0, 0, 1), (1, 0, 1), (7, 1, 1), (3000, 0, 1), (3000, 1, 1), (0, 1, 1),
+                                    (5, 3, 1), (3000, 4, 1), (0, 3, 2), (3000, 4, 2), (3000, 1, 3), (9, 2, 5)):
         q = q0.copy()
         s, sel, held, lst, lstv, nl, bound, out, lifted = _auction_state(scores, k, cap, q, steps, 2, use_numba,
-                                                                         lift)
+                                                                         lift, lift_steps)
         assert np.all(q >= lifted) and np.all(lifted >= q0)
         if not lift:
             assert np.array_equal(lifted, q0)
