@@ -9,7 +9,7 @@ arrays and ``params`` is JSON. It runs in this process when there is no time lim
 (``cells <= INPROCESS_CELLS``: building and solving then take milliseconds and the back-end's own limit
 holds); otherwise in a child process, with data and result passed as ``.npz`` files (``allow_pickle=False``)
 in a temporary folder. On Linux the child is a fork of this process (it starts in about a millisecond, with
-the back-ends already imported; a child that hangs on a lock inherited from another thread is killed at the
+the back-ends already imported and the inputs in its inherited memory: only the result is written; a child that hangs on a lock inherited from another thread is killed at the
 deadline like any other); elsewhere, or with ``MOEBALANCE_ISOLATE=spawn``, it is a fresh
 ``python -m moebalance.solvers._isolate`` (whose start-up, about 0.3 s, counts against the limit). The child's stdout is discarded (no back-end banners); the
 last line of its stderr names the error when it fails (a RuntimeError, which ``solve`` reports as ``error``).
@@ -46,7 +46,8 @@ def _job(target: str) -> Callable[[dict, dict], dict]:
 
 
 def _save(path: str, arrays: dict[str, Any], params: dict[str, Any]) -> None:
-    payload = {k: np.asarray(v) for k, v in arrays.items()}
+    # names starting with "_" are objects a forked child inherits (e.g. the validated problem), never written
+    payload = {k: np.asarray(v) for k, v in arrays.items() if not k.startswith("_")}
     payload["__json__"] = np.array(json.dumps(params))
     with open(path, "wb") as f:
         np.savez(f, **payload)
@@ -72,7 +73,7 @@ class _Forked:
     """The part of :class:`subprocess.Popen` that :func:`run_bounded` uses, for a forked child running
     :func:`_child`."""
 
-    def __init__(self, target: str, src: str, dst: str, err_path: str):
+    def __init__(self, target: str, data: dict[str, Any], params: dict[str, Any], dst: str, err_path: str):
         pid = os.fork()
         if pid == 0:  # the child: never returns
             code = 1
@@ -80,7 +81,7 @@ class _Forked:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides: it kills the child
                 os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # no back-end banners
                 os.dup2(os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), 2)
-                _child(target, src, dst)
+                _run(target, data, params, dst)  # the inputs are this process's own memory: no copy
                 code = 0
             except BaseException as exc:  # the last line of err names the error
                 os.write(2, f"{type(exc).__name__}: {exc}\n".encode(errors="replace"))
@@ -134,10 +135,10 @@ def run_bounded(target: str, data: dict[str, Any], params: dict[str, Any], *, ti
     p = dict(params, deadline=time.time() + time_limit - (time.perf_counter() - start))
     with tempfile.TemporaryDirectory(prefix="moebalance-") as tmp:
         src, dst = os.path.join(tmp, "in.npz"), os.path.join(tmp, "out.npz")
-        _save(src, data, p)
-        if _use_fork():
-            proc: Any = _Forked(target, src, dst, os.path.join(tmp, "err.txt"))
+        if _use_fork():  # the child inherits the inputs (copy-on-write): only the result is written
+            proc: Any = _Forked(target, data, p, dst, os.path.join(tmp, "err.txt"))
         else:
+            _save(src, data, p)
             with open(os.path.join(tmp, "err.txt"), "wb") as err:
                 proc = subprocess.Popen([sys.executable, "-m", "moebalance.solvers._isolate", target, src, dst],
                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
@@ -163,6 +164,10 @@ def run_bounded(target: str, data: dict[str, Any], params: dict[str, Any], *, ti
 
 def _child(target: str, src: str, dst: str) -> None:
     data, params = _load(src)
+    _run(target, data, params, dst)
+
+
+def _run(target: str, data: dict[str, Any], params: dict[str, Any], dst: str) -> None:
     out = _job(target)(data, params)
     arrays = {k: v for k, v in out.items() if isinstance(v, np.ndarray)}
     scalars = {k: v for k, v in out.items() if not isinstance(v, np.ndarray)}

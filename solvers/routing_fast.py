@@ -46,7 +46,7 @@ from moebalance.solution import RoutingSolution, Status
 
 from . import _fast_kernels as K
 from ._isolate import child_time_left
-from ._routing_common import drive, problem_from
+from ._routing_common import PARTITION_SECONDS_PER_ENTRY, drive, problem_from
 from .routing_prices import dual_bound
 
 __all__ = ["solve_fast", "fast_route", "job", "warm_up", "PYTHON_LIMIT"]
@@ -285,7 +285,11 @@ def _to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None, t0
         sol = solve_mcf(problem, time_limit=left)
         return sol.replace(method="fast", stats={**sol.stats, "engine": f"mcf ({stats['failed']})"})
     if "assignment" not in raw:
-        bound = dual_bound(problem.scores, problem.k, problem.capacity, q)
+        # the Lagrangian bound of the prices reached is a pass over the scores: only when the limit leaves time
+        # for it (else the caller's fallback bound stands)
+        T, E = problem.shape
+        late = time_limit is not None and time.perf_counter() - t0 + PARTITION_SECONDS_PER_ENTRY * T * E > time_limit
+        bound = None if late else dual_bound(problem.scores, problem.k, problem.capacity, q)
         return RoutingSolution(method="fast", status=Status.TIME_LIMIT, objective=float("nan"), bound=bound,
                                stats=stats, message="time limit reached before the augmenting paths finished")
     # the bound is the Lagrangian bound of q, which the shared check computes from the problem's own scores

@@ -142,3 +142,58 @@ def test_a_failing_child_is_an_error_naming_the_cause(monkeypatch, mode):
         # json.loads(data, params) with two dicts: a TypeError inside the child
         _isolate.run_bounded("json:loads", {"x": np.zeros(3)}, {}, time_limit=5, start=time.perf_counter(),
                              cells=10**6)
+
+
+def _echo_job(data, params):
+    """A job for run_bounded: what the child saw (the shapes it got, and whether the "_" object came along)."""
+    return {"x": np.asarray(data["x"]) * 2, "had_object": int("_obj" in data), "n": len(data)}
+
+
+@pytest.mark.parametrize("mode", ["fork", "spawn"])
+def test_a_forked_child_inherits_the_inputs_a_spawned_one_reads_them(monkeypatch, mode, tmp_path):
+    """A forked child works on the parent's own arrays (nothing is written for it: the validated problem rides
+    along as a "_" entry); a spawned child reads them from a file that holds arrays only (never the object)."""
+    import time
+
+    from moebalance.solvers import _isolate
+
+    monkeypatch.setenv("MOEBALANCE_ISOLATE", mode)
+    monkeypatch.setattr(_isolate.tempfile, "tempdir", str(tmp_path))
+    written = []
+    real_save = _isolate._save
+
+    def save(path, arrays, params):  # what each written file holds, read back as the child would (no pickle)
+        real_save(path, arrays, params)
+        with np.load(path, allow_pickle=False) as z:
+            written.append((path, sorted(z.files)))
+
+    monkeypatch.setattr(_isolate, "_save", save)
+    out, _ = _isolate.run_bounded(f"{__name__}:_echo_job", {"x": np.arange(4.0), "_obj": object()}, {},
+                                  time_limit=20, start=time.perf_counter(), cells=10**6)
+    assert np.array_equal(out["x"], [0.0, 2.0, 4.0, 6.0])
+    inputs = [w for w in written if w[0].endswith("in.npz")]
+    if mode == "fork":
+        assert out["had_object"] == 1 and inputs == []
+    else:
+        assert out["had_object"] == 0 and len(inputs) == 1
+        assert inputs[0][1] == ["__json__", "x"]  # arrays only, never the object
+
+
+def test_fallback_bound_under_a_tight_deadline_is_still_an_upper_bound(big_routing, big_routing_bound):
+    """With no time for the row partition the fallback bounds by k times each token's best score (looser,
+    still valid); with time it gives the top-k bound. RoutingScale's magnitude is max_e |s| summed over rows."""
+    import time
+
+    from moebalance.solvers._routing_common import RoutingScale, fallback
+
+    loose = fallback(big_routing, deadline=time.perf_counter())  # already past: no greedy, no partition
+    tight = fallback(big_routing, deadline=None)
+    s, k = big_routing.scores, big_routing.k
+    assert loose["assignment"] is None
+    assert loose["bound"] >= tight["bound"] >= big_routing_bound * (1 - 1e-12)
+    rounding = RoutingScale(s, k).rounding  # the float allowance both add
+    assert 0 < rounding < 1e-9 * tight["bound"]
+    assert loose["bound"] - rounding == pytest.approx(k * s.max(axis=1).sum(), rel=1e-12)
+    assert tight["bound"] - rounding == pytest.approx(np.sort(s, axis=1)[:, -k:].sum(), rel=1e-12)
+    shifted = -3.0 * s + 0.5  # negative scores: the magnitude takes the row minimum's size
+    assert RoutingScale(shifted, k).magnitude == pytest.approx(k * np.abs(shifted).max(axis=1).sum(), rel=1e-15)
