@@ -4,7 +4,7 @@
 
     python benchmarks/gpu_report.py --work WORKDIR --out-dir DIR --slug nvidia-h200 [--suffix S] [--dry-run]
 
-reads ``WORKDIR/<section>.json`` (env, kernels, layer, calibration, ep), ``WORKDIR/pytest.xml`` (JUnit XML of the
+reads ``WORKDIR/<section>.json`` (env, kernels, layer, bip, calibration, ep), ``WORKDIR/pytest.xml`` (JUnit XML of the
 ``gpu``-marked tests) and ``WORKDIR/steps.jsonl`` (one line per step: name, rc, wall and timeout seconds), and
 writes ``DIR/gpu_suite_<slug><suffix>.json`` and ``.md``.
 
@@ -30,7 +30,7 @@ from typing import Any, Optional
 
 __all__ = ["SECTIONS", "TARGETS", "compute_targets", "build", "render_markdown", "main"]
 
-SECTIONS = ("env", "kernels", "layer", "calibration", "ep")
+SECTIONS = ("env", "kernels", "layer", "bip", "calibration", "ep")
 TARGETS = {
     "fwd_vs_dense": {"text": "Triton forward >= 60% of dense TFLOP/s at E=8, balanced", "threshold": 0.60,
                      "field": "triton_fwd_share_of_dense"},
@@ -229,6 +229,18 @@ def render_markdown(res: dict[str, Any]) -> str:
                       f"{_f(r.get('max_vio_first_step'), '.2f')} -> {_f(r.get('max_vio_last_step'), '.2f')}",
                       _f(r.get("eval_rel_diff_triton_vs_torch"), ".1e") + (f" ERROR {r['error']}" if "error" in r
                                                                           else "")] for r in ly["rows"]]) + [""]
+    bp = res.get("bip")
+    if bp and "rows" in bp:
+        L += ["## BIP balancer step (benchmarks/bip_balancer.py)", "",
+              f"T={bp['T']}, E={bp['E']}, k={bp['k']}, device {bp['device']}, {bp['batches'] - bp['burn_in']} "
+              f"batches after {bp['burn_in']} of burn-in, warm-started; medians"
+              + (f". {bp['note']}" if bp.get("note") else ""), ""]
+        L += _table(["iterations", "step ms", "certified gap median", "gap max", "max load / capacity",
+                     "fast cold ms", "fast warm ms"],
+                    [[str(r["iterations"]), _f(r.get("step_s"), ".3f", 1e3), _f(r.get("gap_median"), ".2e"),
+                      _f(r.get("gap_max"), ".2e"), _f(r.get("max_load_ratio_median"), ".3f"),
+                      _f(r.get("fast_cold_s"), ".2f", 1e3), _f(r.get("fast_warm_s"), ".2f", 1e3)]
+                     for r in bp["rows"]]) + [""]
     cal = res.get("calibration")
     if cal and "fit_forward" in cal:
         f, hw, cp = cal["fit_forward"], cal["hardware_measured"], cal["copy"]

@@ -10,6 +10,8 @@
 #   env          versions, packages, where moebalance imports from; copy bandwidth and dense matmul ceilings
 #   kernels      Triton forward/backward vs dense matmul (yardstick) and the per-expert loop (baseline)
 #   layer        MoELayer with each balancer (none, aux_loss, loss_free, bip), triton and torch back-ends
+#   bip          the bip balancer's step on the device over a stream of batches (benchmarks/bip_balancer.py;
+#                its certified gap needs numba or OR-Tools, without them step time and loads only)
 #   calibration  the simulator's cost model measured (GEMM time vs rows, weight copies), simulator re-run
 #   ep           ExpertParallelMoE with world size 1 on NCCL (gloo in a dry run)
 #   pytest       the gpu-marked tests (pytest -m gpu)
@@ -26,7 +28,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DRY=${DRY:-0}
 ONLY=""
 OUTDIR=${OUT:-}
-STEPS_ALL="env kernels layer calibration ep pytest"
+STEPS_ALL="env kernels layer bip calibration ep pytest"
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
@@ -61,7 +63,7 @@ if [ "$DRY" = 1 ]; then
   SLUG=dry-run-cpu
   BUDGET=${SUITE_BUDGET_S:-900}
   DRYFLAG=--dry-run
-  declare -A LIMIT=([env]=120 [kernels]=300 [layer]=300 [calibration]=300 [ep]=300 [pytest]=300)
+  declare -A LIMIT=([env]=120 [kernels]=300 [layer]=300 [bip]=300 [calibration]=300 [ep]=300 [pytest]=300)
 else
   unset TRITON_INTERPRET GPU_SUITE_DRY
   export GPU_SUITE_BLOCK=${GPU_SUITE_BLOCK-}
@@ -71,7 +73,7 @@ else
   SLUG=$(printf '%s' "$NAME" | tr 'A-Z' 'a-z' | sed -e 's/[^a-z0-9]\{1,\}/-/g' -e 's/^-//' -e 's/-$//' | cut -c1-40)
   BUDGET=${SUITE_BUDGET_S:-450}
   DRYFLAG=
-  declare -A LIMIT=([env]=60 [kernels]=200 [layer]=90 [calibration]=120 [ep]=90 [pytest]=150)
+  declare -A LIMIT=([env]=60 [kernels]=200 [layer]=90 [bip]=60 [calibration]=120 [ep]=90 [pytest]=150)
 fi
 SUFFIX=""
 [ -n "$ONLY" ] && SUFFIX="_only-${ONLY//,/-}"
@@ -122,6 +124,8 @@ B=$ROOT/benchmarks
 step env "$PY" "$B/gpu_env.py" $DRYFLAG --out "$WORK/env.json"
 step kernels "$PY" "$B/gpu_kernels.py" $DRYFLAG --out "$WORK/kernels.json"
 step layer "$PY" "$B/gpu_layer.py" $DRYFLAG --out "$WORK/layer.json"
+if [ "$DRY" = 1 ]; then BIPDEV=cpu; else BIPDEV=cuda; fi
+step bip "$PY" "$B/bip_balancer.py" --device $BIPDEV $DRYFLAG --out "$WORK/bip.json"
 step calibration "$PY" "$B/gpu_calibrate.py" $DRYFLAG --out "$WORK/calibration.json"
 step ep "$PY" "$B/gpu_ep.py" $DRYFLAG --out "$WORK/ep.json"
 # the test files that hold gpu-marked tests (collecting only these keeps unrelated imports out)

@@ -16,8 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SUITE = ROOT / "benchmarks" / "gpu_suite.sh"
-SECTIONS = ("env", "kernels", "layer", "calibration", "ep")
-STEPS = ("env", "kernels", "layer", "calibration", "ep", "pytest")
+SECTIONS = ("env", "kernels", "layer", "bip", "calibration", "ep")
+STEPS = ("env", "kernels", "layer", "bip", "calibration", "ep", "pytest")
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils' timeout")
@@ -64,11 +64,28 @@ def test_files_steps_and_banner(dry):
         assert isinstance(res[s], dict) and res[s]["section"] == s and res[s]["dry_run"] is True, s
     md = (out / "gpu_suite_dry-run-cpu.md").read_text()
     assert "DRY RUN" in md
-    for head in ("## Targets", "## Kernels", "## MoELayer", "## Cost model", "## Expert parallelism",
+    for head in ("## Targets", "## Kernels", "## MoELayer", "## BIP balancer step", "## Cost model",
+                 "## Expert parallelism",
                  "## gpu-marked tests", "## Ceilings"):
         assert head in md, head
     log = (out / "gpu_suite_dry-run-cpu.log").read_text()
     assert "=== [pytest] rc=0" in log and "gpu_suite: done" in log
+
+
+def test_bip_balancer_step(dry):
+    """The bip step runs the balancer on the suite's device (the CPU in a dry run) over a stream of batches: a
+    step time per budget, loads near capacity, and (numba is in the test environment) the certified gap of its
+    prices against the exact optimum, never negative, with fast's times beside it."""
+    bp = dry[1]["bip"]
+    assert bp["device"] == "cpu" and bp["dry_run"] is True and (bp["T"], bp["E"], bp["k"]) == (512, 16, 2)
+    assert [r["iterations"] for r in bp["rows"]] == [1, 2]
+    for r in bp["rows"]:
+        assert _positive(r["step_s"]) and 1.0 <= r["max_load_ratio_median"] < 2.0
+        if bp["exact"]:
+            assert 0.0 <= r["gap_median"] <= r["gap_max"] < 0.05
+            assert _positive(r["fast_cold_s"]) and _positive(r["fast_warm_s"])
+        else:
+            assert r["gap_median"] is None and r["fast_cold_s"] is None
 
 
 def test_env_bootstrap_and_ceilings(dry):
