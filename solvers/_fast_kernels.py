@@ -686,7 +686,7 @@ def _move(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, ys, t, u,
             _insert(rawk, argk, cnt, exh, y, u, s[t, y] - su, t)
 
 
-def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out):
+def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out, direction):
     """Successive shortest paths from ``sel`` [T, k], a top-k of each token's candidates under ``s - q``.
 
     Args:
@@ -702,6 +702,8 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out):
       tol: the certificate's tolerance on reduced scores.
       max_rounds: certificate rounds before status ROUNDS.
       out: ``[R]`` int64; ``out[r]`` = tokens that failed certificate round r.
+      direction: which way Dijkstra searches: -1 backwards from the deficits when excess nodes outnumber them,
+        else forwards from the excess (the default); 0 always forwards; 1 backwards whenever (tests).
 
     Once no excess is left, the certificate runs on the full problem, in place: a token that prefers an
     expert outside its candidates gets it as a candidate (with its arcs: the graph is patched, not rebuilt)
@@ -885,7 +887,7 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out):
                 nsrc += 1
             elif excess[v] < 0:
                 ndef += 1
-        if nsrc > ndef:
+        if (direction < 0 and nsrc > ndef) or direction > 0:
             # more excess nodes than deficits (the usual case: many experts a few over, one sink): Dijkstra
             # backwards from the deficits over the reversed arcs stops at the first excess node, after a few
             # pops instead of nearly all. dist[v]: the shortest path from v to a deficit.

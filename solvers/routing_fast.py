@@ -92,7 +92,7 @@ def _check_options(warm_start: Any, E: int, candidates: Any, auction_steps: Any,
 def fast_route(scores: np.ndarray, k: int, capacity: np.ndarray, *, warm_start: np.ndarray | None = None,
                candidates: int | None = None, auction_steps: int | None = None, stall: float = STALL,
                max_rounds: int = 4, deadline: float | None = None, lift: int | None = None,
-               lift_steps: int | None = None,
+               lift_steps: int | None = None, paths: str = "auto",
                use_numba: bool = True) -> tuple[np.ndarray | None, np.ndarray, dict[str, Any]]:
     """The exact routing of ``scores`` [T, E] (see the module docstring).
 
@@ -100,8 +100,12 @@ def fast_route(scores: np.ndarray, k: int, capacity: np.ndarray, *, warm_start: 
     broke), prices q [E], stats)``. ``capacity`` [E] must admit a feasible routing
     (``sum(min(capacity, T)) >= T * k``). ``deadline``: a ``time.perf_counter()`` value, read between phases
     and kernel calls. ``lift``: the stride of the tokens the Jacobi step samples (None: about 512 of them;
-    1: all; 0: no step).
+    1: all; 0: no step); ``lift_steps``: how many Jacobi steps (default 2). ``paths``: the direction of the
+    shortest-path searches, "auto" (backwards from the deficits when excess nodes outnumber them), "forward"
+    or "backward" (the last two for tests: every choice gives the same optimum).
     """
+    if paths not in ("auto", "forward", "backward"):
+        raise ValueError(f"`paths` must be 'auto', 'forward' or 'backward', got {paths!r}")
     t0 = time.perf_counter()
     T, E = scores.shape
     cap = np.minimum(np.asarray(capacity, dtype=np.int64), T)
@@ -167,7 +171,8 @@ def fast_route(scores: np.ndarray, k: int, capacity: np.ndarray, *, warm_start: 
     violations: list[int] = []
     while True:
         calls += 1
-        status, a, p, r = kern["ssp"](s, cand, ncand, sel, cap, q, CHUNK, reach, tol, int(max_rounds), vout)
+        status, a, p, r = kern["ssp"](s, cand, ncand, sel, cap, q, CHUNK, reach, tol, int(max_rounds), vout,
+                                      {"auto": -1, "forward": 0, "backward": 1}[paths])
         aug += int(a)
         pops += int(p)
         rounds += int(r)

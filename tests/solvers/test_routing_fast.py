@@ -300,8 +300,9 @@ def test_price_certificate_equals_the_two_public_checks():
                 assert bound >= opt.objective - 1e-9
 
 
+@pytest.mark.parametrize("direction", [-1, 0, 1])
 @pytest.mark.parametrize("use_numba", [True, False])
-def test_paths_connect_unreachable_experts_in_place(use_numba):
+def test_paths_connect_unreachable_experts_in_place(use_numba, direction):
     """Shortest paths from candidate lists that hold only each token's own experts: no path exists at first,
     so the kernel connects every unreachable expert to the tokens that value it most and goes on; the answer
     is the optimum (mcf) and passes the full certificate, without the driver's fallback."""
@@ -317,10 +318,37 @@ def test_paths_connect_unreachable_experts_in_place(use_numba):
     cap = np.minimum(p.capacity, T).astype(np.int64)
     reach = np.zeros(E + 1, dtype=np.bool_)
     vout = np.zeros(8, dtype=np.int64)
-    status, aug, _, rounds = kern["ssp"](s, cand, ncand, sel, cap, q, 10**6, reach, 1e-12, 8, vout)
+    status, aug, _, rounds = kern["ssp"](s, cand, ncand, sel, cap, q, 10**6, reach, 1e-12, 8, vout, direction)
     assert status == K.OK and aug > 0 and rounds >= 1
     assert int(ncand.max()) > k  # the kernel added candidates itself
     obj = float(np.take_along_axis(p.scores, np.sort(sel, 1), 1).sum())
     assert rel(obj, solve(p, "mcf").objective) < 1e-9
     assert np.all(np.bincount(sel.ravel(), minlength=E) <= cap)
     assert bias_reproduces(p, sel, q) == 1.0 and rel(routing_dual_bound(p, q), obj) < 1e-9
+
+
+@pytest.mark.parametrize("use_numba", [True, False])
+def test_forward_and_backward_paths_reach_the_same_optimum(use_numba):
+    """Dijkstra forwards from the excess, backwards from the deficits, or chosen per path (the default): the same
+    optimum as mcf on random instances (ties, a few experts with room, capacities below T*k/E and above it,
+    zero capacities), each certified from the definition."""
+    rng = np.random.default_rng(5)
+    shapes = ((60, 6, 2), (120, 8, 3), (90, 5, 1)) if not use_numba else ((600, 16, 4), (900, 24, 3), (400, 9, 2))
+    for trial in range(6):
+        T, E, k = shapes[trial % 3]
+        p = routing_problem(T, E, k, kind="zipf", imbalance=1.0 + 0.4 * trial, seed=30 + trial)
+        scores = np.round(p.scores * 8) / 8 if trial % 2 else p.scores  # coarse grid: many ties
+        cap = rng.integers(T * k // E, 2 * T * k // E + 2, size=E)
+        cap[rng.integers(E)] = 0
+        while int(np.minimum(cap, T).sum()) < T * k:
+            cap[rng.integers(E)] += T * k // E
+        prob = RoutingProblem(scores, k, capacity=cap)
+        ref = solve(prob, "mcf").objective
+        for paths in ("auto", "forward", "backward"):
+            a, q, st = fast_route(prob.scores, k, prob.capacity, paths=paths, use_numba=use_numba)
+            assert a is not None and "failed" not in st, (trial, paths, st)
+            ev = prob.evaluate(a)
+            assert ev.feasible and rel(ev.objective, ref) < 1e-9, (trial, paths)
+            assert bias_reproduces(prob, a, q) == 1.0 and rel(routing_dual_bound(prob, q), ev.objective) < 1e-9
+    with pytest.raises(ValueError, match="paths"):
+        fast_route(p.scores, p.k, p.capacity, paths="sideways")
