@@ -18,9 +18,11 @@ under ``s - q`` (dual feasibility), so moving token t from expert a to candidate
 ``raw[a,b] - q_a + q_b`` with ``raw[a,b] = min over tokens t in a with candidate b not held of s[t,a]-s[t,b]``
 (argmin ``arg[a,b]``); arc e->S (room left) weighs ``-q_e`` (0: experts with room have price 0); arc S->e
 (e sends one unit less to S) weighs ``q_e``. A priced expert sends its full capacity to S, so its room is a
-deficit; an over-full expert has an excess. Dijkstra from every excess node to the nearest deficit node, one
-unit moved along the path, prices raised by ``max(D - d_e, 0)`` (normalised so that S keeps potential 0):
-every reduced cost stays non-negative. With no excess left the assignment is feasible, every token holds a
+deficit; an over-full expert has an excess. Dijkstra from every excess node to the nearest deficit node (or,
+when excess nodes outnumber deficits, backwards from the deficits to the nearest excess node: it settles a few
+nodes instead of nearly all), one unit moved along the path, prices moved by the distances (forwards: lowered
+by ``min(d_e, D)``; backwards: raised by ``min(d_e, D)``; normalised so that S keeps potential 0): every
+reduced cost stays non-negative and the path's arcs are tight. With no excess left the assignment is feasible, every token holds a
 top-k of its candidates under ``s - q`` and every expert with room has price 0: optimal for the candidate
 problem, and for the full problem once the certificate finds no token preferring a non-candidate.
 """
@@ -179,15 +181,16 @@ def _top_row(s, q, k, M, t, sel, held, lst, lstv, nl, bound, buf, bi, vals, ids)
 def prepare(scores, q, k, M, cap, lift, steps, s, sel, held, lst, lstv, nl, bound):
     """Passes over ``scores`` [T, E], in place on ``q``.
 
-    With ``lift`` (a stride >= 1), first one Jacobi step on the prices, from every ``lift``-th token: every
-    over-full expert's price rises at once by the (c+1)-th largest margin of its sampled tokens (margin: a
-    token's value for e under ``s - q`` minus its (k+1)-th value; c its capacity scaled to the sample),
-    which is what the auction's first step for e alone would do. From zero prices the step stays below the
-    optimal prices in practice (raising the others' prices only raises e's margins; on 30 random instances
-    the full step never rose above the prices ``fast`` ends with), and it about halves the auction's work:
-    the hot experts' prices move in bulk instead of token by token. A sample of a few hundred tokens does
-    as well as all of them. Correctness does not depend on the step: the shortest paths repair any deficit
-    it leaves. With ``lift`` = 1 every token is used, and when no expert is over-full the function returns
+    With ``lift`` (a stride >= 1), first ``steps`` Jacobi steps on the prices, from every ``lift``-th token:
+    in each, every over-full expert's price rises at once by the (c+1)-th largest margin of its sampled
+    tokens (margin: a token's value for e under ``s - q`` minus its (k+1)-th value; c its capacity scaled
+    to the sample), which is what the auction's first step for e alone would do. From zero prices one step
+    stays below the optimal prices in practice (raising the others' prices only raises e's margins; on 30
+    random instances the full step never rose above the prices ``fast`` ends with), and it about halves the
+    auction's work: the hot experts' prices move in bulk instead of token by token; a second step takes
+    another 40% off (a third overshoots some optimal prices, and the paths then cost more than it saves).
+    A sample of about 64 token slots per expert does as well as all of them. Correctness does not depend on
+    the steps: the shortest paths repair any deficit or overshoot they leave. With ``lift`` = 1 every token is used, and when no expert is over-full the function returns
     False at once: ``sel`` is then a top-k of every row of ``s - q`` and ``held`` and the lists are not
     built (:func:`relist`).
 
