@@ -18,13 +18,13 @@ under ``s - q`` (dual feasibility), so moving token t from expert a to candidate
 ``raw[a,b] - q_a + q_b`` with ``raw[a,b] = min over tokens t in a with candidate b not held of s[t,a]-s[t,b]``
 (argmin ``arg[a,b]``); arc e->S (room left) weighs ``-q_e`` (0: experts with room have price 0); arc S->e
 (e sends one unit less to S) weighs ``q_e``. A priced expert sends its full capacity to S, so its room is a
-deficit; an over-full expert has an excess. Dijkstra from every excess node to the nearest deficit node (or,
-when excess nodes outnumber deficits, backwards from the deficits to the nearest excess node: it settles a few
-nodes instead of nearly all), one unit moved along the path, prices moved by the distances (forwards: lowered
-by ``min(d_e, D)``; backwards: raised by ``min(d_e, D)``; normalised so that S keeps potential 0): every
-reduced cost stays non-negative and the path's arcs are tight. With no excess left the assignment is feasible, every token holds a
-top-k of its candidates under ``s - q`` and every expert with room has price 0: optimal for the candidate
-problem, and for the full problem once the certificate finds no token preferring a non-candidate.
+deficit; an over-full expert has an excess. Dijkstra from every excess node to the nearest deficit node (or, when
+excess nodes outnumber deficits, backwards from the deficits to the nearest excess node: it settles a few nodes
+instead of nearly all), one unit moved along the path, prices moved by the distances (forwards: lowered by
+``min(d_e, D)``; backwards: raised by ``min(d_e, D)``; normalised so that S keeps potential 0): every reduced cost
+stays non-negative and the path's arcs are tight. With no excess left the assignment is feasible, every token holds
+a top-k of its candidates under ``s - q`` and every expert with room has price 0: optimal for the candidate problem,
+and for the full problem once the certificate finds no token preferring a non-candidate.
 """
 
 from __future__ import annotations
@@ -185,14 +185,14 @@ def prepare(scores, q, k, M, cap, lift, steps, s, sel, held, lst, lstv, nl, boun
     in each, every over-full expert's price rises at once by the (c+1)-th largest margin of its sampled
     tokens (margin: a token's value for e under ``s - q`` minus its (k+1)-th value; c its capacity scaled
     to the sample), which is what the auction's first step for e alone would do. From zero prices one step
-    stays below the optimal prices in practice (raising the others' prices only raises e's margins; on 30
-    random instances the full step never rose above the prices ``fast`` ends with), and it about halves the
-    auction's work: the hot experts' prices move in bulk instead of token by token; a second step takes
-    another 40% off (a third overshoots some optimal prices, and the paths then cost more than it saves).
-    A sample of about 64 token slots per expert does as well as all of them. Correctness does not depend on
-    the steps: the shortest paths repair any deficit or overshoot they leave. With ``lift`` = 1 every token is used, and when no expert is over-full the function returns
-    False at once: ``sel`` is then a top-k of every row of ``s - q`` and ``held`` and the lists are not
-    built (:func:`relist`).
+    stays below the optimal prices in practice (raising the others' prices only raises e's margins; on 30 random
+    instances the full step never rose above the prices ``fast`` ends with), and it about halves the auction's work:
+    the hot experts' prices move in bulk instead of token by token; a second step takes another 40% off (a third
+    overshoots some optimal prices, and the paths then cost more than it saves). A sample of about 64 token slots
+    per expert does as well as all of them. Correctness does not depend on the steps: the shortest paths repair any
+    deficit or overshoot they leave. With ``lift`` = 1 every token is used, and when no expert is over-full the
+    function returns False at once: ``sel`` is then a top-k of every row of ``s - q`` and ``held`` and the lists are
+    not built (:func:`relist`).
 
     Then the main pass: ``s`` = scores minus each row's maximum, ``sel[t]`` = a top-k of ``s[t] - q``
     (``held[t]`` its membership), ``lst[t, :nl[t]]`` = the next M experts (never a held one) with their
@@ -690,6 +690,37 @@ def _move(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, ys, t, u,
             _insert(rawk, argk, cnt, exh, y, u, s[t, y] - su, t)
 
 
+def _pop_min(key):
+    """The index of the smallest entry of ``key`` (the first of ties), -1 when all are inf: a plain min
+    (vectorised), then its first index."""
+    best = np.inf
+    for v in range(key.shape[0]):
+        best = min(best, key[v])
+    if best < np.inf:
+        for v in range(key.shape[0]):
+            if key[v] == best:
+                return v
+    return -1
+
+
+def _apply_path(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, ys, g, excess, path_u, path_v,
+                path_tok, n, source, target):
+    """Move one unit along the path ``path_u[i] -> path_v[i]`` (i < n; the tokens its arcs chose are in
+    ``path_tok``, read before any move): tokens between experts, sends to the sink S (node E) and back."""
+    E = g.shape[0]
+    for i in range(n):
+        u = path_u[i]
+        v = path_v[i]
+        if u < E and v < E:
+            _move(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, ys, path_tok[i], u, v)
+        elif v == E:
+            g[u] += 1
+        else:
+            g[v] -= 1
+    excess[source] -= 1
+    excess[target] += 1
+
+
 def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out, direction):
     """Successive shortest paths from ``sel`` [T, k], a top-k of each token's candidates under ``s - q``.
 
@@ -901,15 +932,7 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out, d
                 pred[v] = -1  # here: the next node on v's path
             source = -1
             while True:
-                best = np.inf
-                for v in range(E + 1):
-                    best = min(best, key[v])
-                u = -1
-                if best < np.inf:
-                    for v in range(E + 1):
-                        if key[v] == best:
-                            u = v
-                            break
+                u = _pop_min(key)
                 if u < 0:
                     break
                 key[u] = np.inf
@@ -958,18 +981,8 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out, d
                     path_tok[n] = argk[0, u, v] if (u < E and v < E) else -1
                     n += 1
                     u = v
-                target = u
-                for i in range(n):
-                    u = path_u[i]
-                    v = path_v[i]
-                    if u < E and v < E:
-                        _move(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, ys, path_tok[i], u, v)
-                    elif v == E:
-                        g[u] += 1
-                    else:
-                        g[v] -= 1
-                excess[source] -= 1
-                excess[target] += 1
+                _apply_path(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, ys, g, excess, path_u,
+                            path_v, path_tok, n, source, u)
                 aug += 1
                 continue
             # no excess node reaches a deficit: the forward search below finds what the excess reaches
@@ -980,15 +993,7 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out, d
             done[v] = False
         target = -1
         while True:
-            best = np.inf
-            for v in range(E + 1):  # a plain min (vectorised), then its first index
-                best = min(best, key[v])
-            u = -1
-            if best < np.inf:
-                for v in range(E + 1):
-                    if key[v] == best:
-                        u = v
-                        break
+            u = _pop_min(key)
             if u < 0:
                 break
             done[u] = True
@@ -1064,18 +1069,8 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out, d
             path_tok[n] = argk[0, u, v] if (u < E and v < E) else -1
             n += 1
             v = u
-        source = v
-        for i in range(n):
-            u = path_u[i]
-            v = path_v[i]
-            if u < E and v < E:
-                _move(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, ys, path_tok[i], u, v)
-            elif v == E:
-                g[u] += 1
-            else:
-                g[v] -= 1
-        excess[source] -= 1
-        excess[target] += 1
+        _apply_path(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, ys, g, excess, path_u, path_v,
+                    path_tok, n, v, target)
         aug += 1
 
 
@@ -1104,9 +1099,9 @@ def kernels(use_numba: bool = True) -> dict:
 
         # helpers are inlined into their callers: a call that passes arrays costs two atomic reference
         # counts per array, which dominated the auction's and the paths' inner loops
-        for name in ("_select", "_rebuild", "_recompute", "_delete", "_move", "relist"):
+        for name in ("_select", "_rebuild", "_recompute", "_delete", "_move", "relist", "_apply_path"):
             ns[name] = comp(globals()[name])
-        for name in ("_push_desc", "_kth_smallest_small", "_top_values", "_top_row", "_best_alt", "_insert",
+        for name in ("_push_desc", "_kth_smallest_small", "_top_values", "_top_row", "_best_alt", "_insert", "_pop_min",
                      "_add_candidate"):
             ns[name] = comp(globals()[name], inline="always")
         _COMPILED = {key: comp(f) for key, f in _PY.items()}

@@ -6,15 +6,16 @@ and building the model is outside their clocks anyway. A child process can be st
 
 The job is ``func(data, params) -> dict`` named by ``"module:function"``, where ``data`` maps names to numpy
 arrays and ``params`` is JSON. It runs in this process when there is no time limit or the model is small
-(``cells <= INPROCESS_CELLS``: building and solving then take milliseconds and the back-end's own limit
-holds); otherwise in a child process, with data and result passed as ``.npz`` files (``allow_pickle=False``)
-in a temporary folder. On Linux the child is a fork of this process (it starts in about a millisecond, with
-the back-ends already imported and the inputs in its inherited memory: only the result is written; a child that hangs on a lock inherited from another thread is killed at the
-deadline like any other); elsewhere, or with ``MOEBALANCE_ISOLATE=spawn``, it is a fresh
-``python -m moebalance.solvers._isolate`` (whose start-up, about 0.3 s, counts against the limit). The child's stdout is discarded (no back-end banners); the
-last line of its stderr names the error when it fails (a RuntimeError, which ``solve`` reports as ``error``).
-:func:`run_bounded` returns the job's result, or None when the deadline killed it; KeyboardInterrupt kills
-the child and propagates.
+(``cells <= INPROCESS_CELLS``: building and solving then take milliseconds and the back-end's own limit holds);
+otherwise in a child process, whose result comes back as an ``.npz`` file (``allow_pickle=False``) in a
+temporary folder. On Linux the child is a fork of this process: it starts in about a millisecond, with the
+back-ends already imported and the inputs in its inherited memory (nothing is written for it; a child that hangs
+on a lock inherited from another thread is killed at the deadline like any other). Elsewhere, or with
+``MOEBALANCE_ISOLATE=spawn``, it is a fresh ``python -m moebalance.solvers._isolate`` that reads its inputs from
+an ``.npz`` file too (arrays only) and whose start-up, about 0.3 s, counts against the limit. The child's stdout
+is discarded (no back-end banners); the last line of its stderr names the error when it fails (a RuntimeError,
+which ``solve`` reports as ``error``). :func:`run_bounded` returns the job's result, or None when the deadline
+killed it; KeyboardInterrupt kills the child and propagates.
 """
 
 from __future__ import annotations

@@ -5,9 +5,10 @@ prices q [E], keeps every token on an exact top-k of its full row of ``scores - 
 dual stays feasible), and moves toward feasibility:
 
 1. Prepare (:func:`~moebalance.solvers._fast_kernels.prepare`). Two Jacobi steps on the prices from a sample
-   of the tokens (at least 512, about 64 token slots per expert; in each step every over-full expert's price
-   rises at once to where its sampled tokens' margins would leave it full), then one pass over all T*E scores: each token's top-k under q, its next
-   ``candidates - k`` experts (default 4) with their scores, and a bound on everything else.
+   of the tokens (at least 512, about 64 token slots per expert; in each step every over-full expert's price rises
+   at once to where its sampled tokens' margins would leave it full), then one pass over all T*E scores: each
+   token's top-k under q, its next ``candidates - k`` experts (default 4) with their scores, and a bound on
+   everything else.
 2. Auction (:func:`~moebalance.solvers._fast_kernels.auction`). An over-full expert raises its price by the
    (c+1)-th largest margin of its tokens, so exactly c keep it; the others take their best other expert
    (from their list while it provably beats everything outside, else from their row). Prices only rise, each
