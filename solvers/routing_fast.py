@@ -100,8 +100,8 @@ def fast_route(scores: np.ndarray, k: int, capacity: np.ndarray, *, warm_start: 
     Returns ``(assignment [T, k] or None when the deadline stopped it (or, ``stats["failed"]``, an invariant
     broke), prices q [E], stats)``. ``capacity`` [E] must admit a feasible routing
     (``sum(min(capacity, T)) >= T * k``). ``deadline``: a ``time.perf_counter()`` value, read between phases
-    and kernel calls. ``lift``: the stride of the tokens the Jacobi step samples (None: about 512 of them;
-    1: all; 0: no step); ``lift_steps``: how many Jacobi steps (default 2). ``paths``: the direction of the
+    and kernel calls. ``lift``: the stride of the tokens the Jacobi steps sample (None: about max(512,
+    64 E / k) of them; 1: all; 0: no step); ``lift_steps``: how many Jacobi steps (default 2; at least 1). ``paths``: the direction of the
     shortest-path searches, "auto" (backwards from the deficits when excess nodes outnumber them), "forward"
     or "backward" (the last two for tests: every choice gives the same optimum).
     """
