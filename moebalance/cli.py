@@ -1,4 +1,4 @@
-"""The ``moebalance`` command line: demo, solve, compare, gen, simulate, study, report.
+"""The ``moebalance`` command line: demo, solve, compare, gen, plot, simulate, study, report.
 
 Every method name, option and output path is checked before anything is solved. Errors are one line on
 stderr (``moebalance: error: ...``). Exit status:
@@ -317,10 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=_cmd_gen)
 
+    from .evaluation.plot_files import add_plot_command
     from .evaluation.report import add_report_command
     from .evaluation.simulate import add_simulate_command
     from .evaluation.study import add_study_command
 
+    add_plot_command(sub)
     add_simulate_command(sub)
     add_study_command(sub)
     add_report_command(sub)
