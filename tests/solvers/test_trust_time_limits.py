@@ -1,14 +1,20 @@
-"""Issue 9, class 5 "Time limits cover everything": ``solve``'s wall time stays within
-``time_limit * 1.1 + 0.5`` s for every registered method that declares ``supports_time_limit``, model building
-included, and a stopped run is honest: status ``time_limit`` (never ``infeasible``), any assignment it returns
-feasible, any bound valid.
+"""Time limits cover everything, model building included, and a stopped run is honest: status ``time_limit``
+(never ``infeasible``), any assignment it returns feasible, any bound valid.
 
-Seen before the fix (time_limit=1, 4096x64, k=8, this 2-core CPU): bip 2.96 s, mip 2.59 s (SCIP), 7.56 s
-(HiGHS, status error), 3.18 s (CBC), cvxpy 1.99 s with an infeasible iterate. The 16384x64 case is in
-``benchmarks/time_limits.py`` (not a timed test).
+No test here measures how long a solve took (that depends on the machine's load; ``benchmarks/time_limits.py``
+holds the timings: every time-limited method within ``time_limit * 1.1 + 0.5`` s). The logic is checked instead:
+
+- under a fake clock on which every reading comes 1000 s after the previous one, any limit is spent by the time
+  the model is built, so every method must stop with status ``time_limit`` (a method that ignored the clock after
+  building its model would finish and say ``optimal``);
+- a real limit far longer than the work gives the optimum, and a child process that works far longer than its
+  limit is killed (the job would otherwise return an answer).
 """
 
 from __future__ import annotations
+
+import itertools
+import time
 
 import numpy as np
 import pytest
@@ -18,12 +24,7 @@ from moebalance import Status
 from moebalance.generate import routing_problem
 from moebalance.placement import CostModel, PlacementProblem
 
-
-def _budget(time_limit: float) -> float:
-    return time_limit * 1.1 + 0.5
-
-
-# the methods the issue saw overrun are checked whatever their flags say
+# the methods that were seen to overrun their limits are checked whatever their flags say
 NAMED = {"routing": ("bip", "mip", "cvxpy", "lp", "mcf"), "placement": ("milp", "lp", "lp-cvxpy")}
 
 
@@ -40,6 +41,15 @@ if "mip" in dict(ROUTING):
     ROUTING += [("mip", {"backend": "HIGHS"}), ("mip", {"backend": "CBC"})]
 
 
+@pytest.fixture()
+def racing_clock(monkeypatch):
+    """``time.perf_counter`` where every reading is 1000 s after the previous one: whatever a method does between
+    two readings (building its model, starting a child) spends any time limit."""
+    real = time.perf_counter
+    readings = itertools.count()
+    monkeypatch.setattr(time, "perf_counter", lambda: real() + 1000.0 * next(readings))
+
+
 @pytest.fixture(scope="module")
 def big_routing():
     return routing_problem(4096, 64, 8, kind="zipf", seed=0)
@@ -51,14 +61,24 @@ def big_routing_bound(big_routing):
 
 
 @pytest.mark.parametrize("method, options", ROUTING, ids=[f"{m}-{o.get('backend', '')}" for m, o in ROUTING])
-def test_routing_time_limit_covers_model_building(big_routing, big_routing_bound, method, options):
-    tl = 0.6
-    sol = mb.solve(big_routing, method, time_limit=tl, **options)
-    assert sol.wall_time <= _budget(tl), (method, options, sol.wall_time)
+def test_routing_limit_spent_by_model_building_stops_honestly(big_routing, big_routing_bound, racing_clock,
+                                                               method, options):
+    sol = mb.solve(big_routing, method, time_limit=5.0, **options)
+    assert sol.status == Status.TIME_LIMIT, sol
+    assert sol.assignment is None or sol.feasible, sol
+    assert sol.bound is not None and sol.bound >= big_routing_bound * (1 - 1e-9), sol
+
+
+@pytest.mark.parametrize("method, options", ROUTING, ids=[f"{m}-{o.get('backend', '')}" for m, o in ROUTING])
+def test_routing_short_real_limit_is_honest(big_routing, big_routing_bound, method, options):
+    # whether 0.6 s is enough depends on the machine: either outcome is fine, as long as it is told honestly
+    sol = mb.solve(big_routing, method, time_limit=0.6, **options)
     assert sol.status in (Status.TIME_LIMIT, Status.OPTIMAL, Status.FEASIBLE), sol
     assert sol.assignment is None or sol.feasible, sol
     if sol.bound is not None:
         assert sol.bound >= big_routing_bound * (1 - 1e-9), sol
+    if sol.status == Status.OPTIMAL:
+        assert sol.objective == pytest.approx(big_routing_bound, rel=1e-6), sol
 
 
 def test_a_generous_limit_still_solves(big_routing_bound):
@@ -70,24 +90,43 @@ def test_a_generous_limit_still_solves(big_routing_bound):
         assert sol.status == Status.OPTIMAL and sol.objective == pytest.approx(ref.objective, rel=1e-9), sol
 
 
-def test_fast_under_a_tight_limit_runs_in_a_child(big_routing, big_routing_bound):
-    """A limit a solve of this size may not fit inside well sends ``fast`` to a child process: its answer
-    comes back through the child's files (optimal, equal to mcf's), and a limit too short for it still
-    returns in time and honestly."""
-    from moebalance.solvers.routing_fast import SECONDS_PER_ENTRY
+def test_fast_judged_slow_for_its_limit_runs_in_a_child(monkeypatch, big_routing, big_routing_bound):
+    """A limit that a solve of this size may not fit inside well (judged from its size) sends ``fast`` to a child
+    process; its answer comes back through the child's files, optimal and equal to mcf's. The size rule is made
+    to judge every solve slow, so a limit far longer than the work takes the child path on any machine."""
+    from moebalance.solvers import _isolate, routing_fast
 
-    T, E = big_routing.shape
-    tl = 0.15
-    assert T * E * SECONDS_PER_ENTRY > 0.25 * tl  # this limit takes the child path
-    sol = mb.solve(big_routing, "fast", time_limit=tl)
-    assert sol.wall_time <= _budget(tl), sol.wall_time
+    children = []
+    real = _isolate._Forked
+
+    class Counted(real):  # type: ignore[misc, valid-type]
+        def __init__(self, *a, **k):
+            children.append(1)
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(_isolate, "_Forked", Counted)
+    monkeypatch.setenv("MOEBALANCE_ISOLATE", "fork")
+    monkeypatch.setattr(routing_fast, "SECONDS_PER_ENTRY", 1.0)  # every solve now looks too slow for its limit
+    sol = mb.solve(big_routing, "fast", time_limit=120)
+    assert children == [1], "the solve did not go to a child process"
     assert sol.status == Status.OPTIMAL and sol.objective == pytest.approx(big_routing_bound, rel=1e-9), sol
     assert sol.stats["bias_reproduces"] == 1.0 and sol.stats["auction"]["steps"] > 0
-    short = mb.solve(big_routing, "fast", time_limit=0.002)
-    assert short.wall_time <= _budget(0.002), short.wall_time
-    assert short.status in (Status.TIME_LIMIT, Status.OPTIMAL), short
-    assert short.assignment is None or short.feasible
-    assert short.bound is None or short.bound >= big_routing_bound * (1 - 1e-9)
+
+
+def _sleeping_job(data, params):
+    """A job for run_bounded that works far longer than any limit given to it here."""
+    time.sleep(600)
+    return {"x": np.zeros(1)}
+
+
+@pytest.mark.parametrize("mode", ["fork", "spawn"])
+def test_a_child_working_past_its_limit_is_killed(monkeypatch, mode):
+    from moebalance.solvers import _isolate
+
+    monkeypatch.setenv("MOEBALANCE_ISOLATE", mode)
+    out, side = _isolate.run_bounded(f"{__name__}:_sleeping_job", {"x": np.zeros(3)}, {}, time_limit=0.5,
+                                     start=time.perf_counter(), cells=10**6, meanwhile=lambda: "fallback ran")
+    assert out is None and side == "fallback ran"
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +136,31 @@ def big_placement():
 
 
 @pytest.mark.parametrize("method", _timed("placement"))
-def test_placement_time_limit_covers_model_building(big_placement, method):
-    tl = 0.6
-    sol = mb.solve(big_placement, method, time_limit=tl)
-    assert sol.wall_time <= _budget(tl), (method, sol.wall_time)
+def test_placement_limit_spent_by_model_building_stops_honestly(big_placement, racing_clock, method):
+    sol = mb.solve(big_placement, method, time_limit=5.0)
+    assert sol.status == Status.TIME_LIMIT, sol
+    assert sol.assignment is None or sol.feasible, sol
+
+
+@pytest.mark.parametrize("method", _timed("placement"))
+def test_placement_short_real_limit_is_honest(big_placement, method):
+    sol = mb.solve(big_placement, method, time_limit=0.6)
     assert sol.status in (Status.TIME_LIMIT, Status.OPTIMAL, Status.FEASIBLE), sol
     assert sol.assignment is None or sol.feasible, sol
+    if sol.bound is not None and sol.feasible:
+        assert sol.bound <= sol.objective * (1 + 1e-9), sol
+
+
+@pytest.mark.parametrize("method", ["milp", "eplb+"])
+def test_replication_limit_spent_stops_honestly(racing_clock, method):
+    from moebalance.replication import ReplicationProblem
+
+    rng = np.random.default_rng(0)
+    p = ReplicationProblem(rng.integers(1, 1000, (2, 64)), 80, 8)
+    sol = mb.solve(p, method, time_limit=5.0)
+    assert sol.status == Status.TIME_LIMIT and sol.feasible, sol  # EPLB's plan at worst
+    if sol.bound is not None:
+        assert sol.bound <= sol.objective * (1 + 1e-9), sol
 
 
 @pytest.mark.parametrize("mode", ["fork", "spawn"])
