@@ -175,8 +175,8 @@ def test_bip_time_limit_is_honoured_and_reported():
     assert sol.status in (Status.TIME_LIMIT, Status.OPTIMAL)
     if sol.status == Status.TIME_LIMIT:
         assert "time limit" in sol.message or "UNKNOWN" in str(sol.stats.get("backend_status"))
-    # the limit covers model building: the whole solve stops within it (issue 9, class 5)
-    assert sol.wall_time <= 0.5 * 1.1 + 0.5
+    # how long it took is the benchmark's to measure (benchmarks/time_limits.py); that the limit covers model
+    # building is checked on a fake clock in tests/solvers/test_trust_time_limits.py
     assert sol.feasible or sol.assignment is None
 
 
