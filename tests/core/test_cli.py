@@ -63,7 +63,7 @@ def test_demo_quick():
 
 
 def test_help_for_every_subcommand():
-    for sub in ["demo", "solve", "compare", "gen", "simulate", "study", "report"]:
+    for sub in ["demo", "solve", "compare", "gen", "plot", "simulate", "study", "report"]:
         out = run(sub, "--help")
         assert out.returncode == 0 and "usage: moebalance" in out.stdout
 
