@@ -50,7 +50,7 @@ def test_compare(problem_file, tmp_path):
 def test_errors_are_one_line(problem_file, tmp_path, args, needle):
     args = [a.replace("{file}", str(problem_file)) for a in args]
     out = subprocess.run([sys.executable, "-m", "moebalance", *args], capture_output=True, text=True,
-                         cwd=tmp_path, timeout=120)
+                         cwd=tmp_path, timeout=600)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("moebalance: error:") and needle in lines[0], out.stderr

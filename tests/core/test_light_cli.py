@@ -23,7 +23,7 @@ print('HEAVY=' + ','.join(heavy))
 
 
 def _heavy_after(*argv: str) -> list[str]:
-    out = subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("HEAVY=")][-1]
     return [m for m in line[len("HEAVY="):].split(",") if m]
@@ -43,7 +43,7 @@ def test_python_dash_m_help_is_light():
     code = ("import runpy, sys; sys.argv = ['moebalance', '--help']\n"
             "try:\n    runpy.run_module('moebalance', run_name='__main__')\nexcept SystemExit:\n    pass\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & set(%r)))" % (HEAVY,))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
 
 

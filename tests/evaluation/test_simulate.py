@@ -175,6 +175,6 @@ def test_cli_reads_the_hardware_file(tmp_path):
                                           "dtype_bytes": 4.0}}))
     out = subprocess.run([sys.executable, "-m", "moebalance", "simulate", "--hardware-file", str(f),
                           "--scenarios", "95:1", "--methods", "ep,llep", "--tokens-per-device", "2048",
-                          "--no-progress"], capture_output=True, text=True, timeout=120)
+                          "--no-progress"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert "hardware from" in out.stdout and "llep" in out.stdout

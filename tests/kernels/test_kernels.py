@@ -259,7 +259,7 @@ def test_import_needs_no_triton():
         "assert sys.modules['triton'] is None and y.shape == (3, 8)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=600)
 
 
 def test_triton_kernels_compile_for_sm90():
