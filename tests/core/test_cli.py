@@ -60,6 +60,8 @@ def test_demo_quick():
     out = run("demo", "--quick")
     assert out.returncode == 0, out.stderr
     assert "Routing" in out.stdout and "MaxVio" in out.stdout
+    tail = out.stdout.split("=== Next", 1)[1]  # it ends with the next commands
+    assert "compare p.npz" in tail and "plot p.npz" in tail
 
 
 def test_help_for_every_subcommand():
