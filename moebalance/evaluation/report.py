@@ -1,7 +1,7 @@
 """``moebalance report``: one self-contained Markdown report of every benchmark, with its PNG plots.
 
 It reads the JSON files the benchmarks wrote, from a results folder (``--results``, default ``benchmarks/results``
-under the current directory):
+under the current directory, where it exists, then the report's own folder):
 
 1. the routing-solver benchmark (``routing_solvers.json``, and ``routing_solvers_target.json`` when present);
 2. the placement gap table (``placement.json``);
@@ -11,7 +11,8 @@ under the current directory):
    under that measured cost model;
 4. the balancer training study (``balancer_study.json``).
 
-The report goes to ``<out>`` and its plots to the folder ``<out stem>_files`` beside it. A missing input is
+The report goes to ``<out>`` (default ``moebalance_results/report.md`` under the current directory, never a folder
+the user did not name or the repository's) and its plots to the folder ``<out stem>_files`` beside it. A missing input is
 named in the report with the command that makes it ("not yet run: ..."). The benchmarks are scripts of the
 repository, not of the package: the report never runs them. ``run_quick=True`` (``--run-quick``) runs, in this
 process, the quick version of the one input the package itself can make (the training study), into the plots
@@ -35,8 +36,10 @@ import numpy as np
 
 __all__ = ["build_report", "ReportResult", "INPUTS", "add_report_command", "run_report_command", "main"]
 
-# relative to the current directory (a checkout's root), never to the installed package
+# relative to the current directory, never to the installed package: read from (a checkout's benchmark results)
 DEFAULT_RESULTS = Path("benchmarks") / "results"
+# ... and written to: one folder of its own, named in --help
+DEFAULT_OUT = Path("moebalance_results") / "report.md"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -394,16 +397,16 @@ def _study_section(data: dict[str, Any], assets: Path, source: str) -> tuple[str
 
 
 # ---- the report --------------------------------------------------------------------------------------------
-def build_report(out: str | Path = DEFAULT_RESULTS / "report.md", *, results_dir: str | Path | None = None,
+def build_report(out: str | Path = DEFAULT_OUT, *, results_dir: str | Path | None = None,
                  routing_dir: str | Path | None = None, cost_model: str | Path | None = None,
                  run_quick: bool = False, devices: int = 8, tokens_per_device: int = 32768,
                  progress: bool = True) -> ReportResult:
     """Write the Markdown report to ``out`` and its plots to ``<out stem>_files/``; see the module docstring.
 
     Args:
-      out: the report's path (``.md``).
+      out: the report's path (``.md``; default ``moebalance_results/report.md`` under the current directory).
       results_dir: where the benchmarks wrote their JSON (default ``benchmarks/results`` under the current
-        directory).
+        directory, then the report's own folder; neither is created).
       routing_dir: the recorded routing data (default ``DEFAULT_ROUTING_DIR`` of the simulator).
       cost_model: a calibration JSON (``benchmarks/ep_layer.py --mode calibrate``); default every
         ``ep_cost_model_*.json`` in ``results_dir``.
@@ -422,7 +425,7 @@ def build_report(out: str | Path = DEFAULT_RESULTS / "report.md", *, results_dir
         raise ValueError(f"`results_dir` {str(results)!r} is not a folder")
     assets = out.parent / f"{out.stem}_files"
     assets.mkdir(parents=True, exist_ok=True)
-    folders = [results, assets]
+    folders = [results, assets] if results_dir is not None else [results, out.parent, assets]
 
     found: dict[str, list[Path]] = {}
     missing: dict[str, str] = {}
@@ -504,9 +507,12 @@ def _rel(path: Path, out: Path) -> str:
 
 # ---- command line ------------------------------------------------------------------------------------------
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default=str(DEFAULT_RESULTS / "report.md"),
-                   help="the report (.md); plots go to <stem>_files/ beside it")
-    p.add_argument("--results", default=None, help=f"folder of the benchmark JSON files (default {DEFAULT_RESULTS})")
+    p.add_argument("--out", default=str(DEFAULT_OUT),
+                   help=f"the report (.md); plots go to <stem>_files/ beside it (default {DEFAULT_OUT} under the "
+                        "current directory)")
+    p.add_argument("--results", default=None,
+                   help=f"folder of the benchmark JSON files (default {DEFAULT_RESULTS} under the current "
+                        "directory where it exists, then the report's folder)")
     p.add_argument("--routing-data", default=None,
                    help="folder of the recorded routing data (default: $MOEBALANCE_ROUTING_DATA or ../shared/data/routing)")
     p.add_argument("--cost-model", default=None,

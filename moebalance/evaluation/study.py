@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import platform
 import sys
 import sysconfig
@@ -53,6 +54,10 @@ __all__ = [
     "add_study_command",
     "main",
 ]
+
+# where `moebalance study` writes unless --out says otherwise: a folder of its own under the current directory
+# (benchmarks/balancer_study.py passes the checkout's benchmarks/results)
+DEFAULT_OUT = "moebalance_results"
 
 DEFAULT_BALANCERS: tuple[str, ...] = ("none", "aux_loss:0.01", "aux_loss:0.1", "loss_free:0.001", "bip",
                                       "bip_same_batch")
@@ -647,7 +652,9 @@ def _add_arguments(p: argparse.ArgumentParser, default_out: str) -> None:
         p.add_argument(f"--{name}", type=typ, default=None, help=f"{help_} (default {getattr(d, attr)})")
     p.add_argument("--router", choices=("softmax", "sigmoid"), default=None, help="router (default softmax)")
     p.add_argument("--stdlib", default=None, help="folder of Python sources (default: this Python's stdlib)")
-    p.add_argument("--out", default=default_out, help="folder for balancer_study.json/.md and the PNG plots")
+    p.add_argument("--out", default=default_out,
+                   help=f"folder for balancer_study.json/.md and the PNG plots (default {default_out}"
+                        f"{'' if os.path.isabs(default_out) else ' under the current directory'})")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -691,7 +698,7 @@ def add_study_command(subparsers: Any) -> argparse.ArgumentParser:
                     "loss_free u=1e-3, bip, bip_same_batch) for 16 and 64 experts, top-2 and top-8. Records "
                     "training loss and AvgMaxVio per step, SupMaxVio, MaxVio_global, validation perplexity and "
                     "time; prints a table and writes JSON, Markdown and PNG plots.")
-    _add_arguments(p, "benchmarks/results")
+    _add_arguments(p, DEFAULT_OUT)
     p.set_defaults(func=run_study_command)
     return p
 
