@@ -17,6 +17,21 @@ def run(quick: bool, section: Callable[[str], None]) -> None:
     section(f"MoE layer (torch path on {'GPU' if torch.cuda.is_available() else 'CPU'}): "
             f"E={E}, top-{k}, hidden={hidden}, {steps} training steps on a skewed router")
     print(f"{'balancer':10s} MaxVio step 1   step {steps}   final loss")
+    # one thread: at these sizes it is as fast as several, and it does not slow down on a busy machine (several
+    # threads then wait on each other at every small matrix product)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _train(steps, E, k, hidden, ffn, T)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(steps: int, E: int, k: int, hidden: int, ffn: int, T: int) -> None:
+    import torch
+
+    from moebalance.integrations.torch import MoEConfig, MoELayer
+
     for balancer in ("none", "aux_loss", "loss_free", "bip"):
         torch.manual_seed(0)
         cfg = MoEConfig(hidden=hidden, ffn=ffn, num_experts=E, top_k=k, balancer=balancer,
