@@ -84,9 +84,8 @@ def _routing_from_dict(d: dict[str, Any]) -> Any:
         # written by save_problem: the capacity came from the factor; rebuild it so and check it agrees
         problem = RoutingProblem(d["scores"], d["k"], capacity_factor=cf)
         given = np.asarray(capacity)
-        if given.dtype == object or given.ndim > 1 or not np.array_equal(
-                problem.capacity, np.broadcast_to(given, problem.capacity.shape) if given.size in (1, problem.num_experts)
-                else given):
+        fits = given.dtype != object and given.ndim <= 1 and given.size in (1, problem.num_experts)
+        if not fits or not np.array_equal(problem.capacity, np.broadcast_to(given, problem.capacity.shape)):
             raise ValueError(f"`capacity` disagrees with `capacity_factor`={cf!r}")
         return problem
     return RoutingProblem(d["scores"], d["k"], capacity=capacity, capacity_factor=1.0 if cf is None else cf)
