@@ -41,8 +41,10 @@ import io as _io
 import json
 import math
 import os
+import struct
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -206,13 +208,16 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def _member_header(fh: Any, key: str) -> tuple[tuple[int, ...], np.dtype]:
     fmt = np.lib.format
-    version = fmt.read_magic(fh)
-    if version == (1, 0):
-        shape, _, dtype = fmt.read_array_header_1_0(fh, max_header_size=MAX_HEADER_BYTES)
-    elif version in ((2, 0), (3, 0)):
-        shape, _, dtype = fmt.read_array_header_2_0(fh, max_header_size=MAX_HEADER_BYTES)
-    else:
-        raise ValueError(f"`{key}`: unsupported .npy version {version}")
+    try:
+        version = fmt.read_magic(fh)
+        if version == (1, 0):
+            shape, _, dtype = fmt.read_array_header_1_0(fh, max_header_size=MAX_HEADER_BYTES)
+        elif version in ((2, 0), (3, 0)):
+            shape, _, dtype = fmt.read_array_header_2_0(fh, max_header_size=MAX_HEADER_BYTES)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+    except (ValueError, TypeError, SyntaxError, struct.error) as exc:
+        raise ValueError(f"`{key}` has a bad .npy header: {_first_line(exc)}") from None
     return shape, dtype
 
 
@@ -227,7 +232,8 @@ def read_npz(path: str | os.PathLike) -> dict[str, Any]:
         return _read_npz(p)
     except ValueError as exc:
         raise ValueError(f"{p.name}: {_first_line(exc)}") from None
-    except (OSError, EOFError, zipfile.BadZipFile, KeyError, NotImplementedError, RuntimeError) as exc:
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, struct.error, KeyError, NotImplementedError,
+            RuntimeError, OverflowError) as exc:
         raise ValueError(f"{p.name}: cannot read the archive: {type(exc).__name__}: {_first_line(exc)}") from None
 
 
@@ -427,7 +433,7 @@ def load_solution(path: str | os.PathLike) -> Any:
             raise ValueError(f"expected a JSON object, got {type(d).__name__}")
         kinds = _solution_kinds()
         kind = d.get("kind")
-        if kind is not None and kind not in kinds:
+        if kind is not None and (not isinstance(kind, str) or kind not in kinds):
             raise ValueError(f"`kind` must be one of {', '.join(map(repr, kinds))}, got {kind!r:.80}")
         cls = kinds[kind] if kind is not None else Solution
         names = {f.name for f in dataclasses.fields(cls)}

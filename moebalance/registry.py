@@ -350,6 +350,10 @@ def finalize(problem: Any, raw: Solution, *, method: str | None = None, wall_tim
         status = Status.FEASIBLE
         why = "no valid bound" if gap is None else f"gap to bound is {gap:.3g}"
         message = _append(message, f"claimed optimal but {why}")
+    if assignment is None and status == Status.TIME_LIMIT and "no answer" not in message:
+        # the way out, said once: a stopped solver with nothing to show
+        message = _append(message, "no answer within the time limit (objective NaN); a larger `time_limit` "
+                                   "may give one")
     names = cls.family_fields()
     keep = {name: getattr(raw, name) for name in names if hasattr(raw, name)}
     keep.update({k: v for k, v in fields.items() if k in names})
