@@ -263,6 +263,9 @@ def solve(problem: Any, method: str = "auto", *, time_limit: float | None = None
         raw = problem.solution_type(method=info.name, status=Status.ERROR,
                                     message=f"{type(exc).__name__}: {exc}")
     wall = time.perf_counter() - t0
+    if not isinstance(raw, Solution):
+        raw = problem.solution_type(method=info.name, status=Status.ERROR,
+                                    message=f"method {info.name!r} returned {type(raw).__name__}, not a Solution")
     return finalize(problem, raw, method=info.name, wall_time=wall)
 
 
