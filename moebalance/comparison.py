@@ -96,6 +96,8 @@ def compare(problem: Any, methods: Iterable[str] | str | None = None, *, time_li
         names = available_methods(problem)
     elif isinstance(methods, str):
         names = [methods]
+    elif isinstance(methods, (bytes, bytearray)):
+        raise ValueError(f"`methods` must be a method name (str) or a list of names, got {methods!r:.80}")
     else:
         try:
             names = list(methods)

@@ -406,7 +406,10 @@ def _opt_array(d: dict, key: str, integer: bool) -> np.ndarray | None:
     v = d.get(key)
     if v is None:
         return None
-    ndim = np.ndim(v) if isinstance(v, list) else -1
+    try:
+        ndim = np.ndim(v) if isinstance(v, list) else -1
+    except (ValueError, TypeError):
+        raise ValueError(f"`{key}` must be a rectangular array (its rows differ in length)") from None
     if ndim < 1:
         raise ValueError(f"`{key}` must be an array or null, got {type(v).__name__}")
     if integer:

@@ -183,6 +183,7 @@ def test_compare_with_one_name_is_one_method(problem):
     (["mcf", "mcf"], None, None, "twice"),
     ([3], None, None, "`methods`"),
     (42, None, None, "`methods`"),
+    (b"mcf", None, None, "`methods`"),
     (["mcf"], {"mcf": {"maxcost": 1}}, None, "unknown option"),
     (["mcf"], {"mcf": 3}, None, "`options`"),
     (["mcf"], {"lp": {}}, None, "not compared"),
