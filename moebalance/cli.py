@@ -25,7 +25,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -47,18 +46,28 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ---- checks made before anything runs -------------------------------------------------------------------
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(name)
+
+
 def _parse_options(pairs: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
             raise ValueError(f"`--option` must look like NAME=VALUE, got {pair!r}")
         name, value = pair.split("=", 1)
-        if not name:
-            raise ValueError(f"`--option` must look like NAME=VALUE, got {pair!r}")
+        if not name.isidentifier():
+            raise ValueError(f"`--option` must look like NAME=VALUE with NAME an option name, got {pair!r}")
+        if name in out:
+            raise ValueError(f"`--option` {name!r} is given twice")
         try:
-            out[name] = json.loads(value)
+            out[name] = json.loads(value, parse_constant=_refuse_constant)
         except (json.JSONDecodeError, RecursionError):
             out[name] = value
+        except ValueError:  # NaN, Infinity: no option takes them
+            raise ValueError(f"`--option` {name}: the value must be finite, got {value!r}") from None
+        if isinstance(out[name], float) and not math.isfinite(out[name]):  # 1e999
+            raise ValueError(f"`--option` {name}: the value must be finite, got {value!r}")
     return out
 
 
@@ -81,16 +90,10 @@ def check_output_path(path: str | os.PathLike, name: str, suffixes: Sequence[str
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    # a file appears whole or not at all (an interrupt in the middle leaves nothing)
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    # a file appears whole or not at all (an interrupt in the middle leaves nothing), with the umask's mode
+    from .io import write_atomic
+
+    write_atomic(path, text)
 
 
 def _positive_seconds(text: str) -> float:
@@ -143,18 +146,13 @@ def _report_warnings(caught: list[warnings.WarningMessage]) -> None:
 # ---- commands ---------------------------------------------------------------------------------------------
 def _cmd_solve(args: argparse.Namespace) -> int:
     from .io import load_problem, save_solution_text
-    from .registry import method_info, solve
+    from .registry import check_options, method_info, solve
     from .solution import RoutingSolution
 
     out = check_output_path(args.json, "--json", (".json",)) if args.json else None
     options = _parse_options(args.option)
     problem = load_problem(args.file)
-    info = method_info(problem, args.method)
-    unknown = sorted(set(options) - set(info.options))
-    if unknown:
-        valid = ", ".join(sorted(info.options)) or "none"
-        raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))} for method {info.name!r}; "
-                         f"valid options: {valid}")
+    check_options(method_info(problem, args.method), options)  # as solve checks them, before it runs
     with _backend_quiet() as caught:
         sol = solve(problem, args.method, time_limit=args.time_limit, **options)
     _report_warnings(caught)
@@ -180,18 +178,15 @@ def _cmd_solve(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .comparison import compare
     from .io import load_problem
-    from .registry import available_methods, method_info
 
     out = check_output_path(args.json, "--json", (".json",)) if args.json else None
     problem = load_problem(args.file)
+    methods = None  # every installed method that can solve the problem
     if args.methods is not None:
         methods = [m.strip() for m in args.methods.split(",")]
         if not all(methods):
             raise ValueError(f"`--methods` must be comma-separated method names, got {args.methods!r}")
-        for m in methods:  # every name is checked before the first method runs
-            method_info(problem, m)
-    else:
-        methods = available_methods(problem)
+    # compare checks every name (and that it can solve this problem) before the first method runs
     with _backend_quiet() as caught:
         table = compare(problem, methods, time_limit=args.time_limit, progress=not args.no_progress)
     _report_warnings(caught)
@@ -233,15 +228,9 @@ def _cmd_gen(args: argparse.Namespace) -> int:
 
 
 def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    from .io import write_atomic
+
+    write_atomic(path, data)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

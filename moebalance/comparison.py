@@ -80,17 +80,46 @@ def _fmt(v: Any, spec: str) -> str:
     return format(v, spec)
 
 
-def compare(problem: Any, methods: Iterable[str] | None = None, *, time_limit: float | None = None,
+def compare(problem: Any, methods: Iterable[str] | str | None = None, *, time_limit: float | None = None,
             options: dict[str, dict[str, Any]] | None = None, progress: bool = False) -> Comparison:
-    """Solve ``problem`` with each method (default: every installed one) and tabulate the results.
+    """Solve ``problem`` with each method (default: every installed one that can solve it) and tabulate them.
 
-    ``options`` maps a method name to its options; ``time_limit`` applies to every method.
+    ``methods``: one method name, an iterable of names, or None. ``options`` maps a method name to its options;
+    ``time_limit`` applies to every method. Everything is checked as :func:`~moebalance.solve` checks it (the
+    problem, every name, option and the time limit), before the first method runs; a name given twice or a
+    method that cannot solve the problem is a ValueError naming ``methods``.
     """
-    names = list(methods) if methods is not None else available_methods(problem)
-    options = options or {}
+    if isinstance(problem, (str, type)):
+        raise ValueError(f"`problem` must be a problem object, not {problem!r:.80}; build one first, e.g. "
+                         f"RoutingProblem(scores, k)")
+    if methods is None:
+        names = available_methods(problem)
+    elif isinstance(methods, str):
+        names = [methods]
+    elif isinstance(methods, (bytes, bytearray)):
+        raise ValueError(f"`methods` must be a method name (str) or a list of names, got {methods!r:.80}")
+    else:
+        try:
+            names = list(methods)
+        except TypeError:
+            raise ValueError(f"`methods` must be a method name or a list of names, got {methods!r:.80}") from None
+        bad = [m for m in names if not isinstance(m, str)]
+        if bad:
+            raise ValueError(f"`methods` must hold method names (strings), got {bad[0]!r:.80}")
+    if not names:
+        raise ValueError("`methods` is empty: name at least one method (see available_methods(problem))")
     # every name, option and the time limit are checked before anything is solved
     time_limit = check_time_limit(time_limit)
     infos = [method_info(problem, m) for m in names]
+    seen: dict[str, str] = {}
+    for m, info in zip(names, infos):
+        if info.name in seen:
+            raise ValueError(f"`methods` names {info.name!r} twice ({seen[info.name]!r} and {m!r})")
+        seen[info.name] = m
+    if options is None:
+        options = {}
+    if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+        raise ValueError("`options` must map method names to dicts of options, e.g. {'mcf': {'max_cost': 3}}")
     unknown = sorted(set(options) - set(names))
     if unknown:
         raise ValueError(f"`options` names method(s) not compared: {', '.join(map(repr, unknown))}")

@@ -45,6 +45,8 @@ class SolverInfo:
     supports_time_limit: honours ``time_limit`` (model building included).
     backends:            modules it imports (checked with ``is_installed`` without importing them).
     options:             accepted options and their defaults.
+    requires:            attributes of the problem that must not be None for the method to apply (``migrate``
+                         starts from ``old_phy2log``); see :meth:`why_not`.
     """
 
     family: type
@@ -57,6 +59,7 @@ class SolverInfo:
     backends: tuple[str, ...] = ()
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     description: str = ""
+    requires: tuple[str, ...] = ()
 
     @property
     def kind(self) -> str:
@@ -66,6 +69,19 @@ class SolverInfo:
     def is_installed(self) -> bool:
         """True when every back-end module this method needs can be imported (checked without importing)."""
         return all(importlib.util.find_spec(b) is not None for b in self.backends)
+
+    def why_not(self, problem: Any) -> str | None:
+        """None when this method can solve ``problem``, else the reason (what the problem lacks)."""
+        missing = [r for r in self.requires if getattr(problem, r, None) is None]
+        if missing:
+            return f"it needs the problem's {', '.join(f'`{r}`' for r in missing)}, which this problem lacks"
+        return None
+
+    def applies_to(self, problem: Any) -> bool:
+        """True when this method can solve ``problem`` (an object; a class or family name: always True)."""
+        if isinstance(problem, (str, type)):
+            return True
+        return self.why_not(problem) is None
 
 
 _REGISTRY: dict[type, dict[str, SolverInfo]] = {}
@@ -95,18 +111,23 @@ def _as_family(family: Any, argname: str = "family") -> type:
 def register(family: Any, name: str, *, exact: bool = False, gives_bound: bool = False,
              deterministic: bool = True, supports_time_limit: bool = False, backends: tuple[str, ...] = (),
              options: dict[str, Any] | None = None, aliases: tuple[str, ...] = (),
-             description: str = "") -> Callable:
+             description: str = "", requires: tuple[str, ...] = ()) -> Callable:
     """Decorator: add ``func(problem, *, time_limit, **options) -> Solution`` to ``family``'s registry.
 
     ``family`` is the problem class (a family name string is accepted). ``options`` maps each accepted
-    option to its default; ``solve`` rejects any other option by name.
+    option to its default; ``solve`` rejects any other option by name. ``requires`` names problem attributes
+    that must not be None for the method to apply (``available_methods`` and ``compare`` skip the method on a
+    problem without them; ``solve`` refuses it with a ValueError saying why).
     """
+    if isinstance(requires, str):
+        requires = (requires,)
     cls = _as_family(family)
 
     def deco(func: Callable[..., Solution]) -> Callable[..., Solution]:
         info = SolverInfo(cls, name, func, bool(exact), bool(gives_bound), bool(deterministic),
                           bool(supports_time_limit), tuple(backends), dict(options or {}),
-                          description or ((func.__doc__ or "").strip().splitlines() or [""])[0])
+                          description or ((func.__doc__ or "").strip().splitlines() or [""])[0],
+                          tuple(requires))
         _REGISTRY.setdefault(cls, {})[name] = info
         for alias in aliases:
             _ALIASES.setdefault(cls, {})[alias] = name
@@ -148,14 +169,17 @@ def _table_of(problem: Any, *, allow_class: bool = True) -> tuple[type, dict[str
 
 def available_methods(problem: Any, *, installed_only: bool = True) -> list[str]:
     """Names of the methods for this problem (object, class or family name): exact ones first, then those
-    giving a bound, then the rest, defaults first within each; only installed ones unless told otherwise."""
+    giving a bound, then the rest, defaults first within each; only installed ones unless told otherwise.
+
+    For a problem object, only the methods that can solve it (``migrate`` only with an ``old_phy2log``)."""
     cls, table = _table_of(problem)
     order = DEFAULTS.get(getattr(cls, "kind", ""), ())
 
     def rank(i: SolverInfo) -> tuple:
         return (not i.exact, not i.gives_bound, order.index(i.name) if i.name in order else len(order))
 
-    return [i.name for i in sorted(table.values(), key=rank) if i.is_installed() or not installed_only]
+    return [i.name for i in sorted(table.values(), key=rank)
+            if (i.is_installed() or not installed_only) and i.applies_to(problem)]
 
 
 def method_info(problem: Any, method: str) -> SolverInfo:
@@ -165,10 +189,10 @@ def method_info(problem: Any, method: str) -> SolverInfo:
         raise ValueError(f"`method` must be a method name, got {method!r:.80}")
     if method == "auto":
         for name in DEFAULTS.get(getattr(cls, "kind", ""), ()):
-            if name in table and table[name].is_installed():
+            if name in table and table[name].is_installed() and table[name].applies_to(problem):
                 return table[name]
         for info in table.values():
-            if info.is_installed():
+            if info.is_installed() and info.applies_to(problem):
                 return info
         raise ValueError(f"no installed method for {cls.__name__}; install ortools or scipy")
     name = _ALIASES.get(cls, {}).get(method, method)
@@ -178,6 +202,11 @@ def method_info(problem: Any, method: str) -> SolverInfo:
     info = table[name]
     if not info.is_installed():
         raise ValueError(f"`method` {name!r} needs {', '.join(info.backends)}, which is not installed")
+    why = None if isinstance(problem, (str, type)) else info.why_not(problem)
+    if why is not None:
+        others = [n for n in available_methods(problem)]
+        raise ValueError(f"`method` {name!r} cannot solve this problem: {why}; methods that can: "
+                         f"{', '.join(others) or 'none'}")
     return info
 
 
@@ -234,6 +263,9 @@ def solve(problem: Any, method: str = "auto", *, time_limit: float | None = None
         raw = problem.solution_type(method=info.name, status=Status.ERROR,
                                     message=f"{type(exc).__name__}: {exc}")
     wall = time.perf_counter() - t0
+    if not isinstance(raw, Solution):
+        raw = problem.solution_type(method=info.name, status=Status.ERROR,
+                                    message=f"method {info.name!r} returned {type(raw).__name__}, not a Solution")
     return finalize(problem, raw, method=info.name, wall_time=wall)
 
 
@@ -321,6 +353,10 @@ def finalize(problem: Any, raw: Solution, *, method: str | None = None, wall_tim
         status = Status.FEASIBLE
         why = "no valid bound" if gap is None else f"gap to bound is {gap:.3g}"
         message = _append(message, f"claimed optimal but {why}")
+    if assignment is None and status == Status.TIME_LIMIT and "no answer" not in message:
+        # the way out, said once: a stopped solver with nothing to show
+        message = _append(message, "no answer within the time limit (objective NaN); a larger `time_limit` "
+                                   "may give one")
     names = cls.family_fields()
     keep = {name: getattr(raw, name) for name in names if hasattr(raw, name)}
     keep.update({k: v for k, v in fields.items() if k in names})

@@ -233,6 +233,13 @@ def problem_from(data: dict):
     return RoutingProblem(data["scores"], int(data["k"]), capacity=data["capacity"])
 
 
+def _fallback_said(fb: dict) -> str:
+    """What the fallback gave, truthfully: a greedy answer only when it finished one."""
+    if fb["assignment"] is None:
+        return "no answer in time (the greedy fallback did not finish either); top-k bound only"
+    return "greedy answer and top-k bound returned"
+
+
 def drive(method: str, problem, target: str, params: dict, *, time_limit, start: float, to_solution, guard=None,
           isolate: bool | None = None):
     """problem -> job (build + run, maybe in a child under a hard deadline) -> ``to_solution(problem, raw)``.
@@ -258,13 +265,13 @@ def drive(method: str, problem, target: str, params: dict, *, time_limit, start:
         fb = fb or fallback(problem, soon)
         return RoutingSolution(method=method, status=Status.TIME_LIMIT, objective=float("nan"), bound=fb["bound"],
                                assignment=fb["assignment"], stats={"stopped_by": "deadline (process killed)"},
-                               message="the time limit stopped the back-end; greedy answer and top-k bound")
+                               message="the time limit stopped the back-end; " + _fallback_said(fb))
     sol = to_solution(problem, raw, time_limit)
     if sol.status == Status.TIME_LIMIT and sol.assignment is None:
         fb = fb or fallback(problem, soon)
         bound = fb["bound"] if sol.bound is None else min(sol.bound, fb["bound"])
         sol = sol.replace(assignment=fb["assignment"], bound=bound,
-                          message=sol.message + "; greedy answer returned")
+                          message=sol.message + "; " + _fallback_said(fb))
     return sol
 
 

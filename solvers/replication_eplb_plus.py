@@ -120,6 +120,7 @@ def solve_eplb_plus(problem: ReplicationProblem, *, time_limit: float | None = N
 
 
 @register(ReplicationProblem, "migrate", supports_time_limit=True, options={"max_rounds": 10_000},
+          requires=("old_phy2log",),
           description="fast migration heuristic: local search from old_phy2log within max_moves per layer")
 def solve_migrate(problem: ReplicationProblem, *, time_limit: float | None = None,
                   max_rounds: int = 10_000) -> ReplicationSolution:
