@@ -306,3 +306,22 @@ def test_any_value_in_any_field_gives_a_value_error_or_a_valid_file(name, data):
     key = data.draw(st.sampled_from(sorted(d) + ["extra"]))
     d[key] = data.draw(hostile_values)
     _check_damaged(json.dumps(d).encode(), suffix, reader)
+
+
+_dtypes = st.sampled_from(["<i8", "<u8", "<i1", "<f8", "<f4", "<f2", "?", "<U3", "S2", "<c16", "<m8[s]", "<M8[D]"])
+
+
+@pytest.mark.property
+@settings(suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(name=st.sampled_from(sorted(n for n in FILES if n.endswith(".npz"))), data=st.data())
+def test_any_array_under_any_key_gives_a_value_error_or_a_valid_file(name, data):
+    from hypothesis.extra.numpy import array_shapes, arrays
+
+    raw, suffix, reader = FILES[name]
+    with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+        members = {k: z[k] for k in z.files}
+    key = data.draw(st.sampled_from(sorted(members) + ["extra"]))
+    members[key] = data.draw(arrays(_dtypes, array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4)))
+    buf = io.BytesIO()
+    np.savez(buf, **members)
+    _check_damaged(buf.getvalue(), suffix, reader)
