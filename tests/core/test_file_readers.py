@@ -325,3 +325,35 @@ def test_any_array_under_any_key_gives_a_value_error_or_a_valid_file(name, data)
     buf = io.BytesIO()
     np.savez(buf, **members)
     _check_damaged(buf.getvalue(), suffix, reader)
+
+
+# ---- recorded routing data (the simulator's --real) ---------------------------------------------------------
+@pytest.mark.parametrize("content, needle", [
+    ('{"prefill_in4096": [[1, 2.5]]}', "integers"),
+    ('{"prefill_in4096": [[1, -2]]}', ">= 0"),
+    ('{"prefill_in4096": [[1, [2]]]}', "list of integers"),
+    ('{"prefill_in4096": 3}', "list of layers"),
+    ('[1, 2]', "JSON object"),
+    ('{"prefill_in4096": [], "prefill_in4096": []}', "twice"),
+    ('{"prefill_in4096": [[1, 2]', "cannot read"),
+])
+def test_recorded_routing_files_are_checked(tmp_path, content, needle):
+    from moebalance.evaluation.simulate import real_layers
+
+    (tmp_path / "deepseek_v3_expert_counts.json").write_text(content)
+    with pytest.raises(ValueError) as info:
+        real_layers("deepseek-v3", tmp_path)
+    text = str(info.value)
+    assert "deepseek_v3_expert_counts.json" in text and needle in text and "\n" not in text, text
+
+
+def test_recorded_olmoe_files_are_checked(tmp_path):
+    from moebalance.evaluation.simulate import real_layers
+
+    f = tmp_path / "olmoe_mixtral_expert_counts.json"
+    for content, needle in [('{"olmoe": {"expert_counts": {"c4": {"0": [1.5]}}}}', "integers"),
+                            ('{"olmoe": 3}', "expert_counts"),
+                            ('{"olmoe": {"expert_counts": {"c4": {"x": [1]}}}}', "layer numbers")]:
+        f.write_text(content)
+        with pytest.raises(ValueError, match=needle):
+            real_layers("olmoe", tmp_path)
