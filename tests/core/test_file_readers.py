@@ -228,7 +228,8 @@ def test_solutions_round_trip(tmp_path, family):
     ("status", "great", "`status`"), ("objective", "1", "`objective`"), ("assignment", [[0.5, 1]], "`assignment`"),
     ("assignment", 3, "`assignment`"), ("feasible", "yes", "`feasible`"), ("wall_time", -1, "`wall_time`"),
     ("kind", "banana", "`kind`"), ("kind", [], "`kind`"), ("method", None, "`method`"), ("extra", 1, "extra"),
-    ("assignment", [[0, 1], [1]], "`assignment`"), ("bias", ["a", "b"], "`bias`"), ("objective", float("nan"), "`objective`"),
+    ("assignment", [[0, 1], [1]], "`assignment`"), ("bias", ["a", "b"], "`bias`"),
+    ("objective", float("nan"), "`objective`"),
 ])
 def test_solution_fields_are_checked(tmp_path, key, bad, needle):
     f = save_solution(solve(PROBLEMS["routing"], "mcf"), tmp_path / "s.json")
