@@ -153,25 +153,32 @@ def read_trace(path: str | os.PathLike) -> LoadTrace:
     if p.suffix not in (".json", ".npz"):
         raise ValueError(f"`path` must end in .npz or .json, got {p.name!r}")
     d = read_json(p) if p.suffix == ".json" else read_npz(p)
-    if not isinstance(d, dict) or d.get("kind") != TRACE_KIND:
-        raise ValueError(f"{p.name}: not an expert-load trace (key 'kind' must be {TRACE_KIND!r})")
+    try:
+        return _trace_from_dict(d)
+    except ValueError as exc:
+        raise ValueError(f"{p.name}: {str(exc).splitlines()[0] if str(exc) else 'bad trace'}") from None
+    except (TypeError, OverflowError) as exc:  # the validators above should leave none; never a traceback
+        raise ValueError(f"{p.name}: malformed trace: {type(exc).__name__}: {exc}") from None
+
+
+def _trace_from_dict(d: Any) -> LoadTrace:
+    kind = d.get("kind") if isinstance(d, dict) else None
+    if not isinstance(kind, str) or kind != TRACE_KIND:
+        raise ValueError(f"not an expert-load trace (key 'kind' must be {TRACE_KIND!r})")
     missing = [k for k in ("loads", "tokens", "top_k") if k not in d]
     if missing:
-        raise ValueError(f"{p.name}: trace lacks key(s) {', '.join(missing)}")
+        raise ValueError(f"trace lacks key(s) {', '.join(missing)}")
     unknown = sorted(set(d) - _KEYS)
     if unknown:
-        raise ValueError(f"{p.name}: unknown key(s) {', '.join(unknown)}; a trace holds {', '.join(sorted(_KEYS))}")
+        raise ValueError(f"unknown key(s) {', '.join(unknown)}; a trace holds {', '.join(sorted(_KEYS))}")
     layers = d.get("layers", [])
     if isinstance(layers, np.ndarray):
         if layers.dtype.kind != "U" or layers.ndim != 1:
-            raise ValueError(f"{p.name}: `layers` must be a list of names, got {layers.dtype} of shape {layers.shape}")
+            raise ValueError(f"`layers` must be a list of names, got {layers.dtype} of shape {layers.shape}")
         layers = layers.tolist()
     elif not isinstance(layers, list):
-        raise ValueError(f"{p.name}: `layers` must be a list of names, got {type(layers).__name__}")
+        raise ValueError(f"`layers` must be a list of names, got {type(layers).__name__}")
     loads = d["loads"]
     if isinstance(loads, list) and not loads:
         loads = np.zeros((0, len(layers), 0), dtype=np.int64)
-    try:
-        return LoadTrace(loads, d["tokens"], d["top_k"], tuple(layers), d.get("model_type", ""))
-    except ValueError as exc:
-        raise ValueError(f"{p.name}: {str(exc).splitlines()[0] if str(exc) else 'bad trace'}") from None
+    return LoadTrace(loads, d["tokens"], d["top_k"], tuple(layers), d.get("model_type", ""))

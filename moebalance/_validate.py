@@ -110,6 +110,7 @@ def as_int_array(value: Any, name: str, shape: tuple[int, ...], *, minimum: int 
     if arr.shape != shape:
         raise ValueError(f"`{name}` must have shape {shape}, got {arr.shape}")
     if np.issubdtype(arr.dtype, np.floating):
+        arr = arr.astype(np.float64)  # float16/32 compared with 2**53 would overflow the comparison's cast
         if not np.all(np.isfinite(arr)):
             raise ValueError(f"`{name}` must be finite integers: it contains NaN or inf")
         if not np.all(arr == np.round(arr)):

@@ -331,7 +331,13 @@ def problem_text(problem: Any, suffix: str) -> bytes:
 
 # ---- writers ------------------------------------------------------------------------------------------------
 def _umask() -> int:
-    mask = os.umask(0o022)  # read by setting it; set back at once
+    # Linux says it without changing it (setting it to read it races with threads creating files meanwhile)
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: read by setting it, set back at once
     os.umask(mask)
     return mask
 

@@ -176,30 +176,56 @@ def real_layers(spec: str, routing_dir: str | Path | None = None) -> tuple[Model
     path = folder / _REAL[name][0]
     if not path.is_file():
         raise ValueError(f"routing data not found: {path} (set `routing_dir` / --routing-data)")
-    with open(path, encoding="utf-8") as fh:
-        data = json.load(fh)
+    from ..io import read_json
+
+    data = read_json(path)  # size, depth and duplicate keys checked; ValueError naming the file
+    if not isinstance(data, dict):
+        raise ValueError(f"{path.name}: expected a JSON object of runs, got {type(data).__name__}")
     model = MODELS[_REAL[name][1]]
     out: list[tuple[str, np.ndarray]] = []
     if name == "deepseek-v3":
         run = sub or "prefill_in4096"
         if run not in data:
             raise ValueError(f"unknown DeepSeek-V3 run {run!r}; runs: {', '.join(sorted(data))}")
+        if not isinstance(data[run], list):
+            raise ValueError(f"{path.name}: run {run!r} must be a list of layers' counts")
         for i, counts in enumerate(data[run]):
-            c = np.asarray(counts, dtype=np.int64)
+            c = _recorded_counts(counts, path, f"{run}/layer{i}")
             if c.sum() > 0:  # layers 0-2 are dense
                 out.append((f"{run}/layer{i}", c))
     else:
         key = "olmoe" if name == "olmoe" else "mistral"
         domain = sub or "c4"
-        table = data[key]["expert_counts"]
+        table = data.get(key, {}).get("expert_counts") if isinstance(data.get(key), dict) else None
+        if not isinstance(table, dict):
+            raise ValueError(f"{path.name}: expected {key!r} -> 'expert_counts' -> {{domain: {{layer: counts}}}}")
         if domain not in table:
             raise ValueError(f"unknown {name} domain {domain!r}; domains: {', '.join(sorted(table))}")
-        for layer, counts in sorted(table[domain].items(), key=lambda kv: int(kv[0])):
-            out.append((f"{domain}/layer{layer}", np.asarray(counts, dtype=np.int64)))
+        layers = table[domain]
+        if not isinstance(layers, dict) or not all(str(k).isdigit() for k in layers):
+            raise ValueError(f"{path.name}: domain {domain!r} must map layer numbers to counts")
+        for layer, counts in sorted(layers.items(), key=lambda kv: int(kv[0])):
+            out.append((f"{domain}/layer{layer}", _recorded_counts(counts, path, f"{domain}/layer{layer}")))
     for lname, c in out:
         if c.shape != (model.experts,):
             raise ValueError(f"{path.name} {lname}: expected {model.experts} experts, got {c.shape}")
     return model, out
+
+
+def _recorded_counts(counts: Any, path: Path, name: str) -> np.ndarray:
+    """One layer's recorded ``[E]`` counts: non-negative integers, never cast (2.5 is refused, not made 2)."""
+    from .._validate import as_int_array
+
+    try:
+        shape = np.shape(counts)
+    except ValueError:
+        shape = None
+    if not isinstance(counts, list) or shape is None or len(shape) != 1:
+        raise ValueError(f"{path.name} {name}: the counts must be a list of integers")
+    try:
+        return as_int_array(counts, "counts", shape, minimum=0)
+    except ValueError as exc:
+        raise ValueError(f"{path.name} {name}: {exc}") from None
 
 
 def _home(E: int, P: int) -> np.ndarray | None:

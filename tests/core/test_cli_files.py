@@ -47,7 +47,8 @@ def test_solve_and_compare_read_every_family(tmp_path, capsys, umask, name, suff
     sol = load_solution(tmp_path / "s.json")
     assert type(sol) is problem.solution_type and sol.feasible
     assert np.array_equal(sol.assignment, solve(problem).assignment)  # the default method is deterministic here
-    assert main(["compare", str(f), "--no-progress", "--time-limit", "20", "--json", str(tmp_path / "c.json")]) == EXIT_OK
+    argv = ["compare", str(f), "--no-progress", "--time-limit", "20", "--json", str(tmp_path / "c.json")]
+    assert main(argv) == EXIT_OK
     rows = json.loads((tmp_path / "c.json").read_text())["rows"]
     assert [r["method"] for r in rows] == available_methods(problem)
     assert all(r["status"] != "error" for r in rows), rows

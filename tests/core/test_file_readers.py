@@ -228,7 +228,8 @@ def test_solutions_round_trip(tmp_path, family):
     ("status", "great", "`status`"), ("objective", "1", "`objective`"), ("assignment", [[0.5, 1]], "`assignment`"),
     ("assignment", 3, "`assignment`"), ("feasible", "yes", "`feasible`"), ("wall_time", -1, "`wall_time`"),
     ("kind", "banana", "`kind`"), ("kind", [], "`kind`"), ("method", None, "`method`"), ("extra", 1, "extra"),
-    ("assignment", [[0, 1], [1]], "`assignment`"), ("bias", ["a", "b"], "`bias`"), ("objective", float("nan"), "`objective`"),
+    ("assignment", [[0, 1], [1]], "`assignment`"), ("bias", ["a", "b"], "`bias`"),
+    ("objective", float("nan"), "`objective`"),
 ])
 def test_solution_fields_are_checked(tmp_path, key, bad, needle):
     f = save_solution(solve(PROBLEMS["routing"], "mcf"), tmp_path / "s.json")
@@ -306,3 +307,54 @@ def test_any_value_in_any_field_gives_a_value_error_or_a_valid_file(name, data):
     key = data.draw(st.sampled_from(sorted(d) + ["extra"]))
     d[key] = data.draw(hostile_values)
     _check_damaged(json.dumps(d).encode(), suffix, reader)
+
+
+_dtypes = st.sampled_from(["<i8", "<u8", "<i1", "<f8", "<f4", "<f2", "?", "<U3", "S2", "<c16", "<m8[s]", "<M8[D]"])
+
+
+@pytest.mark.property
+@settings(suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(name=st.sampled_from(sorted(n for n in FILES if n.endswith(".npz"))), data=st.data())
+def test_any_array_under_any_key_gives_a_value_error_or_a_valid_file(name, data):
+    from hypothesis.extra.numpy import array_shapes, arrays
+
+    raw, suffix, reader = FILES[name]
+    with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+        members = {k: z[k] for k in z.files}
+    key = data.draw(st.sampled_from(sorted(members) + ["extra"]))
+    members[key] = data.draw(arrays(_dtypes, array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4)))
+    buf = io.BytesIO()
+    np.savez(buf, **members)
+    _check_damaged(buf.getvalue(), suffix, reader)
+
+
+# ---- recorded routing data (the simulator's --real) ---------------------------------------------------------
+@pytest.mark.parametrize("content, needle", [
+    ('{"prefill_in4096": [[1, 2.5]]}', "integers"),
+    ('{"prefill_in4096": [[1, -2]]}', ">= 0"),
+    ('{"prefill_in4096": [[1, [2]]]}', "list of integers"),
+    ('{"prefill_in4096": 3}', "list of layers"),
+    ('[1, 2]', "JSON object"),
+    ('{"prefill_in4096": [], "prefill_in4096": []}', "twice"),
+    ('{"prefill_in4096": [[1, 2]', "cannot read"),
+])
+def test_recorded_routing_files_are_checked(tmp_path, content, needle):
+    from moebalance.evaluation.simulate import real_layers
+
+    (tmp_path / "deepseek_v3_expert_counts.json").write_text(content)
+    with pytest.raises(ValueError) as info:
+        real_layers("deepseek-v3", tmp_path)
+    text = str(info.value)
+    assert "deepseek_v3_expert_counts.json" in text and needle in text and "\n" not in text, text
+
+
+def test_recorded_olmoe_files_are_checked(tmp_path):
+    from moebalance.evaluation.simulate import real_layers
+
+    f = tmp_path / "olmoe_mixtral_expert_counts.json"
+    for content, needle in [('{"olmoe": {"expert_counts": {"c4": {"0": [1.5]}}}}', "integers"),
+                            ('{"olmoe": 3}', "expert_counts"),
+                            ('{"olmoe": {"expert_counts": {"c4": {"x": [1]}}}}', "layer numbers")]:
+        f.write_text(content)
+        with pytest.raises(ValueError, match=needle):
+            real_layers("olmoe", tmp_path)
