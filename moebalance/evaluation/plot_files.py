@@ -146,9 +146,13 @@ def plot_files(problem_path: str | Path, solution_paths: Sequence[str | Path], o
         pos = np.arange(len(names))
         ax.bar(pos - w / 2, own, w, label="gap to its own bound", color="#1f77b4")
         ax.bar(pos + w / 2, best, w, label="gap to the best bound of all", color="#ff7f0e")
-        for i, s in enumerate(solutions):
+        for i, s in enumerate(solutions):  # the values as text: a gap of 0 draws no bar
             if not s.feasible:
                 ax.annotate("no feasible answer", (i, 0), rotation=90, ha="center", va="bottom", fontsize=8)
+                continue
+            for x_, g, what in ((i - w / 2, own[i], "no own bound"), (i + w / 2, best[i], "-")):
+                ax.annotate(what if math.isnan(g) else f"{g:.2g}", (x_, 0 if math.isnan(g) else g),
+                            rotation=90, ha="center", va="bottom", fontsize=7)
         ax.set_xticks(pos, names, rotation=30, ha="right")
         ax.set_ylabel("relative gap")
         ax.set_title("solver gaps")
