@@ -75,11 +75,15 @@ class _Forked:
     :func:`_child`."""
 
     def __init__(self, target: str, data: dict[str, Any], params: dict[str, Any], dst: str, err_path: str):
+        # Ctrl-C is held back over the fork: a KeyboardInterrupt raised inside the interpreter's at-fork hooks
+        # is printed and swallowed, so a signal arriving there would be lost. Unblocked, it is raised here.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         pid = os.fork()
         if pid == 0:  # the child: never returns
             code = 1
             try:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides: it kills the child
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
                 os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # no back-end banners
                 os.dup2(os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), 2)
                 _run(target, data, params, dst)  # the inputs are this process's own memory: no copy
@@ -90,6 +94,12 @@ class _Forked:
                 os._exit(code)
         self.pid = pid
         self.returncode: int | None = None
+        try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a Ctrl-C held back is raised now, in the parent
+        except BaseException:
+            self.kill()
+            os.waitpid(pid, 0)
+            raise
 
     def poll(self) -> int | None:
         if self.returncode is None:
