@@ -3,8 +3,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 SCRIPT = textwrap.dedent("""
     import os, signal
     from moebalance.solvers import _isolate
@@ -18,7 +16,6 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fork path is Linux-only")
 def test_ctrl_c_during_the_fork_reaches_the_parent():
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600)
     assert out.stdout.split() == ["raised"], (out.stdout, out.stderr)
