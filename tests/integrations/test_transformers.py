@@ -388,3 +388,43 @@ def test_meta_device_to_empty_and_init_weights_set_the_price_buffers(arch):
     ids = tokens()
     lazy(ids, labels=ids).loss.backward()  # runs; the prices stay finite and follow the model's device
     assert all(bool(torch.isfinite(q).all()) and q.device.type == "cpu" for q in mbt.biases(lazy))
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"])
+def test_generate_gives_the_same_tokens_with_and_without_our_kernels(arch):
+    model = build(arch)
+    skew(model)
+    model.eval()
+    prompt = tokens(2, 6, seed=4)
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = model.generate(prompt, **kw)
+        mbt.enable(model, balancer="none")
+        ours = model.generate(prompt, **kw)
+    assert ref.shape == (2, 14) and torch.equal(ours, ref)
+    assert mbt.load_stats(model)[0].tokens == 2  # the last decoding step went through our experts
+
+
+def test_eval_mode_routes_with_the_trained_prices_or_none_by_choice():
+    model = build("qwen3_moe")
+    skew(model)
+    mbt.enable(model, balancer="bip")
+    _train_a_little(model)  # ends in eval mode
+    trained = mbt.biases(model)
+    ids = tokens(2, 16, seed=11)
+    with torch.no_grad():
+        priced = model(ids).logits
+        assert [torch.equal(a, b) for a, b in zip(mbt.biases(model), trained)] == [True, True]  # no refit in eval
+        mbt.disable(model)
+        own = model(ids).logits
+        mbt.enable(model, balancer="bip", eval_prices="none")
+        model.eval()
+        assert torch.equal(model(ids).logits, own)
+        mbt.disable(model)
+        mbt.enable(model, balancer="bip")
+        model.eval()
+        assert torch.equal(model(ids).logits, priced)
+    assert float((priced - own).abs().max()) > 1e-3  # the trained prices change the routing
+    with pytest.raises(ValueError, match="`eval_prices`"):
+        mbt.disable(model)
+        mbt.enable(model, balancer="bip", eval_prices="sometimes")
