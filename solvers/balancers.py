@@ -193,8 +193,8 @@ class BIPBalancer(_Balancer):
     514 against 512 after 32 sweeps on a skewed 4096 x 16 batch, k=2). ``last_overflow`` gives the pairs over
     capacity, summed over the experts, of the last batch routed with its new prices (a 0-d tensor on torch
     input, read it off the hot path). Ties (repeated tokens, equal scores) are broken before pricing and
-    selection by :func:`~moebalance.solvers.routing_prices.tie_break`'s deterministic offsets (below ``2**-30``
-    of the score range), so a price can separate them (identical rows otherwise all go to the same experts).
+    selection by :func:`~moebalance.solvers.routing_prices.tie_break`'s deterministic offsets (below ``2**-40``
+    of each score), so a price can separate them (identical rows otherwise all go to the same experts).
     """
 
     tie_break = True
