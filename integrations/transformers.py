@@ -27,9 +27,15 @@ interleaved, with biases -- and a router child ``gate`` or ``router``):
   starts from ``q = -e_score_correction_bias`` and writes ``-q`` back, so a checkpoint saves it natively.
   Other routers are checked against a reimplementation on a probe batch at ``enable`` (ValueError naming the
   router class when they differ). Shared experts (Qwen2-MoE, DeepSeek-V3) are untouched.
-- Balancers: "none" | "aux_loss" | "loss_free" | "bip" (:class:`~moebalance.solvers.balancers.LossFreeBalancer`
-  with ``bias_update_rate``, :class:`~moebalance.solvers.balancers.BIPBalancer` with ``capacity_factor`` and
-  ``bip_iterations``); the price steps without gradient after each training-mode forward of the block. With
+- Balancers: "none" | "aux_loss" | "loss_free" | "bip" | "bip_lagged"
+  (:class:`~moebalance.solvers.balancers.LossFreeBalancer` with ``bias_update_rate``,
+  :class:`~moebalance.solvers.balancers.BIPBalancer` with ``capacity_factor`` and ``bip_iterations``). "bip" is
+  arXiv 2502.15451's algorithm: in each training forward the router refits the price on the batch being routed
+  (``bip_iterations`` sweeps warm-started from the last price; under expert parallelism on every rank's tokens,
+  all-gathered, so the price is identical on every rank) and only then takes its top-k. "loss_free" and
+  "bip_lagged" step the price without gradient after each training-mode forward (a batch is routed with the
+  prices of the batches before it). In eval mode no price steps: the router uses the trained price
+  (``eval_prices="trained"``) or its own rule (``eval_prices="none"``). With
   "aux_loss", :func:`aux_loss` gives the Switch-style loss ``aux_loss_coeff * E * sum_e f_e P_e`` summed over
   the layers, to add to the training loss (the model's own ``output_router_logits`` loss keeps working too).
   Routing is dropless (``capacity_factor`` is only the capacity BIP prices against).
@@ -55,9 +61,14 @@ collective) full expert tensors.
 Gradient checkpointing: the recompute inside backward routes with the price of the original forward and
 records nothing (no second balancer step), so gradients match the model without checkpointing.
 
-Limits: the learned price of non-DeepSeek routers lives in a non-persistent buffer
-``moebalance_bias`` (read it with :func:`biases`; it is not in ``state_dict``). The exchange synchronises with
-the host once per layer and step. ``torch.compile`` breaks the graph at the exchange.
+Prices are kept: non-DeepSeek routers hold theirs in a persistent buffer ``moebalance_bias`` (in
+``state_dict``, so ``save_pretrained`` and ``load_state_dict`` carry it; the model's own ``init_weights`` zeroes
+it, so a model built on the meta device and materialised with ``to_empty`` works), DeepSeek-V3 in its own
+``e_score_correction_bias``. :func:`enable` starts from the price the router holds, else from the checkpoint
+the model was loaded from (``from_pretrained`` drops the key it does not know; ``enable`` reads it back from
+the safetensors files), else zeros (option ``prices``). :func:`disable` keeps them unless
+``keep_prices=False``. The exchange synchronises with the host once per layer and step. ``torch.compile``
+breaks the graph at the exchange.
 """
 
 from __future__ import annotations
@@ -540,13 +551,16 @@ def enable(model: nn.Module, *, balancer: str = "none", backend: str = "auto", e
 
     Args:
       model: a transformers model (``PreTrainedModel``) with Mixtral/Qwen/OLMoE/gpt-oss/DeepSeek-V3-like blocks.
-      balancer: "none" | "aux_loss" | "loss_free" | "bip".
+      balancer: "none" | "aux_loss" | "loss_free" | "bip" (prices fitted on each batch before its top-k) |
+        "bip_lagged" (prices of the batches before).
       backend: moebalance's kernel back-end, "auto" | "triton" | "torch" (SwiGLU experts; others run in torch).
       expert_parallel: shard the experts over the ranks of ``group`` (torch.distributed must be initialised).
       group: the process group (None: the default group).
       placement: the placement method of each step ("ep", "llep", "llep+", "eplb", "milp", ...).
       options: balancer options ``bias_update_rate`` (1e-3), ``aux_loss_coeff`` (1e-2), ``capacity_factor``
-        (1.0, BIP's capacity), ``bip_iterations`` (4); with expert_parallel, the placement options
+        (1.0, BIP's capacity), ``bip_iterations`` (4), ``prices`` ("auto": the router's, else the checkpoint's,
+        else zeros | "zeros" | a list of [E] prices, one per MoE block), ``eval_prices`` ("trained" | "none":
+        the router's own rule in eval mode); with expert_parallel, the placement options
         (``min_chunk``, ``alpha``, ``imbalance_threshold``, ``max_tokens_per_device``, ``max_foreign_experts``,
         ``cost``, ``time_limit`` and the method's own options).
 
