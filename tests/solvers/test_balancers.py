@@ -249,3 +249,31 @@ def test_certificate_below_capacity_factor_one_says_why():
     assert np.all(np.isfinite(b.bias))
     with pytest.raises(ValueError, match="capacity_factor.*do not fit"):
         b.certificate()
+
+
+@pytest.mark.parametrize("balancer", ["loss_free", "bip", "bip_lagged"])
+def test_layer_prices_are_in_state_dict_and_come_back(balancer):
+    """The layer's only balancer state is its persistent `bias` buffer: a fresh layer loading the state dict
+    routes the same, and a meta-built layer materialised with to_empty + reset_parameters starts at zero."""
+    from moebalance.integrations.torch import MoEConfig, MoELayer
+
+    cfg = dict(hidden=16, ffn=16, num_experts=8, top_k=2, balancer=balancer, bias_update_rate=0.05, backend="torch")
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(**cfg))
+    with torch.no_grad():
+        layer.router.weight[0] += 1.0
+    layer.train()
+    for i in range(3):
+        layer(torch.randn(128, 16, generator=torch.Generator().manual_seed(i)) + 0.5)
+    assert float(layer.bias.abs().max()) > 0 and "bias" in layer.state_dict()
+    layer.eval()
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(9))
+    other = MoELayer(MoEConfig(**cfg))
+    other.load_state_dict(layer.state_dict())
+    other.eval()
+    assert torch.equal(other(x), layer(x)) and torch.equal(other.bias, layer.bias)
+    lazy = MoELayer(MoEConfig(**cfg), device="meta")
+    lazy.to_empty(device="cpu")
+    lazy.reset_parameters()
+    assert torch.equal(lazy.bias, torch.zeros(8))
+    assert MoEConfig(**cfg).balancer_name == balancer
