@@ -191,8 +191,8 @@ class BIPBalancer(_Balancer):
     Capacity is a target, not a guarantee: the routing is the top-k of ``scores - bias``, dropless, and a few
     coordinate sweeps do not reach the optimal prices, so an expert can receive more than ``c`` pairs (e.g.
     514 against 512 after 32 sweeps on a skewed 4096 x 16 batch, k=2). ``last_overflow`` gives the pairs over
-    capacity, summed over the experts, of the last batch routed with its new prices (a 0-d tensor on torch
-    input, read it off the hot path). Ties (repeated tokens, equal scores) are broken before pricing and
+    capacity, summed over the experts, of the last batch routed with its new prices (computed when read, off the
+    hot path). Ties (repeated tokens, equal scores) are broken before pricing and
     selection by :func:`~moebalance.solvers.routing_prices.tie_break`'s deterministic offsets (below ``2**-40``
     of each score), so a price can separate them (identical rows otherwise all go to the same experts).
     """
@@ -204,7 +204,16 @@ class BIPBalancer(_Balancer):
         self.capacity_factor = as_real(capacity_factor, "capacity_factor", positive=True, maximum=MAX_FACTOR)
         self.iterations = as_int(iterations, "iterations", minimum=1, maximum=1 << 20)
         self._last: tuple[Any, int, Any] | None = None
-        self.last_overflow: Any = 0
+
+    @property
+    def last_overflow(self) -> int:
+        """Pairs over capacity, summed over the experts, when the last priced batch is routed with its new
+        prices (0 before any, or when no price was needed). Off the hot path: it synchronises."""
+        if self._last is None:
+            return 0
+        s, cap, q = self._last
+        loads = np.asarray(self.loads(s) if not _is_torch(s) else self.loads(s).cpu())
+        return int(np.maximum(loads - cap, 0).sum())
 
     def update(self, scores: Any) -> Any:
         """Run the inner iterations on ``[T, E]`` scores, warm-started from the current bias; return it."""
@@ -218,7 +227,6 @@ class BIPBalancer(_Balancer):
         if k >= E or cap >= T or T == 0:
             self._bias = q * 0  # no expert can be over capacity: no price is needed
             self._last = None
-            self.last_overflow = 0
             return self._bias
         s = self.selection_scores(scores)
         if _is_torch(scores):
@@ -226,13 +234,8 @@ class BIPBalancer(_Balancer):
 
             new, _ = price_iteration(s, k, cap, self.iterations, q.double(), stop_when_fixed=False)
             self._bias = _keep_if_bad(ok, new.float(), q)
-            idx = torch.topk(s - new, k, dim=1).indices.flatten()
-            counts = torch.zeros(E, dtype=torch.int64, device=idx.device).scatter_add_(0, idx, torch.ones_like(idx))
-            self.last_overflow = (counts - cap).clamp_min(0).sum()  # scatter, not bincount: no host sync
         else:
             self._bias, _ = price_iteration(s, k, cap, self.iterations, q)
-            idx = np.argpartition(-(s - self._bias), k - 1, axis=1)[:, :k]
-            self.last_overflow = int(np.maximum(np.bincount(idx.ravel(), minlength=E) - cap, 0).sum())
         self._last = (scores.detach() if _is_torch(scores) else np.asarray(scores, dtype=np.float64), cap, self._bias)
         return self._bias
 
