@@ -167,7 +167,11 @@ class PlacementPlanner:
         """This step's plan for the global loads ``[E]`` (identical on every rank)."""
         t0 = time.perf_counter()
         E, P = self.E, self.P
-        problem = self.problem(loads)
+        try:
+            problem = self.problem(loads)
+        except ValueError as exc:  # the limits cannot hold for these loads (InfeasibleError): no plan can
+            raise ExpertParallelError(f"no usable plan for step loads {np.asarray(loads).tolist()[:16]}: {exc}; "
+                                      "raise max_tokens_per_device / max_foreign_experts") from exc
         out: dict[str, Any] = {}
 
         def compute() -> np.ndarray:
