@@ -433,8 +433,8 @@ class ExpertParallelMoE(nn.Module):
                 p.grad = None
             moved = move_slots(comm, old, new, tensors)
             self.layout = ReplicaLayout(new, self.config.num_experts, self.world_size)
-            per_expert = sum(p[0].numel() * p.element_size() for p in params)
+            per_slot = sum(t[0].numel() * t.element_size() for t in tensors)  # weights and optimizer state
             rep = dataclasses.replace(rep, bytes_moved=moved,
-                                      bytes_saved=(rep.moves_unrelabelled - rep.moves) * per_expert)
+                                      bytes_saved=(rep.moves_unrelabelled - rep.moves) * per_slot)
         self.rebalances.append(rep)
         return rep
