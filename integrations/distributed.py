@@ -15,15 +15,14 @@ experts (rank ``r`` owns experts ``r * E/P ... (r+1) * E/P - 1``, the default ``
 1. routes its own tokens (:func:`moebalance.integrations.torch.route`, the single-device layer's function) and
    all-gathers one small header per rank: a health flag, the token count, grad flags and the per-expert pair
    counts ``[E]`` (and, for the aux loss, the per-expert probability sums);
-2. plans the placement of the global loads on every rank. ``ep``, ``llep`` and ``llep+`` run a planner object
-   built once (:class:`moebalance.solvers.placement_llep.LLEPPlanner`: home map, P, E, cost, LLEP parameters and
-   limits fixed at construction), with a cheap invariant check per step (every expert's tokens covered, counts
-   non-negative, limits kept; ``check_plans=True`` adds the full shared check, as the tests do); its assignment
-   and weight copies feed the exchange as they are. Other methods go through
-   ``solve(PlacementProblem(loads, P, ...), method=placement)``: deterministic ones (the registry's
-   ``deterministic`` flag) on every rank, the others (``milp``, or any method given a ``time_limit``) on group
-   rank 0, with the ``[E, P]`` assignment broadcast. A plan that is not usable (status not optimal/feasible, e.g.
-   ``time_limit``, or limits broken) falls back to ``llep``; an unusable fallback raises on every rank;
+2. plans the placement of the global loads through the runtime's
+   :class:`~moebalance.integrations.ep.PlacementPlanner`: ``solve(PlacementProblem(loads, P, ...), placement)``
+   for whatever method the user named, on every rank when the registry marks it ``deterministic`` (and no
+   ``time_limit`` is set), else on group rank 0 with the assignment, status and weight transfers broadcast. A plan
+   that is not usable (status not optimal/feasible, e.g. ``time_limit``, or tokens not conserved) falls back to
+   ``fallback`` (default ``"auto"``, the registry's default placement method); an unusable fallback raises on
+   every rank. With replicated experts (``num_local_slots``, ``replication``) each expert's pairs are split over
+   its replicas instead (:mod:`moebalance.integrations.ep.replicas`, see :meth:`ExpertParallelMoE.rebalance`);
 3. sends each pair to a device the plan names for its expert, with one ``all_to_all_single`` of uneven split
    sizes. The plan fixes only how many pairs of expert e each device computes, so a rank first keeps its own
    pairs where the plan gives it room for them (a helper computes its own tokens of a spilled expert without
@@ -34,7 +33,7 @@ experts (rank ``r`` owns experts ``r * E/P ... (r+1) * E/P - 1``, the default ``
    experts and once for the copied ones, sends the rows back with the reverse all-to-all and combines them
    with the gates by the single-device layer's own function (:func:`moebalance.kernels.combine_pairs`).
 
-Steps 3-5 are one ``autograd.Function`` whose backward runs the same exchange in reverse (all-to-all of the
+Steps 3-5 are one ``autograd.Function`` (:class:`moebalance.integrations.ep.ExpertExchange`) whose backward runs the same exchange in reverse (all-to-all of the
 output gradient, the FFN's backward, reverse all-to-all of the input gradient, then the gradients of copied
 weights go back point to point and are added to the owner's). Every rank issues the collectives in the same
 fixed order in forward and in backward, so ranks with no tokens, no foreign experts or nothing to compute take
