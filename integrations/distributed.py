@@ -33,8 +33,8 @@ experts (rank ``r`` owns experts ``r * E/P ... (r+1) * E/P - 1``, the default ``
    experts and once for the copied ones, sends the rows back with the reverse all-to-all and combines them
    with the gates by the single-device layer's own function (:func:`moebalance.kernels.combine_pairs`).
 
-Steps 3-5 are one ``autograd.Function`` (:class:`moebalance.integrations.ep.ExpertExchange`) whose backward runs the same exchange in reverse (all-to-all of the
-output gradient, the FFN's backward, reverse all-to-all of the input gradient, then the gradients of copied
+Steps 3-5 are one ``autograd.Function`` (:class:`moebalance.integrations.ep.ExpertExchange`) whose backward
+runs the same exchange in reverse (all-to-all of the output gradient, the FFN's backward, reverse all-to-all of the input gradient, then the gradients of copied
 weights go back point to point and are added to the owner's). Every rank issues the collectives in the same
 fixed order in forward and in backward, so ranks with no tokens, no foreign experts or nothing to compute take
 part without special cases. The result equals the single-process ``MoELayer`` applied to the rank-major
