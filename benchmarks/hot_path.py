@@ -118,21 +118,15 @@ def _old_layer_plan(loads: np.ndarray, P: int, opts: dict) -> tuple:
 
 
 def _layer_standin(E: int, P: int, opts: dict, check_plans: bool) -> Any:
-    """What ``ExpertParallelMoE._plan`` reads of the layer, as built by its ``_set_placement`` for "llep"."""
-    from moebalance import PlacementProblem
-    from moebalance.integrations.distributed import ExpertParallelMoE, _StepPlanner
+    """The layer's per-step planner (``moebalance.integrations.ep.PlacementPlanner``) for "llep" on rank 0 of P."""
+    from moebalance.integrations.ep import ExpertParallelError, PlacementPlanner
 
-    ns = types.SimpleNamespace(placement="llep", _method="llep", _replicate=True, _problem_opts=opts,
-                               _solve_opts={}, check_plans=check_plans, world_size=P, rank=0, _step=0,
-                               config=types.SimpleNamespace(num_experts=E))
-    ns._planner = _StepPlanner("llep", PlacementProblem(np.zeros(E, dtype=np.int64), P, **opts), {})
-    ns._solve = lambda problem: ExpertParallelMoE._solve(ns, problem)
-    return ns
+    planner = PlacementPlanner("llep", E, P, opts, {}, check_plans=check_plans)
+    comm = types.SimpleNamespace(rank=0, world=P, error=ExpertParallelError)
+    return lambda loads: planner.plan(comm, loads)
 
 
 def bench_layer(rounds: int) -> list[dict]:
-    from moebalance.integrations.distributed import ExpertParallelMoE
-
     opts = {"min_chunk": 256}
     rows = []
     for E in LAYER_E:
@@ -141,13 +135,13 @@ def bench_layer(rounds: int) -> list[dict]:
                 continue
             loads = skewed_loads(E, P, seed=7 * E + P)
             new, debug = _layer_standin(E, P, opts, False), _layer_standin(E, P, opts, True)
-            plan = ExpertParallelMoE._plan(new, None, loads, None)
+            plan = new(loads)
             x_old, copies_old = _old_layer_plan(loads, P, opts)
             assert np.array_equal(plan.assignment, x_old) and plan.weight_transfers == copies_old
             inner = max(1, 4000 // (E * 8))
             t = interleaved({"old": lambda: _old_layer_plan(loads, P, opts),
-                             "planner": lambda: ExpertParallelMoE._plan(new, None, loads, None),
-                             "debug": lambda: ExpertParallelMoE._plan(debug, None, loads, None)}, rounds, inner)
+                             "planner": lambda: new(loads),
+                             "debug": lambda: debug(loads)}, rounds, inner)
             rows.append({"E": E, "P": P, "old_ms": 1e3 * t["old"], "planner_ms": 1e3 * t["planner"],
                          "debug_ms": 1e3 * t["debug"], "old_over_planner": t["old"] / t["planner"],
                          "copies": len(copies_old)})

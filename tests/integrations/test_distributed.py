@@ -348,7 +348,7 @@ def _check_equivalence(results: list[dict], world: int) -> None:
         plan = np.asarray(case["plans"][0])
         loads = np.asarray(case["loads"][0])
         assert np.array_equal(plan.sum(axis=1), loads), f"{name}: plan does not conserve the loads"
-        received = [rank_cases[i]["exchange"][0]["received"] for rank_cases in by_rank]
+        received = [rank_cases[i]["exchange"][0]["computed"] for rank_cases in by_rank]
         assert received == plan.sum(axis=0).tolist(), f"{name}: rows received differ from the plan"
         copies = [len(rank_cases[i]["exchange"][0]["copies"]) for rank_cases in by_rank]
         if case["placement"] == "ep":

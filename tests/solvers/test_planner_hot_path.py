@@ -2,7 +2,7 @@
 
 ``LLEPPlanner`` (built once, planned per step, cheap invariant check) against the paper-loop transcription
 ``llep_plan_reference`` and against ``solve(PlacementProblem, "llep")`` (which runs the same code plus the shared
-check); ``llep+`` likewise; the layer's ``_StepPlanner`` against ``solve`` for ep / llep / llep+, its fallback and
+check); ``llep+`` likewise; the runtime's ``PlacementPlanner`` against ``solve`` for ep / llep / llep+, its fallback and
 its refusal; and the cheap check catching every kind of broken plan the full check catches.
 """
 
@@ -132,17 +132,35 @@ def test_planner_refuses_bad_loads(loads):
 # --- the layer's planner (no process group needed) ------------------------------------------------------
 
 
-def _step_planner(method, problem_opts, solve_opts=None):
-    from moebalance.integrations.distributed import _StepPlanner
+class _StepPlanner:
+    """The runtime's planner on one simulated rank of four (every method here is deterministic: no broadcast)."""
 
-    return _StepPlanner(method, PlacementProblem(np.zeros(8, dtype=np.int64), 4, **problem_opts), solve_opts or {})
+    def __init__(self, method, problem_opts, solve_opts):
+        import types
+
+        from moebalance.integrations.ep import ExpertParallelError, PlacementPlanner
+
+        self.planner = PlacementPlanner(method, 8, 4, problem_opts, solve_opts)
+        self.comm = types.SimpleNamespace(rank=0, world=4, error=ExpertParallelError)
+
+    def plan(self, loads):
+        p = self.planner.plan(self.comm, loads)
+        return p.assignment, p.weight_transfers, p.used, p.status, p.message
+
+
+def _step_planner(method, problem_opts, solve_opts=None):
+    return _StepPlanner(method, problem_opts, solve_opts or {})
+
+
+def _copies(x, home):
+    rows, cols = np.nonzero(x > 0)
+    foreign = cols != home[rows]
+    return [(e, int(home[e]), d) for e, d in zip(rows[foreign].tolist(), cols[foreign].tolist())]
 
 
 @pytest.mark.parametrize("method, solve_opts", [("ep", {}), ("llep", {}), ("llep", {"fallback": False}),
                                                 ("llep+", {}), ("llep+", {"max_moves": 2})])
 def test_layer_planner_equals_solve(method, solve_opts):
-    from moebalance.integrations.distributed import _copies
-
     rng = np.random.default_rng(5)
     opts = {"min_chunk": 4, "cost": CostModel(gemm_time=3.0)}
     sp = _step_planner(method, opts, solve_opts)

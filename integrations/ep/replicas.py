@@ -1,0 +1,352 @@
+"""Replicated experts and live rebalancing for the expert-parallel runtime.
+
+Each of the ``P`` ranks holds ``S`` expert slots (``num_local_slots``; ``P * S - E`` of them are redundant, vLLM's
+``num_redundant_experts``). A :class:`ReplicaLayout` is a replication plan (``phy2log [P * S]``: logical expert of
+every slot; slot ``j`` lives on rank ``j // S``, the model of :class:`~moebalance.ReplicationProblem`), and
+:meth:`ReplicaLayout.assignment` splits each expert's tokens over its replicas (evenly, or by the per-batch
+dispatch LP of :func:`moebalance.solvers.replication_lp.dispatch`), as an ``[E, P]`` assignment the exchange runs.
+
+:class:`Rebalancer` keeps the loads of the last ``window_size`` steps and, every ``step_interval`` steps, asks
+``solve`` for a new replication plan with the user's method (``old_phy2log`` and ``max_moves`` set, so
+migration-aware methods keep the move budget); it relabels the new plan's ranks and slots so the fewest weights
+travel (two assignment problems, :func:`scipy.optimize.linear_sum_assignment`), skips a plan whose predicted gain
+is below ``min_gain``, and :func:`move_slots` moves the weights (and optimizer state) between ranks.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from moebalance.solution import Status
+
+from .comm import Communicator, ExpertParallelError
+from .planning import USABLE, agree
+
+__all__ = ["ReplicaLayout", "Rebalancer", "RebalanceReport", "relabel", "rank_moves", "move_slots", "balancedness"]
+
+SPLITS = ("even", "lp")
+
+
+def balancedness(device_loads: Any) -> float:
+    """mean / max of per-rank loads (1.0: perfectly even; 1.0 too when nothing ran)."""
+    d = np.asarray(device_loads, dtype=np.float64)
+    return float(d.mean() / d.max()) if d.size and d.max() > 0 else 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaLayout:
+    """``phy2log [P * S]`` int64: the logical expert of each slot; slot ``j`` is on rank ``j // S``."""
+
+    phy2log: np.ndarray
+    num_experts: int
+    world: int
+
+    def __post_init__(self) -> None:
+        a = np.asarray(self.phy2log, dtype=np.int64).reshape(-1)
+        E, P = self.num_experts, self.world
+        if a.size % P or a.size < E:
+            raise ValueError(f"`phy2log` must have a multiple of {P} slots, at least {E}; got {a.size}")
+        if a.min() < 0 or a.max() >= E or np.bincount(a, minlength=E).min() == 0:
+            raise ValueError("`phy2log` must hold every expert 0..E-1 at least once and nothing else")
+        object.__setattr__(self, "phy2log", a)
+
+    @classmethod
+    def initial(cls, num_experts: int, world: int, slots: int) -> "ReplicaLayout":
+        """Home blocks first (rank r: experts ``r E/P .. (r+1) E/P - 1``), the redundant slots of rank r holding
+        the next ranks' experts in turn (one replica each of experts ``(r+1) E/P, ...``)."""
+        E, P, S = num_experts, world, slots
+        n = E // P
+        a = np.empty((P, S), dtype=np.int64)
+        for r in range(P):
+            a[r, :n] = np.arange(r * n, (r + 1) * n)
+            a[r, n:] = (np.arange(S - n) + (r + 1) * n) % E
+        return cls(a.reshape(-1), E, P)
+
+    @property
+    def slots(self) -> int:
+        return self.phy2log.size // self.world
+
+    @property
+    def logcnt(self) -> np.ndarray:
+        """``[E]`` replicas per expert."""
+        return np.bincount(self.phy2log, minlength=self.num_experts)
+
+    @property
+    def log2phy(self) -> np.ndarray:
+        """``[E, X]`` slots of each expert in increasing order, -1 padded."""
+        cnt = self.logcnt
+        out = np.full((self.num_experts, int(cnt.max())), -1, dtype=np.int64)
+        order = np.argsort(self.phy2log, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(cnt)[:-1]])
+        pos = np.arange(order.size) - np.repeat(starts, cnt)
+        out[self.phy2log[order], pos] = order
+        return out
+
+    def local(self, rank: int) -> np.ndarray:
+        """``[S]`` logical experts of this rank's slots."""
+        S = self.slots
+        return self.phy2log[rank * S:(rank + 1) * S]
+
+    def slot_of(self, rank: int) -> np.ndarray:
+        """``[E]`` the first local slot holding each expert on ``rank`` (-1: none)."""
+        out = np.full(self.num_experts, -1, dtype=np.int64)
+        mine = self.local(rank)
+        for s in range(mine.size - 1, -1, -1):
+            out[mine[s]] = s
+        return out
+
+    def assignment(self, loads: Any, split: str = "even") -> np.ndarray:
+        """``[E, P]`` pairs of each expert per rank: its ``loads[e]`` split over its replicas.
+
+        ``even``: ``loads[e] // cnt[e]`` per replica, the remainder one each to the replicas on the least-loaded
+        ranks so far (experts in decreasing load); ``lp``: the dispatch LP's fractional split (min max rank load
+        for this batch), rounded per expert by largest remainder."""
+        w = np.asarray(loads, dtype=np.int64)
+        E, P, S = self.num_experts, self.world, self.slots
+        rank_of = np.arange(self.phy2log.size) // S
+        share = np.zeros(self.phy2log.size, dtype=np.int64)
+        if split == "lp":
+            from moebalance.solvers.replication_lp import dispatch
+
+            frac = dispatch(w[None].astype(np.float64), self.phy2log[None], P)[0][0]
+            base = np.floor(frac).astype(np.int64)
+            for e in range(E):
+                slots = np.flatnonzero(self.phy2log == e)
+                rest = int(w[e] - base[slots].sum())
+                top = slots[np.argsort(-(frac[slots] - base[slots]), kind="stable")[:rest]]
+                base[top] += 1
+            share = base
+        else:
+            cnt = self.logcnt
+            share = w[self.phy2log] // cnt[self.phy2log]
+            rank_load = np.bincount(rank_of, weights=share, minlength=P)
+            for e in np.argsort(-w, kind="stable"):
+                rest = int(w[e] - (w[e] // cnt[e]) * cnt[e])
+                if rest:
+                    slots = np.flatnonzero(self.phy2log == e)
+                    top = slots[np.argsort(rank_load[rank_of[slots]], kind="stable")[:rest]]
+                    share[top] += 1
+                    np.add.at(rank_load, rank_of[top], 1)
+        x = np.zeros((E, P), dtype=np.int64)
+        np.add.at(x, (self.phy2log, rank_of), share)
+        return x
+
+
+def relabel(old: np.ndarray, new: np.ndarray, world: int) -> np.ndarray:
+    """``new`` with its ranks and then each rank's slots permuted so the most slots keep their expert.
+
+    The objective of a replication plan does not change when ranks or slots within a rank are permuted
+    (``num_nodes == 1``), so first the new ranks go to the old ranks whose experts they share most (an
+    assignment problem on ``sum_e min(old count, new count)``), which minimises the weights that cross ranks;
+    then within each rank the slots keep their old expert where they can (in-rank copies avoided)."""
+    from scipy.optimize import linear_sum_assignment
+
+    E = int(max(old.max(), new.max())) + 1
+    S = old.size // world
+    o, n = old.reshape(world, S), new.reshape(world, S)
+    co = np.stack([np.bincount(r, minlength=E) for r in o])
+    cn = np.stack([np.bincount(r, minlength=E) for r in n])
+    overlap = np.minimum(co[:, None, :], cn[None, :, :]).sum(axis=2)  # [old rank, new rank]
+    rows, cols = linear_sum_assignment(-overlap)
+    out = n[cols[np.argsort(rows)]].copy()
+    for r in range(world):
+        same = (o[r][:, None] == out[r][None, :]).astype(np.int64)
+        i, j = linear_sum_assignment(-same)
+        out[r, i] = out[r, j].copy()
+    return out.reshape(-1)
+
+
+def rank_moves(old: np.ndarray, new: np.ndarray, world: int) -> int:
+    """Replicas a rank must receive from another rank (``ReplicationProblem``'s moves)."""
+    E = int(max(old.max(), new.max())) + 1
+    S = old.size // world
+    co = np.stack([np.bincount(r, minlength=E) for r in old.reshape(world, S)])
+    cn = np.stack([np.bincount(r, minlength=E) for r in new.reshape(world, S)])
+    return int(old.size - np.minimum(co, cn).sum())
+
+
+def _transfers(old: np.ndarray, new: np.ndarray, world: int) -> list[tuple[int, int, int, int, int]]:
+    """``[(dst rank, dst slot, expert, src rank, src slot)]`` for every slot whose expert changes: from the same
+    rank when it held the expert, else from the holder rank that has sent least so far (lowest rank on ties)."""
+    S = old.size // world
+    o = old.reshape(world, S)
+    sent = np.zeros(world, dtype=np.int64)
+    out = []
+    for j in np.flatnonzero(old != new):
+        r, s, e = int(j // S), int(j % S), int(new[j])
+        here = np.flatnonzero(o[r] == e)
+        if here.size:
+            out.append((r, s, e, r, int(here[0])))
+            continue
+        holders = [q for q in range(world) if (o[q] == e).any()]
+        q = min(holders, key=lambda h: (sent[h], h))
+        sent[q] += 1
+        out.append((r, s, e, q, int(np.flatnonzero(o[q] == e)[0])))
+    return out
+
+
+def move_slots(comm: Communicator, old: np.ndarray, new: np.ndarray, tensors: list[Tensor]) -> int:
+    """Make this rank's slot tensors (``[S, ...]`` each: weights, optimizer state) hold ``new``'s experts.
+
+    Every rank derives the same transfers; remote ones go point to point, then one all-reduce confirms that
+    every rank received everything before any tensor is overwritten (a rank that died or timed out mid-move
+    makes every other rank raise :class:`ExpertParallelError` with its weights unchanged). Returns the bytes this
+    rank received."""
+    r, S = comm.rank, old.size // comm.world
+    moves = _transfers(old, new, comm.world)
+    n_t = len(tensors)
+    sends, recvs, fresh = [], [], []
+    for dst, ds, e, src, ss in moves:
+        tag = n_t * (dst * S + ds)
+        if src == r and dst != r:
+            sends += [(t[ss].detach(), dst, tag + i) for i, t in enumerate(tensors)]
+        elif dst == r and src != r:
+            bufs = [torch.empty_like(t[ds]) for t in tensors]
+            recvs += [(b, src, tag + i) for i, b in enumerate(bufs)]
+            fresh.append((ds, bufs))
+    comm.p2p("expert weight move (batch_isend_irecv)", sends, recvs)
+    ok = torch.ones(1, dtype=torch.int64)
+    comm.all_reduce("weight move commit (all_reduce)", ok)
+    if int(ok) != comm.world:
+        raise comm.error("a rank failed its part of the weight move; weights unchanged")
+    local = [(ds, ss) for dst, ds, e, src, ss in moves if dst == r and src == r]
+    with torch.no_grad():
+        snap = {ss: [t[ss].clone() for t in tensors] for _, ss in local}
+        for ds, ss in local:
+            for t, v in zip(tensors, snap[ss]):
+                t[ds].copy_(v)
+        for ds, bufs in fresh:
+            for t, b in zip(tensors, bufs):
+                t[ds].copy_(b)
+    return int(sum(b.numel() * b.element_size() for _, bufs in fresh for b in bufs))
+
+
+@dataclasses.dataclass(frozen=True)
+class RebalanceReport:
+    """One rebalance decision (identical on every rank but ``bytes_moved``, this rank's share).
+
+    step: the layer's step; method / status: the replication solve's; applied: the plan was executed;
+    reason: why not (or ""); balancedness_before / _after: mean / max rank load of the window's summed loads under
+    the old and the new plan (the prediction); gain: ``1 - max_new / max_old``; moves: replicas that crossed ranks
+    (after relabelling); moves_unrelabelled: as the solver numbered them; bytes_moved: weights (and optimizer
+    state) this rank received; bytes_saved: the relabelling's saving, all ranks together; phy2log: the plan in
+    force afterwards.
+    """
+
+    step: int
+    method: str
+    status: str
+    applied: bool
+    reason: str
+    balancedness_before: float
+    balancedness_after: float
+    gain: float
+    moves: int
+    moves_unrelabelled: int
+    bytes_moved: int
+    bytes_saved: int
+    phy2log: np.ndarray
+
+
+class Rebalancer:
+    """The load window and the re-planning policy of one replicated layer (see the module docstring).
+
+    ``method``: any replication method of ``solve`` (the user's choice); ``options``: its ``solve`` options;
+    ``max_moves``: the per-rebalance move budget (on the problem); ``min_gain``: skip plans predicted to cut the
+    busiest rank's load by less than this fraction."""
+
+    def __init__(self, method: str, num_experts: int, world: int, slots: int, *, window_size: int = 16,
+                 step_interval: int = 16, max_moves: Optional[int] = None, min_gain: float = 0.05,
+                 options: Optional[dict[str, Any]] = None):
+        from moebalance import ReplicationProblem, method_info, solve
+
+        from moebalance._validate import as_int
+
+        self.window_size = as_int(window_size, "window_size", minimum=1)
+        self.step_interval = as_int(step_interval, "step_interval", minimum=1)
+        if max_moves is not None:
+            max_moves = as_int(max_moves, "max_moves", minimum=0)
+        if not isinstance(min_gain, (int, float)) or isinstance(min_gain, bool) or not np.isfinite(min_gain) \
+                or not 0 <= min_gain < 1:
+            raise ValueError(f"`min_gain` must be a number in [0, 1), got {min_gain!r}")
+        if not isinstance(method, str):
+            raise ValueError(f"`replication` must be a method name, got {method!r}")
+        self.method, self.max_moves, self.min_gain = method, max_moves, float(min_gain)
+        self.options = dict(options or {})
+        self.E, self.P, self.S = num_experts, world, slots
+        probe = ReplicationProblem(np.ones(num_experts), world * slots, world,
+                                   old_phy2log=ReplicaLayout.initial(num_experts, world, slots).phy2log[None]
+                                   if num_experts % world == 0 else None)
+        sol = solve(probe, method, **self.options)
+        if sol.status == Status.ERROR:
+            raise ValueError(f"`replication`={method!r} fails on a uniform load: {sol.message}")
+        self.replicated = method_info(probe, method).deterministic and self.options.get("time_limit") is None
+        self.window: collections.deque = collections.deque(maxlen=self.window_size)
+        self.last_step = 0
+
+    def record(self, loads: np.ndarray) -> None:
+        self.window.append(np.asarray(loads, dtype=np.float64))
+
+    def due(self, step: int) -> bool:
+        return bool(self.window) and step - self.last_step >= self.step_interval
+
+    def plan(self, comm: Communicator, layout: ReplicaLayout, step: int) -> tuple[np.ndarray, RebalanceReport]:
+        """``(new phy2log, report)``, identical on every rank (bytes not yet counted)."""
+        from moebalance import ReplicationProblem, solve
+
+        self.last_step = step
+        old = layout.phy2log
+        w = np.stack(list(self.window))  # [B, E]
+        R = old.size
+        out: dict[str, Any] = {}
+
+        def compute() -> np.ndarray:
+            p = ReplicationProblem(w[:, None, :], R, self.P, old_phy2log=old[None], max_moves=self.max_moves)
+            sol = solve(p, self.method, **self.options)
+            out.update(method=sol.method, status=sol.status.value, message=sol.message)
+            ok = sol.status in USABLE and sol.assignment is not None
+            new = np.asarray(sol.assignment, dtype=np.int64).reshape(-1) if ok else old
+            return np.concatenate([new, [int(ok), list(Status).index(Status(sol.status))]])
+
+        buf = agree(comm, self.replicated, R + 2, compute, what="replication plan broadcast")
+        raw, ok = buf[:R], bool(buf[R])
+        status = out.get("status", list(Status)[int(buf[R + 1])].value)
+        total = w.sum(axis=0)
+
+        def rank_load(a: np.ndarray) -> np.ndarray:
+            cnt = np.bincount(a, minlength=self.E)
+            return (total[a] / cnt[a]).reshape(self.P, -1).sum(axis=1)
+
+        before = rank_load(old)
+        new = relabel(old, raw, self.P) if ok else old
+        after = rank_load(new)
+        gain = 1.0 - after.max() / before.max() if before.max() > 0 else 0.0
+        moves, moves_raw = rank_moves(old, new, self.P), rank_moves(old, raw, self.P)
+        reason = ""
+        if not ok:
+            reason = f"{self.method} returned status {status} ({out.get('message', 'on rank 0')})"
+        elif self.max_moves is not None and moves > self.max_moves:  # never: relabelling only removes moves
+            reason = f"the plan moves {moves} replicas, over max_moves={self.max_moves}"
+        elif gain < self.min_gain:
+            reason = f"predicted gain {gain:.3f} below min_gain={self.min_gain}"
+        applied = not reason
+        rep = RebalanceReport(step, out.get("method", self.method), status, applied, reason,
+                              balancedness(before), balancedness(after), float(gain), moves if applied else 0,
+                              moves_raw if applied else 0, 0, 0, new if applied else old)
+        return (new if applied else old), rep
+
+
+def check_layout(value: Any, num_experts: int, world: int) -> ReplicaLayout:
+    try:
+        return ReplicaLayout(np.asarray(value), num_experts, world)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"`phy2log`: {exc}") from None
+
+
+__all__ += ["check_layout", "SPLITS", "ExpertParallelError"]
