@@ -226,6 +226,51 @@ def layer_bounds(problem: "ReplicationProblem") -> np.ndarray:
         lb = np.maximum(lb, _node_bound(gl, N, cap) / (G // N))
     return lb.reshape(B, L).mean(axis=0)
 
+#: most slots (layers x replicas) a problem may hold: its plans are int64 ``[L, R]`` arrays (2 GiB at the cap)
+MAX_SLOTS = 2**28
+
+_ORDER = ("num_groups", "num_nodes", "num_gpus")
+
+
+def _eplb_order(args: tuple, num_groups: Any, num_nodes: Any, num_gpus: Any) -> tuple[Any, Any, Any]:
+    """``(num_groups, num_nodes, num_gpus)`` from the positional ``args`` after ``num_replicas``: EPLB's order
+    ``(num_groups, num_nodes, num_gpus)``, or the older ``(num_gpus,)`` alone (deprecated), plus keywords."""
+    import warnings
+
+    given = {"num_groups": num_groups, "num_nodes": num_nodes, "num_gpus": num_gpus}
+    if len(args) == 1:
+        warnings.warn("ReplicationProblem(weight, num_replicas, num_gpus) is deprecated: pass `num_gpus=` by "
+                      "keyword, or all three in rebalance_experts' order (weight, num_replicas, num_groups, "
+                      "num_nodes, num_gpus)", DeprecationWarning, stacklevel=3)
+        names: tuple[str, ...] = ("num_gpus",)
+    elif len(args) in (0, 3):
+        names = _ORDER[:len(args)]
+    else:
+        raise TypeError(f"ReplicationProblem takes weight, num_replicas, then (num_groups, num_nodes, num_gpus) "
+                        f"positionally or by keyword; got {len(args)} more positional argument(s)")
+    for name, value in zip(names, args):
+        if given[name] is not None:
+            raise TypeError(f"ReplicationProblem got `{name}` both positionally and by keyword")
+        given[name] = value
+    if given["num_gpus"] is None:
+        raise TypeError("ReplicationProblem needs `num_gpus`")
+    return (1 if given["num_groups"] is None else given["num_groups"],
+            1 if given["num_nodes"] is None else given["num_nodes"], given["num_gpus"])
+
+
+def _weight_shape(weight: Any) -> tuple[int, ...]:
+    """The shape of ``weight`` without copying it (() when it has none)."""
+    shape = getattr(weight, "shape", None)
+    if shape is None:
+        try:
+            shape = np.shape(weight)
+        except Exception:
+            return ()
+    try:
+        return tuple(int(n) for n in shape)
+    except Exception:
+        return ()
+
 
 class ReplicationProblem:
     """Which logical expert each physical slot holds: minimise the largest GPU load per layer.
@@ -242,10 +287,15 @@ class ReplicationProblem:
 
     Args:
       weight: ``[E]``, ``[L, E]`` loads, or a window ``[B, L, E]`` of recent batches (finite, >= 0).
-      num_replicas: ``R``, physical slots per layer: a multiple of ``num_gpus`` and >= E.
-      num_gpus: ``G``, a multiple of ``num_nodes``.
-      num_groups: expert groups (must divide E; with ``num_nodes > 1`` a multiple of ``num_nodes``).
-      num_nodes: server nodes.
+      num_replicas: ``R``, physical slots per layer: a multiple of ``num_gpus`` and >= E; layers x ``R`` at most
+        :data:`MAX_SLOTS`.
+      num_groups: expert groups (must divide E; with ``num_nodes > 1`` a multiple of ``num_nodes``); default 1.
+      num_nodes: server nodes; default 1.
+      num_gpus: ``G``, a multiple of ``num_nodes`` (required).
+
+    ``num_groups, num_nodes, num_gpus`` follow ``rebalance_experts``' order (EPLB's) when given positionally;
+    ``ReplicationProblem(weight, num_replicas, num_gpus)`` (the older order) still works, with a
+    DeprecationWarning; keywords always work.
       old_phy2log: ``[L, R]`` the plan in place, holding every expert (for moves), or None.
       max_moves: at most this many moves per layer (needs ``old_phy2log``), or None.
     """
@@ -254,14 +304,23 @@ class ReplicationProblem:
     sense = "min"
     solution_type = ReplicationSolution
 
-    def __init__(self, weight: Any, num_replicas: int, num_gpus: int, *, num_groups: int = 1, num_nodes: int = 1,
-                 old_phy2log: Any = None, max_moves: int | None = None):
-        w, ndim = _as_weight(weight)
-        B, L, E = w.shape
+    def __init__(self, weight: Any, num_replicas: int, *args: int, num_groups: int | None = None,
+                 num_nodes: int | None = None, num_gpus: int | None = None, old_phy2log: Any = None,
+                 max_moves: int | None = None):
+        num_groups, num_nodes, num_gpus = _eplb_order(args, num_groups, num_nodes, num_gpus)
         R = as_int(num_replicas, "num_replicas", minimum=1)
         G = as_int(num_gpus, "num_gpus", minimum=1)
         groups = as_int(num_groups, "num_groups", minimum=1)
         nodes = as_int(num_nodes, "num_nodes", minimum=1)
+        shape = _weight_shape(weight)
+        L_ = shape[-2] if len(shape) >= 2 else 1
+        if R > MAX_SLOTS or L_ * R > MAX_SLOTS:
+            raise ValueError(f"`num_replicas` ({R}) is too large: a plan of {L_} layer(s) x {R} slots needs "
+                             f"{L_ * R * 8 / 2**30:.3g} GiB; at most {MAX_SLOTS} slots over all layers")
+        if G > R:
+            raise ValueError(f"`num_gpus` ({G}) must be <= `num_replicas` ({R}): every GPU holds a slot")
+        w, ndim = _as_weight(weight)
+        B, L, E = w.shape
         if R % G:
             raise ValueError(f"`num_replicas` ({R}) must be a multiple of `num_gpus` ({G})")
         if R < E:
@@ -281,9 +340,10 @@ class ReplicationProblem:
                 raise ValueError("`max_moves` needs `old_phy2log`: moves are counted from an old plan")
         # an overflowing objective cannot be certified
         with np.errstate(over="ignore"):
-            overflow = not np.isfinite(w.sum(axis=2).max())
+            overflow = not np.isfinite(w.sum(axis=2).sum(axis=1).max())
         if overflow:
-            raise ValueError("`weight` overflows: its per-layer sums are not finite")
+            raise ValueError("`weight` overflows: the objective (a sum over layers of GPU loads) cannot be "
+                             "represented as a float64")
         self._w = w
         self._w.setflags(write=False)
         self._ndim = ndim
@@ -471,7 +531,7 @@ class ReplicationProblem:
         for key in ("weight", "num_replicas", "num_gpus"):
             if key not in d:
                 raise ValueError(f"`d` misses the key {key!r}")
-        return cls(d["weight"], d["num_replicas"], d["num_gpus"], num_groups=d.get("num_groups", 1),
+        return cls(d["weight"], d["num_replicas"], num_gpus=d["num_gpus"], num_groups=d.get("num_groups", 1),
                    num_nodes=d.get("num_nodes", 1), old_phy2log=d.get("old_phy2log"),
                    max_moves=d.get("max_moves"))
 
@@ -496,24 +556,35 @@ def rebalance_experts(weight: Any, num_replicas: int, num_groups: int, num_nodes
       ``phy2log [L, R]``, ``log2phy [L, E, X]`` (-1 padded), ``logcnt [L, E]``: numpy int64 for numpy input;
       torch int64 on ``weight``'s device for torch input.
 
-    Raises ValueError for bad input and :class:`moebalance.InfeasibleError` when the method returns no
+    Raises :class:`moebalance.errors.ArgumentError` (both a ValueError and an AssertionError, as EPLB asserted)
+    for bad input and :class:`moebalance.InfeasibleError` when the method returns no
     feasible plan (e.g. ``eplb`` under a ``max_moves`` it cannot meet).
     """
-    from .errors import InfeasibleError
+    from .errors import ArgumentError, InfeasibleError
     from .registry import solve
 
     is_torch = type(weight).__module__.startswith("torch")
-    if np.ndim(weight) == 3:
-        raise ValueError("`weight` must be [L, E] for rebalance_experts; use ReplicationProblem for a window")
-    groups = as_int(num_groups, "num_groups", minimum=1)
-    nodes = as_int(num_nodes, "num_nodes", minimum=1)
-    hierarchical = groups % nodes == 0
-    problem = ReplicationProblem(weight, num_replicas, num_gpus, num_groups=groups if hierarchical else 1,
-                                 num_nodes=nodes if hierarchical else 1, old_phy2log=old_phy2log,
-                                 max_moves=max_moves)
+    try:
+        if len(_weight_shape(weight)) == 3:
+            raise ValueError("`weight` must be [L, E] for rebalance_experts; use ReplicationProblem for a window")
+        groups = as_int(num_groups, "num_groups", minimum=1)
+        nodes = as_int(num_nodes, "num_nodes", minimum=1)
+        hierarchical = groups % nodes == 0
+        problem = ReplicationProblem(weight, num_replicas, num_groups=groups if hierarchical else 1,
+                                     num_nodes=nodes if hierarchical else 1, num_gpus=num_gpus,
+                                     old_phy2log=old_phy2log, max_moves=max_moves)
+    except ArgumentError:
+        raise
+    except ValueError as exc:  # EPLB asserted its arguments: callers may catch AssertionError
+        raise ArgumentError(str(exc)) from None
     sol = solve(problem, method, time_limit=time_limit, **options)
     if not sol.feasible:
-        raise InfeasibleError(f"method {sol.method!r} returned no feasible plan ({sol.status}): {sol.message}")
+        hint = ""
+        if problem.max_moves is not None:
+            from .solvers.replication_eplb import BUDGET_METHODS
+
+            hint = f"; under max_moves, {BUDGET_METHODS} honour the budget"
+        raise InfeasibleError(f"method {sol.method!r} returned no feasible plan ({sol.status}): {sol.message}{hint}")
     out = (sol.phy2log, sol.log2phy, sol.logcnt)
     if is_torch:
         import torch

@@ -67,6 +67,11 @@ def solve_milp(problem: ReplicationProblem, *, time_limit: float | None = None,
             continue
         m = build_layer(w, R, G, float(upper[l]), groups=problem.num_groups, nodes=problem.num_nodes,
                         old_counts=None if old is None else old[l], max_moves=problem.max_moves)
+        # handing the model over takes about 1.5 us per nonzero: stop before a layer that cannot fit its share
+        if share is not None and share - (time.perf_counter() - tl) - 3e-6 * m.A.nnz <= 0.01:
+            stopped = True
+            states.append("time limit while building")
+            continue
         model = mb.Model()
         model.helper.fill_model_from_sparse_data(m.lb, m.ub, m.c, m.row_lo, m.row_hi, m.A)
         for i in np.flatnonzero(m.integer).tolist():
