@@ -167,14 +167,27 @@ def dispatch(weight: Any, phy2log: Any, num_gpus: int) -> tuple[np.ndarray, np.n
     Returns ``(share [L, R]`` tokens each slot computes (summing to ``weight`` per expert), ``gpu_loads [L, G]``,
     ``max_load [L]``): per layer the LP ``min T s.t. sum_{j of e} x_j = w_e, sum_{j on g} x_j <= T, x >= 0``,
     solved exactly by HiGHS (fractional tokens; rounding moves any GPU by less than one token per slot).
+    Bad shapes, dtypes, NaN, negative loads or a plan missing an expert raise ValueError naming the argument.
+    Memory: one LP of ``R + 1`` columns and ``2 R`` nonzeros per layer, and ``[L, R]`` outputs.
     """
     from scipy.optimize import linprog
 
-    w = np.asarray(weight, dtype=np.float64)
-    a = np.asarray(phy2log, dtype=np.int64)
-    L, R = a.shape
-    E = w.shape[1]
-    G = int(num_gpus)
+    from moebalance._validate import as_int
+    from moebalance.replication import _as_plan, _as_weight, _weight_shape
+
+    if len(_weight_shape(weight)) == 3:
+        raise ValueError(f"`weight` must be [L, E] or [E] (one batch), got shape {_weight_shape(weight)}")
+    w3, _ = _as_weight(weight)
+    w = w3[0]
+    L, E = w.shape
+    pshape = _weight_shape(phy2log)
+    if len(pshape) not in (1, 2) or (len(pshape) == 2 and pshape[0] != L) or (len(pshape) == 1 and L != 1):
+        raise ValueError(f"`phy2log` must have shape [L={L}, R], got shape {pshape}")
+    R = pshape[-1]
+    a = _as_plan(phy2log, "phy2log", L, R, E)
+    G = as_int(num_gpus, "num_gpus", minimum=1)
+    if R % G:
+        raise ValueError(f"`num_gpus` ({G}) must divide the number of slots ({R})")
     S = R // G
     share = np.zeros((L, R))
     for l in range(L):
