@@ -122,8 +122,7 @@ def replicate_to_target(weight: np.ndarray, num_phy: int,
     left go greedily to the most load per replica. Slots list each expert's replicas together."""
     N, E = weight.shape
     w = weight.astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        with np.errstate(over="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         ratio = w / np.where(target > 0, target, np.inf)[:, None]
     # clipped before the cast: a tiny target (or huge loads) never overflows int64; > num_phy falls back below
     base = np.maximum(1, np.ceil(np.minimum(np.nan_to_num(ratio, nan=0.0, posinf=num_phy + 1.0), num_phy + 1.0)
