@@ -47,7 +47,7 @@ def section_gaps(runs, slots_list, progress) -> dict:
     for R in slots_list:
         rows = []
         for name, W in runs.items():
-            p = ReplicationProblem(W, R, G, num_groups=GROUPS, num_nodes=NODES)
+            p = ReplicationProblem(W, R, num_gpus=G, num_groups=GROUPS, num_nodes=NODES)
             a = mb.solve(p, "eplb")
             b = mb.solve(p, "eplb+")
             lb = layer_bounds(p)
@@ -76,7 +76,7 @@ def section_lp_milp(runs, milp_layers, milp_time, progress) -> dict:
     name = "decode_in1000out1000"
     W = runs[name]
     out = {}
-    p = ReplicationProblem(W, 288, G, num_groups=GROUPS, num_nodes=NODES)
+    p = ReplicationProblem(W, 288, num_gpus=G, num_groups=GROUPS, num_nodes=NODES)
     s = mb.solve(p, "lp", time_limit=60)
     out["lp"] = {"run": name, "status": str(s.status), "bound": s.bound, "lp_only": s.stats.get("lp_layer_bounds") and
                  float(np.sum(s.stats["lp_layer_bounds"])), "combinatorial": float(layer_bounds(p).sum()),
@@ -89,7 +89,7 @@ def section_lp_milp(runs, milp_layers, milp_time, progress) -> dict:
     worst = np.argsort(-(lay - lb) / lay)[:milp_layers]
     res = []
     for l in sorted(worst.tolist()):
-        q = ReplicationProblem(W[l:l + 1], 288, G, num_groups=GROUPS, num_nodes=NODES)
+        q = ReplicationProblem(W[l:l + 1], 288, num_gpus=G, num_groups=GROUPS, num_nodes=NODES)
         m = mb.solve(q, "milp", time_limit=milp_time)
         res.append({"layer": l + 3, "status": str(m.status), "objective": m.objective, "bound": m.bound,
                     "gap": m.gap, "eplbp": float(lay[l]), "combinatorial_bound": float(lb[l]),
@@ -116,7 +116,7 @@ def section_timing(runs, progress) -> dict:
                 ours = mb.rebalance_experts(W, R, groups, nodes, G)
                 times.append(time.perf_counter() - t)
             same = all(np.array_equal(x.numpy(), y) for x, y in zip(ref, ours))
-            p = ReplicationProblem(W, R, G, num_groups=groups, num_nodes=nodes)
+            p = ReplicationProblem(W, R, num_gpus=G, num_groups=groups, num_nodes=nodes)
             tp = mb.solve(p, "eplb+").wall_time
             out[f"{label}_{R}"] = {"reference_s": t_ref, "eplb_s": min(times), "speedup": t_ref / min(times),
                                    "eplb_plus_s": tp, "identical": same}
@@ -137,10 +137,10 @@ def section_window(runs, progress) -> dict:
     Wte = np.stack([_norm(runs[n]) for n in test])
     out = {"train": train, "test": test}
     for R in (288, 320):
-        pw = ReplicationProblem(Wtr, R, G, num_groups=GROUPS, num_nodes=NODES)
+        pw = ReplicationProblem(Wtr, R, num_gpus=G, num_groups=GROUPS, num_nodes=NODES)
         a = mb.solve(pw, "eplb")  # plans on the summed loads
         b = mb.solve(pw, "eplb+")  # optimises the window's mean
-        held = ReplicationProblem(Wte, R, G, num_groups=GROUPS, num_nodes=NODES)
+        held = ReplicationProblem(Wte, R, num_gpus=G, num_groups=GROUPS, num_nodes=NODES)
         ea, eb = held.evaluate(a.assignment), held.evaluate(b.assignment)
         lbt = float(layer_bounds(held).sum())
         out[str(R)] = {"eplb_summed_heldout": ea.objective, "eplbp_window_heldout": eb.objective,
@@ -154,14 +154,14 @@ def section_window(runs, progress) -> dict:
 def section_migration(runs, progress) -> dict:
     W_old, W_new = runs["prefill_in1024"], runs["decode_in1000out1000"]
     R = 288
-    old = mb.solve(ReplicationProblem(W_old, R, G, num_groups=GROUPS, num_nodes=NODES), "eplb").assignment
-    base = ReplicationProblem(W_new, R, G, num_groups=GROUPS, num_nodes=NODES, old_phy2log=old)
+    old = mb.solve(ReplicationProblem(W_old, R, num_gpus=G, num_groups=GROUPS, num_nodes=NODES), "eplb").assignment
+    base = ReplicationProblem(W_new, R, num_gpus=G, num_groups=GROUPS, num_nodes=NODES, old_phy2log=old)
     stay = base.evaluate(old).objective
     free = mb.solve(base, "eplb+")
     eplb_new = mb.solve(base, "eplb")
     rows = []
     for budget in (0, 3, 7, 14, 29, 58, 144):
-        p = ReplicationProblem(W_new, R, G, num_groups=GROUPS, num_nodes=NODES, old_phy2log=old, max_moves=budget)
+        p = ReplicationProblem(W_new, R, num_gpus=G, num_groups=GROUPS, num_nodes=NODES, old_phy2log=old, max_moves=budget)
         s = mb.solve(p, "eplb+")
         m = mb.solve(p, "migrate")
         gain = (stay - s.objective) / (stay - free.objective)
@@ -191,8 +191,8 @@ def section_dispatch(runs, progress) -> dict:
     cost = CostModel.from_shapes(7168, 2048, 2, 4e14, 4.5e11, 2e-5)
     R = 288
     S = R // G
-    plan_a = mb.solve(ReplicationProblem(Wtr, R, G, num_groups=GROUPS, num_nodes=NODES), "eplb").assignment
-    plan_b = mb.solve(ReplicationProblem(Wtr, R, G, num_groups=GROUPS, num_nodes=NODES), "eplb+").assignment
+    plan_a = mb.solve(ReplicationProblem(Wtr, R, num_gpus=G, num_groups=GROUPS, num_nodes=NODES), "eplb").assignment
+    plan_b = mb.solve(ReplicationProblem(Wtr, R, num_gpus=G, num_groups=GROUPS, num_nodes=NODES), "eplb+").assignment
     tokens = 8192 * 8
     out = {"cost_model": cost.to_dict(), "tokens_per_batch": tokens, "runs": {}}
 

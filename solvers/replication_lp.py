@@ -65,7 +65,7 @@ def relaxation_bound(problem: ReplicationProblem, upper: np.ndarray, time_limit:
 
     B, L, E = problem.shape
     R, G = problem.num_replicas, problem.num_gpus
-    blocks, lo_rows, hi_rows, cs, lbs = [], [], [], [], []
+    blocks, lo_rows, hi_rows, cs, lbs, scales = [], [], [], [], [], []
     for l in range(L):
         if deadline is not None and deadline() <= 0:
             return None, "time limit reached while building the LP"
@@ -94,7 +94,9 @@ def relaxation_bound(problem: ReplicationProblem, upper: np.ndarray, time_limit:
         blocks.append(A)
         lo_rows.append(np.concatenate([np.ones(E), [-np.inf], np.zeros(B * E)]))
         hi_rows.append(np.concatenate([np.ones(E), [float(R)], np.full(B * E, np.inf)]))
-        cs.append(np.concatenate([np.zeros(nz), np.full(B, scale / B)]))
+        # costs in normalised units (HiGHS drops tiny cost coefficients); the layer's bound is scaled back below
+        cs.append(np.concatenate([np.zeros(nz), np.full(B, 1.0 / B)]))
+        scales.append(scale)
         lbs.append(np.concatenate([np.zeros(nz), wn.sum(axis=1) / G]))
     A = sp.block_diag(blocks, format="csr")
     lo, hi = np.concatenate(lo_rows), np.concatenate(hi_rows)
@@ -124,9 +126,9 @@ def relaxation_bound(problem: ReplicationProblem, upper: np.ndarray, time_limit:
     # a valid bound needs the dual side; HiGHS's optimum is exact up to its tolerance (1e-7 of O(1) numbers)
     per_layer = []
     off = 0
-    for A_l, c_l in zip(blocks, cs):
+    for A_l, c_l, scale_l in zip(blocks, cs, scales):
         n = A_l.shape[1]
-        per_layer.append(float(c_l @ res.x[off:off + n]))
+        per_layer.append(float(c_l @ res.x[off:off + n]) * scale_l)
         off += n
     return np.array(per_layer) * (1 - 1e-7), res.message
 
