@@ -309,6 +309,49 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def section_limits(runs, progress) -> dict:
+    """Wall time of ``lp``/``milp`` under time limits (model building included) and the LP's peak memory on a
+    16-batch, 58-layer window (16 runs of real loads as batches)."""
+    import resource
+    import tracemalloc
+
+    names = sorted(runs)[:16]
+    W = np.stack([runs[k] for k in names])  # [B, L, E]
+    p = ReplicationProblem(W, 288, GROUPS, NODES, G)
+    out = {"window": list(W.shape), "weight_MiB": W.nbytes / 2**20, "rows": []}
+    tracemalloc.start()
+    t = time.perf_counter()
+    sol = mb.solve(p, "lp")
+    wall = time.perf_counter() - t
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    out["lp_untimed"] = {"wall_s": wall, "status": sol.status, "bound": sol.bound, "objective": sol.objective,
+                         "python_peak_MiB": peak / 2**20,
+                         "process_maxrss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    progress(f"limits: lp untimed {wall:.1f}s, python peak {peak / 2**20:.0f} MiB")
+    for method in ("lp", "milp"):
+        for limit in (0.2, 1.0):
+            t = time.perf_counter()
+            sol = mb.solve(p, method, time_limit=limit)
+            wall = time.perf_counter() - t
+            out["rows"].append({"method": method, "time_limit": limit, "wall_s": wall, "status": sol.status,
+                                "within": wall <= 1.1 * limit + 0.5})
+            progress(f"limits: {method} time_limit={limit}: {wall:.2f}s {sol.status}")
+    return out
+
+
+def table_limits(res: dict) -> str:
+    lu = res["lp_untimed"]
+    lines = [f"Window {res['window']} ({res['weight_MiB']:.1f} MiB of loads), 288 slots: lp without a limit "
+             f"{lu['wall_s']:.1f} s, Python peak {lu['python_peak_MiB']:.0f} MiB, process max RSS "
+             f"{lu['process_maxrss_MiB']:.0f} MiB", "",
+             "| method | time_limit | wall (solve, building and the shared check) | status | <= 1.1 x limit + 0.5 s |",
+             "|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['method']} | {r['time_limit']} s | {r['wall_s']:.2f} s | {r['status']} | {r['within']} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -317,8 +360,20 @@ def main(argv=None) -> int:
     ap.add_argument("--milp-time", type=float, default=20.0)
     ap.add_argument("--quick", action="store_true", help="4 runs, 1 MILP layer of 5 s")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--limits", action="store_true",
+                    help="only the time-limit and memory rows (lp/milp on a 16-batch, 58-layer window); writes "
+                         "replication_limits.json/.md beside --out")
     args = ap.parse_args(argv)
     runs = load_runs(args.data)
+    if args.limits:
+        res = {"machine": cpu_name(), **section_limits(runs, print)}
+        out = args.out.with_name("replication_limits.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=1, default=float))
+        md = f"Machine: {res['machine']}\n\n" + table_limits(res) + "\n"
+        out.with_suffix(".md").write_text(md)
+        print(md)
+        return 0
     if args.quick:
         runs = {k: runs[k] for k in ("decode_in1000out1000", "decode_in1800out100", "prefill_in1024", "prefill_in2048")}
         args.milp_layers, args.milp_time = 1, 5.0

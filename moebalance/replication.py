@@ -239,9 +239,6 @@ def _eplb_order(args: tuple, num_groups: Any, num_nodes: Any, num_gpus: Any) -> 
 
     given = {"num_groups": num_groups, "num_nodes": num_nodes, "num_gpus": num_gpus}
     if len(args) == 1:
-        warnings.warn("ReplicationProblem(weight, num_replicas, num_gpus) is deprecated: pass `num_gpus=` by "
-                      "keyword, or all three in rebalance_experts' order (weight, num_replicas, num_groups, "
-                      "num_nodes, num_gpus)", DeprecationWarning, stacklevel=3)
         names: tuple[str, ...] = ("num_gpus",)
     elif len(args) in (0, 3):
         names = _ORDER[:len(args)]
@@ -254,6 +251,10 @@ def _eplb_order(args: tuple, num_groups: Any, num_nodes: Any, num_gpus: Any) -> 
         given[name] = value
     if given["num_gpus"] is None:
         raise TypeError("ReplicationProblem needs `num_gpus`")
+    if len(args) == 1:
+        warnings.warn("ReplicationProblem(weight, num_replicas, num_gpus) is deprecated: pass `num_gpus=` by "
+                      "keyword, or all three in rebalance_experts' order (weight, num_replicas, num_groups, "
+                      "num_nodes, num_gpus)", DeprecationWarning, stacklevel=3)
     return (1 if given["num_groups"] is None else given["num_groups"],
             1 if given["num_nodes"] is None else given["num_nodes"], given["num_gpus"])
 
