@@ -187,13 +187,23 @@ def _node_bound(group_load: np.ndarray, nodes: int, cap: int) -> np.ndarray:
     pairs = [(m, s) for m in range(1 << Q) for s in _submasks(m) if size[s] <= cap]
     pm = np.array([p[0] for p in pairs])
     ps = np.array([p[1] for p in pairs])
-    f = np.where(size[None, :] <= cap, sub_load, np.inf)  # one node
-    for _ in range(nodes - 1):
-        cand = np.maximum(sub_load[:, ps], f[:, pm ^ ps])
+    # masks on the first axis: every gather below copies whole rows of N values
+    sub_t = np.ascontiguousarray(sub_load.T)  # [2**Q, N]
+    f = np.where(size[:, None] <= cap, sub_t, np.inf)  # one node
+    # pairs are listed by increasing m, each m with its submask 0 at least: a segmented min (reduceat) per m
+    full = (1 << Q) - 1
+    for it in range(nodes - 1):
+        # with it + 2 nodes only masks of at most cap * (it + 2) groups are reachable; the last step needs all
+        keep = (size[pm] <= cap * (it + 2)) & ((pm == full) if it == nodes - 2 else True)
+        qm, qs = pm[keep], ps[keep]
+        if qm.size == 0:
+            return np.full(N, np.inf)
+        starts = np.flatnonzero(np.r_[True, qm[1:] != qm[:-1]])
+        cand = np.maximum(sub_t[qs], f[qm ^ qs])
         g = np.full_like(f, np.inf)
-        np.minimum.at(g.T, pm, cand.T)
+        g[qm[starts]] = np.minimum.reduceat(cand, starts, axis=0)
         f = g
-    return f[:, -1]
+    return f[-1]
 
 
 def _submasks(m: int):
@@ -213,6 +223,9 @@ def layer_bounds(problem: "ReplicationProblem") -> np.ndarray:
     of the groups over nodes (each node's load spread evenly over its GPUs). A window takes the mean over
     batches of the per-batch bounds.
     """
+    cached = getattr(problem, "_layer_bounds", None)
+    if cached is not None:  # the problem is immutable: its bounds are computed once
+        return cached.copy()
     B, L, E = problem.shape
     R, G = problem.num_replicas, problem.num_gpus
     w = problem.weight.reshape(B * L, E)
@@ -224,7 +237,13 @@ def layer_bounds(problem: "ReplicationProblem") -> np.ndarray:
         gl = w.reshape(B * L, Q, E // Q).sum(axis=2)
         cap = (R // N) // (E // Q)
         lb = np.maximum(lb, _node_bound(gl, N, cap) / (G // N))
-    return lb.reshape(B, L).mean(axis=0)
+    out = lb.reshape(B, L).mean(axis=0)
+    out.setflags(write=False)
+    try:
+        problem._layer_bounds = out
+    except AttributeError:
+        pass
+    return out.copy()
 
 #: most slots (layers x replicas) a problem may hold: its plans are int64 ``[L, R]`` arrays (2 GiB at the cap)
 MAX_SLOTS = 2**28
@@ -353,6 +372,7 @@ class ReplicationProblem:
         if old is not None:
             old.setflags(write=False)
         self._max_moves = max_moves
+        self._layer_bounds: np.ndarray | None = None
 
     # ---- data ---------------------------------------------------------------------------------------------
     @property

@@ -321,3 +321,27 @@ def test_lp_bound_is_scale_free_on_sparse_windows(factor):
     assert "invalid" not in sol.message
     assert sol.bound == pytest.approx(factor / 3, rel=1e-6)
     assert sol.bound <= sol.objective
+
+
+@pytest.mark.parametrize("Q,N,cap", [(4, 2, 2), (6, 3, 2), (6, 2, 4), (4, 4, 1), (6, 3, 3), (8, 4, 2)])
+def test_node_bound_matches_brute_force(Q, N, cap):
+    from moebalance.replication import _node_bound
+
+    rng = np.random.default_rng(Q * 100 + N * 10 + cap)
+    gl = rng.random((4, Q)) * 10.0 ** rng.integers(-12, 12)
+    got = _node_bound(gl, N, cap)
+    for row, b in zip(gl, got):
+        best = np.inf
+        for asg in itertools.product(range(N), repeat=Q):
+            if np.bincount(asg, minlength=N).max() <= cap:
+                best = min(best, np.bincount(asg, weights=row, minlength=N).max())
+        assert b == pytest.approx(best, rel=1e-12)
+
+
+def test_layer_bounds_are_computed_once_per_problem():
+    from moebalance.replication import layer_bounds
+
+    p = ReplicationProblem(np.random.default_rng(0).random((2, 3, 8)), 16, 4, 2, 4)
+    a = layer_bounds(p)
+    a[:] = -1  # callers get a copy: the cache cannot be changed from outside
+    assert np.all(layer_bounds(p) >= 0)
