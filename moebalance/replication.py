@@ -151,9 +151,16 @@ def _dhondt_threshold(w: np.ndarray, R: int) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         need = np.where(total > 0, w.max(axis=1) * R / np.where(total > 0, total, 1.0), 1.0)
     K = int(min(extra + 1, np.ceil(need.max()) + 2))
-    vals = (w[:, :, None] / np.arange(1, K + 1)).reshape(N, -1)
-    k = min(extra, vals.shape[1] - 1)
-    return -np.partition(-vals, k, axis=1)[:, k]
+    k = min(extra, E * K - 1)
+    # rows in chunks of at most ~2**21 candidate values (16 MiB): memory stays bounded whatever R is
+    step = max(1, (1 << 21) // max(1, E * K))
+    out = np.empty(N)
+    div = np.arange(1, K + 1, dtype=np.float64)
+    for lo in range(0, N, step):
+        vals = (w[lo:lo + step, :, None] / div).reshape(-1, E * K)
+        vals *= -1
+        out[lo:lo + step] = -np.partition(vals, k, axis=1)[:, k]
+    return out
 
 
 def _pigeonhole(items: np.ndarray, G: int, S: int) -> np.ndarray:

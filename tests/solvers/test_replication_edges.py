@@ -131,7 +131,8 @@ def test_lp_memory_is_proportional_to_the_problem():
     finally:
         tracemalloc.stop()
     assert sol.feasible and sol.bound <= sol.objective * (1 + 1e-9)
-    assert peak < 200 * 2**20, f"peak {peak / 2**20:.0f} MiB"  # generous: the plan alone is 0.1 MiB
+    # measured 56 MiB (433 MiB before the LP columns were capped); generous: the plan alone is 0.1 MiB
+    assert peak < 150 * 2**20, f"peak {peak / 2**20:.0f} MiB"
 
 
 # ---- time limits: the logic, on a fake clock ---------------------------------------------------------------
