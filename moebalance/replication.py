@@ -48,7 +48,12 @@ class ReplicationSolution(Solution):
 def _as_weight(weight: Any) -> tuple[np.ndarray, int]:
     """``weight`` as float64 ``[B, L, E]`` and its original number of dimensions (1, 2 or 3)."""
     if type(weight).__module__.startswith("torch"):
-        weight = weight.detach().to("cpu").double().numpy()
+        if getattr(getattr(weight, "device", None), "type", None) == "meta":
+            raise ValueError("`weight` is a meta tensor (it holds no data): pass the measured loads")
+        try:
+            weight = weight.detach().to("cpu").double().numpy()
+        except (TypeError, RuntimeError) as exc:
+            raise ValueError(f"`weight` must be a real numeric tensor: {exc}") from None
     try:
         arr = np.asarray(weight)
     except Exception as exc:
@@ -605,7 +610,14 @@ def rebalance_experts(weight: Any, num_replicas: int, num_groups: int, num_nodes
         raise
     except ValueError as exc:  # EPLB asserted its arguments: callers may catch AssertionError
         raise ArgumentError(str(exc)) from None
-    sol = solve(problem, method, time_limit=time_limit, **options)
+    try:
+        sol = solve(problem, method, time_limit=time_limit, **options)
+    except InfeasibleError:
+        raise
+    except ArgumentError:
+        raise
+    except ValueError as exc:  # an unknown method or option, a bad time limit
+        raise ArgumentError(str(exc)) from None
     if not sol.feasible:
         hint = ""
         if problem.max_moves is not None:

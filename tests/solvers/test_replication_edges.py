@@ -346,3 +346,18 @@ def test_layer_bounds_are_computed_once_per_problem():
     a = layer_bounds(p)
     a[:] = -1  # callers get a copy: the cache cannot be changed from outside
     assert np.all(layer_bounds(p) >= 0)
+
+
+@pytest.mark.parametrize("options,name", [({"method": "nope"}, "method"), ({"time_limit": -1}, "time_limit"),
+                                          ({"method": "eplb+", "max_rounds": -1}, "max_rounds")])
+def test_rebalance_experts_bad_solver_arguments_are_assertion_errors_too(options, name):
+    with pytest.raises(AssertionError, match=name):
+        rebalance_experts(np.ones((1, 4)), 8, 1, 1, 2, **options)
+
+
+def test_rebalance_experts_refuses_a_meta_tensor():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ValueError, match="weight"):
+        rebalance_experts(torch.ones((1, 4), device="meta"), 8, 1, 1, 2)
+    with pytest.raises(ValueError, match="weight"):
+        ReplicationProblem(torch.ones((1, 4), device="meta"), 8, num_gpus=2)
