@@ -47,7 +47,7 @@ def section_gaps(runs, slots_list, progress) -> dict:
     for R in slots_list:
         rows = []
         for name, W in runs.items():
-            p = ReplicationProblem(W, R, G, num_groups=GROUPS, num_nodes=NODES)
+            p = ReplicationProblem(W, R, num_gpus=G, num_groups=GROUPS, num_nodes=NODES)
             a = mb.solve(p, "eplb")
             b = mb.solve(p, "eplb+")
             lb = layer_bounds(p)
@@ -76,7 +76,7 @@ def section_lp_milp(runs, milp_layers, milp_time, progress) -> dict:
     name = "decode_in1000out1000"
     W = runs[name]
     out = {}
-    p = ReplicationProblem(W, 288, G, num_groups=GROUPS, num_nodes=NODES)
+    p = ReplicationProblem(W, 288, num_gpus=G, num_groups=GROUPS, num_nodes=NODES)
     s = mb.solve(p, "lp", time_limit=60)
     out["lp"] = {"run": name, "status": str(s.status), "bound": s.bound, "lp_only": s.stats.get("lp_layer_bounds") and
                  float(np.sum(s.stats["lp_layer_bounds"])), "combinatorial": float(layer_bounds(p).sum()),
@@ -89,7 +89,7 @@ def section_lp_milp(runs, milp_layers, milp_time, progress) -> dict:
     worst = np.argsort(-(lay - lb) / lay)[:milp_layers]
     res = []
     for l in sorted(worst.tolist()):
-        q = ReplicationProblem(W[l:l + 1], 288, G, num_groups=GROUPS, num_nodes=NODES)
+        q = ReplicationProblem(W[l:l + 1], 288, num_gpus=G, num_groups=GROUPS, num_nodes=NODES)
         m = mb.solve(q, "milp", time_limit=milp_time)
         res.append({"layer": l + 3, "status": str(m.status), "objective": m.objective, "bound": m.bound,
                     "gap": m.gap, "eplbp": float(lay[l]), "combinatorial_bound": float(lb[l]),
@@ -116,7 +116,7 @@ def section_timing(runs, progress) -> dict:
                 ours = mb.rebalance_experts(W, R, groups, nodes, G)
                 times.append(time.perf_counter() - t)
             same = all(np.array_equal(x.numpy(), y) for x, y in zip(ref, ours))
-            p = ReplicationProblem(W, R, G, num_groups=groups, num_nodes=nodes)
+            p = ReplicationProblem(W, R, num_gpus=G, num_groups=groups, num_nodes=nodes)
             tp = mb.solve(p, "eplb+").wall_time
             out[f"{label}_{R}"] = {"reference_s": t_ref, "eplb_s": min(times), "speedup": t_ref / min(times),
                                    "eplb_plus_s": tp, "identical": same}
@@ -137,10 +137,10 @@ def section_window(runs, progress) -> dict:
     Wte = np.stack([_norm(runs[n]) for n in test])
     out = {"train": train, "test": test}
     for R in (288, 320):
-        pw = ReplicationProblem(Wtr, R, G, num_groups=GROUPS, num_nodes=NODES)
+        pw = ReplicationProblem(Wtr, R, num_gpus=G, num_groups=GROUPS, num_nodes=NODES)
         a = mb.solve(pw, "eplb")  # plans on the summed loads
         b = mb.solve(pw, "eplb+")  # optimises the window's mean
-        held = ReplicationProblem(Wte, R, G, num_groups=GROUPS, num_nodes=NODES)
+        held = ReplicationProblem(Wte, R, num_gpus=G, num_groups=GROUPS, num_nodes=NODES)
         ea, eb = held.evaluate(a.assignment), held.evaluate(b.assignment)
         lbt = float(layer_bounds(held).sum())
         out[str(R)] = {"eplb_summed_heldout": ea.objective, "eplbp_window_heldout": eb.objective,
@@ -154,14 +154,14 @@ def section_window(runs, progress) -> dict:
 def section_migration(runs, progress) -> dict:
     W_old, W_new = runs["prefill_in1024"], runs["decode_in1000out1000"]
     R = 288
-    old = mb.solve(ReplicationProblem(W_old, R, G, num_groups=GROUPS, num_nodes=NODES), "eplb").assignment
-    base = ReplicationProblem(W_new, R, G, num_groups=GROUPS, num_nodes=NODES, old_phy2log=old)
+    old = mb.solve(ReplicationProblem(W_old, R, num_gpus=G, num_groups=GROUPS, num_nodes=NODES), "eplb").assignment
+    base = ReplicationProblem(W_new, R, num_gpus=G, num_groups=GROUPS, num_nodes=NODES, old_phy2log=old)
     stay = base.evaluate(old).objective
     free = mb.solve(base, "eplb+")
     eplb_new = mb.solve(base, "eplb")
     rows = []
     for budget in (0, 3, 7, 14, 29, 58, 144):
-        p = ReplicationProblem(W_new, R, G, num_groups=GROUPS, num_nodes=NODES, old_phy2log=old, max_moves=budget)
+        p = ReplicationProblem(W_new, R, num_gpus=G, num_groups=GROUPS, num_nodes=NODES, old_phy2log=old, max_moves=budget)
         s = mb.solve(p, "eplb+")
         m = mb.solve(p, "migrate")
         gain = (stay - s.objective) / (stay - free.objective)
@@ -191,8 +191,8 @@ def section_dispatch(runs, progress) -> dict:
     cost = CostModel.from_shapes(7168, 2048, 2, 4e14, 4.5e11, 2e-5)
     R = 288
     S = R // G
-    plan_a = mb.solve(ReplicationProblem(Wtr, R, G, num_groups=GROUPS, num_nodes=NODES), "eplb").assignment
-    plan_b = mb.solve(ReplicationProblem(Wtr, R, G, num_groups=GROUPS, num_nodes=NODES), "eplb+").assignment
+    plan_a = mb.solve(ReplicationProblem(Wtr, R, num_gpus=G, num_groups=GROUPS, num_nodes=NODES), "eplb").assignment
+    plan_b = mb.solve(ReplicationProblem(Wtr, R, num_gpus=G, num_groups=GROUPS, num_nodes=NODES), "eplb+").assignment
     tokens = 8192 * 8
     out = {"cost_model": cost.to_dict(), "tokens_per_batch": tokens, "runs": {}}
 
@@ -309,6 +309,56 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def section_limits(runs, progress) -> dict:
+    """Wall time of ``lp``/``milp`` under time limits (model building included) and the LP's peak memory on a
+    16-batch, 58-layer window (16 runs of real loads as batches)."""
+    import resource
+    import tracemalloc
+
+    names = sorted(runs)
+    W = np.stack([runs[names[b % len(names)]] for b in range(16)])  # [16, L, E], runs repeated when fewer
+    p = ReplicationProblem(W, 288, GROUPS, NODES, G)
+    out = {"window": list(W.shape), "weight_MiB": W.nbytes / 2**20, "rows": []}
+    tracemalloc.start()
+    t = time.perf_counter()
+    sol = mb.solve(ReplicationProblem(W, 288, GROUPS, NODES, G), "lp")
+    wall = time.perf_counter() - t
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    out["lp_untimed"] = {"wall_s": wall, "status": sol.status, "bound": sol.bound, "objective": sol.objective,
+                         "python_peak_MiB": peak / 2**20,
+                         "process_maxrss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    progress(f"limits: lp untimed {wall:.1f}s, python peak {peak / 2**20:.0f} MiB")
+    t = time.perf_counter()
+    import ortools.linear_solver.python.model_builder  # noqa: F401  (one-time load, shown apart)
+    out["ortools_import_s"] = time.perf_counter() - t
+    progress(f"limits: OR-Tools import {out['ortools_import_s']:.2f}s (one-time, not in the rows)")
+    for label, data in (("16x58 window", W), ("one batch, 58 layers", W[0])):
+        for method in ("lp", "milp"):
+            for limit in (0.2, 1.0):
+                fresh = ReplicationProblem(data, 288, GROUPS, NODES, G)  # nothing computed on it yet
+                t = time.perf_counter()
+                sol = mb.solve(fresh, method, time_limit=limit)
+                wall = time.perf_counter() - t
+                out["rows"].append({"problem": label, "method": method, "time_limit": limit, "wall_s": wall,
+                                    "status": sol.status, "within": wall <= 1.1 * limit + 0.5})
+                progress(f"limits: {label} {method} time_limit={limit}: {wall:.2f}s {sol.status}")
+    return out
+
+
+def table_limits(res: dict) -> str:
+    lu = res["lp_untimed"]
+    lines = [f"Window {res['window']} ({res['weight_MiB']:.1f} MiB of loads), 288 slots: lp without a limit "
+             f"{lu['wall_s']:.1f} s, Python peak {lu['python_peak_MiB']:.0f} MiB, process max RSS "
+             f"{lu['process_maxrss_MiB']:.0f} MiB; OR-Tools' one-time import {res['ortools_import_s']:.2f} s "
+             f"(not in the rows)", "",
+             "| problem | method | time_limit | wall (solve, building and the shared check) | status | "
+             "<= 1.1 x limit + 0.5 s |", "|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['problem']} | {r['method']} | {r['time_limit']} s | {r['wall_s']:.2f} s | {r['status']} | {r['within']} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -317,8 +367,20 @@ def main(argv=None) -> int:
     ap.add_argument("--milp-time", type=float, default=20.0)
     ap.add_argument("--quick", action="store_true", help="4 runs, 1 MILP layer of 5 s")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--limits", action="store_true",
+                    help="only the time-limit and memory rows (lp/milp on a 16-batch, 58-layer window); writes "
+                         "replication_limits.json/.md beside --out")
     args = ap.parse_args(argv)
     runs = load_runs(args.data)
+    if args.limits:
+        res = {"machine": cpu_name(), **section_limits(runs, print)}
+        out = args.out.with_name("replication_limits.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=1, default=float))
+        md = f"Machine: {res['machine']}\n\n" + table_limits(res) + "\n"
+        out.with_suffix(".md").write_text(md)
+        print(md)
+        return 0
     if args.quick:
         runs = {k: runs[k] for k in ("decode_in1000out1000", "decode_in1800out100", "prefill_in1024", "prefill_in2048")}
         args.milp_layers, args.milp_time = 1, 5.0

@@ -48,7 +48,12 @@ class ReplicationSolution(Solution):
 def _as_weight(weight: Any) -> tuple[np.ndarray, int]:
     """``weight`` as float64 ``[B, L, E]`` and its original number of dimensions (1, 2 or 3)."""
     if type(weight).__module__.startswith("torch"):
-        weight = weight.detach().to("cpu").double().numpy()
+        if getattr(getattr(weight, "device", None), "type", None) == "meta":
+            raise ValueError("`weight` is a meta tensor (it holds no data): pass the measured loads")
+        try:
+            weight = weight.detach().to("cpu").double().numpy()
+        except (TypeError, RuntimeError) as exc:
+            raise ValueError(f"`weight` must be a real numeric tensor: {exc}") from None
     try:
         arr = np.asarray(weight)
     except Exception as exc:
@@ -151,9 +156,16 @@ def _dhondt_threshold(w: np.ndarray, R: int) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         need = np.where(total > 0, w.max(axis=1) * R / np.where(total > 0, total, 1.0), 1.0)
     K = int(min(extra + 1, np.ceil(need.max()) + 2))
-    vals = (w[:, :, None] / np.arange(1, K + 1)).reshape(N, -1)
-    k = min(extra, vals.shape[1] - 1)
-    return -np.partition(-vals, k, axis=1)[:, k]
+    k = min(extra, E * K - 1)
+    # rows in chunks of at most ~2**21 candidate values (16 MiB): memory stays bounded whatever R is
+    step = max(1, (1 << 21) // max(1, E * K))
+    out = np.empty(N)
+    div = np.arange(1, K + 1, dtype=np.float64)
+    for lo in range(0, N, step):
+        vals = (w[lo:lo + step, :, None] / div).reshape(-1, E * K)
+        vals *= -1
+        out[lo:lo + step] = -np.partition(vals, k, axis=1)[:, k]
+    return out
 
 
 def _pigeonhole(items: np.ndarray, G: int, S: int) -> np.ndarray:
@@ -187,13 +199,23 @@ def _node_bound(group_load: np.ndarray, nodes: int, cap: int) -> np.ndarray:
     pairs = [(m, s) for m in range(1 << Q) for s in _submasks(m) if size[s] <= cap]
     pm = np.array([p[0] for p in pairs])
     ps = np.array([p[1] for p in pairs])
-    f = np.where(size[None, :] <= cap, sub_load, np.inf)  # one node
-    for _ in range(nodes - 1):
-        cand = np.maximum(sub_load[:, ps], f[:, pm ^ ps])
+    # masks on the first axis: every gather below copies whole rows of N values
+    sub_t = np.ascontiguousarray(sub_load.T)  # [2**Q, N]
+    f = np.where(size[:, None] <= cap, sub_t, np.inf)  # one node
+    # pairs are listed by increasing m, each m with its submask 0 at least: a segmented min (reduceat) per m
+    full = (1 << Q) - 1
+    for it in range(nodes - 1):
+        # with it + 2 nodes only masks of at most cap * (it + 2) groups are reachable; the last step needs all
+        keep = (size[pm] <= cap * (it + 2)) & ((pm == full) if it == nodes - 2 else True)
+        qm, qs = pm[keep], ps[keep]
+        if qm.size == 0:
+            return np.full(N, np.inf)
+        starts = np.flatnonzero(np.r_[True, qm[1:] != qm[:-1]])
+        cand = np.maximum(sub_t[qs], f[qm ^ qs])
         g = np.full_like(f, np.inf)
-        np.minimum.at(g.T, pm, cand.T)
+        g[qm[starts]] = np.minimum.reduceat(cand, starts, axis=0)
         f = g
-    return f[:, -1]
+    return f[-1]
 
 
 def _submasks(m: int):
@@ -213,6 +235,9 @@ def layer_bounds(problem: "ReplicationProblem") -> np.ndarray:
     of the groups over nodes (each node's load spread evenly over its GPUs). A window takes the mean over
     batches of the per-batch bounds.
     """
+    cached = getattr(problem, "_layer_bounds", None)
+    if cached is not None:  # the problem is immutable: its bounds are computed once
+        return cached.copy()
     B, L, E = problem.shape
     R, G = problem.num_replicas, problem.num_gpus
     w = problem.weight.reshape(B * L, E)
@@ -224,7 +249,59 @@ def layer_bounds(problem: "ReplicationProblem") -> np.ndarray:
         gl = w.reshape(B * L, Q, E // Q).sum(axis=2)
         cap = (R // N) // (E // Q)
         lb = np.maximum(lb, _node_bound(gl, N, cap) / (G // N))
-    return lb.reshape(B, L).mean(axis=0)
+    out = lb.reshape(B, L).mean(axis=0)
+    out.setflags(write=False)
+    try:
+        problem._layer_bounds = out
+    except AttributeError:
+        pass
+    return out.copy()
+
+#: most slots (layers x replicas) a problem may hold: its plans are int64 ``[L, R]`` arrays (2 GiB at the cap)
+MAX_SLOTS = 2**28
+
+_ORDER = ("num_groups", "num_nodes", "num_gpus")
+
+
+def _eplb_order(args: tuple, num_groups: Any, num_nodes: Any, num_gpus: Any) -> tuple[Any, Any, Any]:
+    """``(num_groups, num_nodes, num_gpus)`` from the positional ``args`` after ``num_replicas``: EPLB's order
+    ``(num_groups, num_nodes, num_gpus)``, or the older ``(num_gpus,)`` alone (deprecated), plus keywords."""
+    import warnings
+
+    given = {"num_groups": num_groups, "num_nodes": num_nodes, "num_gpus": num_gpus}
+    if len(args) == 1:
+        names: tuple[str, ...] = ("num_gpus",)
+    elif len(args) in (0, 3):
+        names = _ORDER[:len(args)]
+    else:
+        raise TypeError(f"ReplicationProblem takes weight, num_replicas, then (num_groups, num_nodes, num_gpus) "
+                        f"positionally or by keyword; got {len(args)} more positional argument(s)")
+    for name, value in zip(names, args):
+        if given[name] is not None:
+            raise TypeError(f"ReplicationProblem got `{name}` both positionally and by keyword")
+        given[name] = value
+    if given["num_gpus"] is None:
+        raise TypeError("ReplicationProblem needs `num_gpus`")
+    if len(args) == 1:
+        warnings.warn("ReplicationProblem(weight, num_replicas, num_gpus) is deprecated: pass `num_gpus=` by "
+                      "keyword, or all three in rebalance_experts' order (weight, num_replicas, num_groups, "
+                      "num_nodes, num_gpus)", DeprecationWarning, stacklevel=3)
+    return (1 if given["num_groups"] is None else given["num_groups"],
+            1 if given["num_nodes"] is None else given["num_nodes"], given["num_gpus"])
+
+
+def _weight_shape(weight: Any) -> tuple[int, ...]:
+    """The shape of ``weight`` without copying it (() when it has none)."""
+    shape = getattr(weight, "shape", None)
+    if shape is None:
+        try:
+            shape = np.shape(weight)
+        except Exception:
+            return ()
+    try:
+        return tuple(int(n) for n in shape)
+    except Exception:
+        return ()
 
 
 class ReplicationProblem:
@@ -242,10 +319,15 @@ class ReplicationProblem:
 
     Args:
       weight: ``[E]``, ``[L, E]`` loads, or a window ``[B, L, E]`` of recent batches (finite, >= 0).
-      num_replicas: ``R``, physical slots per layer: a multiple of ``num_gpus`` and >= E.
-      num_gpus: ``G``, a multiple of ``num_nodes``.
-      num_groups: expert groups (must divide E; with ``num_nodes > 1`` a multiple of ``num_nodes``).
-      num_nodes: server nodes.
+      num_replicas: ``R``, physical slots per layer: a multiple of ``num_gpus`` and >= E; layers x ``R`` at most
+        :data:`MAX_SLOTS`.
+      num_groups: expert groups (must divide E; with ``num_nodes > 1`` a multiple of ``num_nodes``); default 1.
+      num_nodes: server nodes; default 1.
+      num_gpus: ``G``, a multiple of ``num_nodes`` (required).
+
+    ``num_groups, num_nodes, num_gpus`` follow ``rebalance_experts``' order (EPLB's) when given positionally;
+    ``ReplicationProblem(weight, num_replicas, num_gpus)`` (the older order) still works, with a
+    DeprecationWarning; keywords always work.
       old_phy2log: ``[L, R]`` the plan in place, holding every expert (for moves), or None.
       max_moves: at most this many moves per layer (needs ``old_phy2log``), or None.
     """
@@ -254,14 +336,23 @@ class ReplicationProblem:
     sense = "min"
     solution_type = ReplicationSolution
 
-    def __init__(self, weight: Any, num_replicas: int, num_gpus: int, *, num_groups: int = 1, num_nodes: int = 1,
-                 old_phy2log: Any = None, max_moves: int | None = None):
-        w, ndim = _as_weight(weight)
-        B, L, E = w.shape
+    def __init__(self, weight: Any, num_replicas: int, *args: int, num_groups: int | None = None,
+                 num_nodes: int | None = None, num_gpus: int | None = None, old_phy2log: Any = None,
+                 max_moves: int | None = None):
+        num_groups, num_nodes, num_gpus = _eplb_order(args, num_groups, num_nodes, num_gpus)
         R = as_int(num_replicas, "num_replicas", minimum=1)
         G = as_int(num_gpus, "num_gpus", minimum=1)
         groups = as_int(num_groups, "num_groups", minimum=1)
         nodes = as_int(num_nodes, "num_nodes", minimum=1)
+        shape = _weight_shape(weight)
+        L_ = shape[-2] if len(shape) >= 2 else 1
+        if R > MAX_SLOTS or L_ * R > MAX_SLOTS:
+            raise ValueError(f"`num_replicas` ({R}) is too large: a plan of {L_} layer(s) x {R} slots needs "
+                             f"{L_ * R * 8 / 2**30:.3g} GiB; at most {MAX_SLOTS} slots over all layers")
+        if G > R:
+            raise ValueError(f"`num_gpus` ({G}) must be <= `num_replicas` ({R}): every GPU holds a slot")
+        w, ndim = _as_weight(weight)
+        B, L, E = w.shape
         if R % G:
             raise ValueError(f"`num_replicas` ({R}) must be a multiple of `num_gpus` ({G})")
         if R < E:
@@ -281,9 +372,10 @@ class ReplicationProblem:
                 raise ValueError("`max_moves` needs `old_phy2log`: moves are counted from an old plan")
         # an overflowing objective cannot be certified
         with np.errstate(over="ignore"):
-            overflow = not np.isfinite(w.sum(axis=2).max())
+            overflow = not np.isfinite(w.sum(axis=2).sum(axis=1).max())
         if overflow:
-            raise ValueError("`weight` overflows: its per-layer sums are not finite")
+            raise ValueError("`weight` overflows: the objective (a sum over layers of GPU loads) cannot be "
+                             "represented as a float64")
         self._w = w
         self._w.setflags(write=False)
         self._ndim = ndim
@@ -292,6 +384,7 @@ class ReplicationProblem:
         if old is not None:
             old.setflags(write=False)
         self._max_moves = max_moves
+        self._layer_bounds: np.ndarray | None = None
 
     # ---- data ---------------------------------------------------------------------------------------------
     @property
@@ -471,7 +564,7 @@ class ReplicationProblem:
         for key in ("weight", "num_replicas", "num_gpus"):
             if key not in d:
                 raise ValueError(f"`d` misses the key {key!r}")
-        return cls(d["weight"], d["num_replicas"], d["num_gpus"], num_groups=d.get("num_groups", 1),
+        return cls(d["weight"], d["num_replicas"], num_gpus=d["num_gpus"], num_groups=d.get("num_groups", 1),
                    num_nodes=d.get("num_nodes", 1), old_phy2log=d.get("old_phy2log"),
                    max_moves=d.get("max_moves"))
 
@@ -496,24 +589,42 @@ def rebalance_experts(weight: Any, num_replicas: int, num_groups: int, num_nodes
       ``phy2log [L, R]``, ``log2phy [L, E, X]`` (-1 padded), ``logcnt [L, E]``: numpy int64 for numpy input;
       torch int64 on ``weight``'s device for torch input.
 
-    Raises ValueError for bad input and :class:`moebalance.InfeasibleError` when the method returns no
+    Raises :class:`moebalance.errors.ArgumentError` (both a ValueError and an AssertionError, as EPLB asserted)
+    for bad input and :class:`moebalance.InfeasibleError` when the method returns no
     feasible plan (e.g. ``eplb`` under a ``max_moves`` it cannot meet).
     """
-    from .errors import InfeasibleError
+    from .errors import ArgumentError, InfeasibleError
     from .registry import solve
 
     is_torch = type(weight).__module__.startswith("torch")
-    if np.ndim(weight) == 3:
-        raise ValueError("`weight` must be [L, E] for rebalance_experts; use ReplicationProblem for a window")
-    groups = as_int(num_groups, "num_groups", minimum=1)
-    nodes = as_int(num_nodes, "num_nodes", minimum=1)
-    hierarchical = groups % nodes == 0
-    problem = ReplicationProblem(weight, num_replicas, num_gpus, num_groups=groups if hierarchical else 1,
-                                 num_nodes=nodes if hierarchical else 1, old_phy2log=old_phy2log,
-                                 max_moves=max_moves)
-    sol = solve(problem, method, time_limit=time_limit, **options)
+    try:
+        if len(_weight_shape(weight)) == 3:
+            raise ValueError("`weight` must be [L, E] for rebalance_experts; use ReplicationProblem for a window")
+        groups = as_int(num_groups, "num_groups", minimum=1)
+        nodes = as_int(num_nodes, "num_nodes", minimum=1)
+        hierarchical = groups % nodes == 0
+        problem = ReplicationProblem(weight, num_replicas, num_groups=groups if hierarchical else 1,
+                                     num_nodes=nodes if hierarchical else 1, num_gpus=num_gpus,
+                                     old_phy2log=old_phy2log, max_moves=max_moves)
+    except ArgumentError:
+        raise
+    except ValueError as exc:  # EPLB asserted its arguments: callers may catch AssertionError
+        raise ArgumentError(str(exc)) from None
+    try:
+        sol = solve(problem, method, time_limit=time_limit, **options)
+    except InfeasibleError:
+        raise
+    except ArgumentError:
+        raise
+    except ValueError as exc:  # an unknown method or option, a bad time limit
+        raise ArgumentError(str(exc)) from None
     if not sol.feasible:
-        raise InfeasibleError(f"method {sol.method!r} returned no feasible plan ({sol.status}): {sol.message}")
+        hint = ""
+        if problem.max_moves is not None:
+            from .solvers.replication_eplb import BUDGET_METHODS
+
+            hint = f"; under max_moves, {BUDGET_METHODS} honour the budget"
+        raise InfeasibleError(f"method {sol.method!r} returned no feasible plan ({sol.status}): {sol.message}{hint}")
     out = (sol.phy2log, sol.log2phy, sol.logcnt)
     if is_torch:
         import torch

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from moebalance.registry import register
-from moebalance.replication import ReplicationProblem, ReplicationSolution, log2phy_from_phy2log
+from moebalance.replication import ReplicationProblem, ReplicationSolution, count_moves, log2phy_from_phy2log
 from moebalance.solution import Status
 
 __all__ = ["replicate_rows", "pack_rows", "eplb_plan", "to_float32", "solve_eplb"]
@@ -122,8 +122,11 @@ def replicate_to_target(weight: np.ndarray, num_phy: int,
     left go greedily to the most load per replica. Slots list each expert's replicas together."""
     N, E = weight.shape
     w = weight.astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        base = np.maximum(1, np.ceil(w / np.where(target > 0, target, np.inf)[:, None] - 1e-9)).astype(np.int64)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        ratio = w / np.where(target > 0, target, np.inf)[:, None]
+    # clipped before the cast: a tiny target (or huge loads) never overflows int64; > num_phy falls back below
+    base = np.maximum(1, np.ceil(np.minimum(np.nan_to_num(ratio, nan=0.0, posinf=num_phy + 1.0), num_phy + 1.0)
+                                 - 1e-9)).astype(np.int64)
     over = base.sum(axis=1) > num_phy
     base[over] = 1
     left = num_phy - base.sum(axis=1)
@@ -195,5 +198,15 @@ def solve_eplb(problem: ReplicationProblem, *, time_limit: float | None = None) 
     (the shared check then reports a plan over the limit as infeasible)."""
     phy2log, log2phy = eplb_for(problem)
     policy = "hierarchical" if problem.num_groups % problem.num_nodes == 0 and problem.num_groups > 1 else "global"
+    message = f"EPLB, {policy} policy"
+    if problem.max_moves is not None:
+        moves = count_moves(problem.old_phy2log, phy2log, problem.num_experts, problem.num_gpus)
+        if moves.max() > problem.max_moves:
+            message += (f"; EPLB ignores move budgets and its plan moves up to {int(moves.max())} replicas per "
+                        f"layer (max_moves={problem.max_moves}): {BUDGET_METHODS} honour the budget")
     return ReplicationSolution(method="eplb", status=Status.FEASIBLE, assignment=phy2log, log2phy=log2phy,
-                               stats={"policy": policy}, message=f"EPLB, {policy} policy")
+                               stats={"policy": policy}, message=message)
+
+
+#: the replication methods that honour ``max_moves``
+BUDGET_METHODS = "'eplb+', 'migrate', 'milp' and 'lp' (which keeps the old plan)"

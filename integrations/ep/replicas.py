@@ -280,7 +280,7 @@ class Rebalancer:
         self.method, self.max_moves, self.min_gain = method, max_moves, float(min_gain)
         self.options = dict(options or {})
         self.E, self.P, self.S = num_experts, world, slots
-        probe = ReplicationProblem(np.ones(num_experts), world * slots, world,
+        probe = ReplicationProblem(np.ones(num_experts), world * slots, num_gpus=world,
                                    old_phy2log=ReplicaLayout.initial(num_experts, world, slots).phy2log[None]
                                    if num_experts % world == 0 else None)
         sol = solve(probe, method, **self.options)
@@ -307,7 +307,7 @@ class Rebalancer:
         out: dict[str, Any] = {}
 
         def compute() -> np.ndarray:
-            p = ReplicationProblem(w[:, None, :], R, self.P, old_phy2log=old[None], max_moves=self.max_moves)
+            p = ReplicationProblem(w[:, None, :], R, num_gpus=self.P, old_phy2log=old[None], max_moves=self.max_moves)
             sol = solve(p, self.method, **self.options)
             out.update(method=sol.method, status=sol.status.value, message=sol.message)
             ok = sol.status in USABLE and sol.assignment is not None

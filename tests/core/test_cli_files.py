@@ -21,8 +21,8 @@ from moebalance.routing import RoutingProblem
 PROBLEMS = {
     "routing": RoutingProblem(np.random.default_rng(0).random((30, 4)), 2),
     "placement": PlacementProblem([50, 3, 7, 0], 2),
-    "replication": ReplicationProblem(np.random.default_rng(1).integers(0, 50, (2, 2, 4)).astype(float), 6, 2),
-    "replication_with_old_plan": ReplicationProblem([[5.0, 1.0, 0.0, 2.0]], 6, 2,
+    "replication": ReplicationProblem(np.random.default_rng(1).integers(0, 50, (2, 2, 4)).astype(float), 6, num_gpus=2),
+    "replication_with_old_plan": ReplicationProblem([[5.0, 1.0, 0.0, 2.0]], 6, num_gpus=2,
                                                     old_phy2log=[[0, 1, 2, 3, 0, 0]], max_moves=1),
 }
 

@@ -26,7 +26,7 @@ from moebalance.routing import RoutingProblem
 PROBLEMS = {
     "routing": RoutingProblem([[0.5, 0.1, 0.9], [0.2, 0.8, 0.3]], 2, capacity=[2, 1, 2]),
     "placement": PlacementProblem([40, 3, 0, 9], 2, alpha=1.5, imbalance_threshold=None),
-    "replication": ReplicationProblem([[[5.0, 1.0, 0.0, 2.0]], [[4.0, 0.0, 3.0, 2.0]]], 6, 2,
+    "replication": ReplicationProblem([[[5.0, 1.0, 0.0, 2.0]], [[4.0, 0.0, 3.0, 2.0]]], 6, num_gpus=2,
                                       old_phy2log=[[0, 1, 2, 3, 0, 0]], max_moves=2),
 }
 TRACE = LoadTrace(np.array([[[3, 1, 0, 2]], [[0, 4, 2, 0]]]), np.array([3, 3]), 2, ("model.layers.0.mlp",),

@@ -120,7 +120,7 @@ def replication_problems(draw):
                                                                        max_size=R - E)), dtype=np.int64)])
         old = np.tile(row, (L, 1))
         max_moves = draw(st.one_of(st.none(), st.integers(0, R)))
-    return ReplicationProblem(weight, R, G, num_groups=groups, num_nodes=nodes, old_phy2log=old,
+    return ReplicationProblem(weight, R, num_gpus=G, num_groups=groups, num_nodes=nodes, old_phy2log=old,
                               max_moves=max_moves)
 
 
@@ -148,7 +148,7 @@ def test_none_options_survive(suffix):
     assert _round_trip(r, suffix).capacity_factor == 2.5
     r = RoutingProblem([[1.0, 2.0]], 1, capacity=[1, 1])
     assert _round_trip(r, suffix).capacity_factor is None
-    w = ReplicationProblem([[3.0, 0.0, 1.0]], 6, 2, old_phy2log=[[0, 1, 2, 0, 0, 1]], max_moves=None)
+    w = ReplicationProblem([[3.0, 0.0, 1.0]], 6, num_gpus=2, old_phy2log=[[0, 1, 2, 0, 0, 1]], max_moves=None)
     q = _round_trip(w, suffix)
     assert q.max_moves is None and q.old_phy2log.tolist() == [[0, 1, 2, 0, 0, 1]]
     assert_identical(w, q)

@@ -135,7 +135,7 @@ def _replication(old=False):
     from moebalance.replication import ReplicationProblem
 
     w = [[6.0, 1.0, 0.0, 3.0], [2.0, 2.0, 5.0, 0.0]]
-    return ReplicationProblem(w, 6, 2, old_phy2log=[[0, 1, 2, 3, 0, 3], [0, 1, 2, 3, 2, 2]] if old else None)
+    return ReplicationProblem(w, 6, num_gpus=2, old_phy2log=[[0, 1, 2, 3, 0, 3], [0, 1, 2, 3, 2, 2]] if old else None)
 
 
 def test_available_methods_lists_only_methods_that_can_solve_the_problem():

@@ -27,7 +27,7 @@ def _reference():
 
 # ---- hand-worked EPLB ---------------------------------------------------------------------------------------
 def test_published_example_eplb_232_and_optimum_196_67():
-    p = ReplicationProblem(EXAMPLE, 16, 8)
+    p = ReplicationProblem(EXAMPLE, 16, num_gpus=8)
     s = mb.solve(p, "eplb")
     # by hand: 8 redundant slots go 600,560,600,560,600,560,600,560 (120 < 600/5, 112 < 560/5 stop there), so
     # counts 5,5,1,...; 16 items of 120 x6 (600/5 and the two 120s), 112 x5, 20, 10 x3 packed heaviest-first
@@ -100,7 +100,7 @@ def test_drop_in_numpy_and_torch_types():
     assert g[0].shape == (3, 24)
     # any method of the family can be named
     plus = mb.rebalance_experts(w, 24, 4, 2, 4, method="eplb+")
-    p = ReplicationProblem(w, 24, 4, num_groups=4, num_nodes=2)
+    p = ReplicationProblem(w, 24, num_gpus=4, num_groups=4, num_nodes=2)
     assert p.evaluate(plus[0]).objective <= p.evaluate(out_np[0]).objective + 1e-9
 
 
@@ -127,7 +127,7 @@ def _best_packing(p, l, items, G, S):
         nonlocal best
         if not rest:
             plan = np.concatenate(gpus)[None]
-            ev = ReplicationProblem(p.weight[:, l:l + 1], p.num_replicas, p.num_gpus, num_groups=p.num_groups,
+            ev = ReplicationProblem(p.weight[:, l:l + 1], p.num_replicas, num_gpus=p.num_gpus, num_groups=p.num_groups,
                                     num_nodes=p.num_nodes).evaluate(plan)
             if ev.feasible:
                 best = min(best, ev.objective)
@@ -158,7 +158,7 @@ SMALL = [
 @pytest.mark.parametrize("case", range(len(SMALL)))
 def test_exact_methods_match_brute_force_and_relations(case):
     c = SMALL[case]
-    p = ReplicationProblem(np.array(c["w"], dtype=float), c["R"], c["G"], num_groups=c.get("groups", 1),
+    p = ReplicationProblem(np.array(c["w"], dtype=float), c["R"], num_gpus=c["G"], num_groups=c.get("groups", 1),
                            num_nodes=c.get("nodes", 1))
     opt = _brute_force(p) if not p.window else _brute_force_window(p)
     m = mb.solve(p, "milp", time_limit=60)
@@ -191,7 +191,7 @@ def test_milp_migration_matches_brute_force():
     w = np.array([[12.0, 7, 3, 1]])
     old = np.array([[3, 2, 1, 0, 0, 0]])  # GPU0: 3 2 1, GPU1: 0 0 0
     for budget in (0, 1, 2):
-        p = ReplicationProblem(w, 6, 2, old_phy2log=old, max_moves=budget)
+        p = ReplicationProblem(w, 6, num_gpus=2, old_phy2log=old, max_moves=budget)
         best = math.inf
         for perm in set(itertools.permutations([0, 0, 0, 1, 2, 3])):
             for extra in itertools.product(range(4), repeat=0):
@@ -215,11 +215,11 @@ def test_migration_limits_respected_and_moves_counted():
     w_old = rng.integers(1, 1000, (4, 32)).astype(float)
     w_new = rng.integers(1, 1000, (4, 32)).astype(float)
     w_new[:, 5] *= 20
-    old = mb.solve(ReplicationProblem(w_old, 40, 8), "eplb").assignment
-    stay = ReplicationProblem(w_new, 40, 8).evaluate(old).objective
+    old = mb.solve(ReplicationProblem(w_old, 40, num_gpus=8), "eplb").assignment
+    stay = ReplicationProblem(w_new, 40, num_gpus=8).evaluate(old).objective
     prev = math.inf
     for budget in (0, 2, 4, 8, 40):
-        p = ReplicationProblem(w_new, 40, 8, old_phy2log=old, max_moves=budget)
+        p = ReplicationProblem(w_new, 40, num_gpus=8, old_phy2log=old, max_moves=budget)
         for method in ("eplb+", "migrate"):
             s = mb.solve(p, method)
             assert s.feasible, s.message
@@ -232,7 +232,7 @@ def test_migration_limits_respected_and_moves_counted():
         assert cur <= prev * (1 + 1e-9) or budget == 0
         prev = cur
     # a plan over the budget is reported infeasible, never optimal
-    p = ReplicationProblem(w_new, 40, 8, old_phy2log=old, max_moves=0)
+    p = ReplicationProblem(w_new, 40, num_gpus=8, old_phy2log=old, max_moves=0)
     s = mb.solve(p, "eplb")
     assert s.status == Status.INFEASIBLE and not s.feasible
     with pytest.raises(InfeasibleError):
@@ -246,8 +246,8 @@ def test_migration_limits_respected_and_moves_counted():
 def test_scale_invariance(a):
     rng = np.random.default_rng(5)
     w = rng.integers(1, 1000, (3, 16)).astype(float)
-    base = {m: mb.solve(ReplicationProblem(w, 24, 4), m) for m in ("eplb", "eplb+", "lp")}
-    p = ReplicationProblem(w * a, 24, 4)
+    base = {m: mb.solve(ReplicationProblem(w, 24, num_gpus=4), m) for m in ("eplb", "eplb+", "lp")}
+    p = ReplicationProblem(w * a, 24, num_gpus=4)
     for m, b in base.items():
         s = mb.solve(p, m)
         assert s.status == b.status
@@ -262,15 +262,15 @@ def test_layer_bounds_hand_cases():
     # no replicas (R == E): items fixed. 10,9,8,7,1,1,1,1 on 4 GPUs x 2 slots: mean 9.5; among the 5 largest
     # two share a GPU (7 + 1 = 8); the largest shares its GPU with at least the smallest (10 + 1 = 11): bound 11,
     # which the best pairing 10+1, 9+1, ... reaches
-    p = ReplicationProblem([10, 9, 8, 7, 1, 1, 1, 1], 8, 4)
+    p = ReplicationProblem([10, 9, 8, 7, 1, 1, 1, 1], 8, num_gpus=4)
     assert layer_bounds(p)[0] == pytest.approx(11.0)
     assert mb.solve(p, "eplb+").objective == pytest.approx(11.0)
     # 10,10,10,10,1,1 on 3 GPUs x 2: two of the four 10s share a GPU, so 20 (the mean is 14): bound = optimum
-    q = ReplicationProblem([10, 10, 10, 10, 1, 1], 6, 3)
+    q = ReplicationProblem([10, 10, 10, 10, 1, 1], 6, num_gpus=3)
     assert layer_bounds(q)[0] == pytest.approx(20.0)
     assert mb.solve(q, "eplb").objective == pytest.approx(20.0)
     # D'Hondt: one expert of 100 and three of 1 on 2 GPUs x 3 slots: counts 3,1,1,1 -> 33.3 per replica
-    q = ReplicationProblem([100, 1, 1, 1], 6, 2)
+    q = ReplicationProblem([100, 1, 1, 1], 6, num_gpus=2)
     assert layer_bounds(q)[0] == pytest.approx(max(103 / 2, 100 / 3))
 
 
@@ -280,7 +280,7 @@ def test_dispatch_lp_optimal_and_never_worse_than_even():
 
     rng = np.random.default_rng(2)
     w = rng.integers(1, 100, (3, 8)).astype(float)
-    plan = mb.solve(ReplicationProblem(rng.integers(1, 100, (3, 8)), 12, 4), "eplb").assignment
+    plan = mb.solve(ReplicationProblem(rng.integers(1, 100, (3, 8)), 12, num_gpus=4), "eplb").assignment
     share, loads, mx = dispatch(w, plan, 4)
     even = gpu_loads(w[None], plan, 4)[0]
     assert np.all(mx <= even.max(axis=1) + 1e-9)
@@ -319,7 +319,7 @@ def test_bad_input_names_the_argument(kwargs, name):
 
 
 def test_bad_method_and_options():
-    p = ReplicationProblem([[1, 2, 3, 4]], 4, 2)
+    p = ReplicationProblem([[1, 2, 3, 4]], 4, num_gpus=2)
     with pytest.raises(ValueError, match="method"):
         mb.solve(p, "nope")
     with pytest.raises(ValueError, match="max_rounds"):
@@ -333,7 +333,7 @@ def test_bad_method_and_options():
 
 
 def test_evaluate_rejects_malformed_plans_and_round_trip():
-    p = ReplicationProblem([[5, 1, 8, 2]], 6, 2, num_groups=2, num_nodes=2)
+    p = ReplicationProblem([[5, 1, 8, 2]], 6, num_gpus=2, num_groups=2, num_nodes=2)
     assert not p.evaluate(np.array([[0, 1, 2, 3, 0, 1]])).feasible  # group {0,1} split over both nodes
     assert not p.evaluate(np.array([[0, 0, 0, 2, 3, 2]])).feasible  # expert 1 missing
     assert not p.evaluate(np.array([[0, 1, 2]])).feasible  # wrong shape
@@ -349,7 +349,7 @@ def test_evaluate_rejects_malformed_plans_and_round_trip():
 # ---- time limits, compare, interrupts ---------------------------------------------------------------------------
 def test_time_limits_statuses_and_compare():
     rng = np.random.default_rng(0)
-    p = ReplicationProblem(rng.integers(1, 1000, (2, 64)), 80, 8)
+    p = ReplicationProblem(rng.integers(1, 1000, (2, 64)), 80, num_gpus=8)
     s = mb.solve(p, "milp", time_limit=1.0)  # a spent limit: tests/solvers/test_trust_time_limits.py (fake clock)
     assert s.status in (Status.TIME_LIMIT, Status.OPTIMAL) and s.feasible
     assert s.bound <= s.objective * (1 + 1e-9)
@@ -368,13 +368,13 @@ def test_keyboard_interrupt_propagates(monkeypatch):
 
     monkeypatch.setattr(plus, "local_search", boom)
     with pytest.raises(KeyboardInterrupt):
-        mb.solve(ReplicationProblem([[5, 3, 2, 1]], 6, 2), "eplb+")
+        mb.solve(ReplicationProblem([[5, 3, 2, 1]], 6, num_gpus=2), "eplb+")
 
 
 def test_window_objective_is_mean_over_batches():
     w = np.array([[[9.0, 1, 4, 2]], [[1.0, 9, 2, 4]]])  # [B=2, L=1, E=4]
-    p = ReplicationProblem(w, 6, 3)
+    p = ReplicationProblem(w, 6, num_gpus=3)
     plan = np.array([[0, 1, 2, 3, 0, 1]])
-    per_batch = [ReplicationProblem(w[b], 6, 3).evaluate(plan).objective for b in range(2)]
+    per_batch = [ReplicationProblem(w[b], 6, num_gpus=3).evaluate(plan).objective for b in range(2)]
     assert p.evaluate(plan).objective == pytest.approx(np.mean(per_batch))
     assert p.window and p.evaluate(plan).fields["gpu_loads"].shape == (1, 3)

@@ -156,7 +156,7 @@ def test_replication_limit_spent_stops_honestly(racing_clock, method):
     from moebalance.replication import ReplicationProblem
 
     rng = np.random.default_rng(0)
-    p = ReplicationProblem(rng.integers(1, 1000, (2, 64)), 80, 8)
+    p = ReplicationProblem(rng.integers(1, 1000, (2, 64)), 80, num_gpus=8)
     sol = mb.solve(p, method, time_limit=5.0)
     assert sol.status == Status.TIME_LIMIT and sol.feasible, sol  # EPLB's plan at worst
     if sol.bound is not None:
