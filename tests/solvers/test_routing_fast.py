@@ -148,13 +148,24 @@ def test_python_engine_equals_compiled():
     assert bias_reproduces(p, a2, q2) == 1.0
 
 
-def test_without_numba_large_problems_go_to_the_flow(monkeypatch):
+def test_without_numba_large_problems_go_to_the_flow_and_say_so(monkeypatch):
+    """Without compiled loops the answer stays exact (the flow, or the same loops as Python) and both the
+    stats and the message say, plainly, that the compiled loops were unavailable."""
+    from moebalance.solvers import routing_fast
+
     monkeypatch.setattr(K, "HAVE_NUMBA", False)
     p = routing_problem(2000, 16, 2, kind="zipf", seed=1)
     sol = solve(p, "fast")
-    assert sol.status == Status.OPTIMAL and "mcf" in sol.stats["engine"]
+    assert sol.status == Status.OPTIMAL and sol.stats["engine"].startswith("mcf")
+    assert rel(sol.objective, solve(p, "mcf").objective) < 1e-12
     small = routing_problem(50, 6, 2, kind="zipf", seed=1)
-    assert solve(small, "fast").stats["engine"] == "python"
+    tiny = solve(small, "fast")
+    assert tiny.stats["engine"].startswith("python")
+    for s in (sol, tiny):
+        assert routing_fast.UNAVAILABLE in s.stats["engine"] and "numba is not installed" in s.message
+        assert s.message.count(routing_fast.UNAVAILABLE) == 1
+    assert rel(tiny.objective, brute_force_routing(small) if small.num_tokens < 10 else
+               solve(small, "mcf").objective) < 1e-9
 
 
 def test_warm_start_from_previous_batch():
@@ -227,11 +238,13 @@ def _auction_state(scores, k, cap, q, steps, M, use_numba, lift=0, lift_steps=1)
     lstv = np.empty(lst.shape)
     nl = np.empty(T, dtype=np.int64)
     bound = np.empty(T)
-    if not kern["prepare"](scores, q, k, M, cap, lift, lift_steps, s, sel, held, lst, lstv, nl, bound):
-        kern["relist"](s, q, k, M, sel, held, lst, lstv, nl, bound)  # nothing over-full: lists on demand
+    stop = np.zeros(1, dtype=np.int64)
+    if kern["prepare"](scores, q, k, M, cap, lift, lift_steps, s, sel, held, lst, lstv, nl, bound,
+                       stop) == K.NOT_BUILT:
+        kern["relist"](s, q, k, M, sel, held, lst, lstv, nl, bound, stop)  # nothing over-full: lists on demand
     lifted = q.copy()
-    out = np.zeros(4, dtype=np.int64)
-    kern["auction"](s, k, cap, q, sel, held, lst, lstv, nl, bound, steps, 0.0, out)
+    out = np.zeros(5, dtype=np.int64)
+    kern["auction"](s, k, cap, q, sel, held, lst, lstv, nl, bound, steps, 0.0, out, stop)
     return s, sel, held, lst, lstv, nl, bound, out, lifted
 
 
@@ -318,7 +331,8 @@ def test_paths_connect_unreachable_experts_in_place(use_numba, direction):
     cap = np.minimum(p.capacity, T).astype(np.int64)
     reach = np.zeros(E + 1, dtype=np.bool_)
     vout = np.zeros(8, dtype=np.int64)
-    status, aug, _, rounds = kern["ssp"](s, cand, ncand, sel, cap, q, 10**6, reach, 1e-12, 8, vout, direction)
+    status, aug, _, rounds = kern["ssp"](s, cand, ncand, sel, cap, q, 10**6, reach, 1e-12, 8, vout, direction,
+                                         np.zeros(1, dtype=np.int64))
     assert status == K.OK and aug > 0 and rounds >= 1
     assert int(ncand.max()) > k  # the kernel added candidates itself
     obj = float(np.take_along_axis(p.scores, np.sort(sel, 1), 1).sum())
