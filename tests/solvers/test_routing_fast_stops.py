@@ -263,3 +263,16 @@ def test_normalised_warm_start_keeps_rankings_and_size(mag):
     assert q.min() == 0.0 and q.max() <= R
     keep = (q0 - q0.min()) < R
     np.testing.assert_allclose(q[keep], (q0 - q0.min())[keep])
+
+
+def test_timing_tables_show_the_one_time_load_apart(cold_engine, hot):
+    """compare's rows give the time without the load and the load in its own field; the table names it."""
+    from moebalance import compare
+
+    table = compare(hot, ["fast"])
+    row = table.rows()[0]
+    sol = table.solutions[0]
+    assert row["engine_load_s"] == 1.25 and row["wall_time"] == pytest.approx(sol.wall_time - 1.25)
+    assert "one-time engine load, not in the times: fast 1.25 s" in str(table)
+    warm = compare(hot, ["fast"])  # loaded now: nothing to show apart
+    assert warm.rows()[0]["engine_load_s"] is None and "one-time" not in str(warm)
