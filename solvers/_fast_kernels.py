@@ -734,7 +734,7 @@ def _apply_path(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, ys,
     excess[target] += 1
 
 
-def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out, direction, stop):
+def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out, direction, stop, nbest):
     """Successive shortest paths from ``sel`` [T, k], a top-k of each token's candidates under ``s - q``.
 
     Args:
@@ -754,6 +754,9 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out, d
         else forwards from the excess (the default); 0 always forwards; 1 backwards whenever (tests).
       stop: ``[1]`` flag, read before every path and certificate round: non-zero returns STOPPED at once
         (``sel`` and ``q`` are then left as they were, unfinished).
+      nbest: tokens kept per arc list (0: T k / (512 E) clipped to [NBEST_MIN, NBEST_MAX]). Where many tokens
+        tie, a short list empties after a few moves and its refill rescans every token of its expert: more
+        kept tokens make the refills rarer.
 
     Once no excess is left, the certificate runs on the full problem, in place: a token that prefers an
     expert outside its candidates gets it as a candidate (with its arcs: the graph is patched, not rebuilt)
@@ -777,7 +780,7 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out, d
             mem[a, load[a]] = t
             load[a] += 1
             slot[t, a] = load[a]
-    nb = min(NBEST_MAX, max(NBEST_MIN, (T * k) // (E * 512)))
+    nb = nbest if nbest > 0 else min(NBEST_MAX, max(NBEST_MIN, (T * k) // (E * 512)))
     rawk = np.empty((nb, E, E))  # [i, a, b]: the i-th smallest, contiguous over b for Dijkstra
     for a in range(E):
         for b in range(E):

@@ -74,8 +74,10 @@ DEADLINE, INTERRUPT, HANDOVER = 1, 2, 3  # what the stop flag the compiled loops
 # (excess left) * E / T, beyond which the flow is cheaper (measured at 4096x64: ties leave 440-990 there and the
 # paths took 0.6-18 s against the flow's 0.1-0.5 s; random integer scores leave about 100 and the paths win)
 HANDOVER_PATH_WORK = 200
-FLOW_SECONDS_PER_ENTRY = 2e-6  # the plain flow's cost per score entry, pessimistically (0.5-1.8e-6 measured)
-HANDOVER_FACTOR, HANDOVER_MIN_S = 1.0, 1.0  # the compiled loops hand over after this multiple of it (at least 1 s)
+FLOW_SECONDS_PER_ENTRY = 1e-6  # the plain flow's cost per score entry (0.5-1.2e-6 measured at 4096x64, ties)
+# the compiled loops hand over once they used this multiple of it in CPU seconds (at least HANDOVER_MIN_S): a
+# problem that tied rows make slow for the paths then costs at most about twice the flow
+HANDOVER_FACTOR, HANDOVER_MIN_S = 1.0, 0.2
 
 
 def _check_options(warm_start: Any, E: int, candidates: Any, auction_steps: Any, stall: Any,
@@ -122,35 +124,49 @@ def _normalise_warm_start(s: np.ndarray, q0: np.ndarray) -> np.ndarray:
 
 
 class _Watch:
-    """The flag [1] the kernels poll, and who sets it: a timer thread at the deadline (DEADLINE) and at the
-    hand-over time (HANDOVER), and Ctrl-C (INTERRUPT, through :func:`._interrupt.interruptible`, whose watcher
-    runs while the compiled loops hold the main thread; KeyboardInterrupt is raised when the block ends)."""
+    """The flag [1] the kernels poll, and who sets it: a timer thread at the deadline (DEADLINE, wall clock) and
+    once the solve has used ``handover_cpu`` seconds of CPU (HANDOVER: CPU time, so that a loaded machine does
+    not change which engine answers), and Ctrl-C (INTERRUPT, through :func:`._interrupt.interruptible`, whose
+    watcher runs while the compiled loops hold the main thread; KeyboardInterrupt is raised when the block
+    ends)."""
 
-    def __init__(self, flag: np.ndarray, deadline: float | None, handover_at: float | None):
+    TICK = 0.02  # how often the timer thread looks at the CPU clock
+
+    def __init__(self, flag: np.ndarray, deadline: float | None, handover_cpu: float | None):
         self.flag = flag
-        self.events = sorted((t, v) for t, v in ((deadline, DEADLINE), (handover_at, HANDOVER)) if t is not None)
+        self.deadline = deadline
+        self.handover_cpu = handover_cpu
+        self.cpu0 = time.process_time()
         self.done = threading.Event()
         self.thread: threading.Thread | None = None
         self.block: Any = None
 
+    def _due(self) -> int:
+        if self.deadline is not None and time.perf_counter() >= self.deadline:
+            return DEADLINE
+        if self.handover_cpu is not None and time.process_time() - self.cpu0 >= self.handover_cpu:
+            return HANDOVER
+        return 0
+
     def _run(self) -> None:
-        for at, value in self.events:
-            while not self.done.is_set():
-                left = at - time.perf_counter()
-                if left <= 0:
-                    break
-                self.done.wait(min(left, 0.5))
-            if self.done.is_set():
-                return
-            if self.flag[0] == 0:
-                self.flag[0] = value
+        while not self.done.is_set():
+            due = self._due()
+            if due:
+                if self.flag[0] == 0:
+                    self.flag[0] = due
+                if due == DEADLINE or self.deadline is None:
+                    return
+                self.handover_cpu = None  # handed over: only the deadline is left to watch
+            wait = self.TICK
+            if self.deadline is not None:
+                wait = min(wait if self.handover_cpu is not None else 0.5, max(0.0, self.deadline - time.perf_counter()))
+            self.done.wait(wait)
 
     def __enter__(self) -> "_Watch":
-        now = time.perf_counter()
-        for at, value in self.events:  # already due: set here, before any kernel runs (no race)
-            if at <= now and self.flag[0] == 0:
-                self.flag[0] = value
-        if any(at > now for at, _ in self.events):
+        due = self._due()  # already due: set here, before any kernel runs (no race)
+        if due and self.flag[0] == 0:
+            self.flag[0] = due
+        if not due and (self.deadline is not None or self.handover_cpu is not None):
             self.thread = threading.Thread(target=self._run, name="moebalance-fast-clock", daemon=True)
             self.thread.start()
         # Ctrl-C: only where this process handles SIGINT (a child that ignores it is stopped by its parent)
@@ -201,18 +217,18 @@ def fast_route(scores: np.ndarray, k: int, capacity: np.ndarray, *, warm_start: 
         compiled = engine_state() == "ready"
     kern = K.kernels(compiled)
     flag = np.zeros(1, dtype=np.int64) if stop is None else stop
-    handover_at = None
+    handover_cpu = None
     if handover and compiled:
         T, E = scores.shape
-        handover_at = time.perf_counter() + max(HANDOVER_MIN_S, HANDOVER_FACTOR * FLOW_SECONDS_PER_ENTRY * T * E)
-    with _Watch(flag, deadline, handover_at):
+        handover_cpu = max(HANDOVER_MIN_S, HANDOVER_FACTOR * FLOW_SECONDS_PER_ENTRY * T * E)
+    with _Watch(flag, deadline, handover_cpu):
         assignment, q, stats = _route(kern, flag, scores, k, capacity, warm_start, candidates, auction_steps,
                                       stall, max_rounds, lift, lift_steps, paths, handover)
     stats["engine"] = "numba" if compiled else "python"
     if assignment is None and flag[0] == DEADLINE:
         stats["stopped"] = "deadline"
     elif assignment is None and (flag[0] == HANDOVER or "handover" in stats):
-        stats.setdefault("handover", "the paths ran longer than the plain flow would")
+        stats.setdefault("handover", "the paths used more CPU time than the plain flow would")
         left = None if deadline is None else deadline - time.perf_counter()
         if left is not None and left <= 0:
             stats["stopped"] = "deadline"
@@ -297,6 +313,7 @@ def _route(kern: dict, flag: np.ndarray, scores: np.ndarray, k: int, capacity: n
         stats["handover"] = (f"massive ties: the auction left {int(out[3])} of {int(out[4])} units of excess "
                              "for the paths")
         return None, q, stats
+    nbest = 0  # tokens per arc list: the kernel's own choice (16 on tied inputs measured at most 2x faster, not more)
     extra = min(E, max(2, k // 2))  # candidates added per token and round
     cand = np.empty((T, min(E, k + W + 2 + 2 * extra)), dtype=np.int64)  # room for the certificate's additions
     ncand = np.empty(T, dtype=np.int64)
@@ -318,7 +335,7 @@ def _route(kern: dict, flag: np.ndarray, scores: np.ndarray, k: int, capacity: n
     while True:
         calls += 1
         status, a, p, r = kern["ssp"](s, cand, ncand, sel, cap, q, CHUNK, reach, tol, int(max_rounds), vout,
-                                      {"auto": -1, "forward": 0, "backward": 1}[paths], flag)
+                                      {"auto": -1, "forward": 0, "backward": 1}[paths], flag, nbest)
         aug += int(a)
         pops += int(p)
         rounds += int(r)

@@ -332,7 +332,7 @@ def test_paths_connect_unreachable_experts_in_place(use_numba, direction):
     reach = np.zeros(E + 1, dtype=np.bool_)
     vout = np.zeros(8, dtype=np.int64)
     status, aug, _, rounds = kern["ssp"](s, cand, ncand, sel, cap, q, 10**6, reach, 1e-12, 8, vout, direction,
-                                         np.zeros(1, dtype=np.int64))
+                                         np.zeros(1, dtype=np.int64), 0)
     assert status == K.OK and aug > 0 and rounds >= 1
     assert int(ncand.max()) > k  # the kernel added candidates itself
     obj = float(np.take_along_axis(p.scores, np.sort(sel, 1), 1).sum())

@@ -94,7 +94,7 @@ def test_each_loop_returns_at_once_on_a_set_flag(hot):
     ncand = np.empty(T, dtype=np.int64)
     kern["candidates"](sel, lst, nl, cand, ncand)
     status, aug, pops, rounds = kern["ssp"](s, cand, ncand, sel, cap, q, 10**6, np.zeros(E + 1, dtype=np.bool_),
-                                            1e-12, 4, np.zeros(8, dtype=np.int64), -1, stop)
+                                            1e-12, 4, np.zeros(8, dtype=np.int64), -1, stop, 0)
     assert status == K.STOPPED and aug == 0 and pops == 0 and rounds == 0
 
 
@@ -115,7 +115,7 @@ def test_iteration_budgets_stop_the_auction_and_the_paths(hot):
     total = 0
     for call in range(10**4):
         status, aug, _, _ = kern["ssp"](s, cand, ncand, sel, cap, q, 3, np.zeros(E + 1, dtype=np.bool_), 1e-12, 8,
-                                        np.zeros(8, dtype=np.int64), -1, go)
+                                        np.zeros(8, dtype=np.int64), -1, go, 0)
         total += aug
         if status != K.BUDGET:
             break
