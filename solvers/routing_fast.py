@@ -130,7 +130,7 @@ class _Watch:
     watcher runs while the compiled loops hold the main thread; KeyboardInterrupt is raised when the block
     ends)."""
 
-    TICK = 0.02  # how often the timer thread looks at the CPU clock
+    TICK = 0.02  # the shortest sleep between looks at the CPU clock
 
     def __init__(self, flag: np.ndarray, deadline: float | None, handover_cpu: float | None):
         self.flag = flag
@@ -157,10 +157,15 @@ class _Watch:
                 if due == DEADLINE or self.deadline is None:
                     return
                 self.handover_cpu = None  # handed over: only the deadline is left to watch
-            wait = self.TICK
+            # sleep to the next moment anything can be due: one busy thread spends CPU time no faster than wall
+            # time, so the CPU budget left is a safe wall-clock sleep (a solve shorter than the budget never wakes
+            # this thread: a wake-up that contends for the GIL costs the solve milliseconds)
+            waits = [0.5]
             if self.deadline is not None:
-                wait = min(wait if self.handover_cpu is not None else 0.5, max(0.0, self.deadline - time.perf_counter()))
-            self.done.wait(wait)
+                waits.append(max(0.0, self.deadline - time.perf_counter()))
+            if self.handover_cpu is not None:
+                waits.append(max(self.TICK, self.handover_cpu - (time.process_time() - self.cpu0)))
+            self.done.wait(min(waits))
 
     def __enter__(self) -> "_Watch":
         due = self._due()  # already due: set here, before any kernel runs (no race)
@@ -386,6 +391,7 @@ _ENGINE: dict[str, Any] = {"state": "cold", "load_s": None, "thread": None, "err
 _ENGINE_LOCK = threading.Lock()
 _LOCAL = threading.local()  # .loading: this thread is running the one-time load (its own solves must not wait on it)
 COMPILE_ESTIMATE_S = 180.0  # a first compile's cost when none was measured on this machine (16-180 s seen)
+LOAD_ESTIMATE_S = 1.0  # a load from numba's disk cache before one was measured (0.2-1.7 s seen)
 LOAD_MARGIN = 3.0  # under a time limit, the loops load inline only when the limit is this many loads and more
 
 
@@ -428,21 +434,26 @@ def _marker() -> dict | None:
     return rec
 
 
-def _write_marker(seconds: float) -> None:
+def _write_marker(seconds: float, compiled: bool | None = None) -> None:
+    """Record a finished load: ``compiled`` (None: from numba's cache statistics) says whether it compiled (its
+    seconds are then the compile's, and a later load from the cache is estimated at LOAD_ESTIMATE_S)."""
     path = _marker_path()
     if path is None:
         return
     import numba
 
     try:
-        index = [d._cache._cache_file._index_path for d in K.kernels(True).values()]
+        disp = K.kernels(True).values()
+        index = [d._cache._cache_file._index_path for d in disp]
+        if compiled is None:
+            compiled = any(len(d.stats.cache_misses) for d in disp)
         prev = {}
         if os.path.exists(path):
             with open(path) as f:
                 prev = json.load(f)
         rec = {"stamp": _source_stamp(), "numba": numba.__version__, "index": index,
-               "compile_s": prev.get("compile_s", seconds) if seconds < 0.5 * prev.get("compile_s", 0.0) else seconds,
-               "load_s": seconds}
+               "compile_s": seconds if compiled else prev.get("compile_s", COMPILE_ESTIMATE_S),
+               "load_s": prev.get("load_s", LOAD_ESTIMATE_S) if compiled else seconds}
         tmp = f"{path}.{os.getpid()}.part"
         with open(tmp, "w") as f:
             json.dump(rec, f)
@@ -499,7 +510,7 @@ def expected_load_seconds() -> float:
         return 0.0
     rec = _marker()
     if rec is not None:
-        return float(rec.get("load_s", 2.0))
+        return float(rec.get("load_s", LOAD_ESTIMATE_S))
     path = _marker_path()
     if path is not None and os.path.exists(path):  # a stale record still says what a compile costs here
         try:

@@ -243,9 +243,12 @@ def test_the_compile_record_matches_only_the_loops_on_disk(tmp_path, monkeypatch
     path = tmp_path / "rec.json"
     monkeypatch.setattr(F, "_marker_path", lambda: str(path))
     F.warm_up()
-    F._write_marker(12.5)
+    F._write_marker(40.0, compiled=True)  # a compile: its time is the compile's, the load is estimated
     rec = F._marker()
-    assert rec is not None and rec["load_s"] == 12.5 and rec["stamp"] == F._source_stamp()
+    assert rec is not None and rec["compile_s"] == 40.0 and rec["load_s"] == F.LOAD_ESTIMATE_S
+    F._write_marker(0.5, compiled=False)  # a load from the cache: measured, the compile's time kept
+    rec = F._marker()
+    assert rec["load_s"] == 0.5 and rec["compile_s"] == 40.0 and rec["stamp"] == F._source_stamp()
     assert F.expected_load_seconds() == 0.0  # loaded in this process
     monkeypatch.setattr(F, "_source_stamp", lambda: [0, 0])
     assert F._marker() is None
