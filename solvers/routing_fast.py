@@ -28,10 +28,21 @@ shared check computes that bound from the problem's own scores. Problems where n
 after step 1 or 2.
 
 Scores are shifted per token (each token takes exactly k experts, so this changes no optimum) so that offsets
-do not eat the precision; no other scaling is needed (every step compares differences of scores and prices).
-The inner loops are compiled with numba when it is installed; without numba, problems up to
-``PYTHON_LIMIT`` score entries run the same loops as Python and larger ones are handed to ``mcf`` (OR-Tools),
-so the answer is exact either way (``stats["engine"]`` says which ran).
+do not eat the precision, and a warm start is shifted to a zero minimum and clipped to the rows' spread
+(:func:`_normalise_warm_start`: prices 1e6 times the scores' range rounded their differences away); no other
+scaling is needed (every step compares differences of scores and prices).
+
+The compiled loops poll a stop flag (once per row, auction step or path) that a timer thread sets at the
+deadline and Ctrl-C sets at once: a time limit and an interrupt stop them within a path. Massive ties (identical
+rows, uniform or coarse integer scores) make the auction ping-pong at no price change and leave nearly all the
+excess to the paths, which move it one unit at a time; the method then hands the problem to the plain flow
+(``mcf``, exact), as it does when the paths use more CPU time than the flow would (``stats["engine"]`` says so).
+
+The inner loops are compiled with numba (a main dependency) and cached on disk; the first call in a process
+loads them (0.2-1.7 s; a first compile on a machine takes 15 s to 3 min). Under a time limit the load leaves no
+room for, that call is answered by ``mcf`` while the loops load (or compile, in a separate process that writes the
+cache) in the background; without numba, problems up to ``PYTHON_LIMIT`` score entries run the same loops as
+Python and larger ones go to ``mcf``, and the message says so.
 """
 
 from __future__ import annotations
