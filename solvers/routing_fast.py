@@ -398,7 +398,7 @@ def _route(kern: dict, flag: np.ndarray, scores: np.ndarray, k: int, capacity: n
 
 # ---- the compiled engine: loaded once per process, cached on disk, compiled in the background when needed ----
 UNAVAILABLE = "compiled loops unavailable"
-_ENGINE: dict[str, Any] = {"state": "cold", "load_s": None, "thread": None, "error": None, "noted": False}
+_ENGINE: dict[str, Any] = {"state": "cold", "load_s": None, "thread": None, "error": None}  # thread: the compile
 _ENGINE_LOCK = threading.Lock()
 _LOCAL = threading.local()  # .loading: this thread is running the one-time load (its own solves must not wait on it)
 COMPILE_ESTIMATE_S = 180.0  # a first compile's cost when none was measured on this machine (16-180 s seen)
@@ -418,11 +418,31 @@ def _source_stamp() -> list:
 
 
 def _marker_path() -> str | None:
-    """Where the record of a finished compile lives: beside numba's own cache of the loops (numba picks a
-    writable place: ``__pycache__`` beside the source, else the user's cache folder, or NUMBA_CACHE_DIR)."""
+    """Where the record of a finished compile lives, found without importing numba (the check runs inside a
+    caller's time limit): NUMBA_CACHE_DIR when set, else the user's cache folder, else the temporary folder;
+    named after the kernels' file, so that every checkout and install has its own."""
+    import hashlib
+    import tempfile
+
+    name = f"moebalance_fast_engine_{hashlib.sha1(os.path.abspath(K.__file__).encode()).hexdigest()[:16]}.json"
+    env = os.environ.get("NUMBA_CACHE_DIR")
+    user = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    for folder in ([env] if env else []) + [os.path.join(user, "moebalance"), tempfile.gettempdir()]:
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(folder, os.W_OK):
+            return os.path.join(folder, name)
+    return None
+
+
+def _numba_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        return os.path.join(K.kernels(True)["ssp"]._cache._cache_path, "moebalance_fast_engine.json")
-    except Exception:  # noqa: BLE001 - numba's cache internals moved: no record, the estimate stands
+        return version("numba")
+    except PackageNotFoundError:
         return None
 
 
@@ -436,9 +456,7 @@ def _marker() -> dict | None:
             rec = json.load(f)
     except (OSError, ValueError):
         return None
-    import numba
-
-    if rec.get("stamp") != _source_stamp() or rec.get("numba") != numba.__version__:
+    if rec.get("stamp") != _source_stamp() or rec.get("numba") != _numba_version():
         return None
     if not all(os.path.exists(p) for p in rec.get("index", [])):
         return None
@@ -451,8 +469,6 @@ def _write_marker(seconds: float, compiled: bool | None = None) -> None:
     path = _marker_path()
     if path is None:
         return
-    import numba
-
     try:
         disp = K.kernels(True).values()
         index = [d._cache._cache_file._index_path for d in disp]
@@ -464,7 +480,7 @@ def _write_marker(seconds: float, compiled: bool | None = None) -> None:
         if os.path.exists(path):
             with open(path) as f:
                 prev = json.load(f)
-        rec = {"stamp": _source_stamp(), "numba": numba.__version__, "index": index,
+        rec = {"stamp": _source_stamp(), "numba": _numba_version(), "index": index,
                "compile_s": seconds if compiled else prev.get("compile_s", COMPILE_ESTIMATE_S),
                "load_s": prev.get("load_s", LOAD_ESTIMATE_S) if compiled else seconds}
         tmp = f"{path}.{os.getpid()}.part"
@@ -512,8 +528,8 @@ def _load() -> None:
 
 
 def engine_state() -> str:
-    """``"ready"`` (the compiled loops are loaded in this process), ``"loading"`` (in a background thread),
-    ``"cold"`` (not yet) or ``"unavailable"`` (numba is missing or failed: ``fast`` answers with ``mcf``)."""
+    """``"ready"`` (the compiled loops are loaded in this process), ``"cold"`` (not yet) or ``"unavailable"``
+    (numba is missing or failed: ``fast`` answers with ``mcf``)."""
     if not K.HAVE_NUMBA:
         return "unavailable"
     return _ENGINE["state"]
@@ -550,10 +566,6 @@ def warm_up() -> float:
     state = engine_state()
     if state in ("ready", "unavailable") or getattr(_LOCAL, "loading", False):
         return 0.0
-    th = _ENGINE["thread"]
-    if th is not None and th.is_alive():
-        th.join()
-        return float(_ENGINE["load_s"] or 0.0)
     cached = _marker() is not None
     _progress("loading the compiled loops of `fast` (one time per process)" if cached else
               "compiling the loops of `fast` (one time on this machine, 15 s to 3 min; cached on disk after)")
@@ -563,32 +575,23 @@ def warm_up() -> float:
     return float(_ENGINE["load_s"] or 0.0)
 
 
-def _background_load() -> None:
-    """Compile in a separate process (it outlives a short command and writes numba's disk cache), then load the
-    cached loops in this thread."""
-    try:
-        if _marker() is None:
-            code = "from moebalance.solvers.routing_fast import warm_up; warm_up()"
-            proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-            proc.wait()
-        _load()
-    except Exception as exc:  # noqa: BLE001
-        with _ENGINE_LOCK:
-            _ENGINE.update(state="unavailable", error=f"{type(exc).__name__}: {exc}"[:200])
-
-
 def start_background_load() -> None:
-    """Start loading (compiling where needed) the loops without waiting; ``fast`` answers with ``mcf`` meanwhile."""
+    """Where numba's disk cache lacks the loops, start compiling them in a separate process (once per process;
+    it outlives a short command and writes the cache) and return at once; ``fast`` answers with ``mcf``
+    meanwhile. The loops are loaded into this process later, by a call whose limit leaves room for the load (or
+    has none), or by :func:`warm_up`: never beside a running timed call (a load holds the GIL in long C calls,
+    which made a 0.6 s limit overrun by 0.8 s when it ran in a thread)."""
     with _ENGINE_LOCK:
-        if _ENGINE["state"] != "cold" or not K.HAVE_NUMBA:
+        if _ENGINE["state"] != "cold" or not K.HAVE_NUMBA or _ENGINE["thread"] is not None:
             return
-        _ENGINE["state"] = "loading"
-        th = threading.Thread(target=_background_load, name="moebalance-fast-compile", daemon=True)
-        _ENGINE["thread"] = th
-    _progress("compiling the loops of `fast` in the background; this call is answered by the plain flow `mcf`"
-              if _marker() is None else "loading the compiled loops of `fast` in the background")
-    th.start()
+        if _marker() is not None:
+            return  # cached: the load itself is what is left, at a call with room for it
+        code = "from moebalance.solvers.routing_fast import warm_up; warm_up()"
+        _ENGINE["thread"] = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
+                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                             start_new_session=True)
+    _progress("compiling the loops of `fast` in the background (one time on this machine); this call is "
+              "answered by the plain flow `mcf`")
 
 
 def _unavailable_note() -> str:
@@ -624,17 +627,18 @@ def solve_fast(problem, *, time_limit=None, warm_start=None, candidates=None, au
         return sol.replace(method="fast", stats={**sol.stats, "engine": f"mcf ({note})"},
                            message=f"{sol.message} [{note}: answered by the plain flow `mcf`, exact]")
     load_s = 0.0
-    if state in ("cold", "loading"):
+    if state == "cold":
         left = None if time_limit is None else time_limit - (time.perf_counter() - t0)
-        if left is None or (state == "cold" and left >= LOAD_MARGIN * expected_load_seconds() + 0.5):
+        if left is None or left >= LOAD_MARGIN * expected_load_seconds() + 0.5:
             load_s = warm_up()
         else:  # the limit leaves no room for the one-time load: the flow answers now, the loops load meanwhile
             start_background_load()
-            sol = solve_mcf(problem, time_limit=left)
+            sol = solve_mcf(problem, time_limit=time_limit - (time.perf_counter() - t0))
             return sol.replace(method="fast",
-                               stats={**sol.stats, "engine": "mcf (compiled loops loading in the background)"},
-                               message=f"{sol.message} [the compiled loops of `fast` are loading in the "
-                                       "background (one time): answered by the plain flow `mcf`, exact]")
+                               stats={**sol.stats, "engine": "mcf (compiled loops not loaded yet)"},
+                               message=f"{sol.message} [the compiled loops of `fast` are not loaded yet and the "
+                                       "limit leaves no room for the one-time load: answered by the plain flow "
+                                       "`mcf`, exact; routing_fast.warm_up() loads them]")
         state = engine_state()
     params = {"warm_start": None if q0 is None else q0.tolist(), "candidates": candidates,
               "auction_steps": auction_steps, "stall": float(stall), "max_rounds": int(max_rounds),
