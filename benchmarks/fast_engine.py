@@ -199,7 +199,7 @@ def _wait_for_cache(cache: str, timeout: float = 900.0) -> float:
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < timeout:
         for dirpath, _, files in os.walk(cache):
-            if "moebalance_fast_engine.json" in files:
+            if any(f.startswith("moebalance_fast_engine") and f.endswith(".json") for f in files):
                 return time.perf_counter() - t0
         time.sleep(1.0)
     raise RuntimeError("the background compile did not finish")
