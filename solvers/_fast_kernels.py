@@ -33,10 +33,12 @@ import importlib.util
 
 import numpy as np
 
-__all__ = ["kernels", "HAVE_NUMBA", "OK", "NO_PATH", "BUDGET", "NEED_ROOM", "ROUNDS"]
+__all__ = ["kernels", "HAVE_NUMBA", "OK", "NO_PATH", "BUDGET", "NEED_ROOM", "ROUNDS", "STOPPED"]
 
 HAVE_NUMBA = importlib.util.find_spec("numba") is not None  # imported only by kernels()
-OK, NO_PATH, BUDGET, NEED_ROOM, ROUNDS = 0, 1, 2, 3, 4
+OK, NO_PATH, BUDGET, NEED_ROOM, ROUNDS, STOPPED = 0, 1, 2, 3, 4, 5
+# prepare's answers: nothing over-full (held and lists left unbuilt), built, stopped by the flag
+NOT_BUILT, BUILT = 0, 1
 
 
 def _select(a, n, kth):
@@ -178,8 +180,12 @@ def _top_row(s, q, k, M, t, sel, held, lst, lstv, nl, bound, buf, bi, vals, ids)
     bound[t] = buf[K - 1] if nb == K else -np.inf
 
 
-def prepare(scores, q, k, M, cap, lift, steps, s, sel, held, lst, lstv, nl, bound):
-    """Passes over ``scores`` [T, E], in place on ``q``.
+def prepare(scores, q, k, M, cap, lift, steps, s, sel, held, lst, lstv, nl, bound, stop):
+    """Passes over ``scores`` [T, E], in place on ``q``; returns BUILT, NOT_BUILT or STOPPED.
+
+    ``stop`` [1] (:func:`prepare`, :func:`relist`, :func:`auction` and :func:`ssp` take it): a flag another
+    thread sets (a deadline, Ctrl-C); these kernels read it once per row, step or path and return at once when
+    it is non-zero, their outputs then unfinished.
 
     With ``lift`` (a stride >= 1), first ``steps`` Jacobi steps on the prices, from every ``lift``-th token:
     in each, every over-full expert's price rises at once by the (c+1)-th largest margin of its sampled
@@ -191,8 +197,8 @@ def prepare(scores, q, k, M, cap, lift, steps, s, sel, held, lst, lstv, nl, boun
     overshoots some optimal prices, and the paths then cost more than it saves). A sample of about 64 token slots
     per expert does as well as all of them. Correctness does not depend on the steps: the shortest paths repair any
     deficit or overshoot they leave. With ``lift`` = 1 every token is used, and when no expert is over-full the
-    function returns False at once: ``sel`` is then a top-k of every row of ``s - q`` and ``held`` and the lists are
-    not built (:func:`relist`).
+    function returns NOT_BUILT at once: ``sel`` is then a top-k of every row of ``s - q`` and ``held`` and the lists
+    are not built (:func:`relist`).
 
     Then the main pass: ``s`` = scores minus each row's maximum, ``sel[t]`` = a top-k of ``s[t] - q``
     (``held[t]`` its membership), ``lst[t, :nl[t]]`` = the next M experts (never a held one) with their
@@ -229,6 +235,8 @@ def prepare(scores, q, k, M, cap, lift, steps, s, sel, held, lst, lstv, nl, boun
             cs[e] = cap[e] if stride == 1 else (cap[e] * ns) // T
         for step in range(max(1, steps)):
             for i in range(ns):
+                if stop[0] != 0:
+                    return STOPPED
                 t = i * stride
                 mx = mxs[i]
                 for e in range(E):
@@ -249,7 +257,7 @@ def prepare(scores, q, k, M, cap, lift, steps, s, sel, held, lst, lstv, nl, boun
                 start[e + 1] += start[e]
             if not over:
                 if stride == 1:
-                    return False  # no expert is over-full: ``sel`` is the top-k; held and lists are left unbuilt
+                    return NOT_BUILT  # no expert is over-full: ``sel`` is the top-k; held and lists are left unbuilt
                 break
             fill = start[:E].copy()
             for i in range(ns):
@@ -265,17 +273,19 @@ def prepare(scores, q, k, M, cap, lift, steps, s, sel, held, lst, lstv, nl, boun
                         q[e] += d
     if not shifted:
         for t in range(T):
+            if stop[0] != 0:
+                return STOPPED
             mx = scores[t, 0]
             for e in range(1, E):
                 if scores[t, e] > mx:
                     mx = scores[t, e]
             for e in range(E):
                 s[t, e] = scores[t, e] - mx
-    relist(s, q, k, M, sel, held, lst, lstv, nl, bound)
-    return True
+    relist(s, q, k, M, sel, held, lst, lstv, nl, bound, stop)
+    return STOPPED if stop[0] != 0 else BUILT
 
 
-def relist(s, q, k, M, sel, held, lst, lstv, nl, bound):
+def relist(s, q, k, M, sel, held, lst, lstv, nl, bound, stop):
     """:func:`prepare`'s second pass: every row's top-k, list and bound under ``q``."""
     T, E = s.shape
     buf = np.empty(k + M + 1)
@@ -283,6 +293,8 @@ def relist(s, q, k, M, sel, held, lst, lstv, nl, bound):
     vals = np.empty(E)
     ids = np.empty(E, dtype=np.int64)
     for t in range(T):
+        if stop[0] != 0:
+            return
         _top_row(s, q, k, M, t, sel, held, lst, lstv, nl, bound, buf, bi, vals, ids)
 
 
@@ -321,7 +333,7 @@ def _best_alt(s, q, held, t, lst, lstv, nl, bound, buf, bi):
     return _rebuild(s, q, held, t, lst, lstv, nl, bound, buf, bi)
 
 
-def auction(s, k, cap, q, sel, held, lst, lstv, nl, bound, budget, stall, out):
+def auction(s, k, cap, q, sel, held, lst, lstv, nl, bound, budget, stall, out, stop):
     """Expert-side auction from ``sel`` [T, k] (a top-k of every row of ``s - q``), in place on ``q``,
     ``sel``, ``held`` and the lists.
 
@@ -334,7 +346,7 @@ def auction(s, k, cap, q, sel, held, lst, lstv, nl, bound, budget, stall, out):
     units of excess per step (near-ties, which one-expert steps resolve only slowly: the shortest paths finish
     faster).
 
-    ``out`` [4] receives (steps, evictions, list refreshes, excess left)."""
+    ``out`` [5] receives (steps, evictions, list refreshes, excess left, excess at the start)."""
     T, E = s.shape
     M = lst.shape[1]
     load = np.zeros(E, dtype=np.int64)
@@ -369,6 +381,7 @@ def auction(s, k, cap, q, sel, held, lst, lstv, nl, bound, budget, stall, out):
             queue[tail % E] = e
             tail += 1
             inq[e] = True
+    out[4] = excess
     marg = np.empty(T)
     work = np.empty(T)
     sbuf = np.empty(33)
@@ -377,7 +390,7 @@ def auction(s, k, cap, q, sel, held, lst, lstv, nl, bound, budget, stall, out):
     refreshes = 0
     window_excess = excess
     window_start = 0
-    while head < tail and steps < budget:
+    while head < tail and steps < budget and stop[0] == 0:
         e = queue[head % E]
         head += 1
         inq[e] = False
@@ -721,7 +734,7 @@ def _apply_path(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, ys,
     excess[target] += 1
 
 
-def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out, direction):
+def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out, direction, stop, nbest):
     """Successive shortest paths from ``sel`` [T, k], a top-k of each token's candidates under ``s - q``.
 
     Args:
@@ -739,6 +752,11 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out, d
       out: ``[R]`` int64; ``out[r]`` = tokens that failed certificate round r.
       direction: which way Dijkstra searches: -1 backwards from the deficits when excess nodes outnumber them,
         else forwards from the excess (the default); 0 always forwards; 1 backwards whenever (tests).
+      stop: ``[1]`` flag, read before every path and certificate round: non-zero returns STOPPED at once
+        (``sel`` and ``q`` are then left as they were, unfinished).
+      nbest: tokens kept per arc list (0: T k / (512 E) clipped to [NBEST_MIN, NBEST_MAX]). Where many tokens
+        tie, a short list empties after a few moves and its refill rescans every token of its expert: more
+        kept tokens make the refills rarer.
 
     Once no excess is left, the certificate runs on the full problem, in place: a token that prefers an
     expert outside its candidates gets it as a candidate (with its arcs: the graph is patched, not rebuilt)
@@ -762,7 +780,7 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out, d
             mem[a, load[a]] = t
             load[a] += 1
             slot[t, a] = load[a]
-    nb = min(NBEST_MAX, max(NBEST_MIN, (T * k) // (E * 512)))
+    nb = nbest if nbest > 0 else min(NBEST_MAX, max(NBEST_MIN, (T * k) // (E * 512)))
     rawk = np.empty((nb, E, E))  # [i, a, b]: the i-th smallest, contiguous over b for Dijkstra
     for a in range(E):
         for b in range(E):
@@ -835,6 +853,8 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out, d
                 any_excess = True
                 break
         status = -1
+        if stop[0] != 0:
+            return STOPPED, aug, pops, rounds
         if any_excess and aug >= max_augment:
             status = BUDGET
         elif not any_excess:

@@ -106,6 +106,7 @@ def test_fast_judged_slow_for_its_limit_runs_in_a_child(monkeypatch, big_routing
 
     monkeypatch.setattr(_isolate, "_Forked", Counted)
     monkeypatch.setenv("MOEBALANCE_ISOLATE", "fork")
+    routing_fast.warm_up()  # the compiled loops loaded (a cold process may answer with mcf while they compile)
     monkeypatch.setattr(routing_fast, "SECONDS_PER_ENTRY", 1.0)  # every solve now looks too slow for its limit
     sol = mb.solve(big_routing, "fast", time_limit=120)
     assert children == [1], "the solve did not go to a child process"
