@@ -30,6 +30,8 @@ GPU = {"tokens": 32768, "hidden": 2048, "ffn": 1024, "experts": 64, "top_k": 8, 
 DRY = {"tokens": 64, "hidden": 32, "ffn": 32, "experts": 8, "top_k": 2, "repeats": 1, "warmup": 0,
        "dtype": "float32"}
 PLACEMENTS = ("ep", "llep", "llep+")
+# the replicated runtime on one rank: two redundant slots hold copies of the two hottest experts after a re-plan
+REPLICATED = {"num_local_slots_extra": 2, "replication": "eplb", "replica_split": "even"}
 
 
 def _sync(dev) -> None:
@@ -110,10 +112,18 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         base["fwd"] = _wall(lambda: layer(x), dev, cfg["repeats"], cfg["warmup"])
     rows: list[dict[str, Any]] = []
-    for placement in PLACEMENTS:
+    cases = [(name, {"placement": name}) for name in PLACEMENTS]
+    cases.append(("replicated", {"num_local_slots": cfg["experts"] + REPLICATED["num_local_slots_extra"],
+                                 "replication": REPLICATED["replication"],
+                                 "replica_split": REPLICATED["replica_split"]}))
+    for placement, options in cases:
         row: dict[str, Any] = {"placement": placement}
         try:
-            ep = ExpertParallelMoE.from_layer(layer, placement=placement)
+            ep = ExpertParallelMoE.from_layer(layer, **options)
+            if "replication" in options:  # re-plan once from this batch's loads: the hot experts get the copies
+                with torch.no_grad():
+                    ep(x)
+                row["rebalance"] = str(ep.rebalance())[:300]
             xs = x.clone().requires_grad_(True)
             y = ep(xs)
             (dx,) = torch.autograd.grad(y, xs, dy)
