@@ -38,10 +38,9 @@ class LMConfig:
     ``max_seq_len`` (positions). MoE: ``num_experts``, ``top_k``, ``expert_ffn`` (inner width of one expert;
     None: ``max(8, 4 * d_model // top_k)``, so the active FFN width stays about ``4 * d_model`` whatever k),
     ``router``, ``balancer``, ``aux_loss_coeff``, ``bias_update_rate``, ``capacity_factor``, ``backend``: as in
-    :class:`~moebalance.integrations.torch.MoEConfig`. ``bip_same_batch`` (balancer "bip" only): in training,
-    first run the price iterations on the batch's own router scores, then route that batch with the new prices,
-    as arXiv 2502.15451 does; without it the layer routes with the prices of the batches before (its update
-    follows the forward).
+    :class:`~moebalance.integrations.torch.MoEConfig` ("bip" prices each training batch before routing it, as
+    arXiv 2502.15451 does; "bip_lagged" routes with the prices of the batches before). ``bip_same_batch``:
+    as in MoEConfig (None follows the balancer's name; False with "bip" means "bip_lagged").
     """
 
     d_model: int = 64
@@ -57,7 +56,7 @@ class LMConfig:
     bias_update_rate: float = 1e-3
     capacity_factor: Optional[float] = None
     backend: str = "torch"
-    bip_same_batch: bool = False
+    bip_same_batch: Optional[bool] = None
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layers", "n_heads", "max_seq_len"):

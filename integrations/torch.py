@@ -12,11 +12,14 @@ changes which experts are chosen, never the gate values; gates = scores at the c
 sum when ``normalize_gates``. The layer output is ``sum_j gates[t, j] * f_e(x[t])`` with the SwiGLU expert
 ``f_e(x) = (silu(x @ w_gate[e]) * (x @ w_up[e])) @ w_down[e]``, computed by :func:`moebalance.kernels.moe_experts`.
 
-Balancers ("none" | "aux_loss" | "loss_free" | "bip"): "aux_loss" exposes the Switch-style loss
+Balancers ("none" | "aux_loss" | "loss_free" | "bip" | "bip_lagged"): "aux_loss" exposes the Switch-style loss
 ``aux_loss_coeff * E * sum_e f_e * P_e`` (f_e: fraction of the T*k routed pairs that chose e, P_e: mean router
-probability of e) as ``layer.aux_loss`` for the caller to add; "loss_free" and "bip" keep a per-expert bias
-buffer, updated without gradient after each training-mode forward by
-:class:`moebalance.solvers.balancers.LossFreeBalancer` / :class:`~moebalance.solvers.balancers.BIPBalancer`.
+probability of e) as ``layer.aux_loss`` for the caller to add; "loss_free", "bip" and "bip_lagged" keep a
+per-expert bias buffer (persistent: in ``state_dict``). "bip" is arXiv 2502.15451's algorithm: in training the
+price iterations of :class:`~moebalance.solvers.balancers.BIPBalancer` run on the batch's own scores, warm-started
+from the previous price, *before* its top-k. "bip_lagged" and "loss_free"
+(:class:`moebalance.solvers.balancers.LossFreeBalancer`) update the bias without gradient after each
+training-mode forward, so a batch is routed with the prices of the batches before it.
 
 Capacity: ``capacity_factor=None`` is dropless. Otherwise each expert keeps at most
 ``ceil(capacity_factor * T * k / E)`` pairs (:func:`moebalance.routing.expert_capacity`), chosen in order of the router score ``scores[t, e]`` (highest
@@ -48,7 +51,7 @@ __all__ = ["MoEConfig", "MoELayer", "MoEStats", "route", "router_scores", "apply
            "aux_loss_of", "max_violation", "ROUTERS", "BALANCERS"]
 
 ROUTERS = ("softmax", "sigmoid")
-BALANCERS = ("none", "aux_loss", "loss_free", "bip")
+BALANCERS = ("none", "aux_loss", "loss_free", "bip", "bip_lagged")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
            "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -72,11 +75,12 @@ class MoEConfig:
 
     Shape: ``hidden``, ``ffn`` (expert inner width), ``num_experts`` (E), ``top_k`` (k, 1 <= k <= E).
     Routing: ``router`` "softmax" | "sigmoid"; ``normalize_gates`` (gates of a token sum to 1).
-    Balancing: ``balancer`` "none" | "aux_loss" | "loss_free" | "bip"; ``bias_update_rate`` (loss_free's u);
-    ``aux_loss_coeff``; ``capacity_factor`` None (dropless) or > 0 (drop overflow pairs; also the capacity the
-    "bip" balancer prices against, 1.0 when None); ``bip_same_batch`` ("bip" only): in training, also run the
-    price iterations on the batch's own scores *before* routing it, as arXiv 2502.15451 does, so the very first
-    batch is balanced (the usual update after the forward still follows).
+    Balancing: ``balancer`` "none" | "aux_loss" | "loss_free" | "bip" | "bip_lagged"; ``bias_update_rate``
+    (loss_free's u); ``aux_loss_coeff``; ``capacity_factor`` None (dropless) or > 0 (drop overflow pairs; also
+    the capacity the BIP balancers price against, 1.0 when None). "bip" prices each training batch before
+    routing it (arXiv 2502.15451); "bip_lagged" after. After construction ``balancer`` is "bip" for both and
+    ``bip_same_batch`` tells them apart (True for "bip"); :attr:`balancer_name` gives the name.
+    ``bip_same_batch`` (kept for older code): None follows the name; False with "bip" means "bip_lagged".
     Execution: ``backend`` "auto" | "triton" | "torch"; ``dtype`` of the parameters (a torch dtype or its name;
     None: torch's default dtype).
     """
@@ -93,7 +97,12 @@ class MoEConfig:
     capacity_factor: Optional[float] = None
     backend: str = "auto"
     dtype: Any = None
-    bip_same_batch: bool = False
+    bip_same_batch: Optional[bool] = None
+
+    @property
+    def balancer_name(self) -> str:
+        """The balancer's name: "bip_lagged" for BIP priced after the forward, else ``balancer``."""
+        return "bip_lagged" if self.balancer == "bip" and not self.bip_same_batch else self.balancer
 
     def __post_init__(self) -> None:
         for name in ("hidden", "ffn", "num_experts", "top_k"):
@@ -110,10 +119,18 @@ class MoEConfig:
         self.aux_loss_coeff = _number(self.aux_loss_coeff, "aux_loss_coeff", positive=False)
         if self.capacity_factor is not None:
             self.capacity_factor = _number(self.capacity_factor, "capacity_factor", positive=True)
-        if not isinstance(self.bip_same_batch, bool):
-            raise ValueError(f"`bip_same_batch` must be a bool, got {self.bip_same_batch!r}")
-        if self.bip_same_batch and self.balancer != "bip":
+        if self.bip_same_batch is not None and not isinstance(self.bip_same_batch, bool):
+            raise ValueError(f"`bip_same_batch` must be a bool or None, got {self.bip_same_batch!r}")
+        if self.balancer == "bip_lagged":
+            if self.bip_same_batch:
+                raise ValueError("`bip_same_batch`=True contradicts balancer='bip_lagged'")
+            self.balancer, self.bip_same_batch = "bip", False
+        elif self.balancer == "bip":
+            self.bip_same_batch = self.bip_same_batch is not False
+        elif self.bip_same_batch:
             raise ValueError(f"`bip_same_batch` needs balancer='bip', got balancer={self.balancer!r}")
+        else:
+            self.bip_same_batch = False
         if self.backend not in BACKENDS:
             raise ValueError(f"`backend` must be one of {BACKENDS}, got {self.backend!r}")
         dtype = _DTYPES.get(self.dtype, self.dtype) if isinstance(self.dtype, str) else self.dtype
@@ -203,14 +220,17 @@ def make_balancer(config: "MoEConfig") -> Any:
 def step_balancer(config: "MoEConfig", balancer: Any, bias: Tensor, loads: Tensor, scores: Tensor) -> None:
     """One balancer step after a training forward, in place on the ``bias`` buffer ``[E]`` (the state: what
     ``state_dict`` saves), from the batch's ``loads`` ``[E]`` ("loss_free") or its ``scores`` ``[T, E]``
-    ("bip"; all of the batch's tokens)."""
+    ("bip_lagged"; all of the batch's tokens). Nothing for "bip": :func:`price_batch` priced the batch before
+    routing it."""
+    if config.bip_same_batch:
+        return
     with torch.no_grad():
         balancer.bias = bias
         bias.copy_(balancer.update(loads if config.balancer == "loss_free" else scores.detach()))
 
 
 def price_batch(balancer: Any, bias: Tensor, scores: Tensor) -> None:
-    """``bip_same_batch``: price the batch's own ``scores`` ``[T, E]`` before routing it (bias in place)."""
+    """"bip": price the batch's own ``scores`` ``[T, E]`` before routing it (bias in place)."""
     with torch.no_grad():
         balancer.bias = bias
         bias.copy_(balancer.update(scores.detach()))
@@ -296,7 +316,7 @@ class MoELayer(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return (f"hidden={c.hidden}, ffn={c.ffn}, num_experts={c.num_experts}, top_k={c.top_k}, "
-                f"router={c.router}, balancer={c.balancer}, capacity_factor={c.capacity_factor}, backend={c.backend}")
+                f"router={c.router}, balancer={c.balancer_name}, capacity_factor={c.capacity_factor}, backend={c.backend}")
 
     def forward(self, x: Tensor) -> Tensor:
         """``[..., hidden]`` -> ``[..., hidden]``."""

@@ -93,8 +93,11 @@ __all__ = [
 ]
 
 EXPERTS_IMPLEMENTATION = "moebalance"
-BALANCERS = ("none", "aux_loss", "loss_free", "bip")
-_BALANCER_OPTIONS = {"bias_update_rate": 1e-3, "aux_loss_coeff": 1e-2, "capacity_factor": 1.0, "bip_iterations": 4}
+BALANCERS = ("none", "aux_loss", "loss_free", "bip", "bip_lagged")
+_PRICED = ("loss_free", "bip", "bip_lagged")  # balancers whose price steps in training
+_BALANCER_OPTIONS = {"bias_update_rate": 1e-3, "aux_loss_coeff": 1e-2, "capacity_factor": 1.0, "bip_iterations": 4,
+                     "prices": "auto", "eval_prices": "trained"}
+PRICE_BUFFER = "moebalance_bias"
 _ROUTER_NAMES = ("gate", "router")
 
 # ---------------------------------------------------------------------------------------------------------
@@ -222,15 +225,21 @@ def _router_kind(router: nn.Module) -> Optional[str]:
     return "softmax"  # Mixtral, Qwen2/3-MoE, OLMoE
 
 
-def _route(kind: str, router: nn.Module, h: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(logits, gates [T, k], eidx [T, k], scores [T, E] for the balancer, probs [T, E] for the aux loss)``.
-
-    ``q`` ``[E]`` float32: the price subtracted from ``scores`` before top-k.
-    """
-    k, E = router.top_k, router.weight.shape[0]
+def _scores(kind: str, router: nn.Module, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(logits, scores [T, E] float32 that the price is subtracted from, probs [T, E] for the aux loss)``."""
     if kind == "grouped_sigmoid":
         logits = F.linear(h.float(), router.weight.float())
         scores = logits.sigmoid()
+        return logits, scores, scores / (scores.sum(-1, keepdim=True) + 1e-20)
+    logits = F.linear(h, router.weight, router.bias) if kind == "softmax_of_topk" else F.linear(h, router.weight)
+    probs = torch.softmax(logits.float(), dim=-1)
+    return logits, probs, probs
+
+
+def _select(kind: str, router: nn.Module, logits: Tensor, scores: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    """``(gates [T, k], eidx [T, k])``: the architecture's top-k of ``scores - q`` (``q [E]`` float32)."""
+    k, E = router.top_k, router.weight.shape[0]
+    if kind == "grouped_sigmoid":
         choice = scores - q
         G = router.num_group
         group_scores = choice.view(-1, G, E // G).topk(2, dim=-1)[0].sum(dim=-1)
@@ -242,23 +251,26 @@ def _route(kind: str, router: nn.Module, h: Tensor, q: Tensor) -> tuple[Tensor, 
         gates = scores.gather(1, eidx)
         if router.norm_topk_prob:
             gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
-        gates = gates * router.routed_scaling_factor
-        return logits, gates, eidx, scores, scores / (scores.sum(-1, keepdim=True) + 1e-20)
+        return gates * router.routed_scaling_factor, eidx
+    eidx = torch.topk(scores - q, k, dim=-1).indices
     if kind == "softmax_of_topk":
-        logits = F.linear(h, router.weight, router.bias)
-        probs = torch.softmax(logits.float(), dim=-1)
-        eidx = torch.topk(probs - q, k, dim=-1).indices
-        gates = torch.softmax(logits.gather(1, eidx), dim=1, dtype=logits.dtype)
-        return logits, gates, eidx, probs, probs
-    logits = F.linear(h, router.weight)
-    probs = torch.softmax(logits.float(), dim=-1)
-    eidx = torch.topk(probs - q, k, dim=-1).indices
-    gates = probs.gather(1, eidx)
+        return torch.softmax(logits.gather(1, eidx), dim=1, dtype=logits.dtype), eidx
+    gates = scores.gather(1, eidx)
     if getattr(router, "norm_topk_prob", True):
         gates = gates / gates.sum(dim=-1, keepdim=True)
     if hasattr(router, "norm_topk_prob"):
         gates = gates.to(logits.dtype)
-    return logits, gates, eidx, probs, probs
+    return gates, eidx
+
+
+def _route(kind: str, router: nn.Module, h: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(logits, gates [T, k], eidx [T, k], scores [T, E] for the balancer, probs [T, E] for the aux loss)``.
+
+    ``q`` ``[E]`` float32: the price subtracted from ``scores`` before top-k.
+    """
+    logits, scores, probs = _scores(kind, router, h)
+    gates, eidx = _select(kind, router, logits, scores, q)
+    return logits, gates, eidx, scores, probs
 
 
 def _probs_of(kind: str, logits: Tensor) -> Tensor:
@@ -270,21 +282,42 @@ def _probs_of(kind: str, logits: Tensor) -> Tensor:
 
 
 def _router_forward(self: nn.Module, hidden_states: Tensor):
-    """The patched router: the original (balancer "none") or the priced rule; records what the block needs."""
+    """The patched router: the original (balancer "none", or eval mode with ``eval_prices="none"``) or the
+    priced rule; "bip" in training first refits the price on this batch (global under expert parallelism)."""
     blk: _Block = self._moebalance
     h = hidden_states.reshape(-1, blk.hidden)
     # inside backward this is gradient checkpointing's recompute: route with the price of the original
     # forward (the balancer has stepped since) and record nothing, so the recompute matches the forward
     blk.recompute = torch._C._current_graph_task_id() != -1
-    if blk.balancer_name == "none":
+    if blk.balancer_name == "none" or (not self.training and blk.eval_prices == "none"):
         logits, gates, eidx = type(self).forward(self, hidden_states)
         blk.pending = (None, _probs_of(blk.kind, logits))
         return logits, gates, eidx
+    logits, scores, probs = _scores(blk.kind, self, h)
     if not blk.recompute:
+        if blk.balancer_name == "bip" and self.training:
+            blk.fit_price(scores.detach())  # the paper's order: prices of this batch, then its top-k
         blk.used_price = blk.price().clone()
-    logits, gates, eidx, scores, probs = _route(blk.kind, self, h, blk.used_price)
+    gates, eidx = _select(blk.kind, self, logits, scores, blk.used_price)
     blk.pending = (scores.detach(), probs)
     return logits, gates, eidx
+
+
+def _gather_rows(x: Tensor, group: Any) -> Tensor:
+    """Every rank's ``[T_r, E]`` rows, rank-major (a collective; gloo: through the host, NCCL: on the device)."""
+    import torch.distributed as dist
+
+    P = dist.get_world_size(group)
+    dev = x.device
+    y = x.float() if dist.get_backend(group) == "nccl" else x.float().cpu()
+    n = torch.tensor([y.shape[0]], dtype=torch.int64, device=y.device)
+    ns = [torch.zeros_like(n) for _ in range(P)]
+    dist.all_gather(ns, n, group=group)
+    sizes = [int(v) for v in ns]
+    y = F.pad(y, (0, 0, 0, max(sizes) - y.shape[0]))
+    got = [torch.empty_like(y) for _ in range(P)]
+    dist.all_gather(got, y, group=group)
+    return torch.cat([g[:t] for g, t in zip(got, sizes)]).to(dev)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -326,30 +359,44 @@ class _Block:
         self.aux_loss: Tensor = torch.zeros(())
         self.shards: Any = None
         self.balancer: Any = None
+        self.eval_prices = options["eval_prices"]
+        self.group: Any = None  # expert parallelism: "bip" prices the global batch over this group
         if balancer == "loss_free":
             from moebalance.solvers.balancers import LossFreeBalancer
 
             self.balancer = LossFreeBalancer(E, self.top_k, rate=options["bias_update_rate"])
-        elif balancer == "bip":
+        elif balancer in ("bip", "bip_lagged"):
             from moebalance.solvers.balancers import BIPBalancer
 
             self.balancer = BIPBalancer(E, self.top_k, capacity_factor=options["capacity_factor"],
                                         iterations=options["bip_iterations"])
-        if kind != "grouped_sigmoid":
-            router.register_buffer("moebalance_bias", torch.zeros(E, dtype=torch.float32,
-                                                                  device=router.weight.device), persistent=False)
+        if kind != "grouped_sigmoid" and balancer != "none" and PRICE_BUFFER not in router._buffers:
+            # persistent: the learned price is part of state_dict, save_pretrained and load_state_dict
+            router.register_buffer(PRICE_BUFFER, torch.zeros(E, dtype=torch.float32, device=router.weight.device))
 
     def price(self) -> Tensor:
         """``[E]`` float32 price q (DeepSeek-V3: ``-e_score_correction_bias``)."""
         if self.kind == "grouped_sigmoid":
             return -self.router.e_score_correction_bias.float()
-        return self.router.moebalance_bias
+        buf = self.router._buffers.get(PRICE_BUFFER)
+        return buf.float() if buf is not None else torch.zeros(self.num_experts, device=self.router.weight.device)
+
+    def fit_price(self, scores: Tensor) -> None:
+        """"bip": refit the price on this batch's ``scores [T, E]`` (every rank's, under expert parallelism, so
+        the price is the same on every rank), warm-started from the current price, before its top-k."""
+        if self.group is not None:
+            scores = _gather_rows(scores, self.group)
+        if scores.shape[0] == 0:
+            return
+        with torch.no_grad():
+            self.balancer.bias = self.price()
+            self.set_price(self.balancer.update(scores))
 
     def set_price(self, q: Tensor) -> None:
         with torch.no_grad():
             if self.kind == "grouped_sigmoid":
                 self.router.e_score_correction_bias.copy_(-q)
-            else:
+            elif PRICE_BUFFER in self.router._buffers:
                 self.router.moebalance_bias.copy_(q)
 
     def finish(self, loads: Tensor, Ts: np.ndarray, comm: Any) -> None:
@@ -372,8 +419,8 @@ class _Block:
             total = comm.all_gather("aux loss (stats)", total.reshape(1).cpu().double()).sum().to(loads.device)
         self.aux_loss = share if self.balancer_name == "aux_loss" else share.detach() * 0
         self.last = (loads.detach(), T_all, total)
-        if self.balancer is None or not self.block.training or T_all == 0:
-            return
+        if self.balancer is None or self.balancer_name == "bip" or not self.block.training or T_all == 0:
+            return  # "bip" priced this batch before routing it
         with torch.no_grad():
             self.balancer.bias = self.price()
             if self.balancer_name == "loss_free":
@@ -447,6 +494,8 @@ def _find_blocks(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module, nn.M
 def _check_router(kind: str, router: nn.Module, cache: dict) -> None:
     """Our rule with price 0 must pick the router's own experts and gates on a probe batch."""
     cls = type(router)
+    if router.weight.is_meta:  # a model built under torch.device("meta"): no values to probe yet
+        return
     if cls in cache:
         if cache[cls]:
             raise ValueError(cache[cls])
@@ -535,8 +584,10 @@ def enable(model: nn.Module, *, balancer: str = "none", backend: str = "auto", e
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
         raise ValueError(f"`aux_loss_coeff` must be a finite number >= 0, got {v!r}")
     v = bal_opts["bip_iterations"]
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"`bip_iterations` must be an integer >= 1, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 1 << 20:
+        raise ValueError(f"`bip_iterations` must be an integer in [1, 2**20], got {v!r}")
+    if bal_opts["eval_prices"] not in ("trained", "none"):
+        raise ValueError(f"`eval_prices` must be 'trained' or 'none', got {bal_opts['eval_prices']!r}")
     if not expert_parallel and (placement != "ep" or group is not None):
         raise ValueError("`placement` and `group` need expert_parallel=True")
     if expert_parallel:
@@ -558,6 +609,7 @@ def enable(model: nn.Module, *, balancer: str = "none", backend: str = "auto", e
         kinds.append(kind)
     if not hasattr(model, "set_experts_implementation"):
         raise ValueError(f"`model` ({type(model).__name__}) must be a transformers PreTrainedModel")
+    prices = _check_prices(bal_opts["prices"], found)
     problem_opts = {k: v for k, v in place_opts.items() if k in PROBLEM_OPTIONS}
     solve_opts = {k: v for k, v in place_opts.items() if k not in PROBLEM_OPTIONS}
     if expert_parallel:
@@ -574,10 +626,14 @@ def enable(model: nn.Module, *, balancer: str = "none", backend: str = "auto", e
 
             b.shards = ExpertShards(experts, _expert_tensors(experts), b.num_experts, group=group,
                                     placement=placement, problem_options=problem_opts, solve_options=solve_opts)
+        if expert_parallel:
+            b.group = group if group is not None else dist.group.WORLD
         router._moebalance = b
         experts._moebalance = b
         router.forward = types.MethodType(_router_forward, router)
         blocks.append(b)
+    _restore_prices(model, blocks, prices)
+    _install_price_hooks(model, blocks)
     configs = {id(b.experts.config): b.experts.config for b in blocks}
     saved = [(c, c._experts_implementation) for c in configs.values()]
     model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
@@ -588,10 +644,17 @@ def enable(model: nn.Module, *, balancer: str = "none", backend: str = "auto", e
     return model
 
 
-def disable(model: nn.Module) -> nn.Module:
+def disable(model: nn.Module, *, keep_prices: bool = True) -> nn.Module:
     """Undo :func:`enable`: the routers' own forward, the previous experts implementation, full expert tensors
-    (expert parallelism: gathered from every rank, a collective). DeepSeek-V3 keeps its (learned)
-    ``e_score_correction_bias``; the other routers' ``moebalance_bias`` is removed."""
+    (expert parallelism: gathered from every rank, a collective).
+
+    The learned prices are kept by default: DeepSeek-V3's ``e_score_correction_bias`` (the model's own), and
+    the other routers' persistent ``moebalance_bias`` buffers, which stay in ``state_dict`` (so
+    ``save_pretrained`` keeps them) and which a later :func:`enable` picks up; the disabled model routes with
+    its own rule and ignores them. ``keep_prices=False`` removes the buffers (read them with :func:`biases`
+    first to keep a copy)."""
+    if not isinstance(keep_prices, bool):
+        raise ValueError(f"`keep_prices` must be a bool, got {keep_prices!r}")
     st = _state(model)
     for b in st.blocks:
         if b.shards is not None:
@@ -599,12 +662,164 @@ def disable(model: nn.Module) -> nn.Module:
         for m in (b.router, b.experts):
             m.__dict__.pop("_moebalance", None)
         b.router.__dict__.pop("forward", None)
-        if "moebalance_bias" in b.router._buffers:
-            del b.router._buffers["moebalance_bias"]
+        if not keep_prices and PRICE_BUFFER in b.router._buffers:
+            del b.router._buffers[PRICE_BUFFER]
+            b.router.__dict__.pop("_moebalance_kept", None)
+            handle = b.router.__dict__.pop("_moebalance_load_hook", None)
+            if handle is not None:
+                handle.remove()
+    if not keep_prices:
+        for m in model.modules():
+            m.__dict__.pop("_init_weights", None) if getattr(m, "_moebalance_init", False) else None
+            m.__dict__.pop("_moebalance_init", None)
     for config, impl in st.saved_impl:
         config._experts_implementation_internal = impl
     del model._moebalance
     return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the prices in state_dict, checkpoints and delayed init
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_prices(prices: Any, found: list) -> Any:
+    """``prices``: "auto" | "zeros" | a list of ``[E]`` prices (one per MoE block, as :func:`biases` gives)."""
+    if isinstance(prices, str):
+        if prices not in ("auto", "zeros"):
+            raise ValueError(f"`prices` must be 'auto', 'zeros' or a list of [E] tensors, got {prices!r}")
+        return prices
+    if not isinstance(prices, (list, tuple)) or len(prices) != len(found):
+        raise ValueError(f"`prices` must be 'auto', 'zeros' or a list of {len(found)} [E] tensors (one per MoE "
+                         f"block), got {type(prices).__name__}")
+    out = []
+    for i, ((_, _, router, _), q) in enumerate(zip(found, prices)):
+        E = router.weight.shape[0]
+        try:
+            t = torch.as_tensor(np.asarray(q.detach().cpu() if isinstance(q, Tensor) else q, dtype=np.float64))
+        except (TypeError, ValueError):
+            raise ValueError(f"`prices`[{i}] must be a numeric [E={E}] array, got {type(q).__name__}") from None
+        if t.shape != (E,) or not bool(torch.isfinite(t).all()):
+            raise ValueError(f"`prices`[{i}] must be a finite [E={E}] array, got shape {tuple(t.shape)}")
+        out.append(t.float())
+    return out
+
+
+def _checkpoint_files(path: str) -> list[str]:
+    """The safetensors files of a local checkpoint directory or of a hub checkpoint already in the cache."""
+    import json
+    import os
+
+    names = ("model.safetensors.index.json", "model.safetensors")
+    found = {}
+    for name in names:
+        if os.path.isdir(path):
+            f = os.path.join(path, name)
+            found[name] = f if os.path.isfile(f) else None
+        else:
+            try:
+                from transformers.utils import cached_file
+
+                found[name] = cached_file(path, name, local_files_only=True,
+                                          _raise_exceptions_for_missing_entries=False)
+            except Exception:  # not a hub name, or not cached: nothing to restore from
+                found[name] = None
+    if found[names[0]]:
+        with open(found[names[0]]) as fh:
+            shards = sorted(set(json.load(fh).get("weight_map", {}).values()))
+        return [os.path.join(os.path.dirname(found[names[0]]), f) for f in shards]
+    return [found[names[1]]] if found[names[1]] else []
+
+
+def _checkpoint_prices(model: nn.Module, blocks: list["_Block"]) -> dict[int, Tensor]:
+    """``{block index: [E] price}`` saved in the checkpoint ``model`` was loaded from (``save_pretrained`` of
+    an enabled model), read without pickle; checkpoint names follow transformers' own renaming on save."""
+    path = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    if not path:
+        return {}
+    files = _checkpoint_files(path)
+    if not files:
+        return {}
+    names = {id(m): n for n, m in model.named_modules()}
+    want: dict[str, int] = {}
+    for i, b in enumerate(blocks):
+        key = f"{names[id(b.router)]}.{PRICE_BUFFER}"
+        want[key] = i
+        try:  # the name save_pretrained wrote (e.g. Mixtral's block_sparse_moe)
+            from transformers.core_model_loading import revert_weight_conversion
+
+            for saved in revert_weight_conversion(model, {key: torch.zeros(1)}):
+                want[saved] = i
+        except Exception:
+            pass
+    from safetensors import safe_open
+
+    out: dict[int, Tensor] = {}
+    for f in files:
+        with safe_open(f, framework="pt") as fh:
+            for key in set(fh.keys()) & set(want):
+                out[want[key]] = fh.get_tensor(key).float()
+    return out
+
+
+def _restore_prices(model: nn.Module, blocks: list["_Block"], prices: Any) -> None:
+    """Set each block's starting price: "auto" keeps a price the router already holds (DeepSeek-V3's correction
+    bias; a ``moebalance_bias`` loaded by ``load_state_dict`` or kept by :func:`disable`), else the one in the
+    checkpoint the model was loaded from, else zeros; "zeros"; or the given list."""
+    if isinstance(prices, list):
+        for b, q in zip(blocks, prices):
+            b.set_price(q.to(b.router.weight.device))
+        return
+    if prices == "zeros":
+        for b in blocks:
+            if not b.router.weight.is_meta:
+                b.set_price(torch.zeros(b.num_experts, device=b.router.weight.device))
+        return
+    fresh = [b for b in blocks if b.kind != "grouped_sigmoid" and not getattr(b.router, "_moebalance_kept", False)
+             and not b.router.weight.is_meta]
+    if not fresh:
+        return
+    saved = _checkpoint_prices(model, blocks)
+    for i, b in enumerate(blocks):
+        if b in fresh and i in saved:
+            q = saved[i]
+            if q.shape != (b.num_experts,):
+                raise ValueError(f"the checkpoint's `{PRICE_BUFFER}` of {b.name} has shape {tuple(q.shape)}, the "
+                                 f"router has {b.num_experts} experts")
+            b.set_price(q.to(b.router.weight.device))
+
+
+def _fill_missing_price(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """load_state_dict of a state dict without the price (a checkpoint saved before enable) keeps the price."""
+    key = prefix + PRICE_BUFFER
+    if key not in state_dict and PRICE_BUFFER in module._buffers:
+        state_dict[key] = module._buffers[PRICE_BUFFER].detach().clone()
+
+
+def _zero_price_init(original: Any) -> Any:
+    def _init_weights(module: nn.Module) -> None:
+        original(module)
+        buf = module._buffers.get(PRICE_BUFFER) if isinstance(module, nn.Module) else None
+        if buf is not None:
+            from transformers import initialization as hf_init
+
+            hf_init.zeros_(buf)
+    return _init_weights
+
+
+def _install_price_hooks(model: nn.Module, blocks: list["_Block"]) -> None:
+    """The model's own ``init_weights`` / ``_init_weights`` zero the price buffers (meta device, ``to_empty``);
+    ``load_state_dict`` sets them (and keeps them when the state dict predates enable)."""
+    for b in blocks:
+        if PRICE_BUFFER in b.router._buffers:
+            b.router._moebalance_kept = True
+            if "_moebalance_load_hook" not in b.router.__dict__:
+                b.router._moebalance_load_hook = b.router.register_load_state_dict_pre_hook(_fill_missing_price)
+    for m in model.modules():
+        if hasattr(type(m), "_init_weights") and hasattr(m, "config") and not getattr(m, "_moebalance_init", False) \
+                and callable(getattr(m, "_init_weights", None)):
+            m._init_weights = _zero_price_init(m._init_weights)
+            m._moebalance_init = True
 
 
 def load_stats(model: nn.Module) -> list[LayerStats]:

@@ -122,7 +122,9 @@ def parse_balancer(spec: str) -> tuple[str, dict[str, Any]]:
         arg = "?" + arg
     if name in ("none", "bip", "bip_same_batch") and not arg:
         if name == "bip_same_batch":
-            return name, {"balancer": "bip", "bip_same_batch": True}
+            return name, {"balancer": "bip"}  # the paper's algorithm: MoEConfig's "bip"
+        if name == "bip":  # this study's "bip" label is the lagged variant (prices of the batches before)
+            return name, {"balancer": "bip_lagged"}
         return name, {"balancer": name}
     if name == "aux_loss" and value is not None and math.isfinite(value) and value >= 0:
         return f"aux_loss({value:g})", {"balancer": "aux_loss", "aux_loss_coeff": value}

@@ -63,7 +63,8 @@ def test_parse_balancer():
     assert parse_balancer("aux_loss:0.1") == ("aux_loss(0.1)", {"balancer": "aux_loss", "aux_loss_coeff": 0.1})
     assert parse_balancer("loss_free:1e-3") == ("loss_free(u=0.001)",
                                                 {"balancer": "loss_free", "bias_update_rate": 0.001})
-    assert parse_balancer("bip_same_batch")[1] == {"balancer": "bip", "bip_same_batch": True}
+    assert parse_balancer("bip_same_batch")[1] == {"balancer": "bip"}
+    assert parse_balancer("bip")[1] == {"balancer": "bip_lagged"}
     for bad in ("aux_loss", "loss_free:0", "loss_free:x", "bip:2", "greedy", "aux_loss:-1"):
         with pytest.raises(ValueError, match="balancer"):
             parse_balancer(bad)

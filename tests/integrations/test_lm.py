@@ -82,7 +82,7 @@ def test_aux_loss_only_for_the_aux_balancer():
 def test_same_batch_pricing_balances_the_batch_it_routes():
     """With a skewed router, bip_same_batch routes the very first batch far more evenly than plain bip, whose
     prices are still zero at the first forward (so it routes exactly like no balancer)."""
-    plain = _model(balancer="bip", num_experts=8)
+    plain = _model(balancer="bip_lagged", num_experts=8)
     same = _model(balancer="bip", num_experts=8, bip_same_batch=True)
     none = _model(balancer="none", num_experts=8)
     with torch.no_grad():

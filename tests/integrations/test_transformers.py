@@ -74,10 +74,12 @@ def test_equal_to_unpatched_and_disable_restores(arch):
     ids = tokens()
     ref_logits, ref_grads = run(model, ids)
     impl = model.get_experts_implementation()
+    ref_state = model.state_dict()
     assert mbt.enable(model) is model
     assert model.config._experts_implementation == mbt.EXPERTS_IMPLEMENTATION
     logits, grads = run(model, ids)
     assert_close(logits, ref_logits, what=f"{arch} logits")
+    assert set(model.state_dict()) == set(ref_state)  # balancer "none" adds nothing to the model's state
     assert set(grads) == set(ref_grads)
     for n in ref_grads:
         assert_close(grads[n], ref_grads[n], what=f"{arch} grad {n}")
@@ -101,7 +103,7 @@ def test_equal_to_unpatched_and_disable_restores(arch):
     for n in ref_grads:
         assert_close(grads2[n], ref_grads[n], what=f"{arch} priced grad {n}")
     model.train()
-    mbt.disable(model)
+    mbt.disable(model, keep_prices=False)
     assert model.get_experts_implementation() == impl
     assert not mbt.is_enabled(model)
     for _, _, router, experts in blocks:
@@ -287,3 +289,142 @@ def test_gradient_checkpointing_recomputes_with_the_forwards_price(arch):
     assert set(grads[0]) == set(grads[1])
     for n in grads[0]:
         assert_close(grads[1][n], grads[0][n], what=f"{arch} grad {n} with checkpointing")
+
+
+def _train_a_little(model, steps=3, seed=0):
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for step in range(steps):
+        ids = tokens(4, 32, seed=seed + step)
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("balancer", ["loss_free", "bip", "bip_lagged"])
+def test_trained_prices_survive_save_pretrained_and_from_pretrained(arch, balancer, tmp_path):
+    model = build(arch)
+    skew(model)
+    mbt.enable(model, balancer=balancer, bias_update_rate=0.05)
+    _train_a_little(model)
+    trained = mbt.biases(model)
+    assert any(float(q.abs().max()) > 1e-4 for q in trained)  # the prices moved: there is something to lose
+    names = [n for n in model.state_dict() if n.endswith(("moebalance_bias", "e_score_correction_bias"))]
+    assert len(names) == 2  # one persistent price per MoE layer
+    ids = tokens(2, 16, seed=9)
+    with torch.no_grad():
+        ref = model(ids).logits
+    model.save_pretrained(tmp_path)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path).float()
+    mbt.enable(back, balancer=balancer)
+    back.eval()
+    for q, q0 in zip(mbt.biases(back), trained):
+        torch.testing.assert_close(q, q0, rtol=0, atol=0)
+    with torch.no_grad():
+        assert_close(back(ids).logits, ref, what=f"{arch} reloaded logits")
+    # prices="zeros" starts afresh (the logits of an untrained price differ: the test above is not vacuous)
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path).float()
+    mbt.enable(fresh, balancer=balancer, prices="zeros")
+    assert all(float(q.abs().max()) == 0 for q in mbt.biases(fresh))
+
+
+def test_disable_keeps_the_prices_for_the_next_enable_and_load_state_dict_sets_them():
+    model = build("qwen3_moe")
+    skew(model)
+    mbt.enable(model, balancer="loss_free", bias_update_rate=0.05)
+    _train_a_little(model)
+    trained = mbt.biases(model)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    mbt.disable(model)  # kept: in state_dict, ignored by the model's own routing
+    assert "model.layers.0.mlp.gate.moebalance_bias" in model.state_dict()
+    mbt.enable(model, balancer="loss_free")
+    for q, q0 in zip(mbt.biases(model), trained):
+        assert torch.equal(q, q0)
+    mbt.disable(model, keep_prices=False)
+    assert not any(k.endswith("moebalance_bias") for k in model.state_dict())
+    # load_state_dict into an enabled model sets the prices; a state dict without them keeps the current ones
+    other = build("qwen3_moe", seed=1)
+    mbt.enable(other, balancer="loss_free")
+    other.load_state_dict(sd)
+    for q, q0 in zip(mbt.biases(other), trained):
+        assert torch.equal(q, q0)
+    plain_sd = {k: v for k, v in sd.items() if not k.endswith("moebalance_bias")}
+    other.load_state_dict(plain_sd)
+    for q, q0 in zip(mbt.biases(other), trained):
+        assert torch.equal(q, q0)
+    with pytest.raises(ValueError, match="`prices`"):
+        mbt.enable(build("qwen3_moe"), balancer="bip", prices=[torch.zeros(3)])
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "olmoe", "deepseek_v3"])
+def test_meta_device_to_empty_and_init_weights_set_the_price_buffers(arch):
+    """transformers' test_init_weights_can_init_buffers on an enabled model: built on meta, enabled,
+    materialised with to_empty() and initialised by the model's own init_weights, every buffer equals the one of
+    a model built and enabled normally."""
+    from transformers.initialization import no_init_weights
+
+    cfg = mbt.tiny_config(arch, vocab=VOCAB)
+    cls = type(AutoModelForCausalLM.from_config(cfg))
+    with no_init_weights():
+        direct = cls(cfg)
+    mbt.enable(direct, balancer="bip")
+    with torch.device("meta"):
+        lazy = cls(cfg)
+    mbt.enable(lazy, balancer="bip")
+    assert lazy.model.layers[0].mlp.gate.weight.is_meta
+    lazy.to_empty(device="cpu")
+    with torch.no_grad():  # what uninitialised memory may hold
+        for name, buf in lazy.named_buffers():
+            if name.endswith("moebalance_bias"):
+                buf.fill_(float("nan"))
+    lazy.init_weights()
+    a, b = dict(direct.named_buffers()), dict(lazy.named_buffers())
+    assert sorted(a) == sorted(b) and any(n.endswith(("moebalance_bias", "e_score_correction_bias")) for n in a)
+    bad = [n for n in a if not torch.equal(a[n], b[n])]
+    assert not bad, bad
+    lazy.train()
+    ids = tokens()
+    lazy(ids, labels=ids).loss.backward()  # runs; the prices stay finite and follow the model's device
+    assert all(bool(torch.isfinite(q).all()) and q.device.type == "cpu" for q in mbt.biases(lazy))
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"])
+def test_generate_gives_the_same_tokens_with_and_without_our_kernels(arch):
+    model = build(arch)
+    skew(model)
+    model.eval()
+    prompt = tokens(2, 6, seed=4)
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = model.generate(prompt, **kw)
+        mbt.enable(model, balancer="none")
+        ours = model.generate(prompt, **kw)
+    assert ref.shape == (2, 14) and torch.equal(ours, ref)
+    assert mbt.load_stats(model)[0].tokens == 2  # the last decoding step went through our experts
+
+
+def test_eval_mode_routes_with_the_trained_prices_or_none_by_choice():
+    model = build("qwen3_moe")
+    skew(model)
+    mbt.enable(model, balancer="bip")
+    _train_a_little(model)  # ends in eval mode
+    trained = mbt.biases(model)
+    ids = tokens(2, 16, seed=11)
+    with torch.no_grad():
+        priced = model(ids).logits
+        assert [torch.equal(a, b) for a, b in zip(mbt.biases(model), trained)] == [True, True]  # no refit in eval
+        mbt.disable(model)
+        own = model(ids).logits
+        mbt.enable(model, balancer="bip", eval_prices="none")
+        model.eval()
+        assert torch.equal(model(ids).logits, own)
+        mbt.disable(model)
+        mbt.enable(model, balancer="bip")
+        model.eval()
+        assert torch.equal(model(ids).logits, priced)
+    assert float((priced - own).abs().max()) > 1e-3  # the trained prices change the routing
+    with pytest.raises(ValueError, match="`eval_prices`"):
+        mbt.disable(model)
+        mbt.enable(model, balancer="bip", eval_prices="sometimes")

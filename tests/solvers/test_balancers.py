@@ -115,9 +115,15 @@ def test_bip_torch_step_is_the_numpy_step_and_needs_no_sync():
     qt, done = price_iteration(torch.tensor(s, dtype=torch.float64), 2, 64, 6)
     assert done == 6 and isinstance(qt, torch.Tensor)
     assert np.allclose(qn, qt.numpy(), rtol=0, atol=1e-12)
+    # the balancer's step: prices of the tie-broken scores, the same in both libraries
+    from moebalance.solvers.routing_prices import tie_break
+
+    qs, _ = price_iteration(tie_break(s), 2, 64, 6, stop_when_fixed=False)
+    qst, _ = price_iteration(tie_break(torch.tensor(s)), 2, 64, 6)
+    assert np.allclose(qs, qst.numpy(), rtol=0, atol=1e-12)
     b = BIPBalancer(16, 2, iterations=6)
     qb = b.update(torch.tensor(s, dtype=torch.float32))
-    assert np.allclose(qb.numpy(), qn, atol=1e-5)
+    assert np.allclose(qb.numpy(), qs, atol=1e-5)
 
 
 @pytest.mark.parametrize("lib", ["numpy", "torch"])
@@ -184,3 +190,62 @@ def test_torch_price_iteration_with_per_expert_capacities_matches_numpy():
     assert np.allclose(qn, qt.numpy(), rtol=0, atol=1e-12)
     assert qn[1] == qn[4] == 0.0
     assert float(dual_bound(torch.tensor(s), 2, cap, qt)) == pytest.approx(dual_bound(s, 2, cap, qn), rel=1e-12)
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_ties_are_broken_so_prices_can_split_repeated_tokens(lib):
+    """Integer scores (massive ties): the tie-broken prices route far closer to capacity than plain ones, and
+    last_overflow counts the pairs over capacity of the batch routed with the new prices."""
+    from moebalance.routing import expert_capacity
+    from moebalance.solvers.routing_prices import price_iteration
+
+    rng = np.random.default_rng(0)
+    T, E, k = 4096, 16, 2
+    s = rng.integers(0, 3, (T, E)).astype(np.float64)
+    cap = expert_capacity(T, k, E, 1.0)
+    x = torch.tensor(s) if lib == "torch" else s
+    b = BIPBalancer(E, k)
+    b.update(x)
+    loads = np.asarray(b.loads(x))
+    assert int(b.last_overflow) == int(np.maximum(loads - cap, 0).sum())
+    q_plain, _ = price_iteration(s, k, cap, 4, stop_when_fixed=False)
+    plain = np.bincount(np.argsort(-(s - q_plain), axis=1, kind="stable")[:, :k].ravel(), minlength=E)
+    assert loads.max() < cap + 0.5 * (plain.max() - cap)
+    # the offsets are deterministic and tiny: the same scores give the same prices, distinct choices stay
+    b2 = BIPBalancer(E, k)
+    b2.update(x)
+    assert np.array_equal(np.asarray(b.bias), np.asarray(b2.bias))
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: BIPBalancer(2**40, 2), "num_experts"), (lambda: BIPBalancer(True, 1), "num_experts"),
+    (lambda: BIPBalancer(8, 2.5), "k"), (lambda: BIPBalancer(8, 0), "k"), (lambda: BIPBalancer(8, 9), "k"),
+    (lambda: BIPBalancer(8, 2, capacity_factor=float("nan")), "capacity_factor"),
+    (lambda: BIPBalancer(8, 2, capacity_factor=-1.0), "capacity_factor"),
+    (lambda: BIPBalancer(8, 2, capacity_factor=True), "capacity_factor"),
+    (lambda: BIPBalancer(8, 2, capacity_factor="1"), "capacity_factor"),
+    (lambda: BIPBalancer(8, 2, iterations=0), "iterations"), (lambda: BIPBalancer(8, 2, iterations=1.5), "iterations"),
+    (lambda: LossFreeBalancer(8, 2, rate=float("inf")), "rate"), (lambda: LossFreeBalancer(8, 2, rate=True), "rate"),
+    (lambda: LossFreeBalancer("8", 2), "num_experts"),
+])
+def test_constructors_refuse_bad_arguments_by_name(make, match):
+    with pytest.raises(ValueError, match=f"`{match}`"):
+        make()
+
+
+def test_update_refuses_wrong_dtypes_and_shapes():
+    with pytest.raises(ValueError, match="scores"):
+        BIPBalancer(4, 1).update(np.array([["a"] * 4] * 3))
+    with pytest.raises(ValueError, match="scores"):
+        BIPBalancer(4, 1).update(np.zeros((3, 5)))
+    with pytest.raises(ValueError, match="loads"):
+        LossFreeBalancer(4, 1).update(np.array(["1", "2", "3", "4"]))
+
+
+def test_certificate_below_capacity_factor_one_says_why():
+    s = routing_scores(256, 8, kind="zipf", seed=7)
+    b = BIPBalancer(8, 2, capacity_factor=0.5)
+    b.update(s)  # prices still work below 1 (they push load off the dearest experts)
+    assert np.all(np.isfinite(b.bias))
+    with pytest.raises(ValueError, match="capacity_factor.*do not fit"):
+        b.certificate()

@@ -1,0 +1,103 @@
+"""Benchmark: what ``balancer="bip"`` (prices refit on each training batch before its top-k) costs per training
+step of tiny transformers models on CPU, against ``"none"`` and ``"bip_lagged"``, and how the price fit alone
+scales with the batch's tokens T and experts E.
+
+Per configuration the three balancers train the same model (AdamW, forward + backward + step, one intra-op
+thread) in interleaved rounds; the figure is the median step time over the rounds after a warm-up. The price
+fit (``BIPBalancer.update`` on float32 CPU tensors, 4 iterations) is timed alone on Zipf-skewed scores.
+
+    python benchmarks/bip_step_cost.py            # the table; JSON in benchmarks/results/bip_step_cost.json
+    python benchmarks/bip_step_cost.py --dry-run  # tiny: the plumbing only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+
+
+def step_costs(configs: list[tuple[str, int, int]], batch: int, seq: int, rounds: int) -> list[dict[str, Any]]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moebalance.integrations import transformers as mbt
+
+    out = []
+    for arch, E, k in configs:
+        models, opts = {}, {}
+        for bal in ("none", "bip", "bip_lagged"):
+            torch.manual_seed(0)
+            m = AutoModelForCausalLM.from_config(mbt.tiny_config(arch, experts=E, top_k=k)).float()
+            mbt.enable(m, balancer=bal)
+            m.train()
+            models[bal], opts[bal] = m, torch.optim.AdamW(m.parameters(), lr=1e-4)
+        times: dict[str, list[float]] = {b: [] for b in models}
+        for r in range(rounds + 2):
+            ids = torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(r))
+            for bal, m in models.items():
+                t0 = time.perf_counter()
+                m(ids, labels=ids).loss.backward()
+                opts[bal].step()
+                opts[bal].zero_grad()
+                if r >= 2:
+                    times[bal].append(time.perf_counter() - t0)
+        med = {b: statistics.median(v) for b, v in times.items()}
+        out.append({"arch": arch, "experts": E, "top_k": k, "tokens": batch * seq, "step_s": med,
+                    "bip_overhead": med["bip"] / med["none"] - 1, "bip_lagged_overhead": med["bip_lagged"] / med["none"] - 1})
+        print(f"{arch:12s} E={E:3d} k={k} T={batch * seq}: none {med['none'] * 1e3:7.1f} ms  bip "
+              f"{med['bip'] * 1e3:7.1f} ms ({out[-1]['bip_overhead']:+.1%})  bip_lagged {med['bip_lagged'] * 1e3:7.1f} ms "
+              f"({out[-1]['bip_lagged_overhead']:+.1%})", flush=True)
+    return out
+
+
+def fit_scaling(sizes: list[tuple[int, int, int]], repeats: int) -> list[dict[str, Any]]:
+    import torch
+
+    from moebalance.generate import routing_scores
+    from moebalance.solvers.balancers import BIPBalancer
+
+    out = []
+    for T, E, k in sizes:
+        s = torch.tensor(routing_scores(T, E, kind="zipf", imbalance=1.0, seed=0), dtype=torch.float32)
+        b = BIPBalancer(E, k)
+        b.update(s)
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            b.update(s)
+            ts.append(time.perf_counter() - t0)
+        med = statistics.median(ts)
+        out.append({"tokens": T, "experts": E, "top_k": k, "fit_s": med})
+        print(f"price fit T={T:6d} E={E:4d} k={k}: {med * 1e3:8.2f} ms", flush=True)
+    return out
+
+
+def main(argv: Any = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--out", default=str(HERE / "results" / "bip_step_cost.json"))
+    a = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    if a.dry_run:
+        steps = step_costs([("mixtral", 8, 2)], 2, 8, 1)
+        fits = fit_scaling([(256, 8, 2)], 2)
+    else:
+        steps = step_costs([("mixtral", 8, 2), ("qwen3_moe", 16, 2), ("olmoe", 64, 8), ("deepseek_v3", 16, 2)],
+                           8, 64, 7)
+        fits = fit_scaling([(T, E, k) for T in (1024, 4096, 16384) for E, k in ((16, 2), (64, 8), (256, 8))], 5)
+    if not a.dry_run:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps({"device": "cpu", "threads": 1, "step": steps, "fit": fits}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
