@@ -330,6 +330,8 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--rate", type=float, default=None, help="loss_free bias_update_rate (default: enable's)")
     ap.add_argument("--val-seqs", type=int, default=64)
     ap.add_argument("--merge", action="store_true", help="keep the runs of the existing JSON not re-run now")
+    ap.add_argument("--report", action="store_true",
+                    help="only re-render the table and plots from the existing JSON (e.g. of a cut-off grid)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     if args.quick:
@@ -345,6 +347,34 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
             if not 1 <= k <= E:
                 ap.error(f"--top-k {k} must be between 1 and --experts {E}")
     return args
+
+
+def report(result: dict, args: Any, stem: str, cpu: str) -> None:
+    """Print and write the Markdown table and the plots of ``result`` (the JSON's content)."""
+    floors = result["floors"]
+    rows = result["summary"]
+    plots = plot(result["runs"], floors, args.out, stem)
+    table = render_table(rows)
+    windows = render_windows(rows)
+    goals = result["goal"]
+    gl = ["| model | E | k | bip step 0 / floor | bip Sup / floor | balance (<= 1.5x) | val loss - aux | seed "
+          "noise | quality |", "|---|---|---|---|---|---|---|---|---|"]
+    for g in goals:
+        d = "n/a" if g["val_loss_minus_aux"] is None else f"{g['val_loss_minus_aux']:+.4f}"
+        n = "n/a" if g["seed_noise"] is None else f"{g['seed_noise']:.4f}"
+        gl.append(f"| {g['arch']} | {g['experts']} | {g['top_k']} | {g['step0_over_floor']:.2f} | "
+                  f"{g['sup_over_floor']:.2f} | {'met' if g['balance_met'] else 'not met'} | {d} | {n} | "
+                  f"{ {True: 'met', False: 'not met', None: 'n/a'}[g['quality_met']] } |")
+    st = result["settings"]
+    head = (f"{len(result['runs'])} runs{'' if result['complete'] else ' (grid cut off)'}, {st['steps']} steps "
+            f"of {st['batch']}x{st['seq']} bytes, hidden {st['hidden']}, {st['layers']} MoE layers, expert width "
+            f"{st['ffn']}; {cpu}, 1 thread; "
+            f"wall {result['wall_time_s']:.0f} s, CPU {result['cpu_time_s']:.0f} s this invocation")
+    md = "\n\n".join([f"# {stem}\n\n{head}", table, "AvgMaxVio by window of steps:\n\n" + windows,
+                      "Goal (bip):\n\n" + "\n".join(gl)]) + "\n"
+    (args.out / f"{stem}.md").write_text(md)
+    print("\n" + md)
+    print(f"wrote {args.out / (stem + '.json')}, {args.out / (stem + '.md')}, {', '.join(p.name for p in plots)}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -368,6 +398,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     stem = "hf_training" + ("_quick" if args.quick else "_sweep" if args.sweep else "")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{stem}.json"
+    if args.report:
+        if not path.is_file():
+            print(f"error: --report needs {path}", file=sys.stderr)
+            return 2
+        report(json.loads(path.read_text()), args, stem, cpu_name())
+        return 0
     t0, cpu0 = time.perf_counter(), time.process_time()
     train, val, info = corpus(4 << 20, 512 << 10)
     grid = build_grid(args)
@@ -404,27 +440,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         runs.append(r)
         write(False)
     result = write(True)
-    rows = result["summary"]
-    plots = plot(result["runs"], floors, args.out, stem)
-    table = render_table(rows)
-    windows = render_windows(rows)
-    goals = result["goal"]
-    gl = ["| model | E | k | bip step 0 / floor | bip Sup / floor | balance (<= 1.5x) | val loss - aux | seed "
-          "noise | quality |", "|---|---|---|---|---|---|---|---|---|"]
-    for g in goals:
-        d = "n/a" if g["val_loss_minus_aux"] is None else f"{g['val_loss_minus_aux']:+.4f}"
-        n = "n/a" if g["seed_noise"] is None else f"{g['seed_noise']:.4f}"
-        gl.append(f"| {g['arch']} | {g['experts']} | {g['top_k']} | {g['step0_over_floor']:.2f} | "
-                  f"{g['sup_over_floor']:.2f} | {'met' if g['balance_met'] else 'not met'} | {d} | {n} | "
-                  f"{ {True: 'met', False: 'not met', None: 'n/a'}[g['quality_met']] } |")
-    head = (f"{len(result['runs'])} runs, {args.steps} steps of {args.batch}x{args.seq} bytes, hidden "
-            f"{args.hidden}, {args.layers} MoE layers, expert width {args.ffn}; {cpu_name()}, 1 thread; "
-            f"wall {result['wall_time_s']:.0f} s, CPU {result['cpu_time_s']:.0f} s this invocation")
-    md = "\n\n".join([f"# {stem}\n\n{head}", table, "AvgMaxVio by window of steps:\n\n" + windows,
-                      "Goal (bip):\n\n" + "\n".join(gl)]) + "\n"
-    (args.out / f"{stem}.md").write_text(md)
-    print("\n" + md)
-    print(f"wrote {path}, {args.out / (stem + '.md')}, {', '.join(p.name for p in plots)}")
+    report(result, args, stem, cpu_name())
     return 0
 
 
