@@ -201,7 +201,9 @@ def test_calibration_and_simulator(dry):
 def test_ep_world_size_one(dry):
     ep = dry[1]["ep"]
     assert ep["backend"] == "gloo" and ep["world_size"] == 1
-    assert [r["placement"] for r in ep["rows"]] == ["ep", "llep", "llep+"]
+    assert [r["placement"] for r in ep["rows"]] == ["ep", "llep", "llep+", "replicated"]
+    rebalance = next(r for r in ep["rows"] if r["placement"] == "replicated")["rebalance"]
+    assert rebalance.startswith("RebalanceReport(") and "method='eplb'" in rebalance  # the re-plan ran
     assert _times_ok(ep["layer"]["fwd"]) and _times_ok(ep["layer"]["fwd_bwd"])
     for r in ep["rows"]:
         assert "error" not in r, r
