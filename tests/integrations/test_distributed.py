@@ -38,15 +38,16 @@ def _free_port() -> int:
 
 
 def _launch(mode: str, world: int, out: Path, limit: float = 120.0,
-            stop_others: bool = False) -> tuple[list[dict], list[int], str]:
-    """Run ``world`` workers of ``mode``; (per-rank JSON results, exit codes, combined output).
+            stop_others: bool = False, script: str = __file__) -> tuple[list[dict], list[int], str]:
+    """Run ``world`` workers of ``mode`` (``script --worker mode rank world port out``, this file's by default);
+    (per-rank JSON results, exit codes, combined output).
 
     ``stop_others``: once rank 0 has exited, kill the other ranks (a deliberately stuck rank never ends)."""
     port = _free_port()
     # TRITON_INTERPRET off: tests/moe_testing.py turns it on in this process for the kernel tests, and with it
     # backend="triton" would run on CPU tensors (the option test expects both layers to refuse it there)
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TRITON_INTERPRET="0")
-    procs = [subprocess.Popen([sys.executable, __file__, "--worker", mode, str(r), str(world), str(port), str(out)],
+    procs = [subprocess.Popen([sys.executable, script, "--worker", mode, str(r), str(world), str(port), str(out)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in range(world)]
     deadline = time.monotonic() + limit

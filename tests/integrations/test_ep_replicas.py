@@ -13,8 +13,6 @@ import datetime
 import itertools
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -139,30 +137,11 @@ def test_unknown_replication_method_is_refused():
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(mode: str, world: int, out: Path, limit: float = 150.0) -> tuple[list[dict], list[int], str]:
-    port = _free_port()
-    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TRITON_INTERPRET="0")
-    procs = [subprocess.Popen([sys.executable, __file__, "--worker", mode, str(r), str(world), str(port), str(out)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(world)]
-    deadline = time.monotonic() + limit
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=max(deadline - time.monotonic(), 1))[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail(f"{mode} at world size {world} did not finish in {limit} s (a hang)")
-    text = "\n".join(f"--- rank {r} ---\n{log}" for r, log in enumerate(logs))
-    results = [json.loads(f.read_text()) if (f := out / f"{mode}-{r}.json").exists() else {} for r in range(world)]
-    return results, [p.returncode for p in procs], text
+    """This file's workers, started and collected as the expert-parallel layer's own tests do."""
+    from tests.integrations.test_distributed import _launch as launch_ranks
+
+    return launch_ranks(mode, world, out, limit=limit, script=__file__)
 
 
 def _tokens(world: int, seed: int, case: str):
