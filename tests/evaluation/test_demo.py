@@ -35,8 +35,7 @@ def test_a_row_stopped_by_its_limit_says_what_the_limit_cost():
 
 def test_next_commands_name_a_moebalance_that_runs(monkeypatch, tmp_path):
     here = Path(sys.executable).parent / "moebalance"
-    if not here.exists():
-        pytest.skip("no moebalance script beside this interpreter (not a pip install)")
+    assert here.exists(), "no moebalance script beside this interpreter: the tests run from a pip install (make test)"
     monkeypatch.setenv("PATH", str(tmp_path))  # not on the PATH: the full path, since cwd is elsewhere
     monkeypatch.chdir(tmp_path)
     path = command_path()
