@@ -1,4 +1,4 @@
-"""Balancer training study (issue 6, section 1): a small byte-level MoE language model trained on CPU on the
+"""Balancer training study: a small byte-level MoE language model trained on CPU on the
 Python standard library's sources, once per balancer (none, aux_loss 0.01 / 0.1, loss_free u=1e-3, bip,
 bip_same_batch), for 16 and 64 experts with top-2 and top-8.
 

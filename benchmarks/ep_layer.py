@@ -1,4 +1,4 @@
-"""Benchmark: expert parallelism across processes, ``ep`` vs ``llep`` vs ``llep+`` (issue 5, section 4).
+"""Benchmark: expert parallelism across processes, ``ep`` vs ``llep`` vs ``llep+``.
 
 Two modes.
 

@@ -8,7 +8,7 @@ reads ``WORKDIR/<section>.json`` (env, kernels, layer, bip, calibration, ep), ``
 ``gpu``-marked tests) and ``WORKDIR/steps.jsonl`` (one line per step: name, rc, wall and timeout seconds), and
 writes ``DIR/gpu_suite_<slug><suffix>.json`` and ``.md``.
 
-Targets (issue 14), each computed per case it applies to, from numbers measured side by side in one run:
+Targets, each computed per case it applies to, from numbers measured side by side in one run:
 
 - ``fwd_vs_dense``: Triton forward TFLOP/s >= 60% of the dense matmul's, at E = 8, balanced routing;
 - ``fwd_vs_loop``: Triton forward >= 1.5x faster than the per-expert loop, at E >= 64 (every k and routing);

@@ -1,4 +1,4 @@
-"""Benchmark: forward and forward+backward time and TFLOP/s of the MoE expert computation (issue 4, section 4).
+"""Benchmark: forward and forward+backward time and TFLOP/s of the MoE expert computation.
 
 Methods, measured side by side in one run on the same inputs:
   - ``triton``: :func:`moebalance.kernels.moe_experts` with ``backend="triton"`` (routing metadata, gathered

@@ -1,4 +1,4 @@
-"""Benchmark: time and gap of every routing method on skewed instances (issue 2, section 6).
+"""Benchmark: time and gap of every routing method on skewed instances.
 
 Grid: T in {1024, 4096, 16384} tokens, E in {16, 64, 256} experts, k in {1, 2, 8}. Each instance is
 ``moebalance.generate.routing_problem(T, E, k, kind="zipf", imbalance=1.0, seed=0)``: softmax router scores
@@ -16,7 +16,7 @@ cap or a hard wall limit is killed instead of taking the machine down.
 
     python benchmarks/routing_solvers.py                 # full grid (~30-40 min on 2 cores)
     python benchmarks/routing_solvers.py --quick         # smoke test (small instances, < 30 s)
-    python benchmarks/routing_solvers.py --targets --methods mcf,fast,topk   # issue 13's two instances
+    python benchmarks/routing_solvers.py --targets --methods mcf,fast,topk   # the two target instances
     python benchmarks/routing_solvers.py --scaling       # time vs T and E of mcf and fast, PNG plot
 
 Writes JSON (``--out``, default ``benchmarks/results/routing_solvers.json``) and a markdown table beside it
@@ -58,7 +58,7 @@ GENERATOR = {"function": "moebalance.generate.routing_problem", "kind": "zipf", 
 
 TARGET = {"T": 4096, "E": 64, "k": 8}
 TARGET_SPEEDUP = 100.0  # fastest exact method vs bip
-# issue 13: fast vs a plain full-graph min-cost flow (mcf) in the same run, at two sizes
+# fast vs a plain full-graph min-cost flow (mcf) in the same run, at two sizes
 FAST_TARGETS = ({"name": "fast_small", "T": 4096, "E": 64, "k": 8, "speedup": 10.0, "aim_s": 0.010,
                  "aim_floor_ratio": 5.0},
                 {"name": "fast_large", "T": 65536, "E": 256, "k": 8, "speedup": 10.0})
@@ -423,7 +423,7 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _fast_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issue 13: ``fast`` at least 10x faster than ``mcf`` (both proven optimal, same run) at T=4096, E=64, k=8
+    """Target: ``fast`` at least 10x faster than ``mcf`` (both proven optimal, same run) at T=4096, E=64, k=8
     and at T=65536, E=256, k=8; the aims (<= 10 ms, <= 5x the top-k floor) are reported beside the first."""
     out = []
     for tg in FAST_TARGETS:

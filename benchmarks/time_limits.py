@@ -1,5 +1,5 @@
 """Do time limits cover everything? ``solve``'s wall time against ``time_limit`` for every method that declares
-``supports_time_limit`` (issue 9, class 5: the bound is ``time_limit * 1.1 + 0.5`` s).
+``supports_time_limit`` (the bound is ``time_limit * 1.1 + 0.5`` s).
 
     python benchmarks/time_limits.py                      # 4096x64 and 16384x64, k=8, time_limit=1
     python benchmarks/time_limits.py --sizes 4096 --time-limit 0.5

@@ -56,7 +56,7 @@ global loss (global ``f_e``, this rank's probabilities over the global token cou
 single-process loss, and so do their gradients. ``capacity_factor`` drops pairs by the global order of the
 single-process layer (pair scores and expert ids are all-gathered for it), with the same
 :func:`~moebalance.routing.expert_capacity` of the global token count. Every :class:`MoEConfig` option behaves
-as in :class:`MoELayer` (``tests/integrations/test_trust_one_layer.py`` checks each one, forward and backward).
+as in :class:`MoELayer` (``tests/integrations/test_layer_options.py`` checks each one, forward and backward).
 
 Faults and the timeout. :func:`init_process_group` sets a process-group timeout (``DEFAULT_TIMEOUT``, 120 s):
 every collective and point-to-point operation of the group waits at most that long for a peer. Every

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .checking import CheckResult, check
+from .checking import check
 from .comparison import Comparison, compare
 from .errors import InfeasibleError
 from .registry import available_methods, method_info, register, solve
@@ -36,7 +36,6 @@ __all__ = [
     "method_info",
     "register",
     "check",
-    "CheckResult",
     "compare",
     "Comparison",
     "simulate",
@@ -46,7 +45,7 @@ __all__ = [
     "__version__",
 ]
 
-# names defined in modules that later issues add; resolved on first use
+# names resolved on first use (their modules import more than numpy and scipy)
 _LAZY = {
     "ReplicationProblem": ("moebalance.replication", "ReplicationProblem"),
     "ReplicationSolution": ("moebalance.replication", "ReplicationSolution"),
@@ -58,6 +57,12 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
+    if name == "CheckResult":
+        import warnings
+
+        warnings.warn("moebalance.CheckResult is deprecated; use moebalance.Evaluation", DeprecationWarning,
+                      stacklevel=2)
+        return Evaluation
     if name in _LAZY:
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)

@@ -13,10 +13,18 @@ from typing import Any
 from .routing import bias_reproduces, check_routing, routing_dual_bound
 from .solution import Evaluation
 
-__all__ = ["Evaluation", "CheckResult", "check", "check_routing", "routing_dual_bound", "bias_reproduces"]
+__all__ = ["Evaluation", "check", "check_routing", "routing_dual_bound", "bias_reproduces"]
 
-# the name earlier releases used for an Evaluation
-CheckResult = Evaluation
+
+
+def __getattr__(name: str) -> Any:
+    if name == "CheckResult":  # the name earlier releases used for an Evaluation
+        import warnings
+
+        warnings.warn("moebalance.checking.CheckResult is deprecated; use moebalance.Evaluation",
+                      DeprecationWarning, stacklevel=2)
+        return Evaluation
+    raise AttributeError(f"module 'moebalance.checking' has no attribute {name!r}")
 
 
 def check(problem: Any, assignment: Any, token_ranges: Any = None) -> Evaluation:

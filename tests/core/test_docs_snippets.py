@@ -1,4 +1,4 @@
-"""Issue 10, item 7: every ```python block in README.md and docs/*.md runs as written.
+"""Every ```python block in README.md and docs/*.md runs as written.
 
 A block opts out only with the explicit marker ```` ```python no-run ```` (for code that needs several processes
 or a GPU); every fence names its language, so a Python block cannot hide as an unlabelled one. Each block runs

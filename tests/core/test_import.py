@@ -55,3 +55,18 @@ def test_no_module_doubles_as_a_function():
     for name in ("study", "report", "demo", "demo_layer", "demo_placement"):
         assert importlib.util.find_spec(f"moebalance.{name}") is None, name
         assert importlib.util.find_spec(f"moebalance.evaluation.{name}") is not None, name
+
+
+def test_check_result_alias_is_deprecated_and_still_an_evaluation():
+    import warnings
+
+    import moebalance
+    import moebalance.checking
+
+    for module in (moebalance, moebalance.checking):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            alias = module.CheckResult
+        assert alias is moebalance.Evaluation
+        assert any(issubclass(w.category, DeprecationWarning) and "Evaluation" in str(w.message) for w in caught)
+    assert "CheckResult" not in moebalance.__all__

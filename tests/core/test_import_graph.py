@@ -1,4 +1,4 @@
-"""Issue 10: the package's internal import graph has no cycle, and the core never imports evaluation."""
+"""The package's internal import graph has no cycle, and the core never imports evaluation."""
 
 import ast
 import pathlib
@@ -94,7 +94,7 @@ def test_check_and_plan_do_not_import_each_other():
 
 
 def test_no_module_doubles_as_a_function():
-    """Issue 10: a name of the package is a module or a function, never both (moebalance.check is the function;
+    """A name of the package is a module or a function, never both (moebalance.check is the function;
     its module is moebalance.checking)."""
     import importlib
     import pkgutil

@@ -1,4 +1,4 @@
-"""Issue 10, item 6 (a light CLI): ``moebalance --help``, ``--version`` and every subcommand's ``--help`` import no
+"""A light CLI: ``moebalance --help``, ``--version`` and every subcommand's ``--help`` import no
 torch, ortools, cvxpy, triton or matplotlib; a command loads its back-end when it runs."""
 
 from __future__ import annotations

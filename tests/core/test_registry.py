@@ -49,7 +49,7 @@ def test_bad_problem_type():
 
 def test_auto_picks_an_exact_method(problem):
     sol = solve(problem)
-    assert sol.method == "fast" and sol.status == Status.OPTIMAL  # fast is the auto default (issue 13)
+    assert sol.method == "fast" and sol.status == Status.OPTIMAL  # fast is the auto default
 
 
 def test_claimed_optimal_but_infeasible_is_downgraded(problem, fake_methods):

@@ -1,4 +1,4 @@
-"""The vectorised shared check of placement plans (issue 10, the hot path): TokenRanges against a plain loop,
+"""The vectorised shared check of placement plans (the hot path): TokenRanges against a plain loop,
 and the sparse check (from a solver's ranges) against the dense one, on random plans and cost models."""
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Issue 10, item 8 (plots a reader can read): curves that coincide stay visible (each its own marker, line
+"""Plots a reader can read: curves that coincide stay visible (each its own marker, line
 style and colour), the legend sits outside every axes, and log axes carry plain numbers (0.1, 1, 10, never
 10^x), for the simulator's, the study's and the report's plots."""
 

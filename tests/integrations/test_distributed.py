@@ -251,7 +251,7 @@ def _worker(mode: str, rank: int, world: int, port: int, out: Path) -> None:
                        timeout=datetime.timedelta(seconds=60.0))
     result: dict = {"rank": rank}
     path = out / f"{mode}-{rank}.json"
-    if mode == "options":  # tests/integrations/test_trust_one_layer.py: one case per MoEConfig option, hot path (no debug check)
+    if mode == "options":  # tests/integrations/test_layer_options.py: one case per MoEConfig option, hot path (no debug check)
         cases = json.loads((out / "options.json").read_text())
         result["cases"] = [_run_option(rank, world, c) for c in cases]
     elif mode == "equivalence":

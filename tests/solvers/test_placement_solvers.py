@@ -225,7 +225,7 @@ def test_milp_alias_and_time_limit():
     assert s.method == "milp"
     assert s.status in (Status.TIME_LIMIT, Status.OPTIMAL)
     # unlimited, SCIP runs ~20 s here: a 1 s limit stops it (its status says so; a limit spent while the model
-    # is built is checked on a fake clock in tests/solvers/test_trust_time_limits.py)
+    # is built is checked on a fake clock in tests/solvers/test_time_limits.py)
     assert s.feasible  # the llep+ warm start at worst
     if s.bound is not None:  # None only when the limit expired before SCIP started
         assert s.bound <= s.objective * (1 + 1e-9)

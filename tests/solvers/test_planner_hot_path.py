@@ -1,4 +1,4 @@
-"""Issue 10 item 4 (layer part): the LLEP planner object of the expert-parallel hot path.
+"""The LLEP planner object of the expert-parallel hot path.
 
 ``LLEPPlanner`` (built once, planned per step, cheap invariant check) against the paper-loop transcription
 ``llep_plan_reference`` and against ``solve(PlacementProblem, "llep")`` (which runs the same code plus the shared

@@ -350,7 +350,7 @@ def test_evaluate_rejects_malformed_plans_and_round_trip():
 def test_time_limits_statuses_and_compare():
     rng = np.random.default_rng(0)
     p = ReplicationProblem(rng.integers(1, 1000, (2, 64)), 80, num_gpus=8)
-    s = mb.solve(p, "milp", time_limit=1.0)  # a spent limit: tests/solvers/test_trust_time_limits.py (fake clock)
+    s = mb.solve(p, "milp", time_limit=1.0)  # a spent limit: tests/solvers/test_time_limits.py (fake clock)
     assert s.status in (Status.TIME_LIMIT, Status.OPTIMAL) and s.feasible
     assert s.bound <= s.objective * (1 + 1e-9)
     quick = mb.solve(p, "eplb+", time_limit=1e-4)

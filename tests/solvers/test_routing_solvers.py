@@ -176,7 +176,7 @@ def test_bip_time_limit_is_honoured_and_reported():
     if sol.status == Status.TIME_LIMIT:
         assert "time limit" in sol.message or "UNKNOWN" in str(sol.stats.get("backend_status"))
     # how long it took is the benchmark's to measure (benchmarks/time_limits.py); that the limit covers model
-    # building is checked on a fake clock in tests/solvers/test_trust_time_limits.py
+    # building is checked on a fake clock in tests/solvers/test_time_limits.py
     assert sol.feasible or sol.assignment is None
 
 

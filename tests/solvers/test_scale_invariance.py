@@ -1,4 +1,4 @@
-"""Issue 9, class 1 "Scale": every registered method gives the same answer whatever the scale and offset of
+"""Scale: every registered method gives the same answer whatever the scale and offset of
 the data.
 
 Routing scores ``a * s + b`` must give the objective ``a * opt + b * T * k`` (every token takes exactly k

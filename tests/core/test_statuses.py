@@ -1,4 +1,4 @@
-"""Issue 9, class 4 (the core's part): statuses say what happened.
+"""Statuses say what happened.
 
 A stopped solver's infeasible incumbent is dropped and the status stays `time_limit` (never `infeasible`);
 a bound on the wrong side of the check's objective is dropped as invalid; a family name is not a problem."""

@@ -1,4 +1,4 @@
-"""Issue 9, class 4: `Solution.bias` keeps its contract for every method that returns it: top-k of
+"""`Solution.bias` keeps its contract for every method that returns it: top-k of
 `scores - bias` reproduces the assignment up to ties. A price that only certifies the bound is kept in
 `stats["certificate_price"]`, and its bound still counts."""
 

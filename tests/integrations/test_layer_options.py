@@ -1,4 +1,4 @@
-"""Issue 9, class 9 "One layer, one behaviour": every ``MoEConfig`` option behaves identically in the single-device
+"""One layer, one behaviour: every ``MoEConfig`` option behaves identically in the single-device
 ``MoELayer`` and in ``ExpertParallelMoE`` (two gloo ranks, forward and backward, two training steps), or both
 refuse it with a ValueError. Class 6 (layer part): both layers refuse non-float, numpy and 0-d inputs.
 

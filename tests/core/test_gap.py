@@ -1,4 +1,4 @@
-"""Issue 9, class 2: gap arithmetic. An exact match has gap 0 (also at 0 = 0), the gap is scale free and
+"""Gap arithmetic. An exact match has gap 0 (also at 0 = 0), the gap is scale free and
 defined for negative objectives, and the floor is relative to the problem's own magnitude."""
 
 import math

@@ -1,4 +1,4 @@
-"""Issue 9, class 3: the placement constructor never declares a feasible problem infeasible.
+"""The placement constructor never declares a feasible problem infeasible.
 
 It keeps only proven necessary conditions; on random tight instances an independent MILP (scipy's HiGHS,
 written here from the problem's definition) must find no plan whenever the constructor raises."""

@@ -1,4 +1,4 @@
-"""Issue 9 class 4 (honest statuses) and issue 10 item 3 (adapters): one status table per back-end, each
+"""Honest statuses and the adapter steps: one status table per back-end, each
 mapping every status the back-end can return; the adapter steps build -> run -> to_solution one by one."""
 
 from __future__ import annotations

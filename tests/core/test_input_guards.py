@@ -1,4 +1,4 @@
-"""Issue 9, class 6 (guards before allocation): absurd sizes, overflowing values and non-numbers get a ValueError
+"""Guards before allocation: absurd sizes, overflowing values and non-numbers get a ValueError
 naming the argument before anything large is allocated; broken files get one line."""
 
 from __future__ import annotations
