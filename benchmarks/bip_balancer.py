@@ -32,22 +32,28 @@ HERE = Path(__file__).resolve().parent
 __all__ = ["run", "main"]
 
 
-def run(T: int = 4096, E: int = 64, k: int = 8, batches: int = 24, burn_in: int = 4,
-        budgets: tuple[int, ...] = (1, 2, 4, 8), device: str = "cpu", seed: int = 0) -> dict[str, Any]:
+def run(
+    T: int = 4096,
+    E: int = 64,
+    k: int = 8,
+    batches: int = 24,
+    burn_in: int = 4,
+    budgets: tuple[int, ...] = (1, 2, 4, 8),
+    device: str = "cpu",
+    seed: int = 0,
+) -> dict[str, Any]:
     """The measurements (see the module docstring) as a JSON-ready dict."""
-    import torch
+    import importlib.util
 
-    import moebalance as mb
-    from moebalance.generate import routing_scores
-    from moebalance.routing import RoutingProblem, expert_capacity
+    import torch
+    from moebalance.solvers import _fast_kernels
     from moebalance.solvers.balancers import BIPBalancer
     from moebalance.solvers.routing_fast import warm_up
 
+    import moebalance as mb
     from moebalance._machine import cpu_name
-
-    import importlib.util
-
-    from moebalance.solvers import _fast_kernels
+    from moebalance.generate import routing_scores
+    from moebalance.routing import RoutingProblem, expert_capacity
 
     # the exact optimum (the certified gap, and fast's columns) needs numba or, past 20 000 score entries,
     # OR-Tools: a GPU machine without them measures the step and the loads only
@@ -55,7 +61,7 @@ def run(T: int = 4096, E: int = 64, k: int = 8, batches: int = 24, burn_in: int 
     if exact:
         warm_up()
     stream = routing_scores(T * batches, E, kind="zipf", imbalance=1.0, seed=seed).reshape(batches, T, E)
-    sync = (torch.cuda.synchronize if device.startswith("cuda") else (lambda: None))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     rows = []
     for it in budgets:
         bal = BIPBalancer(E, k, capacity_factor=1.0, iterations=it)
@@ -85,30 +91,58 @@ def run(T: int = 4096, E: int = 64, k: int = 8, batches: int = 24, burn_in: int 
             t0 = time.perf_counter()
             mb.solve(p, "fast", warm_start=q)
             fast_warm.append(time.perf_counter() - t0)
-        med = (lambda v: float(np.median(v)) if v else None)  # noqa: E731
-        rows.append({"iterations": it, "step_s": med(steps), "gap_median": med(gaps),
-                     "gap_max": float(np.max(gaps)) if gaps else None, "max_load_ratio_median": med(ratios),
-                     "fast_cold_s": med(fast_cold), "fast_warm_s": med(fast_warm)})
-    return {"benchmark": "bip_balancer", "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "device": device if device == "cpu" else torch.cuda.get_device_name(0),
-            "cpu": cpu_name(), "torch": torch.__version__, "T": T, "E": E, "k": k, "batches": batches,
-            "burn_in": burn_in, "seed": seed, "exact": bool(exact),
-            "note": None if exact else "numba and OR-Tools missing: no exact optimum, so no certified gap and no "
-                                       "fast columns (step time and loads only)", "rows": rows}
+        med = lambda v: float(np.median(v)) if v else None  # noqa: E731
+        rows.append(
+            {
+                "iterations": it,
+                "step_s": med(steps),
+                "gap_median": med(gaps),
+                "gap_max": float(np.max(gaps)) if gaps else None,
+                "max_load_ratio_median": med(ratios),
+                "fast_cold_s": med(fast_cold),
+                "fast_warm_s": med(fast_warm),
+            }
+        )
+    return {
+        "benchmark": "bip_balancer",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device if device == "cpu" else torch.cuda.get_device_name(0),
+        "cpu": cpu_name(),
+        "torch": torch.__version__,
+        "T": T,
+        "E": E,
+        "k": k,
+        "batches": batches,
+        "burn_in": burn_in,
+        "seed": seed,
+        "exact": bool(exact),
+        "note": None
+        if exact
+        else "numba and OR-Tools missing: no exact optimum, so no certified gap and no "
+        "fast columns (step time and loads only)",
+        "rows": rows,
+    }
 
 
 def render(res: dict[str, Any]) -> str:
-    lines = [f"bip balancer step, T={res['T']} E={res['E']} k={res['k']}, device {res['device']} "
-             f"({res['batches'] - res['burn_in']} batches after {res['burn_in']} of burn-in, warm-started)",
-             "", "| iterations | step (median) | certified gap (median / max) | max load / capacity | "
-             "fast cold | fast warm-started |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"bip balancer step, T={res['T']} E={res['E']} k={res['k']}, device {res['device']} "
+        f"({res['batches'] - res['burn_in']} batches after {res['burn_in']} of burn-in, warm-started)",
+        "",
+        "| iterations | step (median) | certified gap (median / max) | max load / capacity | "
+        "fast cold | fast warm-started |",
+        "|---|---|---|---|---|---|",
+    ]
+
     def f(v, spec, scale=1.0, unit=""):
         return "-" if v is None else f"{v * scale:{spec}}{unit}"
 
     for r in res["rows"]:
-        lines.append(f"| {r['iterations']} | {f(r['step_s'], '.2f', 1e3, ' ms')} | {f(r['gap_median'], '.2e')} / "
-                     f"{f(r['gap_max'], '.2e')} | {f(r['max_load_ratio_median'], '.3f')} | "
-                     f"{f(r['fast_cold_s'], '.1f', 1e3, ' ms')} | {f(r['fast_warm_s'], '.1f', 1e3, ' ms')} |")
+        lines.append(
+            f"| {r['iterations']} | {f(r['step_s'], '.2f', 1e3, ' ms')} | {f(r['gap_median'], '.2e')} / "
+            f"{f(r['gap_max'], '.2e')} | {f(r['max_load_ratio_median'], '.3f')} | "
+            f"{f(r['fast_cold_s'], '.1f', 1e3, ' ms')} | {f(r['fast_warm_s'], '.1f', 1e3, ' ms')} |"
+        )
     if res.get("note"):
         lines += ["", res["note"]]
     return "\n".join(lines)
@@ -131,8 +165,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ap.error(f"--{name} must be a positive integer")
     if args.k >= args.experts:
         ap.error("--k must be below --experts")
-    res = run(args.tokens, args.experts, args.k, batches=args.batches, burn_in=min(4, args.batches - 1),
-              device=args.device, budgets=(1, 2) if args.dry_run else (1, 2, 4, 8))
+    res = run(
+        args.tokens,
+        args.experts,
+        args.k,
+        batches=args.batches,
+        burn_in=min(4, args.batches - 1),
+        device=args.device,
+        budgets=(1, 2) if args.dry_run else (1, 2, 4, 8),
+    )
     res["dry_run"] = bool(args.dry_run)
     res["section"] = "bip"  # gpu_suite.sh's report reads it as its section "bip"
     out = args.out or HERE / "results" / f"bip_balancer_{'cpu' if args.device == 'cpu' else 'gpu'}.json"

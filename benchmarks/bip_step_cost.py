@@ -24,9 +24,8 @@ HERE = Path(__file__).resolve().parent
 
 def step_costs(configs: list[tuple[str, int, int]], batch: int, seq: int, rounds: int) -> list[dict[str, Any]]:
     import torch
-    from transformers import AutoModelForCausalLM
-
     from moebalance.integrations import transformers as mbt
+    from transformers import AutoModelForCausalLM
 
     out = []
     for arch, E, k in configs:
@@ -48,19 +47,31 @@ def step_costs(configs: list[tuple[str, int, int]], batch: int, seq: int, rounds
                 if r >= 2:
                     times[bal].append(time.perf_counter() - t0)
         med = {b: statistics.median(v) for b, v in times.items()}
-        out.append({"arch": arch, "experts": E, "top_k": k, "tokens": batch * seq, "step_s": med,
-                    "bip_overhead": med["bip"] / med["none"] - 1, "bip_lagged_overhead": med["bip_lagged"] / med["none"] - 1})
-        print(f"{arch:12s} E={E:3d} k={k} T={batch * seq}: none {med['none'] * 1e3:7.1f} ms  bip "
-              f"{med['bip'] * 1e3:7.1f} ms ({out[-1]['bip_overhead']:+.1%})  bip_lagged {med['bip_lagged'] * 1e3:7.1f} ms "
-              f"({out[-1]['bip_lagged_overhead']:+.1%})", flush=True)
+        out.append(
+            {
+                "arch": arch,
+                "experts": E,
+                "top_k": k,
+                "tokens": batch * seq,
+                "step_s": med,
+                "bip_overhead": med["bip"] / med["none"] - 1,
+                "bip_lagged_overhead": med["bip_lagged"] / med["none"] - 1,
+            }
+        )
+        print(
+            f"{arch:12s} E={E:3d} k={k} T={batch * seq}: none {med['none'] * 1e3:7.1f} ms  bip "
+            f"{med['bip'] * 1e3:7.1f} ms ({out[-1]['bip_overhead']:+.1%})  bip_lagged {med['bip_lagged'] * 1e3:7.1f} ms "
+            f"({out[-1]['bip_lagged_overhead']:+.1%})",
+            flush=True,
+        )
     return out
 
 
 def fit_scaling(sizes: list[tuple[int, int, int]], repeats: int) -> list[dict[str, Any]]:
     import torch
+    from moebalance.solvers.balancers import BIPBalancer
 
     from moebalance.generate import routing_scores
-    from moebalance.solvers.balancers import BIPBalancer
 
     out = []
     for T, E, k in sizes:
@@ -90,8 +101,9 @@ def main(argv: Any = None) -> int:
         steps = step_costs([("mixtral", 8, 2)], 2, 8, 1)
         fits = fit_scaling([(256, 8, 2)], 2)
     else:
-        steps = step_costs([("mixtral", 8, 2), ("qwen3_moe", 16, 2), ("olmoe", 64, 8), ("deepseek_v3", 16, 2)],
-                           8, 64, 7)
+        steps = step_costs(
+            [("mixtral", 8, 2), ("qwen3_moe", 16, 2), ("olmoe", 64, 8), ("deepseek_v3", 16, 2)], 8, 64, 7
+        )
         fits = fit_scaling([(T, E, k) for T in (1024, 4096, 16384) for E, k in ((16, 2), (64, 8), (256, 8))], 5)
     if not a.dry_run:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -140,7 +140,7 @@ class PeakMemory:
     def __init__(self, device: torch.device):
         self.device = device
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self.peak = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -187,7 +187,6 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
 
 def _init_distributed(timeout_s: float) -> tuple[int, int, torch.device]:
     import torch.distributed as dist
-
     from moebalance.integrations.distributed import init_process_group
 
     if "RANK" not in os.environ:  # run directly: a one-process group on 127.0.0.1
@@ -207,7 +206,6 @@ def _init_distributed(timeout_s: float) -> tuple[int, int, torch.device]:
 
 def run_layer(args: argparse.Namespace) -> dict[str, Any]:
     import torch.distributed as dist
-
     from moebalance.integrations.distributed import ExpertParallelMoE
     from moebalance.integrations.torch import MoEConfig, MoELayer
 
@@ -216,8 +214,11 @@ def run_layer(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dtype = getattr(torch, args.dtype)
     H, F, E, k, T = args.hidden, args.ffn, args.experts, args.top_k, args.tokens
-    options = {"min_chunk": args.min_chunk, "alpha": args.alpha,
-               "imbalance_threshold": args.imbalance_threshold or None}
+    options = {
+        "min_chunk": args.min_chunk,
+        "alpha": args.alpha,
+        "imbalance_threshold": args.imbalance_threshold or None,
+    }
     torch.manual_seed(0)
     layer = MoELayer(MoEConfig(hidden=H, ffn=F, num_experts=E, top_k=k, dtype=dtype), device=device)
     records = []
@@ -266,14 +267,21 @@ def run_layer(args: argparse.Namespace) -> dict[str, Any]:
             loads = ep.last_stats.loads.cpu().numpy()
             hot = int(sc.split(":")[1]) if ":" in sc else 0
             rec = {
-                "scenario": sc, "method": method, "used": ep.last_plan.used,
-                "fwd_s": statistics.median(fwd), "step_s": statistics.median(total),
-                "phases_s": dict(ep.last_timings), "peak_bytes": mem.peak,
-                "rows": ep.last_exchange["received"], "copies": len(ep.last_exchange["copies"]),
+                "scenario": sc,
+                "method": method,
+                "used": ep.last_plan.used,
+                "fwd_s": statistics.median(fwd),
+                "step_s": statistics.median(total),
+                "phases_s": dict(ep.last_timings),
+                "peak_bytes": mem.peak,
+                "rows": ep.last_exchange["received"],
+                "copies": len(ep.last_exchange["copies"]),
                 "hot_share": float(loads[:hot].sum() / max(loads.sum(), 1)) if hot else 0.0,
                 "imbalance": float(ep.last_plan.assignment.sum(axis=0).max() / max(loads.sum() / world, 1)),
-                "ep_imbalance": float(np.bincount(np.arange(E) // (E // world), weights=loads, minlength=world).max()
-                                      / max(loads.sum() / world, 1)),
+                "ep_imbalance": float(
+                    np.bincount(np.arange(E) // (E // world), weights=loads, minlength=world).max()
+                    / max(loads.sum() / world, 1)
+                ),
             }
             records.append(rec)
     gathered: list[Any] = [None] * world
@@ -283,30 +291,50 @@ def run_layer(args: argparse.Namespace) -> dict[str, Any]:
         rows = []
         for i, rec in enumerate(gathered[0]):
             per = [g[i] for g in gathered]
-            comp = [p["phases_s"].get("expert compute (forward)", 0.0) + p["phases_s"].get(
-                "expert compute (backward)", 0.0) for p in per]
-            rows.append({
-                "scenario": rec["scenario"], "method": rec["method"], "used": rec["used"],
-                "step_s": max(p["step_s"] for p in per), "fwd_s": max(p["fwd_s"] for p in per),
-                "compute_s_max": max(comp), "compute_s_min": min(comp),
-                "rows_max": max(p["rows"] for p in per), "rows_mean": float(np.mean([p["rows"] for p in per])),
-                "copies": sum(p["copies"] for p in per),
-                "peak_bytes_max": max((p["peak_bytes"] or 0) for p in per) if per[0]["peak_bytes"] is not None
-                else None,
-                "plan_s": max(p["phases_s"].get("plan", 0.0) for p in per),
-                "hot_share": rec["hot_share"], "ep_imbalance": rec["ep_imbalance"],
-                "per_rank": per,
-            })
+            comp = [
+                p["phases_s"].get("expert compute (forward)", 0.0) + p["phases_s"].get("expert compute (backward)", 0.0)
+                for p in per
+            ]
+            rows.append(
+                {
+                    "scenario": rec["scenario"],
+                    "method": rec["method"],
+                    "used": rec["used"],
+                    "step_s": max(p["step_s"] for p in per),
+                    "fwd_s": max(p["fwd_s"] for p in per),
+                    "compute_s_max": max(comp),
+                    "compute_s_min": min(comp),
+                    "rows_max": max(p["rows"] for p in per),
+                    "rows_mean": float(np.mean([p["rows"] for p in per])),
+                    "copies": sum(p["copies"] for p in per),
+                    "peak_bytes_max": max((p["peak_bytes"] or 0) for p in per)
+                    if per[0]["peak_bytes"] is not None
+                    else None,
+                    "plan_s": max(p["phases_s"].get("plan", 0.0) for p in per),
+                    "hot_share": rec["hot_share"],
+                    "ep_imbalance": rec["ep_imbalance"],
+                    "per_rank": per,
+                }
+            )
         for r in rows:
-            base = next(b for b in rows if b["scenario"] == r["scenario"] and b["method"] == "ep") \
-                if "ep" in args.methods else None
+            base = (
+                next(b for b in rows if b["scenario"] == r["scenario"] and b["method"] == "ep")
+                if "ep" in args.methods
+                else None
+            )
             r["speedup_step"] = base["step_s"] / r["step_s"] if base else None
             r["speedup_compute"] = base["compute_s_max"] / r["compute_s_max"] if base and r["compute_s_max"] else None
-            r["memory_ratio"] = (r["peak_bytes_max"] / base["peak_bytes_max"]
-                                 if base and r["peak_bytes_max"] and base["peak_bytes_max"] else None)
+            r["memory_ratio"] = (
+                r["peak_bytes_max"] / base["peak_bytes_max"]
+                if base and r["peak_bytes_max"] and base["peak_bytes_max"]
+                else None
+            )
         result = {
-            "benchmark": "ep_layer", "mode": "layer", "device": _device_name(device),
-            "backend": dist.get_backend(), "world_size": world,
+            "benchmark": "ep_layer",
+            "mode": "layer",
+            "device": _device_name(device),
+            "backend": dist.get_backend(),
+            "world_size": world,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__,
             "settings": {k_: v for k_, v in vars(args).items() if k_ not in ("out",)},
@@ -332,20 +360,47 @@ def _x(v: Any) -> str:
 
 def _print_layer(result: dict[str, Any], args: argparse.Namespace) -> None:
     what = "forward" if args.forward_only else "forward+backward"
-    print(f"\nExpertParallelMoE, {result['world_size']} ranks, {result['backend']} on {result['device']}; "
-          f"hidden={args.hidden} ffn={args.ffn} E={args.experts} k={args.top_k} {args.tokens} tokens/rank "
-          f"{args.dtype}; times: slowest rank, median of {args.iters} ({what})")
-    head = ["scenario", "hot share", "EP max/mean", "method", "step ms", "fwd ms", "speedup", "compute ms max/min",
-            "compute speedup", "rows max/mean", "copies", "peak MB", "mem ratio", "plan ms"]
+    print(
+        f"\nExpertParallelMoE, {result['world_size']} ranks, {result['backend']} on {result['device']}; "
+        f"hidden={args.hidden} ffn={args.ffn} E={args.experts} k={args.top_k} {args.tokens} tokens/rank "
+        f"{args.dtype}; times: slowest rank, median of {args.iters} ({what})"
+    )
+    head = [
+        "scenario",
+        "hot share",
+        "EP max/mean",
+        "method",
+        "step ms",
+        "fwd ms",
+        "speedup",
+        "compute ms max/min",
+        "compute speedup",
+        "rows max/mean",
+        "copies",
+        "peak MB",
+        "mem ratio",
+        "plan ms",
+    ]
     body = []
     for r in result["rows"]:
-        body.append([r["scenario"], f"{r['hot_share']:.2f}", f"{r['ep_imbalance']:.2f}",
-                     r["method"] + ("" if r["used"] == r["method"] else f"->{r['used']}"), _ms(r["step_s"]),
-                     _ms(r["fwd_s"]), _x(r["speedup_step"]),
-                     f"{_ms(r['compute_s_max'])}/{_ms(r['compute_s_min'])}", _x(r["speedup_compute"]),
-                     f"{r['rows_max']}/{r['rows_mean']:.0f}", str(r["copies"]),
-                     "-" if r["peak_bytes_max"] is None else f"{r['peak_bytes_max'] / 2**20:.1f}",
-                     _x(r["memory_ratio"]), _ms(r["plan_s"])])
+        body.append(
+            [
+                r["scenario"],
+                f"{r['hot_share']:.2f}",
+                f"{r['ep_imbalance']:.2f}",
+                r["method"] + ("" if r["used"] == r["method"] else f"->{r['used']}"),
+                _ms(r["step_s"]),
+                _ms(r["fwd_s"]),
+                _x(r["speedup_step"]),
+                f"{_ms(r['compute_s_max'])}/{_ms(r['compute_s_min'])}",
+                _x(r["speedup_compute"]),
+                f"{r['rows_max']}/{r['rows_mean']:.0f}",
+                str(r["copies"]),
+                "-" if r["peak_bytes_max"] is None else f"{r['peak_bytes_max'] / 2**20:.1f}",
+                _x(r["memory_ratio"]),
+                _ms(r["plan_s"]),
+            ]
+        )
     print(_table(head, body))
 
 
@@ -376,15 +431,20 @@ def _fit(samples: list[tuple[int, int, float]]) -> dict[str, float]:
     coef, _ = nnls(A, b)
     pred = A @ coef
     ss = float(((b - b.mean()) ** 2).sum())
-    return {"token_time": float(coef[0]), "gemm_time": float(coef[1]),
-            "r2": 1.0 - float(((b - pred) ** 2).sum()) / ss if ss > 0 else 1.0, "samples": len(samples)}
+    return {
+        "token_time": float(coef[0]),
+        "gemm_time": float(coef[1]),
+        "r2": 1.0 - float(((b - pred) ** 2).sum()) / ss if ss > 0 else 1.0,
+        "samples": len(samples),
+    }
 
 
 def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
-    from moebalance import CostModel, PlacementProblem, solve
     from moebalance.kernels import expert_ffn
-    from moebalance.plan import makespan
+
+    from moebalance import CostModel, PlacementProblem, solve
     from moebalance.evaluation.simulate import MODELS, Hardware, ModelPreset, scenario_loads, simulate
+    from moebalance.plan import makespan
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
@@ -445,8 +505,14 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
         it = tqdm(it, desc="calibrate", unit="plan")
     for sc, method in it:
         loads = scenario_loads(sc, preset, P, T)
-        problem = PlacementProblem(loads, P, cost=cost, alpha=args.alpha, min_chunk=args.min_chunk,
-                                   imbalance_threshold=args.imbalance_threshold or None)
+        problem = PlacementProblem(
+            loads,
+            P,
+            cost=cost,
+            alpha=args.alpha,
+            min_chunk=args.min_chunk,
+            imbalance_threshold=args.imbalance_threshold or None,
+        )
         sol = solve(problem, method)
         x = np.asarray(sol.assignment)
         per_dev = []
@@ -459,49 +525,85 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
             per_dev.append((sum(counts.values()), len(counts), f_s, b_s))
             samples_f.append((sum(counts.values()), len(counts), f_s))
             samples_b.append((sum(counts.values()), len(counts), b_s))
-        rows.append({"scenario": sc, "method": method, "status": sol.status.value,
-                     "assignment_col_sums": x.sum(axis=0).tolist(),
-                     "device_rows": [d[0] for d in per_dev], "device_gemms": [d[1] for d in per_dev],
-                     "device_fwd_s": [d[2] for d in per_dev], "device_fwd_bwd_s": [d[3] for d in per_dev],
-                     "makespan_fwd_s": max(d[2] for d in per_dev),
-                     "makespan_fwd_bwd_s": max(d[3] for d in per_dev), "_problem": problem, "_x": x})
+        rows.append(
+            {
+                "scenario": sc,
+                "method": method,
+                "status": sol.status.value,
+                "assignment_col_sums": x.sum(axis=0).tolist(),
+                "device_rows": [d[0] for d in per_dev],
+                "device_gemms": [d[1] for d in per_dev],
+                "device_fwd_s": [d[2] for d in per_dev],
+                "device_fwd_bwd_s": [d[3] for d in per_dev],
+                "makespan_fwd_s": max(d[2] for d in per_dev),
+                "makespan_fwd_bwd_s": max(d[3] for d in per_dev),
+                "_problem": problem,
+                "_x": x,
+            }
+        )
     fit_f = _fit(samples_f)
     fit_b = _fit(samples_b) if not args.forward_only else None
     dtype_bytes = torch.finfo(dtype).bits / 8
-    hardware = {"device_flops": 6.0 * H * F / fit_f["token_time"] if fit_f["token_time"] > 0 else float("inf"),
-                "link_bandwidth": args.link_bandwidth or Hardware.link_bandwidth,
-                "gemm_overhead": fit_f["gemm_time"], "dtype_bytes": dtype_bytes}
+    hardware = {
+        "device_flops": 6.0 * H * F / fit_f["token_time"] if fit_f["token_time"] > 0 else float("inf"),
+        "link_bandwidth": args.link_bandwidth or Hardware.link_bandwidth,
+        "gemm_overhead": fit_f["gemm_time"],
+        "dtype_bytes": dtype_bytes,
+    }
     fitted = CostModel(token_time=fit_f["token_time"], gemm_time=fit_f["gemm_time"])
     for r in rows:
         base = next(b for b in rows if b["scenario"] == r["scenario"] and b["method"] == "ep")
         r["speedup_measured_fwd"] = base["makespan_fwd_s"] / r["makespan_fwd_s"] if r["makespan_fwd_s"] else None
-        r["speedup_measured_fwd_bwd"] = (base["makespan_fwd_bwd_s"] / r["makespan_fwd_bwd_s"]
-                                         if r["makespan_fwd_bwd_s"] and not args.forward_only else None)
+        r["speedup_measured_fwd_bwd"] = (
+            base["makespan_fwd_bwd_s"] / r["makespan_fwd_bwd_s"]
+            if r["makespan_fwd_bwd_s"] and not args.forward_only
+            else None
+        )
         prob = PlacementProblem(r["_problem"].expert_loads, P, cost=fitted)
         bprob = PlacementProblem(base["_problem"].expert_loads, P, cost=fitted)
         r["speedup_fitted_compute"] = makespan(bprob, base["_x"]) / makespan(prob, r["_x"])
     # the simulator with the measured hardware (its cost model adds the assumed all-to-all time per token)
-    sim = simulate(preset, P, T, scenarios=args.scenarios, methods=args.methods, hardware=Hardware(**hardware),
-                   alpha=args.alpha, min_chunk=args.min_chunk, imbalance_threshold=args.imbalance_threshold or None)
+    sim = simulate(
+        preset,
+        P,
+        T,
+        scenarios=args.scenarios,
+        methods=args.methods,
+        hardware=Hardware(**hardware),
+        alpha=args.alpha,
+        min_chunk=args.min_chunk,
+        imbalance_threshold=args.imbalance_threshold or None,
+    )
     simmap = {(r["scenario"], r["method"]): r["speedup"] for r in sim.rows}
     for r in rows:
         r["speedup_simulated"] = simmap.get((r["scenario"], r["method"]))
         del r["_problem"], r["_x"]
     result = {
-        "benchmark": "ep_layer", "mode": "calibrate", "device": _device_name(device), "dtype": args.dtype,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
-        "model": preset.name, "shapes": {"hidden": H, "ffn": F, "experts": E, "top_k": k},
-        "devices": P, "tokens_per_device": T,
+        "benchmark": "ep_layer",
+        "mode": "calibrate",
+        "device": _device_name(device),
+        "dtype": args.dtype,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "model": preset.name,
+        "shapes": {"hidden": H, "ffn": F, "experts": E, "top_k": k},
+        "devices": P,
+        "tokens_per_device": T,
         "measured": "single-device expert FFN (moebalance.kernels.expert_ffn) time of each simulated device's "
-                    "workload; no communication",
-        "cost_model": {"token_time": fit_f["token_time"], "gemm_time": fit_f["gemm_time"],
-                       "weight_time": 3.0 * H * F * dtype_bytes / hardware["link_bandwidth"],
-                       "token_transfer_time": 0.0},
-        "cost_model_forward_backward": (None if fit_b is None else
-                                        {"token_time": fit_b["token_time"], "gemm_time": fit_b["gemm_time"]}),
+        "workload; no communication",
+        "cost_model": {
+            "token_time": fit_f["token_time"],
+            "gemm_time": fit_f["gemm_time"],
+            "weight_time": 3.0 * H * F * dtype_bytes / hardware["link_bandwidth"],
+            "token_transfer_time": 0.0,
+        },
+        "cost_model_forward_backward": (
+            None if fit_b is None else {"token_time": fit_b["token_time"], "gemm_time": fit_b["gemm_time"]}
+        ),
         "hardware": hardware,
-        "link_bandwidth_source": "given (--link-bandwidth)" if args.link_bandwidth else
-                                 "assumed (moebalance.evaluation.simulate.Hardware default), not measured",
+        "link_bandwidth_source": "given (--link-bandwidth)"
+        if args.link_bandwidth
+        else "assumed (moebalance.evaluation.simulate.Hardware default), not measured",
         "fit": {"forward": fit_f, "forward_backward": fit_b},
         "settings": {k_: v for k_, v in vars(args).items() if k_ not in ("out",)},
         "rows": rows,
@@ -516,22 +618,43 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
 
 def _print_calibrate(result: dict[str, Any], args: argparse.Namespace) -> None:
     s, f = result["shapes"], result["fit"]["forward"]
-    print(f"\nSingle-device workloads of {result['devices']} simulated devices on {result['device']}: "
-          f"{result['model']} shapes (hidden={s['hidden']} ffn={s['ffn']} E={s['experts']} k={s['top_k']}), "
-          f"{result['tokens_per_device']} tokens/device, {result['dtype']}")
-    print(f"fit (forward): token_time={f['token_time']:.3e} s, gemm_time={f['gemm_time']:.3e} s, R^2={f['r2']:.4f} "
-          f"over {f['samples']} workloads -> device_flops={result['hardware']['device_flops']:.3e} FLOP/s")
+    print(
+        f"\nSingle-device workloads of {result['devices']} simulated devices on {result['device']}: "
+        f"{result['model']} shapes (hidden={s['hidden']} ffn={s['ffn']} E={s['experts']} k={s['top_k']}), "
+        f"{result['tokens_per_device']} tokens/device, {result['dtype']}"
+    )
+    print(
+        f"fit (forward): token_time={f['token_time']:.3e} s, gemm_time={f['gemm_time']:.3e} s, R^2={f['r2']:.4f} "
+        f"over {f['samples']} workloads -> device_flops={result['hardware']['device_flops']:.3e} FLOP/s"
+    )
     paper = result["model"] == "gpt-oss-120b" and result["devices"] == 8
-    head = ["scenario", "method", "makespan fwd ms", "fwd+bwd ms", "speedup fwd", "speedup fwd+bwd",
-            "fitted", "simulated"] + (["paper Fig.4"] if paper else [])
+    head = [
+        "scenario",
+        "method",
+        "makespan fwd ms",
+        "fwd+bwd ms",
+        "speedup fwd",
+        "speedup fwd+bwd",
+        "fitted",
+        "simulated",
+    ] + (["paper Fig.4"] if paper else [])
     body = []
     for r in result["rows"]:
         pct = int(float(r["scenario"].split(":")[0])) if ":" in r["scenario"] else None
         ref = PAPER_FIG4.get(pct) if paper and r["method"] == "llep" else None
-        body.append([r["scenario"], r["method"], _ms(r["makespan_fwd_s"]), _ms(r["makespan_fwd_bwd_s"]),
-                     _x(r["speedup_measured_fwd"]), _x(r["speedup_measured_fwd_bwd"]),
-                     _x(r["speedup_fitted_compute"]), _x(r["speedup_simulated"])]
-                    + ([f"{ref[0]}-{ref[1]}" if ref else ""] if paper else []))
+        body.append(
+            [
+                r["scenario"],
+                r["method"],
+                _ms(r["makespan_fwd_s"]),
+                _ms(r["makespan_fwd_bwd_s"]),
+                _x(r["speedup_measured_fwd"]),
+                _x(r["speedup_measured_fwd_bwd"]),
+                _x(r["speedup_fitted_compute"]),
+                _x(r["speedup_simulated"]),
+            ]
+            + ([f"{ref[0]}-{ref[1]}" if ref else ""] if paper else [])
+        )
     print(_table(head, body))
 
 
@@ -543,8 +666,9 @@ def _list(text: str) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--mode", choices=("layer", "calibrate"), default="layer")
     p.add_argument("--small", action="store_true", help="small shapes for a CPU run (overrides the shape flags)")
     p.add_argument("--model", default=None, help="calibrate: a simulator preset (e.g. gpt-oss-120b)")
@@ -563,10 +687,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--forward-only", action="store_true")
-    p.add_argument("--threads", type=int, default=1,
-                   help="calibrate on CPU: torch threads (one: a busy machine stalls multi-threaded ops)")
-    p.add_argument("--stat", choices=("median", "min"), default="median",
-                   help="calibrate: statistic of the --iters timings (min resists a busy shared machine)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="calibrate on CPU: torch threads (one: a busy machine stalls multi-threaded ops)",
+    )
+    p.add_argument(
+        "--stat",
+        choices=("median", "min"),
+        default="median",
+        help="calibrate: statistic of the --iters timings (min resists a busy shared machine)",
+    )
     p.add_argument("--timeout", type=float, default=120.0, help="process-group timeout, seconds")
     p.add_argument("--link-bandwidth", type=float, default=None, help="calibrate: bytes/s to record (else assumed)")
     p.add_argument("--cost-file", default=None, help="calibrate: plan with the hardware of an earlier calibration")
@@ -587,8 +719,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _fixed_mmap_threshold() -> None:
     """Restart once with a fixed glibc mmap threshold (before any process group exists), so that peak RSS
     measures tensors; glibc's default threshold grows after frees and then serves them from the resident heap."""
-    if (platform.system() == "Linux" and not torch.cuda.is_available()
-            and "MALLOC_MMAP_THRESHOLD_" not in os.environ):
+    if platform.system() == "Linux" and not torch.cuda.is_available() and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
 
 

@@ -64,13 +64,17 @@ def tokens_for(loads: np.ndarray, k: int, T: int, hidden: int, rng: np.random.Ge
 
 def run_rank(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     import torch
-
     from moebalance.integrations.distributed import ExpertParallelMoE, init_process_group
     from moebalance.integrations.torch import MoEConfig, MoELayer
 
     torch.set_num_threads(1)
-    init_process_group(args.backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                       timeout=datetime.timedelta(seconds=300))
+    init_process_group(
+        args.backend,
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=300),
+    )
     dev = torch.device("cuda", rank) if args.backend == "nccl" else torch.device("cpu")
     if args.backend == "nccl":
         torch.cuda.set_device(dev)
@@ -80,16 +84,18 @@ def run_rank(rank: int, world: int, port: int, args: argparse.Namespace) -> None
         n = E // world
         hidden = max(E, 16)
         torch.manual_seed(0)
-        layer = MoELayer(MoEConfig(hidden=hidden, ffn=args.ffn, num_experts=E, top_k=k, backend="torch",
-                                   dtype=torch.float32)).to(dev)
+        layer = MoELayer(
+            MoEConfig(hidden=hidden, ffn=args.ffn, num_experts=E, top_k=k, backend="torch", dtype=torch.float32)
+        ).to(dev)
         with torch.no_grad():
             layer.router.weight.zero_()
             layer.router.weight[:, :E] = 4.0 * torch.eye(E)
         runtimes = {
             "ep": dict(placement="ep"),
             "llep": dict(placement="llep"),
-            "replicas": dict(num_local_slots=n + max(1, n // 4), replication="eplb", window_size=4, step_interval=4,
-                             min_gain=0.02),
+            "replicas": dict(
+                num_local_slots=n + max(1, n // 4), replication="eplb", window_size=4, step_interval=4, min_gain=0.02
+            ),
         }
         res = {}
         for rt, opts in runtimes.items():
@@ -116,14 +122,26 @@ def run_rank(rank: int, world: int, port: int, args: argparse.Namespace) -> None
                     if rep is not None:
                         moved = torch.tensor([rep.bytes_moved], dtype=torch.float64, device=dev)
                         torch.distributed.all_reduce(moved)
-                        reps.append({"step": step + 1, "applied": rep.applied, "moves": rep.moves,
-                                     "bytes_moved": int(moved.item()), "bytes_saved": rep.bytes_saved,
-                                     "predicted_before": rep.balancedness_before,
-                                     "predicted_after": rep.balancedness_after, "reason": rep.reason})
+                        reps.append(
+                            {
+                                "step": step + 1,
+                                "applied": rep.applied,
+                                "moves": rep.moves,
+                                "bytes_moved": int(moved.item()),
+                                "bytes_saved": rep.bytes_saved,
+                                "predicted_before": rep.balancedness_before,
+                                "predicted_after": rep.balancedness_after,
+                                "reason": rep.reason,
+                            }
+                        )
             first = next((r["step"] for r in reps if r["applied"]), None)
-            res[rt] = {"balancedness": bal, "step_s_median": float(np.median(times[1:])),
-                       "before": float(np.mean(bal[:first])) if first else float(np.mean(bal)),
-                       "after": float(np.mean(bal[first:])) if first else None, "rebalances": reps}
+            res[rt] = {
+                "balancedness": bal,
+                "step_s_median": float(np.median(times[1:])),
+                "before": float(np.mean(bal[:first])) if first else float(np.mean(bal)),
+                "after": float(np.mean(bal[first:])) if first else None,
+                "rebalances": reps,
+            }
         out["sources"][name] = res
     if rank == 0:
         path = ROOT / "benchmarks" / "results" / f"ep_rebalance_P{world}.json"
@@ -134,15 +152,20 @@ def run_rank(rank: int, world: int, port: int, args: argparse.Namespace) -> None
 
 
 def table(out: dict) -> str:
-    rows = [f"P={out['world']}, {out['tokens_per_rank']} tokens per rank per step, {out['steps']} steps\n",
-            "| loads | runtime | balancedness before | after rebalancing | bytes moved per rebalance | "
-            "step time (ms, median) |", "|---|---|---|---|---|---|"]
+    rows = [
+        f"P={out['world']}, {out['tokens_per_rank']} tokens per rank per step, {out['steps']} steps\n",
+        "| loads | runtime | balancedness before | after rebalancing | bytes moved per rebalance | "
+        "step time (ms, median) |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, res in out["sources"].items():
         for rt, r in res.items():
             moved = [x["bytes_moved"] for x in r["rebalances"] if x["applied"]]
             after = "-" if r["after"] is None else f"{r['after']:.3f}"
-            rows.append(f"| {name} | {rt} | {r['before']:.3f} | {after} | "
-                        f"{', '.join(f'{m / 1024:.0f} KiB' for m in moved) or '-'} | {1e3 * r['step_s_median']:.1f} |")
+            rows.append(
+                f"| {name} | {rt} | {r['before']:.3f} | {after} | "
+                f"{', '.join(f'{m / 1024:.0f} KiB' for m in moved) or '-'} | {1e3 * r['step_s_median']:.1f} |"
+            )
     return "\n".join(rows)
 
 
@@ -153,8 +176,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128, help="tokens per rank per step")
     ap.add_argument("--ffn", type=int, default=32)
     ap.add_argument("--backend", default="gloo", choices=("gloo", "nccl"))
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "routing"),
-                    help="folder of the shared routing loads")
+    ap.add_argument(
+        "--data", default=str(ROOT.parent / "shared" / "data" / "routing"), help="folder of the shared routing loads"
+    )
     ap.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -165,8 +189,10 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--rank", str(r), "--port", str(port)],
-                              env=env) for r in range(args.world)]
+    procs = [
+        subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--rank", str(r), "--port", str(port)], env=env)
+        for r in range(args.world)
+    ]
     sys.exit(max(p.wait() for p in procs))
 
 

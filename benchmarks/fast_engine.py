@@ -58,8 +58,9 @@ def _tie_scores(kind: str, T: int, E: int, k: int, seed: int = 0):
 
 
 def ties(slow_paths: bool) -> list[dict[str, Any]]:
-    import moebalance as mb
     from moebalance.solvers.routing_fast import fast_route, warm_up
+
+    import moebalance as mb
 
     warm_up()
     rows = []
@@ -81,20 +82,22 @@ def ties(slow_paths: bool) -> list[dict[str, Any]]:
                     row["paths_only_s"] = round(time.perf_counter() - t0, 3)
                     row["paths_only_objective"] = float(p.evaluate(a).objective)
                 rows.append(row)
-                print(f"ties  {kind:<13} {T}x{E} k={k:<2}  mcf {row['mcf_s']:6.2f} s  fast {row['fast_s']:6.2f} s"
-                      f"  (engine {row['fast_engine']})"
-                      + (f"  paths only {row['paths_only_s']:6.2f} s" if "paths_only_s" in row else "")
-                      + f"  same optimum: {abs(row['fast_objective'] - row['mcf_objective']) <= 1e-9 * max(1, abs(row['mcf_objective']))}",
-                      flush=True)
+                print(
+                    f"ties  {kind:<13} {T}x{E} k={k:<2}  mcf {row['mcf_s']:6.2f} s  fast {row['fast_s']:6.2f} s"
+                    f"  (engine {row['fast_engine']})"
+                    + (f"  paths only {row['paths_only_s']:6.2f} s" if "paths_only_s" in row else "")
+                    + f"  same optimum: {abs(row['fast_objective'] - row['mcf_objective']) <= 1e-9 * max(1, abs(row['mcf_objective']))}",
+                    flush=True,
+                )
     return rows
 
 
 def warm() -> list[dict[str, Any]]:
     import numpy as np
+    from moebalance.solvers.routing_fast import warm_up
 
     import moebalance as mb
     from moebalance.generate import routing_problem
-    from moebalance.solvers.routing_fast import warm_up
 
     warm_up()
     rows = []
@@ -109,19 +112,31 @@ def warm() -> list[dict[str, Any]]:
                     base = {"random": rng.random(E), "ramp": np.arange(E, dtype=float), "const": np.ones(E)}[shape]
                     t0 = time.perf_counter()
                     sol = mb.solve(p, "fast", warm_start=mag * span * base)
-                    rows.append({"T": T, "E": E, "k": k, "seed": seed, "magnitude": mag, "shape": shape,
-                                 "loss": (ref - sol.objective) / abs(ref), "status": sol.status.value,
-                                 "seconds": round(time.perf_counter() - t0, 3)})
+                    rows.append(
+                        {
+                            "T": T,
+                            "E": E,
+                            "k": k,
+                            "seed": seed,
+                            "magnitude": mag,
+                            "shape": shape,
+                            "loss": (ref - sol.objective) / abs(ref),
+                            "status": sol.status.value,
+                            "seconds": round(time.perf_counter() - t0, 3),
+                        }
+                    )
     worst = max(r["loss"] for r in rows)
     bad = sum(r["loss"] > 1e-9 or r["status"] != "optimal" for r in rows)
-    print(f"warm  {len(rows)} warm-started solves, {bad} off the optimum (worst relative loss {worst:.2e}); "
-          f"slowest {max(r['seconds'] for r in rows):.2f} s", flush=True)
+    print(
+        f"warm  {len(rows)} warm-started solves, {bad} off the optimum (worst relative loss {worst:.2e}); "
+        f"slowest {max(r['seconds'] for r in rows):.2f} s",
+        flush=True,
+    )
     return rows
 
 
 def stops() -> list[dict[str, Any]]:
     import numpy as np
-
     from moebalance.solvers.routing_fast import fast_route, warm_up
 
     warm_up()
@@ -133,8 +148,14 @@ def stops() -> list[dict[str, Any]]:
         t0 = time.perf_counter()
         a, _, st = fast_route(s, k, cap, deadline=t0 + 1.0, handover=False)
         wall = time.perf_counter() - t0
-        rows.append({"case": f"deadline 1 s, identical rows 4096x64 k={k}, hand-over off", "wall_s": round(wall, 3),
-                     "stopped": st.get("stopped"), "within": wall <= 1.1 + 0.5})
+        rows.append(
+            {
+                "case": f"deadline 1 s, identical rows 4096x64 k={k}, hand-over off",
+                "wall_s": round(wall, 3),
+                "stopped": st.get("stopped"),
+                "within": wall <= 1.1 + 0.5,
+            }
+        )
         print(f"stops {rows[-1]['case']}: returned after {wall:.3f} s ({st.get('stopped') or 'finished'})", flush=True)
         import moebalance as mb
 
@@ -142,8 +163,15 @@ def stops() -> list[dict[str, Any]]:
         t0 = time.perf_counter()
         sol = mb.solve(p, "fast", time_limit=1.0)
         wall = time.perf_counter() - t0
-        rows.append({"case": f"solve(time_limit=1), identical rows 4096x64 k={k}", "wall_s": round(wall, 3),
-                     "status": sol.status.value, "engine": sol.stats.get("engine"), "within": wall <= 1.1 + 0.5})
+        rows.append(
+            {
+                "case": f"solve(time_limit=1), identical rows 4096x64 k={k}",
+                "wall_s": round(wall, 3),
+                "status": sol.status.value,
+                "engine": sol.stats.get("engine"),
+                "within": wall <= 1.1 + 0.5,
+            }
+        )
         print(f"stops {rows[-1]['case']}: {wall:.3f} s, {sol.status.value} ({sol.stats.get('engine')})", flush=True)
         sent: dict[str, float] = {}
 
@@ -158,10 +186,17 @@ def stops() -> list[dict[str, Any]]:
             late = None
         except KeyboardInterrupt:
             late = time.perf_counter() - sent["at"]
-        rows.append({"case": f"SIGINT 0.3 s in, identical rows 4096x64 k={k}, hand-over off",
-                     "seconds_after_signal": None if late is None else round(late, 4)})
-        print(f"stops {rows[-1]['case']}: KeyboardInterrupt "
-              f"{'never (finished first)' if late is None else f'{late * 1000:.1f} ms after the signal'}", flush=True)
+        rows.append(
+            {
+                "case": f"SIGINT 0.3 s in, identical rows 4096x64 k={k}, hand-over off",
+                "seconds_after_signal": None if late is None else round(late, 4),
+            }
+        )
+        print(
+            f"stops {rows[-1]['case']}: KeyboardInterrupt "
+            f"{'never (finished first)' if late is None else f'{late * 1000:.1f} ms after the signal'}",
+            flush=True,
+        )
     return rows
 
 
@@ -188,8 +223,9 @@ print(json.dumps(out))
 
 def _fresh_call(cache: str, limit: str) -> dict[str, Any]:
     env = dict(os.environ, NUMBA_CACHE_DIR=cache, PYTHONPATH=str(ROOT))
-    res = subprocess.run([sys.executable, "-c", _FIRST, limit], env=env, capture_output=True, text=True, cwd=ROOT,
-                         timeout=900)
+    res = subprocess.run(
+        [sys.executable, "-c", _FIRST, limit], env=env, capture_output=True, text=True, cwd=ROOT, timeout=900
+    )
     if res.returncode != 0:
         raise RuntimeError(res.stderr[-2000:])
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -211,10 +247,21 @@ def first() -> list[dict[str, Any]]:
     def row(case: str, r: dict[str, Any], call: str = "first") -> None:
         c = r[call]
         same = abs(c["objective"] - r["mcf_objective"]) <= 1e-9 * max(1.0, abs(r["mcf_objective"]))
-        rows.append({"case": case, "wall_s": round(c["wall_s"], 3), "status": c["status"], "engine": c["engine"],
-                     "engine_load_s": c["engine_load_s"], "optimal": same and c["status"] == "optimal"})
-        print(f"first {case:<58} {c['wall_s']:7.3f} s  {c['status']:<8} optimum={same!s:<5} engine={c['engine']}"
-              + (f" (load {c['engine_load_s']:.2f} s)" if c["engine_load_s"] else ""), flush=True)
+        rows.append(
+            {
+                "case": case,
+                "wall_s": round(c["wall_s"], 3),
+                "status": c["status"],
+                "engine": c["engine"],
+                "engine_load_s": c["engine_load_s"],
+                "optimal": same and c["status"] == "optimal",
+            }
+        )
+        print(
+            f"first {case:<58} {c['wall_s']:7.3f} s  {c['status']:<8} optimum={same!s:<5} engine={c['engine']}"
+            + (f" (load {c['engine_load_s']:.2f} s)" if c["engine_load_s"] else ""),
+            flush=True,
+        )
 
     with tempfile.TemporaryDirectory(prefix="moebalance-numba-") as cache:
         r = _fresh_call(cache, "5")
@@ -239,8 +286,9 @@ def first() -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sections", default="ties,warm,stops,first",
-                    help="comma-separated: ties, warm, stops, first (default: all)")
+    ap.add_argument(
+        "--sections", default="ties,warm,stops,first", help="comma-separated: ties, warm, stops, first (default: all)"
+    )
     ap.add_argument("--slow-paths", action="store_true", help="ties: also time the paths without the hand-over")
     ap.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help="JSON output path")
     args = ap.parse_args(argv)

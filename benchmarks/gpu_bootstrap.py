@@ -22,8 +22,8 @@ import importlib.util
 import os
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 __all__ = ["install", "package_dirs", "checkout_root"]
 
@@ -52,12 +52,13 @@ class _CheckoutFinder(importlib.abc.MetaPathFinder):
     def __init__(self, dirs: dict[str, Path]):
         self.dirs = dirs
 
-    def find_spec(self, name: str, path: Optional[Sequence[str]] = None, target=None):
+    def find_spec(self, name: str, path: Sequence[str] | None = None, target=None):
         folder = self.dirs.get(name)
         if folder is None or not (folder / "__init__.py").is_file():
             return None
-        return importlib.util.spec_from_file_location(name, folder / "__init__.py",
-                                                      submodule_search_locations=[str(folder)])
+        return importlib.util.spec_from_file_location(
+            name, folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
 
 
 class _BlockingPathFinder(importlib.machinery.PathFinder):

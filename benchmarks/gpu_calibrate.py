@@ -28,17 +28,37 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
 from gpu_common import Timer, base_parser, device, generator, import_simulator, is_dry, randn, write_part
 
 # the LLEP paper's Figure 4 speedups of LLEP over EP, gpt-oss-120b, P=8, 32K tokens per device
 PAPER_FIG4 = {30: (1.73, 2.41), 95: (5.19, 6.11)}
 WANTED_METHODS = ("ep", "eplb", "eplb-home", "llep", "llep+", "lp")
-GPU = {"model": "gpt-oss-120b", "devices": 8, "tokens_per_device": 32768, "rows": [128, 512, 2048, 8192, 32768],
-       "groups": [1, 8], "repeats": 10, "warmup": 2, "dtype": "bfloat16", "min_chunk": 1024, "copy_experts": 8,
-       "measure_scenarios": None}
-DRY = {"model": None, "devices": 4, "tokens_per_device": 64, "rows": [16, 64], "groups": [1, 4], "repeats": 1,
-       "warmup": 0, "dtype": "float32", "min_chunk": 16, "copy_experts": 2, "measure_scenarios": ["80:1"]}
+GPU = {
+    "model": "gpt-oss-120b",
+    "devices": 8,
+    "tokens_per_device": 32768,
+    "rows": [128, 512, 2048, 8192, 32768],
+    "groups": [1, 8],
+    "repeats": 10,
+    "warmup": 2,
+    "dtype": "bfloat16",
+    "min_chunk": 1024,
+    "copy_experts": 8,
+    "measure_scenarios": None,
+}
+DRY = {
+    "model": None,
+    "devices": 4,
+    "tokens_per_device": 64,
+    "rows": [16, 64],
+    "groups": [1, 4],
+    "repeats": 1,
+    "warmup": 0,
+    "dtype": "float32",
+    "min_chunk": 16,
+    "copy_experts": 2,
+    "measure_scenarios": ["80:1"],
+}
 
 
 def nnls2(samples: list[tuple[float, float, float]]) -> dict[str, float]:
@@ -57,8 +77,12 @@ def nnls2(samples: list[tuple[float, float, float]]) -> dict[str, float]:
             coef[j] = max(0.0, float(A[:, j] @ y / (A[:, j] @ A[:, j])))
     pred = A @ coef
     ss = float(((y - y.mean()) ** 2).sum())
-    return {"token_time": float(coef[0]), "gemm_time": float(coef[1]),
-            "r2": 1.0 - float(((y - pred) ** 2).sum()) / ss if ss > 0 else 1.0, "samples": len(samples)}
+    return {
+        "token_time": float(coef[0]),
+        "gemm_time": float(coef[1]),
+        "r2": 1.0 - float(((y - pred) ** 2).sum()) / ss if ss > 0 else 1.0,
+        "samples": len(samples),
+    }
 
 
 def placement_methods() -> tuple[list[str], dict[str, str]]:
@@ -85,31 +109,33 @@ def placement_methods() -> tuple[list[str], dict[str, str]]:
 
 def gemm_sweep(cfg, H: int, F: int, dev, dtype, timer: Timer, dry: bool) -> list[dict[str, Any]]:
     import torch
-
     from moebalance.kernels import expert_ffn
 
     G_max, n_max = max(cfg["groups"]), max(cfg["rows"])
     g = generator(dev, 3)
-    w = [randn((G_max, H, F), g, dev, dtype, H ** -0.5), randn((G_max, H, F), g, dev, dtype, H ** -0.5),
-         randn((G_max, F, H), g, dev, dtype, F ** -0.5)]
+    w = [
+        randn((G_max, H, F), g, dev, dtype, H**-0.5),
+        randn((G_max, H, F), g, dev, dtype, H**-0.5),
+        randn((G_max, F, H), g, dev, dtype, F**-0.5),
+    ]
     x_all = randn((G_max * n_max, H), g, dev, dtype)
     out = []
     for G in cfg["groups"]:
         for n in cfg["rows"]:
-            xs = x_all[:G * n]
+            xs = x_all[: G * n]
             ws = [t[:G] for t in w]
             counts = [n] * G
             counts_dev = torch.tensor(counts, device=dev)  # the GPU path: no host check of the counts
-            rec: dict[str, Any] = {"experts": G, "rows_per_expert": n, "rows": G * n,
-                                   "flops_fwd": 6 * G * n * H * F}
+            rec: dict[str, Any] = {"experts": G, "rows_per_expert": n, "rows": G * n, "flops_fwd": 6 * G * n * H * F}
             with torch.no_grad():
                 rec["fwd"] = timer(lambda: expert_ffn(xs, counts_dev, *ws, backend="triton"))
             if not dry or G == 1:
                 xr = xs.clone().requires_grad_(True)
                 wr = [t.clone().requires_grad_(True) for t in ws]
                 dy = torch.randn_like(xs)
-                rec["fwd_bwd"] = timer(lambda: torch.autograd.grad(
-                    expert_ffn(xr, counts_dev, *wr, backend="triton"), (xr, *wr), dy))
+                rec["fwd_bwd"] = timer(
+                    lambda: torch.autograd.grad(expert_ffn(xr, counts_dev, *wr, backend="triton"), (xr, *wr), dy)
+                )
                 del xr, wr
             rec["fwd_tflops"] = rec["flops_fwd"] / (rec["fwd"]["median_ms"] / 1e3) / 1e12
             out.append(rec)
@@ -156,14 +182,17 @@ def copy_bandwidth(cfg, H: int, F: int, dev, dtype, timer: Timer) -> dict[str, A
 def measured_makespans(cfg, sim, preset, cost, scenarios, dev, dtype, timer: Timer) -> list[dict[str, Any]]:
     """EP's and LLEP's plans per scenario; the two devices of highest fitted cost of each run on this GPU."""
     import torch
+    from moebalance.kernels import expert_ffn
 
     from moebalance import PlacementProblem, solve
-    from moebalance.kernels import expert_ffn
 
     E, H, F, P, T = preset.experts, preset.hidden, preset.ffn, cfg["devices"], cfg["tokens_per_device"]
     g = generator(dev, 5)
-    w = [randn((E, H, F), g, dev, dtype, H ** -0.5), randn((E, H, F), g, dev, dtype, H ** -0.5),
-         randn((E, F, H), g, dev, dtype, F ** -0.5)]
+    w = [
+        randn((E, H, F), g, dev, dtype, H**-0.5),
+        randn((E, H, F), g, dev, dtype, H**-0.5),
+        randn((E, F, H), g, dev, dtype, F**-0.5),
+    ]
     plans = {}
     for sc in scenarios:
         loads = sim.scenario_loads(sc, preset, P, T)
@@ -174,8 +203,7 @@ def measured_makespans(cfg, sim, preset, cost, scenarios, dev, dtype, timer: Tim
                 plans[(sc, m)] = None
                 continue
             x = np.asarray(s.assignment)
-            pred = [sum(cost.token_time * x[e, p] + cost.gemm_time for e in np.flatnonzero(x[:, p]))
-                    for p in range(P)]
+            pred = [sum(cost.token_time * x[e, p] + cost.gemm_time for e in np.flatnonzero(x[:, p])) for p in range(P)]
             plans[(sc, m)] = (x, pred)
     rows_max = max((int(v[0].sum(axis=0).max()) for v in plans.values() if v is not None), default=1)
     x_all = randn((rows_max, H), g, dev, dtype)
@@ -198,15 +226,23 @@ def measured_makespans(cfg, sim, preset, cost, scenarios, dev, dtype, timer: Tim
                         continue
                     counts = torch.tensor([int(x[e, p]) for e in es], device=dev)
                     ws = [t[torch.as_tensor(es, device=dev)] for t in w]
-                    xs = x_all[:int(counts.sum())]
+                    xs = x_all[: int(counts.sum())]
                     times[p] = timer(lambda: expert_ffn(xs, counts, *ws, backend="triton"))["median_ms"] / 1e3
-                rec[m] = {"devices_measured": devs, "measured_s": [times[p] for p in devs],
-                          "predicted_s": [float(pred[p]) for p in devs], "makespan_measured_s": max(times.values()),
-                          "device_rows": x.sum(axis=0).astype(int).tolist()}
-            if "makespan_measured_s" in rec.get("ep", {}) and "makespan_measured_s" in rec.get("llep", {}) \
-                    and rec["llep"]["makespan_measured_s"] > 0:
-                rec["llep_speedup_measured_compute"] = (rec["ep"]["makespan_measured_s"]
-                                                        / rec["llep"]["makespan_measured_s"])
+                rec[m] = {
+                    "devices_measured": devs,
+                    "measured_s": [times[p] for p in devs],
+                    "predicted_s": [float(pred[p]) for p in devs],
+                    "makespan_measured_s": max(times.values()),
+                    "device_rows": x.sum(axis=0).astype(int).tolist(),
+                }
+            if (
+                "makespan_measured_s" in rec.get("ep", {})
+                and "makespan_measured_s" in rec.get("llep", {})
+                and rec["llep"]["makespan_measured_s"] > 0
+            ):
+                rec["llep_speedup_measured_compute"] = (
+                    rec["ep"]["makespan_measured_s"] / rec["llep"]["makespan_measured_s"]
+                )
             out.append(rec)
             print(f"  measured {sc}: llep speedup (compute) {rec.get('llep_speedup_measured_compute')}", flush=True)
     return out
@@ -241,60 +277,91 @@ def main(argv: list[str] | None = None) -> int:
     fit_f = nnls2([(r["rows"], r["experts"], r["fwd"]["median_ms"] / 1e3) for r in sweep])
     fb = [(r["rows"], r["experts"], r["fwd_bwd"]["median_ms"] / 1e3) for r in sweep if "fwd_bwd" in r]
     fit_fb = nnls2(fb) if len(fb) >= 2 else None
-    print(f"fit forward: token_time {fit_f['token_time']:.3e} s, gemm_time {fit_f['gemm_time']:.3e} s, "
-          f"R^2 {fit_f['r2']:.4f}", flush=True)
+    print(
+        f"fit forward: token_time {fit_f['token_time']:.3e} s, gemm_time {fit_f['gemm_time']:.3e} s, "
+        f"R^2 {fit_f['r2']:.4f}",
+        flush=True,
+    )
     copies = copy_bandwidth(cfg, H, F, dev, dtype, timer)
 
     assumed = sim.Hardware(dtype_bytes=dtype_bytes)
     fitted_flops = fit_f["token_time"] > 0 and fit_f["r2"] > 0.5
-    measured = sim.Hardware(device_flops=6.0 * H * F / fit_f["token_time"] if fitted_flops else
-                            assumed.device_flops, link_bandwidth=assumed.link_bandwidth,
-                            gemm_overhead=fit_f["gemm_time"], dtype_bytes=dtype_bytes)
-    flops_source = ("measured: 6 * hidden * ffn / token_time of the forward fit" if fitted_flops else
-                    f"ASSUMED (simulator default): the fit is unusable (token_time {fit_f['token_time']:.3g} s, "
-                    f"R^2 {fit_f['r2']:.3f})")
+    measured = sim.Hardware(
+        device_flops=6.0 * H * F / fit_f["token_time"] if fitted_flops else assumed.device_flops,
+        link_bandwidth=assumed.link_bandwidth,
+        gemm_overhead=fit_f["gemm_time"],
+        dtype_bytes=dtype_bytes,
+    )
+    flops_source = (
+        "measured: 6 * hidden * ffn / token_time of the forward fit"
+        if fitted_flops
+        else f"ASSUMED (simulator default): the fit is unusable (token_time {fit_f['token_time']:.3g} s, "
+        f"R^2 {fit_f['r2']:.3f})"
+    )
     methods, missing = placement_methods()
     scenarios = ["balanced", *sim.PAPER_SCENARIOS]
     results = {}
     for name, hw in (("assumed", assumed), ("measured", measured)):
-        res = sim.simulate(preset, cfg["devices"], cfg["tokens_per_device"], scenarios=scenarios, methods=methods,
-                           hardware=hw, min_chunk=cfg["min_chunk"])
+        res = sim.simulate(
+            preset,
+            cfg["devices"],
+            cfg["tokens_per_device"],
+            scenarios=scenarios,
+            methods=methods,
+            hardware=hw,
+            min_chunk=cfg["min_chunk"],
+        )
         results[name] = {(r["scenario"], r["method"]): r for r in res.rows}
     sim_rows = []
     for sc in scenarios:
         for m in methods:
             a, b = results["assumed"].get((sc, m), {}), results["measured"].get((sc, m), {})
             pct = int(float(sc.split(":")[0])) if ":" in sc else None
-            ref = PAPER_FIG4.get(pct) if (m == "llep" and preset.name == "gpt-oss-120b" and cfg["devices"] == 8) \
-                else None
-            sim_rows.append({"scenario": sc, "method": m, "status": b.get("status"),
-                             "speedup_assumed_hw": a.get("speedup"), "speedup_measured_hw": b.get("speedup"),
-                             "makespan_measured_hw_s": b.get("makespan_s"), "imbalance": b.get("imbalance"),
-                             "paper_fig4_range": list(ref) if ref else None})
+            ref = (
+                PAPER_FIG4.get(pct) if (m == "llep" and preset.name == "gpt-oss-120b" and cfg["devices"] == 8) else None
+            )
+            sim_rows.append(
+                {
+                    "scenario": sc,
+                    "method": m,
+                    "status": b.get("status"),
+                    "speedup_assumed_hw": a.get("speedup"),
+                    "speedup_measured_hw": b.get("speedup"),
+                    "makespan_measured_hw_s": b.get("makespan_s"),
+                    "imbalance": b.get("imbalance"),
+                    "paper_fig4_range": list(ref) if ref else None,
+                }
+            )
     data = {
-        "settings": {**cfg, "model": preset.name, "hidden": H, "ffn": F, "experts": preset.experts,
-                     "top_k": preset.k},
+        "settings": {**cfg, "model": preset.name, "hidden": H, "ffn": F, "experts": preset.experts, "top_k": preset.k},
         "simulator_module": sim.__name__,
         "gemm_sweep": sweep,
-        "fit_forward": fit_f, "fit_forward_backward": fit_fb,
+        "fit_forward": fit_f,
+        "fit_forward_backward": fit_fb,
         "copy": copies,
-        "hardware_assumed": dataclasses.asdict(assumed), "hardware_measured": dataclasses.asdict(measured),
+        "hardware_assumed": dataclasses.asdict(assumed),
+        "hardware_measured": dataclasses.asdict(measured),
         "device_flops_source": flops_source,
         "link_bandwidth_source": "assumed (simulator default): NVLink GPU-to-GPU copies cannot be measured on one "
-                                 "GPU; the device-to-device and host copies above are for reference",
-        "cost_model_measured": dataclasses.asdict(CostModel(token_time=fit_f["token_time"],
-                                                            gemm_time=fit_f["gemm_time"])),
-        "methods": methods, "methods_missing_backend": missing,
-        "simulator": sim_rows, "measured_makespans": [], "complete": False,
+        "GPU; the device-to-device and host copies above are for reference",
+        "cost_model_measured": dataclasses.asdict(
+            CostModel(token_time=fit_f["token_time"], gemm_time=fit_f["gemm_time"])
+        ),
+        "methods": methods,
+        "methods_missing_backend": missing,
+        "simulator": sim_rows,
+        "measured_makespans": [],
+        "complete": False,
     }
     for r in sim_rows:
         if r["method"] == "llep":
-            print(f"  simulated {r['scenario']}: llep speedup assumed {r['speedup_assumed_hw']}, "
-                  f"measured hw {r['speedup_measured_hw']}, paper {r['paper_fig4_range']}")
+            print(
+                f"  simulated {r['scenario']}: llep speedup assumed {r['speedup_assumed_hw']}, "
+                f"measured hw {r['speedup_measured_hw']}, paper {r['paper_fig4_range']}"
+            )
     write_part(args.out, "calibration", data, dev, dry)  # the fit and the simulator survive a stop below
     mscen = cfg["measure_scenarios"] or scenarios
-    data["measured_makespans"] = measured_makespans(cfg, sim, preset, measured.cost(preset), mscen, dev, dtype,
-                                                    timer)
+    data["measured_makespans"] = measured_makespans(cfg, sim, preset, measured.cost(preset), mscen, dev, dtype, timer)
     data["complete"] = True
     write_part(args.out, "calibration", data, dev, dry)
     return 0

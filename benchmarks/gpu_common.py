@@ -21,17 +21,32 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import gpu_bootstrap  # noqa: F401  (the checkout's package mapping, also when run without the suite)
 
-__all__ = ["is_dry", "base_parser", "device", "Timer", "timing_stats", "device_info", "slug", "write_part",
-           "expert_flops", "dense_flops", "generator", "randn", "now", "import_simulator", "module_available"]
+__all__ = [
+    "is_dry",
+    "base_parser",
+    "device",
+    "Timer",
+    "timing_stats",
+    "device_info",
+    "slug",
+    "write_part",
+    "expert_flops",
+    "dense_flops",
+    "generator",
+    "randn",
+    "now",
+    "import_simulator",
+    "module_available",
+]
 
 
-
-def is_dry(args: Optional[argparse.Namespace] = None) -> bool:
+def is_dry(args: argparse.Namespace | None = None) -> bool:
     if args is not None and getattr(args, "dry_run", False):
         return True
     return os.environ.get("GPU_SUITE_DRY", "0").lower() in ("1", "true", "yes", "on")
@@ -61,8 +76,14 @@ def timing_stats(times_s: list[float]) -> dict[str, float]:
     ts = sorted(times_s)
     q = statistics.quantiles(ts, n=4, method="inclusive") if len(ts) >= 2 else [ts[0]] * 3
     med = statistics.median(ts)
-    return {"median_ms": med * 1e3, "min_ms": ts[0] * 1e3, "q1_ms": q[0] * 1e3, "q3_ms": q[2] * 1e3,
-            "iqr_rel": (q[2] - q[0]) / med if med > 0 else 0.0, "runs": len(ts)}
+    return {
+        "median_ms": med * 1e3,
+        "min_ms": ts[0] * 1e3,
+        "q1_ms": q[0] * 1e3,
+        "q3_ms": q[2] * 1e3,
+        "iqr_rel": (q[2] - q[0]) / med if med > 0 else 0.0,
+        "runs": len(ts),
+    }
 
 
 class Timer:
@@ -136,8 +157,12 @@ def module_available(name: str) -> bool:
 def device_info(dev) -> dict[str, Any]:
     import torch
 
-    info: dict[str, Any] = {"device_type": dev.type, "torch": torch.__version__, "python": platform.python_version(),
-                            "cuda": torch.version.cuda}
+    info: dict[str, Any] = {
+        "device_type": dev.type,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+    }
     try:
         import triton
 
@@ -146,8 +171,12 @@ def device_info(dev) -> dict[str, Any]:
         info["triton"] = None
     if dev.type == "cuda":
         p = torch.cuda.get_device_properties(dev)
-        info.update(name=p.name, capability=f"{p.major}.{p.minor}", multiprocessors=p.multi_processor_count,
-                    memory_gib=round(p.total_memory / 2**30, 1))
+        info.update(
+            name=p.name,
+            capability=f"{p.major}.{p.minor}",
+            multiprocessors=p.multi_processor_count,
+            memory_gib=round(p.total_memory / 2**30, 1),
+        )
     else:
         from moebalance._machine import cpu_name
 
@@ -174,8 +203,14 @@ def _clean(obj: Any) -> Any:
 
 def write_part(path: Path, section: str, data: dict[str, Any], dev, dry: bool) -> None:
     """Write one section's JSON: ``{"section", "dry_run", "date", "device", "command", **data}``."""
-    payload = {"section": section, "dry_run": dry, "date": now(), "device": device_info(dev),
-               "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), **data}
+    payload = {
+        "section": section,
+        "dry_run": dry,
+        "date": now(),
+        "device": device_info(dev),
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        **data,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_clean(payload), indent=1, allow_nan=False, default=str) + "\n", encoding="utf-8")
     print(f"wrote {path}")

@@ -21,8 +21,19 @@ from typing import Any
 
 from gpu_common import Timer, base_parser, dense_flops, device, is_dry, module_available, write_part
 
-PACKAGES = ("numpy", "scipy", "torch", "triton", "tqdm", "matplotlib", "pytest", "hypothesis", "ortools", "cvxpy",
-            "highspy")
+PACKAGES = (
+    "numpy",
+    "scipy",
+    "torch",
+    "triton",
+    "tqdm",
+    "matplotlib",
+    "pytest",
+    "hypothesis",
+    "ortools",
+    "cvxpy",
+    "highspy",
+)
 
 
 def packages() -> dict[str, Any]:
@@ -54,8 +65,9 @@ def nvidia_smi() -> dict[str, Any]:
         return {"available": False}
     fields = "name,driver_version,clocks.sm,clocks.mem,clocks.max.sm,temperature.gpu,power.draw,memory.used"
     try:
-        r = subprocess.run([exe, f"--query-gpu={fields}", "--format=csv,noheader"], capture_output=True,
-                           text=True, timeout=20)
+        r = subprocess.run(
+            [exe, f"--query-gpu={fields}", "--format=csv,noheader"], capture_output=True, text=True, timeout=20
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return {"available": True, "error": repr(exc)}
     return {"available": True, "fields": fields, "rows": r.stdout.strip().splitlines(), "rc": r.returncode}
@@ -91,11 +103,18 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.backends.cuda.matmul.allow_tf32 = False
     dtype = torch.float32 if dry else torch.bfloat16
-    data = {"dtype": str(dtype).replace("torch.", ""), "packages": packages(), "imports": imports(),
-            "nvidia_smi": nvidia_smi(), "ceilings": ceilings(dev, dtype, dry)}
+    data = {
+        "dtype": str(dtype).replace("torch.", ""),
+        "packages": packages(),
+        "imports": imports(),
+        "nvidia_smi": nvidia_smi(),
+        "ceilings": ceilings(dev, dtype, dry),
+    }
     c = data["ceilings"]
-    print(f"copy {c['copy']['bytes_per_s'] / 1e9:.1f} GB/s (read+write); matmul n={c['matmul']['n']} "
-          f"{c['matmul']['tflops']:.2f} TFLOP/s; packages {data['packages']}")
+    print(
+        f"copy {c['copy']['bytes_per_s'] / 1e9:.1f} GB/s (read+write); matmul n={c['matmul']['n']} "
+        f"{c['matmul']['tflops']:.2f} TFLOP/s; packages {data['packages']}"
+    )
     write_part(args.out, "env", data, dev, dry)
     return 0
 

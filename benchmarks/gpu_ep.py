@@ -25,10 +25,17 @@ from typing import Any
 
 from gpu_common import base_parser, device, is_dry, write_part
 
-GPU = {"tokens": 32768, "hidden": 2048, "ffn": 1024, "experts": 64, "top_k": 8, "repeats": 10, "warmup": 3,
-       "dtype": "bfloat16"}
-DRY = {"tokens": 64, "hidden": 32, "ffn": 32, "experts": 8, "top_k": 2, "repeats": 1, "warmup": 0,
-       "dtype": "float32"}
+GPU = {
+    "tokens": 32768,
+    "hidden": 2048,
+    "ffn": 1024,
+    "experts": 64,
+    "top_k": 8,
+    "repeats": 10,
+    "warmup": 3,
+    "dtype": "bfloat16",
+}
+DRY = {"tokens": 64, "hidden": 32, "ffn": 32, "experts": 8, "top_k": 2, "repeats": 1, "warmup": 0, "dtype": "float32"}
 PLACEMENTS = ("ep", "llep", "llep+")
 # the replicated runtime on one rank: two redundant slots hold copies of the two hottest experts after a re-plan
 REPLICATED = {"num_local_slots_extra": 2, "replication": "eplb", "replica_split": "even"}
@@ -68,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     dev = device(dry)
     import torch
     import torch.distributed as dist
-
     from moebalance.integrations.distributed import ExpertParallelMoE, init_process_group
     from moebalance.integrations.torch import MoEConfig, MoELayer
 
@@ -90,8 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     init_s = time.perf_counter() - t0
     dtype = getattr(torch, cfg["dtype"])
     torch.manual_seed(0)
-    layer = MoELayer(MoEConfig(hidden=cfg["hidden"], ffn=cfg["ffn"], num_experts=cfg["experts"], top_k=cfg["top_k"],
-                               dtype=dtype, backend="auto" if not dry else "triton"), device=dev)
+    layer = MoELayer(
+        MoEConfig(
+            hidden=cfg["hidden"],
+            ffn=cfg["ffn"],
+            num_experts=cfg["experts"],
+            top_k=cfg["top_k"],
+            dtype=dtype,
+            backend="auto" if not dry else "triton",
+        ),
+        device=dev,
+    )
     g = torch.Generator(device="cpu").manual_seed(11)
     u = torch.randn(cfg["hidden"], generator=g)
     u = u / u.norm()
@@ -113,9 +128,16 @@ def main(argv: list[str] | None = None) -> int:
         base["fwd"] = _wall(lambda: layer(x), dev, cfg["repeats"], cfg["warmup"])
     rows: list[dict[str, Any]] = []
     cases = [(name, {"placement": name}) for name in PLACEMENTS]
-    cases.append(("replicated", {"num_local_slots": cfg["experts"] + REPLICATED["num_local_slots_extra"],
-                                 "replication": REPLICATED["replication"],
-                                 "replica_split": REPLICATED["replica_split"]}))
+    cases.append(
+        (
+            "replicated",
+            {
+                "num_local_slots": cfg["experts"] + REPLICATED["num_local_slots_extra"],
+                "replication": REPLICATED["replication"],
+                "replica_split": REPLICATED["replica_split"],
+            },
+        )
+    )
     for placement, options in cases:
         row: dict[str, Any] = {"placement": placement}
         try:
@@ -143,17 +165,32 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # report and go on with the next placement
             row["error"] = f"{type(exc).__name__}: {exc}"[:500]
         rows.append(row)
-        print(f"{placement}: fwd+bwd {row.get('fwd_bwd', {}).get('median_ms', float('nan')):.2f} ms "
-              f"(layer {base['fwd_bwd']['median_ms']:.2f}), diff {row.get('out_rel_diff_vs_layer')}"
-              + (f" ERROR {row['error']}" if "error" in row else ""), flush=True)
+        print(
+            f"{placement}: fwd+bwd {row.get('fwd_bwd', {}).get('median_ms', float('nan')):.2f} ms "
+            f"(layer {base['fwd_bwd']['median_ms']:.2f}), diff {row.get('out_rel_diff_vs_layer')}"
+            + (f" ERROR {row['error']}" if "error" in row else ""),
+            flush=True,
+        )
     dist.barrier()
     backend_used = dist.get_backend()
     world = dist.get_world_size()
     dist.destroy_process_group()
     phases = sorted({k for r in rows for k in r.get("phases_s", {})})
-    write_part(args.out, "ep", {"settings": cfg, "backend": backend_used, "world_size": world,
-                                "init_process_group_s": init_s, "layer": base, "rows": rows, "phases": phases},
-           dev, dry)
+    write_part(
+        args.out,
+        "ep",
+        {
+            "settings": cfg,
+            "backend": backend_used,
+            "world_size": world,
+            "init_process_group_s": init_s,
+            "layer": base,
+            "rows": rows,
+            "phases": phases,
+        },
+        dev,
+        dry,
+    )
     return 0
 
 

@@ -29,10 +29,28 @@ from typing import Any
 
 from gpu_common import Timer, base_parser, dense_flops, device, expert_flops, generator, is_dry, randn, write_part
 
-GPU = {"tokens": 32768, "hidden": 2048, "ffn": 1024, "experts": [8, 64, 256], "top_k": [2, 8], "repeats": 20,
-       "warmup": 3, "dtype": "bfloat16", "block_m": None}
-DRY = {"tokens": 64, "hidden": 32, "ffn": 32, "experts": [8, 16], "top_k": [2], "repeats": 1, "warmup": 0,
-       "dtype": "float32", "block_m": 16}
+GPU = {
+    "tokens": 32768,
+    "hidden": 2048,
+    "ffn": 1024,
+    "experts": [8, 64, 256],
+    "top_k": [2, 8],
+    "repeats": 20,
+    "warmup": 3,
+    "dtype": "bfloat16",
+    "block_m": None,
+}
+DRY = {
+    "tokens": 64,
+    "hidden": 32,
+    "ffn": 32,
+    "experts": [8, 16],
+    "top_k": [2],
+    "repeats": 1,
+    "warmup": 0,
+    "dtype": "float32",
+    "block_m": 16,
+}
 ROUTINGS = ("balanced", "skewed")
 METHODS = ("triton", "torch_loop", "torch_grouped_mm", "dense")
 TOL = {"bfloat16": 2e-2, "float16": 1e-2, "float32": 1e-4}
@@ -41,21 +59,24 @@ TOL = {"bfloat16": 2e-2, "float16": 1e-2, "float32": 1e-4}
 def _rel(a, b) -> float:
     import torch
 
-    return float(torch.linalg.vector_norm(a.double() - b.double()) / torch.linalg.vector_norm(b.double()).clamp_min(
-        1e-30))
+    return float(
+        torch.linalg.vector_norm(a.double() - b.double()) / torch.linalg.vector_norm(b.double()).clamp_min(1e-30)
+    )
 
 
 def _case(T: int, H: int, F: int, E: int, k: int, routing: str, dtype, dev, timer: Timer, block_m) -> dict[str, Any]:
     import torch
     from moe_layer import make_routing
-
     from moebalance.kernels import grouped_mm_available, moe_experts
 
     g = generator(dev, 1000 * E + 10 * k + (routing == "skewed"))
     mk = lambda *s, scale=1.0: randn(s, g, dev, dtype, scale)  # noqa: E731
     x = mk(T, H).requires_grad_(True)
-    w = [mk(E, H, F, scale=H ** -0.5).requires_grad_(True), mk(E, H, F, scale=H ** -0.5).requires_grad_(True),
-         mk(E, F, H, scale=F ** -0.5).requires_grad_(True)]
+    w = [
+        mk(E, H, F, scale=H**-0.5).requires_grad_(True),
+        mk(E, H, F, scale=H**-0.5).requires_grad_(True),
+        mk(E, F, H, scale=F**-0.5).requires_grad_(True),
+    ]
     eidx, share = make_routing(T, E, k, routing, seed=E + k, device=dev)
     gates = torch.softmax(randn((T, k), g, dev, torch.float32), -1).requires_grad_(True)
     dy = mk(T, H)
@@ -63,10 +84,20 @@ def _case(T: int, H: int, F: int, E: int, k: int, routing: str, dtype, dev, time
     loads = torch.bincount(eidx.reshape(-1), minlength=E).float()
     fwd_flops = expert_flops(T, k, H, F)
     row: dict[str, Any] = {
-        "tokens": T, "hidden": H, "ffn": F, "experts": E, "k": k, "routing": routing, "pairs": P,
-        "hot_share": round(share, 4), "load_max_over_mean": float(loads.max() / loads.mean()),
-        "gemm_flops_fwd": fwd_flops, "gemm_flops_bwd": 2 * fwd_flops, "dense_shape": [P, H, 3 * F],
-        "dense_flops_fwd": dense_flops(P, H, 3 * F), "methods": {},
+        "tokens": T,
+        "hidden": H,
+        "ffn": F,
+        "experts": E,
+        "k": k,
+        "routing": routing,
+        "pairs": P,
+        "hot_share": round(share, 4),
+        "load_max_over_mean": float(loads.max() / loads.mean()),
+        "gemm_flops_fwd": fwd_flops,
+        "gemm_flops_bwd": 2 * fwd_flops,
+        "dense_shape": [P, H, 3 * F],
+        "dense_flops_fwd": dense_flops(P, H, 3 * F),
+        "methods": {},
     }
     inputs = (x, gates, *w)
 
@@ -83,14 +114,16 @@ def _case(T: int, H: int, F: int, E: int, k: int, routing: str, dtype, dev, time
         fwd = lambda: moe_experts(x, eidx, gates, *w, **kw)  # noqa: E731
         return fwd, inputs
 
-    methods: dict[str, Any] = {"triton": moe(backend="triton", block_m=block_m),
-                               "torch_loop": moe(backend="torch", torch_impl="loop")}
+    methods: dict[str, Any] = {
+        "triton": moe(backend="triton", block_m=block_m),
+        "torch_loop": moe(backend="torch", torch_impl="loop"),
+    }
     if grouped_mm_available(x, w[0]) and grouped_mm_available(x.new_empty(0, F), w[2]):
         methods["torch_grouped_mm"] = moe(backend="torch", torch_impl="grouped_mm")
     else:
         methods["torch_grouped_mm"] = f"torch._grouped_mm unavailable for {dtype} on {dev.type}"
     a = mk(P, H).requires_grad_(True)
-    b = mk(H, 3 * F, scale=H ** -0.5).requires_grad_(True)
+    b = mk(H, 3 * F, scale=H**-0.5).requires_grad_(True)
     db = mk(P, 3 * F)
     methods["dense"] = (lambda: a @ b, (a, b), db)
 
@@ -113,8 +146,9 @@ def _case(T: int, H: int, F: int, E: int, k: int, routing: str, dtype, dev, time
             y = fwd()  # one graph, its backward timed alone
             grads = torch.autograd.grad(y, ins, grad_out, retain_graph=True)
             if name == "triton":
-                rec["grad_rel_err_vs_fp32"] = {n: _rel(gv, r) for n, gv, r in
-                                               zip(("x", "gates", "w_gate", "w_up", "w_down"), grads, ref_g)}
+                rec["grad_rel_err_vs_fp32"] = {
+                    n: _rel(gv, r) for n, gv, r in zip(("x", "gates", "w_gate", "w_up", "w_down"), grads, ref_g)
+                }
             del grads
             rec["bwd"] = timer(lambda: torch.autograd.grad(y, ins, grad_out, retain_graph=True))
             del y
@@ -137,8 +171,9 @@ def _case(T: int, H: int, F: int, E: int, k: int, routing: str, dtype, dev, time
     tri = row["methods"]["triton"]
     errs = [tri.get("fwd_rel_err_vs_fp32")] + list(tri.get("grad_rel_err_vs_fp32", {}).values())
     row["triton_tolerance"] = tol
-    row["triton_correct"] = bool(errs[0] is not None and len(errs) == 6 and all(e is not None and e <= tol
-                                                                                 for e in errs))
+    row["triton_correct"] = bool(
+        errs[0] is not None and len(errs) == 6 and all(e is not None and e <= tol for e in errs)
+    )
     return row
 
 
@@ -181,14 +216,31 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, cfg["dtype"])
     timer = Timer(dev, cfg["repeats"], cfg["warmup"])
     rows: list[dict[str, Any]] = []
-    grid = [(E, k, rt) for E in cfg["experts"] for k in cfg["top_k"] for rt in cfg["routing"]
-            if k <= E and not (rt == "skewed" and E <= 4)]
+    grid = [
+        (E, k, rt)
+        for E in cfg["experts"]
+        for k in cfg["top_k"]
+        for rt in cfg["routing"]
+        if k <= E and not (rt == "skewed" and E <= 4)
+    ]
 
     def save(complete: bool) -> None:  # after every case: a step stopped by its time limit keeps what it measured
-        write_part(args.out, "kernels", {"settings": cfg, "methods": list(METHODS), "rows": rows,
-                                         "complete": complete, "cases_planned": len(grid),
-                                         "timing": "CUDA events, median" if dev.type == "cuda" else
-                                         "perf_counter, median (dry run: not a measurement)"}, dev, dry)
+        write_part(
+            args.out,
+            "kernels",
+            {
+                "settings": cfg,
+                "methods": list(METHODS),
+                "rows": rows,
+                "complete": complete,
+                "cases_planned": len(grid),
+                "timing": "CUDA events, median"
+                if dev.type == "cuda"
+                else "perf_counter, median (dry run: not a measurement)",
+            },
+            dev,
+            dry,
+        )
 
     for E in cfg["experts"]:
         for k in cfg["top_k"]:
@@ -196,24 +248,35 @@ def main(argv: list[str] | None = None) -> int:
                 if k > E or (routing == "skewed" and E <= 4):
                     continue
                 try:
-                    r = _case(cfg["tokens"], cfg["hidden"], cfg["ffn"], E, k, routing, dtype, dev, timer,
-                              cfg["block_m"])
+                    r = _case(
+                        cfg["tokens"], cfg["hidden"], cfg["ffn"], E, k, routing, dtype, dev, timer, cfg["block_m"]
+                    )
                 except Exception as exc:  # e.g. out of memory building the case: record it, go on
-                    r = {"tokens": cfg["tokens"], "hidden": cfg["hidden"], "ffn": cfg["ffn"], "experts": E, "k": k,
-                         "routing": routing, "methods": {}, "triton_correct": False,
-                         "error": f"{type(exc).__name__}: {exc}"[:500]}
+                    r = {
+                        "tokens": cfg["tokens"],
+                        "hidden": cfg["hidden"],
+                        "ffn": cfg["ffn"],
+                        "experts": E,
+                        "k": k,
+                        "routing": routing,
+                        "methods": {},
+                        "triton_correct": False,
+                        "error": f"{type(exc).__name__}: {exc}"[:500],
+                    }
                     if dev.type == "cuda":
                         torch.cuda.empty_cache()
                 rows.append(r)
                 t = r["methods"].get("triton", {"error": r.get("error")})
-                print(f"E={E:<4} k={k} {routing:<8} triton fwd "
-                      f"{t.get('fwd', {}).get('median_ms', float('nan')):.3f} ms "
-                      f"({r.get('triton_fwd_share_of_dense', float('nan')):.2f} of dense, "
-                      f"{r.get('triton_fwd_speedup_vs_loop', float('nan')):.2f}x loop), bwd "
-                      f"{t.get('bwd', {}).get('median_ms', float('nan')):.3f} ms "
-                      f"({r.get('triton_bwd_share_of_dense', float('nan')):.2f} of dense), "
-                      f"correct={r['triton_correct']}" + (f" ERROR {t['error']}" if "error" in t else ""),
-                      flush=True)
+                print(
+                    f"E={E:<4} k={k} {routing:<8} triton fwd "
+                    f"{t.get('fwd', {}).get('median_ms', float('nan')):.3f} ms "
+                    f"({r.get('triton_fwd_share_of_dense', float('nan')):.2f} of dense, "
+                    f"{r.get('triton_fwd_speedup_vs_loop', float('nan')):.2f}x loop), bwd "
+                    f"{t.get('bwd', {}).get('median_ms', float('nan')):.3f} ms "
+                    f"({r.get('triton_bwd_share_of_dense', float('nan')):.2f} of dense), "
+                    f"correct={r['triton_correct']}" + (f" ERROR {t['error']}" if "error" in t else ""),
+                    flush=True,
+                )
                 save(complete=False)
     save(complete=True)
     return 0

@@ -23,22 +23,38 @@ from typing import Any
 
 from gpu_common import Timer, base_parser, device, expert_flops, is_dry, write_part
 
-GPU = {"tokens": 32768, "hidden": 2048, "ffn": 1024, "experts": 64, "top_k": 8, "repeats": 10, "warmup": 3,
-       "dtype": "bfloat16"}
-DRY = {"tokens": 64, "hidden": 32, "ffn": 32, "experts": 8, "top_k": 2, "repeats": 2, "warmup": 0,
-       "dtype": "float32"}
+GPU = {
+    "tokens": 32768,
+    "hidden": 2048,
+    "ffn": 1024,
+    "experts": 64,
+    "top_k": 8,
+    "repeats": 10,
+    "warmup": 3,
+    "dtype": "bfloat16",
+}
+DRY = {"tokens": 64, "hidden": 32, "ffn": 32, "experts": 8, "top_k": 2, "repeats": 2, "warmup": 0, "dtype": "float32"}
 BALANCERS = ("none", "aux_loss", "loss_free", "bip")
 BACKENDS = ("triton", "torch")
 
 
 def _layer(cfg: dict[str, Any], balancer: str, backend: str, dev, dtype, u):
     import torch
-
     from moebalance.integrations.torch import MoEConfig, MoELayer
 
     torch.manual_seed(0)
-    layer = MoELayer(MoEConfig(hidden=cfg["hidden"], ffn=cfg["ffn"], num_experts=cfg["experts"],
-                               top_k=cfg["top_k"], balancer=balancer, backend=backend, dtype=dtype), device=dev)
+    layer = MoELayer(
+        MoEConfig(
+            hidden=cfg["hidden"],
+            ffn=cfg["ffn"],
+            num_experts=cfg["experts"],
+            top_k=cfg["top_k"],
+            balancer=balancer,
+            backend=backend,
+            dtype=dtype,
+        ),
+        device=dev,
+    )
     with torch.no_grad():
         layer.router.weight[:4] += 2.0 * u.to(dtype)
     return layer
@@ -98,11 +114,16 @@ def run(cfg: dict[str, Any], dev, dtype) -> list[dict[str, Any]]:
             b = next((q for q in rows if q["balancer"] == "none" and q["backend"] == r["backend"]), None)
             if b and "train_step" in b and "train_step" in r:
                 r["train_step_vs_none"] = r["train_step"]["median_ms"] / b["train_step"]["median_ms"]
-        print("  ".join(f"{r['balancer']}/{r['backend']}: train "
-                        f"{r.get('train_step', {}).get('median_ms', float('nan')):.2f} ms, max_vio "
-                        f"{r.get('max_vio_first_step', float('nan')):.2f}->"
-                        f"{r.get('max_vio_last_step', float('nan')):.2f}"
-                        + (f" ERROR {r['error']}" if "error" in r else "") for r in rows[-2:]), flush=True)
+        print(
+            "  ".join(
+                f"{r['balancer']}/{r['backend']}: train "
+                f"{r.get('train_step', {}).get('median_ms', float('nan')):.2f} ms, max_vio "
+                f"{r.get('max_vio_first_step', float('nan')):.2f}->"
+                f"{r.get('max_vio_last_step', float('nan')):.2f}" + (f" ERROR {r['error']}" if "error" in r else "")
+                for r in rows[-2:]
+            ),
+            flush=True,
+        )
     return rows
 
 
@@ -123,8 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     if dev.type == "cpu":
         torch.set_num_threads(1)
     rows = run(cfg, dev, getattr(torch, cfg["dtype"]))
-    write_part(args.out, "layer", {"settings": cfg, "balancers": list(BALANCERS), "backends": list(BACKENDS),
-                                   "rows": rows}, dev, dry)
+    write_part(
+        args.out,
+        "layer",
+        {"settings": cfg, "balancers": list(BALANCERS), "backends": list(BACKENDS), "rows": rows},
+        dev,
+        dry,
+    )
     return 0
 
 

@@ -57,9 +57,8 @@ def skew(model, mbt, shift: float = 2.0, seed: int = 2) -> None:
 
 def finetune(arch: str, balancer: str, train, val, args) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM
-
     from moebalance.integrations import transformers as mbt
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(mbt.tiny_config(arch, hidden=args.hidden, ffn=args.ffn, vocab=256))
@@ -75,7 +74,7 @@ def finetune(arch: str, balancer: str, train, val, args) -> dict:
     losses, maxvio, t0 = [], [], time.perf_counter()
     for step in range(args.steps):
         starts = rng.integers(0, train.size - S - 1, B)
-        ids = torch.from_numpy(np.stack([train[s:s + S] for s in starts]).astype(np.int64))
+        ids = torch.from_numpy(np.stack([train[s : s + S] for s in starts]).astype(np.int64))
         out = model(ids, labels=ids)
         loss = out.loss + (mbt.aux_loss(model) if balancer == "aux_loss" else 0)
         loss.backward()
@@ -91,10 +90,18 @@ def finetune(arch: str, balancer: str, train, val, args) -> dict:
         val_loss = float(model(ids, labels=ids).loss)
         val_vio = float(np.mean([s.max_vio for s in mbt.load_stats(model)]))
     tail = max(1, args.steps // 10)
-    return {"arch": arch, "balancer": balancer, "loss": losses, "max_vio": maxvio, "val_loss": val_loss,
-            "val_max_vio": val_vio, "final_loss": float(np.mean(losses[-tail:])),
-            "final_max_vio": float(np.mean(maxvio[-tail:])), "first_max_vio": maxvio[0],
-            "step_time_s": wall / args.steps}
+    return {
+        "arch": arch,
+        "balancer": balancer,
+        "loss": losses,
+        "max_vio": maxvio,
+        "val_loss": val_loss,
+        "val_max_vio": val_vio,
+        "final_loss": float(np.mean(losses[-tail:])),
+        "final_max_vio": float(np.mean(maxvio[-tail:])),
+        "first_max_vio": maxvio[0],
+        "step_time_s": wall / args.steps,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -105,10 +112,9 @@ def finetune(arch: str, balancer: str, train, val, args) -> dict:
 def _ep_worker(rank: int, world: int, store: str, out: str, args_json: str) -> None:
     import torch
     import torch.distributed as dist
-    from transformers import AutoModelForCausalLM
-
     import transformers
     from moebalance.integrations import transformers as mbt
+    from transformers import AutoModelForCausalLM
 
     transformers.logging.set_verbosity_error()
     a = json.loads(args_json)
@@ -120,8 +126,9 @@ def _ep_worker(rank: int, world: int, store: str, out: str, args_json: str) -> N
     models = {}
     for placement in ("ep", "llep"):
         torch.manual_seed(0)
-        m = AutoModelForCausalLM.from_config(mbt.tiny_config("mixtral", hidden=a["ep_hidden"], ffn=a["ep_ffn"],
-                                                              layers=a["ep_layers"], vocab=256))
+        m = AutoModelForCausalLM.from_config(
+            mbt.tiny_config("mixtral", hidden=a["ep_hidden"], ffn=a["ep_ffn"], layers=a["ep_layers"], vocab=256)
+        )
         skew(m, mbt)
         opts = {"min_chunk": a["min_chunk"]} if placement == "llep" else {}
         mbt.enable(m, expert_parallel=True, placement=placement, **opts)
@@ -155,11 +162,16 @@ def _ep_worker(rank: int, world: int, store: str, out: str, args_json: str) -> N
 
 def ep_vs_llep(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                   OMP_NUM_THREADS="1")
+        env = dict(
+            os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1"
+        )
         payload = json.dumps({k: v for k, v in vars(args).items() if k not in ("out", "ep_worker")})
-        procs = [subprocess.Popen([sys.executable, __file__, "--ep-worker", str(r), "2", f"{tmp}/store", tmp,
-                                   payload], cwd=ROOT, env=env) for r in range(2)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, __file__, "--ep-worker", str(r), "2", f"{tmp}/store", tmp, payload], cwd=ROOT, env=env
+            )
+            for r in range(2)
+        ]
         for p in procs:
             p.wait(timeout=900)
         if any(p.returncode for p in procs):
@@ -169,12 +181,15 @@ def ep_vs_llep(args) -> dict:
     for placement in ("ep", "llep"):
         steps = np.max([r[placement]["step_s"] for r in ranks], axis=0)  # a step ends when both ranks are done
         rows = np.array([r[placement]["rows"] for r in ranks])  # [P, steps, L]
-        out[placement] = {"median_step_s": float(np.median(steps)), "step_s": steps.tolist(),
-                          "rows_per_rank_per_layer": rows[:, -1].tolist(),
-                          "max_over_mean_rows": float(np.mean(rows.max(0) / rows.mean(0))),
-                          "weight_transfers_per_step": float(np.mean(ranks[0][placement]["transfers"])),
-                          "plan_s_per_step": float(np.mean(ranks[0][placement]["plan_s"])),
-                          "comm_s_per_step_per_rank": [r[placement]["comm_s"] for r in ranks]}
+        out[placement] = {
+            "median_step_s": float(np.median(steps)),
+            "step_s": steps.tolist(),
+            "rows_per_rank_per_layer": rows[:, -1].tolist(),
+            "max_over_mean_rows": float(np.mean(rows.max(0) / rows.mean(0))),
+            "weight_transfers_per_step": float(np.mean(ranks[0][placement]["transfers"])),
+            "plan_s_per_step": float(np.mean(ranks[0][placement]["plan_s"])),
+            "comm_s_per_step_per_rank": [r[placement]["comm_s"] for r in ranks],
+        }
     out["llep_speedup"] = out["ep"]["median_step_s"] / out["llep"]["median_step_s"]
     return out
 
@@ -186,8 +201,10 @@ def plot(runs: list[dict], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    for field, name, ylabel in (("max_vio", "hf_models_maxvio.png", "MaxVio (mean over MoE layers)"),
-                                ("loss", "hf_models_loss.png", "training loss (nats / byte)")):
+    for field, name, ylabel in (
+        ("max_vio", "hf_models_maxvio.png", "MaxVio (mean over MoE layers)"),
+        ("loss", "hf_models_loss.png", "training loss (nats / byte)"),
+    ):
         fig, axes = plt.subplots(1, len(ARCHS), figsize=(11, 4), sharey=True)
         for ax, arch in zip(np.atleast_1d(axes), ARCHS):
             for r in (r for r in runs if r["arch"] == arch):
@@ -246,42 +263,62 @@ def main(argv=None) -> int:
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
+
         def tqdm(x, **_):
             return x
+
     for arch, balancer in tqdm([(a, b) for a in ARCHS for b in BALANCERS], desc="fine-tuning"):
         runs.append(finetune(arch, balancer, train, val, args))
     ep = None if args.skip_ep else ep_vs_llep(args)
     args.out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "ep_worker")}
-    result = {"settings": settings, "corpus": info, "runs": runs, "ep_vs_llep": ep,
-              "machine": {"cpu": cpu_name(), "torch": torch.__version__, "transformers": transformers.__version__,
-                          "threads_per_process": 1},
-              "wall_time_s": time.perf_counter() - t0}
+    result = {
+        "settings": settings,
+        "corpus": info,
+        "runs": runs,
+        "ep_vs_llep": ep,
+        "machine": {
+            "cpu": cpu_name(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "threads_per_process": 1,
+        },
+        "wall_time_s": time.perf_counter() - t0,
+    }
     (args.out / "hf_models.json").write_text(json.dumps(result, indent=1) + "\n")
     plots = plot(runs, args.out)
     print(f"\nFine-tuning, {args.steps} steps, batch {args.batch}x{args.seq} bytes ({cpu_name()}, 1 thread):")
-    print("| model | balancer | MaxVio first step | MaxVio last 10% | val MaxVio | train loss last 10% | val loss "
-          "| s/step |")
+    print(
+        "| model | balancer | MaxVio first step | MaxVio last 10% | val MaxVio | train loss last 10% | val loss "
+        "| s/step |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in runs:
-        print(f"| {r['arch']} | {r['balancer']} | {r['first_max_vio']:.2f} | {r['final_max_vio']:.2f} | "
-              f"{r['val_max_vio']:.2f} | {r['final_loss']:.3f} | {r['val_loss']:.3f} | {r['step_time_s']:.3f} |")
+        print(
+            f"| {r['arch']} | {r['balancer']} | {r['first_max_vio']:.2f} | {r['final_max_vio']:.2f} | "
+            f"{r['val_max_vio']:.2f} | {r['final_loss']:.3f} | {r['val_loss']:.3f} | {r['step_time_s']:.3f} |"
+        )
     if ep:
-        print(f"\nExpert parallel over 2 gloo ranks, skewed Mixtral (hidden {args.ep_hidden}, ffn {args.ep_ffn}, "
-              f"{args.ep_layers} layers, {args.ep_batch}x{args.ep_seq} tokens per rank), {args.ep_steps} steps:")
+        print(
+            f"\nExpert parallel over 2 gloo ranks, skewed Mixtral (hidden {args.ep_hidden}, ffn {args.ep_ffn}, "
+            f"{args.ep_layers} layers, {args.ep_batch}x{args.ep_seq} tokens per rank), {args.ep_steps} steps:"
+        )
         print("| placement | median step (s) | max/mean rows per rank | weight copies / step | plan (s/step) |")
         print("|---|---|---|---|---|")
         for p in ("ep", "llep"):
             e = ep[p]
-            print(f"| {p} | {e['median_step_s']:.3f} | {e['max_over_mean_rows']:.2f} | "
-                  f"{e['weight_transfers_per_step']:.1f} | {e['plan_s_per_step']:.4f} |")
+            print(
+                f"| {p} | {e['median_step_s']:.3f} | {e['max_over_mean_rows']:.2f} | "
+                f"{e['weight_transfers_per_step']:.1f} | {e['plan_s_per_step']:.4f} |"
+            )
         print(f"LLEP speed-up over EP: {ep['llep_speedup']:.2f}x")
         for p in ("ep", "llep"):
             for r, c in enumerate(ep[p]["comm_s_per_step_per_rank"]):
-                print(f"  {p} rank {r} waits/communication (s/step): "
-                      + ", ".join(f"{k} {v:.3f}" for k, v in sorted(c.items())))
-    print(f"\nwrote {args.out / 'hf_models.json'}, {', '.join(p.name for p in plots)} "
-          f"in {result['wall_time_s']:.0f} s")
+                print(
+                    f"  {p} rank {r} waits/communication (s/step): "
+                    + ", ".join(f"{k} {v:.3f}" for k, v in sorted(c.items()))
+                )
+    print(f"\nwrote {args.out / 'hf_models.json'}, {', '.join(p.name for p in plots)} in {result['wall_time_s']:.0f} s")
     return 0
 
 

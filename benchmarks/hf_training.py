@@ -31,7 +31,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -74,8 +74,9 @@ def model_config(arch: str, experts: int, top_k: int, args: Any, aux: bool):
     extra: dict[str, Any] = {"output_router_logits": aux}
     if arch == "deepseek_v3":  # DeepSeek-V3's 8 groups, 4 of them chosen per token
         extra.update(n_group=8, topk_group=4)
-    return mbt.tiny_config(arch, hidden=args.hidden, layers=args.layers, experts=experts, top_k=top_k,
-                           ffn=args.ffn, vocab=256, **extra)
+    return mbt.tiny_config(
+        arch, hidden=args.hidden, layers=args.layers, experts=experts, top_k=top_k, ffn=args.ffn, vocab=256, **extra
+    )
 
 
 def lr_at(step: int, args: Any) -> float:
@@ -85,22 +86,30 @@ def lr_at(step: int, args: Any) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * t)))
 
 
-def train_run(arch: str, experts: int, top_k: int, balancer: str, seed: int, train: np.ndarray,
-              val: np.ndarray, args: Any, *, rate: Optional[float] = None,
-              coef: Optional[float] = None) -> dict[str, Any]:
+def train_run(
+    arch: str,
+    experts: int,
+    top_k: int,
+    balancer: str,
+    seed: int,
+    train: np.ndarray,
+    val: np.ndarray,
+    args: Any,
+    *,
+    rate: float | None = None,
+    coef: float | None = None,
+) -> dict[str, Any]:
     """Train one model; ``balancer`` is "aux" (the model's own loss) or a moebalance balancer name."""
     import torch
-    from transformers import AutoModelForCausalLM
-
     from moebalance.integrations import transformers as mbt
+    from transformers import AutoModelForCausalLM
 
     own_aux = balancer == "aux" and arch != "deepseek_v3"
     cfg = model_config(arch, experts, top_k, args, own_aux)
     opts: dict[str, Any] = {}
     name = balancer
     if balancer == "aux":
-        coef = float(cfg.router_aux_loss_coef if own_aux and coef is None else (DEEPSEEK_AUX if coef is None
-                                                                                 else coef))
+        coef = float(cfg.router_aux_loss_coef if own_aux and coef is None else (DEEPSEEK_AUX if coef is None else coef))
         if own_aux:
             cfg.router_aux_loss_coef = coef
             name = "none"
@@ -122,7 +131,7 @@ def train_run(arch: str, experts: int, top_k: int, balancer: str, seed: int, tra
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
         starts = rng.integers(0, train.size - S - 1, B)
-        ids = torch.from_numpy(np.stack([train[s:s + S] for s in starts]).astype(np.int64))
+        ids = torch.from_numpy(np.stack([train[s : s + S] for s in starts]).astype(np.int64))
         out = model(ids, labels=ids)
         loss = out.loss
         lm = loss - cfg.router_aux_loss_coef * out.aux_loss if own_aux else loss
@@ -141,7 +150,7 @@ def train_run(arch: str, experts: int, top_k: int, balancer: str, seed: int, tra
     val_loads, nll, count, batch_vio = None, 0.0, 0, []
     with torch.no_grad():
         for i in range(0, n, args.batch):
-            ids = val_ids[i:i + args.batch]
+            ids = val_ids[i : i + args.batch]
             out = model(ids, labels=ids)
             lm = out.loss - cfg.router_aux_loss_coef * out.aux_loss if own_aux else out.loss
             stats = mbt.load_stats(model)
@@ -156,27 +165,51 @@ def train_run(arch: str, experts: int, top_k: int, balancer: str, seed: int, tra
     tail = max(1, args.steps // 10)
     val_loss = nll / count
     return {
-        "arch": arch, "experts": experts, "top_k": top_k, "balancer": balancer, "seed": seed,
+        "arch": arch,
+        "experts": experts,
+        "top_k": top_k,
+        "balancer": balancer,
+        "seed": seed,
         "bias_update_rate": rate if balancer == "loss_free" else None,
-        "aux_coef": coef if balancer == "aux" else None, "aux_kind": ("model" if own_aux else "moebalance")
-        if balancer == "aux" else None,
-        "max_vio": v.tolist(), "loss": losses,
-        "per_layer": {"avg_max_vio": v.mean(0).tolist(), "first10_max_vio": v[:10].mean(0).tolist(),
-                      "sup_max_vio": v.max(0).tolist(), "val_max_vio_global": val_global.tolist(),
-                      "val_max_vio_batch": np.mean(batch_vio, axis=0).tolist()},
-        "avg_max_vio": float(v.mean()), "first10_max_vio": float(v[:10].mean()), "sup_max_vio": float(v.max()),
+        "aux_coef": coef if balancer == "aux" else None,
+        "aux_kind": ("model" if own_aux else "moebalance") if balancer == "aux" else None,
+        "max_vio": v.tolist(),
+        "loss": losses,
+        "per_layer": {
+            "avg_max_vio": v.mean(0).tolist(),
+            "first10_max_vio": v[:10].mean(0).tolist(),
+            "sup_max_vio": v.max(0).tolist(),
+            "val_max_vio_global": val_global.tolist(),
+            "val_max_vio_batch": np.mean(batch_vio, axis=0).tolist(),
+        },
+        "avg_max_vio": float(v.mean()),
+        "first10_max_vio": float(v[:10].mean()),
+        "sup_max_vio": float(v.max()),
         "step0_max_vio": float(v[0].mean()),
-        "windows": {f"{a}-{b if b is not None else args.steps}": float(v[a:b].mean()) for a, b in WINDOWS
-                    if a < args.steps},
-        "val_max_vio_global": float(val_global.mean()), "train_loss_tail": float(np.mean(losses[-tail:])),
-        "val_loss": val_loss, "val_ppl": float(np.exp(val_loss)), "wall_s": wall, "step_s": wall / args.steps,
+        "windows": {
+            f"{a}-{b if b is not None else args.steps}": float(v[a:b].mean()) for a, b in WINDOWS if a < args.steps
+        },
+        "val_max_vio_global": float(val_global.mean()),
+        "train_loss_tail": float(np.mean(losses[-tail:])),
+        "val_loss": val_loss,
+        "val_ppl": float(np.exp(val_loss)),
+        "wall_s": wall,
+        "step_s": wall / args.steps,
         "val_tokens": int(count),
     }
 
 
 def run_key(r: dict) -> tuple:
-    return (r["arch"], r["experts"], r["top_k"], r["balancer"], r["seed"], r.get("bias_update_rate"),
-            r.get("aux_coef") if r.get("sweep") else None, bool(r.get("sweep")))
+    return (
+        r["arch"],
+        r["experts"],
+        r["top_k"],
+        r["balancer"],
+        r["seed"],
+        r.get("bias_update_rate"),
+        r.get("aux_coef") if r.get("sweep") else None,
+        bool(r.get("sweep")),
+    )
 
 
 # ---- summaries ---------------------------------------------------------------------------------------------
@@ -192,8 +225,17 @@ def summarize(runs: list[dict], floors: dict) -> list[dict]:
     for (arch, E, k, label), rs in groups.items():
         fl = floors[f"{E}x{k}"]
         row = {"arch": arch, "experts": E, "top_k": k, "balancer": label, "seeds": len(rs)}
-        for f in ("avg_max_vio", "first10_max_vio", "sup_max_vio", "step0_max_vio", "val_max_vio_global",
-                  "train_loss_tail", "val_loss", "val_ppl", "step_s"):
+        for f in (
+            "avg_max_vio",
+            "first10_max_vio",
+            "sup_max_vio",
+            "step0_max_vio",
+            "val_max_vio_global",
+            "train_loss_tail",
+            "val_loss",
+            "val_ppl",
+            "step_s",
+        ):
             vals = np.array([r[f] for r in rs])
             row[f] = float(vals.mean())
             row[f + "_spread"] = float(vals.max() - vals.min())
@@ -211,40 +253,62 @@ def goal(rows: list[dict]) -> list[dict]:
     of the aux run's (|difference| <= the larger of the two seed spreads)."""
     out = []
     for b in (r for r in rows if r["balancer"] == "bip"):
-        aux = next((r for r in rows if r["balancer"] == "aux" and (r["arch"], r["experts"], r["top_k"])
-                    == (b["arch"], b["experts"], b["top_k"])), None)
+        aux = next(
+            (
+                r
+                for r in rows
+                if r["balancer"] == "aux"
+                and (r["arch"], r["experts"], r["top_k"]) == (b["arch"], b["experts"], b["top_k"])
+            ),
+            None,
+        )
         noise = max(b["val_loss_spread"], aux["val_loss_spread"]) if aux else None
-        out.append({"arch": b["arch"], "experts": b["experts"], "top_k": b["top_k"],
-                    "step0_over_floor": b["step0_over_floor"], "sup_over_floor": b["sup_over_floor"],
-                    "balance_met": b["sup_over_floor"] <= 1.5,
-                    "val_loss_minus_aux": None if aux is None else b["val_loss"] - aux["val_loss"],
-                    "seed_noise": noise,
-                    "quality_met": None if aux is None or b["seeds"] < 2 else
-                    abs(b["val_loss"] - aux["val_loss"]) <= noise})
+        out.append(
+            {
+                "arch": b["arch"],
+                "experts": b["experts"],
+                "top_k": b["top_k"],
+                "step0_over_floor": b["step0_over_floor"],
+                "sup_over_floor": b["sup_over_floor"],
+                "balance_met": b["sup_over_floor"] <= 1.5,
+                "val_loss_minus_aux": None if aux is None else b["val_loss"] - aux["val_loss"],
+                "seed_noise": noise,
+                "quality_met": None if aux is None or b["seeds"] < 2 else abs(b["val_loss"] - aux["val_loss"]) <= noise,
+            }
+        )
     return out
 
 
 def render_table(rows: list[dict]) -> str:
-    lines = ["| model | E | k | balancer | AvgMaxVio | first 10 | SupMaxVio | Sup / floor | val MaxVio "
-             "(set) | floor (batch / set) | train loss | val ppl | s/step |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | E | k | balancer | AvgMaxVio | first 10 | SupMaxVio | Sup / floor | val MaxVio "
+        "(set) | floor (batch / set) | train loss | val ppl | s/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        pm = (lambda f: f"{r[f]:.2f} ± {r[f + '_spread'] / 2:.2f}" if r["seeds"] > 1 else f"{r[f]:.2f}")
-        lines.append(f"| {r['arch']} | {r['experts']} | {r['top_k']} | {r['balancer']} | {pm('avg_max_vio')} | "
-                     f"{r['first10_max_vio']:.2f} | {pm('sup_max_vio')} | {r['sup_over_floor']:.1f} | "
-                     f"{r['val_max_vio_global']:.3f} | {r['floor']:.2f} / {r['val_floor']:.3f} | "
-                     f"{r['train_loss_tail']:.3f} | {r['val_ppl']:.3f} ± {r['val_ppl_spread'] / 2:.3f} | "
-                     f"{r['step_s']:.3f} |")
+        pm = lambda f: f"{r[f]:.2f} ± {r[f + '_spread'] / 2:.2f}" if r["seeds"] > 1 else f"{r[f]:.2f}"
+        lines.append(
+            f"| {r['arch']} | {r['experts']} | {r['top_k']} | {r['balancer']} | {pm('avg_max_vio')} | "
+            f"{r['first10_max_vio']:.2f} | {pm('sup_max_vio')} | {r['sup_over_floor']:.1f} | "
+            f"{r['val_max_vio_global']:.3f} | {r['floor']:.2f} / {r['val_floor']:.3f} | "
+            f"{r['train_loss_tail']:.3f} | {r['val_ppl']:.3f} ± {r['val_ppl_spread'] / 2:.3f} | "
+            f"{r['step_s']:.3f} |"
+        )
     return "\n".join(lines)
 
 
 def render_windows(rows: list[dict]) -> str:
     ws = list(rows[0]["windows"]) if rows else []
-    lines = ["| model | E | k | balancer | " + " | ".join(f"AvgMaxVio steps {w}" for w in ws)
-             + " | val ppl |", "|---|---|---|---|" + "---|" * (len(ws) + 1)]
+    lines = [
+        "| model | E | k | balancer | " + " | ".join(f"AvgMaxVio steps {w}" for w in ws) + " | val ppl |",
+        "|---|---|---|---|" + "---|" * (len(ws) + 1),
+    ]
     for r in rows:
-        lines.append(f"| {r['arch']} | {r['experts']} | {r['top_k']} | {r['balancer']} | "
-                     + " | ".join(f"{r['windows'][w]:.2f}" for w in ws) + f" | {r['val_ppl']:.3f} |")
+        lines.append(
+            f"| {r['arch']} | {r['experts']} | {r['top_k']} | {r['balancer']} | "
+            + " | ".join(f"{r['windows'][w]:.2f}" for w in ws)
+            + f" | {r['val_ppl']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -254,33 +318,42 @@ def plot(runs: list[dict], floors: dict, out_dir: Path, stem: str) -> list[Path]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    configs = sorted({(r["experts"], r["top_k"]) for r in runs}, key=lambda c: SHAPES.index(c)
-                     if c in SHAPES else 99)
+    configs = sorted({(r["experts"], r["top_k"]) for r in runs}, key=lambda c: SHAPES.index(c) if c in SHAPES else 99)
     archs = [a for a in ARCHS if any(r["arch"] == a for r in runs)]
     paths = []
-    for field, suffix, ylabel in (("max_vio", "maxvio", "AvgMaxVio (mean over layers)"),
-                                  ("loss", "loss", "training loss (nats / byte)")):
-        fig, axes = plt.subplots(len(archs), len(configs), figsize=(3.6 * len(configs), 2.8 * len(archs)),
-                                 squeeze=False, sharex=True)
+    for field, suffix, ylabel in (
+        ("max_vio", "maxvio", "AvgMaxVio (mean over layers)"),
+        ("loss", "loss", "training loss (nats / byte)"),
+    ):
+        fig, axes = plt.subplots(
+            len(archs), len(configs), figsize=(3.6 * len(configs), 2.8 * len(archs)), squeeze=False, sharex=True
+        )
         for i, arch in enumerate(archs):
             for j, (E, k) in enumerate(configs):
                 ax = axes[i][j]
                 labels: dict[str, list] = {}
                 for r in runs:
                     if (r["arch"], r["experts"], r["top_k"]) == (arch, E, k):
-                        lab = r["balancer"] + (f"({r['bias_update_rate']:g})" if r.get("sweep") and
-                                               r["balancer"] == "loss_free" else
-                                               f"({r['aux_coef']:g})" if r.get("sweep") else "")
+                        lab = r["balancer"] + (
+                            f"({r['bias_update_rate']:g})"
+                            if r.get("sweep") and r["balancer"] == "loss_free"
+                            else f"({r['aux_coef']:g})"
+                            if r.get("sweep")
+                            else ""
+                        )
                         y = np.asarray(r[field], dtype=float)
                         labels.setdefault(lab, []).append(y.mean(1) if y.ndim == 2 else y)
                 for lab, ys in labels.items():
                     y = np.mean(ys, axis=0)
                     w = max(1, len(y) // 40)
-                    ax.plot(np.arange(len(y) - w + 1) + w // 2, np.convolve(y, np.ones(w) / w, mode="valid"),
-                            label=lab, lw=1)
+                    ax.plot(
+                        np.arange(len(y) - w + 1) + w // 2,
+                        np.convolve(y, np.ones(w) / w, mode="valid"),
+                        label=lab,
+                        lw=1,
+                    )
                 if field == "max_vio":
-                    ax.axhline(floors[f"{E}x{k}"]["batch"]["mean"], color="k", ls="--", lw=0.8,
-                               label="random floor")
+                    ax.axhline(floors[f"{E}x{k}"]["batch"]["mean"], color="k", ls="--", lw=0.8, label="random floor")
                     ax.set_yscale("log")
                 ax.set_title(f"{arch} E={E} k={k}", fontsize=9)
                 ax.grid(alpha=0.3)
@@ -300,17 +373,28 @@ def plot(runs: list[dict], floors: dict, out_dir: Path, stem: str) -> list[Path]
 def build_grid(args: Any) -> list[dict]:
     """The runs to do, in order: ``{"arch", "experts", "top_k", "balancer", "seed", "rate", "coef", "sweep"}``."""
     if args.sweep:
-        grid = [dict(arch=a, experts=E, top_k=k, balancer="loss_free", seed=0, rate=u, coef=None, sweep=True)
-                for a, E, k in SWEEP_CONFIGS for u in SWEEP_RATES]
-        grid += [dict(arch=a, experts=E, top_k=k, balancer="aux", seed=0, rate=None, coef=c, sweep=True)
-                 for a, E, k in SWEEP_CONFIGS for c in SWEEP_COEFS]
+        grid = [
+            dict(arch=a, experts=E, top_k=k, balancer="loss_free", seed=0, rate=u, coef=None, sweep=True)
+            for a, E, k in SWEEP_CONFIGS
+            for u in SWEEP_RATES
+        ]
+        grid += [
+            dict(arch=a, experts=E, top_k=k, balancer="aux", seed=0, rate=None, coef=c, sweep=True)
+            for a, E, k in SWEEP_CONFIGS
+            for c in SWEEP_COEFS
+        ]
         return grid
     shapes = [s for s in SHAPES if s[0] in args.experts and s[1] in args.top_k]
-    return [dict(arch=a, experts=E, top_k=k, balancer=b, seed=s, rate=None, coef=None, sweep=False)
-            for (E, k) in shapes for a in args.archs for s in args.seeds for b in args.balancers]
+    return [
+        dict(arch=a, experts=E, top_k=k, balancer=b, seed=s, rate=None, coef=None, sweep=False)
+        for (E, k) in shapes
+        for a in args.archs
+        for s in args.seeds
+        for b in args.balancers
+    ]
 
 
-def parse(argv: Optional[list[str]]) -> argparse.Namespace:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: mixtral E=16 k=2, 12 steps, one seed")
     ap.add_argument("--sweep", action="store_true", help="loss_free rates x aux coefficients on 3 configurations")
@@ -330,8 +414,11 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--rate", type=float, default=None, help="loss_free bias_update_rate (default: enable's)")
     ap.add_argument("--val-seqs", type=int, default=64)
     ap.add_argument("--merge", action="store_true", help="keep the runs of the existing JSON not re-run now")
-    ap.add_argument("--report", action="store_true",
-                    help="only re-render the table and plots from the existing JSON (e.g. of a cut-off grid)")
+    ap.add_argument(
+        "--report",
+        action="store_true",
+        help="only re-render the table and plots from the existing JSON (e.g. of a cut-off grid)",
+    )
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     if args.quick:
@@ -357,34 +444,50 @@ def report(result: dict, args: Any, stem: str, cpu: str) -> None:
     table = render_table(rows)
     windows = render_windows(rows)
     goals = result["goal"]
-    gl = ["| model | E | k | bip step 0 / floor | bip Sup / floor | balance (<= 1.5x) | val loss - aux | seed "
-          "noise | quality |", "|---|---|---|---|---|---|---|---|---|"]
+    gl = [
+        "| model | E | k | bip step 0 / floor | bip Sup / floor | balance (<= 1.5x) | val loss - aux | seed "
+        "noise | quality |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for g in goals:
         d = "n/a" if g["val_loss_minus_aux"] is None else f"{g['val_loss_minus_aux']:+.4f}"
         n = "n/a" if g["seed_noise"] is None else f"{g['seed_noise']:.4f}"
-        gl.append(f"| {g['arch']} | {g['experts']} | {g['top_k']} | {g['step0_over_floor']:.2f} | "
-                  f"{g['sup_over_floor']:.2f} | {'met' if g['balance_met'] else 'not met'} | {d} | {n} | "
-                  f"{ {True: 'met', False: 'not met', None: 'n/a'}[g['quality_met']] } |")
+        gl.append(
+            f"| {g['arch']} | {g['experts']} | {g['top_k']} | {g['step0_over_floor']:.2f} | "
+            f"{g['sup_over_floor']:.2f} | {'met' if g['balance_met'] else 'not met'} | {d} | {n} | "
+            f"{ {True: 'met', False: 'not met', None: 'n/a'}[g['quality_met']] } |"
+        )
     st = result["settings"]
-    head = (f"{len(result['runs'])} runs{'' if result['complete'] else ' (grid cut off)'}, {st['steps']} steps "
-            f"of {st['batch']}x{st['seq']} bytes, hidden {st['hidden']}, {st['layers']} MoE layers, expert width "
-            f"{st['ffn']}; {cpu}, 1 thread; "
-            f"wall {result['wall_time_s']:.0f} s, CPU {result['cpu_time_s']:.0f} s this invocation")
-    md = "\n\n".join([f"# {stem}\n\n{head}", table, "AvgMaxVio by window of steps:\n\n" + windows,
-                      "Goal (bip):\n\n" + "\n".join(gl)]) + "\n"
+    head = (
+        f"{len(result['runs'])} runs{'' if result['complete'] else ' (grid cut off)'}, {st['steps']} steps "
+        f"of {st['batch']}x{st['seq']} bytes, hidden {st['hidden']}, {st['layers']} MoE layers, expert width "
+        f"{st['ffn']}; {cpu}, 1 thread; "
+        f"wall {result['wall_time_s']:.0f} s, CPU {result['cpu_time_s']:.0f} s this invocation"
+    )
+    md = (
+        "\n\n".join(
+            [
+                f"# {stem}\n\n{head}",
+                table,
+                "AvgMaxVio by window of steps:\n\n" + windows,
+                "Goal (bip):\n\n" + "\n".join(gl),
+            ]
+        )
+        + "\n"
+    )
     (args.out / f"{stem}.md").write_text(md)
     print("\n" + md)
     print(f"wrote {args.out / (stem + '.json')}, {args.out / (stem + '.md')}, {', '.join(p.name for p in plots)}")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     import torch
     import transformers
+    from moebalance.integrations import transformers as mbt
     from tqdm import tqdm
 
     from moebalance._machine import cpu_name
-    from moebalance.integrations import transformers as mbt
 
     valid = {"aux", *mbt.BALANCERS}
     bad = [b for b in args.balancers if b not in valid]
@@ -408,9 +511,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     train, val, info = corpus(4 << 20, 512 << 10)
     grid = build_grid(args)
     T = args.batch * args.seq
-    floors = {f"{E}x{k}": {"batch": random_floor(T, E, k), "val": random_floor(args.val_seqs * args.seq, E, k,
-                                                                                 trials=100)}
-              for E, k in {(g["experts"], g["top_k"]) for g in grid}}
+    floors = {
+        f"{E}x{k}": {"batch": random_floor(T, E, k), "val": random_floor(args.val_seqs * args.seq, E, k, trials=100)}
+        for E, k in {(g["experts"], g["top_k"]) for g in grid}
+    }
     kept: list[dict] = []
     if args.merge and path.is_file():
         old = json.loads(path.read_text())
@@ -423,19 +527,41 @@ def main(argv: Optional[list[str]] = None) -> int:
         keys = {run_key(r) for r in runs}
         allruns = [r for r in kept if run_key(r) not in keys] + runs
         rows = summarize(allruns, floors)
-        result = {"settings": settings, "corpus": info, "floors": floors, "runs": allruns, "summary": rows,
-                  "goal": goal(rows), "complete": done,
-                  "machine": {"cpu": cpu_name(), "torch": torch.__version__,
-                              "transformers": transformers.__version__, "threads": 1},
-                  "wall_time_s": time.perf_counter() - t0, "cpu_time_s": time.process_time() - cpu0}
+        result = {
+            "settings": settings,
+            "corpus": info,
+            "floors": floors,
+            "runs": allruns,
+            "summary": rows,
+            "goal": goal(rows),
+            "complete": done,
+            "machine": {
+                "cpu": cpu_name(),
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "threads": 1,
+            },
+            "wall_time_s": time.perf_counter() - t0,
+            "cpu_time_s": time.process_time() - cpu0,
+        }
         path.write_text(json.dumps(result) + "\n")
         return result
 
     bar = tqdm(grid, desc=stem, unit="run")
     for g in bar:
         bar.set_postfix_str(f"{g['arch']} E{g['experts']} k{g['top_k']} {g['balancer']} s{g['seed']}")
-        r = train_run(g["arch"], g["experts"], g["top_k"], g["balancer"], g["seed"], train, val, args,
-                      rate=g["rate"], coef=g["coef"])
+        r = train_run(
+            g["arch"],
+            g["experts"],
+            g["top_k"],
+            g["balancer"],
+            g["seed"],
+            train,
+            val,
+            args,
+            rate=g["rate"],
+            coef=g["coef"],
+        )
         r["sweep"] = g["sweep"]
         runs.append(r)
         write(False)

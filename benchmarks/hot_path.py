@@ -30,8 +30,9 @@ import subprocess
 import sys
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -76,8 +77,9 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
 
 # 1 ---------------------------------------------------------------------------------------------------------
 def bench_solve(rounds: int) -> list[dict]:
-    from moebalance import PlacementProblem, solve
     from moebalance.solvers.placement_llep import LLEPPlanner, llep_plan_reference
+
+    from moebalance import PlacementProblem, solve
 
     rows = []
     for E, P in SOLVE_SIZES:
@@ -88,16 +90,30 @@ def bench_solve(rounds: int) -> list[dict]:
         assert planner.plan(loads).token_ranges == llep_plan_reference(loads, P).token_ranges
         inner = max(1, 2000 // (E * 4))
         problem = PlacementProblem(loads, P)
-        t = interleaved({"solve": lambda: solve(problem, "llep"),
-                         "build+solve": lambda: solve(PlacementProblem(loads, P), "llep"),
-                         "planner": lambda: planner.plan(loads),
-                         "authors": lambda: llep_plan_reference(loads, P)}, rounds, inner)
-        rows.append({"E": E, "P": P, "solve_ms": 1e3 * t["solve"], "build_solve_ms": 1e3 * t["build+solve"],
-                     "planner_ms": 1e3 * t["planner"],
-                     "authors_ms": 1e3 * t["authors"], "solve_over_planner": t["solve"] / t["planner"],
-                     "authors_over_solve": t["authors"] / t["solve"],
-                     "authors_over_planner": t["authors"] / t["planner"],
-                     "spilled_chunks": len(planner.plan(loads).weight_transfers)})
+        t = interleaved(
+            {
+                "solve": lambda: solve(problem, "llep"),
+                "build+solve": lambda: solve(PlacementProblem(loads, P), "llep"),
+                "planner": lambda: planner.plan(loads),
+                "authors": lambda: llep_plan_reference(loads, P),
+            },
+            rounds,
+            inner,
+        )
+        rows.append(
+            {
+                "E": E,
+                "P": P,
+                "solve_ms": 1e3 * t["solve"],
+                "build_solve_ms": 1e3 * t["build+solve"],
+                "planner_ms": 1e3 * t["planner"],
+                "authors_ms": 1e3 * t["authors"],
+                "solve_over_planner": t["solve"] / t["planner"],
+                "authors_over_solve": t["authors"] / t["solve"],
+                "authors_over_planner": t["authors"] / t["planner"],
+                "spilled_chunks": len(planner.plan(loads).weight_transfers),
+            }
+        )
     return rows
 
 
@@ -139,20 +155,36 @@ def bench_layer(rounds: int) -> list[dict]:
             x_old, copies_old = _old_layer_plan(loads, P, opts)
             assert np.array_equal(plan.assignment, x_old) and plan.weight_transfers == copies_old
             inner = max(1, 4000 // (E * 8))
-            t = interleaved({"old": lambda: _old_layer_plan(loads, P, opts),
-                             "planner": lambda: new(loads),
-                             "debug": lambda: debug(loads)}, rounds, inner)
-            rows.append({"E": E, "P": P, "old_ms": 1e3 * t["old"], "planner_ms": 1e3 * t["planner"],
-                         "debug_ms": 1e3 * t["debug"], "old_over_planner": t["old"] / t["planner"],
-                         "copies": len(copies_old)})
+            t = interleaved(
+                {
+                    "old": lambda: _old_layer_plan(loads, P, opts),
+                    "planner": lambda: new(loads),
+                    "debug": lambda: debug(loads),
+                },
+                rounds,
+                inner,
+            )
+            rows.append(
+                {
+                    "E": E,
+                    "P": P,
+                    "old_ms": 1e3 * t["old"],
+                    "planner_ms": 1e3 * t["planner"],
+                    "debug_ms": 1e3 * t["debug"],
+                    "old_over_planner": t["old"] / t["planner"],
+                    "copies": len(copies_old),
+                }
+            )
     return rows
 
 
 # 3 ---------------------------------------------------------------------------------------------------------
 def bench_cli(rounds: int) -> list[dict]:
-    cmds = {"python -c pass": [sys.executable, "-c", "pass"],
-            "python -c 'import moebalance'": [sys.executable, "-c", "import moebalance"],
-            "python -m moebalance --help": [sys.executable, "-m", "moebalance", "--help"]}
+    cmds = {
+        "python -c pass": [sys.executable, "-c", "pass"],
+        "python -c 'import moebalance'": [sys.executable, "-c", "import moebalance"],
+        "python -m moebalance --help": [sys.executable, "-m", "moebalance", "--help"],
+    }
     samples: dict[str, list[float]] = {k: [] for k in cmds}
     for _ in range(rounds):
         for name, cmd in cmds.items():
@@ -160,25 +192,32 @@ def bench_cli(rounds: int) -> list[dict]:
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             samples[name].append(time.perf_counter() - t0)
     base = statistics.median(samples["python -c pass"])
-    probe = ("import sys, moebalance.cli as c\ntry:\n    c.main(['--help'])\nexcept SystemExit:\n    pass\n"
-             "print('BACKENDS:' + ','.join(m for m in ('torch', 'ortools', 'cvxpy', 'triton', 'matplotlib') "
-             "if m in sys.modules))")
+    probe = (
+        "import sys, moebalance.cli as c\ntry:\n    c.main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('BACKENDS:' + ','.join(m for m in ('torch', 'ortools', 'cvxpy', 'triton', 'matplotlib') "
+        "if m in sys.modules))"
+    )
     lines = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.splitlines()
-    heavy = [ln[len("BACKENDS:"):] for ln in lines if ln.startswith("BACKENDS:")]
-    return [{"command": k, "median_s": statistics.median(v), "over_bare_python": statistics.median(v) / base,
-             "backends_imported": (heavy[0] if heavy else "?") if "help" in k else None}
-            for k, v in samples.items()]
+    heavy = [ln[len("BACKENDS:") :] for ln in lines if ln.startswith("BACKENDS:")]
+    return [
+        {
+            "command": k,
+            "median_s": statistics.median(v),
+            "over_bare_python": statistics.median(v) / base,
+            "backends_imported": (heavy[0] if heavy else "?") if "help" in k else None,
+        }
+        for k, v in samples.items()
+    ]
 
 
 # 4 ---------------------------------------------------------------------------------------------------------
 def bench_loop(rounds: int) -> list[dict]:
     import torch
-
     from moebalance.kernels.experts import _grouped
 
     def indexed(a, w, offsets, impl):  # the loop before: one w[e] per expert
         b = offsets.tolist()
-        parts = [a[b[e]:b[e + 1]] @ w[e] for e in range(w.shape[0])]
+        parts = [a[b[e] : b[e + 1]] @ w[e] for e in range(w.shape[0])]
         parts.append(a.new_zeros(a.shape[0] - b[-1], w.shape[2]))
         return torch.cat(parts)
 
@@ -188,8 +227,11 @@ def bench_loop(rounds: int) -> list[dict]:
     rows = []
     for E, H, F_, N in ((64, 64, 128, 1024),):
         x = torch.randn(N, H, requires_grad=True)
-        w1, w2, w3 = (torch.randn(E, H, F_) * 0.05).requires_grad_(), (torch.randn(E, H, F_) * 0.05) \
-            .requires_grad_(), (torch.randn(E, F_, H) * 0.05).requires_grad_()
+        w1, w2, w3 = (
+            (torch.randn(E, H, F_) * 0.05).requires_grad_(),
+            (torch.randn(E, H, F_) * 0.05).requires_grad_(),
+            (torch.randn(E, F_, H) * 0.05).requires_grad_(),
+        )
         counts = torch.bincount(torch.randint(0, E, (N,)), minlength=E)
         offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
@@ -199,11 +241,19 @@ def bench_loop(rounds: int) -> list[dict]:
             for t in (x, w1, w2, w3):
                 t.grad = None
 
-        t = interleaved({"split_once": lambda: step(_grouped), "index_per_expert": lambda: step(indexed)},
-                        rounds, 1)
-        rows.append({"E": E, "hidden": H, "ffn": F_, "rows": N, "split_once_ms": 1e3 * t["split_once"],
-                     "index_per_expert_ms": 1e3 * t["index_per_expert"],
-                     "speedup": t["index_per_expert"] / t["split_once"], "threads": 1})
+        t = interleaved({"split_once": lambda: step(_grouped), "index_per_expert": lambda: step(indexed)}, rounds, 1)
+        rows.append(
+            {
+                "E": E,
+                "hidden": H,
+                "ffn": F_,
+                "rows": N,
+                "split_once_ms": 1e3 * t["split_once"],
+                "index_per_expert_ms": 1e3 * t["index_per_expert"],
+                "speedup": t["index_per_expert"] / t["split_once"],
+                "threads": 1,
+            }
+        )
     torch.set_num_threads(threads)
     return rows
 
@@ -219,41 +269,115 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     solve_rows = bench_solve(r)
     print("1. solve(PlacementProblem, 'llep') vs the bare planner vs the authors' planner (ms per call)")
-    print(_table(["E", "P", "solve(p)", "build+solve", "planner", "authors", "solve/planner", "authors/solve",
-                  "authors/planner"],
-                 [[str(x["E"]), str(x["P"]), f"{x['solve_ms']:.3f}", f"{x['build_solve_ms']:.3f}",
-                   f"{x['planner_ms']:.3f}",
-                   f"{x['authors_ms']:.3f}", f"{x['solve_over_planner']:.2f}x", f"{x['authors_over_solve']:.2f}x",
-                   f"{x['authors_over_planner']:.2f}x"] for x in solve_rows]))
+    print(
+        _table(
+            [
+                "E",
+                "P",
+                "solve(p)",
+                "build+solve",
+                "planner",
+                "authors",
+                "solve/planner",
+                "authors/solve",
+                "authors/planner",
+            ],
+            [
+                [
+                    str(x["E"]),
+                    str(x["P"]),
+                    f"{x['solve_ms']:.3f}",
+                    f"{x['build_solve_ms']:.3f}",
+                    f"{x['planner_ms']:.3f}",
+                    f"{x['authors_ms']:.3f}",
+                    f"{x['solve_over_planner']:.2f}x",
+                    f"{x['authors_over_solve']:.2f}x",
+                    f"{x['authors_over_planner']:.2f}x",
+                ]
+                for x in solve_rows
+            ],
+        )
+    )
     layer_rows = bench_layer(r)
     print("\n2. expert-parallel layer, per-step planning (ms per step, llep, min_chunk=256)")
-    print(_table(["E", "P", "old (problem+solve+check)", "planner object", "debug (full check)", "old/planner"],
-                 [[str(x["E"]), str(x["P"]), f"{x['old_ms']:.3f}", f"{x['planner_ms']:.3f}", f"{x['debug_ms']:.3f}",
-                   f"{x['old_over_planner']:.2f}x"] for x in layer_rows]))
+    print(
+        _table(
+            ["E", "P", "old (problem+solve+check)", "planner object", "debug (full check)", "old/planner"],
+            [
+                [
+                    str(x["E"]),
+                    str(x["P"]),
+                    f"{x['old_ms']:.3f}",
+                    f"{x['planner_ms']:.3f}",
+                    f"{x['debug_ms']:.3f}",
+                    f"{x['old_over_planner']:.2f}x",
+                ]
+                for x in layer_rows
+            ],
+        )
+    )
     cli_rows = bench_cli(3 if args.quick else 5)
     print("\n3. start-up (s, median)")
-    print(_table(["command", "seconds", "vs bare python", "back-ends imported by --help"],
-                 [[x["command"], f"{x['median_s']:.2f}", f"{x['over_bare_python']:.1f}x",
-                   "" if x["backends_imported"] is None else (x["backends_imported"] or "none")] for x in cli_rows]))
+    print(
+        _table(
+            ["command", "seconds", "vs bare python", "back-ends imported by --help"],
+            [
+                [
+                    x["command"],
+                    f"{x['median_s']:.2f}",
+                    f"{x['over_bare_python']:.1f}x",
+                    "" if x["backends_imported"] is None else (x["backends_imported"] or "none"),
+                ]
+                for x in cli_rows
+            ],
+        )
+    )
     loop_rows = bench_loop(3 if args.quick else 5)
     print("\n4. torch loop fallback, forward + backward (ms)")
-    print(_table(["E", "hidden", "ffn", "rows", "split once", "w[e] per expert", "speed-up"],
-                 [[str(x["E"]), str(x["hidden"]), str(x["ffn"]), str(x["rows"]), f"{x['split_once_ms']:.1f}",
-                   f"{x['index_per_expert_ms']:.1f}", f"{x['speedup']:.2f}x"] for x in loop_rows]))
+    print(
+        _table(
+            ["E", "hidden", "ffn", "rows", "split once", "w[e] per expert", "speed-up"],
+            [
+                [
+                    str(x["E"]),
+                    str(x["hidden"]),
+                    str(x["ffn"]),
+                    str(x["rows"]),
+                    f"{x['split_once_ms']:.1f}",
+                    f"{x['index_per_expert_ms']:.1f}",
+                    f"{x['speedup']:.2f}x",
+                ]
+                for x in loop_rows
+            ],
+        )
+    )
     big = [x for x in solve_rows if (x["E"], x["P"]) == (384, 64)][0]
-    target = {"target": f"solve(p, 'llep') within {TARGET}x of the bare planner at E=384, P=64",
-              "measured": big["solve_over_planner"], "met": big["solve_over_planner"] <= TARGET}
-    ahead = {"target": "solve(p, 'llep') ahead of the authors' planner at every size",
-             "measured": {f"E={x['E']},P={x['P']}": x["authors_over_solve"] for x in solve_rows},
-             "met": all(x["authors_over_solve"] > 1.0 for x in solve_rows)}
+    target = {
+        "target": f"solve(p, 'llep') within {TARGET}x of the bare planner at E=384, P=64",
+        "measured": big["solve_over_planner"],
+        "met": big["solve_over_planner"] <= TARGET,
+    }
+    ahead = {
+        "target": "solve(p, 'llep') ahead of the authors' planner at every size",
+        "measured": {f"E={x['E']},P={x['P']}": x["authors_over_solve"] for x in solve_rows},
+        "met": all(x["authors_over_solve"] > 1.0 for x in solve_rows),
+    }
     for tg in (target, ahead):
         m = tg["measured"]
         shown = f"{m:.2f}x" if isinstance(m, float) else ", ".join(f"{k}: {v:.2f}x" for k, v in m.items())
         print(f"target: {tg['target']}: {shown} -> {'met' if tg['met'] else 'NOT met'}")
-    out = {"machine": {"cpu": cpu_name(), "python": platform.python_version(), "note": "shared, noisy 2-core CPU"},
-           "command": "python benchmarks/hot_path.py" + (" --quick" if args.quick else ""),
-           "rounds": r, "solve_vs_planner": solve_rows, "layer_planning": layer_rows, "startup": cli_rows,
-           "loop_fallback": loop_rows, "target": target, "target_vs_authors": ahead, "wall_s": time.perf_counter() - t0}
+    out = {
+        "machine": {"cpu": cpu_name(), "python": platform.python_version(), "note": "shared, noisy 2-core CPU"},
+        "command": "python benchmarks/hot_path.py" + (" --quick" if args.quick else ""),
+        "rounds": r,
+        "solve_vs_planner": solve_rows,
+        "layer_planning": layer_rows,
+        "startup": cli_rows,
+        "loop_fallback": loop_rows,
+        "target": target,
+        "target_vs_authors": ahead,
+        "wall_s": time.perf_counter() - t0,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out} ({out['wall_s']:.0f} s)")

@@ -36,12 +36,13 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-
 from moebalance.kernels import grouped_mm_available, moe_experts
+
 from moebalance._machine import cpu_name
 
 __all__ = ["main", "run_benchmark", "make_routing", "SHAPES", "SMALL_SHAPES", "evaluate_targets"]
@@ -137,15 +138,22 @@ def _methods(x, eidx, gates, w, device) -> dict[str, Any]:
     else:
         out["torch_grouped_mm"] = f"torch._grouped_mm unavailable for {x.dtype} on {device}"
     a = torch.randn(P, H, device=device, dtype=x.dtype, requires_grad=True)
-    b = (torch.randn(H, 3 * F, device=device, dtype=x.dtype) / H ** 0.5).requires_grad_(True)
+    b = (torch.randn(H, 3 * F, device=device, dtype=x.dtype) / H**0.5).requires_grad_(True)
     db = torch.randn(P, 3 * F, device=device, dtype=x.dtype)
     out["dense"] = (lambda: a @ b, lambda: torch.autograd.grad(a @ b, (a, b), db))
     return out
 
 
-def run_benchmark(shapes: dict[str, tuple[int, int, int, int]], tokens: tuple[int, ...], routings: tuple[str, ...],
-                  device: torch.device, dtype: torch.dtype, repeats: int, warmup: int,
-                  progress: bool = True) -> list[dict[str, Any]]:
+def run_benchmark(
+    shapes: dict[str, tuple[int, int, int, int]],
+    tokens: tuple[int, ...],
+    routings: tuple[str, ...],
+    device: torch.device,
+    dtype: torch.dtype,
+    repeats: int,
+    warmup: int,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
     """One row per (shape, tokens, routing, method) with times in ms and TFLOP/s."""
     from tqdm import tqdm
 
@@ -157,17 +165,30 @@ def run_benchmark(shapes: dict[str, tuple[int, int, int, int]], tokens: tuple[in
         g = torch.Generator(device="cpu").manual_seed(T)
         mk = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device, dtype)  # noqa: E731
         x = mk(T, H).requires_grad_(True)
-        w = [mk(E, H, F, scale=H ** -0.5).requires_grad_(True), mk(E, H, F, scale=H ** -0.5).requires_grad_(True),
-             mk(E, F, H, scale=F ** -0.5).requires_grad_(True)]
+        w = [
+            mk(E, H, F, scale=H**-0.5).requires_grad_(True),
+            mk(E, H, F, scale=H**-0.5).requires_grad_(True),
+            mk(E, F, H, scale=F**-0.5).requires_grad_(True),
+        ]
         eidx, share = make_routing(T, E, k, routing, seed=T, device=device)
         gates = torch.softmax(torch.randn(T, k, generator=g), -1).to(device).requires_grad_(True)
         flops = 2 * T * k * H * F * 3
         methods = _methods(x, eidx, gates, w, device)
         reference = None
         for method in METHODS:
-            row = {"shape": name, "hidden": H, "ffn": F, "experts": E, "k": k, "tokens": T, "routing": routing,
-                   "hot_share": round(share, 4), "method": method, "dtype": str(dtype).replace("torch.", ""),
-                   "gemm_flops_fwd": flops}
+            row = {
+                "shape": name,
+                "hidden": H,
+                "ffn": F,
+                "experts": E,
+                "k": k,
+                "tokens": T,
+                "routing": routing,
+                "hot_share": round(share, 4),
+                "method": method,
+                "dtype": str(dtype).replace("torch.", ""),
+                "gemm_flops_fwd": flops,
+            }
             m = methods[method]
             if isinstance(m, str):
                 rows.append({**row, "skipped": m})
@@ -190,8 +211,15 @@ def run_benchmark(shapes: dict[str, tuple[int, int, int, int]], tokens: tuple[in
                 rows.append({**row, "skipped": f"out of memory: {e}"[:200]})
                 torch.cuda.empty_cache()
                 continue
-            rows.append({**row, "fwd_ms": t_f * 1e3, "fwd_tflops": flops / t_f / 1e12,
-                         "fwd_bwd_ms": t_fb * 1e3, "fwd_bwd_tflops": 3 * flops / t_fb / 1e12})
+            rows.append(
+                {
+                    **row,
+                    "fwd_ms": t_f * 1e3,
+                    "fwd_tflops": flops / t_f / 1e12,
+                    "fwd_bwd_ms": t_fb * 1e3,
+                    "fwd_bwd_tflops": 3 * flops / t_fb / 1e12,
+                }
+            )
         del x, w, methods
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -224,14 +252,28 @@ def evaluate_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         if r["routing"] == "balanced" and r["tokens"] == 32768:
             v = r.get("fwd_share_of_dense")
-            out.append({"target": f"triton forward >= {TARGET_DENSE_SHARE:.0%} of dense TFLOP/s", "shape": r["shape"],
-                        "tokens": r["tokens"], "routing": r["routing"], "value": v,
-                        "status": "unmeasured" if v is None else ("met" if v >= TARGET_DENSE_SHARE else "NOT met")})
+            out.append(
+                {
+                    "target": f"triton forward >= {TARGET_DENSE_SHARE:.0%} of dense TFLOP/s",
+                    "shape": r["shape"],
+                    "tokens": r["tokens"],
+                    "routing": r["routing"],
+                    "value": v,
+                    "status": "unmeasured" if v is None else ("met" if v >= TARGET_DENSE_SHARE else "NOT met"),
+                }
+            )
         if r["experts"] >= 64:
             v = r.get("fwd_speedup_vs_loop")
-            out.append({"target": f"triton forward >= {TARGET_LOOP_SPEEDUP}x torch_loop", "shape": r["shape"],
-                        "tokens": r["tokens"], "routing": r["routing"], "value": v,
-                        "status": "unmeasured" if v is None else ("met" if v >= TARGET_LOOP_SPEEDUP else "NOT met")})
+            out.append(
+                {
+                    "target": f"triton forward >= {TARGET_LOOP_SPEEDUP}x torch_loop",
+                    "shape": r["shape"],
+                    "tokens": r["tokens"],
+                    "routing": r["routing"],
+                    "value": v,
+                    "status": "unmeasured" if v is None else ("met" if v >= TARGET_LOOP_SPEEDUP else "NOT met"),
+                }
+            )
     return out
 
 
@@ -245,27 +287,36 @@ def device_info(device: torch.device) -> dict[str, Any]:
         info["triton"] = None
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
-        info.update(device=p.name, capability=f"{p.major}.{p.minor}", memory_gib=round(p.total_memory / 2**30, 1),
-                    cuda=torch.version.cuda)
+        info.update(
+            device=p.name,
+            capability=f"{p.major}.{p.minor}",
+            memory_gib=round(p.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+        )
     else:
         info.update(device=cpu_name(), threads=torch.get_num_threads())
     return info
 
 
 def render_markdown(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
-    head = (f"Device: {info['device']} ({info['device_type']}), torch {info['torch']}, triton {info['triton']}\n\n"
-            "| shape | tokens | routing | method | fwd ms | fwd TFLOP/s | fwd/dense | fwd+bwd ms | fwd+bwd TFLOP/s "
-            "| fwd speed-up vs loop |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    head = (
+        f"Device: {info['device']} ({info['device_type']}), torch {info['torch']}, triton {info['triton']}\n\n"
+        "| shape | tokens | routing | method | fwd ms | fwd TFLOP/s | fwd/dense | fwd+bwd ms | fwd+bwd TFLOP/s "
+        "| fwd speed-up vs loop |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    )
     lines = []
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['shape']} | {r['tokens']} | {r['routing']} | {r['method']} | skipped: {r['skipped']} "
-                         "| | | | | |")
+            lines.append(
+                f"| {r['shape']} | {r['tokens']} | {r['routing']} | {r['method']} | skipped: {r['skipped']} | | | | | |"
+            )
             continue
         share = f"{r['fwd_share_of_dense']:.2f}" if "fwd_share_of_dense" in r else ""
         sp = f"{r['fwd_speedup_vs_loop']:.2f}x" if "fwd_speedup_vs_loop" in r else ""
-        lines.append(f"| {r['shape']} | {r['tokens']} | {r['routing']} | {r['method']} | {r['fwd_ms']:.3f} | "
-                     f"{r['fwd_tflops']:.3g} | {share} | {r['fwd_bwd_ms']:.3f} | {r['fwd_bwd_tflops']:.3g} | {sp} |")
+        lines.append(
+            f"| {r['shape']} | {r['tokens']} | {r['routing']} | {r['method']} | {r['fwd_ms']:.3f} | "
+            f"{r['fwd_tflops']:.3g} | {share} | {r['fwd_bwd_ms']:.3f} | {r['fwd_bwd_tflops']:.3g} | {sp} |"
+        )
     return head + "\n".join(lines) + "\n"
 
 
@@ -277,16 +328,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--small", action="store_true", help="tiny shapes and token counts; runs on CPU")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    ap.add_argument("--dtype", default=None, choices=("bfloat16", "float32", "float16"),
-                    help="default: bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument(
+        "--dtype",
+        default=None,
+        choices=("bfloat16", "float32", "float16"),
+        help="default: bfloat16 on CUDA, float32 on CPU",
+    )
     ap.add_argument("--shapes", nargs="*", default=None, help=f"subset of {list(SHAPES)}")
     ap.add_argument("--tokens", nargs="*", type=int, default=None)
     ap.add_argument("--routing", nargs="*", default=list(ROUTINGS), choices=ROUTINGS)
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median; default 20)")
     ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="CPU threads for torch (default: torch's own; 1 with --small, where tiny matmuls gain "
-                         "nothing from threads and one thread keeps timings steady on a shared machine)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's own; 1 with --small, where tiny matmuls gain "
+        "nothing from threads and one thread keeps timings steady on a shared machine)",
+    )
     ap.add_argument("--out", type=Path, default=None, help="JSON path (a .md table is written beside it)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -312,14 +371,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(threads)
 
     info = device_info(device)
-    rows = run_benchmark(table, tokens, tuple(args.routing), device, dtype, repeats, warmup,
-                         progress=not args.no_progress)
+    rows = run_benchmark(
+        table, tokens, tuple(args.routing), device, dtype, repeats, warmup, progress=not args.no_progress
+    )
     targets = evaluate_targets(rows) if not args.small else []
-    result = {"benchmark": "moe_layer", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-              "small": args.small, "dtype": str(dtype).replace("torch.", ""), "repeats": repeats, "warmup": warmup,
-              "timing": "CUDA events, median" if device.type == "cuda" else "perf_counter, median",
-              "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
-              **info, "rows": rows, "targets": targets}
+    result = {
+        "benchmark": "moe_layer",
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "small": args.small,
+        "dtype": str(dtype).replace("torch.", ""),
+        "repeats": repeats,
+        "warmup": warmup,
+        "timing": "CUDA events, median" if device.type == "cuda" else "perf_counter, median",
+        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+        **info,
+        "rows": rows,
+        "targets": targets,
+    }
     out = args.out or HERE / "results" / f"moe_layer{'_small' if args.small else ''}_{_slug(info['device'])}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, allow_nan=False, default=str) + "\n")

@@ -29,12 +29,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+from moebalance.solvers.placement_llep import llep_plan, llep_plan_reference
 from tqdm.auto import tqdm
 
 import moebalance as mb
 from moebalance import PlacementProblem
-from moebalance.evaluation.simulate import MODELS, PAPER_SCENARIOS, Hardware, _spread, real_layers, scenario_loads, simulate
-from moebalance.solvers.placement_llep import llep_plan, llep_plan_reference
+from moebalance.evaluation.simulate import (
+    MODELS,
+    PAPER_SCENARIOS,
+    Hardware,
+    _spread,
+    real_layers,
+    scenario_loads,
+    simulate,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PAPER_FIG4 = {"30%": (1.73, 2.41), "95%": (5.19, 6.11)}  # gpt-oss-120b, P=8, 32K tokens/device
@@ -80,9 +88,14 @@ def planning_time(runs: int) -> dict:
                 w1, c1 = _clock()
                 wall[k].append(w1 - w0)
                 cpu[k].append(c1 - c0)
-        row = {"scenario": sc, "E": model.experts, "P": P, "runs": runs,
-               "spilled_chunks": len(llep_plan(loads, P, home).weight_transfers),
-               "llep+_moves": mb.solve(p, "llep+").stats["moves"]}
+        row = {
+            "scenario": sc,
+            "E": model.experts,
+            "P": P,
+            "runs": runs,
+            "spilled_chunks": len(llep_plan(loads, P, home).weight_transfers),
+            "llep+_moves": mb.solve(p, "llep+").stats["moves"],
+        }
         for k in funcs:
             row[k + "_ms"] = 1e3 * statistics.median(wall[k])
             row[k + "_cpu_ms"] = 1e3 * statistics.median(cpu[k])
@@ -90,14 +103,40 @@ def planning_time(runs: int) -> dict:
             row["speedup_vs_reference" + suffix] = row["reference_loop" + suffix] / row["llep_plan" + suffix]
             row["llep+_over_llep" + suffix] = row["solve_llep+" + suffix] / row["solve_llep" + suffix]
         out.append(row)
-    print("\n## 1. Planning time, E=384, P=64 (Kimi-K2 shapes, 8192 tokens/device, fallback off), "
-          f"median of {runs} runs, ms; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(_table(["scenario", "clock", "llep_plan", "paper loop", "ratio", "solve llep", "solve llep+", "llep+/llep",
-                  "moves"],
-                 [[r["scenario"], clock, f"{r['llep_plan' + sfx]:.3f}", f"{r['reference_loop' + sfx]:.3f}",
-                   f"{r['speedup_vs_reference' + sfx]:.1f}x", f"{r['solve_llep' + sfx]:.3f}",
-                   f"{r['solve_llep+' + sfx]:.3f}", f"{r['llep+_over_llep' + sfx]:.1f}x", str(r["llep+_moves"])]
-                  for r in out for clock, sfx in (("wall", "_ms"), ("cpu", "_cpu_ms"))]))
+    print(
+        "\n## 1. Planning time, E=384, P=64 (Kimi-K2 shapes, 8192 tokens/device, fallback off), "
+        f"median of {runs} runs, ms; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
+    print(
+        _table(
+            [
+                "scenario",
+                "clock",
+                "llep_plan",
+                "paper loop",
+                "ratio",
+                "solve llep",
+                "solve llep+",
+                "llep+/llep",
+                "moves",
+            ],
+            [
+                [
+                    r["scenario"],
+                    clock,
+                    f"{r['llep_plan' + sfx]:.3f}",
+                    f"{r['reference_loop' + sfx]:.3f}",
+                    f"{r['speedup_vs_reference' + sfx]:.1f}x",
+                    f"{r['solve_llep' + sfx]:.3f}",
+                    f"{r['solve_llep+' + sfx]:.3f}",
+                    f"{r['llep+_over_llep' + sfx]:.1f}x",
+                    str(r["llep+_moves"]),
+                ]
+                for r in out
+                for clock, sfx in (("wall", "_ms"), ("cpu", "_cpu_ms"))
+            ],
+        )
+    )
     return {"rows": out, "load_average": os.getloadavg()[0], "cores": os.cpu_count()}
 
 
@@ -113,14 +152,40 @@ def milp_scaling(time_limit: float, Es: list[int], Ps: list[int]) -> dict:
         s = mb.solve(p, "milp", time_limit=time_limit)
         lp = mb.solve(p, "lp")
         plus = mb.solve(p, "llep+")
-        out.append({"E": E, "P": P, "status": s.status.value, "time_s": s.wall_time, "objective": s.objective,
-                    "bound": s.bound, "gap": s.gap, "nodes": s.stats.get("nodes"), "lp_bound": lp.bound,
-                    "lp_time_s": lp.wall_time, "llep+": plus.objective})
+        out.append(
+            {
+                "E": E,
+                "P": P,
+                "status": s.status.value,
+                "time_s": s.wall_time,
+                "objective": s.objective,
+                "bound": s.bound,
+                "gap": s.gap,
+                "nodes": s.stats.get("nodes"),
+                "lp_bound": lp.bound,
+                "lp_time_s": lp.wall_time,
+                "llep+": plus.objective,
+            }
+        )
     print(f"\n## 2. milp (SCIP, limit {time_limit:g} s) on Zipf(1.2) loads, gpt-oss expert shapes, 4096 tokens/device")
-    print(_table(["E", "P", "status", "time s", "gap", "nodes", "lp time s", "llep+ / milp"],
-                 [[str(r["E"]), str(r["P"]), r["status"], f"{r['time_s']:.2f}",
-                   "-" if r["gap"] is None else f"{r['gap']:.2e}", str(r["nodes"]), f"{r['lp_time_s']:.3f}",
-                   f"{r['llep+'] / r['objective']:.4f}"] for r in out]))
+    print(
+        _table(
+            ["E", "P", "status", "time s", "gap", "nodes", "lp time s", "llep+ / milp"],
+            [
+                [
+                    str(r["E"]),
+                    str(r["P"]),
+                    r["status"],
+                    f"{r['time_s']:.2f}",
+                    "-" if r["gap"] is None else f"{r['gap']:.2e}",
+                    str(r["nodes"]),
+                    f"{r['lp_time_s']:.3f}",
+                    f"{r['llep+'] / r['objective']:.4f}",
+                ]
+                for r in out
+            ],
+        )
+    )
     return {"time_limit_s": time_limit, "rows": out}
 
 
@@ -136,8 +201,12 @@ def _gap_row(name: str, p: PlacementProblem, milp_limit: float | None) -> dict:
     row = {"instance": name, "lp_bound": lp.bound}
     if milp_limit:
         milp = mb.solve(p, "milp", time_limit=milp_limit)
-        row.update(milp_status=milp.status.value, milp_objective=milp.objective, milp_bound=milp.bound,
-                   milp_time_s=milp.wall_time)
+        row.update(
+            milp_status=milp.status.value,
+            milp_objective=milp.objective,
+            milp_bound=milp.bound,
+            milp_time_s=milp.wall_time,
+        )
         if milp.bound is not None:
             bounds.append(milp.bound)
         if milp.feasible:
@@ -180,29 +249,48 @@ def gap_table(milp_limit: float, deepseek: list[tuple[int, int, bool]], quick: b
     for r in rows:
         c1 = "-" if r["closed_vs_best_plan"] is None else f"{100 * r['closed_vs_best_plan']:.0f}%"
         c2 = "-" if r["closed_vs_bound"] is None else f"{100 * r['closed_vs_bound']:.0f}%"
-        body.append([r["set"], r["instance"].replace("prefill_in4096/", ""),
-                     *[f"{100 * r[m + '_gap']:.2f}%" for m in HEUR],
-                     f"{100 * (r['best_plan'] - r['best_bound']) / r['best_bound']:.2f}%", f"{c1} / {c2}"])
+        body.append(
+            [
+                r["set"],
+                r["instance"].replace("prefill_in4096/", ""),
+                *[f"{100 * r[m + '_gap']:.2f}%" for m in HEUR],
+                f"{100 * (r['best_plan'] - r['best_bound']) / r['best_bound']:.2f}%",
+                f"{c1} / {c2}",
+            ]
+        )
     print(_table(head, body))
     summary = {}
     for set_name in dict.fromkeys(r["set"] for r in rows):
         rs = [r for r in rows if r["set"] == set_name]
         summary[set_name] = {
             **{m + "_median_gap": float(np.median([r[m + "_gap"] for r in rs])) for m in HEUR},
-            "llep+_closes_median_vs_best_plan": float(np.median([r["closed_vs_best_plan"] for r in rs
-                                                                 if r["closed_vs_best_plan"] is not None] or [0])),
-            "llep+_closes_median_vs_bound": float(np.median([r["closed_vs_bound"] for r in rs
-                                                            if r["closed_vs_bound"] is not None] or [0])),
+            "llep+_closes_median_vs_best_plan": float(
+                np.median([r["closed_vs_best_plan"] for r in rs if r["closed_vs_best_plan"] is not None] or [0])
+            ),
+            "llep+_closes_median_vs_bound": float(
+                np.median([r["closed_vs_bound"] for r in rs if r["closed_vs_bound"] is not None] or [0])
+            ),
             "llep_time_median_ms": 1e3 * float(np.median([r["llep_time_s"] for r in rs])),
             "llep+_time_median_ms": 1e3 * float(np.median([r["llep+_time_s"] for r in rs])),
             "instances": len(rs),
         }
     print("\nmedians per set:")
-    print(_table(["set", *HEUR, "llep+ closes (plan / bound)", "llep ms", "llep+ ms"],
-                 [[k, *[f"{100 * v[m + '_median_gap']:.2f}%" for m in HEUR],
-                   f"{100 * v['llep+_closes_median_vs_best_plan']:.0f}% / "
-                   f"{100 * v['llep+_closes_median_vs_bound']:.0f}%",
-                   f"{v['llep_time_median_ms']:.3f}", f"{v['llep+_time_median_ms']:.3f}"] for k, v in summary.items()]))
+    print(
+        _table(
+            ["set", *HEUR, "llep+ closes (plan / bound)", "llep ms", "llep+ ms"],
+            [
+                [
+                    k,
+                    *[f"{100 * v[m + '_median_gap']:.2f}%" for m in HEUR],
+                    f"{100 * v['llep+_closes_median_vs_best_plan']:.0f}% / "
+                    f"{100 * v['llep+_closes_median_vs_bound']:.0f}%",
+                    f"{v['llep_time_median_ms']:.3f}",
+                    f"{v['llep+_time_median_ms']:.3f}",
+                ]
+                for k, v in summary.items()
+            ],
+        )
+    )
     return {"rows": rows, "summary": summary}
 
 
@@ -210,23 +298,46 @@ def gap_table(milp_limit: float, deepseek: list[tuple[int, int, bool]], quick: b
 def figure4(quick: bool) -> dict:
     out = {}
     for style in ("even", "reference"):
-        res = simulate("gpt-oss-120b", 8, 32768, scenarios=list(PAPER_SCENARIOS), style=style,
-                       methods=["eplb", "eplb-home", "llep", "llep+", "lp"])
+        res = simulate(
+            "gpt-oss-120b",
+            8,
+            32768,
+            scenarios=list(PAPER_SCENARIOS),
+            style=style,
+            methods=["eplb", "eplb-home", "llep", "llep+", "lp"],
+        )
         if style == "even":
             res.plot(RESULTS, prefix="placement_sim")
         out[style] = res.rows
-    print("\n## 4. Simulated speedup over EP, gpt-oss-120b, P=8, 32K tokens/device (paper Figure 4: "
-          "1.73-2.41x at 30%, 5.19-6.11x at 95%)")
+    print(
+        "\n## 4. Simulated speedup over EP, gpt-oss-120b, P=8, 32K tokens/device (paper Figure 4: "
+        "1.73-2.41x at 30%, 5.19-6.11x at 95%)"
+    )
     body = []
     for sc in PAPER_SCENARIOS:
         cells = [sc]
         for style in ("even", "reference"):
             by = {r["method"]: r for r in out[style] if r["scenario"] == sc}
-            cells += [f"{by['llep']['speedup']:.2f}x", f"{by['llep+']['speedup']:.2f}x",
-                      f"{by['ep']['peak_gib'] / by['llep']['peak_gib']:.1f}x"]
+            cells += [
+                f"{by['llep']['speedup']:.2f}x",
+                f"{by['llep+']['speedup']:.2f}x",
+                f"{by['ep']['peak_gib'] / by['llep']['peak_gib']:.1f}x",
+            ]
         body.append(cells)
-    print(_table(["scenario", "llep (even)", "llep+ (even)", "EP/LLEP peak mem (even)", "llep (ref gen)",
-                  "llep+ (ref gen)", "EP/LLEP peak mem (ref gen)"], body))
+    print(
+        _table(
+            [
+                "scenario",
+                "llep (even)",
+                "llep+ (even)",
+                "EP/LLEP peak mem (even)",
+                "llep (ref gen)",
+                "llep+ (ref gen)",
+                "EP/LLEP peak mem (ref gen)",
+            ],
+            body,
+        )
+    )
     return {"paper_figure4": PAPER_FIG4, "rows": out}
 
 
@@ -235,8 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small smoke run")
     ap.add_argument("--runs", type=int, default=None, help="timed runs per planning-time scenario")
     ap.add_argument("--milp-time-limit", type=float, default=None, help="seconds per milp solve")
-    ap.add_argument("--only", default="1,2,3,4",
-                    help="sections to run (comma-separated); the others are kept from an existing --out file")
+    ap.add_argument(
+        "--only",
+        default="1,2,3,4",
+        help="sections to run (comma-separated); the others are kept from an existing --out file",
+    )
     ap.add_argument("--out", default=str(RESULTS / "placement.json"))
     args = ap.parse_args(argv)
     q = args.quick
@@ -247,8 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     result = json.loads(out.read_text(encoding="utf-8")) if out.is_file() and only != {"1", "2", "3", "4"} else {}
     t0 = time.time()
-    result["machine"] = {"python": sys.version.split()[0], "platform": platform.platform(),
-                         "processor": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+    result["machine"] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+    }
     result["hardware_assumed"] = Hardware().__dict__
     if "1" in only:
         result["planning_time"] = planning_time(runs)
@@ -256,8 +374,9 @@ def main(argv: list[str] | None = None) -> int:
         result["milp_scaling"] = milp_scaling(limit, [16] if q else [16, 64, 128], [4, 8] if q else [4, 8, 16])
     if "3" in only:
         # SCIP does not finish its root LP within the limit at P=32 (16K binaries): the lp bound serves there
-        result["gap_table"] = gap_table(limit if q else 20.0, [(8, 29, True)] if q else [(8, 4, True), (32, 1, False)],
-                                        q)
+        result["gap_table"] = gap_table(
+            limit if q else 20.0, [(8, 29, True)] if q else [(8, 4, True), (32, 1, False)], q
+        )
     if "4" in only:
         result["figure4"] = figure4(q)
     result["total_time_s"] = time.time() - t0

@@ -53,22 +53,34 @@ def section_gaps(runs, slots_list, progress) -> dict:
             lb = layer_bounds(p)
             la = gpu_loads(p.weight, a.assignment, G).max(axis=2)[0]
             lbb = gpu_loads(p.weight, b.assignment, G).max(axis=2)[0]
-            rows.append({"run": name, "eplb_gap": ((la - lb) / la).tolist(), "eplbp_gap": ((lbb - lb) / lbb).tolist(),
-                         "eplb_bal": balancedness(p, a.assignment).tolist(),
-                         "eplbp_bal": balancedness(p, b.assignment).tolist(),
-                         "bound_bal": ((p.weight.sum(axis=2)[0] / G) / lb).tolist(),
-                         "eplb_time": a.wall_time, "eplbp_time": b.wall_time,
-                         "eplbp_never_worse": bool(np.all(lbb <= la * (1 + 1e-12))),
-                         "total_gap_eplb": a.gap, "total_gap_eplbp": b.gap})
+            rows.append(
+                {
+                    "run": name,
+                    "eplb_gap": ((la - lb) / la).tolist(),
+                    "eplbp_gap": ((lbb - lb) / lbb).tolist(),
+                    "eplb_bal": balancedness(p, a.assignment).tolist(),
+                    "eplbp_bal": balancedness(p, b.assignment).tolist(),
+                    "bound_bal": ((p.weight.sum(axis=2)[0] / G) / lb).tolist(),
+                    "eplb_time": a.wall_time,
+                    "eplbp_time": b.wall_time,
+                    "eplbp_never_worse": bool(np.all(lbb <= la * (1 + 1e-12))),
+                    "total_gap_eplb": a.gap,
+                    "total_gap_eplbp": b.gap,
+                }
+            )
             progress(f"gaps R={R} {name}: eplb {a.gap:.4%} eplb+ {b.gap:.4%} ({b.wall_time:.2f}s)")
         ge = np.concatenate([r["eplb_gap"] for r in rows])
         gp = np.concatenate([r["eplbp_gap"] for r in rows])
-        out[str(R)] = {"runs": rows, "median_layer_gap_eplb": float(np.median(ge)),
-                       "median_layer_gap_eplbp": float(np.median(gp)), "max_layer_gap_eplb": float(ge.max()),
-                       "max_layer_gap_eplbp": float(gp.max()),
-                       "eplbp_never_worse": all(r["eplbp_never_worse"] for r in rows),
-                       "eplb_time_median": float(np.median([r["eplb_time"] for r in rows])),
-                       "eplbp_time_median": float(np.median([r["eplbp_time"] for r in rows]))}
+        out[str(R)] = {
+            "runs": rows,
+            "median_layer_gap_eplb": float(np.median(ge)),
+            "median_layer_gap_eplbp": float(np.median(gp)),
+            "max_layer_gap_eplb": float(ge.max()),
+            "max_layer_gap_eplbp": float(gp.max()),
+            "eplbp_never_worse": all(r["eplbp_never_worse"] for r in rows),
+            "eplb_time_median": float(np.median([r["eplb_time"] for r in rows])),
+            "eplbp_time_median": float(np.median([r["eplbp_time"] for r in rows])),
+        }
     return out
 
 
@@ -78,9 +90,14 @@ def section_lp_milp(runs, milp_layers, milp_time, progress) -> dict:
     out = {}
     p = ReplicationProblem(W, 288, num_gpus=G, num_groups=GROUPS, num_nodes=NODES)
     s = mb.solve(p, "lp", time_limit=60)
-    out["lp"] = {"run": name, "status": str(s.status), "bound": s.bound, "lp_only": s.stats.get("lp_layer_bounds") and
-                 float(np.sum(s.stats["lp_layer_bounds"])), "combinatorial": float(layer_bounds(p).sum()),
-                 "wall_time": s.wall_time}
+    out["lp"] = {
+        "run": name,
+        "status": str(s.status),
+        "bound": s.bound,
+        "lp_only": s.stats.get("lp_layer_bounds") and float(np.sum(s.stats["lp_layer_bounds"])),
+        "combinatorial": float(layer_bounds(p).sum()),
+        "wall_time": s.wall_time,
+    }
     progress(f"lp: {s.status} bound {s.bound:.6g} ({s.wall_time:.1f}s)")
     # the MILP on the layers where eplb+ is furthest from the bound
     b = mb.solve(p, "eplb+")
@@ -89,11 +106,20 @@ def section_lp_milp(runs, milp_layers, milp_time, progress) -> dict:
     worst = np.argsort(-(lay - lb) / lay)[:milp_layers]
     res = []
     for l in sorted(worst.tolist()):
-        q = ReplicationProblem(W[l:l + 1], 288, num_gpus=G, num_groups=GROUPS, num_nodes=NODES)
+        q = ReplicationProblem(W[l : l + 1], 288, num_gpus=G, num_groups=GROUPS, num_nodes=NODES)
         m = mb.solve(q, "milp", time_limit=milp_time)
-        res.append({"layer": l + 3, "status": str(m.status), "objective": m.objective, "bound": m.bound,
-                    "gap": m.gap, "eplbp": float(lay[l]), "combinatorial_bound": float(lb[l]),
-                    "wall_time": m.wall_time})
+        res.append(
+            {
+                "layer": l + 3,
+                "status": str(m.status),
+                "objective": m.objective,
+                "bound": m.bound,
+                "gap": m.gap,
+                "eplbp": float(lay[l]),
+                "combinatorial_bound": float(lb[l]),
+                "wall_time": m.wall_time,
+            }
+        )
         progress(f"milp layer {l + 3}: {m.status} gap {m.gap} ({m.wall_time:.1f}s)")
     out["milp"] = res
     return out
@@ -118,10 +144,17 @@ def section_timing(runs, progress) -> dict:
             same = all(np.array_equal(x.numpy(), y) for x, y in zip(ref, ours))
             p = ReplicationProblem(W, R, num_gpus=G, num_groups=groups, num_nodes=nodes)
             tp = mb.solve(p, "eplb+").wall_time
-            out[f"{label}_{R}"] = {"reference_s": t_ref, "eplb_s": min(times), "speedup": t_ref / min(times),
-                                   "eplb_plus_s": tp, "identical": same}
-            progress(f"timing {label} R={R}: reference {t_ref:.3f}s eplb {min(times):.4f}s "
-                     f"x{t_ref / min(times):.0f} identical={same}")
+            out[f"{label}_{R}"] = {
+                "reference_s": t_ref,
+                "eplb_s": min(times),
+                "speedup": t_ref / min(times),
+                "eplb_plus_s": tp,
+                "identical": same,
+            }
+            progress(
+                f"timing {label} R={R}: reference {t_ref:.3f}s eplb {min(times):.4f}s "
+                f"x{t_ref / min(times):.0f} identical={same}"
+            )
     return out
 
 
@@ -143,11 +176,17 @@ def section_window(runs, progress) -> dict:
         held = ReplicationProblem(Wte, R, num_gpus=G, num_groups=GROUPS, num_nodes=NODES)
         ea, eb = held.evaluate(a.assignment), held.evaluate(b.assignment)
         lbt = float(layer_bounds(held).sum())
-        out[str(R)] = {"eplb_summed_heldout": ea.objective, "eplbp_window_heldout": eb.objective,
-                       "heldout_bound": lbt, "train_eplb": a.objective, "train_eplbp": b.objective,
-                       "improvement": 1 - eb.objective / ea.objective}
-        progress(f"window R={R}: held-out eplb(summed) {ea.objective:.5f} eplb+(window) {eb.objective:.5f} "
-                 f"bound {lbt:.5f}")
+        out[str(R)] = {
+            "eplb_summed_heldout": ea.objective,
+            "eplbp_window_heldout": eb.objective,
+            "heldout_bound": lbt,
+            "train_eplb": a.objective,
+            "train_eplbp": b.objective,
+            "improvement": 1 - eb.objective / ea.objective,
+        }
+        progress(
+            f"window R={R}: held-out eplb(summed) {ea.objective:.5f} eplb+(window) {eb.objective:.5f} bound {lbt:.5f}"
+        )
     return out
 
 
@@ -161,18 +200,36 @@ def section_migration(runs, progress) -> dict:
     eplb_new = mb.solve(base, "eplb")
     rows = []
     for budget in (0, 3, 7, 14, 29, 58, 144):
-        p = ReplicationProblem(W_new, R, num_gpus=G, num_groups=GROUPS, num_nodes=NODES, old_phy2log=old, max_moves=budget)
+        p = ReplicationProblem(
+            W_new, R, num_gpus=G, num_groups=GROUPS, num_nodes=NODES, old_phy2log=old, max_moves=budget
+        )
         s = mb.solve(p, "eplb+")
         m = mb.solve(p, "migrate")
         gain = (stay - s.objective) / (stay - free.objective)
-        rows.append({"max_moves": budget, "eplbp": s.objective, "migrate": m.objective,
-                     "kept_gain": float(gain), "max_moves_used": int(s.moves.max()), "feasible": s.feasible,
-                     "eplbp_time": s.wall_time})
-        progress(f"migration budget {budget}: eplb+ {s.objective:.6g} ({gain:.1%} of the gain) "
-                 f"migrate {m.objective:.6g}")
-    return {"old_run": "prefill_in1024", "new_run": "decode_in1000out1000", "stay": stay,
-            "unconstrained_eplbp": free.objective, "unconstrained_moves": free.moves.tolist(),
-            "eplb_new": eplb_new.objective, "eplb_new_moves_max": int(eplb_new.moves.max()), "rows": rows}
+        rows.append(
+            {
+                "max_moves": budget,
+                "eplbp": s.objective,
+                "migrate": m.objective,
+                "kept_gain": float(gain),
+                "max_moves_used": int(s.moves.max()),
+                "feasible": s.feasible,
+                "eplbp_time": s.wall_time,
+            }
+        )
+        progress(
+            f"migration budget {budget}: eplb+ {s.objective:.6g} ({gain:.1%} of the gain) migrate {m.objective:.6g}"
+        )
+    return {
+        "old_run": "prefill_in1024",
+        "new_run": "decode_in1000out1000",
+        "stay": stay,
+        "unconstrained_eplbp": free.objective,
+        "unconstrained_moves": free.moves.tolist(),
+        "eplb_new": eplb_new.objective,
+        "eplb_new_moves_max": int(eplb_new.moves.max()),
+        "rows": rows,
+    }
 
 
 def section_dispatch(runs, progress) -> dict:
@@ -181,8 +238,9 @@ def section_dispatch(runs, progress) -> dict:
     dispatch LP, then llep+ spilling replica units to other GPUs at the price of a weight copy), under one
     cost model. Step time of a layer: its slowest GPU, ``token_time * tokens + gemm_time * busy slots`` (plus
     ``weight_time`` per copied expert for the spilling methods)."""
-    from moebalance.placement import CostModel, PlacementProblem
     from moebalance.solvers.replication_lp import dispatch
+
+    from moebalance.placement import CostModel, PlacementProblem
 
     names = sorted(runs)
     train, test = names[0::2], names[1::2]
@@ -206,8 +264,9 @@ def section_dispatch(runs, progress) -> dict:
         L = W.shape[0]
         t = {}
         for m in ("ep", "llep", "llep+"):
-            t[f"{m}_no_replicas"] = sum(mb.solve(PlacementProblem(np.rint(W[l]).astype(np.int64), G, cost=cost),
-                                                 m).objective for l in range(L))
+            t[f"{m}_no_replicas"] = sum(
+                mb.solve(PlacementProblem(np.rint(W[l]).astype(np.int64), G, cost=cost), m).objective for l in range(L)
+            )
         for label, plan in (("eplb", plan_a), ("eplb+", plan_b)):
             cnt = np.stack([np.bincount(plan[l], minlength=W.shape[1]) for l in range(L)])
             even = np.take_along_axis(W / cnt, plan, axis=1)
@@ -234,6 +293,7 @@ def _save(fig, path: Path) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path)
+
 
 def plots(res: dict, folder: Path) -> list[str]:
     import matplotlib
@@ -268,44 +328,73 @@ def plots(res: dict, folder: Path) -> list[str]:
 
 
 def table(res: dict) -> str:
-    lines = ["| slots | median layer gap eplb | median layer gap eplb+ | max layer gap eplb | max layer gap eplb+ | "
-             "eplb+ never worse | eplb time (median) | eplb+ time (median) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| slots | median layer gap eplb | median layer gap eplb+ | max layer gap eplb | max layer gap eplb+ | "
+        "eplb+ never worse | eplb time (median) | eplb+ time (median) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for R, g in res["gaps"].items():
-        lines.append(f"| {R} | {g['median_layer_gap_eplb']:.3%} | {g['median_layer_gap_eplbp']:.3%} | "
-                     f"{g['max_layer_gap_eplb']:.3%} | {g['max_layer_gap_eplbp']:.3%} | {g['eplbp_never_worse']} | "
-                     f"{g['eplb_time_median'] * 1e3:.1f} ms | {g['eplbp_time_median'] * 1e3:.0f} ms |")
-    lines += ["", "| policy, slots | reference transcription | eplb | speed-up | identical | eplb+ |",
-              "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {R} | {g['median_layer_gap_eplb']:.3%} | {g['median_layer_gap_eplbp']:.3%} | "
+            f"{g['max_layer_gap_eplb']:.3%} | {g['max_layer_gap_eplbp']:.3%} | {g['eplbp_never_worse']} | "
+            f"{g['eplb_time_median'] * 1e3:.1f} ms | {g['eplbp_time_median'] * 1e3:.0f} ms |"
+        )
+    lines += [
+        "",
+        "| policy, slots | reference transcription | eplb | speed-up | identical | eplb+ |",
+        "|---|---|---|---|---|---|",
+    ]
     for k, v in res["timing"].items():
-        lines.append(f"| {k} | {v['reference_s'] * 1e3:.0f} ms | {v['eplb_s'] * 1e3:.1f} ms | {v['speedup']:.0f}x | "
-                     f"{v['identical']} | {v['eplb_plus_s'] * 1e3:.0f} ms |")
-    lines += ["", "| window (held-out runs) | eplb on summed loads | eplb+ on the window | bound | improvement |",
-              "|---|---|---|---|---|"]
+        lines.append(
+            f"| {k} | {v['reference_s'] * 1e3:.0f} ms | {v['eplb_s'] * 1e3:.1f} ms | {v['speedup']:.0f}x | "
+            f"{v['identical']} | {v['eplb_plus_s'] * 1e3:.0f} ms |"
+        )
+    lines += [
+        "",
+        "| window (held-out runs) | eplb on summed loads | eplb+ on the window | bound | improvement |",
+        "|---|---|---|---|---|",
+    ]
     for R in ("288", "320"):
         v = res["window"][R]
-        lines.append(f"| {R} slots | {v['eplb_summed_heldout']:.5f} | {v['eplbp_window_heldout']:.5f} | "
-                     f"{v['heldout_bound']:.5f} | {v['improvement']:.3%} |")
+        lines.append(
+            f"| {R} slots | {v['eplb_summed_heldout']:.5f} | {v['eplbp_window_heldout']:.5f} | "
+            f"{v['heldout_bound']:.5f} | {v['improvement']:.3%} |"
+        )
     mig = res["migration"]
-    lines += ["", f"Migration ({mig['old_run']} plan -> {mig['new_run']} loads, 288 slots): keep old "
-                  f"{mig['stay']:.6g}, eplb+ unconstrained {mig['unconstrained_eplbp']:.6g}",
-              "", "| max_moves | eplb+ | migrate | share of the unconstrained gain kept |", "|---|---|---|---|"]
+    lines += [
+        "",
+        f"Migration ({mig['old_run']} plan -> {mig['new_run']} loads, 288 slots): keep old "
+        f"{mig['stay']:.6g}, eplb+ unconstrained {mig['unconstrained_eplbp']:.6g}",
+        "",
+        "| max_moves | eplb+ | migrate | share of the unconstrained gain kept |",
+        "|---|---|---|---|",
+    ]
     for r in mig["rows"]:
         lines.append(f"| {r['max_moves']} | {r['eplbp']:.6g} | {r['migrate']:.6g} | {r['kept_gain']:.1%} |")
-    lines += ["", "| held-out batch | " + " | ".join(next(iter(res["dispatch"]["runs"].values())).keys()) + " |",
-              "|---" * (1 + len(next(iter(res["dispatch"]["runs"].values())))) + "|"]
+    lines += [
+        "",
+        "| held-out batch | " + " | ".join(next(iter(res["dispatch"]["runs"].values())).keys()) + " |",
+        "|---" * (1 + len(next(iter(res["dispatch"]["runs"].values())))) + "|",
+    ]
     for name, t in res["dispatch"]["runs"].items():
         lines.append(f"| {name} | " + " | ".join(f"{v * 1e3:.3f} ms" for v in t.values()) + " |")
     lm = res["lp_milp"]
-    lines += ["", f"LP ({lm['lp']['run']}, 288 slots): bound {lm['lp']['bound']:.6g} (LP alone "
-                  f"{lm['lp']['lp_only']:.6g}, combinatorial {lm['lp']['combinatorial']:.6g}), "
-                  f"{lm['lp']['wall_time']:.1f} s", "",
-              "| layer | milp status | milp gap | milp objective | milp bound | "
-              "eplb+ | combinatorial bound | time |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"LP ({lm['lp']['run']}, 288 slots): bound {lm['lp']['bound']:.6g} (LP alone "
+        f"{lm['lp']['lp_only']:.6g}, combinatorial {lm['lp']['combinatorial']:.6g}), "
+        f"{lm['lp']['wall_time']:.1f} s",
+        "",
+        "| layer | milp status | milp gap | milp objective | milp bound | eplb+ | combinatorial bound | time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in lm["milp"]:
         gap = "n/a" if r["gap"] is None else f"{r['gap']:.3%}"
         bound = "n/a" if r["bound"] is None else f"{r['bound']:.6g}"
-        lines.append(f"| {r['layer']} | {r['status']} | {gap} | {r['objective']:.6g} | {bound} | {r['eplbp']:.6g} | "
-                     f"{r['combinatorial_bound']:.6g} | {r['wall_time']:.1f} s |")
+        lines.append(
+            f"| {r['layer']} | {r['status']} | {gap} | {r['objective']:.6g} | {bound} | {r['eplbp']:.6g} | "
+            f"{r['combinatorial_bound']:.6g} | {r['wall_time']:.1f} s |"
+        )
     return "\n".join(lines)
 
 
@@ -325,12 +414,18 @@ def section_limits(runs, progress) -> dict:
     wall = time.perf_counter() - t
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    out["lp_untimed"] = {"wall_s": wall, "status": sol.status, "bound": sol.bound, "objective": sol.objective,
-                         "python_peak_MiB": peak / 2**20,
-                         "process_maxrss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    out["lp_untimed"] = {
+        "wall_s": wall,
+        "status": sol.status,
+        "bound": sol.bound,
+        "objective": sol.objective,
+        "python_peak_MiB": peak / 2**20,
+        "process_maxrss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
     progress(f"limits: lp untimed {wall:.1f}s, python peak {peak / 2**20:.0f} MiB")
     t = time.perf_counter()
     import ortools.linear_solver.python.model_builder  # noqa: F401  (one-time load, shown apart)
+
     out["ortools_import_s"] = time.perf_counter() - t
     progress(f"limits: OR-Tools import {out['ortools_import_s']:.2f}s (one-time, not in the rows)")
     for label, data in (("16x58 window", W), ("one batch, 58 layers", W[0])):
@@ -340,22 +435,36 @@ def section_limits(runs, progress) -> dict:
                 t = time.perf_counter()
                 sol = mb.solve(fresh, method, time_limit=limit)
                 wall = time.perf_counter() - t
-                out["rows"].append({"problem": label, "method": method, "time_limit": limit, "wall_s": wall,
-                                    "status": sol.status, "within": wall <= 1.1 * limit + 0.5})
+                out["rows"].append(
+                    {
+                        "problem": label,
+                        "method": method,
+                        "time_limit": limit,
+                        "wall_s": wall,
+                        "status": sol.status,
+                        "within": wall <= 1.1 * limit + 0.5,
+                    }
+                )
                 progress(f"limits: {label} {method} time_limit={limit}: {wall:.2f}s {sol.status}")
     return out
 
 
 def table_limits(res: dict) -> str:
     lu = res["lp_untimed"]
-    lines = [f"Window {res['window']} ({res['weight_MiB']:.1f} MiB of loads), 288 slots: lp without a limit "
-             f"{lu['wall_s']:.1f} s, Python peak {lu['python_peak_MiB']:.0f} MiB, process max RSS "
-             f"{lu['process_maxrss_MiB']:.0f} MiB; OR-Tools' one-time import {res['ortools_import_s']:.2f} s "
-             f"(not in the rows)", "",
-             "| problem | method | time_limit | wall (solve, building and the shared check) | status | "
-             "<= 1.1 x limit + 0.5 s |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"Window {res['window']} ({res['weight_MiB']:.1f} MiB of loads), 288 slots: lp without a limit "
+        f"{lu['wall_s']:.1f} s, Python peak {lu['python_peak_MiB']:.0f} MiB, process max RSS "
+        f"{lu['process_maxrss_MiB']:.0f} MiB; OR-Tools' one-time import {res['ortools_import_s']:.2f} s "
+        f"(not in the rows)",
+        "",
+        "| problem | method | time_limit | wall (solve, building and the shared check) | status | "
+        "<= 1.1 x limit + 0.5 s |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in res["rows"]:
-        lines.append(f"| {r['problem']} | {r['method']} | {r['time_limit']} s | {r['wall_s']:.2f} s | {r['status']} | {r['within']} |")
+        lines.append(
+            f"| {r['problem']} | {r['method']} | {r['time_limit']} s | {r['wall_s']:.2f} s | {r['status']} | {r['within']} |"
+        )
     return "\n".join(lines)
 
 
@@ -367,9 +476,12 @@ def main(argv=None) -> int:
     ap.add_argument("--milp-time", type=float, default=20.0)
     ap.add_argument("--quick", action="store_true", help="4 runs, 1 MILP layer of 5 s")
     ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--limits", action="store_true",
-                    help="only the time-limit and memory rows (lp/milp on a 16-batch, 58-layer window); writes "
-                         "replication_limits.json/.md beside --out")
+    ap.add_argument(
+        "--limits",
+        action="store_true",
+        help="only the time-limit and memory rows (lp/milp on a 16-batch, 58-layer window); writes "
+        "replication_limits.json/.md beside --out",
+    )
     args = ap.parse_args(argv)
     runs = load_runs(args.data)
     if args.limits:
@@ -390,8 +502,10 @@ def main(argv=None) -> int:
         if not args.no_progress:
             print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
 
-    res = {"machine": cpu_name(), "setting": {"num_gpus": G, "num_groups": GROUPS, "num_nodes": NODES,
-                                               "layers": "3-60", "runs": sorted(runs)}}
+    res = {
+        "machine": cpu_name(),
+        "setting": {"num_gpus": G, "num_groups": GROUPS, "num_nodes": NODES, "layers": "3-60", "runs": sorted(runs)},
+    }
     res["timing"] = section_timing(runs, progress)
     res["gaps"] = section_gaps(runs, (256, 288, 320), progress)
     res["window"] = section_window(runs, progress)

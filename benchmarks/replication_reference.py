@@ -11,14 +11,12 @@ permutes the slots listed for an expert in ``log2phy`` (``phy2log`` and ``logcnt
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 
 __all__ = ["rebalance_experts"]
 
 
-def balanced_packing(weight: torch.Tensor, num_packs: int, stable: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+def balanced_packing(weight: torch.Tensor, num_packs: int, stable: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     num_layers, num_groups = weight.shape
     assert num_groups % num_packs == 0
     groups_per_pack = num_groups // num_packs
@@ -35,8 +33,7 @@ def balanced_packing(weight: torch.Tensor, num_packs: int, stable: bool = False)
         pack_weights = [0] * num_packs
         pack_items = [0] * num_packs
         for group in indices[i]:
-            pack = min((i for i in range(num_packs) if pack_items[i] < groups_per_pack),
-                       key=pack_weights.__getitem__)
+            pack = min((i for i in range(num_packs) if pack_items[i] < groups_per_pack), key=pack_weights.__getitem__)
             assert pack_items[pack] < groups_per_pack
             pack_index[i, group] = pack
             rank_in_pack[i, group] = pack_items[pack]
@@ -45,7 +42,7 @@ def balanced_packing(weight: torch.Tensor, num_packs: int, stable: bool = False)
     return pack_index, rank_in_pack
 
 
-def replicate_experts(weight: torch.Tensor, num_phy: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def replicate_experts(weight: torch.Tensor, num_phy: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n, num_log = weight.shape
     num_redundant = num_phy - num_log
     assert num_redundant >= 0
@@ -62,8 +59,14 @@ def replicate_experts(weight: torch.Tensor, num_phy: int) -> Tuple[torch.Tensor,
     return phy2log, rank, logcnt
 
 
-def rebalance_experts_hierarchical(weight: torch.Tensor, num_physical_experts: int,
-                                   num_groups: int, num_nodes: int, num_gpus: int, stable: bool = False):
+def rebalance_experts_hierarchical(
+    weight: torch.Tensor,
+    num_physical_experts: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    stable: bool = False,
+):
     num_layers, num_logical_experts = weight.shape
     assert num_logical_experts % num_groups == 0
     group_size = num_logical_experts // num_groups
@@ -80,8 +83,10 @@ def rebalance_experts_hierarchical(weight: torch.Tensor, num_physical_experts: i
 
     tokens_per_group = weight.unflatten(-1, (num_groups, group_size)).sum(-1)
     group_pack_index, group_rank_in_pack = balanced_packing(tokens_per_group, num_nodes, stable)
-    log2mlog = (((group_pack_index * groups_per_node + group_rank_in_pack) * group_size).unsqueeze(-1) +
-                torch.arange(group_size, dtype=torch.int64, device=group_pack_index.device)).flatten(-2)
+    log2mlog = (
+        ((group_pack_index * groups_per_node + group_rank_in_pack) * group_size).unsqueeze(-1)
+        + torch.arange(group_size, dtype=torch.int64, device=group_pack_index.device)
+    ).flatten(-2)
     mlog2log = inverse(log2mlog)
 
     tokens_per_mlog = weight.gather(-1, mlog2log).view(-1, num_logical_experts // num_nodes)
@@ -93,29 +98,36 @@ def rebalance_experts_hierarchical(weight: torch.Tensor, num_physical_experts: i
     pphy2phy = inverse(phy2pphy)
 
     pphy2mlog = phy2mlog.gather(-1, pphy2phy)
-    pphy2mlog = (pphy2mlog.view(num_layers, num_nodes, -1) +
-                 torch.arange(0, num_logical_experts, num_logical_experts // num_nodes,
-                              device=group_pack_index.device).view(1, -1, 1)).flatten(-2)
+    pphy2mlog = (
+        pphy2mlog.view(num_layers, num_nodes, -1)
+        + torch.arange(0, num_logical_experts, num_logical_experts // num_nodes, device=group_pack_index.device).view(
+            1, -1, 1
+        )
+    ).flatten(-2)
     pphy2log = mlog2log.gather(-1, pphy2mlog)
     pphyrank = phyrank.gather(-1, pphy2phy).view(num_layers, -1)
     logcnt = mlogcnt.view(num_layers, -1).gather(-1, log2mlog)
     return pphy2log, pphyrank, logcnt
 
 
-def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int,
-                      num_nodes: int, num_gpus: int,
-                      stable: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def rebalance_experts(
+    weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, stable: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     num_layers, num_logical_experts = weight.shape
     weight = weight.float().cpu()
     if num_groups % num_nodes == 0:
-        phy2log, phyrank, logcnt = rebalance_experts_hierarchical(weight, num_replicas,
-                                                                  num_groups, num_nodes, num_gpus, stable)
+        phy2log, phyrank, logcnt = rebalance_experts_hierarchical(
+            weight, num_replicas, num_groups, num_nodes, num_gpus, stable
+        )
     else:
         phy2log, phyrank, logcnt = rebalance_experts_hierarchical(weight, num_replicas, 1, 1, num_gpus, stable)
     maxlogcnt = logcnt.max().item()
-    log2phy: torch.Tensor = torch.full((num_layers, num_logical_experts, maxlogcnt),
-                                       -1, dtype=torch.int64, device=logcnt.device)
-    log2phy.view(num_layers, -1).scatter_(-1, phy2log * maxlogcnt + phyrank,
-                                          torch.arange(num_replicas, dtype=torch.int64,
-                                                       device=log2phy.device).expand(num_layers, -1))
+    log2phy: torch.Tensor = torch.full(
+        (num_layers, num_logical_experts, maxlogcnt), -1, dtype=torch.int64, device=logcnt.device
+    )
+    log2phy.view(num_layers, -1).scatter_(
+        -1,
+        phy2log * maxlogcnt + phyrank,
+        torch.arange(num_replicas, dtype=torch.int64, device=log2phy.device).expand(num_layers, -1),
+    )
     return phy2log, log2phy, logcnt

@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from moebalance._machine import cpu_name
 
 import moebalance as mb
+from moebalance._machine import cpu_name
 
 __all__ = ["main", "run_benchmark", "skip_reason", "render_markdown", "evaluate_targets"]
 
@@ -59,9 +59,10 @@ GENERATOR = {"function": "moebalance.generate.routing_problem", "kind": "zipf", 
 TARGET = {"T": 4096, "E": 64, "k": 8}
 TARGET_SPEEDUP = 100.0  # fastest exact method vs bip
 # fast vs a plain full-graph min-cost flow (mcf) in the same run, at two sizes
-FAST_TARGETS = ({"name": "fast_small", "T": 4096, "E": 64, "k": 8, "speedup": 10.0, "aim_s": 0.010,
-                 "aim_floor_ratio": 5.0},
-                {"name": "fast_large", "T": 65536, "E": 256, "k": 8, "speedup": 10.0})
+FAST_TARGETS = (
+    {"name": "fast_small", "T": 4096, "E": 64, "k": 8, "speedup": 10.0, "aim_s": 0.010, "aim_floor_ratio": 5.0},
+    {"name": "fast_large", "T": 65536, "E": 256, "k": 8, "speedup": 10.0},
+)
 TARGET_INSTANCES = [(t["T"], t["E"], t["k"]) for t in FAST_TARGETS]
 SCALING_OUT = HERE / "results" / "routing_solvers_scaling.json"
 SCALING_T = (1024, 4096, 16384, 65536)  # at E=64, k=8
@@ -88,9 +89,16 @@ def machine_info() -> dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             versions[pkg] = None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu_model": cpu, "cores": cores, "logical_cpus": os.cpu_count(), "memory_gib": mem_gib,
-            "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-            "platform": platform.platform(), "python": platform.python_version(), "versions": versions}
+    return {
+        "cpu_model": cpu,
+        "cores": cores,
+        "logical_cpus": os.cpu_count(),
+        "memory_gib": mem_gib,
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
 
 
 # ------------------------------------------------------------------------------------- one run ----
@@ -120,10 +128,17 @@ def _plain(v: Any) -> Any:
 
 def summarize(sol: mb.Solution) -> dict[str, Any]:
     """The numbers of a Solution the benchmark keeps (the assignment and bias stay behind)."""
-    return {"status": sol.status.value, "objective": _finite(sol.objective), "bound": _finite(sol.bound),
-            "own_gap": _finite(sol.gap), "wall_time": float(sol.wall_time), "feasible": sol.feasible,
-            "load_ratio": _finite(sol.stats.get("load_ratio")), "message": sol.message,
-            "stats": _plain({k: v for k, v in sol.stats.items() if k != "violations"})}
+    return {
+        "status": sol.status.value,
+        "objective": _finite(sol.objective),
+        "bound": _finite(sol.bound),
+        "own_gap": _finite(sol.gap),
+        "wall_time": float(sol.wall_time),
+        "feasible": sol.feasible,
+        "load_ratio": _finite(sol.stats.get("load_ratio")),
+        "message": sol.message,
+        "stats": _plain({k: v for k, v in sol.stats.items() if k != "violations"}),
+    }
 
 
 def _vm_kib(pid: int | str, field: str) -> int | None:
@@ -153,8 +168,9 @@ def _child(problem: Any, method: str, time_limit: float | None, conn: Any, repea
     conn.close()
 
 
-def run_method(problem: Any, method: str, time_limit: float | None, hard_limit: float,
-               mem_limit_mib: float, repeats: int = 1) -> dict[str, Any]:
+def run_method(
+    problem: Any, method: str, time_limit: float | None, hard_limit: float, mem_limit_mib: float, repeats: int = 1
+) -> dict[str, Any]:
     """Solve in a forked child; kill it past ``hard_limit`` seconds or ``mem_limit_mib`` resident memory.
     With ``repeats`` > 1 the child solves that many times and reports the median wall time (``wall_times``:
     each run's).
@@ -186,8 +202,12 @@ def run_method(problem: Any, method: str, time_limit: float | None, hard_limit: 
                     out = recv.recv()
                 except EOFError:  # died without answering (e.g. a crash in a back-end)
                     proc.join()
-                    return {"status": "error", "message": f"process exited with code {proc.exitcode}",
-                            "wall_time": time.perf_counter() - t0, "peak_rss_mib": round(peak / 1024, 1)}
+                    return {
+                        "status": "error",
+                        "message": f"process exited with code {proc.exitcode}",
+                        "wall_time": time.perf_counter() - t0,
+                        "peak_rss_mib": round(peak / 1024, 1),
+                    }
                 proc.join()
                 return out
             rss = _vm_kib(proc.pid, "VmRSS") or 0
@@ -200,15 +220,20 @@ def run_method(problem: Any, method: str, time_limit: float | None, hard_limit: 
             if killed:
                 proc.kill()
                 proc.join()
-                return {"status": "killed", "message": killed, "wall_time": elapsed,
-                        "peak_rss_mib": round(peak / 1024, 1)}
+                return {
+                    "status": "killed",
+                    "message": killed,
+                    "wall_time": elapsed,
+                    "peak_rss_mib": round(peak / 1024, 1),
+                }
     finally:
         recv.close()
 
 
 # ----------------------------------------------------------------------------------- skip rule ----
-def skip_reason(method: str, T: int, E: int, k: int, history: list[dict[str, Any]], cap: float,
-                mem_limit_mib: float) -> str | None:
+def skip_reason(
+    method: str, T: int, E: int, k: int, history: list[dict[str, Any]], cap: float, mem_limit_mib: float
+) -> str | None:
     """Why ``method`` should not run on (T, E, k), given its earlier records, or None to run it.
 
     ``history``: this method's earlier records, dicts with T, E, k, and either ``skipped`` (a reason) or
@@ -234,8 +259,10 @@ def skip_reason(method: str, T: int, E: int, k: int, history: list[dict[str, Any
             return f"skipped (predicted >= {wall * factor:.0f} s from {wall:.1f} s at T={prev['T']}, E={E})"
         peak = prev.get("peak_rss_mib")
         if peak is not None and peak * factor > mem_limit_mib:
-            return (f"skipped (predicted {peak * factor / 1024:.1f} GiB > {mem_limit_mib / 1024:g} GiB "
-                    f"from T={prev['T']}, E={E})")
+            return (
+                f"skipped (predicted {peak * factor / 1024:.1f} GiB > {mem_limit_mib / 1024:g} GiB "
+                f"from T={prev['T']}, E={E})"
+            )
     return None
 
 
@@ -245,8 +272,13 @@ def _quiet_backends() -> None:
     about OR-Tools solvers it cannot use (it resets its logger level on import) are not ours to print."""
     logging.disable(logging.WARNING)
     try:
-        for name in ("ortools.sat.python.cp_model", "ortools.linear_solver.pywraplp",
-                     "ortools.graph.python.min_cost_flow", "scipy.optimize", "cvxpy"):
+        for name in (
+            "ortools.sat.python.cp_model",
+            "ortools.linear_solver.pywraplp",
+            "ortools.graph.python.min_cost_flow",
+            "scipy.optimize",
+            "cvxpy",
+        ):
             try:
                 __import__(name)
             except ImportError:
@@ -294,10 +326,20 @@ def topk_floor(problem: Any, repeats: int = 3) -> float:
     return best
 
 
-def run_benchmark(tokens: tuple[int, ...], experts: tuple[int, ...], ks: tuple[int, ...], *,
-                  methods: list[str] | None = None, capacity_factor: float = 1.0, time_cap: float = 60.0,
-                  mem_limit_gib: float = 10.0, seed: int = 0, progress: bool = True,
-                  instances: list[tuple[int, int, int]] | None = None, repeats: int | None = 1) -> dict[str, Any]:
+def run_benchmark(
+    tokens: tuple[int, ...],
+    experts: tuple[int, ...],
+    ks: tuple[int, ...],
+    *,
+    methods: list[str] | None = None,
+    capacity_factor: float = 1.0,
+    time_cap: float = 60.0,
+    mem_limit_gib: float = 10.0,
+    seed: int = 0,
+    progress: bool = True,
+    instances: list[tuple[int, int, int]] | None = None,
+    repeats: int | None = 1,
+) -> dict[str, Any]:
     """Run the grid (or the explicit ``instances`` (T, E, k)) and return the JSON-ready result (see the
     module docstring). ``repeats``: solves per method and instance, the median reported (None: 7 up to
     2**20 score entries, 3 above)."""
@@ -319,43 +361,74 @@ def run_benchmark(tokens: tuple[int, ...], experts: tuple[int, ...], ks: tuple[i
     exact = {m for m in methods if mb.method_info("routing", m).exact}
     mem_limit_mib = mem_limit_gib * 1024
     hard_limit = 3 * time_cap + 60  # model building is outside the back-ends' time limits
-    combos = ([(T, E, k) for E in sorted(experts) for k in sorted(ks) for T in sorted(tokens) if k <= E]
-              if instances is None else list(instances))
+    combos = (
+        [(T, E, k) for E in sorted(experts) for k in sorted(ks) for T in sorted(tokens) if k <= E]
+        if instances is None
+        else list(instances)
+    )
     history: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     instances = []
     bar = tqdm(total=len(combos) * len(methods), desc="routing", unit="run", disable=not progress)
     for T, E, k in combos:
         forced = (T, E, k) == (TARGET["T"], TARGET["E"], TARGET["k"])
-        problem = routing_problem(T, E, k, capacity_factor=capacity_factor, kind=GENERATOR["kind"],
-                                  imbalance=GENERATOR["imbalance"], seed=seed)
-        inst: dict[str, Any] = {"name": f"T={T} E={E} k={k}", "T": T, "E": E, "k": k,
-                                "capacity": int(problem.capacity[0]), "seed": seed, "target": forced,
-                                "load_average": list(os.getloadavg()), "topk_floor_s": topk_floor(problem),
-                                "results": {}}
+        problem = routing_problem(
+            T,
+            E,
+            k,
+            capacity_factor=capacity_factor,
+            kind=GENERATOR["kind"],
+            imbalance=GENERATOR["imbalance"],
+            seed=seed,
+        )
+        inst: dict[str, Any] = {
+            "name": f"T={T} E={E} k={k}",
+            "T": T,
+            "E": E,
+            "k": k,
+            "capacity": int(problem.capacity[0]),
+            "seed": seed,
+            "target": forced,
+            "load_average": list(os.getloadavg()),
+            "topk_floor_s": topk_floor(problem),
+            "results": {},
+        }
         for m in methods:
             bar.set_postfix_str(f"T={T} E={E} k={k} {m}")
-            reason = None if (forced or m == REFERENCE) else skip_reason(m, T, E, k, history[m], time_cap,
-                                                                          mem_limit_mib)
+            reason = (
+                None if (forced or m == REFERENCE) else skip_reason(m, T, E, k, history[m], time_cap, mem_limit_mib)
+            )
             if reason:
                 rec: dict[str, Any] = {"status": "skipped", "skipped": reason}
             else:
                 limit = None if m == REFERENCE else time_cap  # mcf has no limit (its stats say so)
-                rec = run_method(problem, m, limit, 20 * hard_limit if m == REFERENCE else hard_limit,
-                                 mem_limit_mib, _repeats(repeats, T, E))
+                rec = run_method(
+                    problem,
+                    m,
+                    limit,
+                    20 * hard_limit if m == REFERENCE else hard_limit,
+                    mem_limit_mib,
+                    _repeats(repeats, T, E),
+                )
                 wall = rec.get("wall_time")
-                rec["exceeded"] = bool(rec["status"] in ("time_limit", "killed")
-                                       or (wall is not None and wall > time_cap))
+                rec["exceeded"] = bool(
+                    rec["status"] in ("time_limit", "killed") or (wall is not None and wall > time_cap)
+                )
             inst["results"][m] = rec
-            history[m].append({"T": T, "E": E, "k": k, **{f: rec.get(f) for f in
-                               ("skipped", "exceeded", "wall_time", "peak_rss_mib")}})
+            history[m].append(
+                {
+                    "T": T,
+                    "E": E,
+                    "k": k,
+                    **{f: rec.get(f) for f in ("skipped", "exceeded", "wall_time", "peak_rss_mib")},
+                }
+            )
             bar.update(1)
         ref = inst["results"][REFERENCE]
         opt = ref.get("objective") if ref["status"] == "optimal" else None
         inst["optimum"] = opt
         for r in inst["results"].values():
             obj = r.get("objective")
-            r["gap_to_opt"] = (None if opt is None or obj is None
-                               else (opt - obj) / max(abs(opt), 1e-12))
+            r["gap_to_opt"] = None if opt is None or obj is None else (opt - obj) / max(abs(opt), 1e-12)
         topk = inst["results"].get("topk", {})
         inst["topk_load_ratio"] = topk.get("load_ratio")
         instances.append(inst)
@@ -365,11 +438,22 @@ def run_benchmark(tokens: tuple[int, ...], experts: tuple[int, ...], ks: tuple[i
         "benchmark": "routing_solvers",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
-        "config": {"tokens": list(tokens), "experts": list(experts), "k": list(ks), "methods": methods,
-                   "repeats": "7 up to 2**20 score entries, 3 above (median)" if repeats is None else repeats,
-                   "exact_methods": sorted(exact), "reference": REFERENCE, "capacity_factor": capacity_factor,
-                   "time_cap_s": time_cap, "hard_limit_s": hard_limit, "mem_limit_gib": mem_limit_gib,
-                   "seed": seed, "generator": GENERATOR, "target": TARGET},
+        "config": {
+            "tokens": list(tokens),
+            "experts": list(experts),
+            "k": list(ks),
+            "methods": methods,
+            "repeats": "7 up to 2**20 score entries, 3 above (median)" if repeats is None else repeats,
+            "exact_methods": sorted(exact),
+            "reference": REFERENCE,
+            "capacity_factor": capacity_factor,
+            "time_cap_s": time_cap,
+            "hard_limit_s": hard_limit,
+            "mem_limit_gib": mem_limit_gib,
+            "seed": seed,
+            "generator": GENERATOR,
+            "target": TARGET,
+        },
         "instances": instances,
         "warnings": warnings,
     }
@@ -381,12 +465,15 @@ def run_benchmark(tokens: tuple[int, ...], experts: tuple[int, ...], ks: tuple[i
 def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The targets: bip vs the fastest exact method at T=4096, E=64, k=8, then ``fast`` vs ``mcf``
     (:func:`_fast_targets`), each with ``met`` (True/False/None = not measured) and a line."""
-    inst = next((i for i in result["instances"] if (i["T"], i["E"], i["k"]) ==
-                 (TARGET["T"], TARGET["E"], TARGET["k"])), None)
+    inst = next(
+        (i for i in result["instances"] if (i["T"], i["E"], i["k"]) == (TARGET["T"], TARGET["E"], TARGET["k"])), None
+    )
     where = f"T={TARGET['T']}, E={TARGET['E']}, k={TARGET['k']}"
     if inst is None:
-        return ([{"name": n, "met": None, "line": f"target NOT measured: {n} ({where} is not in this grid)"}
-                 for n in ("speedup",)] + _fast_targets(result))
+        return [
+            {"name": n, "met": None, "line": f"target NOT measured: {n} ({where} is not in this grid)"}
+            for n in ("speedup",)
+        ] + _fast_targets(result)
     res = inst["results"]
     exact = set(result["config"]["exact_methods"])
     out = []
@@ -395,11 +482,17 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     bip = res.get("bip", {})
     name = "speedup"
     if not proven:
-        out.append({"name": name, "met": False,
-                    "line": f"target NOT met: no exact method proved optimality at {where}"})
+        out.append(
+            {"name": name, "met": False, "line": f"target NOT met: no exact method proved optimality at {where}"}
+        )
     elif bip.get("wall_time") is None or bip["status"] in ("skipped", "error"):
-        out.append({"name": name, "met": None, "line": f"target NOT measured: bip did not run at {where} "
-                                                        f"({bip.get('skipped') or bip.get('message')})"})
+        out.append(
+            {
+                "name": name,
+                "met": None,
+                "line": f"target NOT measured: bip did not run at {where} ({bip.get('skipped') or bip.get('message')})",
+            }
+        )
     else:
         best = min(proven, key=lambda m: proven[m]["wall_time"])
         ratio = bip["wall_time"] / proven[best]["wall_time"]
@@ -413,11 +506,20 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             bip_txt = f"bip unfinished ({bip['status']}, not proven optimal) after {bip['wall_time']:.2f} s"
             ratio_txt = f">= {ratio:.0f}x (a lower bound)"
         verdict = {True: "target met", False: "target NOT met", None: "target NOT met as measured (undecided)"}
-        out.append({"name": name, "met": met, "ratio": ratio, "ratio_is_lower_bound": not finished,
-                    "fastest_exact": best, "fastest_time": proven[best]["wall_time"],
-                    "bip_time": bip["wall_time"], "bip_status": bip["status"],
-                    "line": f"{verdict[met]}: fastest exact method {best} {proven[best]['wall_time']:.3f} s vs "
-                            f"{bip_txt}: {ratio_txt} (need >= {TARGET_SPEEDUP:g}x) at {where}"})
+        out.append(
+            {
+                "name": name,
+                "met": met,
+                "ratio": ratio,
+                "ratio_is_lower_bound": not finished,
+                "fastest_exact": best,
+                "fastest_time": proven[best]["wall_time"],
+                "bip_time": bip["wall_time"],
+                "bip_status": bip["status"],
+                "line": f"{verdict[met]}: fastest exact method {best} {proven[best]['wall_time']:.3f} s vs "
+                f"{bip_txt}: {ratio_txt} (need >= {TARGET_SPEEDUP:g}x) at {where}",
+            }
+        )
     out += _fast_targets(result)
     return out
 
@@ -428,34 +530,54 @@ def _fast_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for tg in FAST_TARGETS:
         where = f"T={tg['T']}, E={tg['E']}, k={tg['k']}"
-        inst = next((i for i in result["instances"] if (i["T"], i["E"], i["k"]) == (tg["T"], tg["E"], tg["k"])),
-                    None)
+        inst = next((i for i in result["instances"] if (i["T"], i["E"], i["k"]) == (tg["T"], tg["E"], tg["k"])), None)
         if inst is None:
-            out.append({"name": tg["name"], "met": None,
-                        "line": f"target NOT measured: {tg['name']} ({where} is not in this grid)"})
+            out.append(
+                {
+                    "name": tg["name"],
+                    "met": None,
+                    "line": f"target NOT measured: {tg['name']} ({where} is not in this grid)",
+                }
+            )
             continue
         fast, mcf = inst["results"].get("fast", {}), inst["results"].get(REFERENCE, {})
         if fast.get("status") != "optimal" or mcf.get("status") != "optimal":
-            out.append({"name": tg["name"], "met": False if fast.get("status") else None,
-                        "line": f"target NOT met: fast {fast.get('status')} / mcf {mcf.get('status')} at {where}"})
+            out.append(
+                {
+                    "name": tg["name"],
+                    "met": False if fast.get("status") else None,
+                    "line": f"target NOT met: fast {fast.get('status')} / mcf {mcf.get('status')} at {where}",
+                }
+            )
             continue
         ratio = mcf["wall_time"] / fast["wall_time"]
         floor = inst.get("topk_floor_s")
         met = ratio >= tg["speedup"]
-        rec = {"name": tg["name"], "met": met, "ratio": ratio, "fast_s": fast["wall_time"],
-               "mcf_s": mcf["wall_time"], "topk_floor_s": floor, "fast_peak_rss_mib": fast.get("peak_rss_mib")}
+        rec = {
+            "name": tg["name"],
+            "met": met,
+            "ratio": ratio,
+            "fast_s": fast["wall_time"],
+            "mcf_s": mcf["wall_time"],
+            "topk_floor_s": floor,
+            "fast_peak_rss_mib": fast.get("peak_rss_mib"),
+        }
         extra = ""
         if floor:
             rec["floor_ratio"] = fast["wall_time"] / floor
             extra = f"; {rec['floor_ratio']:.1f}x the top-k floor ({floor * 1e3:.1f} ms)"
         if "aim_s" in tg:
-            rec["aim_met"] = bool(fast["wall_time"] <= tg["aim_s"] and rec.get("floor_ratio", math.inf)
-                                  <= tg["aim_floor_ratio"])
-            extra += (f"; aim (<= {tg['aim_s'] * 1e3:g} ms and <= {tg['aim_floor_ratio']:g}x the floor) "
-                      f"{'met' if rec['aim_met'] else 'NOT met'}")
-        rec["line"] = (f"target {'met' if met else 'NOT met'}: fast {fast['wall_time'] * 1e3:.1f} ms vs mcf "
-                       f"{mcf['wall_time'] * 1e3:.0f} ms: {ratio:.1f}x (need >= {tg['speedup']:g}x) at {where}"
-                       + extra)
+            rec["aim_met"] = bool(
+                fast["wall_time"] <= tg["aim_s"] and rec.get("floor_ratio", math.inf) <= tg["aim_floor_ratio"]
+            )
+            extra += (
+                f"; aim (<= {tg['aim_s'] * 1e3:g} ms and <= {tg['aim_floor_ratio']:g}x the floor) "
+                f"{'met' if rec['aim_met'] else 'NOT met'}"
+            )
+        rec["line"] = (
+            f"target {'met' if met else 'NOT met'}: fast {fast['wall_time'] * 1e3:.1f} ms vs mcf "
+            f"{mcf['wall_time'] * 1e3:.0f} ms: {ratio:.1f}x (need >= {tg['speedup']:g}x) at {where}" + extra
+        )
         out.append(rec)
     return out
 
@@ -466,9 +588,17 @@ def _repeats(repeats: int | None, T: int, E: int) -> int:
     return (7 if T * E <= 2**20 else 3) if repeats is None else max(1, int(repeats))
 
 
-def run_scaling(tokens: tuple[int, ...] = SCALING_T, experts: tuple[int, ...] = SCALING_E, k: int = 8, *,
-                methods: list[str] | None = None, seed: int = 0, mem_limit_gib: float = 10.0,
-                time_cap: float = 600.0, repeats: int | None = None) -> dict[str, Any]:
+def run_scaling(
+    tokens: tuple[int, ...] = SCALING_T,
+    experts: tuple[int, ...] = SCALING_E,
+    k: int = 8,
+    *,
+    methods: list[str] | None = None,
+    seed: int = 0,
+    mem_limit_gib: float = 10.0,
+    time_cap: float = 600.0,
+    repeats: int | None = None,
+) -> dict[str, Any]:
     """Time of each exact method (default: every installed one without a time limit issue: mcf, fast) against
     T (at E=64) and against E (at T=16384), with the top-k floor; each run in a forked child, the median of
     ``repeats`` solves (see :func:`_repeats`)."""
@@ -483,16 +613,28 @@ def run_scaling(tokens: tuple[int, ...] = SCALING_T, experts: tuple[int, ...] = 
         row: dict[str, Any] = {"T": T, "E": E, "k": k, "topk_floor_s": topk_floor(problem), "results": {}}
         for m in methods:
             r = run_method(problem, m, None, time_cap, mem_limit_gib * 1024, _repeats(repeats, T, E))
-            row["results"][m] = {f: r.get(f) for f in ("status", "wall_time", "wall_times", "objective",
-                                                        "peak_rss_mib")}
+            row["results"][m] = {
+                f: r.get(f) for f in ("status", "wall_time", "wall_times", "objective", "peak_rss_mib")
+            }
         opt = [r["objective"] for r in row["results"].values() if r["status"] == "optimal"]
         row["agree"] = bool(opt) and max(opt) - min(opt) <= REL_TOL * max(1.0, abs(max(opt)))
         rows.append(row)
-        print(f"T={T:6d} E={E:4d}  floor {row['topk_floor_s'] * 1e3:8.1f} ms  " + "  ".join(
-            f"{m} {row['results'][m]['wall_time'] * 1e3 if row['results'][m]['wall_time'] else float('nan'):9.1f} ms"
-            for m in methods), flush=True)
-    return {"benchmark": "routing_solvers_scaling", "machine": machine_info(), "methods": methods, "k": k,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "rows": rows}
+        print(
+            f"T={T:6d} E={E:4d}  floor {row['topk_floor_s'] * 1e3:8.1f} ms  "
+            + "  ".join(
+                f"{m} {row['results'][m]['wall_time'] * 1e3 if row['results'][m]['wall_time'] else float('nan'):9.1f} ms"
+                for m in methods
+            ),
+            flush=True,
+        )
+    return {
+        "benchmark": "routing_solvers_scaling",
+        "machine": machine_info(),
+        "methods": methods,
+        "k": k,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "rows": rows,
+    }
 
 
 def plot_scaling(result: dict[str, Any], path: Path) -> None:
@@ -516,8 +658,10 @@ def plot_scaling(result: dict[str, Any], path: Path) -> None:
         ax.set_title(f"time vs {axis} ({fixed}={fval}, k={result['k']})")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.suptitle(f"exact routing methods on {result['machine']['cpu_model']} ({result['machine']['cores']} cores, "
-                 "shared)", fontsize=9)
+    fig.suptitle(
+        f"exact routing methods on {result['machine']['cpu_model']} ({result['machine']['cores']} cores, shared)",
+        fontsize=9,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -563,8 +707,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         "",
         f"Machine: {mach['cpu_model']}, {mach['cores']} cores, {mach['memory_gib']} GiB "
         f"(load average at start {', '.join(f'{x:.2f}' for x in mach['load_average_at_start'] or [])}); "
-        + ", ".join(f"{p} {v[p]}" for p in ("numpy", "scipy", "ortools", "cvxpy", "highspy") if v.get(p)) + ".",
-        f"Instances: `routing_problem(T, E, k, kind=\"{cfg['generator']['kind']}\", imbalance="
+        + ", ".join(f"{p} {v[p]}" for p in ("numpy", "scipy", "ortools", "cvxpy", "highspy") if v.get(p))
+        + ".",
+        f'Instances: `routing_problem(T, E, k, kind="{cfg["generator"]["kind"]}", imbalance='
         f"{cfg['generator']['imbalance']}, seed={cfg['seed']})` (softmax of Gaussian logits + log-Zipf expert "
         f"popularity), capacity factor {cfg['capacity_factor']:g}. Every method but mcf runs with "
         f"time_limit={cfg['time_cap_s']:g} s; wall time includes model building. Exact methods: "
@@ -572,30 +717,47 @@ def render_markdown(result: dict[str, Any]) -> str:
         "",
     ]
     head = ["T", "E", "k", "top-k max/cap"]
-    for what, title in (("time", "Wall time (s)"),
-                        ("gap", "Gap to the optimum, (opt - objective) / opt"),
-                        ("own", "Certified gap from each method's own bound (Solution.gap)")):
-        lines += [f"### {title}", "", "| " + " | ".join(head + methods) + " |",
-                  "|" + "---|" * (len(head) + len(methods))]
+    for what, title in (
+        ("time", "Wall time (s)"),
+        ("gap", "Gap to the optimum, (opt - objective) / opt"),
+        ("own", "Certified gap from each method's own bound (Solution.gap)"),
+    ):
+        lines += [
+            f"### {title}",
+            "",
+            "| " + " | ".join(head + methods) + " |",
+            "|" + "---|" * (len(head) + len(methods)),
+        ]
         for inst in result["instances"]:
-            row = [str(inst["T"]), str(inst["E"]), str(inst["k"]),
-                   "-" if inst["topk_load_ratio"] is None else f"{inst['topk_load_ratio']:.2f}"]
+            row = [
+                str(inst["T"]),
+                str(inst["E"]),
+                str(inst["k"]),
+                "-" if inst["topk_load_ratio"] is None else f"{inst['topk_load_ratio']:.2f}",
+            ]
             row += [_cell(inst["results"][m], what) for m in methods]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     lines += ["### Targets", ""] + [f"- {t['line']}" for t in result["targets"]] + [""]
     cap = f"{cfg['time_cap_s']:g} s"
     loads = [i["load_average"][0] for i in result["instances"] if i.get("load_average")]
-    lines += [f"Notes: \"skipped (>{cap} at T=.., E=..)\" means the method took longer than {cap} (or stopped at "
-              "its time limit) on that instance, which has the same k and no more tokens or experts; "
-              "\"predicted\" skips extrapolate time or memory linearly in T from that instance. The target "
-              "instance runs every method regardless; mcf (the reference) always runs. \"(time limit)\" marks a "
-              "run stopped by its limit: its answer, if any, is not proven optimal. Wall time includes model "
-              "building, so a limited run can take longer than the limit. top-k ignores capacity: its answer "
-              "is infeasible and its objective is an upper bound. Own gaps below ~1e-8 are the integer scaling "
-              "of mcf/bip (score resolution ~1e-9)."
-              + (f" The machine was shared: 1-minute load average {min(loads):.1f}-{max(loads):.1f} on "
-                 f"{mach['cores']} cores while instances ran." if loads else ""), ""]
+    lines += [
+        f'Notes: "skipped (>{cap} at T=.., E=..)" means the method took longer than {cap} (or stopped at '
+        "its time limit) on that instance, which has the same k and no more tokens or experts; "
+        '"predicted" skips extrapolate time or memory linearly in T from that instance. The target '
+        'instance runs every method regardless; mcf (the reference) always runs. "(time limit)" marks a '
+        "run stopped by its limit: its answer, if any, is not proven optimal. Wall time includes model "
+        "building, so a limited run can take longer than the limit. top-k ignores capacity: its answer "
+        "is infeasible and its objective is an upper bound. Own gaps below ~1e-8 are the integer scaling "
+        "of mcf/bip (score resolution ~1e-9)."
+        + (
+            f" The machine was shared: 1-minute load average {min(loads):.1f}-{max(loads):.1f} on "
+            f"{mach['cores']} cores while instances ran."
+            if loads
+            else ""
+        ),
+        "",
+    ]
     if result["warnings"]:
         lines += ["### Cross-check warnings", ""] + [f"- {w}" for w in result["warnings"]] + [""]
     return "\n".join(lines)
@@ -615,13 +777,23 @@ def _ints(text: str) -> tuple[int, ...]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small smoke-test grid (< 30 s)")
-    ap.add_argument("--targets", action="store_true",
-                    help="only the issue-13 target instances (T=4096 E=64 k=8 and T=65536 E=256 k=8)")
-    ap.add_argument("--scaling", action="store_true",
-                    help="time vs T and E of each exact method (mcf, fast) with the top-k floor: JSON and PNG")
-    ap.add_argument("--out", type=Path, default=None,
-                    help=f"JSON path (default {DEFAULT_OUT.relative_to(HERE.parent)}; --quick: "
-                         f"{QUICK_OUT.relative_to(HERE.parent)}); the markdown table goes beside it as .md")
+    ap.add_argument(
+        "--targets",
+        action="store_true",
+        help="only the issue-13 target instances (T=4096 E=64 k=8 and T=65536 E=256 k=8)",
+    )
+    ap.add_argument(
+        "--scaling",
+        action="store_true",
+        help="time vs T and E of each exact method (mcf, fast) with the top-k floor: JSON and PNG",
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"JSON path (default {DEFAULT_OUT.relative_to(HERE.parent)}; --quick: "
+        f"{QUICK_OUT.relative_to(HERE.parent)}); the markdown table goes beside it as .md",
+    )
     ap.add_argument("--capacity-factor", type=float, default=1.0)
     ap.add_argument("--time-cap", type=float, default=60.0, help="time_limit per method and the skip threshold (s)")
     ap.add_argument("--mem-limit-gib", type=float, default=10.0, help="kill/skip runs above this memory")
@@ -631,11 +803,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--k", type=_ints, default=None)
     ap.add_argument("--methods", default=None, help="comma-separated subset (mcf always runs)")
     ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--repeats", type=int, default=None,
-                    help="solves per method and instance, the median reported (default: 1 on the grid; "
-                         "--targets and --scaling: 7 up to 2**20 score entries, 3 above)")
-    ap.add_argument("--render", type=Path, default=None, metavar="JSON",
-                    help="run nothing: rewrite the markdown table beside an existing result JSON and print it")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="solves per method and instance, the median reported (default: 1 on the grid; "
+        "--targets and --scaling: 7 up to 2**20 score entries, 3 above)",
+    )
+    ap.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="run nothing: rewrite the markdown table beside an existing result JSON and print it",
+    )
     args = ap.parse_args(argv)
     if args.render is not None:
         result = json.loads(args.render.read_text())
@@ -649,9 +830,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error("--time-cap must be positive")
     if args.scaling:
         out = args.out or SCALING_OUT
-        res = run_scaling(args.tokens or SCALING_T, args.experts or SCALING_E, (args.k or (8,))[0],
-                          methods=args.methods.split(",") if args.methods else None, seed=args.seed,
-                          mem_limit_gib=args.mem_limit_gib, repeats=args.repeats)
+        res = run_scaling(
+            args.tokens or SCALING_T,
+            args.experts or SCALING_E,
+            (args.k or (8,))[0],
+            methods=args.methods.split(",") if args.methods else None,
+            seed=args.seed,
+            mem_limit_gib=args.mem_limit_gib,
+            repeats=args.repeats,
+        )
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=1, allow_nan=False) + "\n")
         plot_scaling(res, out.with_suffix(".png"))
@@ -662,12 +849,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.targets:
         default_out = HERE / "results" / "routing_solvers_targets.json"
     out = args.out or default_out
-    result = run_benchmark(args.tokens or grid["tokens"], args.experts or grid["experts"], args.k or grid["k"],
-                           methods=args.methods.split(",") if args.methods else None,
-                           capacity_factor=args.capacity_factor, time_cap=args.time_cap,
-                           mem_limit_gib=args.mem_limit_gib, seed=args.seed, progress=not args.no_progress,
-                           instances=TARGET_INSTANCES if args.targets else None,
-                           repeats=args.repeats if args.repeats is not None else (None if args.targets else 1))
+    result = run_benchmark(
+        args.tokens or grid["tokens"],
+        args.experts or grid["experts"],
+        args.k or grid["k"],
+        methods=args.methods.split(",") if args.methods else None,
+        capacity_factor=args.capacity_factor,
+        time_cap=args.time_cap,
+        mem_limit_gib=args.mem_limit_gib,
+        seed=args.seed,
+        progress=not args.no_progress,
+        instances=TARGET_INSTANCES if args.targets else None,
+        repeats=args.repeats if args.repeats is not None else (None if args.targets else 1),
+    )
     result["config"]["quick"] = bool(args.quick)
     result["config"]["command"] = " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else argv))
     md = render_markdown(result)

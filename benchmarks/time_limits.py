@@ -41,20 +41,37 @@ def run(sizes: list[int], experts: int, k: int, time_limit: float) -> dict[str, 
             t0 = time.perf_counter()
             sol = mb.solve(p, method, time_limit=time_limit, **options)
             wall = time.perf_counter() - t0
-            rows.append({"method": method + (f"/{options['backend']}" if options else ""), "T": T, "E": experts,
-                         "k": k, "time_limit": time_limit, "wall_s": round(wall, 3),
-                         "within": wall <= time_limit * 1.1 + 0.5, "status": sol.status.value,
-                         "gap": sol.gap, "feasible": sol.feasible})
+            rows.append(
+                {
+                    "method": method + (f"/{options['backend']}" if options else ""),
+                    "T": T,
+                    "E": experts,
+                    "k": k,
+                    "time_limit": time_limit,
+                    "wall_s": round(wall, 3),
+                    "within": wall <= time_limit * 1.1 + 0.5,
+                    "status": sol.status.value,
+                    "gap": sol.gap,
+                    "feasible": sol.feasible,
+                }
+            )
             r = rows[-1]
-            print(f"{r['method']:<11} {T:>6}x{experts:<3} wall {wall:6.2f} s  within={r['within']!s:<5} "
-                  f"{r['status']:<10} gap={'-' if sol.gap is None else f'{sol.gap:.3g}'}", flush=True)
+            print(
+                f"{r['method']:<11} {T:>6}x{experts:<3} wall {wall:6.2f} s  within={r['within']!s:<5} "
+                f"{r['status']:<10} gap={'-' if sol.gap is None else f'{sol.gap:.3g}'}",
+                flush=True,
+            )
     return {"machine": cpu_name(), "time_limit": time_limit, "bound": "time_limit * 1.1 + 0.5", "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], default=[4096, 16384],
-                    help="token counts T, comma-separated (default 4096,16384)")
+    ap.add_argument(
+        "--sizes",
+        type=lambda s: [int(v) for v in s.split(",")],
+        default=[4096, 16384],
+        help="token counts T, comma-separated (default 4096,16384)",
+    )
     ap.add_argument("--experts", type=int, default=64, help="experts E (default 64)")
     ap.add_argument("-k", type=int, default=8, help="experts per token (default 8)")
     ap.add_argument("--time-limit", type=float, default=1.0, help="seconds (default 1)")

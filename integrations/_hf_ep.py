@@ -13,15 +13,22 @@ Home experts: rank ``r`` owns the contiguous block ``{e : e * P // E == r}`` (``
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from moebalance.integrations.ep import (
+    Communicator,
+    EPPlan,
+    ExpertParallelError,
+    PlacementPlanner,
+    build_exchange,
+    exchange,
+    home_of,
+)
 from torch import Tensor
-
-from moebalance.integrations.ep import (Communicator, EPPlan, ExpertParallelError, PlacementPlanner, build_exchange,
-                                        exchange, home_of)
 
 __all__ = ["ExpertShards", "StepPlan", "home_of", "check_placement"]
 
@@ -31,8 +38,9 @@ StepPlan = EPPlan
 _ = ExpertParallelError  # re-exported: the error the shards raise
 
 
-def check_placement(num_experts: int, world: int, placement: str, problem_options: dict[str, Any],
-                    solve_options: dict[str, Any]) -> None:
+def check_placement(
+    num_experts: int, world: int, placement: str, problem_options: dict[str, Any], solve_options: dict[str, Any]
+) -> None:
     """Validate the method and its options on an empty problem (ValueError now, not in the first step)."""
     PlacementPlanner(placement, num_experts, world, problem_options, solve_options)
 
@@ -43,8 +51,17 @@ class ExpertShards:
     ``names``: the module's ``[E, ...]`` parameters, replaced by their home rows ``[E_r, ...]``.
     """
 
-    def __init__(self, experts: torch.nn.Module, names: list[str], num_experts: int, *, group: Any,
-                 placement: str, problem_options: dict[str, Any], solve_options: dict[str, Any]):
+    def __init__(
+        self,
+        experts: torch.nn.Module,
+        names: list[str],
+        num_experts: int,
+        *,
+        group: Any,
+        placement: str,
+        problem_options: dict[str, Any],
+        solve_options: dict[str, Any],
+    ):
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = P = dist.get_world_size(group)
@@ -58,14 +75,14 @@ class ExpertShards:
         self.placement = placement
         self.planner = PlacementPlanner(placement, E, P, problem_options, solve_options)
         self.replicated_plan = self.planner.replicated
-        self.last_plan: Optional[StepPlan] = None
+        self.last_plan: StepPlan | None = None
         self.last_exchange: dict[str, Any] = {}
-        self.timings: Optional[dict[str, float]] = None  # a dict: seconds per phase are added to it
+        self.timings: dict[str, float] | None = None  # a dict: seconds per phase are added to it
         self.step = 0
         with torch.no_grad():
             for n in self.names:
                 full = getattr(experts, n)
-                shard = torch.nn.Parameter(full.detach()[self.lo:self.hi].clone(), requires_grad=full.requires_grad)
+                shard = torch.nn.Parameter(full.detach()[self.lo : self.hi].clone(), requires_grad=full.requires_grad)
                 setattr(experts, n, shard)
 
     def problem(self, loads: np.ndarray) -> Any:
@@ -81,8 +98,9 @@ class ExpertShards:
                 full = comm.all_gather_rows(f"gather {n}", shard.detach(), sizes)
                 setattr(experts, n, torch.nn.Parameter(full, requires_grad=shard.requires_grad))
 
-    def forward(self, experts: torch.nn.Module, x: Tensor, eidx: Tensor, gates: Tensor, ffn: Callable,
-                where: str) -> tuple[Tensor, np.ndarray, np.ndarray, Communicator]:
+    def forward(
+        self, experts: torch.nn.Module, x: Tensor, eidx: Tensor, gates: Tensor, ffn: Callable, where: str
+    ) -> tuple[Tensor, np.ndarray, np.ndarray, Communicator]:
         """``(y [T, hidden], global loads [E], tokens per rank [P], comm)`` for this rank's routed tokens."""
         E, P, r = self.E, self.world, self.rank
         self.step += 1
@@ -95,16 +113,27 @@ class ExpertShards:
         header = torch.cat([torch.tensor([T, x_grad, w_grad], dtype=torch.float64), counts])
         heads = comm.all_gather("routing header", header).numpy()
         if len({tuple(h) for h in heads[:, 1:3].tolist()}) > 1:
-            raise comm.error("ranks disagree on what needs gradients (input, expert weights): "
-                             f"{heads[:, 1:3].astype(bool).tolist()}; run every rank in the same grad mode")
+            raise comm.error(
+                "ranks disagree on what needs gradients (input, expert weights): "
+                f"{heads[:, 1:3].astype(bool).tolist()}; run every rank in the same grad mode"
+            )
         Ts = heads[:, 0].astype(np.int64)
         C = np.rint(heads[:, 3:]).astype(np.int64)  # [P, E]
         plan = self.planner.plan(comm, C.sum(0))
         self.last_plan = plan
         slot_of = np.full(E, -1, dtype=np.int64)
-        slot_of[self.lo:self.hi] = np.arange(self.hi - self.lo)
-        ex, send_pairs = build_exchange(comm, eidx.reshape(-1), C, plan.assignment, plan.weight_transfers, slot_of,
-                                        self.hi - self.lo, ffn, x.shape[1])
+        slot_of[self.lo : self.hi] = np.arange(self.hi - self.lo)
+        ex, send_pairs = build_exchange(
+            comm,
+            eidx.reshape(-1),
+            C,
+            plan.assignment,
+            plan.weight_transfers,
+            slot_of,
+            self.hi - self.lo,
+            ffn,
+            x.shape[1],
+        )
         self.last_exchange = ex.stats
         y_send = exchange(x.index_select(0, send_pairs // k), ex, weights)
         o = x.new_zeros((T * k, x.shape[1])).index_copy(0, send_pairs, y_send).view(T, k, x.shape[1])

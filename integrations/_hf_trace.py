@@ -25,7 +25,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -74,8 +74,10 @@ class LoadTrace:
             raise ValueError(f"`loads` must add up to at most {MAX_INT} pairs per step and layer")
         if loads.size and not np.array_equal(loads.sum(axis=2), np.repeat(tokens[:, None] * top_k, L, axis=1)):
             b, l = np.argwhere(loads.sum(axis=2) != tokens[:, None] * top_k)[0]
-            raise ValueError(f"`loads` must add up to tokens * top_k pairs in every step and layer: step {b}, "
-                             f"layer {l} has {int(loads[b, l].sum())}, expected {int(tokens[b]) * top_k}")
+            raise ValueError(
+                f"`loads` must add up to tokens * top_k pairs in every step and layer: step {b}, "
+                f"layer {l} has {int(loads[b, l].sum())}, expected {int(tokens[b]) * top_k}"
+            )
         object.__setattr__(self, "loads", loads)
         object.__setattr__(self, "tokens", tokens)
         object.__setattr__(self, "top_k", top_k)
@@ -87,7 +89,7 @@ class LoadTrace:
         """``(B, L, E)``."""
         return tuple(self.loads.shape)  # type: ignore[return-value]
 
-    def window(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
+    def window(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """``[b, L, E]`` loads of steps ``start:stop`` (the replication problem's window of recent batches)."""
         return self.loads[start:stop]
 
@@ -98,8 +100,14 @@ class LoadTrace:
         return PlacementProblem(self.loads[step, layer], num_devices, **options)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": TRACE_KIND, "loads": self.loads.tolist(), "tokens": self.tokens.tolist(),
-                "top_k": self.top_k, "layers": list(self.layers), "model_type": self.model_type}
+        return {
+            "kind": TRACE_KIND,
+            "loads": self.loads.tolist(),
+            "tokens": self.tokens.tolist(),
+            "top_k": self.top_k,
+            "layers": list(self.layers),
+            "model_type": self.model_type,
+        }
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``.npz`` or ``.json`` (the format in the module docstring), atomically, with the umask's mode."""
@@ -110,9 +118,15 @@ class LoadTrace:
             return write_atomic(p, json.dumps(self.to_dict()))
         if p.suffix == ".npz":
             buf = io.BytesIO()
-            np.savez_compressed(buf, kind=np.array(TRACE_KIND), loads=self.loads, tokens=self.tokens,
-                                top_k=np.array(self.top_k), layers=np.array(self.layers, dtype=str),
-                                model_type=np.array(self.model_type))
+            np.savez_compressed(
+                buf,
+                kind=np.array(TRACE_KIND),
+                loads=self.loads,
+                tokens=self.tokens,
+                top_k=np.array(self.top_k),
+                layers=np.array(self.layers, dtype=str),
+                model_type=np.array(self.model_type),
+            )
             return write_atomic(p, buf.getvalue())
         raise ValueError(f"`path` must end in .npz or .json, got {p.name!r}")
 
@@ -128,8 +142,9 @@ def _int_array(value: Any, name: str, ndim: int) -> np.ndarray:
         try:
             arr = np.asarray(value) if value else np.zeros((0,) * ndim, dtype=np.int64)
         except (ValueError, OverflowError, TypeError):
-            raise ValueError(f"`{name}` must be a {ndim}-D array of non-negative integers (ragged or not numbers)") \
-                from None
+            raise ValueError(
+                f"`{name}` must be a {ndim}-D array of non-negative integers (ragged or not numbers)"
+            ) from None
     else:
         arr = value if isinstance(value, np.ndarray) else np.asarray(value)
     if arr.ndim != ndim:

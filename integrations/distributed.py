@@ -76,22 +76,46 @@ Limits. ``E`` must be divisible by ``P`` (contiguous home blocks). Each step syn
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from moebalance.integrations.ep import (
+    DEFAULT_TIMEOUT,
+    PROBLEM_OPTIONS,
+    Communicator,
+    EPPlan,
+    ExpertParallelError,
+    PlacementPlanner,
+    Rebalancer,
+    RebalanceReport,
+    ReplicaLayout,
+    build_exchange,
+    exchange,
+    exchange_counts,
+    init_process_group,
+    move_slots,
+)
+from moebalance.integrations.ep.replicas import SPLITS, check_layout
+from moebalance.integrations.torch import (
+    MoEConfig,
+    MoELayer,
+    MoEStats,
+    apply_capacity,
+    aux_loss_of,
+    check_input,
+    make_balancer,
+    max_violation,
+    price_batch,
+    route,
+    router_probs,
+    router_scores,
+    step_balancer,
+)
+from moebalance.kernels import combine_pairs, expert_ffn, resolve_backend
 from torch import Tensor, nn
 
-from moebalance.integrations.ep import (DEFAULT_TIMEOUT, PROBLEM_OPTIONS, Communicator, EPPlan,
-                                        ExpertParallelError, PlacementPlanner, Rebalancer, RebalanceReport,
-                                        ReplicaLayout, build_exchange, exchange, exchange_counts,
-                                        init_process_group, move_slots)
-from moebalance.integrations.ep.replicas import SPLITS, check_layout
-from moebalance.integrations.torch import (MoEConfig, MoELayer, MoEStats, apply_capacity, aux_loss_of, check_input,
-                                           make_balancer, max_violation, price_batch, route, router_probs,
-                                           router_scores, step_balancer)
-from moebalance.kernels import combine_pairs, expert_ffn, resolve_backend
 from moebalance.routing import expert_capacity
 from moebalance.solution import Status
 
@@ -123,19 +147,35 @@ class ExpertParallelMoE(nn.Module):
     full shared check (:func:`moebalance.check`) on every step's plan, on top of the cheap invariant check.
     """
 
-    def __init__(self, config: MoEConfig, *, group: Any = None, placement: str = "ep", device: Any = None,
-                 check_plans: bool = False, fallback: str = "auto", num_local_slots: Optional[int] = None,
-                 replication: Optional[str] = None, phy2log: Any = None, replica_split: str = "even",
-                 window_size: int = 16, step_interval: int = 16, max_moves: Optional[int] = None,
-                 min_gain: float = 0.05, replication_options: Optional[dict[str, Any]] = None,
-                 **placement_options: Any):
+    def __init__(
+        self,
+        config: MoEConfig,
+        *,
+        group: Any = None,
+        placement: str = "ep",
+        device: Any = None,
+        check_plans: bool = False,
+        fallback: str = "auto",
+        num_local_slots: int | None = None,
+        replication: str | None = None,
+        phy2log: Any = None,
+        replica_split: str = "even",
+        window_size: int = 16,
+        step_interval: int = 16,
+        max_moves: int | None = None,
+        min_gain: float = 0.05,
+        replication_options: dict[str, Any] | None = None,
+        **placement_options: Any,
+    ):
         super().__init__()
         if not isinstance(config, MoEConfig):
             raise ValueError(f"`config` must be a MoEConfig, got {type(config).__name__}")
         if not dist.is_available() or not dist.is_initialized():
-            raise ValueError("torch.distributed is not initialized: call "
-                             "moebalance.integrations.distributed.init_process_group() (or "
-                             "torch.distributed.init_process_group) on every rank first")
+            raise ValueError(
+                "torch.distributed is not initialized: call "
+                "moebalance.integrations.distributed.init_process_group() (or "
+                "torch.distributed.init_process_group) on every rank first"
+            )
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = P = dist.get_world_size(group)
@@ -151,13 +191,15 @@ class ExpertParallelMoE(nn.Module):
         self.home_experts = range(self.rank * n, (self.rank + 1) * n)
         # replicated experts: S slots per rank holding a replication plan; else the home experts, as placed
         self.replicated = num_local_slots is not None or replication is not None or phy2log is not None
-        self.layout: Optional[ReplicaLayout] = None
-        self.rebalancer: Optional[Rebalancer] = None
-        self.planner: Optional[PlacementPlanner] = None
+        self.layout: ReplicaLayout | None = None
+        self.rebalancer: Rebalancer | None = None
+        self.planner: PlacementPlanner | None = None
         if self.replicated:
             if placement_options or placement != "ep":
-                raise ValueError("replicated experts split each expert's tokens over its replicas: `placement` and "
-                                 f"its options do not apply (got placement={placement!r}, {sorted(placement_options)})")
+                raise ValueError(
+                    "replicated experts split each expert's tokens over its replicas: `placement` and "
+                    f"its options do not apply (got placement={placement!r}, {sorted(placement_options)})"
+                )
             if replica_split not in SPLITS:
                 raise ValueError(f"`replica_split` must be one of {SPLITS}, got {replica_split!r}")
             if phy2log is not None:
@@ -171,16 +213,29 @@ class ExpertParallelMoE(nn.Module):
                 S = n if num_local_slots is None else as_int(num_local_slots, "num_local_slots", minimum=n)
                 self.layout = ReplicaLayout.initial(E, P, S)
             if replication is not None:
-                self.rebalancer = Rebalancer(replication, E, P, S, window_size=window_size,
-                                             step_interval=step_interval, max_moves=max_moves, min_gain=min_gain,
-                                             options=replication_options)
+                self.rebalancer = Rebalancer(
+                    replication,
+                    E,
+                    P,
+                    S,
+                    window_size=window_size,
+                    step_interval=step_interval,
+                    max_moves=max_moves,
+                    min_gain=min_gain,
+                    options=replication_options,
+                )
             self.replica_split = replica_split
         else:
             S = n
-            self.planner = PlacementPlanner(placement, E, P, {k: v for k, v in placement_options.items()
-                                                              if k in PROBLEM_OPTIONS},
-                                            {k: v for k, v in placement_options.items() if k not in PROBLEM_OPTIONS},
-                                            fallback=fallback, check_plans=check_plans)
+            self.planner = PlacementPlanner(
+                placement,
+                E,
+                P,
+                {k: v for k, v in placement_options.items() if k in PROBLEM_OPTIONS},
+                {k: v for k, v in placement_options.items() if k not in PROBLEM_OPTIONS},
+                fallback=fallback,
+                check_plans=check_plans,
+            )
         self.num_local_slots = S
         self.placement = placement
         kw = {"device": device, "dtype": c.dtype}
@@ -191,8 +246,8 @@ class ExpertParallelMoE(nn.Module):
         self.register_buffer("bias", torch.zeros(E, dtype=torch.float32, device=device))
         self.balancer = make_balancer(c)
         self.aux_loss: Tensor = torch.zeros((), device=device)
-        self.last_stats: Optional[MoEStats] = None
-        self.last_plan: Optional[EPPlan] = None
+        self.last_stats: MoEStats | None = None
+        self.last_plan: EPPlan | None = None
         self.last_exchange: dict[str, Any] = {}
         self.rebalances: list[RebalanceReport] = []
         self.profile = False  # True: time each phase into last_timings (synchronising CUDA around each)
@@ -216,8 +271,9 @@ class ExpertParallelMoE(nn.Module):
         return self.layout.local(self.rank).copy()
 
     @classmethod
-    def from_layer(cls, layer: MoELayer, group: Any = None, placement: str = "ep", check_plans: bool = False,
-                   **options: Any) -> "ExpertParallelMoE":
+    def from_layer(
+        cls, layer: MoELayer, group: Any = None, placement: str = "ep", check_plans: bool = False, **options: Any
+    ) -> ExpertParallelMoE:
         """Split ``layer`` (built with the same seed on every rank): copy its router, bias and the weights of this
         rank's experts. ``placement`` is any placement method of :func:`moebalance.solve`; ``options`` are
         :data:`PROBLEM_OPTIONS` (to the problem), ``time_limit`` and the method's own options (to ``solve``), or
@@ -225,8 +281,14 @@ class ExpertParallelMoE(nn.Module):
         raise ValueError here, on every rank alike."""
         if not isinstance(layer, MoELayer):
             raise ValueError(f"`layer` must be a MoELayer, got {type(layer).__name__}")
-        ep = cls(layer.config, group=group, placement=placement, device=layer.w_gate.device,
-                 check_plans=check_plans, **options)
+        ep = cls(
+            layer.config,
+            group=group,
+            placement=placement,
+            device=layer.w_gate.device,
+            check_plans=check_plans,
+            **options,
+        )
         idx = torch.from_numpy(ep.local_experts).to(layer.w_gate.device)
         with torch.no_grad():
             ep.router.weight.copy_(layer.router.weight)
@@ -239,9 +301,11 @@ class ExpertParallelMoE(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"hidden={c.hidden}, ffn={c.ffn}, num_experts={c.num_experts}, top_k={c.top_k}, "
-                f"rank={self.rank}/{self.world_size}, home_experts={self.home_experts.start}.."
-                f"{self.home_experts.stop - 1}, placement={self.placement}")
+        return (
+            f"hidden={c.hidden}, ffn={c.ffn}, num_experts={c.num_experts}, top_k={c.top_k}, "
+            f"rank={self.rank}/{self.world_size}, home_experts={self.home_experts.start}.."
+            f"{self.home_experts.stop - 1}, placement={self.placement}"
+        )
 
     # -- gradients ---------------------------------------------------------------------------------------
     def allreduce_router_grad(self, average: bool = False) -> None:
@@ -269,7 +333,7 @@ class ExpertParallelMoE(nn.Module):
         self.last_timings = {}
         comm = self._comm(self.last_timings if self.profile else None)
         same_batch = c.bip_same_batch and self.training
-        failure: Optional[BaseException] = None
+        failure: BaseException | None = None
         T = 0
         try:  # the same checks and routing functions as MoELayer
             check_input(x, c.hidden)
@@ -281,7 +345,7 @@ class ExpertParallelMoE(nn.Module):
                 scores0 = router_scores(logits.detach(), c.router)
         except Exception as exc:  # the other ranks learn of it through a header instead of a timeout
             failure = exc
-        all_scores: Optional[Tensor] = None
+        all_scores: Tensor | None = None
         if same_batch:  # bip_same_batch: price the whole batch (all ranks' scores) before routing it
             pre = torch.tensor([float(failure is None), T], dtype=torch.float64)
             heads0 = comm.all_gather("bip same-batch header (all_gather)", pre).cpu().numpy()
@@ -292,15 +356,20 @@ class ExpertParallelMoE(nn.Module):
                 price_batch(self.balancer, self.bias, all_scores)
         if failure is None:
             try:
-                eidx, gates, scores = route(logits, k, router=c.router, bias=self.bias,
-                                            normalize_gates=c.normalize_gates)
+                eidx, gates, scores = route(
+                    logits, k, router=c.router, bias=self.bias, normalize_gates=c.normalize_gates
+                )
                 counts = torch.bincount(eidx.reshape(-1), minlength=E).double()
                 probs = router_probs(scores, c.router)
                 x_grad = torch.is_grad_enabled() and x2.requires_grad
-                w_grad = torch.is_grad_enabled() and any(p.requires_grad for p in (self.w_gate, self.w_up,
-                                                                                   self.w_down))
-                header = torch.cat([torch.tensor([1.0, T, x_grad, w_grad], dtype=torch.float64,
-                                                 device=counts.device), counts, probs.detach().double().sum(0)])
+                w_grad = torch.is_grad_enabled() and any(p.requires_grad for p in (self.w_gate, self.w_up, self.w_down))
+                header = torch.cat(
+                    [
+                        torch.tensor([1.0, T, x_grad, w_grad], dtype=torch.float64, device=counts.device),
+                        counts,
+                        probs.detach().double().sum(0),
+                    ]
+                )
             except Exception as exc:
                 failure = exc
         if failure is not None:
@@ -308,12 +377,14 @@ class ExpertParallelMoE(nn.Module):
         heads = comm.all_gather("routing header (all_gather)", header).cpu().numpy()
         self._raise_if_failed(failure, heads, "the token exchange")
         if len(set(map(tuple, heads[:, 2:4].tolist()))) > 1:
-            raise ExpertParallelError(f"rank {self.rank}/{P}: ranks disagree on what needs gradients "
-                                      f"(x, expert weights) per rank: {heads[:, 2:4].astype(bool).tolist()}; run "
-                                      "every rank in the same grad mode with the same requires_grad settings")
+            raise ExpertParallelError(
+                f"rank {self.rank}/{P}: ranks disagree on what needs gradients "
+                f"(x, expert weights) per rank: {heads[:, 2:4].astype(bool).tolist()}; run "
+                "every rank in the same grad mode with the same requires_grad settings"
+            )
         Ts = heads[:, 1].astype(np.int64)
-        loads = heads[:, 4:4 + E].sum(0)  # pairs per expert before capacity drops
-        kept, C = eidx, np.rint(heads[:, 4:4 + E]).astype(np.int64)
+        loads = heads[:, 4 : 4 + E].sum(0)  # pairs per expert before capacity drops
+        kept, C = eidx, np.rint(heads[:, 4 : 4 + E]).astype(np.int64)
         if c.capacity_factor is not None:
             kept, C = self._global_capacity(comm, eidx, scores, Ts)
         with comm.timed("plan"):
@@ -323,7 +394,7 @@ class ExpertParallelMoE(nn.Module):
             self.rebalancer.record(C.sum(0))
         if self.layout is None:
             slot_of = np.full(E, -1, dtype=np.int64)
-            slot_of[self.home_experts.start:self.home_experts.stop] = np.arange(self.experts_per_rank)
+            slot_of[self.home_experts.start : self.home_experts.stop] = np.arange(self.experts_per_rank)
             replica_of = None
         else:
             slot_of, replica_of = self.layout.slot_of(self.rank), self.layout.local(self.rank)
@@ -331,26 +402,39 @@ class ExpertParallelMoE(nn.Module):
         def step(rows: Tensor, counts: list[int], w: tuple[Tensor, ...]) -> Tensor:
             return expert_ffn(rows, counts, *w, backend=backend)
 
-        ex, send_pairs = build_exchange(comm, kept.reshape(-1), C, plan.assignment, plan.weight_transfers, slot_of,
-                                        self.num_local_slots, step, c.hidden, replica_of)
+        ex, send_pairs = build_exchange(
+            comm,
+            kept.reshape(-1),
+            C,
+            plan.assignment,
+            plan.weight_transfers,
+            slot_of,
+            self.num_local_slots,
+            step,
+            c.hidden,
+            replica_of,
+        )
         self.last_exchange = ex.stats
         y_send = exchange(x2.index_select(0, send_pairs // k), ex, (self.w_gate, self.w_up, self.w_down))
         o = x2.new_zeros((T * k, c.hidden)).index_copy(0, send_pairs, y_send).view(T, k, c.hidden)
         y = combine_pairs(o, kept, gates, E).to(x2.dtype)  # MoELayer's combine
-        self._balance(comm, loads, heads[:, 4 + E:].sum(0), Ts, int(loads.sum() - C.sum()), scores, all_scores)
+        self._balance(comm, loads, heads[:, 4 + E :].sum(0), Ts, int(loads.sum() - C.sum()), scores, all_scores)
         return y.reshape(x.shape).to(x.dtype)
 
-    def _raise_if_failed(self, failure: Optional[BaseException], heads: np.ndarray, before: str) -> None:
+    def _raise_if_failed(self, failure: BaseException | None, heads: np.ndarray, before: str) -> None:
         """Raise this rank's own failure, or ExpertParallelError when another rank's health flag is down."""
         if failure is not None:
             raise failure
         bad = np.flatnonzero(heads[:, 0] == 0).tolist()
         if bad:
-            raise ExpertParallelError(f"rank {self.rank}/{self.world_size}: rank(s) {bad} failed before {before} "
-                                      f"in step {self._step} (see their errors); stopping here too")
+            raise ExpertParallelError(
+                f"rank {self.rank}/{self.world_size}: rank(s) {bad} failed before {before} "
+                f"in step {self._step} (see their errors); stopping here too"
+            )
 
-    def _global_capacity(self, comm: Communicator, eidx: Tensor, scores: Tensor,
-                         Ts: np.ndarray) -> tuple[Tensor, np.ndarray]:
+    def _global_capacity(
+        self, comm: Communicator, eidx: Tensor, scores: Tensor, Ts: np.ndarray
+    ) -> tuple[Tensor, np.ndarray]:
         """This rank's kept ``[T, k]`` and every rank's kept counts ``[P, E]`` under the global capacity."""
         c = self.config
         E, k = c.num_experts, c.top_k
@@ -362,12 +446,24 @@ class ExpertParallelMoE(nn.Module):
         cap = expert_capacity(int(Ts.sum()), k, E, c.capacity_factor)
         kept_all = apply_capacity(ids_all, dense, cap)
         starts = np.concatenate([[0], np.cumsum(Ts)])
-        C = np.stack([np.bincount(kept_all[starts[r]:starts[r + 1]].reshape(-1).cpu().numpy(),
-                                  minlength=E + 1)[:E] for r in range(comm.world)])
-        return kept_all[starts[self.rank]:starts[self.rank + 1]], C
+        C = np.stack(
+            [
+                np.bincount(kept_all[starts[r] : starts[r + 1]].reshape(-1).cpu().numpy(), minlength=E + 1)[:E]
+                for r in range(comm.world)
+            ]
+        )
+        return kept_all[starts[self.rank] : starts[self.rank + 1]], C
 
-    def _balance(self, comm: Communicator, loads: np.ndarray, prob_sums: np.ndarray, Ts: np.ndarray, dropped: int,
-                 scores: Tensor, all_scores: Optional[Tensor]) -> None:
+    def _balance(
+        self,
+        comm: Communicator,
+        loads: np.ndarray,
+        prob_sums: np.ndarray,
+        Ts: np.ndarray,
+        dropped: int,
+        scores: Tensor,
+        all_scores: Tensor | None,
+    ) -> None:
         """Global stats, this rank's aux-loss share and the bias step (identical on every rank), by MoELayer's
         functions."""
         c = self.config
@@ -377,17 +473,20 @@ class ExpertParallelMoE(nn.Module):
         share = aux_loss_of(c, loads_t, router_probs(scores, c.router).sum(0), T_all)
         total = aux_loss_of(c, loads_t, torch.as_tensor(prob_sums, dtype=torch.float32, device=dev), T_all)
         self.aux_loss = share if c.balancer == "aux_loss" else torch.zeros((), device=dev)
-        self.last_stats = MoEStats(loads=loads_t, max_vio=max_violation(loads_t, T_all, c.top_k),
-                                   aux_loss=total.detach(), dropped=torch.tensor(dropped))
+        self.last_stats = MoEStats(
+            loads=loads_t,
+            max_vio=max_violation(loads_t, T_all, c.top_k),
+            aux_loss=total.detach(),
+            dropped=torch.tensor(dropped),
+        )
         if not (self.training and self.balancer is not None and T_all):
             return
         if c.balancer == "bip" and all_scores is None:
-            all_scores = comm.all_gather_rows("bip balancer: scores (all_gather)", scores.detach().float(),
-                                              Ts.tolist())
+            all_scores = comm.all_gather_rows("bip balancer: scores (all_gather)", scores.detach().float(), Ts.tolist())
         step_balancer(c, self.balancer, self.bias, loads_t, all_scores)
 
     # -- plans and rebalancing ---------------------------------------------------------------------------
-    def _comm(self, timings: Optional[dict[str, float]] = None) -> Communicator:
+    def _comm(self, timings: dict[str, float] | None = None) -> Communicator:
         return Communicator(self.group, f"step {self._step}", timings, self.w_gate.device.type == "cuda")
 
     def _plan(self, comm: Communicator, loads: np.ndarray) -> EPPlan:
@@ -401,11 +500,11 @@ class ExpertParallelMoE(nn.Module):
         """True when ``step_interval`` steps have run since the last re-plan (identical on every rank)."""
         return self.rebalancer is not None and self.rebalancer.due(self._step)
 
-    def maybe_rebalance(self, optimizer: Optional[torch.optim.Optimizer] = None) -> Optional[RebalanceReport]:
+    def maybe_rebalance(self, optimizer: torch.optim.Optimizer | None = None) -> RebalanceReport | None:
         """:meth:`rebalance` when it is due, else None. Call it between steps (after ``optimizer.step()``)."""
         return self.rebalance(optimizer) if self.rebalance_due() else None
 
-    def rebalance(self, optimizer: Optional[torch.optim.Optimizer] = None) -> RebalanceReport:
+    def rebalance(self, optimizer: torch.optim.Optimizer | None = None) -> RebalanceReport:
         """Re-plan the replicas from the load window and move the weights (a collective: every rank calls it).
 
         The slots' weights move between ranks, and with ``optimizer`` every per-parameter state tensor shaped like
@@ -433,7 +532,8 @@ class ExpertParallelMoE(nn.Module):
             moved = move_slots(comm, old, new, tensors)
             self.layout = ReplicaLayout(new, self.config.num_experts, self.world_size)
             per_slot = sum(t[0].numel() * t.element_size() for t in tensors)  # weights and optimizer state
-            rep = dataclasses.replace(rep, bytes_moved=moved,
-                                      bytes_saved=(rep.moves_unrelabelled - rep.moves) * per_slot)
+            rep = dataclasses.replace(
+                rep, bytes_moved=moved, bytes_saved=(rep.moves_unrelabelled - rep.moves) * per_slot
+            )
         self.rebalances.append(rep)
         return rep

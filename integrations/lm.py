@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,14 +49,14 @@ class LMConfig:
     max_seq_len: int = 128
     num_experts: int = 16
     top_k: int = 2
-    expert_ffn: Optional[int] = None
+    expert_ffn: int | None = None
     router: str = "softmax"
     balancer: str = "none"
     aux_loss_coeff: float = 1e-2
     bias_update_rate: float = 1e-3
-    capacity_factor: Optional[float] = None
+    capacity_factor: float | None = None
     backend: str = "torch"
-    bip_same_batch: Optional[bool] = None
+    bip_same_batch: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layers", "n_heads", "max_seq_len"):
@@ -73,10 +73,20 @@ class LMConfig:
         return self.expert_ffn if self.expert_ffn is not None else max(8, 4 * self.d_model // self.top_k)
 
     def moe_config(self) -> MoEConfig:
-        return MoEConfig(hidden=self.d_model, ffn=self.ffn, num_experts=self.num_experts, top_k=self.top_k,
-                         router=self.router, balancer=self.balancer, aux_loss_coeff=self.aux_loss_coeff,
-                         bias_update_rate=self.bias_update_rate, capacity_factor=self.capacity_factor,
-                         backend=self.backend, dtype=torch.float32, bip_same_batch=self.bip_same_batch)
+        return MoEConfig(
+            hidden=self.d_model,
+            ffn=self.ffn,
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            router=self.router,
+            balancer=self.balancer,
+            aux_loss_coeff=self.aux_loss_coeff,
+            bias_update_rate=self.bias_update_rate,
+            capacity_factor=self.capacity_factor,
+            backend=self.backend,
+            dtype=torch.float32,
+            bip_same_batch=self.bip_same_batch,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "ffn": self.ffn}

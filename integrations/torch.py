@@ -38,22 +38,44 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
+from moebalance.kernels.experts import BACKENDS, expert_ffn, moe_experts, resolve_backend
 from torch import Tensor, nn
 
-from moebalance.kernels.experts import BACKENDS, expert_ffn, moe_experts, resolve_backend
 from moebalance.routing import expert_capacity
 
-__all__ = ["MoEConfig", "MoELayer", "MoEStats", "route", "router_scores", "apply_capacity", "expert_capacity",
-           "expert_ffn", "check_input", "make_balancer", "price_batch", "step_balancer", "router_probs",
-           "aux_loss_of", "max_violation", "ROUTERS", "BALANCERS"]
+__all__ = [
+    "MoEConfig",
+    "MoELayer",
+    "MoEStats",
+    "route",
+    "router_scores",
+    "apply_capacity",
+    "expert_capacity",
+    "expert_ffn",
+    "check_input",
+    "make_balancer",
+    "price_batch",
+    "step_balancer",
+    "router_probs",
+    "aux_loss_of",
+    "max_violation",
+    "ROUTERS",
+    "BALANCERS",
+]
 
 ROUTERS = ("softmax", "sigmoid")
 BALANCERS = ("none", "aux_loss", "loss_free", "bip", "bip_lagged")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -63,8 +85,13 @@ def _positive_int(value: Any, name: str) -> int:
 
 
 def _number(value: Any, name: str, *, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < 0 or (positive and value == 0):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+        or (positive and value == 0)
+    ):
         raise ValueError(f"`{name}` must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
     return float(value)
 
@@ -94,10 +121,10 @@ class MoEConfig:
     balancer: str = "none"
     bias_update_rate: float = 1e-3
     aux_loss_coeff: float = 1e-2
-    capacity_factor: Optional[float] = None
+    capacity_factor: float | None = None
     backend: str = "auto"
     dtype: Any = None
-    bip_same_batch: Optional[bool] = None
+    bip_same_batch: bool | None = None
 
     @property
     def balancer_name(self) -> str:
@@ -183,7 +210,7 @@ def router_probs(scores: Tensor, router: str) -> Tensor:
     return scores if router == "softmax" else scores / (scores.sum(-1, keepdim=True) + 1e-20)
 
 
-def aux_loss_of(config: "MoEConfig", loads: Tensor, prob_sums: Tensor, num_tokens: int) -> Tensor:
+def aux_loss_of(config: MoEConfig, loads: Tensor, prob_sums: Tensor, num_tokens: int) -> Tensor:
     """Switch loss with top-k: ``aux_loss_coeff * E * sum_e f_e * prob_sums[e] / T``.
 
     ``loads`` ``[E]``: pairs per expert over all T tokens (``f_e = loads / (T * k)``); ``prob_sums`` ``[E]``: the
@@ -203,7 +230,7 @@ def max_violation(loads: Tensor, num_tokens: int, k: int) -> Tensor:
     return (loads.max() - mean) / mean
 
 
-def make_balancer(config: "MoEConfig") -> Any:
+def make_balancer(config: MoEConfig) -> Any:
     """The online balancer of ``config.balancer`` ("loss_free", "bip"), or None."""
     c = config
     if c.balancer == "loss_free":
@@ -217,7 +244,7 @@ def make_balancer(config: "MoEConfig") -> Any:
     return None
 
 
-def step_balancer(config: "MoEConfig", balancer: Any, bias: Tensor, loads: Tensor, scores: Tensor) -> None:
+def step_balancer(config: MoEConfig, balancer: Any, bias: Tensor, loads: Tensor, scores: Tensor) -> None:
     """One balancer step after a training forward, in place on the ``bias`` buffer ``[E]`` (the state: what
     ``state_dict`` saves), from the batch's ``loads`` ``[E]`` ("loss_free") or its ``scores`` ``[T, E]``
     ("bip_lagged"; all of the batch's tokens). Nothing for "bip": :func:`price_batch` priced the batch before
@@ -230,14 +257,15 @@ def step_balancer(config: "MoEConfig", balancer: Any, bias: Tensor, loads: Tenso
 
 
 def price_batch(balancer: Any, bias: Tensor, scores: Tensor) -> None:
-    """"bip": price the batch's own ``scores`` ``[T, E]`` before routing it (bias in place)."""
+    """ "bip": price the batch's own ``scores`` ``[T, E]`` before routing it (bias in place)."""
     with torch.no_grad():
         balancer.bias = bias
         bias.copy_(balancer.update(scores.detach()))
 
 
-def route(logits: Tensor, top_k: int, *, router: str = "softmax", bias: Optional[Tensor] = None,
-          normalize_gates: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+def route(
+    logits: Tensor, top_k: int, *, router: str = "softmax", bias: Tensor | None = None, normalize_gates: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
     """Top-k routing with a selection bias: ``(eidx [T, k] int64, gates [T, k] float32, scores [T, E] float32)``.
 
     ``eidx`` = the k largest of ``scores - bias`` per token (ties to the lower expert index; the bias is a price
@@ -299,15 +327,18 @@ class MoELayer(nn.Module):
         self.register_buffer("bias", torch.zeros(c.num_experts, dtype=torch.float32, device=device))
         self.balancer = make_balancer(c)
         self.aux_loss: Tensor = torch.zeros((), device=device)
-        self.last_stats: Optional[MoEStats] = None
+        self.last_stats: MoEStats | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Router as ``nn.Linear``; expert weights uniform in +-1/sqrt(fan_in); bias and balancer state zero."""
         self.router.reset_parameters()
-        for w, fan_in in ((self.w_gate, self.config.hidden), (self.w_up, self.config.hidden),
-                          (self.w_down, self.config.ffn)):
-            nn.init.uniform_(w, -fan_in ** -0.5, fan_in ** -0.5)
+        for w, fan_in in (
+            (self.w_gate, self.config.hidden),
+            (self.w_up, self.config.hidden),
+            (self.w_down, self.config.ffn),
+        ):
+            nn.init.uniform_(w, -(fan_in**-0.5), fan_in**-0.5)
         with torch.no_grad():
             self.bias.zero_()
         if self.balancer is not None:
@@ -315,8 +346,10 @@ class MoELayer(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"hidden={c.hidden}, ffn={c.ffn}, num_experts={c.num_experts}, top_k={c.top_k}, "
-                f"router={c.router}, balancer={c.balancer_name}, capacity_factor={c.capacity_factor}, backend={c.backend}")
+        return (
+            f"hidden={c.hidden}, ffn={c.ffn}, num_experts={c.num_experts}, top_k={c.top_k}, "
+            f"router={c.router}, balancer={c.balancer_name}, capacity_factor={c.capacity_factor}, backend={c.backend}"
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         """``[..., hidden]`` -> ``[..., hidden]``."""
@@ -327,13 +360,13 @@ class MoELayer(nn.Module):
         logits = self.router(x2)
         if c.bip_same_batch and self.training and T:
             price_batch(self.balancer, self.bias, router_scores(logits.detach(), c.router))
-        eidx, gates, scores = route(logits, c.top_k, router=c.router, bias=self.bias,
-                                    normalize_gates=c.normalize_gates)
+        eidx, gates, scores = route(logits, c.top_k, router=c.router, bias=self.bias, normalize_gates=c.normalize_gates)
         kept = eidx
         if c.capacity_factor is not None:
             kept = apply_capacity(eidx, scores, expert_capacity(T, c.top_k, c.num_experts, c.capacity_factor))
-        y = moe_experts(x2, kept, gates, self.w_gate, self.w_up, self.w_down,
-                        backend=resolve_backend(c.backend, x2.device))
+        y = moe_experts(
+            x2, kept, gates, self.w_gate, self.w_up, self.w_down, backend=resolve_backend(c.backend, x2.device)
+        )
         self._balance(eidx, kept, scores)
         return y.reshape(x.shape).to(x.dtype)
 
@@ -342,10 +375,12 @@ class MoELayer(nn.Module):
         T, E = scores.shape
         flat = eidx.reshape(-1)
         loads = torch.zeros(E, dtype=torch.float32, device=flat.device).scatter_add_(
-            0, flat, torch.ones(flat.shape, dtype=torch.float32, device=flat.device))
+            0, flat, torch.ones(flat.shape, dtype=torch.float32, device=flat.device)
+        )
         aux = aux_loss_of(c, loads, router_probs(scores, c.router).sum(0), T)
         self.aux_loss = aux if c.balancer == "aux_loss" else torch.zeros((), device=scores.device)
-        self.last_stats = MoEStats(loads=loads, max_vio=max_violation(loads, T, c.top_k), aux_loss=aux.detach(),
-                                   dropped=(kept >= E).sum())
+        self.last_stats = MoEStats(
+            loads=loads, max_vio=max_violation(loads, T, c.top_k), aux_loss=aux.detach(), dropped=(kept >= E).sum()
+        )
         if self.training and self.balancer is not None and T:
             step_balancer(c, self.balancer, self.bias, loads, scores)

@@ -35,15 +35,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-from transformers import TrainerCallback
-
 from moebalance.integrations import transformers as mbt
 from moebalance.integrations._hf_trace import LoadTrace
+from torch import nn
+from transformers import TrainerCallback
 
 __all__ = ["MoEBalanceCallback"]
 
@@ -72,7 +71,7 @@ class _Bucket:
         self.pairs += tokens * top_k
 
 
-def _check_trace_path(path: Any) -> Optional[Path]:
+def _check_trace_path(path: Any) -> Path | None:
     if path is None:
         return None
     if not isinstance(path, (str, os.PathLike)):
@@ -96,8 +95,9 @@ class MoEBalanceCallback(TrainerCallback):
     ``on_train_begin`` raises ValueError otherwise.
     """
 
-    def __init__(self, trace_path: Any = None, *, log_loads: bool = False, per_layer: bool = True,
-                 prefix: str = "moe/"):
+    def __init__(
+        self, trace_path: Any = None, *, log_loads: bool = False, per_layer: bool = True, prefix: str = "moe/"
+    ):
         for name, v in (("log_loads", log_loads), ("per_layer", per_layer)):
             if not isinstance(v, bool):
                 raise ValueError(f"`{name}` must be a bool, got {v!r}")
@@ -105,14 +105,14 @@ class MoEBalanceCallback(TrainerCallback):
             raise ValueError(f"`prefix` must be a string, got {prefix!r}")
         self.trace_path = _check_trace_path(trace_path)
         self.log_loads, self.per_layer, self.prefix = log_loads, per_layer, prefix
-        self._model: Optional[nn.Module] = None
+        self._model: nn.Module | None = None
         self._handle: Any = None
         self._buckets: dict[bool, _Bucket] = {}
         self._trace: list[tuple[np.ndarray, int]] = []
         self.layers: tuple[str, ...] = ()
 
     # -- wiring -------------------------------------------------------------------------------------------
-    def install(self, trainer: Any) -> "MoEBalanceCallback":
+    def install(self, trainer: Any) -> MoEBalanceCallback:
         """Put this callback first in ``trainer``'s callbacks (before the reporters); returns it."""
         handler = getattr(trainer, "callback_handler", None)
         if handler is None or not isinstance(getattr(handler, "callbacks", None), list):
@@ -160,8 +160,11 @@ class MoEBalanceCallback(TrainerCallback):
             return {}
         pre = self.prefix if training else "eval_" + self.prefix
         vio = b.vio_sum / b.forwards
-        out = {f"{pre}max_vio": float(vio.mean()), f"{pre}max_vio_sup": float(b.vio_max.max()),
-               f"{pre}balancedness": float((b.bal_sum / b.forwards).mean())}
+        out = {
+            f"{pre}max_vio": float(vio.mean()),
+            f"{pre}max_vio_sup": float(b.vio_max.max()),
+            f"{pre}balancedness": float((b.bal_sum / b.forwards).mean()),
+        }
         mean = b.pairs / self._num_experts
         glob = np.where(mean > 0, (b.loads.max(axis=1) - mean) / np.maximum(mean, 1e-300), 0.0)
         if not training:
@@ -182,26 +185,32 @@ class MoEBalanceCallback(TrainerCallback):
     def trace(self) -> LoadTrace:
         """The ``[B, L, E]`` trace of the training forwards so far."""
         E = getattr(self, "_num_experts", 0)
-        loads = (np.stack([x for x, _ in self._trace]) if self._trace
-                 else np.zeros((0, len(self.layers), E), dtype=np.int64))
+        loads = (
+            np.stack([x for x, _ in self._trace]) if self._trace else np.zeros((0, len(self.layers), E), dtype=np.int64)
+        )
         model_type = str(getattr(getattr(self._model, "config", None), "model_type", "") or "")
-        return LoadTrace(loads, np.array([t for _, t in self._trace], dtype=np.int64),
-                         getattr(self, "_top_k", 1), self.layers, model_type)
+        return LoadTrace(
+            loads,
+            np.array([t for _, t in self._trace], dtype=np.int64),
+            getattr(self, "_top_k", 1),
+            self.layers,
+            model_type,
+        )
 
     def _write_trace(self, state: Any) -> None:
-        if self.trace_path is not None and self._model is not None and getattr(state, "is_world_process_zero",
-                                                                               True):
+        if self.trace_path is not None and self._model is not None and getattr(state, "is_world_process_zero", True):
             self.trace_path.parent.mkdir(parents=True, exist_ok=True)
             self.trace().save(self.trace_path)
 
     # -- Trainer events -----------------------------------------------------------------------------------
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: Optional[nn.Module] = None,
-                       **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
+    ) -> None:
         if model is None:
             raise ValueError("MoEBalanceCallback needs the Trainer's model")
         self.attach(model)
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: Optional[dict] = None, **kwargs: Any) -> None:
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if logs is None:
             return
         evaluation = any(str(k).startswith("eval_") for k in logs)
@@ -210,8 +219,11 @@ class MoEBalanceCallback(TrainerCallback):
             return
         history = getattr(state, "log_history", None)
         # the Trainer appended its own copy of `logs` (with "step") to log_history just before on_log
-        same = bool(history) and history[-1].get("step") == getattr(state, "global_step", None) and all(
-            history[-1].get(k) == v for k, v in logs.items())
+        same = (
+            bool(history)
+            and history[-1].get("step") == getattr(state, "global_step", None)
+            and all(history[-1].get(k) == v for k, v in logs.items())
+        )
         logs.update(extra)
         if same:
             history[-1].update(extra)

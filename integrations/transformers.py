@@ -75,15 +75,14 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from moebalance.integrations._hf_trace import LoadTrace, read_trace
 from moebalance.kernels import BACKENDS, expert_ffn, moe_experts, resolve_backend
+from torch import Tensor, nn
 
 __all__ = [
     "enable",
@@ -106,8 +105,14 @@ __all__ = [
 EXPERTS_IMPLEMENTATION = "moebalance"
 BALANCERS = ("none", "aux_loss", "loss_free", "bip", "bip_lagged")
 _PRICED = ("loss_free", "bip", "bip_lagged")  # balancers whose price steps in training
-_BALANCER_OPTIONS = {"bias_update_rate": 1e-3, "aux_loss_coeff": 1e-2, "capacity_factor": 1.0, "bip_iterations": 4,
-                     "prices": "auto", "eval_prices": "trained"}
+_BALANCER_OPTIONS = {
+    "bias_update_rate": 1e-3,
+    "aux_loss_coeff": 1e-2,
+    "capacity_factor": 1.0,
+    "bip_iterations": 4,
+    "prices": "auto",
+    "eval_prices": "trained",
+}
 PRICE_BUFFER = "moebalance_bias"
 _ROUTER_NAMES = ("gate", "router")
 
@@ -121,11 +126,16 @@ def _is_swiglu(experts: nn.Module) -> bool:
     from transformers.integrations import moe as hf_moe
 
     act = getattr(experts, "act_fn", None)
-    return (getattr(experts, "has_gate", False) and getattr(experts, "is_concatenated", False)
-            and not getattr(experts, "is_transposed", True) and not getattr(experts, "has_bias", True)
-            and not getattr(experts, "has_post_expert_norm", False)
-            and type(experts)._apply_gate is hf_moe._default_apply_gate
-            and act is not None and type(act).__name__ in ("SiLUActivation", "SiLU"))
+    return (
+        getattr(experts, "has_gate", False)
+        and getattr(experts, "is_concatenated", False)
+        and not getattr(experts, "is_transposed", True)
+        and not getattr(experts, "has_bias", True)
+        and not getattr(experts, "has_post_expert_norm", False)
+        and type(experts)._apply_gate is hf_moe._default_apply_gate
+        and act is not None
+        and type(act).__name__ in ("SiLUActivation", "SiLU")
+    )
 
 
 def _swiglu_views(gate_up: Tensor, down: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -136,28 +146,35 @@ def _swiglu_views(gate_up: Tensor, down: Tensor) -> tuple[Tensor, Tensor, Tensor
 
 def _expert_tensors(experts: nn.Module) -> list[str]:
     """Names of the module's own ``[E, ...]`` expert parameters, in a fixed order."""
-    names = [n for n in ("gate_up_proj", "up_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj",
-                         "down_proj_bias") if isinstance(getattr(experts, n, None), nn.Parameter)]
+    names = [
+        n
+        for n in ("gate_up_proj", "up_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj", "down_proj_bias")
+        if isinstance(getattr(experts, n, None), nn.Parameter)
+    ]
     return names
 
 
-def _linear(x: Tensor, w: Tensor, b: Optional[Tensor], transposed: bool) -> Tensor:
+def _linear(x: Tensor, w: Tensor, b: Tensor | None, transposed: bool) -> Tensor:
     y = x @ w if transposed else x @ w.t()
     return y if b is None else y + b
 
 
-def _generic_ffn(experts: nn.Module, names: list[str], xs: Tensor, counts: list[int],
-                 weights: tuple[Tensor, ...]) -> Tensor:
+def _generic_ffn(
+    experts: nn.Module, names: list[str], xs: Tensor, counts: list[int], weights: tuple[Tensor, ...]
+) -> Tensor:
     """``[N, H]``: rows grouped by expert (``counts [E]``) through the module's own expert function."""
     w = dict(zip(names, weights))
-    up, up_b = (w.get("gate_up_proj"), w.get("gate_up_proj_bias")) if experts.has_gate else \
-        (w.get("up_proj"), w.get("up_proj_bias"))
+    up, up_b = (
+        (w.get("gate_up_proj"), w.get("gate_up_proj_bias"))
+        if experts.has_gate
+        else (w.get("up_proj"), w.get("up_proj_bias"))
+    )
     down, down_b = w["down_proj"], w.get("down_proj_bias")
     tr = experts.is_transposed
     parts, start = [], 0
     for e, c in enumerate(counts):
         if c:
-            h = _linear(xs[start:start + c], up[e], None if up_b is None else up_b[e], tr)
+            h = _linear(xs[start : start + c], up[e], None if up_b is None else up_b[e], tr)
             h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
             o = _linear(h, down[e], None if down_b is None else down_b[e], tr)
             if experts.has_post_expert_norm:
@@ -171,36 +188,39 @@ def _ffn_for(experts: nn.Module, backend: str):
     """The expert step on rows grouped by expert: ``ffn(x_sorted, counts, weights) -> [N, H]``."""
     names = _expert_tensors(experts)
     if _is_swiglu(experts):
+
         def ffn(xs: Tensor, counts: list[int], weights: tuple[Tensor, ...]) -> Tensor:
             w = dict(zip(names, weights))
             return expert_ffn(xs, counts, *_swiglu_views(w["gate_up_proj"], w["down_proj"]), backend=backend)
+
         return ffn
     return lambda xs, counts, weights: _generic_ffn(experts, names, xs, counts, weights)
 
 
 def _local_experts(experts: nn.Module, x: Tensor, eidx: Tensor, gates: Tensor, backend: str) -> Tensor:
     if _is_swiglu(experts):
-        return moe_experts(x, eidx, gates.to(torch.float32), *_swiglu_views(experts.gate_up_proj, experts.down_proj),
-                           backend=backend)
+        return moe_experts(
+            x, eidx, gates.to(torch.float32), *_swiglu_views(experts.gate_up_proj, experts.down_proj), backend=backend
+        )
     T, k = eidx.shape
     E = experts.gate_up_proj.shape[0] if experts.has_gate else experts.up_proj.shape[0]
     flat = eidx.reshape(-1)
     order = torch.sort(flat, stable=True).indices
     counts = torch.bincount(flat, minlength=E).tolist()
     names = _expert_tensors(experts)
-    ys = _generic_ffn(experts, names, x.index_select(0, order // k), counts,
-                      tuple(getattr(experts, n) for n in names))
+    ys = _generic_ffn(experts, names, x.index_select(0, order // k), counts, tuple(getattr(experts, n) for n in names))
     o = torch.empty_like(ys).index_copy(0, order, ys).view(T, k, x.shape[1])
     return (o.float() * gates.float()[..., None]).sum(1).to(x.dtype)
 
 
 def experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
     """transformers' experts signature: ``[T, H]`` tokens, ``[T, k]`` expert ids and gates -> ``[T, H]``."""
-    blk: Optional[_Block] = getattr(self, "_moebalance", None)
+    blk: _Block | None = getattr(self, "_moebalance", None)
     backend = blk.backend if blk is not None else "auto"
     if blk is not None and blk.shards is not None:
-        y, loads, Ts, comm = blk.shards.forward(self, hidden_states, top_k_index, top_k_weights,
-                                                _ffn_for(self, backend), blk.name)
+        y, loads, Ts, comm = blk.shards.forward(
+            self, hidden_states, top_k_index, top_k_weights, _ffn_for(self, backend), blk.name
+        )
         blk.finish(torch.as_tensor(loads, dtype=torch.float32, device=hidden_states.device), Ts, comm)
         return y
     y = _local_experts(self, hidden_states, top_k_index, top_k_weights, backend)
@@ -225,7 +245,7 @@ register_experts_implementation()
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _router_kind(router: nn.Module) -> Optional[str]:
+def _router_kind(router: nn.Module) -> str | None:
     w = getattr(router, "weight", None)
     if not isinstance(w, Tensor) or w.ndim != 2 or not isinstance(getattr(router, "top_k", None), int):
         return None
@@ -354,8 +374,17 @@ class LayerStats:
 
 
 class _Block:
-    def __init__(self, name: str, block: nn.Module, router: nn.Module, experts: nn.Module, kind: Optional[str],
-                 balancer: str, options: dict[str, Any], backend: str):
+    def __init__(
+        self,
+        name: str,
+        block: nn.Module,
+        router: nn.Module,
+        experts: nn.Module,
+        kind: str | None,
+        balancer: str,
+        options: dict[str, Any],
+        backend: str,
+    ):
         self.name, self.block, self.router, self.experts, self.kind = name, block, router, experts, kind
         self.num_experts = E = router.weight.shape[0]
         self.top_k = router.top_k
@@ -363,10 +392,10 @@ class _Block:
         self.balancer_name = balancer
         self.backend = backend
         self.aux_coeff = float(options["aux_loss_coeff"])
-        self.pending: Optional[tuple[Optional[Tensor], Optional[Tensor]]] = None
+        self.pending: tuple[Tensor | None, Tensor | None] | None = None
         self.recompute = False
-        self.used_price: Optional[Tensor] = None
-        self.last: Optional[tuple[Tensor, int, Tensor]] = None  # loads [E], tokens, aux value
+        self.used_price: Tensor | None = None
+        self.last: tuple[Tensor, int, Tensor] | None = None  # loads [E], tokens, aux value
         self.aux_loss: Tensor = torch.zeros(())
         self.shards: Any = None
         self.balancer: Any = None
@@ -379,8 +408,9 @@ class _Block:
         elif balancer in ("bip", "bip_lagged"):
             from moebalance.solvers.balancers import BIPBalancer
 
-            self.balancer = BIPBalancer(E, self.top_k, capacity_factor=options["capacity_factor"],
-                                        iterations=options["bip_iterations"])
+            self.balancer = BIPBalancer(
+                E, self.top_k, capacity_factor=options["capacity_factor"], iterations=options["bip_iterations"]
+            )
         if kind != "grouped_sigmoid" and balancer != "none" and PRICE_BUFFER not in router._buffers:
             # persistent: the learned price is part of state_dict, save_pretrained and load_state_dict
             router.register_buffer(PRICE_BUFFER, torch.zeros(E, dtype=torch.float32, device=router.weight.device))
@@ -393,7 +423,7 @@ class _Block:
         return buf.float() if buf is not None else torch.zeros(self.num_experts, device=self.router.weight.device)
 
     def fit_price(self, scores: Tensor) -> None:
-        """"bip": refit the price on this batch's ``scores [T, E]`` (every rank's, under expert parallelism, so
+        """ "bip": refit the price on this batch's ``scores [T, E]`` (every rank's, under expert parallelism, so
         the price is the same on every rank), warm-started from the current price, before its top-k."""
         if self.group is not None:
             scores = _gather_rows(scores, self.group)
@@ -439,22 +469,28 @@ class _Block:
             else:
                 if comm is not None:
                     pad = int(Ts.max()) - scores.shape[0]
-                    got = comm.all_gather("bip balancer: scores",
-                                          F.pad(scores.float(), (0, 0, 0, pad)).cpu())
-                    scores = torch.cat([got[r, :Ts[r]] for r in range(len(Ts))]).to(loads.device)
+                    got = comm.all_gather("bip balancer: scores", F.pad(scores.float(), (0, 0, 0, pad)).cpu())
+                    scores = torch.cat([got[r, : Ts[r]] for r in range(len(Ts))]).to(loads.device)
                 new = self.balancer.update(scores)
             self.set_price(new)
 
-    def stats(self) -> Optional[LayerStats]:
+    def stats(self) -> LayerStats | None:
         if self.last is None:
             return None
         loads, T, aux = self.last
         lo = loads.cpu().double().numpy()
         mean = T * self.top_k / self.num_experts
         mx = float(lo.max()) if lo.size else 0.0
-        return LayerStats(self.name, np.rint(lo).astype(np.int64), T, self.top_k,
-                          (mx - mean) / mean if mean > 0 else 0.0, mean / mx if mx > 0 else 1.0, float(aux),
-                          self.price().detach().cpu().numpy().astype(np.float64))
+        return LayerStats(
+            self.name,
+            np.rint(lo).astype(np.int64),
+            T,
+            self.top_k,
+            (mx - mean) / mean if mean > 0 else 0.0,
+            mean / mx if mx > 0 else 1.0,
+            float(aux),
+            self.price().detach().cpu().numpy().astype(np.float64),
+        )
 
 
 class _State:
@@ -472,8 +508,13 @@ def _fits_experts(m: Any) -> bool:
         return False  # not a @use_experts_implementation module
     up = getattr(m, "gate_up_proj" if m.has_gate else "up_proj", None)
     down = getattr(m, "down_proj", None)
-    return isinstance(up, Tensor) and isinstance(down, Tensor) and up.ndim == 3 and down.ndim == 3 \
+    return (
+        isinstance(up, Tensor)
+        and isinstance(down, Tensor)
+        and up.ndim == 3
+        and down.ndim == 3
         and up.shape[0] == down.shape[0]
+    )
 
 
 def _find_blocks(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module, nn.Module]]:
@@ -483,22 +524,31 @@ def _find_blocks(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module, nn.M
         if not isinstance(experts, nn.Module):
             continue
         router = next((getattr(mod, a) for a in _ROUTER_NAMES if isinstance(getattr(mod, a, None), nn.Module)), None)
-        if _fits_experts(experts) and router is not None and _router_kind(router) is not None \
-                and router.weight.shape[0] == experts.down_proj.shape[0]:
+        if (
+            _fits_experts(experts)
+            and router is not None
+            and _router_kind(router) is not None
+            and router.weight.shape[0] == experts.down_proj.shape[0]
+        ):
             found.append((name, mod, router, experts))
         else:
             unfit.append(type(mod).__name__)
     if not found:
-        what = (f"its MoE block(s) {sorted(set(unfit))} do not fit the pattern" if unfit else
-                "it has no module with an `experts` child")
+        what = (
+            f"its MoE block(s) {sorted(set(unfit))} do not fit the pattern"
+            if unfit
+            else "it has no module with an `experts` child"
+        )
         raise ValueError(
             f"`model` ({type(model).__name__}) has no supported MoE block: {what}. moebalance supports blocks "
             "with an `experts` module decorated by transformers' @use_experts_implementation (3-D "
             "gate_up_proj/down_proj tensors) and a top-k router `gate` or `router` with a [E, hidden] weight "
-            "(Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, gpt-oss, DeepSeek-V3 and blocks like theirs)")
+            "(Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, gpt-oss, DeepSeek-V3 and blocks like theirs)"
+        )
     if unfit:
-        raise ValueError(f"`model` ({type(model).__name__}) mixes supported MoE blocks with unsupported ones "
-                         f"{sorted(set(unfit))}")
+        raise ValueError(
+            f"`model` ({type(model).__name__}) mixes supported MoE blocks with unsupported ones {sorted(set(unfit))}"
+        )
     return found
 
 
@@ -515,16 +565,26 @@ def _check_router(kind: str, router: nn.Module, cache: dict) -> None:
     h = torch.randn(64, router.weight.shape[1], generator=g).to(router.weight)
     with torch.no_grad():
         _, w0, i0 = cls.forward(router, h)
-        q = -router.e_score_correction_bias.float() if kind == "grouped_sigmoid" else \
-            torch.zeros(router.weight.shape[0], device=router.weight.device)
+        q = (
+            -router.e_score_correction_bias.float()
+            if kind == "grouped_sigmoid"
+            else torch.zeros(router.weight.shape[0], device=router.weight.device)
+        )
         _, w1, i1, _, _ = _route(kind, router, h, q)
     s0, o0 = torch.sort(i0, dim=-1)
     s1, o1 = torch.sort(i1, dim=-1)
-    ok = torch.equal(s0, s1) and torch.allclose(w0.float().gather(1, o0), w1.float().gather(1, o1),
-                                                rtol=1e-3, atol=1e-6)
-    cache[cls] = "" if ok else (f"router class {cls.__name__} does not follow the {kind!r} routing rule that "
-                                "moebalance reimplements (its experts or gates differ on a probe batch); use "
-                                "balancer='none' for this model, or add its rule to moebalance")
+    ok = torch.equal(s0, s1) and torch.allclose(
+        w0.float().gather(1, o0), w1.float().gather(1, o1), rtol=1e-3, atol=1e-6
+    )
+    cache[cls] = (
+        ""
+        if ok
+        else (
+            f"router class {cls.__name__} does not follow the {kind!r} routing rule that "
+            "moebalance reimplements (its experts or gates differ on a probe batch); use "
+            "balancer='none' for this model, or add its rule to moebalance"
+        )
+    )
     if cache[cls]:
         raise ValueError(cache[cls])
 
@@ -545,8 +605,16 @@ def _state(model: nn.Module) -> _State:
     return st
 
 
-def enable(model: nn.Module, *, balancer: str = "none", backend: str = "auto", expert_parallel: bool = False,
-           group: Any = None, placement: str = "ep", **options: Any) -> nn.Module:
+def enable(
+    model: nn.Module,
+    *,
+    balancer: str = "none",
+    backend: str = "auto",
+    expert_parallel: bool = False,
+    group: Any = None,
+    placement: str = "ep",
+    **options: Any,
+) -> nn.Module:
     """Put moebalance on every MoE block of ``model`` (in place; see the module docstring) and return it.
 
     Args:
@@ -588,8 +656,10 @@ def enable(model: nn.Module, *, balancer: str = "none", backend: str = "auto", e
         elif expert_parallel:
             place_opts[key] = value
         else:
-            raise ValueError(f"unknown option {key!r}: valid options are {sorted(_BALANCER_OPTIONS)} (and, with "
-                             "expert_parallel=True, the placement's options)")
+            raise ValueError(
+                f"unknown option {key!r}: valid options are {sorted(_BALANCER_OPTIONS)} (and, with "
+                "expert_parallel=True, the placement's options)"
+            )
     for key in ("bias_update_rate", "capacity_factor"):
         v = bal_opts[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0:
@@ -608,8 +678,10 @@ def enable(model: nn.Module, *, balancer: str = "none", backend: str = "auto", e
         import torch.distributed as dist
 
         if not dist.is_available() or not dist.is_initialized():
-            raise ValueError("`expert_parallel`=True needs torch.distributed initialised on every rank (e.g. "
-                             "moebalance.integrations.distributed.init_process_group())")
+            raise ValueError(
+                "`expert_parallel`=True needs torch.distributed initialised on every rank (e.g. "
+                "moebalance.integrations.distributed.init_process_group())"
+            )
         if dist.get_rank(group) < 0:
             raise ValueError("this process is not a member of `group`")
     found = _find_blocks(model)
@@ -638,8 +710,15 @@ def enable(model: nn.Module, *, balancer: str = "none", backend: str = "auto", e
         if expert_parallel:
             from moebalance.integrations._hf_ep import ExpertShards
 
-            b.shards = ExpertShards(experts, _expert_tensors(experts), b.num_experts, group=group,
-                                    placement=placement, problem_options=problem_opts, solve_options=solve_opts)
+            b.shards = ExpertShards(
+                experts,
+                _expert_tensors(experts),
+                b.num_experts,
+                group=group,
+                placement=placement,
+                problem_options=problem_opts,
+                solve_options=solve_opts,
+            )
         if expert_parallel:
             b.group = group if group is not None else dist.group.WORLD
         router._moebalance = b
@@ -704,8 +783,10 @@ def _check_prices(prices: Any, found: list) -> Any:
             raise ValueError(f"`prices` must be 'auto', 'zeros' or a list of [E] tensors, got {prices!r}")
         return prices
     if not isinstance(prices, (list, tuple)) or len(prices) != len(found):
-        raise ValueError(f"`prices` must be 'auto', 'zeros' or a list of {len(found)} [E] tensors (one per MoE "
-                         f"block), got {type(prices).__name__}")
+        raise ValueError(
+            f"`prices` must be 'auto', 'zeros' or a list of {len(found)} [E] tensors (one per MoE "
+            f"block), got {type(prices).__name__}"
+        )
     out = []
     for i, ((_, _, router, _), q) in enumerate(zip(found, prices)):
         E = router.weight.shape[0]
@@ -734,8 +815,9 @@ def _checkpoint_files(path: str) -> list[str]:
             try:
                 from transformers.utils import cached_file
 
-                found[name] = cached_file(path, name, local_files_only=True,
-                                          _raise_exceptions_for_missing_entries=False)
+                found[name] = cached_file(
+                    path, name, local_files_only=True, _raise_exceptions_for_missing_entries=False
+                )
             except Exception:  # not a hub name, or not cached: nothing to restore from
                 found[name] = None
     if found[names[0]]:
@@ -745,7 +827,7 @@ def _checkpoint_files(path: str) -> list[str]:
     return [found[names[1]]] if found[names[1]] else []
 
 
-def _checkpoint_prices(model: nn.Module, blocks: list["_Block"]) -> dict[int, Tensor]:
+def _checkpoint_prices(model: nn.Module, blocks: list[_Block]) -> dict[int, Tensor]:
     """``{block index: [E] price}`` saved in the checkpoint ``model`` was loaded from (``save_pretrained`` of
     an enabled model), read without pickle; checkpoint names follow transformers' own renaming on save."""
     path = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
@@ -776,7 +858,7 @@ def _checkpoint_prices(model: nn.Module, blocks: list["_Block"]) -> dict[int, Te
     return out
 
 
-def _restore_prices(model: nn.Module, blocks: list["_Block"], prices: Any) -> None:
+def _restore_prices(model: nn.Module, blocks: list[_Block], prices: Any) -> None:
     """Set each block's starting price: "auto" keeps a price the router already holds (DeepSeek-V3's correction
     bias; a ``moebalance_bias`` loaded by ``load_state_dict`` or kept by :func:`disable`), else the one in the
     checkpoint the model was loaded from, else zeros; "zeros"; or the given list."""
@@ -789,8 +871,13 @@ def _restore_prices(model: nn.Module, blocks: list["_Block"], prices: Any) -> No
             if not b.router.weight.is_meta:
                 b.set_price(torch.zeros(b.num_experts, device=b.router.weight.device))
         return
-    fresh = [b for b in blocks if b.kind != "grouped_sigmoid" and not getattr(b.router, "_moebalance_kept", False)
-             and not b.router.weight.is_meta]
+    fresh = [
+        b
+        for b in blocks
+        if b.kind != "grouped_sigmoid"
+        and not getattr(b.router, "_moebalance_kept", False)
+        and not b.router.weight.is_meta
+    ]
     if not fresh:
         return
     saved = _checkpoint_prices(model, blocks)
@@ -798,8 +885,10 @@ def _restore_prices(model: nn.Module, blocks: list["_Block"], prices: Any) -> No
         if b in fresh and i in saved:
             q = saved[i]
             if q.shape != (b.num_experts,):
-                raise ValueError(f"the checkpoint's `{PRICE_BUFFER}` of {b.name} has shape {tuple(q.shape)}, the "
-                                 f"router has {b.num_experts} experts")
+                raise ValueError(
+                    f"the checkpoint's `{PRICE_BUFFER}` of {b.name} has shape {tuple(q.shape)}, the "
+                    f"router has {b.num_experts} experts"
+                )
             b.set_price(q.to(b.router.weight.device))
 
 
@@ -818,10 +907,11 @@ def _zero_price_init(original: Any) -> Any:
             from transformers import initialization as hf_init
 
             hf_init.zeros_(buf)
+
     return _init_weights
 
 
-def _install_price_hooks(model: nn.Module, blocks: list["_Block"]) -> None:
+def _install_price_hooks(model: nn.Module, blocks: list[_Block]) -> None:
     """The model's own ``init_weights`` / ``_init_weights`` zero the price buffers (meta device, ``to_empty``);
     ``load_state_dict`` sets them (and keeps them when the state dict predates enable)."""
     for b in blocks:
@@ -830,8 +920,12 @@ def _install_price_hooks(model: nn.Module, blocks: list["_Block"]) -> None:
             if "_moebalance_load_hook" not in b.router.__dict__:
                 b.router._moebalance_load_hook = b.router.register_load_state_dict_pre_hook(_fill_missing_price)
     for m in model.modules():
-        if hasattr(type(m), "_init_weights") and hasattr(m, "config") and not getattr(m, "_moebalance_init", False) \
-                and callable(getattr(m, "_init_weights", None)):
+        if (
+            hasattr(type(m), "_init_weights")
+            and hasattr(m, "config")
+            and not getattr(m, "_moebalance_init", False)
+            and callable(getattr(m, "_init_weights", None))
+        ):
             m._init_weights = _zero_price_init(m._init_weights)
             m._moebalance_init = True
 
@@ -908,8 +1002,13 @@ class LoadRecorder:
             loads = np.rint(torch.stack([s for s, _ in self._steps]).cpu().double().numpy()).astype(np.int64)
         else:
             loads = np.zeros((0, len(self._blocks), E), dtype=np.int64)
-        return LoadTrace(loads, np.array([t for _, t in self._steps], dtype=np.int64), self._blocks[0].top_k,
-                         tuple(b.name for b in self._blocks), self.model_type)
+        return LoadTrace(
+            loads,
+            np.array([t for _, t in self._steps], dtype=np.int64),
+            self._blocks[0].top_k,
+            tuple(b.name for b in self._blocks),
+            self.model_type,
+        )
 
     def save(self, path: Any) -> Any:
         return self.trace().save(path)
@@ -917,7 +1016,7 @@ class LoadRecorder:
     def close(self) -> None:
         self._handle.remove()
 
-    def __enter__(self) -> "LoadRecorder":
+    def __enter__(self) -> LoadRecorder:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -930,25 +1029,57 @@ class LoadRecorder:
 
 _TINY = {
     "mixtral": lambda I, E, k: dict(intermediate_size=I, num_local_experts=E, num_experts_per_tok=k),
-    "qwen2_moe": lambda I, E, k: dict(intermediate_size=2 * I, moe_intermediate_size=I, num_experts=E,
-                                      shared_expert_intermediate_size=I, num_experts_per_tok=k,
-                                      norm_topk_prob=False),
-    "qwen3_moe": lambda I, E, k: dict(intermediate_size=2 * I, moe_intermediate_size=I, num_experts=E,
-                                      num_experts_per_tok=k, norm_topk_prob=True, head_dim=16),
-    "olmoe": lambda I, E, k: dict(intermediate_size=I, num_experts=E, num_experts_per_tok=k, eos_token_id=1,
-                                  pad_token_id=0, bos_token_id=None),
-    "gpt_oss": lambda I, E, k: dict(intermediate_size=I, num_local_experts=E, num_experts_per_tok=k, head_dim=16,
-                                    sliding_window=16),
-    "deepseek_v3": lambda I, E, k: dict(intermediate_size=2 * I, moe_intermediate_size=I, n_routed_experts=E,
-                                        num_experts_per_tok=k, n_group=E // 2 if E % 2 == 0 else 1,
-                                        topk_group=max(1, E // 4), first_k_dense_replace=0, kv_lora_rank=16,
-                                        q_lora_rank=32, qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=8,
-                                        n_shared_experts=1),
+    "qwen2_moe": lambda I, E, k: dict(
+        intermediate_size=2 * I,
+        moe_intermediate_size=I,
+        num_experts=E,
+        shared_expert_intermediate_size=I,
+        num_experts_per_tok=k,
+        norm_topk_prob=False,
+    ),
+    "qwen3_moe": lambda I, E, k: dict(
+        intermediate_size=2 * I,
+        moe_intermediate_size=I,
+        num_experts=E,
+        num_experts_per_tok=k,
+        norm_topk_prob=True,
+        head_dim=16,
+    ),
+    "olmoe": lambda I, E, k: dict(
+        intermediate_size=I, num_experts=E, num_experts_per_tok=k, eos_token_id=1, pad_token_id=0, bos_token_id=None
+    ),
+    "gpt_oss": lambda I, E, k: dict(
+        intermediate_size=I, num_local_experts=E, num_experts_per_tok=k, head_dim=16, sliding_window=16
+    ),
+    "deepseek_v3": lambda I, E, k: dict(
+        intermediate_size=2 * I,
+        moe_intermediate_size=I,
+        n_routed_experts=E,
+        num_experts_per_tok=k,
+        n_group=E // 2 if E % 2 == 0 else 1,
+        topk_group=max(1, E // 4),
+        first_k_dense_replace=0,
+        kv_lora_rank=16,
+        q_lora_rank=32,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        qk_nope_head_dim=8,
+        n_shared_experts=1,
+    ),
 }
 
 
-def tiny_config(model_type: str, *, hidden: int = 64, layers: int = 2, experts: int = 8, top_k: int = 2,
-                ffn: int = 32, vocab: int = 256, **overrides: Any) -> Any:
+def tiny_config(
+    model_type: str,
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    experts: int = 8,
+    top_k: int = 2,
+    ffn: int = 32,
+    vocab: int = 256,
+    **overrides: Any,
+) -> Any:
     """A small random-model config of ``model_type`` ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss",
     "deepseek_v3") for ``AutoModelForCausalLM.from_config``: ``hidden`` wide, ``layers`` MoE layers of
     ``experts`` experts (``ffn`` inner width), top-``top_k``, 4 heads."""
@@ -956,8 +1087,14 @@ def tiny_config(model_type: str, *, hidden: int = 64, layers: int = 2, experts: 
 
     if model_type not in _TINY:
         raise ValueError(f"`model_type` must be one of {sorted(_TINY)}, got {model_type!r}")
-    kw = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256)
+    kw = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     kw.update(_TINY[model_type](ffn, experts, top_k))
     kw.update(overrides)
     return AutoConfig.for_model(model_type, **kw)

@@ -26,8 +26,15 @@ __all__ = [
     "reference",
 ]
 
-_FROM_EXPERTS = {"moe_experts", "expert_ffn", "combine_pairs", "resolve_backend", "grouped_mm_available", "BACKENDS",
-                 "TORCH_IMPLS"}
+_FROM_EXPERTS = {
+    "moe_experts",
+    "expert_ffn",
+    "combine_pairs",
+    "resolve_backend",
+    "grouped_mm_available",
+    "BACKENDS",
+    "TORCH_IMPLS",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -44,8 +44,9 @@ def _route_count_kernel(eidx_ptr, counts_ptr, P, E, BLOCK_P: tl.constexpr, NBINS
 
 
 @triton.jit
-def _route_scan_kernel(counts_ptr, totals_ptr, NB, NBINS_PAD: tl.constexpr, BLOCK_NB: tl.constexpr,
-                       BLOCK_BINS: tl.constexpr):
+def _route_scan_kernel(
+    counts_ptr, totals_ptr, NB, NBINS_PAD: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_BINS: tl.constexpr
+):
     # in place: counts[b, bin] becomes the number of pairs of that bin in blocks before b
     bins = tl.program_id(0) * BLOCK_BINS + tl.arange(0, BLOCK_BINS)
     run = tl.zeros([BLOCK_BINS], dtype=tl.int32)
@@ -60,8 +61,18 @@ def _route_scan_kernel(counts_ptr, totals_ptr, NB, NBINS_PAD: tl.constexpr, BLOC
 
 
 @triton.jit
-def _route_table_kernel(totals_ptr, offsets_ptr, block_expert_ptr, block_start_ptr, E, NBINS, MAX_BLOCKS,
-                        BLOCK_M: tl.constexpr, NBINS_PAD: tl.constexpr, BLOCK_B: tl.constexpr):
+def _route_table_kernel(
+    totals_ptr,
+    offsets_ptr,
+    block_expert_ptr,
+    block_start_ptr,
+    E,
+    NBINS,
+    MAX_BLOCKS,
+    BLOCK_M: tl.constexpr,
+    NBINS_PAD: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
     # every program recomputes the (tiny) prefix sums and fills its own chunk of the tile table
     bins = tl.arange(0, NBINS_PAD)
     c = tl.load(totals_ptr + bins, mask=bins < NBINS, other=0)
@@ -85,8 +96,9 @@ def _route_table_kernel(totals_ptr, offsets_ptr, block_expert_ptr, block_start_p
 
 
 @triton.jit
-def _route_scatter_kernel(eidx_ptr, prefix_ptr, offsets_ptr, sorted_ptr, P, E, NBINS,
-                          BLOCK_P: tl.constexpr, NBINS_PAD: tl.constexpr):
+def _route_scatter_kernel(
+    eidx_ptr, prefix_ptr, offsets_ptr, sorted_ptr, P, E, NBINS, BLOCK_P: tl.constexpr, NBINS_PAD: tl.constexpr
+):
     pid = tl.program_id(0)
     p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     pm = p < P
@@ -106,8 +118,7 @@ def _route_scatter_kernel(eidx_ptr, prefix_ptr, offsets_ptr, sorted_ptr, P, E, N
 
 
 @triton.jit
-def _tile_rows(block_expert_ptr, block_start_ptr, offsets_ptr, idx_ptr, TOP_K: tl.constexpr,
-               BLOCK_M: tl.constexpr):
+def _tile_rows(block_expert_ptr, block_start_ptr, offsets_ptr, idx_ptr, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr):
     """Expert, sorted rows, row mask, pair ids and token ids of this program's row tile."""
     b = tl.program_id(0)
     e = tl.load(block_expert_ptr + b)
@@ -120,14 +131,32 @@ def _tile_rows(block_expert_ptr, block_start_ptr, offsets_ptr, idx_ptr, TOP_K: t
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, idx_ptr, wg_ptr, wu_ptr, h_ptr, g_ptr, u_ptr,
-                    block_expert_ptr, block_start_ptr, offsets_ptr, N, K,
-                    stride_xm, stride_we, stride_wk, stride_wn,
-                    TOP_K: tl.constexpr, SAVE: tl.constexpr, PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gate_up_kernel(
+    x_ptr,
+    idx_ptr,
+    wg_ptr,
+    wu_ptr,
+    h_ptr,
+    g_ptr,
+    u_ptr,
+    block_expert_ptr,
+    block_start_ptr,
+    offsets_ptr,
+    N,
+    K,
+    stride_xm,
+    stride_we,
+    stride_wk,
+    stride_wn,
+    TOP_K: tl.constexpr,
+    SAVE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """h[r] = silu(x[tok(r)] @ w_gate[e]) * (x[tok(r)] @ w_up[e]) for sorted rows r of expert e."""
-    e, rows, rmask, pair, tok = _tile_rows(block_expert_ptr, block_start_ptr, offsets_ptr, idx_ptr, TOP_K,
-                                           BLOCK_M)
+    e, rows, rmask, pair, tok = _tile_rows(block_expert_ptr, block_start_ptr, offsets_ptr, idx_ptr, TOP_K, BLOCK_M)
     if e >= 0:
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < N
@@ -158,9 +187,24 @@ def _gate_up_kernel(x_ptr, idx_ptr, wg_ptr, wu_ptr, h_ptr, g_ptr, u_ptr,
 
 
 @triton.jit
-def _down_kernel(h_ptr, idx_ptr, wd_ptr, o_ptr, block_expert_ptr, block_start_ptr, offsets_ptr, N, K,
-                 stride_we, stride_wk, stride_wn,
-                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _down_kernel(
+    h_ptr,
+    idx_ptr,
+    wd_ptr,
+    o_ptr,
+    block_expert_ptr,
+    block_start_ptr,
+    offsets_ptr,
+    N,
+    K,
+    stride_we,
+    stride_wk,
+    stride_wn,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """o[pair(r)] = h[r] @ w_down[e]: the output row of each pair lands at its pair id (token order)."""
     e, rows, rmask, pair, tok = _tile_rows(block_expert_ptr, block_start_ptr, offsets_ptr, idx_ptr, 1, BLOCK_M)
     if e >= 0:
@@ -177,13 +221,27 @@ def _down_kernel(h_ptr, idx_ptr, wd_ptr, o_ptr, block_expert_ptr, block_start_pt
             acc = tl.dot(a, w, acc, input_precision=PRECISION)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K * stride_wk
-        tl.store(o_ptr + pair[:, None] * N + cols[None, :], acc.to(o_ptr.dtype.element_ty),
-                 mask=rmask[:, None] & cmask[None, :])
+        tl.store(
+            o_ptr + pair[:, None] * N + cols[None, :],
+            acc.to(o_ptr.dtype.element_ty),
+            mask=rmask[:, None] & cmask[None, :],
+        )
 
 
 @triton.jit
-def _combine_kernel(o_ptr, w_ptr, eidx_ptr, y_ptr, T, N, E, TOP_K: tl.constexpr, HAS_W: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+def _combine_kernel(
+    o_ptr,
+    w_ptr,
+    eidx_ptr,
+    y_ptr,
+    T,
+    N,
+    E,
+    TOP_K: tl.constexpr,
+    HAS_W: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """y[t] = sum_j w[t, j] * o[t * k + j] over the kept pairs, in fixed order j = 0..k-1 (deterministic)."""
     t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     tm = t < T
@@ -202,8 +260,9 @@ def _combine_kernel(o_ptr, w_ptr, eidx_ptr, y_ptr, T, N, E, TOP_K: tl.constexpr,
 
 
 @triton.jit
-def _combine_bwd_kernel(dy_ptr, o_ptr, eidx_ptr, dw_ptr, P, N, E, TOP_K: tl.constexpr,
-                        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+def _combine_bwd_kernel(
+    dy_ptr, o_ptr, eidx_ptr, dw_ptr, P, N, E, TOP_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr
+):
     """dw[p] = <dy[t], o[p]> for kept pairs p = t * k + j, 0 for dropped ones."""
     p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
     pm = p < P
@@ -221,17 +280,35 @@ def _combine_bwd_kernel(dy_ptr, o_ptr, eidx_ptr, dw_ptr, P, N, E, TOP_K: tl.cons
 
 
 @triton.jit
-def _down_bwd_kernel(dy_ptr, w_ptr, idx_ptr, wd_ptr, g_ptr, u_ptr, dg_ptr, du_ptr,
-                     block_expert_ptr, block_start_ptr, offsets_ptr, N, K,
-                     stride_we, stride_wn, stride_wk,
-                     TOP_K: tl.constexpr, HAS_W: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _down_bwd_kernel(
+    dy_ptr,
+    w_ptr,
+    idx_ptr,
+    wd_ptr,
+    g_ptr,
+    u_ptr,
+    dg_ptr,
+    du_ptr,
+    block_expert_ptr,
+    block_start_ptr,
+    offsets_ptr,
+    N,
+    K,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    TOP_K: tl.constexpr,
+    HAS_W: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """dh[r] = w[pair] * dy[tok] @ w_down[e]^T, then the SwiGLU backward in the epilogue: dg, du at sorted rows.
 
     N = ffn (output columns), K = hidden (reduction); w_down[e] is read transposed through its strides.
     """
-    e, rows, rmask, pair, tok = _tile_rows(block_expert_ptr, block_start_ptr, offsets_ptr, idx_ptr, TOP_K,
-                                           BLOCK_M)
+    e, rows, rmask, pair, tok = _tile_rows(block_expert_ptr, block_start_ptr, offsets_ptr, idx_ptr, TOP_K, BLOCK_M)
     if e >= 0:
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < N
@@ -258,9 +335,26 @@ def _down_bwd_kernel(dy_ptr, w_ptr, idx_ptr, wd_ptr, g_ptr, u_ptr, dg_ptr, du_pt
 
 
 @triton.jit
-def _dx_kernel(dg_ptr, du_ptr, idx_ptr, wg_ptr, wu_ptr, dx_ptr, block_expert_ptr, block_start_ptr, offsets_ptr,
-               N, K, stride_we, stride_wn, stride_wk,
-               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _dx_kernel(
+    dg_ptr,
+    du_ptr,
+    idx_ptr,
+    wg_ptr,
+    wu_ptr,
+    dx_ptr,
+    block_expert_ptr,
+    block_start_ptr,
+    offsets_ptr,
+    N,
+    K,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """dx_pairs[pair(r)] = dg[r] @ w_gate[e]^T + du[r] @ w_up[e]^T (N = hidden, K = ffn)."""
     e, rows, rmask, pair, tok = _tile_rows(block_expert_ptr, block_start_ptr, offsets_ptr, idx_ptr, 1, BLOCK_M)
     if e >= 0:
@@ -278,22 +372,48 @@ def _dx_kernel(dg_ptr, du_ptr, idx_ptr, wg_ptr, wu_ptr, dx_ptr, block_expert_ptr
             km = ks < K - k0
             am = rmask[:, None] & km[None, :]
             wm = km[:, None] & cmask[None, :]
-            acc = tl.dot(tl.load(dg_ptrs, mask=am, other=0.0), tl.load(wg_ptrs, mask=wm, other=0.0), acc,
-                         input_precision=PRECISION)
-            acc = tl.dot(tl.load(du_ptrs, mask=am, other=0.0), tl.load(wu_ptrs, mask=wm, other=0.0), acc,
-                         input_precision=PRECISION)
+            acc = tl.dot(
+                tl.load(dg_ptrs, mask=am, other=0.0),
+                tl.load(wg_ptrs, mask=wm, other=0.0),
+                acc,
+                input_precision=PRECISION,
+            )
+            acc = tl.dot(
+                tl.load(du_ptrs, mask=am, other=0.0),
+                tl.load(wu_ptrs, mask=wm, other=0.0),
+                acc,
+                input_precision=PRECISION,
+            )
             dg_ptrs += BLOCK_K
             du_ptrs += BLOCK_K
             wg_ptrs += BLOCK_K * stride_wk
             wu_ptrs += BLOCK_K * stride_wk
-        tl.store(dx_ptr + pair[:, None] * N + cols[None, :], acc.to(dx_ptr.dtype.element_ty),
-                 mask=rmask[:, None] & cmask[None, :])
+        tl.store(
+            dx_ptr + pair[:, None] * N + cols[None, :],
+            acc.to(dx_ptr.dtype.element_ty),
+            mask=rmask[:, None] & cmask[None, :],
+        )
 
 
 @triton.jit
-def _dw_kernel(a_ptr, b_ptr, idx_ptr, s_ptr, out_ptr, offsets_ptr, M, N,
-               TOP_K: tl.constexpr, A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, B_SCALE: tl.constexpr,
-               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _dw_kernel(
+    a_ptr,
+    b_ptr,
+    idx_ptr,
+    s_ptr,
+    out_ptr,
+    offsets_ptr,
+    M,
+    N,
+    TOP_K: tl.constexpr,
+    A_GATHER: tl.constexpr,
+    B_GATHER: tl.constexpr,
+    B_SCALE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """out[e] = A[rows of e]^T @ (s * B[rows of e]), [M, N] per expert; a row is gathered by token when asked.
 
     Sorted row r maps to A row ``pair(r) // k`` when A_GATHER, else r (same for B); s = s[pair(r)] when B_SCALE.
@@ -404,12 +524,14 @@ def routing_metadata(eidx: torch.Tensor, num_experts: int, block_m: int):
     sorted_idx = torch.empty(P, dtype=torch.int32, device=dev)
     _route_count_kernel[(nb,)](eidx, prefix, P, E, BLOCK_P=block_p, NBINS_PAD=nbins_pad)
     block_bins = min(nbins_pad, 32)  # more programs, fewer sequential steps: each walks nb / BLOCK_NB tiles
-    _route_scan_kernel[(nbins_pad // block_bins,)](prefix, totals, nb, NBINS_PAD=nbins_pad, BLOCK_NB=128,
-                                                  BLOCK_BINS=block_bins)
+    _route_scan_kernel[(nbins_pad // block_bins,)](
+        prefix, totals, nb, NBINS_PAD=nbins_pad, BLOCK_NB=128, BLOCK_BINS=block_bins
+    )
     block_expert, block_start = _table(totals, offsets, E, nbins, P, block_m)
     if P:
-        _route_scatter_kernel[(nb,)](eidx, prefix, offsets, sorted_idx, P, E, nbins, BLOCK_P=block_p,
-                                     NBINS_PAD=nbins_pad)
+        _route_scatter_kernel[(nb,)](
+            eidx, prefix, offsets, sorted_idx, P, E, nbins, BLOCK_P=block_p, NBINS_PAD=nbins_pad
+        )
     return sorted_idx, offsets[: E + 1], block_expert, block_start
 
 
@@ -422,8 +544,17 @@ def _table(totals, offsets, E, nbins, P, block_m):
     block_expert = torch.empty(max_blocks, dtype=torch.int32, device=totals.device)
     block_start = torch.empty(max_blocks, dtype=torch.int32, device=totals.device)
     _route_table_kernel[(triton.cdiv(max_blocks, block_b),)](
-        totals, offsets, block_expert, block_start, E, nbins, max_blocks,
-        BLOCK_M=block_m, NBINS_PAD=nbins_pad, BLOCK_B=block_b)
+        totals,
+        offsets,
+        block_expert,
+        block_start,
+        E,
+        nbins,
+        max_blocks,
+        BLOCK_M=block_m,
+        NBINS_PAD=nbins_pad,
+        BLOCK_B=block_b,
+    )
     return block_expert, block_start
 
 
@@ -437,8 +568,7 @@ def block_table(counts: torch.Tensor, rows: int, block_m: int):
     return offsets, block_expert, block_start
 
 
-def gate_up(x, w_gate, w_up, sorted_idx, offsets, block_expert, block_start, top_k: int, block_m: int,
-            save: bool):
+def gate_up(x, w_gate, w_up, sorted_idx, offsets, block_expert, block_start, top_k: int, block_m: int, save: bool):
     """``h, g, u`` ``[P, ffn]`` at sorted rows (g and u empty unless ``save``)."""
     _check_device(x, w_gate)
     x, w_gate, w_up = _contig(x, w_gate, w_up)
@@ -448,10 +578,31 @@ def gate_up(x, w_gate, w_up, sorted_idx, offsets, block_expert, block_start, top
     u = x.new_empty(P, F) if save else x.new_empty(0)
     bn, bk, opts = _blocks("gate_up", F, H, x.dtype)
     grid = (block_expert.numel(), triton.cdiv(F, bn))
-    _gate_up_kernel[grid](x, sorted_idx, w_gate, w_up, h, g, u, block_expert, block_start, offsets, F, H,
-                          x.stride(0), w_gate.stride(0), w_gate.stride(1), w_gate.stride(2),
-                          TOP_K=top_k, SAVE=save, PRECISION=_precision(x.dtype),
-                          BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, **opts)
+    _gate_up_kernel[grid](
+        x,
+        sorted_idx,
+        w_gate,
+        w_up,
+        h,
+        g,
+        u,
+        block_expert,
+        block_start,
+        offsets,
+        F,
+        H,
+        x.stride(0),
+        w_gate.stride(0),
+        w_gate.stride(1),
+        w_gate.stride(2),
+        TOP_K=top_k,
+        SAVE=save,
+        PRECISION=_precision(x.dtype),
+        BLOCK_M=block_m,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        **opts,
+    )
     return h, g, u
 
 
@@ -463,9 +614,25 @@ def down(h, w_down, sorted_idx, offsets, block_expert, block_start, block_m: int
     o = h.new_empty(P, H)
     bn, bk, opts = _blocks("down", H, F, h.dtype)
     grid = (block_expert.numel(), triton.cdiv(H, bn))
-    _down_kernel[grid](h, sorted_idx, w_down, o, block_expert, block_start, offsets, H, F,
-                       w_down.stride(0), w_down.stride(1), w_down.stride(2),
-                       PRECISION=_precision(h.dtype), BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, **opts)
+    _down_kernel[grid](
+        h,
+        sorted_idx,
+        w_down,
+        o,
+        block_expert,
+        block_start,
+        offsets,
+        H,
+        F,
+        w_down.stride(0),
+        w_down.stride(1),
+        w_down.stride(2),
+        PRECISION=_precision(h.dtype),
+        BLOCK_M=block_m,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        **opts,
+    )
     return o
 
 
@@ -481,7 +648,8 @@ def combine(o, weights, eidx, num_experts: int):
     bt, bn = (16, max(16, min(128, triton.next_power_of_2(N)))) if _interpret() else (4, 256)
     w = weights.contiguous() if weights is not None else o
     _combine_kernel[(triton.cdiv(T, bt), triton.cdiv(N, bn))](
-        o, w, eidx, y, T, N, num_experts, TOP_K=k, HAS_W=weights is not None, BLOCK_T=bt, BLOCK_N=bn)
+        o, w, eidx, y, T, N, num_experts, TOP_K=k, HAS_W=weights is not None, BLOCK_T=bt, BLOCK_N=bn
+    )
     return y
 
 
@@ -495,13 +663,13 @@ def combine_bwd(dy, o, eidx, num_experts: int):
     if T == 0:
         return dw
     bp, bn = (64, max(16, min(128, triton.next_power_of_2(N)))) if _interpret() else (16, 256)
-    _combine_bwd_kernel[(triton.cdiv(T * k, bp),)](dy, o, eidx, dw, T * k, N, num_experts, TOP_K=k,
-                                                    BLOCK_P=bp, BLOCK_N=bn)
+    _combine_bwd_kernel[(triton.cdiv(T * k, bp),)](
+        dy, o, eidx, dw, T * k, N, num_experts, TOP_K=k, BLOCK_P=bp, BLOCK_N=bn
+    )
     return dw
 
 
-def down_bwd(dy, weights, w_down, g, u, sorted_idx, offsets, block_expert, block_start, top_k: int,
-             block_m: int):
+def down_bwd(dy, weights, w_down, g, u, sorted_idx, offsets, block_expert, block_start, top_k: int, block_m: int):
     """``dg, du`` ``[P, ffn]`` at sorted rows: the SwiGLU backward of ``dh = weights * dy[tok] @ w_down[e]^T``."""
     _check_device(dy, w_down)
     dy, w_down, g, u = _contig(dy, w_down, g, u)
@@ -511,10 +679,31 @@ def down_bwd(dy, weights, w_down, g, u, sorted_idx, offsets, block_expert, block
     bn, bk, opts = _blocks("down_bwd", F, H, dy.dtype)
     w = weights.contiguous() if weights is not None else dy
     grid = (block_expert.numel(), triton.cdiv(F, bn))
-    _down_bwd_kernel[grid](dy, w, sorted_idx, w_down, g, u, dg, du, block_expert, block_start, offsets, F, H,
-                           w_down.stride(0), w_down.stride(1), w_down.stride(2),
-                           TOP_K=top_k, HAS_W=weights is not None, PRECISION=_precision(dy.dtype),
-                           BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, **opts)
+    _down_bwd_kernel[grid](
+        dy,
+        w,
+        sorted_idx,
+        w_down,
+        g,
+        u,
+        dg,
+        du,
+        block_expert,
+        block_start,
+        offsets,
+        F,
+        H,
+        w_down.stride(0),
+        w_down.stride(1),
+        w_down.stride(2),
+        TOP_K=top_k,
+        HAS_W=weights is not None,
+        PRECISION=_precision(dy.dtype),
+        BLOCK_M=block_m,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        **opts,
+    )
     return dg, du
 
 
@@ -526,9 +715,27 @@ def dx(dg, du, w_gate, w_up, sorted_idx, offsets, block_expert, block_start, blo
     out = dg.new_empty(P, H)
     bn, bk, opts = _blocks("dx", H, F, dg.dtype)
     grid = (block_expert.numel(), triton.cdiv(H, bn))
-    _dx_kernel[grid](dg, du, sorted_idx, w_gate, w_up, out, block_expert, block_start, offsets, H, F,
-                     w_gate.stride(0), w_gate.stride(1), w_gate.stride(2),
-                     PRECISION=_precision(dg.dtype), BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, **opts)
+    _dx_kernel[grid](
+        dg,
+        du,
+        sorted_idx,
+        w_gate,
+        w_up,
+        out,
+        block_expert,
+        block_start,
+        offsets,
+        H,
+        F,
+        w_gate.stride(0),
+        w_gate.stride(1),
+        w_gate.stride(2),
+        PRECISION=_precision(dg.dtype),
+        BLOCK_M=block_m,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        **opts,
+    )
     return out
 
 
@@ -540,15 +747,35 @@ def expert_dw(a, b, sorted_idx, scale, offsets, top_k: int, a_gather: bool, b_ga
     M, N = a.shape[1], b.shape[1]
     out = a.new_empty(E, M, N)
     if _interpret():
-        bm, bn, bk, opts = (max(16, min(64, triton.next_power_of_2(M))), max(16, min(64, triton.next_power_of_2(N))),
-                            64, {})
+        bm, bn, bk, opts = (
+            max(16, min(64, triton.next_power_of_2(M))),
+            max(16, min(64, triton.next_power_of_2(N))),
+            64,
+            {},
+        )
     elif a.dtype == torch.float32:
         bm, bn, bk, opts = 64, 64, 32, {"num_warps": 4, "num_stages": 3}
     else:  # spill-free on sm_90 (see _GPU_TILES)
         bm, bn, bk, opts = 128, 128, 32, {"num_warps": 8, "num_stages": 3}
     s = scale.contiguous() if scale is not None else a
     grid = (E, triton.cdiv(M, bm) * triton.cdiv(N, bn))
-    _dw_kernel[grid](a, b, sorted_idx, s, out, offsets, M, N, TOP_K=top_k, A_GATHER=a_gather, B_GATHER=b_gather,
-                     B_SCALE=scale is not None, PRECISION=_precision(a.dtype),
-                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **opts)
+    _dw_kernel[grid](
+        a,
+        b,
+        sorted_idx,
+        s,
+        out,
+        offsets,
+        M,
+        N,
+        TOP_K=top_k,
+        A_GATHER=a_gather,
+        B_GATHER=b_gather,
+        B_SCALE=scale is not None,
+        PRECISION=_precision(a.dtype),
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        **opts,
+    )
     return out

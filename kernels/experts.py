@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +26,15 @@ from torch import Tensor
 
 from . import ops, reference
 
-__all__ = ["moe_experts", "expert_ffn", "combine_pairs", "resolve_backend", "grouped_mm_available", "BACKENDS",
-           "TORCH_IMPLS"]
+__all__ = [
+    "moe_experts",
+    "expert_ffn",
+    "combine_pairs",
+    "resolve_backend",
+    "grouped_mm_available",
+    "BACKENDS",
+    "TORCH_IMPLS",
+]
 
 BACKENDS = ("auto", "triton", "torch")
 TORCH_IMPLS = ("auto", "grouped_mm", "loop")
@@ -52,7 +60,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if device.type != "cuda" and not _interpreting():
             raise ValueError(
                 f"`backend`='triton' needs CUDA tensors (got {device}); on CPU use backend='torch', or set "
-                "TRITON_INTERPRET=1 before the first Triton call to run the kernels in Triton's interpreter")
+                "TRITON_INTERPRET=1 before the first Triton call to run the kernels in Triton's interpreter"
+            )
     return backend
 
 
@@ -84,8 +93,9 @@ def _check_weights(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, x_na
         if not isinstance(t, Tensor) or t.ndim != 3:
             raise ValueError(f"`{name}` must be a 3-D tensor, got {getattr(t, 'shape', type(t))}")
         if t.dtype != x.dtype or t.device != x.device:
-            raise ValueError(f"`{name}` must have `{x_name}`'s dtype and device ({x.dtype}, {x.device}), "
-                             f"got {t.dtype} on {t.device}")
+            raise ValueError(
+                f"`{name}` must have `{x_name}`'s dtype and device ({x.dtype}, {x.device}), got {t.dtype} on {t.device}"
+            )
     E, H, F_ = w_gate.shape
     if tuple(w_up.shape) != (E, H, F_):
         raise ValueError(f"`w_up` must have w_gate's shape {(E, H, F_)}, got {tuple(w_up.shape)}")
@@ -107,9 +117,21 @@ class _TritonExperts(torch.autograd.Function):
     grouped by expert (no gather, no combine: output row r is row r's expert output)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, gates: Optional[Tensor], w_gate: Tensor, w_up: Tensor, w_down: Tensor,
-                eidx: Optional[Tensor], sorted_idx: Tensor, offsets: Tensor, block_expert: Tensor,
-                block_start: Tensor, block_m: int, save: bool) -> Tensor:
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        gates: Tensor | None,
+        w_gate: Tensor,
+        w_up: Tensor,
+        w_down: Tensor,
+        eidx: Tensor | None,
+        sorted_idx: Tensor,
+        offsets: Tensor,
+        block_expert: Tensor,
+        block_start: Tensor,
+        block_m: int,
+        save: bool,
+    ) -> Tensor:
         k = 1 if eidx is None else eidx.shape[1]
         meta = (sorted_idx, offsets, block_expert, block_start)
         h, g, u = ops.gate_up(x, w_gate, w_up, *meta, k, block_m, save)
@@ -122,8 +144,9 @@ class _TritonExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor):
-        x, gates, w_gate, w_up, w_down, eidx, sorted_idx, offsets, block_expert, block_start, h, g, u, o = \
+        x, gates, w_gate, w_up, w_down, eidx, sorted_idx, offsets, block_expert, block_start, h, g, u, o = (
             ctx.saved_tensors
+        )
         need_x, need_gates, need_wg, need_wu, need_wd = ctx.needs_input_grad[:5]
         dy = dy.contiguous()
         E, bm = w_gate.shape[0], ctx.block_m
@@ -146,7 +169,7 @@ class _TritonExperts(torch.autograd.Function):
         return dx, dgates, dwg, dwu, dwd, None, None, None, None, None, None, None
 
 
-def _needs_save(*tensors: Optional[Tensor]) -> bool:
+def _needs_save(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
@@ -154,8 +177,9 @@ def _triton_experts(x, eidx, gates, w_gate, w_up, w_down, block_m):
     E = w_gate.shape[0]
     meta = ops.routing_metadata(eidx, E, block_m)
     save = _needs_save(x, gates, w_gate, w_up, w_down)
-    return _TritonExperts.apply(x.contiguous(), gates.contiguous(), w_gate, w_up, w_down, eidx.contiguous(),
-                                *meta, block_m, save)
+    return _TritonExperts.apply(
+        x.contiguous(), gates.contiguous(), w_gate, w_up, w_down, eidx.contiguous(), *meta, block_m, save
+    )
 
 
 def _triton_ffn(x_sorted, counts, w_gate, w_up, w_down, block_m):
@@ -163,8 +187,20 @@ def _triton_ffn(x_sorted, counts, w_gate, w_up, w_down, block_m):
     offsets, block_expert, block_start = ops.block_table(counts, N, block_m)
     sorted_idx = torch.arange(N, dtype=torch.int32, device=x_sorted.device)
     save = _needs_save(x_sorted, w_gate, w_up, w_down)
-    return _TritonExperts.apply(x_sorted.contiguous(), None, w_gate, w_up, w_down, None, sorted_idx, offsets,
-                                block_expert, block_start, block_m, save)
+    return _TritonExperts.apply(
+        x_sorted.contiguous(),
+        None,
+        w_gate,
+        w_up,
+        w_down,
+        None,
+        sorted_idx,
+        offsets,
+        block_expert,
+        block_start,
+        block_m,
+        save,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -199,7 +235,7 @@ def _grouped(a: Tensor, w: Tensor, offsets: Tensor, impl: str) -> Tensor:
     # split the stacked weight once: indexing w[e] per expert would make backward build a full [E, K, M]
     # zero gradient per expert (E times the memory traffic); unbind's backward stacks the E slices once
     ws = w.unbind(0)
-    parts = [a[bounds[e]:bounds[e + 1]] @ ws[e] for e in range(len(ws)) if bounds[e + 1] > bounds[e]]
+    parts = [a[bounds[e] : bounds[e + 1]] @ ws[e] for e in range(len(ws)) if bounds[e + 1] > bounds[e]]
     parts.append(a.new_zeros(N - bounds[-1], w.shape[2]))
     return torch.cat(parts)
 
@@ -211,8 +247,10 @@ def _torch_impl(impl: str, a: Tensor, w_gate: Tensor, w_down: Tensor) -> str:
     if impl == "auto":
         return "grouped_mm" if ok else "loop"
     if impl == "grouped_mm" and not ok:
-        raise ValueError(f"`torch_impl`='grouped_mm' is not available for {a.dtype} on {a.device} with these "
-                         "shapes (torch needs torch._grouped_mm and 16-byte aligned rows)")
+        raise ValueError(
+            f"`torch_impl`='grouped_mm' is not available for {a.dtype} on {a.device} with these "
+            "shapes (torch needs torch._grouped_mm and 16-byte aligned rows)"
+        )
     return impl
 
 
@@ -251,8 +289,18 @@ def combine_pairs(o: Tensor, eidx: Tensor, gates: Tensor, num_experts: int) -> T
 # ---------------------------------------------------------------------------------------------------------
 
 
-def moe_experts(x: Tensor, eidx: Tensor, gates: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, *,
-                backend: str = "auto", block_m: Optional[int] = None, torch_impl: str = "auto") -> Tensor:
+def moe_experts(
+    x: Tensor,
+    eidx: Tensor,
+    gates: Tensor,
+    w_gate: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    *,
+    backend: str = "auto",
+    block_m: int | None = None,
+    torch_impl: str = "auto",
+) -> Tensor:
     """``y [T, hidden]`` = sum over j of ``gates[t, j] * f_{eidx[t, j]}(x[t])``, differentiable in x, gates and
     the three weights.
 
@@ -272,16 +320,27 @@ def moe_experts(x: Tensor, eidx: Tensor, gates: Tensor, w_gate: Tensor, w_up: Te
     if eidx.dtype.is_floating_point or eidx.dtype == torch.bool or eidx.is_complex():
         raise ValueError(f"`eidx` must be an integer tensor, got {eidx.dtype}")
     if not isinstance(gates, Tensor) or tuple(gates.shape) != tuple(eidx.shape) or not gates.is_floating_point():
-        raise ValueError(f"`gates` must be a float tensor of eidx's shape {tuple(eidx.shape)}, "
-                         f"got {getattr(gates, 'shape', type(gates))}")
+        raise ValueError(
+            f"`gates` must be a float tensor of eidx's shape {tuple(eidx.shape)}, "
+            f"got {getattr(gates, 'shape', type(gates))}"
+        )
     be = resolve_backend(backend, x.device)
     if be == "torch":
         return _torch_experts(x, eidx, gates, w_gate, w_up, w_down, _torch_impl(torch_impl, x, w_gate, w_down))
     return _triton_experts(x, eidx, gates, w_gate, w_up, w_down, _block_m(block_m, x.device))
 
 
-def expert_ffn(x_sorted: Tensor, counts: Tensor | Sequence[int], w_gate: Tensor, w_up: Tensor, w_down: Tensor,
-               *, backend: str = "auto", block_m: Optional[int] = None, torch_impl: str = "auto") -> Tensor:
+def expert_ffn(
+    x_sorted: Tensor,
+    counts: Tensor | Sequence[int],
+    w_gate: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    *,
+    backend: str = "auto",
+    block_m: int | None = None,
+    torch_impl: str = "auto",
+) -> Tensor:
     """``[N, hidden]``: row r of ``x_sorted`` through its expert's FFN, for rows already grouped by expert.
 
     Expert e owns rows ``sum(counts[:e]) : sum(counts[:e+1])``; the counts must add up to N (checked when they
@@ -302,18 +361,16 @@ def expert_ffn(x_sorted: Tensor, counts: Tensor | Sequence[int], w_gate: Tensor,
         raise ValueError(f"`counts` must be [E={E}] integers, got {counts.dtype} of shape {tuple(counts.shape)}")
     if counts.device.type == "cpu" and not torch.compiler.is_compiling():
         if bool((counts < 0).any()) or int(counts.sum()) != N:
-            raise ValueError(f"`counts` must be non-negative and add up to x_sorted's {N} rows, "
-                             f"got {counts.tolist()}")
+            raise ValueError(f"`counts` must be non-negative and add up to x_sorted's {N} rows, got {counts.tolist()}")
     counts = counts.to(x_sorted.device)
     be = resolve_backend(backend, x_sorted.device)
     if be == "torch":
         offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        return _ffn_sorted(x_sorted, offsets, w_gate, w_up, w_down,
-                           _torch_impl(torch_impl, x_sorted, w_gate, w_down))
+        return _ffn_sorted(x_sorted, offsets, w_gate, w_up, w_down, _torch_impl(torch_impl, x_sorted, w_gate, w_down))
     return _triton_ffn(x_sorted, counts, w_gate, w_up, w_down, _block_m(block_m, x_sorted.device))
 
 
-def _block_m(block_m: Optional[int], device: torch.device) -> int:
+def _block_m(block_m: int | None, device: torch.device) -> int:
     if block_m is None:
         return _default_block_m(device)
     if not isinstance(block_m, int) or block_m < 16 or block_m & (block_m - 1):

@@ -19,7 +19,6 @@ with B = ceil(P / block_m) + E row tiles. See ``_triton_moe`` for the layout of 
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -78,10 +77,19 @@ def _(counts, rows, block_m):
 
 
 @torch.library.custom_op("moebalance::gate_up", mutates_args=())
-def gate_up(x: Tensor, w_gate: Tensor, w_up: Tensor, sorted_idx: Tensor, offsets: Tensor, block_expert: Tensor,
-            block_start: Tensor, top_k: int, block_m: int, save: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return tuple(_k().gate_up(x, w_gate, w_up, sorted_idx, offsets, block_expert, block_start, top_k, block_m,
-                              save))
+def gate_up(
+    x: Tensor,
+    w_gate: Tensor,
+    w_up: Tensor,
+    sorted_idx: Tensor,
+    offsets: Tensor,
+    block_expert: Tensor,
+    block_start: Tensor,
+    top_k: int,
+    block_m: int,
+    save: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(_k().gate_up(x, w_gate, w_up, sorted_idx, offsets, block_expert, block_start, top_k, block_m, save))
 
 
 @gate_up.register_fake
@@ -92,8 +100,15 @@ def _(x, w_gate, w_up, sorted_idx, offsets, block_expert, block_start, top_k, bl
 
 
 @torch.library.custom_op("moebalance::down", mutates_args=())
-def down(h: Tensor, w_down: Tensor, sorted_idx: Tensor, offsets: Tensor, block_expert: Tensor,
-         block_start: Tensor, block_m: int) -> Tensor:
+def down(
+    h: Tensor,
+    w_down: Tensor,
+    sorted_idx: Tensor,
+    offsets: Tensor,
+    block_expert: Tensor,
+    block_start: Tensor,
+    block_m: int,
+) -> Tensor:
     return _k().down(h, w_down, sorted_idx, offsets, block_expert, block_start, block_m)
 
 
@@ -103,7 +118,7 @@ def _(h, w_down, sorted_idx, offsets, block_expert, block_start, block_m):
 
 
 @torch.library.custom_op("moebalance::combine", mutates_args=())
-def combine(o: Tensor, weights: Optional[Tensor], eidx: Tensor, num_experts: int) -> Tensor:
+def combine(o: Tensor, weights: Tensor | None, eidx: Tensor, num_experts: int) -> Tensor:
     return _k().combine(o, weights, eidx, num_experts)
 
 
@@ -123,11 +138,22 @@ def _(dy, o, eidx, num_experts):
 
 
 @torch.library.custom_op("moebalance::down_bwd", mutates_args=())
-def down_bwd(dy: Tensor, weights: Optional[Tensor], w_down: Tensor, g: Tensor, u: Tensor, sorted_idx: Tensor,
-             offsets: Tensor, block_expert: Tensor, block_start: Tensor, top_k: int,
-             block_m: int) -> tuple[Tensor, Tensor]:
-    return tuple(_k().down_bwd(dy, weights, w_down, g, u, sorted_idx, offsets, block_expert, block_start, top_k,
-                               block_m))
+def down_bwd(
+    dy: Tensor,
+    weights: Tensor | None,
+    w_down: Tensor,
+    g: Tensor,
+    u: Tensor,
+    sorted_idx: Tensor,
+    offsets: Tensor,
+    block_expert: Tensor,
+    block_start: Tensor,
+    top_k: int,
+    block_m: int,
+) -> tuple[Tensor, Tensor]:
+    return tuple(
+        _k().down_bwd(dy, weights, w_down, g, u, sorted_idx, offsets, block_expert, block_start, top_k, block_m)
+    )
 
 
 @down_bwd.register_fake
@@ -136,8 +162,17 @@ def _(dy, weights, w_down, g, u, sorted_idx, offsets, block_expert, block_start,
 
 
 @torch.library.custom_op("moebalance::dx", mutates_args=())
-def dx(dg: Tensor, du: Tensor, w_gate: Tensor, w_up: Tensor, sorted_idx: Tensor, offsets: Tensor,
-       block_expert: Tensor, block_start: Tensor, block_m: int) -> Tensor:
+def dx(
+    dg: Tensor,
+    du: Tensor,
+    w_gate: Tensor,
+    w_up: Tensor,
+    sorted_idx: Tensor,
+    offsets: Tensor,
+    block_expert: Tensor,
+    block_start: Tensor,
+    block_m: int,
+) -> Tensor:
     return _k().dx(dg, du, w_gate, w_up, sorted_idx, offsets, block_expert, block_start, block_m)
 
 
@@ -147,8 +182,16 @@ def _(dg, du, w_gate, w_up, sorted_idx, offsets, block_expert, block_start, bloc
 
 
 @torch.library.custom_op("moebalance::expert_dw", mutates_args=())
-def expert_dw(a: Tensor, b: Tensor, sorted_idx: Tensor, scale: Optional[Tensor], offsets: Tensor, top_k: int,
-              a_gather: bool, b_gather: bool) -> Tensor:
+def expert_dw(
+    a: Tensor,
+    b: Tensor,
+    sorted_idx: Tensor,
+    scale: Tensor | None,
+    offsets: Tensor,
+    top_k: int,
+    a_gather: bool,
+    b_gather: bool,
+) -> Tensor:
     return _k().expert_dw(a, b, sorted_idx, scale, offsets, top_k, a_gather, b_gather)
 
 

@@ -11,8 +11,6 @@ of ``sorted_idx``, ``offsets`` and the row-tile table.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -75,8 +73,18 @@ def _segments(offsets: Tensor):
     return [(e, o[e], o[e + 1]) for e in range(len(o) - 1)]
 
 
-def gate_up(x: Tensor, w_gate: Tensor, w_up: Tensor, sorted_idx: Tensor, offsets: Tensor, block_expert: Tensor,
-            block_start: Tensor, top_k: int, block_m: int, save: bool) -> tuple[Tensor, Tensor, Tensor]:
+def gate_up(
+    x: Tensor,
+    w_gate: Tensor,
+    w_up: Tensor,
+    sorted_idx: Tensor,
+    offsets: Tensor,
+    block_expert: Tensor,
+    block_start: Tensor,
+    top_k: int,
+    block_m: int,
+    save: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     P, F_ = sorted_idx.numel(), w_gate.shape[2]
     g = torch.zeros(P, F_, dtype=torch.float32, device=x.device)
     u = torch.zeros_like(g)
@@ -91,15 +99,22 @@ def gate_up(x: Tensor, w_gate: Tensor, w_up: Tensor, sorted_idx: Tensor, offsets
     return h, g.to(x.dtype), u.to(x.dtype)
 
 
-def down(h: Tensor, w_down: Tensor, sorted_idx: Tensor, offsets: Tensor, block_expert: Tensor,
-         block_start: Tensor, block_m: int) -> Tensor:
+def down(
+    h: Tensor,
+    w_down: Tensor,
+    sorted_idx: Tensor,
+    offsets: Tensor,
+    block_expert: Tensor,
+    block_start: Tensor,
+    block_m: int,
+) -> Tensor:
     o = torch.zeros(sorted_idx.numel(), w_down.shape[2], dtype=torch.float32, device=h.device)
     for e, s, t in _segments(offsets):
         o[sorted_idx[s:t].long()] = h[s:t].float() @ w_down[e].float()
     return o.to(h.dtype)
 
 
-def combine(o: Tensor, weights: Optional[Tensor], eidx: Tensor, num_experts: int) -> Tensor:
+def combine(o: Tensor, weights: Tensor | None, eidx: Tensor, num_experts: int) -> Tensor:
     T, k = eidx.shape
     keep = (eidx >= 0) & (eidx < num_experts)
     w = torch.ones(T, k, device=o.device) if weights is None else weights.float()
@@ -115,9 +130,19 @@ def combine_bwd(dy: Tensor, o: Tensor, eidx: Tensor, num_experts: int) -> Tensor
     return torch.where(keep, dots, 0.0)
 
 
-def down_bwd(dy: Tensor, weights: Optional[Tensor], w_down: Tensor, g: Tensor, u: Tensor, sorted_idx: Tensor,
-             offsets: Tensor, block_expert: Tensor, block_start: Tensor, top_k: int,
-             block_m: int) -> tuple[Tensor, Tensor]:
+def down_bwd(
+    dy: Tensor,
+    weights: Tensor | None,
+    w_down: Tensor,
+    g: Tensor,
+    u: Tensor,
+    sorted_idx: Tensor,
+    offsets: Tensor,
+    block_expert: Tensor,
+    block_start: Tensor,
+    top_k: int,
+    block_m: int,
+) -> tuple[Tensor, Tensor]:
     P, F_ = g.shape
     dh = torch.zeros(P, F_, dtype=torch.float32, device=dy.device)
     pair = sorted_idx.long()
@@ -131,16 +156,33 @@ def down_bwd(dy: Tensor, weights: Optional[Tensor], w_down: Tensor, g: Tensor, u
     return dg.to(g.dtype), du.to(u.dtype)
 
 
-def dx(dg: Tensor, du: Tensor, w_gate: Tensor, w_up: Tensor, sorted_idx: Tensor, offsets: Tensor,
-       block_expert: Tensor, block_start: Tensor, block_m: int) -> Tensor:
+def dx(
+    dg: Tensor,
+    du: Tensor,
+    w_gate: Tensor,
+    w_up: Tensor,
+    sorted_idx: Tensor,
+    offsets: Tensor,
+    block_expert: Tensor,
+    block_start: Tensor,
+    block_m: int,
+) -> Tensor:
     out = torch.zeros(sorted_idx.numel(), w_gate.shape[1], dtype=torch.float32, device=dg.device)
     for e, s, t in _segments(offsets):
         out[sorted_idx[s:t].long()] = dg[s:t].float() @ w_gate[e].float().T + du[s:t].float() @ w_up[e].float().T
     return out.to(dg.dtype)
 
 
-def expert_dw(a: Tensor, b: Tensor, sorted_idx: Tensor, scale: Optional[Tensor], offsets: Tensor, top_k: int,
-              a_gather: bool, b_gather: bool) -> Tensor:
+def expert_dw(
+    a: Tensor,
+    b: Tensor,
+    sorted_idx: Tensor,
+    scale: Tensor | None,
+    offsets: Tensor,
+    top_k: int,
+    a_gather: bool,
+    b_gather: bool,
+) -> Tensor:
     E = offsets.numel() - 1
     out = torch.zeros(E, a.shape[1], b.shape[1], dtype=torch.float32, device=a.device)
     pair = sorted_idx.long()

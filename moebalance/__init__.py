@@ -60,8 +60,9 @@ def __getattr__(name: str) -> Any:
     if name == "CheckResult":
         import warnings
 
-        warnings.warn("moebalance.CheckResult is deprecated; use moebalance.Evaluation", DeprecationWarning,
-                      stacklevel=2)
+        warnings.warn(
+            "moebalance.CheckResult is deprecated; use moebalance.Evaluation", DeprecationWarning, stacklevel=2
+        )
         return Evaluation
     if name in _LAZY:
         module, attr = _LAZY[name]

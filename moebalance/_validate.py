@@ -23,8 +23,20 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["as_float_array", "as_int_array", "as_int", "as_real", "check_elements",
-           "MAX_ELEMENTS", "MAX_EXPERTS", "MAX_DEVICES", "MAX_INT", "MAX_MAGNITUDE", "MAX_FACTOR", "MAX_FILE_BYTES"]
+__all__ = [
+    "as_float_array",
+    "as_int_array",
+    "as_int",
+    "as_real",
+    "check_elements",
+    "MAX_ELEMENTS",
+    "MAX_EXPERTS",
+    "MAX_DEVICES",
+    "MAX_INT",
+    "MAX_MAGNITUDE",
+    "MAX_FACTOR",
+    "MAX_FILE_BYTES",
+]
 
 MAX_ELEMENTS = 2**27
 MAX_EXPERTS = 2**20
@@ -41,8 +53,10 @@ def check_elements(name: str, *dims: int) -> None:
     """ValueError naming ``name`` when an array of shape ``dims`` would exceed :data:`MAX_ELEMENTS` entries."""
     n = math.prod(int(d) for d in dims)  # Python ints: no overflow
     if n > MAX_ELEMENTS:
-        raise ValueError(f"`{name}` would hold {' x '.join(map(str, dims))} = {n} entries, over the limit of "
-                         f"{MAX_ELEMENTS} (moebalance._validate.MAX_ELEMENTS)")
+        raise ValueError(
+            f"`{name}` would hold {' x '.join(map(str, dims))} = {n} entries, over the limit of "
+            f"{MAX_ELEMENTS} (moebalance._validate.MAX_ELEMENTS)"
+        )
 
 
 def _to_numpy(value: Any, name: str) -> np.ndarray:
@@ -95,8 +109,9 @@ def as_float_array(value: Any, name: str, ndim: int, *, max_abs: float = MAX_MAG
     return arr
 
 
-def as_int_array(value: Any, name: str, shape: tuple[int, ...], *, minimum: int = 0,
-                 maximum: int = MAX_INT) -> np.ndarray:
+def as_int_array(
+    value: Any, name: str, shape: tuple[int, ...], *, minimum: int = 0, maximum: int = MAX_INT
+) -> np.ndarray:
     """An int64 copy of ``value`` of the given shape with integer entries in ``[minimum, maximum]``."""
     try:
         arr = _to_numpy(value, name)
@@ -148,8 +163,9 @@ def as_int(value: Any, name: str, *, minimum: int | None = None, maximum: int | 
     return value
 
 
-def as_real(value: Any, name: str, *, minimum: float | None = None, maximum: float | None = None,
-            positive: bool = False) -> float:
+def as_real(
+    value: Any, name: str, *, minimum: float | None = None, maximum: float | None = None, positive: bool = False
+) -> float:
     """A finite Python float from a real number (bools, strings, complex, timedelta rejected), bounds checked."""
     if isinstance(value, _NOT_NUMBERS) or not isinstance(value, numbers.Real):
         raise ValueError(f"`{name}` must be a real number, got {value!r}")

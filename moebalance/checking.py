@@ -16,13 +16,13 @@ from .solution import Evaluation
 __all__ = ["Evaluation", "check", "check_routing", "routing_dual_bound", "bias_reproduces"]
 
 
-
 def __getattr__(name: str) -> Any:
     if name == "CheckResult":  # the name earlier releases used for an Evaluation
         import warnings
 
-        warnings.warn("moebalance.checking.CheckResult is deprecated; use moebalance.Evaluation",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "moebalance.checking.CheckResult is deprecated; use moebalance.Evaluation", DeprecationWarning, stacklevel=2
+        )
         return Evaluation
     raise AttributeError(f"module 'moebalance.checking' has no attribute {name!r}")
 
@@ -35,8 +35,10 @@ def check(problem: Any, assignment: Any, token_ranges: Any = None) -> Evaluation
     """
     evaluate = getattr(problem, "evaluate", None)
     if evaluate is None or isinstance(problem, type):
-        raise ValueError(f"`problem` must be a problem object (RoutingProblem, PlacementProblem, "
-                         f"ReplicationProblem), got {type(problem).__name__}")
+        raise ValueError(
+            f"`problem` must be a problem object (RoutingProblem, PlacementProblem, "
+            f"ReplicationProblem), got {type(problem).__name__}"
+        )
     if token_ranges is None:
         return evaluate(assignment)
     return evaluate(assignment, solution=_Hint(token_ranges))

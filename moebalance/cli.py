@@ -26,8 +26,9 @@ import math
 import os
 import sys
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INFEASIBLE", "EXIT_INTERRUPTED"]
 
@@ -138,9 +139,11 @@ def _backend_quiet() -> Iterator[list[warnings.WarningMessage]]:
 def _report_warnings(caught: list[warnings.WarningMessage]) -> None:
     if caught:
         first = caught[0]
-        print(f"moebalance: note: {len(caught)} back-end warning(s) while solving; first: "
-              f"{first.category.__name__}: {str(first.message).splitlines()[0] if str(first.message) else ''}",
-              file=sys.stderr)
+        print(
+            f"moebalance: note: {len(caught)} back-end warning(s) while solving; first: "
+            f"{first.category.__name__}: {str(first.message).splitlines()[0] if str(first.message) else ''}",
+            file=sys.stderr,
+        )
 
 
 # ---- commands ---------------------------------------------------------------------------------------------
@@ -218,9 +221,16 @@ def _cmd_gen(args: argparse.Namespace) -> int:
 
         from .generate import routing_problem
 
-        problem = routing_problem(args.tokens, args.experts, args.k, kind=args.kind, imbalance=args.imbalance,
-                                  hot_experts=args.hot_experts, capacity_factor=args.capacity_factor,
-                                  seed=args.seed)
+        problem = routing_problem(
+            args.tokens,
+            args.experts,
+            args.k,
+            kind=args.kind,
+            imbalance=args.imbalance,
+            hot_experts=args.hot_experts,
+            capacity_factor=args.capacity_factor,
+            seed=args.seed,
+        )
         top = np.argpartition(-problem.scores, problem.k - 1, axis=1)[:, : problem.k]
         loads = np.bincount(top.ravel(), minlength=problem.num_experts)
         note = f"; plain top-k max/mean load {loads.max() / loads.mean():.2f}"
@@ -250,27 +260,45 @@ def build_parser() -> argparse.ArgumentParser:
         prog="moebalance",
         description="Solve MoE load-balancing assignment problems and see each method's gap to the optimum.",
         epilog="Exit status: 0 done (solve: a feasible answer), 1 solve: error or no answer / compare: no "
-               "feasible answer, 2 bad input or usage, 3 infeasible, 130 interrupted. Every name, option and "
-               "output path is checked before anything is solved.")
-    parser.add_argument("--version", action="version", version=f"moebalance {__version__}",
-                        help="print the version and exit")
+        "feasible answer, 2 bad input or usage, 3 infeasible, 130 interrupted. Every name, option and "
+        "output path is checked before anything is solved.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"moebalance {__version__}", help="print the version and exit"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("demo", help="the library end to end: routing methods and their gaps, online balancers, "
-                                    "placement on recorded DeepSeek-V3 loads, the MoE layer training")
+    p = sub.add_parser(
+        "demo",
+        help="the library end to end: routing methods and their gaps, online balancers, "
+        "placement on recorded DeepSeek-V3 loads, the MoE layer training",
+    )
     p.add_argument("--quick", action="store_true", help="smaller instances, skip the slowest methods")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("solve", help="solve a problem file with one method",
-                       description="Solve a problem file with one method and print the checked answer. Exit "
-                                   "status 0 for a feasible answer, 1 for error or no answer, 3 for infeasible.")
+    p = sub.add_parser(
+        "solve",
+        help="solve a problem file with one method",
+        description="Solve a problem file with one method and print the checked answer. Exit "
+        "status 0 for a feasible answer, 1 for error or no answer, 3 for infeasible.",
+    )
     p.add_argument("file", help="problem file (.npz or .json; schema in docs/formats.md)")
     p.add_argument("--method", "-m", default="auto", help="method name (see `moebalance compare`); default auto")
-    p.add_argument("--time-limit", type=_positive_seconds, default=None,
-                   help="seconds for the whole solve, model building included (default: none)")
-    p.add_argument("--option", "-o", action="append", default=[], metavar="NAME=VALUE",
-                   help="method option, repeatable (VALUE parsed as JSON when it can be)")
+    p.add_argument(
+        "--time-limit",
+        type=_positive_seconds,
+        default=None,
+        help="seconds for the whole solve, model building included (default: none)",
+    )
+    p.add_argument(
+        "--option",
+        "-o",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="method option, repeatable (VALUE parsed as JSON when it can be)",
+    )
     p.add_argument("--json", metavar="OUT", help="also write the solution as JSON to OUT (.json)")
     p.set_defaults(func=_cmd_solve)
 
@@ -284,27 +312,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("gen", help="write a synthetic imbalanced routing (or placement) problem")
     p.add_argument("output", help="output file (.npz or .json)")
-    p.add_argument("--family", default="routing", choices=["routing", "placement"],
-                   help="routing: scores [T, E] for top-k under capacity; placement: expert loads of an "
-                        "imbalance scenario on --devices devices (uses --tokens per device, --scenario, --model)")
-    p.add_argument("--scenario", default="80:4",
-                   help="placement: 'pct:n' (pct%% of tokens into n experts), 'zipf:s' or 'balanced'")
+    p.add_argument(
+        "--family",
+        default="routing",
+        choices=["routing", "placement"],
+        help="routing: scores [T, E] for top-k under capacity; placement: expert loads of an "
+        "imbalance scenario on --devices devices (uses --tokens per device, --scenario, --model)",
+    )
+    p.add_argument(
+        "--scenario", default="80:4", help="placement: 'pct:n' (pct%% of tokens into n experts), 'zipf:s' or 'balanced'"
+    )
     p.add_argument("--model", default="gpt-oss-120b", help="placement: model preset giving E and k")
     p.add_argument("--devices", "-P", type=int, default=8, help="placement: devices")
-    p.add_argument("--cost", default="model", choices=["model", "tokens"],
-                   help="placement: 'model' = CostModel.from_shapes of the model's experts on the simulator's "
-                        "assumed H200-class hardware (GEMM, weight-copy and transfer times count); 'tokens' = "
-                        "the makespan is the largest per-device token count")
-    p.add_argument("--kind", default="zipf", choices=["hot", "zipf", "dirichlet", "uniform"],
-                   help="routing: popularity skew (default zipf)")
-    p.add_argument("--tokens", "-T", type=int, default=1024,
-                   help="routing: tokens T; placement: tokens per device (default 1024)")
+    p.add_argument(
+        "--cost",
+        default="model",
+        choices=["model", "tokens"],
+        help="placement: 'model' = CostModel.from_shapes of the model's experts on the simulator's "
+        "assumed H200-class hardware (GEMM, weight-copy and transfer times count); 'tokens' = "
+        "the makespan is the largest per-device token count",
+    )
+    p.add_argument(
+        "--kind",
+        default="zipf",
+        choices=["hot", "zipf", "dirichlet", "uniform"],
+        help="routing: popularity skew (default zipf)",
+    )
+    p.add_argument(
+        "--tokens", "-T", type=int, default=1024, help="routing: tokens T; placement: tokens per device (default 1024)"
+    )
     p.add_argument("--experts", "-E", type=int, default=64, help="routing: experts E (default 64)")
     p.add_argument("--k", "-k", type=int, default=8, help="routing: experts per token (default 8)")
     p.add_argument("--imbalance", type=float, default=1.0, help="routing: strength of the skew (0 = balanced)")
     p.add_argument("--hot-experts", type=int, default=1, help="routing: number of hot experts for --kind hot")
-    p.add_argument("--capacity-factor", type=float, default=1.0,
-                   help="routing: capacity per expert = ceil(factor * T * k / E) (default 1.0)")
+    p.add_argument(
+        "--capacity-factor",
+        type=float,
+        default=1.0,
+        help="routing: capacity per expert = ceil(factor * T * k / E) (default 1.0)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=_cmd_gen)
 
@@ -336,8 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"moebalance: infeasible: {exc}", file=sys.stderr)
         return EXIT_INFEASIBLE
     except (ValueError, OSError, MemoryError) as exc:
-        print(f"moebalance: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
-              file=sys.stderr)
+        print(f"moebalance: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return EXIT_USAGE
 
 

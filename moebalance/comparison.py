@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from .registry import available_methods, check_options, check_time_limit, method_info, solve
 from .solution import Solution, relative_gap
@@ -41,36 +42,47 @@ class Comparison:
     def rows(self) -> list[dict[str, Any]]:
         out = []
         for s in self.solutions:
-            out.append({
-                "method": s.method,
-                "status": s.status.value,
-                "objective": s.objective if math.isfinite(s.objective) else None,
-                "bound": s.bound,
-                "gap": self.gap_of(s),
-                "load_ratio": s.stats.get("load_ratio"),
-                # a one-time engine load (e.g. fast's compiled loops) is shown apart, not in the method's time
-                "wall_time": s.wall_time - float(s.stats.get("engine_load_s", 0.0)),
-                "engine_load_s": s.stats.get("engine_load_s"),
-            })
+            out.append(
+                {
+                    "method": s.method,
+                    "status": s.status.value,
+                    "objective": s.objective if math.isfinite(s.objective) else None,
+                    "bound": s.bound,
+                    "gap": self.gap_of(s),
+                    "load_ratio": s.stats.get("load_ratio"),
+                    # a one-time engine load (e.g. fast's compiled loops) is shown apart, not in the method's time
+                    "wall_time": s.wall_time - float(s.stats.get("engine_load_s", 0.0)),
+                    "engine_load_s": s.stats.get("engine_load_s"),
+                }
+            )
         return out
 
     def to_json(self, **kwargs: Any) -> str:
-        return json.dumps({"problem": repr(self.problem), "best_bound": self.best_bound, "rows": self.rows()},
-                          **kwargs)
+        return json.dumps({"problem": repr(self.problem), "best_bound": self.best_bound, "rows": self.rows()}, **kwargs)
 
     def __str__(self) -> str:
         ratio_name = getattr(self.problem, "load_ratio_label", "load ratio")
         head = ["method", "status", "objective", "bound", "gap", ratio_name, "time (s)"]
         body = []
         for r in self.rows():
-            body.append([
-                r["method"], r["status"], _fmt(r["objective"], ".8g"), _fmt(r["bound"], ".8g"),
-                _fmt(r["gap"], ".2e"), _fmt(r["load_ratio"], ".3f"), _fmt(r["wall_time"], ".4f"),
-            ])
+            body.append(
+                [
+                    r["method"],
+                    r["status"],
+                    _fmt(r["objective"], ".8g"),
+                    _fmt(r["bound"], ".8g"),
+                    _fmt(r["gap"], ".2e"),
+                    _fmt(r["load_ratio"], ".3f"),
+                    _fmt(r["wall_time"], ".4f"),
+                ]
+            )
         widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
-        lines = [repr(self.problem), f"best bound: {_fmt(self.best_bound, '.8g')} (gap is measured to it)",
-                 "  ".join(h.ljust(w) for h, w in zip(head, widths)),
-                 "  ".join("-" * w for w in widths)]
+        lines = [
+            repr(self.problem),
+            f"best bound: {_fmt(self.best_bound, '.8g')} (gap is measured to it)",
+            "  ".join(h.ljust(w) for h, w in zip(head, widths)),
+            "  ".join("-" * w for w in widths),
+        ]
         lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)) for b in body]
         loads = [f"{r['method']} {r['engine_load_s']:.2f} s" for r in self.rows() if r["engine_load_s"]]
         if loads:
@@ -86,8 +98,14 @@ def _fmt(v: Any, spec: str) -> str:
     return format(v, spec)
 
 
-def compare(problem: Any, methods: Iterable[str] | str | None = None, *, time_limit: float | None = None,
-            options: dict[str, dict[str, Any]] | None = None, progress: bool = False) -> Comparison:
+def compare(
+    problem: Any,
+    methods: Iterable[str] | str | None = None,
+    *,
+    time_limit: float | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
+    progress: bool = False,
+) -> Comparison:
     """Solve ``problem`` with each method (default: every installed one that can solve it) and tabulate them.
 
     ``methods``: one method name, an iterable of names, or None. ``options`` maps a method name to its options;
@@ -96,8 +114,9 @@ def compare(problem: Any, methods: Iterable[str] | str | None = None, *, time_li
     method that cannot solve the problem is a ValueError naming ``methods``.
     """
     if isinstance(problem, (str, type)):
-        raise ValueError(f"`problem` must be a problem object, not {problem!r:.80}; build one first, e.g. "
-                         f"RoutingProblem(scores, k)")
+        raise ValueError(
+            f"`problem` must be a problem object, not {problem!r:.80}; build one first, e.g. RoutingProblem(scores, k)"
+        )
     if methods is None:
         names = available_methods(problem)
     elif isinstance(methods, str):

@@ -32,8 +32,15 @@ def _popularity(kind: str, E: int, rng: np.random.Generator, hot_experts: int) -
     return np.zeros(E)
 
 
-def routing_scores(num_tokens: int, num_experts: int, *, kind: str = "zipf", imbalance: float = 1.0,
-                   hot_experts: int = 1, seed: int | None = 0) -> np.ndarray:
+def routing_scores(
+    num_tokens: int,
+    num_experts: int,
+    *,
+    kind: str = "zipf",
+    imbalance: float = 1.0,
+    hot_experts: int = 1,
+    seed: int | None = 0,
+) -> np.ndarray:
     """``[T, E]`` softmax router scores with a skewed expert popularity.
 
     ``T * E`` is limited to :data:`moebalance._validate.MAX_ELEMENTS`, checked before anything is drawn.
@@ -59,7 +66,8 @@ def routing_scores(num_tokens: int, num_experts: int, *, kind: str = "zipf", imb
     return p / p.sum(axis=1, keepdims=True)
 
 
-def routing_problem(num_tokens: int, num_experts: int, k: int, *, capacity_factor: float = 1.0,
-                    **kwargs: Any) -> RoutingProblem:
+def routing_problem(
+    num_tokens: int, num_experts: int, k: int, *, capacity_factor: float = 1.0, **kwargs: Any
+) -> RoutingProblem:
     """A :class:`RoutingProblem` on :func:`routing_scores` (extra keyword arguments go there)."""
     return RoutingProblem(routing_scores(num_tokens, num_experts, **kwargs), k, capacity_factor=capacity_factor)

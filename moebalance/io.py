@@ -45,16 +45,31 @@ import struct
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from ._validate import MAX_FILE_BYTES
 
-__all__ = ["load_problem", "save_problem", "problem_from_dict", "problem_to_dict", "problem_text",
-           "save_solution", "save_solution_text", "load_solution", "read_npz", "read_json", "write_atomic",
-           "FORMATS", "MAX_JSON_DEPTH", "MAX_ARRAYS", "MAX_HEADER_BYTES"]
+__all__ = [
+    "load_problem",
+    "save_problem",
+    "problem_from_dict",
+    "problem_to_dict",
+    "problem_text",
+    "save_solution",
+    "save_solution_text",
+    "load_solution",
+    "read_npz",
+    "read_json",
+    "write_atomic",
+    "FORMATS",
+    "MAX_JSON_DEPTH",
+    "MAX_ARRAYS",
+    "MAX_HEADER_BYTES",
+]
 
 MAX_JSON_DEPTH = 32  # problem files nest 3 levels deep; deeper JSON is refused before it is turned into arrays
 MAX_ARRAYS = 64  # arrays in one .npz file
@@ -232,8 +247,17 @@ def read_npz(path: str | os.PathLike) -> dict[str, Any]:
         return _read_npz(p)
     except ValueError as exc:
         raise ValueError(f"{p.name}: {_first_line(exc)}") from None
-    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, struct.error, KeyError, NotImplementedError,
-            RuntimeError, OverflowError) as exc:
+    except (
+        OSError,
+        EOFError,
+        zipfile.BadZipFile,
+        zlib.error,
+        struct.error,
+        KeyError,
+        NotImplementedError,
+        RuntimeError,
+        OverflowError,
+    ) as exc:
         raise ValueError(f"{p.name}: cannot read the archive: {type(exc).__name__}: {_first_line(exc)}") from None
 
 
@@ -248,8 +272,10 @@ def _read_npz(p: Path) -> dict[str, Any]:
         infos = zf.infolist()
         total = sum(i.file_size for i in infos)
         if total > MAX_FILE_BYTES or len(infos) > MAX_ARRAYS:
-            raise ValueError(f"{len(infos)} arrays of {total} bytes uncompressed; the limit is {MAX_ARRAYS} arrays "
-                             f"and {MAX_FILE_BYTES} bytes")
+            raise ValueError(
+                f"{len(infos)} arrays of {total} bytes uncompressed; the limit is {MAX_ARRAYS} arrays "
+                f"and {MAX_FILE_BYTES} bytes"
+            )
         for info in infos:
             name = info.filename
             if not name.endswith(".npy") or "/" in name or len(name) > 204:
@@ -260,12 +286,16 @@ def _read_npz(p: Path) -> dict[str, Any]:
             with zf.open(info) as fh:
                 shape, dtype = _member_header(fh, key)
                 if dtype.hasobject or dtype.names is not None or dtype.subdtype is not None:
-                    raise ValueError(f"`{key}` has dtype {dtype} (Python objects or records): not read, files "
-                                     f"are read without pickle")
+                    raise ValueError(
+                        f"`{key}` has dtype {dtype} (Python objects or records): not read, files "
+                        f"are read without pickle"
+                    )
                 need = math.prod(shape) * dtype.itemsize
                 if need > info.file_size:
-                    raise ValueError(f"`{key}` is truncated: its header promises shape {shape} of {dtype} "
-                                     f"({need} bytes) but the archive holds {info.file_size} bytes")
+                    raise ValueError(
+                        f"`{key}` is truncated: its header promises shape {shape} of {dtype} "
+                        f"({need} bytes) but the archive holds {info.file_size} bytes"
+                    )
             with zf.open(info) as fh:
                 arr = np.lib.format.read_array(fh, allow_pickle=False, max_header_size=MAX_HEADER_BYTES)
             if arr.ndim == 0:
@@ -454,8 +484,9 @@ def load_solution(path: str | os.PathLike) -> Any:
         try:
             status = Status(d.get("status"))
         except ValueError:
-            raise ValueError(f"`status` must be one of {', '.join(s.value for s in Status)}, "
-                             f"got {d.get('status')!r:.80}") from None
+            raise ValueError(
+                f"`status` must be one of {', '.join(s.value for s in Status)}, got {d.get('status')!r:.80}"
+            ) from None
         for key, typ in (("message", str), ("feasible", bool), ("stats", dict)):
             if key in d and not isinstance(d[key], typ):
                 raise ValueError(f"`{key}` must be a {typ.__name__}, got {type(d[key]).__name__}")
@@ -463,10 +494,17 @@ def load_solution(path: str | os.PathLike) -> Any:
         if wall < 0:
             raise ValueError(f"`wall_time` must be >= 0, got {wall!r}")
         fields: dict[str, Any] = dict(
-            method=d["method"], status=status, objective=_opt_float(d, "objective", nan=True),
-            bound=_opt_float(d, "bound"), gap=_opt_float(d, "gap"), wall_time=wall, stats=d.get("stats", {}),
-            message=d.get("message", ""), feasible=d.get("feasible", False),
-            assignment=_opt_array(d, "assignment", integer=True))
+            method=d["method"],
+            status=status,
+            objective=_opt_float(d, "objective", nan=True),
+            bound=_opt_float(d, "bound"),
+            gap=_opt_float(d, "gap"),
+            wall_time=wall,
+            stats=d.get("stats", {}),
+            message=d.get("message", ""),
+            feasible=d.get("feasible", False),
+            assignment=_opt_array(d, "assignment", integer=True),
+        )
         for name in cls.family_fields():
             if name in ("token_ranges", "weight_transfers"):  # nested lists of ints, kept as read
                 v = d.get(name)

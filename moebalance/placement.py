@@ -13,8 +13,17 @@ from typing import Any
 
 import numpy as np
 
-from ._validate import (MAX_DEVICES, MAX_EXPERTS, MAX_FACTOR, MAX_INT, MAX_MAGNITUDE, as_int, as_int_array,
-                        as_real, check_elements)
+from ._validate import (
+    MAX_DEVICES,
+    MAX_EXPERTS,
+    MAX_FACTOR,
+    MAX_INT,
+    MAX_MAGNITUDE,
+    as_int,
+    as_int_array,
+    as_real,
+    check_elements,
+)
 from .errors import InfeasibleError
 from .solution import Evaluation, PlacementSolution
 
@@ -49,8 +58,18 @@ class CostModel:
             object.__setattr__(self, f.name, _check_cost(f.name, getattr(self, f.name)))
 
     @classmethod
-    def from_shapes(cls, hidden: int, ffn: int, dtype_bytes: float, device_flops: float, link_bandwidth: float,
-                    gemm_overhead: float, *, dispatch: bool = True, foreign_token_hops: float = 0.0) -> "CostModel":
+    def from_shapes(
+        cls,
+        hidden: int,
+        ffn: int,
+        dtype_bytes: float,
+        device_flops: float,
+        link_bandwidth: float,
+        gemm_overhead: float,
+        *,
+        dispatch: bool = True,
+        foreign_token_hops: float = 0.0,
+    ) -> CostModel:
         """Seconds per token, per GEMM and per weight copy for a SwiGLU expert (``[hidden, ffn]``).
 
         - token_time: ``6 * hidden * ffn / device_flops`` (three matmuls, forward) plus, when ``dispatch``, the
@@ -129,9 +148,19 @@ class PlacementProblem:
     load_ratio_label = "max/mean"
     solution_type = PlacementSolution
 
-    def __init__(self, expert_loads: Any, num_devices: int, *, home: Any = None, cost: CostModel | None = None,
-                 max_tokens_per_device: int | None = None, max_foreign_experts: int | None = None,
-                 alpha: float = 1.0, min_chunk: int = 1024, imbalance_threshold: float | None = 1.3):
+    def __init__(
+        self,
+        expert_loads: Any,
+        num_devices: int,
+        *,
+        home: Any = None,
+        cost: CostModel | None = None,
+        max_tokens_per_device: int | None = None,
+        max_foreign_experts: int | None = None,
+        alpha: float = 1.0,
+        min_chunk: int = 1024,
+        imbalance_threshold: float | None = 1.3,
+    ):
         if isinstance(expert_loads, (str, bytes)) or np.ndim(expert_loads) != 1:
             raise ValueError(f"`expert_loads` must be a 1-D array, got {np.ndim(expert_loads)} dimensions")
         E = int(np.shape(expert_loads)[0])
@@ -141,13 +170,16 @@ class PlacementProblem:
             raise ValueError(f"`expert_loads` has E={E} experts, over the limit of {MAX_EXPERTS}")
         loads = as_int_array(expert_loads, "expert_loads", (E,), minimum=0)
         if float(loads.sum(dtype=np.float64)) > MAX_INT:  # the int64 sum could wrap; float64 cannot
-            raise ValueError(f"`expert_loads` must sum to at most {MAX_INT}, got {float(loads.sum(dtype=np.float64)):.4g}")
+            raise ValueError(
+                f"`expert_loads` must sum to at most {MAX_INT}, got {float(loads.sum(dtype=np.float64)):.4g}"
+            )
         P = as_int(num_devices, "num_devices", minimum=1, maximum=MAX_DEVICES)
         check_elements("num_devices", E, P)  # an assignment is [E, P]
         if home is None:
             if E % P:
-                raise ValueError(f"`expert_loads` has E={E} experts, not divisible by `num_devices`={P}; "
-                                 f"pass `home` to place them")
+                raise ValueError(
+                    f"`expert_loads` has E={E} experts, not divisible by `num_devices`={P}; pass `home` to place them"
+                )
             h = np.arange(E, dtype=np.int64) // (E // P)
         else:
             h = as_int_array(home, "home", (E,), minimum=0)
@@ -162,8 +194,7 @@ class PlacementProblem:
         alpha = as_real(alpha, "alpha", positive=True, maximum=MAX_FACTOR)
         min_chunk = as_int(min_chunk, "min_chunk", minimum=0)
         if imbalance_threshold is not None:
-            imbalance_threshold = as_real(imbalance_threshold, "imbalance_threshold", positive=True,
-                                          maximum=MAX_FACTOR)
+            imbalance_threshold = as_real(imbalance_threshold, "imbalance_threshold", positive=True, maximum=MAX_FACTOR)
         loads.setflags(write=False)
         h.setflags(write=False)
         self._loads = loads
@@ -193,14 +224,18 @@ class PlacementProblem:
         native = self.native_loads
         C, F = self._max_tokens, self._max_foreign
         if C is not None and C * P < total:
-            raise InfeasibleError(f"`max_tokens_per_device`={C} is too small: {P} devices hold at most {C * P} "
-                                  f"tokens but {total} are routed")
+            raise InfeasibleError(
+                f"`max_tokens_per_device`={C} is too small: {P} devices hold at most {C * P} "
+                f"tokens but {total} are routed"
+            )
         if C is None or F is None:
             return
         over = np.flatnonzero(native > C)
         if over.size and F == 0:
-            raise InfeasibleError(f"`max_foreign_experts`=0 forbids spilling, but device {int(over[0])} has "
-                                  f"{int(native[over[0]])} native tokens > `max_tokens_per_device`={C}")
+            raise InfeasibleError(
+                f"`max_foreign_experts`=0 forbids spilling, but device {int(over[0])} has "
+                f"{int(native[over[0]])} native tokens > `max_tokens_per_device`={C}"
+            )
         # k_p: experts device p must shed parts of; they go to the other devices' foreign slots. Hall's
         # condition for that transport (every p to every q != p, F slots each) is exactly these two tests.
         shed = []
@@ -209,13 +244,17 @@ class PlacementProblem:
             shed.append(int(np.searchsorted(np.cumsum(mine), native[p] - C) + 1))
         for p, k_p in zip(over.tolist(), shed):
             if k_p > F * (P - 1):
-                raise InfeasibleError(f"`max_foreign_experts`={F} is too small: device {p} must shed parts of at "
-                                      f"least {k_p} experts, but the other {P - 1} device(s) host at most "
-                                      f"{F * (P - 1)} foreign experts")
+                raise InfeasibleError(
+                    f"`max_foreign_experts`={F} is too small: device {p} must shed parts of at "
+                    f"least {k_p} experts, but the other {P - 1} device(s) host at most "
+                    f"{F * (P - 1)} foreign experts"
+                )
         if sum(shed) > F * P:
-            raise InfeasibleError(f"`max_foreign_experts`={F} is too small: overloaded devices must shed parts "
-                                  f"of at least {sum(shed)} experts, but {P} devices host at most {F * P} "
-                                  f"foreign experts")
+            raise InfeasibleError(
+                f"`max_foreign_experts`={F} is too small: overloaded devices must shed parts "
+                f"of at least {sum(shed)} experts, but {P} devices host at most {F * P} "
+                f"foreign experts"
+            )
 
     # read-only views ----------------------------------------------------------------------------
     @property
@@ -288,8 +327,7 @@ class PlacementProblem:
 
     def __repr__(self) -> str:
         E, P = self.shape
-        return (f"PlacementProblem(E={E}, P={P}, tokens={self.total_tokens}, "
-                f"imbalance={self.imbalance_ratio():.3f})")
+        return f"PlacementProblem(E={E}, P={P}, tokens={self.total_tokens}, imbalance={self.imbalance_ratio():.3f})"
 
     # the shared check ------------------------------------------------------------------------------
     def evaluate(self, assignment: Any, solution: Any = None) -> Evaluation:
@@ -331,14 +369,24 @@ class PlacementProblem:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PlacementProblem":
+    def from_dict(cls, d: dict[str, Any]) -> PlacementProblem:
         """Inverse of :meth:`to_dict`; unknown keys or a wrong ``kind`` raise ValueError."""
         if not isinstance(d, dict):
             raise ValueError(f"`d` must be a dict, got {type(d).__name__}")
         if d.get("kind", "placement") != "placement":
             raise ValueError(f"`d` has kind {d.get('kind')!r}, expected 'placement'")
-        allowed = {"kind", "expert_loads", "num_devices", "home", "cost", "max_tokens_per_device",
-                   "max_foreign_experts", "alpha", "min_chunk", "imbalance_threshold"}
+        allowed = {
+            "kind",
+            "expert_loads",
+            "num_devices",
+            "home",
+            "cost",
+            "max_tokens_per_device",
+            "max_foreign_experts",
+            "alpha",
+            "min_chunk",
+            "imbalance_threshold",
+        }
         unknown = sorted(set(d) - allowed)
         if unknown:
             raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))} in placement problem dict")
@@ -355,6 +403,9 @@ class PlacementProblem:
             cost_model = CostModel(**cost)
         else:
             raise ValueError(f"`cost` must be a dict of CostModel fields, got {type(cost).__name__}")
-        kwargs = {k: d[k] for k in ("max_tokens_per_device", "max_foreign_experts", "alpha", "min_chunk",
-                                    "imbalance_threshold") if k in d}
+        kwargs = {
+            k: d[k]
+            for k in ("max_tokens_per_device", "max_foreign_experts", "alpha", "min_chunk", "imbalance_threshold")
+            if k in d
+        }
         return cls(d["expert_loads"], d["num_devices"], home=d.get("home"), cost=cost_model, **kwargs)

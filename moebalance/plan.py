@@ -15,8 +15,8 @@ A plan is an assignment ``x`` ``[E, P]`` of token counts (``x[e, p]`` tokens of 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -95,8 +95,7 @@ class TokenRanges(Mapping):
         self._counts: np.ndarray | None = None
 
     @classmethod
-    def from_assignment(cls, x: np.ndarray, home: np.ndarray,
-                        overrides: Mapping | None = None) -> "TokenRanges":
+    def from_assignment(cls, x: np.ndarray, home: np.ndarray, overrides: Mapping | None = None) -> TokenRanges:
         """Canonical ranges of a conserving plan ``x`` ``[E, P]``: the home device first, then the others in
         increasing device order. ``overrides`` (``{expert: [(device, start, end), ...]}``) replaces the ranges of
         a few experts (a solver's own order); the result is validated by the check, not here."""
@@ -128,7 +127,7 @@ class TokenRanges(Mapping):
         return cls(e_all[o], d_all[o], s_all[o], t_all[o])
 
     @classmethod
-    def from_home(cls, loads: np.ndarray, home: np.ndarray, overrides: Mapping | None = None) -> "TokenRanges":
+    def from_home(cls, loads: np.ndarray, home: np.ndarray, overrides: Mapping | None = None) -> TokenRanges:
         """Every expert with tokens computed whole on its home device, except the experts in ``overrides``
         (``{expert: [(device, start, end), ...]}``, e.g. the few a planner spilled), in O(E + ranges)."""
         loads = np.asarray(loads, dtype=np.int64)
@@ -136,8 +135,9 @@ class TokenRanges(Mapping):
         if overrides:
             keys = np.fromiter(overrides.keys(), dtype=np.int64, count=len(overrides))
             keep[keys] = False
-            ex = np.asarray([(int(e), int(p), int(a), int(b)) for e, rs in overrides.items() for p, a, b in rs],
-                            dtype=np.int64).reshape(-1, 4)
+            ex = np.asarray(
+                [(int(e), int(p), int(a), int(b)) for e, rs in overrides.items() for p, a, b in rs], dtype=np.int64
+            ).reshape(-1, 4)
         else:
             ex = np.zeros((0, 4), dtype=np.int64)
         e0 = np.flatnonzero(keep)
@@ -151,7 +151,7 @@ class TokenRanges(Mapping):
         return cls(e_all, d_all, s_all, t_all)
 
     @classmethod
-    def from_dict(cls, ranges: Any) -> "TokenRanges":
+    def from_dict(cls, ranges: Any) -> TokenRanges:
         """From ``{expert: [(device, start, end), ...]}`` (an existing TokenRanges is returned as is)."""
         if isinstance(ranges, TokenRanges):
             return ranges
@@ -178,8 +178,9 @@ class TokenRanges(Mapping):
         e, d, s, t = self.expert, self.device, self.start, self.end
         n = e.shape[0]
         if n == 0:
-            return [] if not loads.any() else [f"token_ranges miss {int(np.count_nonzero(loads))} expert(s) "
-                                                f"with tokens"]
+            return (
+                [] if not loads.any() else [f"token_ranges miss {int(np.count_nonzero(loads))} expert(s) with tokens"]
+            )
         if e.min() < 0 or e.max() >= E:
             return [f"token_ranges name an expert outside [0, {E})"]
         if d.min() < 0 or d.max() >= P:
@@ -232,8 +233,9 @@ class TokenRanges(Mapping):
 
     def __eq__(self, other: Any) -> bool:
         if isinstance(other, TokenRanges):
-            return all(np.array_equal(getattr(self, f), getattr(other, f)) for f in ("expert", "device", "start",
-                                                                                       "end"))
+            return all(
+                np.array_equal(getattr(self, f), getattr(other, f)) for f in ("expert", "device", "start", "end")
+            )
         if isinstance(other, Mapping):
             return dict(self.items()) == {int(k): [tuple(r) for r in v] for k, v in other.items()}
         return NotImplemented
@@ -251,8 +253,9 @@ def device_times(problem: Any, assignment: Any) -> np.ndarray:
     return _device_times(problem, as_assignment(problem, assignment))
 
 
-def _device_times(problem: Any, x: np.ndarray, used: np.ndarray | None = None,
-                  used_foreign: np.ndarray | None = None) -> np.ndarray:
+def _device_times(
+    problem: Any, x: np.ndarray, used: np.ndarray | None = None, used_foreign: np.ndarray | None = None
+) -> np.ndarray:
     c = problem.cost
     if used is None:
         used = x > 0
@@ -338,14 +341,18 @@ def check_placement(problem: Any, assignment: Any, token_ranges_hint: Any = None
     rows = x.sum(axis=1)
     if not np.array_equal(rows, loads):
         e = int(np.flatnonzero(rows != loads)[0])
-        violations.append(f"{int(np.count_nonzero(rows != loads))} expert(s) not conserved (e.g. expert {e}: "
-                          f"{int(rows[e])} tokens placed, load {int(loads[e])})")
+        violations.append(
+            f"{int(np.count_nonzero(rows != loads))} expert(s) not conserved (e.g. expert {e}: "
+            f"{int(rows[e])} tokens placed, load {int(loads[e])})"
+        )
     dev_loads = x.sum(axis=0)
     C = problem.max_tokens_per_device
     if C is not None and dev_loads.max() > C:
         p = int(np.argmax(dev_loads))
-        violations.append(f"{int(np.count_nonzero(dev_loads > C))} device(s) over max_tokens_per_device={C} "
-                          f"(worst: device {p} computes {int(dev_loads[p])})")
+        violations.append(
+            f"{int(np.count_nonzero(dev_loads > C))} device(s) over max_tokens_per_device={C} "
+            f"(worst: device {p} computes {int(dev_loads[p])})"
+        )
     used = x > 0
     used_foreign = used & _foreign_mask(problem)
     F = problem.max_foreign_experts
@@ -353,8 +360,10 @@ def check_placement(problem: Any, assignment: Any, token_ranges_hint: Any = None
         nf = used_foreign.sum(axis=0)
         if nf.max() > F:
             p = int(np.argmax(nf))
-            violations.append(f"{int(np.count_nonzero(nf > F))} device(s) over max_foreign_experts={F} "
-                              f"(worst: device {p} hosts {int(nf[p])})")
+            violations.append(
+                f"{int(np.count_nonzero(nf > F))} device(s) over max_foreign_experts={F} "
+                f"(worst: device {p} hosts {int(nf[p])})"
+            )
     times = _device_times(problem, x, used, used_foreign)
     mean = times.mean()
     ratio = float(times.max() / mean) if mean > 0 else 1.0
@@ -389,13 +398,17 @@ def _check_by_ranges(problem: Any, x: np.ndarray, tr: TokenRanges) -> Evaluation
     C = problem.max_tokens_per_device
     if C is not None and dev_loads.max() > C:
         p = int(np.argmax(dev_loads))
-        violations.append(f"{int(np.count_nonzero(dev_loads > C))} device(s) over max_tokens_per_device={C} "
-                          f"(worst: device {p} computes {int(dev_loads[p])})")
+        violations.append(
+            f"{int(np.count_nonzero(dev_loads > C))} device(s) over max_tokens_per_device={C} "
+            f"(worst: device {p} computes {int(dev_loads[p])})"
+        )
     F = problem.max_foreign_experts
     if F is not None and n_foreign.max() > F:
         p = int(np.argmax(n_foreign))
-        violations.append(f"{int(np.count_nonzero(n_foreign > F))} device(s) over max_foreign_experts={F} "
-                          f"(worst: device {p} hosts {int(n_foreign[p])})")
+        violations.append(
+            f"{int(np.count_nonzero(n_foreign > F))} device(s) over max_foreign_experts={F} "
+            f"(worst: device {p} hosts {int(n_foreign[p])})"
+        )
     times = c.token_time * dev_loads.astype(np.float64)
     if c.gemm_time:
         times = times + c.gemm_time * n_used
@@ -403,8 +416,7 @@ def _check_by_ranges(problem: Any, x: np.ndarray, tr: TokenRanges) -> Evaluation
         times = times + c.weight_time * n_foreign
     if c.token_transfer_time:
         fr = problem.home[tr.expert] != tr.device
-        times = times + c.token_transfer_time * np.bincount(tr.device[fr], weights=(tr.end - tr.start)[fr],
-                                                            minlength=P)
+        times = times + c.token_transfer_time * np.bincount(tr.device[fr], weights=(tr.end - tr.start)[fr], minlength=P)
     mean = float(times.sum()) / P
     top = float(times.max())
     ratio = top / mean if mean > 0 else 1.0
@@ -428,8 +440,15 @@ def activation_bytes_per_token(hidden: int, ffn: int, dtype_bytes: float) -> flo
     return (2.0 * hidden + 3.0 * ffn) * dtype_bytes
 
 
-def peak_memory(problem: Any, assignment: Any, *, hidden: int, ffn: int, dtype_bytes: float = 2.0,
-                act_bytes_per_token: float | None = None) -> np.ndarray:
+def peak_memory(
+    problem: Any,
+    assignment: Any,
+    *,
+    hidden: int,
+    ffn: int,
+    dtype_bytes: float = 2.0,
+    act_bytes_per_token: float | None = None,
+) -> np.ndarray:
     """``[P]`` bytes per device: weights of its home experts and of the foreign experts it computes, plus the
     activations of every token it computes (``activation_bytes_per_token`` unless given)."""
     x = as_assignment(problem, assignment)

@@ -16,12 +16,22 @@ import math
 import os
 import pathlib
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .solution import Solution, Status, relative_gap
 
-__all__ = ["SolverInfo", "register", "solve", "finalize", "available_methods", "method_info", "DEFAULTS",
-           "families", "OPTIMALITY_TOL"]
+__all__ = [
+    "SolverInfo",
+    "register",
+    "solve",
+    "finalize",
+    "available_methods",
+    "method_info",
+    "DEFAULTS",
+    "families",
+    "OPTIMALITY_TOL",
+]
 
 # relative tolerance under which a claimed optimum must agree with its own bound
 OPTIMALITY_TOL = 1e-6
@@ -104,14 +114,25 @@ def _as_family(family: Any, argname: str = "family") -> type:
         return family
     if isinstance(family, str) and family in _FAMILY_PATHS:
         return _family_class(family)
-    raise ValueError(f"`{argname}` must be a problem class or one of {', '.join(sorted(_FAMILY_PATHS))}, "
-                     f"got {family!r}")
+    raise ValueError(
+        f"`{argname}` must be a problem class or one of {', '.join(sorted(_FAMILY_PATHS))}, got {family!r}"
+    )
 
 
-def register(family: Any, name: str, *, exact: bool = False, gives_bound: bool = False,
-             deterministic: bool = True, supports_time_limit: bool = False, backends: tuple[str, ...] = (),
-             options: dict[str, Any] | None = None, aliases: tuple[str, ...] = (),
-             description: str = "", requires: tuple[str, ...] = ()) -> Callable:
+def register(
+    family: Any,
+    name: str,
+    *,
+    exact: bool = False,
+    gives_bound: bool = False,
+    deterministic: bool = True,
+    supports_time_limit: bool = False,
+    backends: tuple[str, ...] = (),
+    options: dict[str, Any] | None = None,
+    aliases: tuple[str, ...] = (),
+    description: str = "",
+    requires: tuple[str, ...] = (),
+) -> Callable:
     """Decorator: add ``func(problem, *, time_limit, **options) -> Solution`` to ``family``'s registry.
 
     ``family`` is the problem class (a family name string is accepted). ``options`` maps each accepted
@@ -124,10 +145,19 @@ def register(family: Any, name: str, *, exact: bool = False, gives_bound: bool =
     cls = _as_family(family)
 
     def deco(func: Callable[..., Solution]) -> Callable[..., Solution]:
-        info = SolverInfo(cls, name, func, bool(exact), bool(gives_bound), bool(deterministic),
-                          bool(supports_time_limit), tuple(backends), dict(options or {}),
-                          description or ((func.__doc__ or "").strip().splitlines() or [""])[0],
-                          tuple(requires))
+        info = SolverInfo(
+            cls,
+            name,
+            func,
+            bool(exact),
+            bool(gives_bound),
+            bool(deterministic),
+            bool(supports_time_limit),
+            tuple(backends),
+            dict(options or {}),
+            description or ((func.__doc__ or "").strip().splitlines() or [""])[0],
+            tuple(requires),
+        )
         _REGISTRY.setdefault(cls, {})[name] = info
         for alias in aliases:
             _ALIASES.setdefault(cls, {})[alias] = name
@@ -178,8 +208,11 @@ def available_methods(problem: Any, *, installed_only: bool = True) -> list[str]
     def rank(i: SolverInfo) -> tuple:
         return (not i.exact, not i.gives_bound, order.index(i.name) if i.name in order else len(order))
 
-    return [i.name for i in sorted(table.values(), key=rank)
-            if (i.is_installed() or not installed_only) and i.applies_to(problem)]
+    return [
+        i.name
+        for i in sorted(table.values(), key=rank)
+        if (i.is_installed() or not installed_only) and i.applies_to(problem)
+    ]
 
 
 def method_info(problem: Any, method: str) -> SolverInfo:
@@ -205,8 +238,9 @@ def method_info(problem: Any, method: str) -> SolverInfo:
     why = None if isinstance(problem, (str, type)) else info.why_not(problem)
     if why is not None:
         others = [n for n in available_methods(problem)]
-        raise ValueError(f"`method` {name!r} cannot solve this problem: {why}; methods that can: "
-                         f"{', '.join(others) or 'none'}")
+        raise ValueError(
+            f"`method` {name!r} cannot solve this problem: {why}; methods that can: {', '.join(others) or 'none'}"
+        )
     return info
 
 
@@ -227,8 +261,9 @@ def check_options(info: SolverInfo, options: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(options) - set(info.options))
     if unknown:
         valid = ", ".join(sorted(info.options)) or "none"
-        raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))} for method {info.name!r}; "
-                         f"valid options: {valid}")
+        raise ValueError(
+            f"unknown option(s) {', '.join(map(repr, unknown))} for method {info.name!r}; valid options: {valid}"
+        )
     return {**info.options, **options}
 
 
@@ -246,8 +281,9 @@ def solve(problem: Any, method: str = "auto", *, time_limit: float | None = None
     back-end exception becomes status ``error``.
     """
     if isinstance(problem, (str, type)):
-        raise ValueError(f"`problem` must be a problem object, not {problem!r:.80}; build one first, e.g. "
-                         f"RoutingProblem(scores, k)")
+        raise ValueError(
+            f"`problem` must be a problem object, not {problem!r:.80}; build one first, e.g. RoutingProblem(scores, k)"
+        )
     info = method_info(problem, method)
     time_limit = check_time_limit(time_limit)
     opts = check_options(info, options)
@@ -257,21 +293,26 @@ def solve(problem: Any, method: str = "auto", *, time_limit: float | None = None
     except ValueError as exc:
         if _raised_by_us(exc):  # our own validation of an option: the caller's bad input
             raise
-        raw = problem.solution_type(method=info.name, status=Status.ERROR,
-                                    message=f"back-end {type(exc).__name__}: {exc}")
+        raw = problem.solution_type(
+            method=info.name, status=Status.ERROR, message=f"back-end {type(exc).__name__}: {exc}"
+        )
     except Exception as exc:  # a back-end failure becomes a status, never a traceback
-        raw = problem.solution_type(method=info.name, status=Status.ERROR,
-                                    message=f"{type(exc).__name__}: {exc}")
+        raw = problem.solution_type(method=info.name, status=Status.ERROR, message=f"{type(exc).__name__}: {exc}")
     wall = time.perf_counter() - t0
     if not isinstance(raw, Solution):
-        raw = problem.solution_type(method=info.name, status=Status.ERROR,
-                                    message=f"method {info.name!r} returned {type(raw).__name__}, not a Solution")
+        raw = problem.solution_type(
+            method=info.name,
+            status=Status.ERROR,
+            message=f"method {info.name!r} returned {type(raw).__name__}, not a Solution",
+        )
     return finalize(problem, raw, method=info.name, wall_time=wall)
 
 
 # moebalance's own folders: the package and, in a checkout, the sub-package folders mapped by pyproject
-_OUR_FOLDERS = tuple(str(pathlib.Path(__file__).resolve().parent.parent / d) + os.sep
-                     for d in ("moebalance", "solvers", "kernels", "integrations"))
+_OUR_FOLDERS = tuple(
+    str(pathlib.Path(__file__).resolve().parent.parent / d) + os.sep
+    for d in ("moebalance", "solvers", "kernels", "integrations")
+)
 
 
 def _raised_by_us(exc: BaseException) -> bool:
@@ -335,16 +376,21 @@ def finalize(problem: Any, raw: Solution, *, method: str | None = None, wall_tim
     if overrides.get("message"):
         message = _append(message, overrides.pop("message"))
     if extra_bound is not None and math.isfinite(extra_bound):
-        bound = extra_bound if bound is None else (min(bound, extra_bound) if problem.sense == "max"
-                                                   else max(bound, extra_bound))
+        bound = (
+            extra_bound
+            if bound is None
+            else (min(bound, extra_bound) if problem.sense == "max" else max(bound, extra_bound))
+        )
     gap = None
     if bound is not None and feasible and math.isfinite(objective):
         scale = problem.objective_scale()
         tol = OPTIMALITY_TOL * max(abs(objective), abs(bound), 1e-9 * scale)
         wrong_side = (bound < objective - tol) if problem.sense == "max" else (bound > objective + tol)
         if wrong_side:
-            message = _append(message, f"the reported bound {bound:.8g} is invalid (the check's objective is "
-                                       f"{objective:.8g}); dropped")
+            message = _append(
+                message,
+                f"the reported bound {bound:.8g} is invalid (the check's objective is {objective:.8g}); dropped",
+            )
             stats["invalid_bound"] = bound
             bound = None
         else:
@@ -355,13 +401,23 @@ def finalize(problem: Any, raw: Solution, *, method: str | None = None, wall_tim
         message = _append(message, f"claimed optimal but {why}")
     if assignment is None and status == Status.TIME_LIMIT and "no answer" not in message:
         # the way out, said once: a stopped solver with nothing to show
-        message = _append(message, "no answer within the time limit (objective NaN); a larger `time_limit` "
-                                   "may give one")
+        message = _append(
+            message, "no answer within the time limit (objective NaN); a larger `time_limit` may give one"
+        )
     names = cls.family_fields()
     keep = {name: getattr(raw, name) for name in names if hasattr(raw, name)}
     keep.update({k: v for k, v in fields.items() if k in names})
     keep.update({k: v for k, v in overrides.items() if k in names})
-    return cls(method=method if method is not None else raw.method, status=status, objective=objective,
-               bound=bound, gap=gap, assignment=assignment,
-               wall_time=raw.wall_time if wall_time is None else wall_time, stats=stats, message=message,
-               feasible=feasible, **keep)
+    return cls(
+        method=method if method is not None else raw.method,
+        status=status,
+        objective=objective,
+        bound=bound,
+        gap=gap,
+        assignment=assignment,
+        wall_time=raw.wall_time if wall_time is None else wall_time,
+        stats=stats,
+        message=message,
+        feasible=feasible,
+        **keep,
+    )

@@ -21,8 +21,15 @@ import numpy as np
 from ._validate import as_int, as_int_array
 from .solution import Evaluation, Solution
 
-__all__ = ["ReplicationProblem", "ReplicationSolution", "rebalance_experts", "log2phy_from_phy2log",
-           "count_moves", "gpu_loads", "layer_bounds"]
+__all__ = [
+    "ReplicationProblem",
+    "ReplicationSolution",
+    "rebalance_experts",
+    "log2phy_from_phy2log",
+    "count_moves",
+    "gpu_loads",
+    "layer_bounds",
+]
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -58,8 +65,11 @@ def _as_weight(weight: Any) -> tuple[np.ndarray, int]:
         arr = np.asarray(weight)
     except Exception as exc:
         raise ValueError(f"`weight` must be a numeric array [E], [L, E] or [B, L, E]: {exc}") from None
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool) \
-            or np.issubdtype(arr.dtype, np.complexfloating):
+    if (
+        arr.dtype == object
+        or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool)
+        or np.issubdtype(arr.dtype, np.complexfloating)
+    ):
         raise ValueError(f"`weight` must be a real numeric array, got dtype {arr.dtype}")
     if arr.ndim not in (1, 2, 3):
         raise ValueError(f"`weight` must have shape [E], [L, E] or [B, L, E], got shape {arr.shape}")
@@ -162,9 +172,9 @@ def _dhondt_threshold(w: np.ndarray, R: int) -> np.ndarray:
     out = np.empty(N)
     div = np.arange(1, K + 1, dtype=np.float64)
     for lo in range(0, N, step):
-        vals = (w[lo:lo + step, :, None] / div).reshape(-1, E * K)
+        vals = (w[lo : lo + step, :, None] / div).reshape(-1, E * K)
         vals *= -1
-        out[lo:lo + step] = -np.partition(vals, k, axis=1)[:, k]
+        out[lo : lo + step] = -np.partition(vals, k, axis=1)[:, k]
     return out
 
 
@@ -180,7 +190,7 @@ def _pigeonhole(items: np.ndarray, G: int, S: int) -> np.ndarray:
         top = k * G + 1
         if top > items.shape[1]:
             break
-        part = srt[:, top - k - 1:top].sum(axis=1)  # the k + 1 smallest of the top kG + 1
+        part = srt[:, top - k - 1 : top].sum(axis=1)  # the k + 1 smallest of the top kG + 1
         best = np.maximum(best, part + cum_small[:, S - k - 1])
     return best
 
@@ -227,7 +237,7 @@ def _submasks(m: int):
         s = (s - 1) & m
 
 
-def layer_bounds(problem: "ReplicationProblem") -> np.ndarray:
+def layer_bounds(problem: ReplicationProblem) -> np.ndarray:
     """``[L]`` lower bound on each layer's term of the objective, valid for every plan.
 
     Per batch the largest of: the mean GPU load; the D'Hondt threshold (no plan has a smaller largest load
@@ -257,6 +267,7 @@ def layer_bounds(problem: "ReplicationProblem") -> np.ndarray:
         pass
     return out.copy()
 
+
 #: most slots (layers x replicas) a problem may hold: its plans are int64 ``[L, R]`` arrays (2 GiB at the cap)
 MAX_SLOTS = 2**28
 
@@ -272,10 +283,12 @@ def _eplb_order(args: tuple, num_groups: Any, num_nodes: Any, num_gpus: Any) -> 
     if len(args) == 1:
         names: tuple[str, ...] = ("num_gpus",)
     elif len(args) in (0, 3):
-        names = _ORDER[:len(args)]
+        names = _ORDER[: len(args)]
     else:
-        raise TypeError(f"ReplicationProblem takes weight, num_replicas, then (num_groups, num_nodes, num_gpus) "
-                        f"positionally or by keyword; got {len(args)} more positional argument(s)")
+        raise TypeError(
+            f"ReplicationProblem takes weight, num_replicas, then (num_groups, num_nodes, num_gpus) "
+            f"positionally or by keyword; got {len(args)} more positional argument(s)"
+        )
     for name, value in zip(names, args):
         if given[name] is not None:
             raise TypeError(f"ReplicationProblem got `{name}` both positionally and by keyword")
@@ -283,11 +296,18 @@ def _eplb_order(args: tuple, num_groups: Any, num_nodes: Any, num_gpus: Any) -> 
     if given["num_gpus"] is None:
         raise TypeError("ReplicationProblem needs `num_gpus`")
     if len(args) == 1:
-        warnings.warn("ReplicationProblem(weight, num_replicas, num_gpus) is deprecated: pass `num_gpus=` by "
-                      "keyword, or all three in rebalance_experts' order (weight, num_replicas, num_groups, "
-                      "num_nodes, num_gpus)", DeprecationWarning, stacklevel=3)
-    return (1 if given["num_groups"] is None else given["num_groups"],
-            1 if given["num_nodes"] is None else given["num_nodes"], given["num_gpus"])
+        warnings.warn(
+            "ReplicationProblem(weight, num_replicas, num_gpus) is deprecated: pass `num_gpus=` by "
+            "keyword, or all three in rebalance_experts' order (weight, num_replicas, num_groups, "
+            "num_nodes, num_gpus)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+    return (
+        1 if given["num_groups"] is None else given["num_groups"],
+        1 if given["num_nodes"] is None else given["num_nodes"],
+        given["num_gpus"],
+    )
 
 
 def _weight_shape(weight: Any) -> tuple[int, ...]:
@@ -336,9 +356,17 @@ class ReplicationProblem:
     sense = "min"
     solution_type = ReplicationSolution
 
-    def __init__(self, weight: Any, num_replicas: int, *args: int, num_groups: int | None = None,
-                 num_nodes: int | None = None, num_gpus: int | None = None, old_phy2log: Any = None,
-                 max_moves: int | None = None):
+    def __init__(
+        self,
+        weight: Any,
+        num_replicas: int,
+        *args: int,
+        num_groups: int | None = None,
+        num_nodes: int | None = None,
+        num_gpus: int | None = None,
+        old_phy2log: Any = None,
+        max_moves: int | None = None,
+    ):
         num_groups, num_nodes, num_gpus = _eplb_order(args, num_groups, num_nodes, num_gpus)
         R = as_int(num_replicas, "num_replicas", minimum=1)
         G = as_int(num_gpus, "num_gpus", minimum=1)
@@ -347,8 +375,10 @@ class ReplicationProblem:
         shape = _weight_shape(weight)
         L_ = shape[-2] if len(shape) >= 2 else 1
         if R > MAX_SLOTS or L_ * R > MAX_SLOTS:
-            raise ValueError(f"`num_replicas` ({R}) is too large: a plan of {L_} layer(s) x {R} slots needs "
-                             f"{L_ * R * 8 / 2**30:.3g} GiB; at most {MAX_SLOTS} slots over all layers")
+            raise ValueError(
+                f"`num_replicas` ({R}) is too large: a plan of {L_} layer(s) x {R} slots needs "
+                f"{L_ * R * 8 / 2**30:.3g} GiB; at most {MAX_SLOTS} slots over all layers"
+            )
         if G > R:
             raise ValueError(f"`num_gpus` ({G}) must be <= `num_replicas` ({R}): every GPU holds a slot")
         w, ndim = _as_weight(weight)
@@ -356,15 +386,15 @@ class ReplicationProblem:
         if R % G:
             raise ValueError(f"`num_replicas` ({R}) must be a multiple of `num_gpus` ({G})")
         if R < E:
-            raise ValueError(f"`num_replicas` ({R}) must be >= the number of experts ({E}): every expert needs a "
-                             f"slot")
+            raise ValueError(f"`num_replicas` ({R}) must be >= the number of experts ({E}): every expert needs a slot")
         if E % groups:
             raise ValueError(f"`num_groups` ({groups}) must divide the number of experts ({E})")
         if G % nodes:
             raise ValueError(f"`num_gpus` ({G}) must be a multiple of `num_nodes` ({nodes})")
         if nodes > 1 and groups % nodes:
-            raise ValueError(f"`num_groups` ({groups}) must be a multiple of `num_nodes` ({nodes}) for the "
-                             f"hierarchical model")
+            raise ValueError(
+                f"`num_groups` ({groups}) must be a multiple of `num_nodes` ({nodes}) for the hierarchical model"
+            )
         old = None if old_phy2log is None else _as_plan(old_phy2log, "old_phy2log", L, R, E)
         if max_moves is not None:
             max_moves = as_int(max_moves, "max_moves", minimum=0)
@@ -374,8 +404,9 @@ class ReplicationProblem:
         with np.errstate(over="ignore"):
             overflow = not np.isfinite(w.sum(axis=2).sum(axis=1).max())
         if overflow:
-            raise ValueError("`weight` overflows: the objective (a sum over layers of GPU loads) cannot be "
-                             "represented as a float64")
+            raise ValueError(
+                "`weight` overflows: the objective (a sum over layers of GPU loads) cannot be represented as a float64"
+            )
         self._w = w
         self._w.setflags(write=False)
         self._ndim = ndim
@@ -473,12 +504,14 @@ class ReplicationProblem:
         if a.ndim == 1 and L == 1:
             a = a[None]
         if a.shape != (L, R) or not np.issubdtype(a.dtype, np.integer):
-            return Evaluation(False, float("nan"),
-                              [f"phy2log must be an integer array of shape ({L}, {R}), got {a.dtype} {a.shape}"])
+            return Evaluation(
+                False, float("nan"), [f"phy2log must be an integer array of shape ({L}, {R}), got {a.dtype} {a.shape}"]
+            )
         a = a.astype(np.int64)
         if a.size and (a.min() < 0 or a.max() >= E):
-            return Evaluation(False, float("nan"),
-                              [f"expert ids must lie in [0, {E}), got range [{a.min()}, {a.max()}]"])
+            return Evaluation(
+                False, float("nan"), [f"expert ids must lie in [0, {E}), got range [{a.min()}, {a.max()}]"]
+            )
         violations: list[str] = []
         cnt = _counts(a, E)
         missing = int(np.count_nonzero(cnt == 0))
@@ -502,15 +535,22 @@ class ReplicationProblem:
         if self._old is not None:
             moves = count_moves(self._old, a, E, G)
             if self._max_moves is not None and moves.max() > self._max_moves:
-                violations.append(f"{int(np.count_nonzero(moves > self._max_moves))} layer(s) move more than "
-                                  f"max_moves={self._max_moves} replicas (worst {int(moves.max())})")
+                violations.append(
+                    f"{int(np.count_nonzero(moves > self._max_moves))} layer(s) move more than "
+                    f"max_moves={self._max_moves} replicas (worst {int(moves.max())})"
+                )
         loads = gpu_loads(self._w, a, G)  # [B, L, G]
         objective = float(loads.max(axis=2).sum(axis=1).mean())
         mean = loads.mean(axis=2)
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(mean > 0, loads.max(axis=2) / np.where(mean > 0, mean, 1.0), 1.0)
-        fields = {"phy2log": a, "log2phy": self._log2phy(a, cnt, solution), "logcnt": cnt,
-                  "gpu_loads": loads.mean(axis=0), "moves": moves}
+        fields = {
+            "phy2log": a,
+            "log2phy": self._log2phy(a, cnt, solution),
+            "logcnt": cnt,
+            "gpu_loads": loads.mean(axis=0),
+            "moves": moves,
+        }
         return Evaluation(not violations, objective, violations, fields, float(ratio.max()))
 
     def _log2phy(self, a: np.ndarray, cnt: np.ndarray, solution: Any) -> np.ndarray:
@@ -522,12 +562,13 @@ class ReplicationProblem:
             X = int(cnt.max())
             if h.shape == (L, E, X) and np.issubdtype(h.dtype, np.integer):
                 # kept only when it lists exactly each expert's slots (padding at the end)
-                valid = (np.arange(X)[None, None, :] < cnt[:, :, None])
+                valid = np.arange(X)[None, None, :] < cnt[:, :, None]
                 if np.all((h >= 0) == valid):
                     ok = np.take_along_axis(a, np.where(valid, h, 0).reshape(L, -1), axis=1).reshape(L, E, X)
-                    if np.all(np.where(valid, ok == np.arange(E)[None, :, None], True)) and \
-                            np.all(np.sort(np.where(valid, h, -1).reshape(L, -1), axis=1)[:, -a.shape[1]:]
-                                   == np.arange(a.shape[1])[None, :]):
+                    if np.all(np.where(valid, ok == np.arange(E)[None, :, None], True)) and np.all(
+                        np.sort(np.where(valid, h, -1).reshape(L, -1), axis=1)[:, -a.shape[1] :]
+                        == np.arange(a.shape[1])[None, :]
+                    ):
                         return h.astype(np.int64)
         return log2phy_from_phy2log(a, E)
 
@@ -545,33 +586,55 @@ class ReplicationProblem:
     def to_dict(self) -> dict[str, Any]:
         """The JSON schema of a replication problem file."""
         w = self._w if self._ndim == 3 else (self._w[0] if self._ndim == 2 else self._w[0, 0])
-        return {"kind": "replication", "weight": w.tolist(), "num_replicas": self._R, "num_gpus": self._G,
-                "num_groups": self._groups, "num_nodes": self._nodes,
-                "old_phy2log": None if self._old is None else self._old.tolist(), "max_moves": self._max_moves}
+        return {
+            "kind": "replication",
+            "weight": w.tolist(),
+            "num_replicas": self._R,
+            "num_gpus": self._G,
+            "num_groups": self._groups,
+            "num_nodes": self._nodes,
+            "old_phy2log": None if self._old is None else self._old.tolist(),
+            "max_moves": self._max_moves,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ReplicationProblem":
+    def from_dict(cls, d: dict[str, Any]) -> ReplicationProblem:
         """Inverse of :meth:`to_dict`; unknown keys or a wrong ``kind`` raise ValueError."""
         if not isinstance(d, dict):
             raise ValueError(f"`d` must be a dict, got {type(d).__name__}")
         if d.get("kind", "replication") != "replication":
             raise ValueError(f"`d` has kind {d.get('kind')!r}, expected 'replication'")
-        allowed = {"kind", "weight", "num_replicas", "num_gpus", "num_groups", "num_nodes", "old_phy2log",
-                   "max_moves"}
+        allowed = {"kind", "weight", "num_replicas", "num_gpus", "num_groups", "num_nodes", "old_phy2log", "max_moves"}
         unknown = sorted(set(d) - allowed)
         if unknown:
             raise ValueError(f"`d` has unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
         for key in ("weight", "num_replicas", "num_gpus"):
             if key not in d:
                 raise ValueError(f"`d` misses the key {key!r}")
-        return cls(d["weight"], d["num_replicas"], num_gpus=d["num_gpus"], num_groups=d.get("num_groups", 1),
-                   num_nodes=d.get("num_nodes", 1), old_phy2log=d.get("old_phy2log"),
-                   max_moves=d.get("max_moves"))
+        return cls(
+            d["weight"],
+            d["num_replicas"],
+            num_gpus=d["num_gpus"],
+            num_groups=d.get("num_groups", 1),
+            num_nodes=d.get("num_nodes", 1),
+            old_phy2log=d.get("old_phy2log"),
+            max_moves=d.get("max_moves"),
+        )
 
 
-def rebalance_experts(weight: Any, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, *,
-                      method: str = "eplb", old_phy2log: Any = None, max_moves: int | None = None,
-                      time_limit: float | None = None, **options: Any) -> tuple[Any, Any, Any]:
+def rebalance_experts(
+    weight: Any,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    *,
+    method: str = "eplb",
+    old_phy2log: Any = None,
+    max_moves: int | None = None,
+    time_limit: float | None = None,
+    **options: Any,
+) -> tuple[Any, Any, Any]:
     """Drop-in for DeepSeek EPLB's ``eplb.rebalance_experts``: ``(phy2log, log2phy, logcnt)``.
 
     Args:
@@ -603,9 +666,15 @@ def rebalance_experts(weight: Any, num_replicas: int, num_groups: int, num_nodes
         groups = as_int(num_groups, "num_groups", minimum=1)
         nodes = as_int(num_nodes, "num_nodes", minimum=1)
         hierarchical = groups % nodes == 0
-        problem = ReplicationProblem(weight, num_replicas, num_groups=groups if hierarchical else 1,
-                                     num_nodes=nodes if hierarchical else 1, num_gpus=num_gpus,
-                                     old_phy2log=old_phy2log, max_moves=max_moves)
+        problem = ReplicationProblem(
+            weight,
+            num_replicas,
+            num_groups=groups if hierarchical else 1,
+            num_nodes=nodes if hierarchical else 1,
+            num_gpus=num_gpus,
+            old_phy2log=old_phy2log,
+            max_moves=max_moves,
+        )
     except ArgumentError:
         raise
     except ValueError as exc:  # EPLB asserted its arguments: callers may catch AssertionError
@@ -629,6 +698,5 @@ def rebalance_experts(weight: Any, num_replicas: int, num_groups: int, num_nodes
     if is_torch:
         import torch
 
-        return tuple(torch.as_tensor(np.ascontiguousarray(x), dtype=torch.int64, device=weight.device)
-                     for x in out)  # type: ignore[return-value]
+        return tuple(torch.as_tensor(np.ascontiguousarray(x), dtype=torch.int64, device=weight.device) for x in out)  # type: ignore[return-value]
     return out  # type: ignore[return-value]

@@ -11,8 +11,14 @@ from ._validate import MAX_EXPERTS, MAX_FACTOR, as_float_array, as_int, as_int_a
 from .errors import InfeasibleError
 from .solution import Evaluation, RoutingSolution
 
-__all__ = ["RoutingProblem", "RoutingSolution", "check_routing", "routing_dual_bound", "bias_reproduces",
-           "expert_capacity"]
+__all__ = [
+    "RoutingProblem",
+    "RoutingSolution",
+    "check_routing",
+    "routing_dual_bound",
+    "bias_reproduces",
+    "expert_capacity",
+]
 
 # relative tolerance of the check's ties (bias_reproduces)
 TIE_TOL = 1e-7
@@ -25,8 +31,12 @@ def expert_capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: 
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (1 if name == "num_experts" else 0):
             raise ValueError(f"`{name}` must be an integer >= {1 if name == 'num_experts' else 0}, got {v!r}")
     cf = capacity_factor
-    if isinstance(cf, bool) or not isinstance(cf, (int, float, np.integer, np.floating)) or not math.isfinite(cf) \
-            or cf <= 0:
+    if (
+        isinstance(cf, bool)
+        or not isinstance(cf, (int, float, np.integer, np.floating))
+        or not math.isfinite(cf)
+        or cf <= 0
+    ):
         raise ValueError(f"`capacity_factor` must be a positive finite number, got {capacity_factor!r}")
     return math.ceil(float(cf) * int(num_tokens) * int(k) / int(num_experts) - 1e-9)
 
@@ -123,9 +133,7 @@ class RoutingProblem:
 
     def __repr__(self) -> str:
         T, E = self.shape
-        return (
-            f"RoutingProblem(T={T}, E={E}, k={self.k}, capacity=[{self.capacity.min()}..{self.capacity.max()}])"
-        )
+        return f"RoutingProblem(T={T}, E={E}, k={self.k}, capacity=[{self.capacity.min()}..{self.capacity.max()}])"
 
     # the shared check ---------------------------------------------------------------------------
     def evaluate(self, assignment: Any, solution: Any = None) -> Evaluation:
@@ -155,8 +163,9 @@ class RoutingProblem:
             stats["bias_reproduces"] = rep
             if rep < 1.0:
                 fixes["bias"] = None
-                fixes["message"] = (f"its bias reproduces {rep:.1%} of the tokens: kept as "
-                                    f"stats['certificate_price'] only")
+                fixes["message"] = (
+                    f"its bias reproduces {rep:.1%} of the tokens: kept as stats['certificate_price'] only"
+                )
                 if cert is None:
                     stats["certificate_price"] = bias
         if cert is not None:
@@ -188,8 +197,9 @@ def check_routing(problem: RoutingProblem, assignment: Any) -> Evaluation:
     k = problem.k
     a = np.asarray(assignment)
     if a.shape != (T, k) or not (np.issubdtype(a.dtype, np.integer)):
-        return Evaluation(False, float("nan"),
-                          [f"assignment must be an integer array of shape ({T}, {k}), got {a.dtype} {a.shape}"])
+        return Evaluation(
+            False, float("nan"), [f"assignment must be an integer array of shape ({T}, {k}), got {a.dtype} {a.shape}"]
+        )
     violations: list[str] = []
     if a.size and (a.min() < 0 or a.max() >= E):
         return Evaluation(False, float("nan"), [f"expert ids must lie in [0, {E}), got range [{a.min()}, {a.max()}]"])
@@ -225,7 +235,7 @@ def routing_dual_bound(problem: RoutingProblem, bias: Any) -> float:
     red = problem.scores - q[None, :]
     k = problem.k
     E = red.shape[1]
-    topk = np.partition(red, E - k, axis=1)[:, E - k:]
+    topk = np.partition(red, E - k, axis=1)[:, E - k :]
     cap = np.minimum(problem.capacity, problem.num_tokens).astype(np.float64)
     qc = q * cap
     total = float(topk.sum()) + float(qc.sum())
@@ -270,7 +280,7 @@ def _price_certificate(problem: RoutingProblem, assignment: np.ndarray, bias: np
     topk_abs = float(np.abs(chosen[exact]).sum())
     if not exact.all():
         other = scores[~exact] - q[None, :]
-        part = np.partition(other, E - k, axis=1)[:, E - k:]
+        part = np.partition(other, E - k, axis=1)[:, E - k :]
         topk_sum += float(part.sum())
         topk_abs += float(np.abs(part).sum())
     cap = np.minimum(problem.capacity, problem.num_tokens).astype(np.float64)

@@ -15,8 +15,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Status", "Solution", "RoutingSolution", "PlacementSolution", "Evaluation", "relative_gap",
-           "GAP_FLOOR"]
+__all__ = ["Status", "Solution", "RoutingSolution", "PlacementSolution", "Evaluation", "relative_gap", "GAP_FLOOR"]
 
 # the relative gap's denominator never drops below GAP_FLOOR * problem.objective_scale(): a bound within a
 # solver's resolution (about 1e-8 of the data's range) of an objective near 0 is a match, not a gap of 1
@@ -116,7 +115,7 @@ class Solution:
     message: str = ""
     feasible: bool = False
 
-    def replace(self, **changes: Any) -> "Solution":
+    def replace(self, **changes: Any) -> Solution:
         return dataclasses.replace(self, **changes)
 
     @classmethod

@@ -268,7 +268,7 @@ def prepare(scores, q, k, M, cap, lift, steps, s, sel, held, lst, lstv, nl, boun
             for e in range(E):
                 L = start[e + 1] - start[e]
                 if L > cs[e]:
-                    d = _select(col[start[e]:start[e + 1]], L, L - cs[e] - 1)
+                    d = _select(col[start[e] : start[e + 1]], L, L - cs[e] - 1)
                     if d > 0.0:
                         q[e] += d
     if not shifted:
@@ -716,8 +716,28 @@ def _pop_min(key):
     return -1
 
 
-def _apply_path(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, ys, g, excess, path_u, path_v,
-                path_tok, n, source, target):
+def _apply_path(
+    s,
+    cand,
+    ncand,
+    mem,
+    load,
+    slot,
+    rawk,
+    argk,
+    cnt,
+    exh,
+    mark,
+    ys,
+    g,
+    excess,
+    path_u,
+    path_v,
+    path_tok,
+    n,
+    source,
+    target,
+):
     """Move one unit along the path ``path_u[i] -> path_v[i]`` (i < n; the tokens its arcs chose are in
     ``path_tok``, read before any move): tokens between experts, sends to the sink S (node E) and back."""
     E = g.shape[0]
@@ -1001,8 +1021,28 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out, d
                     path_tok[n] = argk[0, u, v] if (u < E and v < E) else -1
                     n += 1
                     u = v
-                _apply_path(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, ys, g, excess, path_u,
-                            path_v, path_tok, n, source, u)
+                _apply_path(
+                    s,
+                    cand,
+                    ncand,
+                    mem,
+                    load,
+                    slot,
+                    rawk,
+                    argk,
+                    cnt,
+                    exh,
+                    mark,
+                    ys,
+                    g,
+                    excess,
+                    path_u,
+                    path_v,
+                    path_tok,
+                    n,
+                    source,
+                    u,
+                )
                 aug += 1
                 continue
             # no excess node reaches a deficit: the forward search below finds what the excess reaches
@@ -1089,13 +1129,42 @@ def ssp(s, cand, ncand, sel, cap, q, max_augment, reach, tol, max_rounds, out, d
             path_tok[n] = argk[0, u, v] if (u < E and v < E) else -1
             n += 1
             v = u
-        _apply_path(s, cand, ncand, mem, load, slot, rawk, argk, cnt, exh, mark, ys, g, excess, path_u, path_v,
-                    path_tok, n, v, target)
+        _apply_path(
+            s,
+            cand,
+            ncand,
+            mem,
+            load,
+            slot,
+            rawk,
+            argk,
+            cnt,
+            exh,
+            mark,
+            ys,
+            g,
+            excess,
+            path_u,
+            path_v,
+            path_tok,
+            n,
+            v,
+            target,
+        )
         aug += 1
 
 
-_PY = {"ssp": ssp, "prepare": prepare, "relist": relist, "auction": auction, "candidates": candidates_from_lists,
-       "top_k": top_k_of_candidates, "violations": violations, "add_best": add_best, "loads": loads_of}
+_PY = {
+    "ssp": ssp,
+    "prepare": prepare,
+    "relist": relist,
+    "auction": auction,
+    "candidates": candidates_from_lists,
+    "top_k": top_k_of_candidates,
+    "violations": violations,
+    "add_best": add_best,
+    "loads": loads_of,
+}
 _COMPILED: dict | None = None
 
 
@@ -1115,14 +1184,23 @@ def kernels(use_numba: bool = True) -> dict:
 
         def comp(f, **opts):
             return numba.njit(cache=True, nogil=True, **opts)(
-                types.FunctionType(f.__code__, ns, f.__name__, f.__defaults__, f.__closure__))
+                types.FunctionType(f.__code__, ns, f.__name__, f.__defaults__, f.__closure__)
+            )
 
         # helpers are inlined into their callers: a call that passes arrays costs two atomic reference
         # counts per array, which dominated the auction's and the paths' inner loops
         for name in ("_select", "_rebuild", "_recompute", "_delete", "_move", "relist", "_apply_path"):
             ns[name] = comp(globals()[name])
-        for name in ("_push_desc", "_kth_smallest_small", "_top_values", "_top_row", "_best_alt", "_insert", "_pop_min",
-                     "_add_candidate"):
+        for name in (
+            "_push_desc",
+            "_kth_smallest_small",
+            "_top_values",
+            "_top_row",
+            "_best_alt",
+            "_insert",
+            "_pop_min",
+            "_add_candidate",
+        ):
             ns[name] = comp(globals()[name], inline="always")
         _COMPILED = {key: comp(f) for key, f in _PY.items()}
     return _COMPILED

@@ -20,7 +20,7 @@ import contextlib
 import signal
 import socket
 import threading
-from typing import Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
 
 __all__ = ["interruptible"]
 
@@ -28,7 +28,7 @@ _POLL_S = 0.05
 
 
 @contextlib.contextmanager
-def interruptible(stop: Optional[Callable[[], object]] = None) -> Iterator[None]:
+def interruptible(stop: Callable[[], object] | None = None) -> Iterator[None]:
     """Run the block; on SIGINT call ``stop`` (if given) and raise KeyboardInterrupt once the block returns."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -47,7 +47,7 @@ def interruptible(stop: Optional[Callable[[], object]] = None) -> Iterator[None]
         while not done.is_set():
             try:
                 data = reader.recv(64)
-            except (socket.timeout, BlockingIOError):
+            except (TimeoutError, BlockingIOError):
                 data = b""
             except OSError:
                 return

@@ -29,7 +29,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -126,9 +127,17 @@ def _use_fork() -> bool:
     return sys.platform.startswith("linux") and os.environ.get("MOEBALANCE_ISOLATE", "fork") != "spawn"
 
 
-def run_bounded(target: str, data: dict[str, Any], params: dict[str, Any], *, time_limit: float | None,
-                start: float, cells: int, meanwhile: Callable[[], Any] | None = None,
-                guard: Callable[[Callable[[], Any]], Any] | None = None) -> tuple[dict | None, Any]:
+def run_bounded(
+    target: str,
+    data: dict[str, Any],
+    params: dict[str, Any],
+    *,
+    time_limit: float | None,
+    start: float,
+    cells: int,
+    meanwhile: Callable[[], Any] | None = None,
+    guard: Callable[[Callable[[], Any]], Any] | None = None,
+) -> tuple[dict | None, Any]:
     """Run ``target(data, params)`` and return ``(result or None, meanwhile())``.
 
     ``start`` is the caller's ``time.perf_counter()`` at the start of the solve (the limit covers everything);
@@ -151,12 +160,16 @@ def run_bounded(target: str, data: dict[str, Any], params: dict[str, Any], *, ti
         else:
             _save(src, data, p)
             with open(os.path.join(tmp, "err.txt"), "wb") as err:
-                proc = subprocess.Popen([sys.executable, "-m", "moebalance.solvers._isolate", target, src, dst],
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "moebalance.solvers._isolate", target, src, dst],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                )
         try:
             side = meanwhile() if meanwhile is not None else None
             try:
-                with (guard(proc.kill) if guard is not None else contextlib.nullcontext()):
+                with guard(proc.kill) if guard is not None else contextlib.nullcontext():
                     proc.wait(timeout=max(0.0, kill_at - time.perf_counter()))
             except subprocess.TimeoutExpired:
                 return None, side

@@ -14,8 +14,18 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["PlacementModel", "build_model", "incumbent", "round_plan", "time_unit", "lower_bound", "BOUND_TOL",
-           "run_isolated", "placement_job", "normalised_problem"]
+__all__ = [
+    "PlacementModel",
+    "build_model",
+    "incumbent",
+    "round_plan",
+    "time_unit",
+    "lower_bound",
+    "BOUND_TOL",
+    "run_isolated",
+    "placement_job",
+    "normalised_problem",
+]
 
 # relative allowance on a back-end's lower bound for its feasibility tolerances (normalised units)
 BOUND_TOL = 1e-7
@@ -30,7 +40,7 @@ def time_unit(cost: Any) -> float:
     return float(rest) if rest > 0 else 1.0
 
 
-def lower_bound(model: "PlacementModel", value: float, *, integral: bool = False) -> float:
+def lower_bound(model: PlacementModel, value: float, *, integral: bool = False) -> float:
     """A back-end's lower bound ``value`` (normalised units) in the problem's units, lowered by ``BOUND_TOL``
     relative for its tolerances; with integral device times the optimum is an integer, so the bound rounds up
     to the next one once that allowance is taken."""
@@ -93,16 +103,28 @@ def build_model(problem: Any, upper: float | None = None) -> PlacementModel:
         with np.errstate(divide="ignore", invalid="ignore"):
             cut = np.where(a > 0, np.floor((u - b) / a * (1 + 1e-12) + 1e-9), np.where(b <= u, np.inf, 0.0))
         M = np.minimum(M, np.maximum(cut, 0.0))
-    return PlacementModel(active, loads, M, a, b, foreign, unit, P, C, problem.max_foreign_experts,
-                          None if upper is None else float(upper))
+    return PlacementModel(
+        active,
+        loads,
+        M,
+        a,
+        b,
+        foreign,
+        unit,
+        P,
+        C,
+        problem.max_foreign_experts,
+        None if upper is None else float(upper),
+    )
 
 
 def normalised_costs(cost: Any) -> tuple[float, float, float, float]:
     """``(token_time, gemm_time, weight_time, token_transfer_time)`` divided by :func:`time_unit` and rounded to
     12 significant digits: bit-identical at every scale of the cost model."""
     unit = time_unit(cost)
-    return tuple(float(f"{v / unit:.12g}") for v in (cost.token_time, cost.gemm_time, cost.weight_time,
-                                                      cost.token_transfer_time))  # type: ignore[return-value]
+    return tuple(
+        float(f"{v / unit:.12g}") for v in (cost.token_time, cost.gemm_time, cost.weight_time, cost.token_transfer_time)
+    )  # type: ignore[return-value]
 
 
 def normalised_problem(problem: Any) -> Any:
@@ -191,15 +213,20 @@ def placement_job(data: dict, params: dict) -> dict:
     mod, _, name = params["func"].partition(":")
     func = getattr(importlib.import_module(mod), name)
     sol = func(problem, time_limit=child_time_left(params, margin=0.1), **params["options"])
-    out: dict[str, Any] = {"status": sol.status.value, "bound": sol.bound, "message": sol.message,
-                           "stats": _json_safe(sol.stats)}
+    out: dict[str, Any] = {
+        "status": sol.status.value,
+        "bound": sol.bound,
+        "message": sol.message,
+        "stats": _json_safe(sol.stats),
+    }
     if sol.assignment is not None:
         out["assignment"] = np.asarray(sol.assignment, dtype=np.int64)
     return out
 
 
-def run_isolated(method: str, func: str, problem: Any, options: dict[str, Any], *, time_limit: float | None,
-                 start: float) -> Any:
+def run_isolated(
+    method: str, func: str, problem: Any, options: dict[str, Any], *, time_limit: float | None, start: float
+) -> Any:
     """``func`` ("module:function", a placement solver taking ``time_limit``) under a hard deadline: in this
     process when there is no limit or the model is small, else in a child process (:mod:`._isolate`) that
     the deadline stops; then the answer is the llep+ incumbent with status ``time_limit``."""
@@ -219,18 +246,34 @@ def run_isolated(method: str, func: str, problem: Any, options: dict[str, Any], 
     def plan() -> tuple[np.ndarray, float]:
         return incumbent(problem)
 
-    raw, inc = run_bounded("moebalance.solvers._placement_model:placement_job", {}, params,
-                           time_limit=time_limit, start=start, cells=E * P, meanwhile=plan)
+    raw, inc = run_bounded(
+        "moebalance.solvers._placement_model:placement_job",
+        {},
+        params,
+        time_limit=time_limit,
+        start=start,
+        cells=E * P,
+        meanwhile=plan,
+    )
     if raw is None:
         x, _ = inc
-        return PlacementSolution(method=method, status=Status.TIME_LIMIT, assignment=x,
-                                 stats={"stopped_by": "deadline (process killed)"},
-                                 message="the time limit stopped the back-end; returning the llep+ plan")
+        return PlacementSolution(
+            method=method,
+            status=Status.TIME_LIMIT,
+            assignment=x,
+            stats={"stopped_by": "deadline (process killed)"},
+            message="the time limit stopped the back-end; returning the llep+ plan",
+        )
     bound = raw.get("bound")
     assignment = raw.get("assignment")
     status = Status(raw["status"])
     if assignment is None and status == Status.TIME_LIMIT:
         assignment = inc[0]
-    return PlacementSolution(method=method, status=status, bound=None if bound is None else float(bound),
-                             assignment=assignment, stats=dict(raw.get("stats") or {}),
-                             message=str(raw.get("message", "")))
+    return PlacementSolution(
+        method=method,
+        status=status,
+        bound=None if bound is None else float(bound),
+        assignment=assignment,
+        stats=dict(raw.get("stats") or {}),
+        message=str(raw.get("message", "")),
+    )

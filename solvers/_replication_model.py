@@ -46,8 +46,17 @@ class LayerModel:
     scale: float
 
 
-def build_layer(w: np.ndarray, R: int, G: int, upper: float, *, groups: int = 1, nodes: int = 1,
-                old_counts: np.ndarray | None = None, max_moves: int | None = None) -> LayerModel:
+def build_layer(
+    w: np.ndarray,
+    R: int,
+    G: int,
+    upper: float,
+    *,
+    groups: int = 1,
+    nodes: int = 1,
+    old_counts: np.ndarray | None = None,
+    max_moves: int | None = None,
+) -> LayerModel:
     """The MILP of one layer with loads ``w [B, E]``; ``upper`` the objective of a known plan of this layer."""
     B, E = w.shape
     S = R // G
@@ -80,52 +89,72 @@ def build_layer(w: np.ndarray, R: int, G: int, upper: float, *, groups: int = 1,
 
     # sum_k z = 1
     add(e_of, np.arange(nz), 1.0)
-    lo.append(np.ones(E)); hi.append(np.ones(E)); r += E
+    lo.append(np.ones(E))
+    hi.append(np.ones(E))
+    r += E
     # sum_g y - k z = 0
     zi = np.arange(nz)
     yi = col_y + zi[:, None] * G + np.arange(G)[None, :]
     add(np.broadcast_to(r + zi[:, None], yi.shape), yi, 1.0)
     add(r + zi, zi, -k_of.astype(np.float64))
-    lo.append(np.zeros(nz)); hi.append(np.zeros(nz)); r += nz
+    lo.append(np.zeros(nz))
+    hi.append(np.zeros(nz))
+    r += nz
     # slots per GPU
     add(np.broadcast_to(r + np.arange(G)[None, :], yi.shape), yi, 1.0)
-    lo.append(np.full(G, float(S))); hi.append(np.full(G, float(S))); r += G
+    lo.append(np.full(G, float(S)))
+    hi.append(np.full(G, float(S)))
+    r += G
     # loads per GPU and batch
     per = wn[:, e_of] / k_of[None, :]  # [B, nz]
     for b in range(B):
         add(np.broadcast_to(r + np.arange(G)[None, :], yi.shape), yi, np.broadcast_to(per[b][:, None], yi.shape))
         add(r + np.arange(G), np.full(G, col_T + b), -1.0)
-        lo.append(np.full(G, -np.inf)); hi.append(np.zeros(G)); r += G
+        lo.append(np.full(G, -np.inf))
+        hi.append(np.zeros(G))
+        r += G
     if nodes > 1:
         gsize = E // groups
         gpn = G // nodes
         q = np.arange(groups)
         add(np.broadcast_to(r + q[:, None], (groups, nodes)), col_u + q[:, None] * nodes + np.arange(nodes), 1.0)
-        lo.append(np.ones(groups)); hi.append(np.ones(groups)); r += groups
+        lo.append(np.ones(groups))
+        hi.append(np.ones(groups))
+        r += groups
         kmax = (klo + slack).astype(np.float64)
         node_of_g = np.arange(G) // gpn
         # row (e, n): sum_{k, g in n} y - kmax_e u[q(e), n] <= 0
         rr = r + e_of[:, None] * nodes + node_of_g[None, :]
         add(np.broadcast_to(rr, yi.shape), yi, 1.0)
         en = np.arange(E)[:, None] * nodes + np.arange(nodes)[None, :]
-        add(r + en, col_u + (np.arange(E)[:, None] // gsize) * nodes + np.arange(nodes)[None, :],
-            np.broadcast_to(-kmax[:, None], en.shape))
-        lo.append(np.full(E * nodes, -np.inf)); hi.append(np.zeros(E * nodes)); r += E * nodes
+        add(
+            r + en,
+            col_u + (np.arange(E)[:, None] // gsize) * nodes + np.arange(nodes)[None, :],
+            np.broadcast_to(-kmax[:, None], en.shape),
+        )
+        lo.append(np.full(E * nodes, -np.inf))
+        hi.append(np.zeros(E * nodes))
+        r += E * nodes
     if old_counts is not None:
         # m[g, e] - sum_k y[e, k, g] <= 0
         mi = col_m + np.arange(G)[None, :] * E + e_of[:, None]  # [nz, G] column of m[g, e_of]
         add(np.broadcast_to(r + (mi - col_m), yi.shape), yi, -1.0)
         add(r + np.arange(G * E), col_m + np.arange(G * E), 1.0)
-        lo.append(np.full(G * E, -np.inf)); hi.append(np.zeros(G * E)); r += G * E
+        lo.append(np.full(G * E, -np.inf))
+        hi.append(np.zeros(G * E))
+        r += G * E
         add(np.full(G * E, r), col_m + np.arange(G * E), 1.0)
-        lo.append(np.array([float(R - (max_moves if max_moves is not None else R))])); hi.append(np.array([np.inf]))
+        lo.append(np.array([float(R - (max_moves if max_moves is not None else R))]))
+        hi.append(np.array([np.inf]))
         r += 1
     if B == 1 and nodes == 1 and old_counts is None and G > 1:
         # load[g] >= load[g + 1]
         g = np.arange(G - 1)
         add(np.broadcast_to(r + g[None, :], (nz, G - 1)), yi[:, :-1], np.broadcast_to(per[0][:, None], (nz, G - 1)))
         add(np.broadcast_to(r + g[None, :], (nz, G - 1)), yi[:, 1:], np.broadcast_to(-per[0][:, None], (nz, G - 1)))
-        lo.append(np.zeros(G - 1)); hi.append(np.full(G - 1, np.inf)); r += G - 1
+        lo.append(np.zeros(G - 1))
+        hi.append(np.full(G - 1, np.inf))
+        r += G - 1
     A = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(r, n))
     lb = np.zeros(n)
     ub = np.full(n, np.inf)
@@ -134,17 +163,18 @@ def build_layer(w: np.ndarray, R: int, G: int, upper: float, *, groups: int = 1,
     ub[col_u:col_m] = 1.0
     if old_counts is not None:
         ub[col_m:] = old_counts.reshape(G * E).astype(np.float64)
-    lb[col_T:col_T + B] = wn.sum(axis=1) / G  # the mean GPU load
+    lb[col_T : col_T + B] = wn.sum(axis=1) / G  # the mean GPU load
     c = np.zeros(n)
-    c[col_T:col_T + B] = 1.0 / B
+    c[col_T : col_T + B] = 1.0 / B
     integer = np.zeros(n, dtype=bool)
     integer[:col_T] = True
     integer[col_u:col_m] = True
     return LayerModel(A, np.concatenate(lo), np.concatenate(hi), lb, ub, c, integer, e_of, k_of, G, nz, B, scale)
 
 
-def hint_vector(m: LayerModel, gpu_counts: np.ndarray, E: int, w: np.ndarray, old_counts: np.ndarray | None,
-                groups: int, nodes: int) -> np.ndarray | None:
+def hint_vector(
+    m: LayerModel, gpu_counts: np.ndarray, E: int, w: np.ndarray, old_counts: np.ndarray | None, groups: int, nodes: int
+) -> np.ndarray | None:
     """The model's variables for a plan given as ``gpu_counts [G, E]`` (None if its counts are out of range)."""
     n = m.A.shape[1]
     x = np.zeros(n)
@@ -159,16 +189,16 @@ def hint_vector(m: LayerModel, gpu_counts: np.ndarray, E: int, w: np.ndarray, ol
     G = m.G
     col_y = m.nz
     for e in range(E):
-        x[col_y + idx[e] * G: col_y + (idx[e] + 1) * G] = gpu_counts[:, e]
+        x[col_y + idx[e] * G : col_y + (idx[e] + 1) * G] = gpu_counts[:, e]
     col_T = col_y + m.nz * G
     loads = (gpu_counts * (w / np.maximum(cnt, 1)[None, :])[:, None, :]).sum(axis=2) / m.scale  # [B, G]
-    x[col_T:col_T + m.B] = loads.max(axis=1)
+    x[col_T : col_T + m.B] = loads.max(axis=1)
     col_u = col_T + m.B
     if nodes > 1:
         gpn = G // nodes
         gsize = E // groups
         for q in range(groups):
-            node = int(np.flatnonzero(gpu_counts[:, q * gsize:(q + 1) * gsize].sum(axis=1) > 0)[0]) // gpn
+            node = int(np.flatnonzero(gpu_counts[:, q * gsize : (q + 1) * gsize].sum(axis=1) > 0)[0]) // gpn
             x[col_u + q * nodes + node] = 1.0
         col_u += groups * nodes
     if old_counts is not None:

@@ -49,9 +49,19 @@ def _max_excluding(loads: np.ndarray, g: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(v), v, 0.0)
 
 
-def local_search(W: Any, phy2log: Any, num_gpus: int, *, num_groups: int = 1, num_nodes: int = 1,
-                 old: Any = None, max_moves: int | None = None, max_rounds: int = 10_000,
-                 deadline: float | None = None, resplit: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
+def local_search(
+    W: Any,
+    phy2log: Any,
+    num_gpus: int,
+    *,
+    num_groups: int = 1,
+    num_nodes: int = 1,
+    old: Any = None,
+    max_moves: int | None = None,
+    max_rounds: int = 10_000,
+    deadline: float | None = None,
+    resplit: bool = True,
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Improve ``phy2log [L, R]`` for loads ``W [L, B, E]``; returns the plan and counters.
 
     ``old`` ``[L, R]`` and ``max_moves``: no accepted move takes a layer above ``max_moves`` moves (a layer
@@ -91,7 +101,7 @@ def local_search(W: Any, phy2log: Any, num_gpus: int, *, num_groups: int = 1, nu
         c, n, xs, loads = _state(W[ids], a[ids], G, E)
         Lb = ids.size
         f0 = loads.max(axis=2).mean(axis=1)  # [Lb]
-        sq0 = (loads ** 2).sum(axis=2).mean(axis=1)
+        sq0 = (loads**2).sum(axis=2).mean(axis=1)
         is_max = loads >= loads.max(axis=2, keepdims=True) - tol
         gstar = np.argmax(is_max.sum(axis=1) + 1e-6 * loads.mean(axis=1), axis=1)  # [Lb]
         moves_now = None
@@ -108,18 +118,24 @@ def local_search(W: Any, phy2log: Any, num_gpus: int, *, num_groups: int = 1, nu
         new_h = Lh[:, :, None, :] - xs[:, :, None, :] + xi[..., None]
         others = mo[:, :, gpu_of][:, :, None, :]
         f = np.maximum(np.maximum(new_g, new_h), others).mean(axis=1)  # [Lb, S, R]
-        dsq = (new_g ** 2 + new_h ** 2 - Lg[..., None] ** 2 - Lh[:, :, None, :] ** 2).mean(axis=1)
+        dsq = (new_g**2 + new_h**2 - Lg[..., None] ** 2 - Lh[:, :, None, :] ** 2).mean(axis=1)
         ai = np.take_along_axis(a[ids], si, axis=1)  # [Lb, S]
         aj = a[ids]
         ok = (gpu_of[None, None, :] != gstar[:, None, None]) & (ai[:, :, None] != aj[:, None, :])
         ok &= node_of[None, None, :] == node_of_gpu[gstar][:, None, None]
         if oldn is not None:
             r2 = np.arange(Lb)[:, None, None]
-            dm = (dec[r2, gstar[:, None, None], ai[:, :, None]] + dec[r2, gpu_of[None, None, :], aj[:, None, :]]
-                  - inc[r2, gstar[:, None, None], aj[:, None, :]] - inc[r2, gpu_of[None, None, :], ai[:, :, None]])
+            dm = (
+                dec[r2, gstar[:, None, None], ai[:, :, None]]
+                + dec[r2, gpu_of[None, None, :], aj[:, None, :]]
+                - inc[r2, gstar[:, None, None], aj[:, None, :]]
+                - inc[r2, gpu_of[None, None, :], ai[:, :, None]]
+            )
             ok &= (moves_now[:, None, None] + dm <= budget) | (dm <= 0)
-        better = ok & ((f < f0[:, None, None] - tol) | ((f <= f0[:, None, None] + tol) &
-                                                         (dsq < -tol * np.maximum(sq0, 1e-300)[:, None, None])))
+        better = ok & (
+            (f < f0[:, None, None] - tol)
+            | ((f <= f0[:, None, None] + tol) & (dsq < -tol * np.maximum(sq0, 1e-300)[:, None, None]))
+        )
         key = np.where(better, f + 1e-9 * dsq, np.inf).reshape(Lb, -1)
         best = key.argmin(axis=1)
         has = np.isfinite(key[np.arange(Lb), best])
@@ -130,19 +146,41 @@ def local_search(W: Any, phy2log: Any, num_gpus: int, *, num_groups: int = 1, nu
             swaps += 1
         stuck = np.flatnonzero(~has)
         if resplit and stuck.size:
-            done = _resplit(W[ids[stuck]], a, ids[stuck], c[stuck], n[stuck], loads[stuck], gstar[stuck], f0[stuck],
-                            sq0[stuck], G, S, gpu_of, node_of_gpu, group_node, gsize,
-                            None if oldn is None else (dec[stuck], inc[stuck], moves_now[stuck]), budget, tol)
+            done = _resplit(
+                W[ids[stuck]],
+                a,
+                ids[stuck],
+                c[stuck],
+                n[stuck],
+                loads[stuck],
+                gstar[stuck],
+                f0[stuck],
+                sq0[stuck],
+                G,
+                S,
+                gpu_of,
+                node_of_gpu,
+                group_node,
+                gsize,
+                None if oldn is None else (dec[stuck], inc[stuck], moves_now[stuck]),
+                budget,
+                tol,
+            )
             resplits += int(done.sum())
             active[ids[stuck[~done]]] = False
         else:
             active[ids[stuck]] = False
-    return a, {"rounds": rounds, "swaps": swaps, "resplits": resplits,
-               "stopped_by_time": bool(active.any() and deadline is not None and time.perf_counter() > deadline)}
+    return a, {
+        "rounds": rounds,
+        "swaps": swaps,
+        "resplits": resplits,
+        "stopped_by_time": bool(active.any() and deadline is not None and time.perf_counter() > deadline),
+    }
 
 
-def _resplit(W, a, ids, c, n, loads, gstar, f0, sq0, G, S, gpu_of, node_of_gpu, group_node, gsize, mig, budget,
-             tol) -> np.ndarray:
+def _resplit(
+    W, a, ids, c, n, loads, gstar, f0, sq0, G, S, gpu_of, node_of_gpu, group_node, gsize, mig, budget, tol
+) -> np.ndarray:
     """Best re-split move for each layer in ``ids`` (applied to ``a`` in place); ``[len(ids)]`` done flags."""
     Lb, B, E = W.shape
     R = a.shape[1]
@@ -173,11 +211,13 @@ def _resplit(W, a, ids, c, n, loads, gstar, f0, sq0, G, S, gpu_of, node_of_gpu, 
             da = w[:, ea, None] * ((nn[ea] - onehot) / (cnt[ea, None] - 1))[None] - contrib[:, ea, :]  # [B, I, G]
             # b gains a replica on gi
             nb = nn[targets][None, :, :] + onehot[:, None, :]  # [I, T, G]
-            db = w[:, None, targets, None] * (nb / (cnt[targets] + 1)[None, :, None])[None] \
-                - contrib[:, None, targets, :]  # [B, I, T, G]
+            db = (
+                w[:, None, targets, None] * (nb / (cnt[targets] + 1)[None, :, None])[None]
+                - contrib[:, None, targets, :]
+            )  # [B, I, T, G]
             new = loads[r][:, None, None, :] + da[:, :, None, :] + db  # [B, I, T, G]
             f = new.max(axis=3).mean(axis=0)  # [I, T]
-            dsq = ((new ** 2).sum(axis=3) - (loads[r] ** 2).sum(axis=1)[:, None, None]).mean(axis=0)
+            dsq = ((new**2).sum(axis=3) - (loads[r] ** 2).sum(axis=1)[:, None, None]).mean(axis=0)
             ok = ea[:, None] != targets[None, :]
             if mig is not None:
                 dec, inc, mnow = mig
@@ -195,8 +235,7 @@ def _resplit(W, a, ids, c, n, loads, gstar, f0, sq0, G, S, gpu_of, node_of_gpu, 
     return done
 
 
-def relabel_gpus(new: np.ndarray, old: np.ndarray, num_experts: int, num_gpus: int,
-                 num_nodes: int = 1) -> np.ndarray:
+def relabel_gpus(new: np.ndarray, old: np.ndarray, num_experts: int, num_gpus: int, num_nodes: int = 1) -> np.ndarray:
     """``new [L, R]`` with its GPUs (and, with nodes, whole nodes) permuted to keep as many replicas where
     ``old [L, R]`` has them: no GPU's load changes, only the moves (linear assignments, scipy)."""
     from scipy.optimize import linear_sum_assignment
@@ -221,13 +260,13 @@ def relabel_gpus(new: np.ndarray, old: np.ndarray, num_experts: int, num_gpus: i
             inner = {}
             for p in range(num_nodes):
                 for q in range(num_nodes):
-                    blk = keep[p * gpn:(p + 1) * gpn, q * gpn:(q + 1) * gpn]
+                    blk = keep[p * gpn : (p + 1) * gpn, q * gpn : (q + 1) * gpn]
                     rr, cc = linear_sum_assignment(-blk)
                     value[p, q] = blk[rr, cc].sum()
                     inner[p, q] = cc
             rows, cols = linear_sum_assignment(-value)
             for p, q in zip(rows, cols):
-                gpu_map[p * gpn:(p + 1) * gpn] = q * gpn + inner[p, q]
+                gpu_map[p * gpn : (p + 1) * gpn] = q * gpn + inner[p, q]
         blocks = new[l].reshape(G, S)
         res = np.empty_like(blocks)
         res[gpu_map] = blocks
@@ -235,8 +274,18 @@ def relabel_gpus(new: np.ndarray, old: np.ndarray, num_experts: int, num_gpus: i
     return out
 
 
-def relink(W: Any, start: Any, target: Any, num_gpus: int, *, num_groups: int = 1, num_nodes: int = 1,
-           old: Any = None, max_moves: int | None = None, deadline: float | None = None) -> np.ndarray:
+def relink(
+    W: Any,
+    start: Any,
+    target: Any,
+    num_gpus: int,
+    *,
+    num_groups: int = 1,
+    num_nodes: int = 1,
+    old: Any = None,
+    max_moves: int | None = None,
+    deadline: float | None = None,
+) -> np.ndarray:
     """Walk from ``start [L, R]`` towards ``target [L, R]`` one slot at a time, within the move budget.
 
     Each step repaints one slot with its target expert (the slot's old expert keeps >= 1 replica, groups stay
@@ -284,10 +333,12 @@ def relink(W: Any, start: Any, target: Any, num_gpus: int, *, num_groups: int = 
             onehot = np.eye(G)[g]  # [I, G]
             na, nb = n[:, ea].T, n[:, eb].T  # [I, G]
             ca, cb = c[ea][:, None], c[eb][:, None]
-            new = (loads[:, None, :]
-                   + w[:, ea, None] * ((na - onehot) / (ca - 1) - na / ca)[None]
-                   + w[:, eb, None] * ((nb + onehot) / (cb + 1) - nb / cb)[None])  # [B, I, G]
-            f = new.max(axis=2).mean(axis=0) + 1e-9 * (new ** 2).sum(axis=2).mean(axis=0)
+            new = (
+                loads[:, None, :]
+                + w[:, ea, None] * ((na - onehot) / (ca - 1) - na / ca)[None]
+                + w[:, eb, None] * ((nb + onehot) / (cb + 1) - nb / cb)[None]
+            )  # [B, I, G]
+            f = new.max(axis=2).mean(axis=0) + 1e-9 * (new**2).sum(axis=2).mean(axis=0)
             k = int(f.argmin())
             a[l, diff[k]] = eb[k]
     return a

@@ -7,8 +7,18 @@ import time
 
 import numpy as np
 
-__all__ = ["chosen_to_assignment", "prices_from_assignment", "greedy_fill", "RoutingScale",
-           "repair", "fallback", "problem_data", "problem_from", "drive", "certify_prices"]
+__all__ = [
+    "chosen_to_assignment",
+    "prices_from_assignment",
+    "greedy_fill",
+    "RoutingScale",
+    "repair",
+    "fallback",
+    "problem_data",
+    "problem_from",
+    "drive",
+    "certify_prices",
+]
 
 
 def chosen_to_assignment(chosen: np.ndarray, k: int) -> np.ndarray:
@@ -54,8 +64,9 @@ def prices_from_assignment(scores: np.ndarray, assignment: np.ndarray, tol: floa
     return np.maximum(-d[:E], 0.0)
 
 
-def greedy_fill(scores: np.ndarray, chosen: np.ndarray, room: np.ndarray, need: np.ndarray,
-                deadline: float | None = None) -> np.ndarray:
+def greedy_fill(
+    scores: np.ndarray, chosen: np.ndarray, room: np.ndarray, need: np.ndarray, deadline: float | None = None
+) -> np.ndarray:
     """Fill each token's missing slots with its best experts that still have room, highest scores first.
 
     Args:
@@ -98,8 +109,9 @@ def greedy_fill(scores: np.ndarray, chosen: np.ndarray, room: np.ndarray, need: 
     return need
 
 
-def _swap_fill(scores: np.ndarray, chosen: np.ndarray, room: np.ndarray, need: np.ndarray,
-               deadline: float | None = None) -> None:
+def _swap_fill(
+    scores: np.ndarray, chosen: np.ndarray, room: np.ndarray, need: np.ndarray, deadline: float | None = None
+) -> None:
     """Place slots the rounds could not: a token t whose only experts with room r are ones it already has
     takes expert a from a token u that moves to r (t: +a, u: a -> r), choosing the least costly such swap.
     With tight capacities (sum of capacities == T * k) this is what the last few tokens need."""
@@ -210,11 +222,10 @@ def fallback(problem, deadline: float | None = None) -> dict:
         greedy_fill(s, chosen, room, need, deadline=deadline)
     scale = RoutingScale(s, k)
     if deadline is None or time.perf_counter() + PARTITION_SECONDS_PER_ENTRY * T * E < deadline:
-        bound = float(np.partition(s, E - k, axis=1)[:, E - k:].sum())  # the top-k bound
+        bound = float(np.partition(s, E - k, axis=1)[:, E - k :].sum())  # the top-k bound
     else:  # no time for the partition: k times each token's best score, also an upper bound
         bound = float(k * s.max(axis=1).sum())
-    return {"assignment": None if need.any() else chosen_to_assignment(chosen, k),
-            "bound": bound + scale.rounding}
+    return {"assignment": None if need.any() else chosen_to_assignment(chosen, k), "bound": bound + scale.rounding}
 
 
 def problem_data(problem) -> dict:
@@ -240,8 +251,18 @@ def _fallback_said(fb: dict) -> str:
     return "greedy answer and top-k bound returned"
 
 
-def drive(method: str, problem, target: str, params: dict, *, time_limit, start: float, to_solution, guard=None,
-          isolate: bool | None = None):
+def drive(
+    method: str,
+    problem,
+    target: str,
+    params: dict,
+    *,
+    time_limit,
+    start: float,
+    to_solution,
+    guard=None,
+    isolate: bool | None = None,
+):
     """problem -> job (build + run, maybe in a child under a hard deadline) -> ``to_solution(problem, raw)``.
 
     When the deadline killed the job, or the job returned no answer under a time limit, the answer is the
@@ -258,20 +279,32 @@ def drive(method: str, problem, target: str, params: dict, *, time_limit, start:
     # the fallback works while the child does, and gives up shortly before the child is killed
     soon = None if time_limit is None else start + 0.95 * time_limit
     data = dict(problem_data(problem), _problem=problem)  # a forked child inherits it; files never hold it
-    raw, fb = run_bounded(target, data, params, time_limit=time_limit, start=start,
-                          cells=T * E if isolated else 0,
-                          meanwhile=(lambda: fallback(problem, soon)) if isolated else None, guard=guard)
+    raw, fb = run_bounded(
+        target,
+        data,
+        params,
+        time_limit=time_limit,
+        start=start,
+        cells=T * E if isolated else 0,
+        meanwhile=(lambda: fallback(problem, soon)) if isolated else None,
+        guard=guard,
+    )
     if raw is None:
         fb = fb or fallback(problem, soon)
-        return RoutingSolution(method=method, status=Status.TIME_LIMIT, objective=float("nan"), bound=fb["bound"],
-                               assignment=fb["assignment"], stats={"stopped_by": "deadline (process killed)"},
-                               message="the time limit stopped the back-end; " + _fallback_said(fb))
+        return RoutingSolution(
+            method=method,
+            status=Status.TIME_LIMIT,
+            objective=float("nan"),
+            bound=fb["bound"],
+            assignment=fb["assignment"],
+            stats={"stopped_by": "deadline (process killed)"},
+            message="the time limit stopped the back-end; " + _fallback_said(fb),
+        )
     sol = to_solution(problem, raw, time_limit)
     if sol.status == Status.TIME_LIMIT and sol.assignment is None:
         fb = fb or fallback(problem, soon)
         bound = fb["bound"] if sol.bound is None else min(sol.bound, fb["bound"])
-        sol = sol.replace(assignment=fb["assignment"], bound=bound,
-                          message=sol.message + "; " + _fallback_said(fb))
+        sol = sol.replace(assignment=fb["assignment"], bound=bound, message=sol.message + "; " + _fallback_said(fb))
     return sol
 
 

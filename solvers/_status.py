@@ -24,7 +24,8 @@ integers of scipy's ``linprog``/``milp``, which wrap HiGHS), :data:`CPSAT` (``Cp
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from moebalance.solution import Status
 
@@ -91,57 +92,109 @@ def _mcf_names() -> Mapping[int, str]:
     return {int(v): k for k, v in min_cost_flow.SimpleMinCostFlow.Status.__members__.items()}
 
 
-HIGHS = StatusTable("highs", {
-    "kOptimal": OPT, "kModelEmpty": OPT,
-    "kTimeLimit": LIMIT,
-    # limits we never set: stopped early with (maybe) an answer
-    "kIterationLimit": FEAS, "kSolutionLimit": FEAS, "kObjectiveBound": FEAS, "kObjectiveTarget": FEAS,
-    "kInfeasible": INF,
-    "kUnboundedOrInfeasible": ERR, "kUnbounded": ERR, "kNotset": ERR, "kLoadError": ERR, "kModelError": ERR,
-    "kPresolveError": ERR, "kSolveError": ERR, "kPostsolveError": ERR, "kUnknown": ERR, "kInterrupt": ERR,
-    "kMemoryLimit": ERR, "kHighsInterrupt": ERR,
-}, _highs_names)
+HIGHS = StatusTable(
+    "highs",
+    {
+        "kOptimal": OPT,
+        "kModelEmpty": OPT,
+        "kTimeLimit": LIMIT,
+        # limits we never set: stopped early with (maybe) an answer
+        "kIterationLimit": FEAS,
+        "kSolutionLimit": FEAS,
+        "kObjectiveBound": FEAS,
+        "kObjectiveTarget": FEAS,
+        "kInfeasible": INF,
+        "kUnboundedOrInfeasible": ERR,
+        "kUnbounded": ERR,
+        "kNotset": ERR,
+        "kLoadError": ERR,
+        "kModelError": ERR,
+        "kPresolveError": ERR,
+        "kSolveError": ERR,
+        "kPostsolveError": ERR,
+        "kUnknown": ERR,
+        "kInterrupt": ERR,
+        "kMemoryLimit": ERR,
+        "kHighsInterrupt": ERR,
+    },
+    _highs_names,
+)
 
 # scipy.optimize.linprog / milp ``res.status``: 0 optimal, 1 iteration or time limit, 2 infeasible,
 # 3 unbounded, 4 other (numerical difficulties)
-SCIPY_HIGHS = StatusTable("scipy-highs", {
-    "optimal": OPT, "limit": LIMIT, "infeasible": INF, "unbounded": ERR, "other": ERR,
-}, lambda: {0: "optimal", 1: "limit", 2: "infeasible", 3: "unbounded", 4: "other"})
+SCIPY_HIGHS = StatusTable(
+    "scipy-highs",
+    {
+        "optimal": OPT,
+        "limit": LIMIT,
+        "infeasible": INF,
+        "unbounded": ERR,
+        "other": ERR,
+    },
+    lambda: {0: "optimal", 1: "limit", 2: "infeasible", 3: "unbounded", 4: "other"},
+)
 
-CPSAT = StatusTable("cp-sat", {
-    "OPTIMAL": OPT,
-    "FEASIBLE": LIMIT,  # an incumbent without proof: CP-SAT stopped at a limit
-    "UNKNOWN": LIMIT,  # stopped before any incumbent
-    "INFEASIBLE": INF,
-    "MODEL_INVALID": ERR,
-}, _cpsat_names)
+CPSAT = StatusTable(
+    "cp-sat",
+    {
+        "OPTIMAL": OPT,
+        "FEASIBLE": LIMIT,  # an incumbent without proof: CP-SAT stopped at a limit
+        "UNKNOWN": LIMIT,  # stopped before any incumbent
+        "INFEASIBLE": INF,
+        "MODEL_INVALID": ERR,
+    },
+    _cpsat_names,
+)
 
-PYWRAPLP = StatusTable("pywraplp", {
-    "MPSOLVER_OPTIMAL": OPT,
-    "MPSOLVER_FEASIBLE": LIMIT,
-    "MPSOLVER_NOT_SOLVED": LIMIT,
-    "MPSOLVER_CANCELLED_BY_USER": LIMIT,
-    "MPSOLVER_INFEASIBLE": INF,
-    "MPSOLVER_UNBOUNDED": ERR, "MPSOLVER_ABNORMAL": ERR, "MPSOLVER_MODEL_IS_VALID": ERR,
-    "MPSOLVER_UNKNOWN_STATUS": ERR, "MPSOLVER_MODEL_INVALID": ERR, "MPSOLVER_MODEL_INVALID_SOLUTION_HINT": ERR,
-    "MPSOLVER_MODEL_INVALID_SOLVER_PARAMETERS": ERR, "MPSOLVER_SOLVER_TYPE_UNAVAILABLE": ERR,
-    "MPSOLVER_INCOMPATIBLE_OPTIONS": ERR,
-}, _pywraplp_names)
+PYWRAPLP = StatusTable(
+    "pywraplp",
+    {
+        "MPSOLVER_OPTIMAL": OPT,
+        "MPSOLVER_FEASIBLE": LIMIT,
+        "MPSOLVER_NOT_SOLVED": LIMIT,
+        "MPSOLVER_CANCELLED_BY_USER": LIMIT,
+        "MPSOLVER_INFEASIBLE": INF,
+        "MPSOLVER_UNBOUNDED": ERR,
+        "MPSOLVER_ABNORMAL": ERR,
+        "MPSOLVER_MODEL_IS_VALID": ERR,
+        "MPSOLVER_UNKNOWN_STATUS": ERR,
+        "MPSOLVER_MODEL_INVALID": ERR,
+        "MPSOLVER_MODEL_INVALID_SOLUTION_HINT": ERR,
+        "MPSOLVER_MODEL_INVALID_SOLVER_PARAMETERS": ERR,
+        "MPSOLVER_SOLVER_TYPE_UNAVAILABLE": ERR,
+        "MPSOLVER_INCOMPATIBLE_OPTIONS": ERR,
+    },
+    _pywraplp_names,
+)
 
-MIN_COST_FLOW = StatusTable("min-cost-flow", {
-    "OPTIMAL": OPT,
-    "FEASIBLE": FEAS,
-    "INFEASIBLE": INF,
-    "NOT_SOLVED": ERR, "UNBALANCED": ERR, "BAD_RESULT": ERR, "BAD_COST_RANGE": ERR, "BAD_CAPACITY_RANGE": ERR,
-}, _mcf_names)
+MIN_COST_FLOW = StatusTable(
+    "min-cost-flow",
+    {
+        "OPTIMAL": OPT,
+        "FEASIBLE": FEAS,
+        "INFEASIBLE": INF,
+        "NOT_SOLVED": ERR,
+        "UNBALANCED": ERR,
+        "BAD_RESULT": ERR,
+        "BAD_COST_RANGE": ERR,
+        "BAD_CAPACITY_RANGE": ERR,
+    },
+    _mcf_names,
+)
 
-CVXPY = StatusTable("cvxpy", {
-    "optimal": OPT,
-    "optimal_inaccurate": FEAS,
-    "user_limit": LIMIT,
-    "infeasible": INF,
-    "infeasible_inaccurate": ERR, "unbounded": ERR, "unbounded_inaccurate": ERR,
-    "infeasible_or_unbounded": ERR, "solver_error": ERR,
-})
+CVXPY = StatusTable(
+    "cvxpy",
+    {
+        "optimal": OPT,
+        "optimal_inaccurate": FEAS,
+        "user_limit": LIMIT,
+        "infeasible": INF,
+        "infeasible_inaccurate": ERR,
+        "unbounded": ERR,
+        "unbounded_inaccurate": ERR,
+        "infeasible_or_unbounded": ERR,
+        "solver_error": ERR,
+    },
+)
 
 TABLES: dict[str, StatusTable] = {t.backend: t for t in (HIGHS, SCIPY_HIGHS, CPSAT, PYWRAPLP, MIN_COST_FLOW, CVXPY)}

@@ -21,7 +21,6 @@ asynchronous assertion reports the bad input at the next synchronisation).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -129,8 +128,9 @@ class _Balancer:
             import torch
 
             s = self.selection_scores(scores.detach())
-            idx = torch.topk(s.to(torch.float64 if self.tie_break else torch.float32) - q.to(s.dtype), self.k,
-                             dim=1).indices
+            idx = torch.topk(
+                s.to(torch.float64 if self.tie_break else torch.float32) - q.to(s.dtype), self.k, dim=1
+            ).indices
             return torch.bincount(idx.flatten(), minlength=self.num_experts)
         s = np.asarray(self.selection_scores(scores), dtype=np.float64) - q
         idx = np.argpartition(-s, self.k - 1, axis=1)[:, : self.k]
@@ -163,8 +163,10 @@ class LossFreeBalancer(_Balancer):
             if not _is_torch(x) and (np.asarray(loads) < 0).any():
                 raise ValueError("`loads` must be non-negative")
         else:
-            raise ValueError(f"`x` must be [T, {self.num_experts}] scores or [{self.num_experts}] loads, "
-                             f"got shape {tuple(np.shape(x))}")
+            raise ValueError(
+                f"`x` must be [T, {self.num_experts}] scores or [{self.num_experts}] loads, "
+                f"got shape {tuple(np.shape(x))}"
+            )
         q = self._state_for(x)
         if _is_torch(x):
             import torch
@@ -230,8 +232,6 @@ class BIPBalancer(_Balancer):
             return self._bias
         s = self.selection_scores(scores)
         if _is_torch(scores):
-            import torch
-
             new, _ = price_iteration(s, k, cap, self.iterations, q.double(), stop_when_fixed=False)
             self._bias = _keep_if_bad(ok, new.float(), q)
         else:
@@ -251,10 +251,12 @@ class BIPBalancer(_Balancer):
             return None
         s, cap, q = self._last
         if cap * self.num_experts < s.shape[0] * self.k:
-            raise ValueError(f"`capacity_factor`={self.capacity_factor:g} gives a capacity of {cap} pairs per "
-                             f"expert: the last batch's {s.shape[0]} x {self.k} pairs do not fit {self.num_experts} "
-                             f"experts, so no capacitated routing (and no optimum to certify against) exists; "
-                             f"use capacity_factor >= 1")
+            raise ValueError(
+                f"`capacity_factor`={self.capacity_factor:g} gives a capacity of {cap} pairs per "
+                f"expert: the last batch's {s.shape[0]} x {self.k} pairs do not fit {self.num_experts} "
+                f"experts, so no capacitated routing (and no optimum to certify against) exists; "
+                f"use capacity_factor >= 1"
+            )
         if _is_torch(s):
             s = s.detach().cpu().double().numpy()
             q = q.detach().cpu().double().numpy()
@@ -265,5 +267,9 @@ class BIPBalancer(_Balancer):
         assignment, _, _ = fast_route(s, self.k, np.full(E, cap), warm_start=np.maximum(q, 0.0))
         optimum = float(np.take_along_axis(s, assignment, 1).sum())
         bound = float(dual_bound(s, self.k, cap, q))
-        return {"bound": bound, "optimum": optimum, "gap": (bound - optimum) / max(abs(optimum), 1e-12),
-                "capacity": float(cap)}
+        return {
+            "bound": bound,
+            "optimum": optimum,
+            "gap": (bound - optimum) / max(abs(optimum), 1e-12),
+            "capacity": float(cap),
+        }

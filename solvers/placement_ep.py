@@ -20,9 +20,15 @@ def ep_assignment(problem: Any) -> np.ndarray:
     return x
 
 
-@register("placement", "ep", deterministic=True, supports_time_limit=False,
-          description="standard expert parallelism: every token on its expert's home device")
+@register(
+    "placement",
+    "ep",
+    deterministic=True,
+    supports_time_limit=False,
+    description="standard expert parallelism: every token on its expert's home device",
+)
 def solve_ep(problem: Any, *, time_limit: float | None = None) -> PlacementSolution:
     """Standard expert parallelism (the baseline every speedup is measured against)."""
-    return PlacementSolution(method="ep", status=Status.FEASIBLE, objective=float("nan"),
-                             assignment=ep_assignment(problem))
+    return PlacementSolution(
+        method="ep", status=Status.FEASIBLE, objective=float("nan"), assignment=ep_assignment(problem)
+    )

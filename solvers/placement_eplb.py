@@ -101,22 +101,39 @@ def _eplb(problem: Any, method: str, num_replicas: int | None, keep_home: bool) 
     if num_replicas < E or num_replicas % P:
         raise ValueError(f"`num_replicas` must be >= E={E} and a multiple of P={P}, got {num_replicas}")
     x, counts = eplb_assignment(problem, int(num_replicas), keep_home=keep_home)
-    return PlacementSolution(method=method, status=Status.FEASIBLE, objective=float("nan"), assignment=x,
-                             stats={"num_replicas": int(num_replicas), "replicated_experts": int((counts > 1).sum())},
-                             message=f"{int(num_replicas)} slots, {int((counts > 1).sum())} expert(s) replicated")
+    return PlacementSolution(
+        method=method,
+        status=Status.FEASIBLE,
+        objective=float("nan"),
+        assignment=x,
+        stats={"num_replicas": int(num_replicas), "replicated_experts": int((counts > 1).sum())},
+        message=f"{int(num_replicas)} slots, {int((counts > 1).sum())} expert(s) replicated",
+    )
 
 
-@register("placement", "eplb", deterministic=True, supports_time_limit=False, options={"num_replicas": None},
-          description="DeepSeek EPLB-style replication and balanced packing, tokens split evenly over copies")
+@register(
+    "placement",
+    "eplb",
+    deterministic=True,
+    supports_time_limit=False,
+    options={"num_replicas": None},
+    description="DeepSeek EPLB-style replication and balanced packing, tokens split evenly over copies",
+)
 def solve_eplb(problem: Any, *, time_limit: float | None = None, num_replicas: int | None = None) -> PlacementSolution:
     """EPLB replication; ``num_replicas`` defaults to one redundant slot per device (``P * (E / P + 1)``)."""
     return _eplb(problem, "eplb", num_replicas, keep_home=False)
 
 
-@register("placement", "eplb-home", deterministic=True, supports_time_limit=False,
-          options={"num_replicas": None},
-          description="EPLB replication keeping each expert's first copy at home; only redundant copies move")
-def solve_eplb_home(problem: Any, *, time_limit: float | None = None,
-                    num_replicas: int | None = None) -> PlacementSolution:
+@register(
+    "placement",
+    "eplb-home",
+    deterministic=True,
+    supports_time_limit=False,
+    options={"num_replicas": None},
+    description="EPLB replication keeping each expert's first copy at home; only redundant copies move",
+)
+def solve_eplb_home(
+    problem: Any, *, time_limit: float | None = None, num_replicas: int | None = None
+) -> PlacementSolution:
     """EPLB replication with the EP layout kept: redundant copies fill each device's free slots."""
     return _eplb(problem, "eplb-home", num_replicas, keep_home=True)

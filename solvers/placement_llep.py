@@ -38,8 +38,17 @@ from moebalance.plan import TokenRanges
 from moebalance.registry import register
 from moebalance.solution import PlacementSolution, Status
 
-__all__ = ["LLEPPlan", "LLEPPlanner", "llep_capacity", "llep_uses_ep", "llep_plan", "llep_plan_reference", "plan_to_assignment",
-           "llep_for", "run_llep"]
+__all__ = [
+    "LLEPPlan",
+    "LLEPPlanner",
+    "llep_capacity",
+    "llep_uses_ep",
+    "llep_plan",
+    "llep_plan_reference",
+    "plan_to_assignment",
+    "llep_for",
+    "run_llep",
+]
 
 
 @dataclasses.dataclass
@@ -93,9 +102,17 @@ def _ep_plan(loads: list[int], home: list[int], P: int, cap: int) -> LLEPPlan:
     return LLEPPlan(ranges, [], dev, cap, True)
 
 
-def llep_plan(expert_loads: Any, num_devices: int, home: Any = None, *, alpha: float = 1.0,
-              min_chunk: int = 1024, imbalance_threshold: float | None = None,
-              max_capacity: int | None = None, spilled_only: bool = False) -> LLEPPlan:
+def llep_plan(
+    expert_loads: Any,
+    num_devices: int,
+    home: Any = None,
+    *,
+    alpha: float = 1.0,
+    min_chunk: int = 1024,
+    imbalance_threshold: float | None = None,
+    max_capacity: int | None = None,
+    spilled_only: bool = False,
+) -> LLEPPlan:
     """LLEP's plan for ``expert_loads`` ``[E]`` on ``num_devices`` devices (``home`` ``[E]``, default blocks).
 
     ``max_capacity`` caps LLEP's capacity (used for a problem's ``max_tokens_per_device``). Equal, range for
@@ -106,12 +123,30 @@ def llep_plan(expert_loads: Any, num_devices: int, home: Any = None, *, alpha: f
     E = loads_arr.shape[0]
     P = int(num_devices)
     home_arr = np.arange(E) // (E // P) if home is None else np.asarray(home, dtype=np.int64)
-    return _llep_core(loads_arr, home_arr, home_arr.tolist(), P, float(alpha), int(min_chunk), imbalance_threshold,
-                      max_capacity, spilled_only)
+    return _llep_core(
+        loads_arr,
+        home_arr,
+        home_arr.tolist(),
+        P,
+        float(alpha),
+        int(min_chunk),
+        imbalance_threshold,
+        max_capacity,
+        spilled_only,
+    )
 
 
-def _llep_core(loads_arr: np.ndarray, home_arr: np.ndarray, homes: list[int], P: int, alpha: float, min_chunk: int,
-               imbalance_threshold: float | None, max_capacity: int | None, spilled_only: bool) -> LLEPPlan:
+def _llep_core(
+    loads_arr: np.ndarray,
+    home_arr: np.ndarray,
+    homes: list[int],
+    P: int,
+    alpha: float,
+    min_chunk: int,
+    imbalance_threshold: float | None,
+    max_capacity: int | None,
+    spilled_only: bool,
+) -> LLEPPlan:
     """The planner proper, on checked inputs (``loads_arr`` ``[E]`` int64 >= 0, ``home_arr`` ``[E]`` in [0, P))."""
     loads = loads_arr.tolist()
     total = sum(loads)
@@ -219,8 +254,15 @@ def _llep_core(loads_arr: np.ndarray, home_arr: np.ndarray, homes: list[int], P:
     return LLEPPlan(ranges, transfers, eff, cap, False)
 
 
-def llep_plan_reference(expert_loads: Any, num_devices: int, home: Any = None, *, alpha: float = 1.0,
-                        min_chunk: int = 1024, imbalance_threshold: float | None = None) -> LLEPPlan:
+def llep_plan_reference(
+    expert_loads: Any,
+    num_devices: int,
+    home: Any = None,
+    *,
+    alpha: float = 1.0,
+    min_chunk: int = 1024,
+    imbalance_threshold: float | None = None,
+) -> LLEPPlan:
     """A direct, pure-Python transcription of the paper's loop (the reference code's control flow).
 
     Slow on purpose: every spilled chunk rebuilds and sorts the list of other devices. Used as the oracle in
@@ -334,9 +376,19 @@ class LLEPPlanner:
     search).
     """
 
-    def __init__(self, num_experts: int, num_devices: int, *, home: Any = None, alpha: float = 1.0,
-                 min_chunk: int = 1024, imbalance_threshold: float | None = 1.3, cost: Any = None,
-                 max_tokens_per_device: int | None = None, max_foreign_experts: int | None = None):
+    def __init__(
+        self,
+        num_experts: int,
+        num_devices: int,
+        *,
+        home: Any = None,
+        alpha: float = 1.0,
+        min_chunk: int = 1024,
+        imbalance_threshold: float | None = 1.3,
+        cost: Any = None,
+        max_tokens_per_device: int | None = None,
+        max_foreign_experts: int | None = None,
+    ):
         from moebalance.placement import CostModel
 
         if not _is_int(num_experts) or num_experts < 1:
@@ -353,17 +405,21 @@ class LLEPPlanner:
             if h.shape != (E,) or not np.issubdtype(h.dtype, np.integer) or h.min() < 0 or h.max() >= P:
                 raise ValueError(f"`home` must be [{E}] integers in [0, {P}), got {h.dtype} {h.shape}")
             h = h.astype(np.int64)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)) or not np.isfinite(alpha) \
-                or alpha <= 0:
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, (int, float, np.floating))
+            or not np.isfinite(alpha)
+            or alpha <= 0
+        ):
             raise ValueError(f"`alpha` must be a positive finite number, got {alpha!r}")
         if not _is_int(min_chunk) or min_chunk < 0:
             raise ValueError(f"`min_chunk` must be an integer >= 0, got {min_chunk!r}")
         t = imbalance_threshold
-        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float, np.floating))
-                              or not np.isfinite(t) or t <= 0):
+        if t is not None and (
+            isinstance(t, bool) or not isinstance(t, (int, float, np.floating)) or not np.isfinite(t) or t <= 0
+        ):
             raise ValueError(f"`imbalance_threshold` must be a positive finite number or None, got {t!r}")
-        for name, v in (("max_tokens_per_device", max_tokens_per_device),
-                        ("max_foreign_experts", max_foreign_experts)):
+        for name, v in (("max_tokens_per_device", max_tokens_per_device), ("max_foreign_experts", max_foreign_experts)):
             if v is not None and (not _is_int(v) or v < 0):
                 raise ValueError(f"`{name}` must be an integer >= 0 or None, got {v!r}")
         if cost is None:
@@ -382,33 +438,41 @@ class LLEPPlanner:
         self.max_foreign_experts = None if max_foreign_experts is None else int(max_foreign_experts)
 
     @classmethod
-    def for_problem(cls, problem: Any, *, alpha: float | None = None, min_chunk: int | None = None,
-                    fallback: bool = True) -> "LLEPPlanner":
+    def for_problem(
+        cls, problem: Any, *, alpha: float | None = None, min_chunk: int | None = None, fallback: bool = True
+    ) -> LLEPPlanner:
         """The planner of a :class:`~moebalance.PlacementProblem`'s structure (its alpha/min_chunk unless given;
         ``fallback=False`` drops the EP fallback)."""
         E, P = problem.shape
-        return cls(E, P, home=problem.home, alpha=problem.alpha if alpha is None else alpha,
-                   min_chunk=problem.min_chunk if min_chunk is None else min_chunk,
-                   imbalance_threshold=problem.imbalance_threshold if fallback else None, cost=problem.cost,
-                   max_tokens_per_device=problem.max_tokens_per_device,
-                   max_foreign_experts=problem.max_foreign_experts)
+        return cls(
+            E,
+            P,
+            home=problem.home,
+            alpha=problem.alpha if alpha is None else alpha,
+            min_chunk=problem.min_chunk if min_chunk is None else min_chunk,
+            imbalance_threshold=problem.imbalance_threshold if fallback else None,
+            cost=problem.cost,
+            max_tokens_per_device=problem.max_tokens_per_device,
+            max_foreign_experts=problem.max_foreign_experts,
+        )
 
     def _loads(self, expert_loads: Any) -> np.ndarray:
         a = np.asarray(expert_loads)
         if a.dtype == np.int64 and a.shape == self.shape[:1]:  # the per-step case: only the values to check
-            if a.size and (a.min() < 0 or (int(a.max()) >= 2 ** 62 // a.size and sum(a.tolist()) >= 2 ** 62)):
+            if a.size and (a.min() < 0 or (int(a.max()) >= 2**62 // a.size and sum(a.tolist()) >= 2**62)):
                 raise ValueError("`expert_loads` must be non-negative, summing below 2**62")
             return a
-        if a.shape != (self.num_experts,) or not (np.issubdtype(a.dtype, np.integer)
-                                                  or np.issubdtype(a.dtype, np.floating)):
+        if a.shape != (self.num_experts,) or not (
+            np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)
+        ):
             raise ValueError(f"`expert_loads` must be [{self.num_experts}] integers, got {a.dtype} {a.shape}")
         if np.issubdtype(a.dtype, np.floating):
-            if not np.all(np.isfinite(a)) or np.any(a != np.round(a)) or np.any(np.abs(a) >= 2.0 ** 62):
+            if not np.all(np.isfinite(a)) or np.any(a != np.round(a)) or np.any(np.abs(a) >= 2.0**62):
                 raise ValueError("`expert_loads` must hold finite integer counts below 2**62")
         x = a.astype(np.int64)
         if x.size and x.min() < 0:
             raise ValueError("`expert_loads` must be non-negative")
-        if x.size and int(x.max()) >= 2 ** 62 // x.size and sum(x.tolist()) >= 2 ** 62:  # exact, no wrap-around
+        if x.size and int(x.max()) >= 2**62 // x.size and sum(x.tolist()) >= 2**62:  # exact, no wrap-around
             raise ValueError("`expert_loads` sum past 2**62 tokens")
         return x
 
@@ -419,8 +483,17 @@ class LLEPPlanner:
         has them). Equal, range for range, to :func:`llep_plan_reference`.
         """
         loads = self._loads(expert_loads)
-        plan = _llep_core(loads, self.home, self._homes, self.num_devices, self.alpha, self.min_chunk,
-                          self.imbalance_threshold, self.max_tokens_per_device, spilled_only)
+        plan = _llep_core(
+            loads,
+            self.home,
+            self._homes,
+            self.num_devices,
+            self.alpha,
+            self.min_chunk,
+            self.imbalance_threshold,
+            self.max_tokens_per_device,
+            spilled_only,
+        )
         x = np.zeros(self.shape, dtype=np.int64)
         x[self._rows, self.home] = loads
         for e in dict.fromkeys(t[0] for t in plan.weight_transfers):
@@ -457,8 +530,10 @@ class LLEPPlanner:
         return bad
 
     def __repr__(self) -> str:
-        return (f"LLEPPlanner(E={self.num_experts}, P={self.num_devices}, alpha={self.alpha}, "
-                f"min_chunk={self.min_chunk}, imbalance_threshold={self.imbalance_threshold})")
+        return (
+            f"LLEPPlanner(E={self.num_experts}, P={self.num_devices}, alpha={self.alpha}, "
+            f"min_chunk={self.min_chunk}, imbalance_threshold={self.imbalance_threshold})"
+        )
 
 
 def plan_to_assignment(plan: LLEPPlan, expert_loads: Any, home: Any) -> np.ndarray:
@@ -475,25 +550,43 @@ def plan_to_assignment(plan: LLEPPlan, expert_loads: Any, home: Any) -> np.ndarr
     return x
 
 
-def llep_for(problem: Any, *, alpha: float | None = None, min_chunk: int | None = None,
-             fallback: bool = True, spilled_only: bool = False) -> LLEPPlan:
+def llep_for(
+    problem: Any,
+    *,
+    alpha: float | None = None,
+    min_chunk: int | None = None,
+    fallback: bool = True,
+    spilled_only: bool = False,
+) -> LLEPPlan:
     """LLEP's plan for a :class:`~moebalance.PlacementProblem` (its alpha/min_chunk unless given), through
     :class:`LLEPPlanner` (so ``assignment`` is filled)."""
     return LLEPPlanner.for_problem(problem, alpha=alpha, min_chunk=min_chunk, fallback=fallback).plan(
-        problem.expert_loads, spilled_only=spilled_only)
+        problem.expert_loads, spilled_only=spilled_only
+    )
 
 
-def run_llep(problem: Any, *, alpha: float | None = None, min_chunk: int | None = None,
-             fallback: bool = True) -> tuple[np.ndarray, LLEPPlan]:
+def run_llep(
+    problem: Any, *, alpha: float | None = None, min_chunk: int | None = None, fallback: bool = True
+) -> tuple[np.ndarray, LLEPPlan]:
     """LLEP on a :class:`~moebalance.PlacementProblem`: its ``[E, P]`` assignment and the plan."""
     plan = llep_for(problem, alpha=alpha, min_chunk=min_chunk, fallback=fallback)
     return plan.assignment, plan
 
 
-@register("placement", "llep", options={"alpha": None, "min_chunk": None, "fallback": True},
-          description="LLEP least-loaded greedy (arXiv 2601.17111), exactly as the authors' reference code")
-def solve_llep(problem: Any, *, time_limit: float | None = None, alpha: float | None = None,
-               min_chunk: int | None = None, fallback: bool = True) -> PlacementSolution:
+@register(
+    "placement",
+    "llep",
+    options={"alpha": None, "min_chunk": None, "fallback": True},
+    description="LLEP least-loaded greedy (arXiv 2601.17111), exactly as the authors' reference code",
+)
+def solve_llep(
+    problem: Any,
+    *,
+    time_limit: float | None = None,
+    alpha: float | None = None,
+    min_chunk: int | None = None,
+    fallback: bool = True,
+) -> PlacementSolution:
     """LLEP least-loaded greedy; ``alpha``/``min_chunk`` default to the problem's, ``fallback`` to EP."""
     a = problem.alpha if alpha is None else alpha
     m = problem.min_chunk if min_chunk is None else min_chunk
@@ -502,12 +595,26 @@ def solve_llep(problem: Any, *, time_limit: float | None = None, alpha: float | 
     if not _is_int(m) or m < 0:
         raise ValueError(f"`min_chunk` must be an integer >= 0, got {min_chunk!r}")
     # the planner proper on the problem's validated structure (what LLEPPlanner.plan runs per step)
-    plan = _llep_core(problem.expert_loads, problem.home, problem.home.tolist(), problem.num_devices, float(a),
-                      int(m), problem.imbalance_threshold if fallback else None, problem.max_tokens_per_device,
-                      True)
+    plan = _llep_core(
+        problem.expert_loads,
+        problem.home,
+        problem.home.tolist(),
+        problem.num_devices,
+        float(a),
+        int(m),
+        problem.imbalance_threshold if fallback else None,
+        problem.max_tokens_per_device,
+        True,
+    )
     stats = {"capacity": plan.capacity, "fallback": plan.fallback, "spilled_chunks": len(plan.weight_transfers)}
     msg = "imbalance below threshold: plain EP" if plan.fallback else f"capacity {plan.capacity} tokens/device"
     # the ranges of the experts that spilled, in LLEP's order; every other expert runs whole at home
     ranges = TokenRanges.from_home(problem.expert_loads, problem.home, overrides=plan.token_ranges)
-    return PlacementSolution(method="llep", status=Status.FEASIBLE, assignment=ranges.counts(*problem.shape),
-                             token_ranges=ranges, stats=stats, message=msg)
+    return PlacementSolution(
+        method="llep",
+        status=Status.FEASIBLE,
+        assignment=ranges.counts(*problem.shape),
+        token_ranges=ranges,
+        stats=stats,
+        message=msg,
+    )

@@ -19,9 +19,9 @@ import time
 from typing import Any
 
 import numpy as np
+from moebalance.solvers._placement_model import normalised_costs
 
 from moebalance.registry import register
-from moebalance.solvers._placement_model import normalised_costs
 from moebalance.solution import PlacementSolution, Status
 
 from .placement_llep import LLEPPlanner
@@ -29,8 +29,15 @@ from .placement_llep import LLEPPlanner
 __all__ = ["improve_plan", "llep_plus_plan", "solve_llep_plus"]
 
 
-def improve_plan(problem: Any, assignment: Any, *, max_moves: int | None = None, min_gain: float = 1e-4,
-                 balance_tol: float = 1e-3, deadline: float | None = None) -> tuple[np.ndarray, int, bool]:
+def improve_plan(
+    problem: Any,
+    assignment: Any,
+    *,
+    max_moves: int | None = None,
+    min_gain: float = 1e-4,
+    balance_tol: float = 1e-3,
+    deadline: float | None = None,
+) -> tuple[np.ndarray, int, bool]:
     """Local search from ``assignment`` ``[E, P]``: (improved plan, moves made, stopped by the deadline).
 
     A move must lower the slowest device's time by at least ``min_gain`` (relative), and the search stops once
@@ -60,7 +67,7 @@ def improve_plan(problem: Any, assignment: Any, *, max_moves: int | None = None,
     nf = np.bincount(dev, weights=foreign, minlength=P).astype(np.int64).tolist()
     cut = np.concatenate([[0], np.cumsum(np.bincount(dev, minlength=P))]).tolist()
     el, vl = exp.tolist(), val.tolist()
-    by_dev = [dict(zip(el[cut[p]:cut[p + 1]], vl[cut[p]:cut[p + 1]])) for p in range(P)]
+    by_dev = [dict(zip(el[cut[p] : cut[p + 1]], vl[cut[p] : cut[p + 1]])) for p in range(P)]
     # hosts of each expert; built here for split experts, on first use for those on a single device
     by_exp: dict[int, dict[int, int]] = {}
     for e in np.flatnonzero(np.bincount(exp, minlength=E) > 1).tolist():
@@ -162,37 +169,72 @@ def improve_plan(problem: Any, assignment: Any, *, max_moves: int | None = None,
     return x, moves, timed_out
 
 
-def llep_plus_plan(planner: LLEPPlanner, expert_loads: Any, *, max_moves: int | None = None,
-                   min_gain: float = 1e-4, balance_tol: float = 1e-3, deadline: float | None = None
-                   ) -> tuple[np.ndarray, Any, int, bool]:
+def llep_plus_plan(
+    planner: LLEPPlanner,
+    expert_loads: Any,
+    *,
+    max_moves: int | None = None,
+    min_gain: float = 1e-4,
+    balance_tol: float = 1e-3,
+    deadline: float | None = None,
+) -> tuple[np.ndarray, Any, int, bool]:
     """llep+ on one step's loads with a prepared planner: ``(assignment [E, P], LLEP plan, moves, timed out)``.
 
     The code path of ``solve(problem, "llep+")`` and of the expert-parallel layer alike."""
-    if max_moves is not None and (isinstance(max_moves, bool) or not isinstance(max_moves, (int, np.integer))
-                                  or max_moves < 0):
+    if max_moves is not None and (
+        isinstance(max_moves, bool) or not isinstance(max_moves, (int, np.integer)) or max_moves < 0
+    ):
         raise ValueError(f"`max_moves` must be an integer >= 0, got {max_moves!r}")
     if isinstance(min_gain, bool) or not isinstance(min_gain, (int, float)) or not 0 <= min_gain < 1:
         raise ValueError(f"`min_gain` must be a number in [0, 1), got {min_gain!r}")
     if isinstance(balance_tol, bool) or not isinstance(balance_tol, (int, float)) or not 0 <= balance_tol < 1:
         raise ValueError(f"`balance_tol` must be a number in [0, 1), got {balance_tol!r}")
     plan = planner.plan(expert_loads, spilled_only=True)
-    x, moves, timed_out = improve_plan(planner, plan.assignment, max_moves=max_moves, min_gain=float(min_gain),
-                                       balance_tol=float(balance_tol), deadline=deadline)
+    x, moves, timed_out = improve_plan(
+        planner,
+        plan.assignment,
+        max_moves=max_moves,
+        min_gain=float(min_gain),
+        balance_tol=float(balance_tol),
+        deadline=deadline,
+    )
     return x, plan, moves, timed_out
 
 
-@register("placement", "llep+",
-          options={"max_moves": None, "min_gain": 1e-4, "balance_tol": 1e-3, "fallback": True},
-          description="LLEP, then a bottleneck local search under the cost model (ours)")
-def solve_llep_plus(problem: Any, *, time_limit: float | None = None, max_moves: int | None = None,
-                    min_gain: float = 1e-4, balance_tol: float = 1e-3, fallback: bool = True) -> PlacementSolution:
+@register(
+    "placement",
+    "llep+",
+    options={"max_moves": None, "min_gain": 1e-4, "balance_tol": 1e-3, "fallback": True},
+    description="LLEP, then a bottleneck local search under the cost model (ours)",
+)
+def solve_llep_plus(
+    problem: Any,
+    *,
+    time_limit: float | None = None,
+    max_moves: int | None = None,
+    min_gain: float = 1e-4,
+    balance_tol: float = 1e-3,
+    fallback: bool = True,
+) -> PlacementSolution:
     """LLEP followed by the bottleneck local search (``max_moves`` default ``max(P, 16)``)."""
     t0 = time.perf_counter()
     deadline = None if time_limit is None else t0 + time_limit
     planner = LLEPPlanner.for_problem(problem, fallback=bool(fallback))
-    x, plan, moves, timed_out = llep_plus_plan(planner, problem.expert_loads, max_moves=max_moves,
-                                               min_gain=min_gain, balance_tol=balance_tol, deadline=deadline)
+    x, plan, moves, timed_out = llep_plus_plan(
+        planner,
+        problem.expert_loads,
+        max_moves=max_moves,
+        min_gain=min_gain,
+        balance_tol=balance_tol,
+        deadline=deadline,
+    )
     status = Status.TIME_LIMIT if timed_out else Status.FEASIBLE
     stats = {"moves": moves, "llep_fallback": plan.fallback, "llep_capacity": plan.capacity}
-    return PlacementSolution(method="llep+", status=status, objective=float("nan"), assignment=x, stats=stats,
-                    message=f"LLEP + {moves} local-search move(s)")
+    return PlacementSolution(
+        method="llep+",
+        status=status,
+        objective=float("nan"),
+        assignment=x,
+        stats=stats,
+        message=f"LLEP + {moves} local-search move(s)",
+    )

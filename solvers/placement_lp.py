@@ -50,9 +50,13 @@ def build(m: PlacementModel) -> dict[str, Any]:
     rows_i = np.repeat(np.arange(A), P)
     rows_p = np.tile(np.arange(P), A)
     # device time rows: sum_i coef[i, p] x[i, p] - T <= 0
-    time_rows = coo_matrix((np.concatenate([coef.ravel(), -np.ones(P)]),
-                            (np.concatenate([rows_p, np.arange(P)]), np.concatenate([cols, np.full(P, n)]))),
-                           shape=(P, n + 1))
+    time_rows = coo_matrix(
+        (
+            np.concatenate([coef.ravel(), -np.ones(P)]),
+            (np.concatenate([rows_p, np.arange(P)]), np.concatenate([cols, np.full(P, n)])),
+        ),
+        shape=(P, n + 1),
+    )
     ub_blocks, ub_rhs = [time_rows], [np.zeros(P)]
     if m.C is not None:
         ub_blocks.append(coo_matrix((np.ones(n), (rows_p, cols)), shape=(P, n + 1)))
@@ -67,8 +71,16 @@ def build(m: PlacementModel) -> dict[str, Any]:
     bounds = np.zeros((n + 1, 2))
     bounds[:n, 1] = np.minimum(m.M, np.float64(m.loads.max())).ravel()
     bounds[n] = (0.0, np.inf)
-    return {"c": c, "A_ub": vstack(ub_blocks).tocsr(), "b_ub": np.concatenate(ub_rhs), "A_eq": A_eq.tocsr(),
-            "b_eq": m.loads.astype(np.float64), "bounds": bounds, "method": "highs", "shape": (A, P)}
+    return {
+        "c": c,
+        "A_ub": vstack(ub_blocks).tocsr(),
+        "b_ub": np.concatenate(ub_rhs),
+        "A_eq": A_eq.tocsr(),
+        "b_eq": m.loads.astype(np.float64),
+        "bounds": bounds,
+        "method": "highs",
+        "shape": (A, P),
+    }
 
 
 def run(model: dict[str, Any], time_limit: float | None = None) -> dict[str, Any]:
@@ -88,8 +100,9 @@ def run(model: dict[str, Any], time_limit: float | None = None) -> dict[str, Any
     return out
 
 
-def lp_bound_highs(problem: Any, time_limit: float | None = None, *, tighten: bool = True,
-                   model: PlacementModel | None = None) -> tuple[str, float | None, np.ndarray | None, str]:
+def lp_bound_highs(
+    problem: Any, time_limit: float | None = None, *, tighten: bool = True, model: PlacementModel | None = None
+) -> tuple[str, float | None, np.ndarray | None, str]:
     """Solve the x-only relaxation with HiGHS: (status, bound in the problem's time unit, ``[A, P]`` x, message)."""
     m = model if model is not None else _model(problem, tighten)
     A, P = m.a.shape
@@ -102,14 +115,27 @@ def lp_bound_highs(problem: Any, time_limit: float | None = None, *, tighten: bo
     return ours.value, None, None, raw["message"]
 
 
-@register("placement", "lp", gives_bound=True, deterministic=True, supports_time_limit=True, backends=("scipy",),
-          options={"tighten": True},
-          description="LP relaxation (scipy HiGHS): lower bound on the makespan, plus a rounded plan")
+@register(
+    "placement",
+    "lp",
+    gives_bound=True,
+    deterministic=True,
+    supports_time_limit=True,
+    backends=("scipy",),
+    options={"tighten": True},
+    description="LP relaxation (scipy HiGHS): lower bound on the makespan, plus a rounded plan",
+)
 def solve_lp(problem: Any, *, time_limit: float | None = None, tighten: bool = True) -> PlacementSolution:
     """LP relaxation with HiGHS: the bound and a plan rounded from the LP's x (under ``time_limit`` a large
     model runs in a child process the deadline stops)."""
-    return run_isolated("lp", "moebalance.solvers.placement_lp:lp_inprocess", problem, {"tighten": bool(tighten)},
-                        time_limit=time_limit, start=time.perf_counter())
+    return run_isolated(
+        "lp",
+        "moebalance.solvers.placement_lp:lp_inprocess",
+        problem,
+        {"tighten": bool(tighten)},
+        time_limit=time_limit,
+        start=time.perf_counter(),
+    )
 
 
 def lp_inprocess(problem: Any, *, time_limit: float | None = None, tighten: bool = True) -> PlacementSolution:
@@ -121,32 +147,53 @@ def lp_inprocess(problem: Any, *, time_limit: float | None = None, tighten: bool
     status, bound, xa, msg = lp_bound_highs(problem, time_limit, model=m)
     if status == "optimal":
         x = _full_plan(problem, m, xa)
-        return PlacementSolution(method="lp", status=Status.FEASIBLE, objective=float("nan"), bound=bound,
-                                 assignment=x, stats={"lp_status": status, "incumbent": m.upper},
-                                 message="rounded LP relaxation")
+        return PlacementSolution(
+            method="lp",
+            status=Status.FEASIBLE,
+            objective=float("nan"),
+            bound=bound,
+            assignment=x,
+            stats={"lp_status": status, "incumbent": m.upper},
+            message="rounded LP relaxation",
+        )
     st = Status(status) if status in ("infeasible", "time_limit") else Status.ERROR
-    return PlacementSolution(method="lp", status=st, objective=float("nan"), stats={"lp_status": status},
-                             message=str(msg))
+    return PlacementSolution(
+        method="lp", status=st, objective=float("nan"), stats={"lp_status": status}, message=str(msg)
+    )
 
 
-@register("placement", "lp-cvxpy", gives_bound=True, deterministic=True, supports_time_limit=True,
-          backends=("cvxpy",), options={"solver": None, "tighten": True},
-          description="the same LP relaxation in cvxpy with explicit y (cross-check of `lp`)")
-def solve_lp_cvxpy(problem: Any, *, time_limit: float | None = None, solver: str | None = None,
-                   tighten: bool = True) -> PlacementSolution:
+@register(
+    "placement",
+    "lp-cvxpy",
+    gives_bound=True,
+    deterministic=True,
+    supports_time_limit=True,
+    backends=("cvxpy",),
+    options={"solver": None, "tighten": True},
+    description="the same LP relaxation in cvxpy with explicit y (cross-check of `lp`)",
+)
+def solve_lp_cvxpy(
+    problem: Any, *, time_limit: float | None = None, solver: str | None = None, tighten: bool = True
+) -> PlacementSolution:
     """LP relaxation written with explicit ``y`` and ``x <= M y``, solved through cvxpy (HiGHS when installed;
     under ``time_limit`` a large model runs in a child process the deadline stops)."""
     if solver is not None:
         _, installed = import_cvxpy()
         if solver not in installed:
             raise ValueError(f"`solver` {solver!r} is not installed for cvxpy; installed: {', '.join(installed)}")
-    return run_isolated("lp-cvxpy", "moebalance.solvers.placement_lp:lp_cvxpy_inprocess", problem,
-                        {"solver": solver, "tighten": bool(tighten)}, time_limit=time_limit,
-                        start=time.perf_counter())
+    return run_isolated(
+        "lp-cvxpy",
+        "moebalance.solvers.placement_lp:lp_cvxpy_inprocess",
+        problem,
+        {"solver": solver, "tighten": bool(tighten)},
+        time_limit=time_limit,
+        start=time.perf_counter(),
+    )
 
 
-def lp_cvxpy_inprocess(problem: Any, *, time_limit: float | None = None, solver: str | None = None,
-                       tighten: bool = True) -> PlacementSolution:
+def lp_cvxpy_inprocess(
+    problem: Any, *, time_limit: float | None = None, solver: str | None = None, tighten: bool = True
+) -> PlacementSolution:
     """:func:`solve_lp_cvxpy` in this process."""
     import warnings
 
@@ -156,8 +203,13 @@ def lp_cvxpy_inprocess(problem: Any, *, time_limit: float | None = None, solver:
     m = _model(problem, bool(tighten))
     A, P = m.a.shape
     if A == 0:
-        return PlacementSolution(method="lp-cvxpy", status=Status.FEASIBLE, objective=float("nan"), bound=0.0,
-                                 assignment=np.zeros(problem.shape, dtype=np.int64))
+        return PlacementSolution(
+            method="lp-cvxpy",
+            status=Status.FEASIBLE,
+            objective=float("nan"),
+            bound=0.0,
+            assignment=np.zeros(problem.shape, dtype=np.int64),
+        )
     x = cp.Variable((A, P), nonneg=True)
     y = cp.Variable((A, P), nonneg=True)
     T = cp.Variable()
@@ -180,13 +232,23 @@ def lp_cvxpy_inprocess(problem: Any, *, time_limit: float | None = None, solver:
     if ours == Status.OPTIMAL:
         xf = np.zeros(problem.shape, dtype=np.int64)
         xf[m.active] = round_plan(m, x.value)
-        return PlacementSolution(method="lp-cvxpy", status=Status.FEASIBLE, objective=float("nan"),
-                                 bound=lower_bound(m, prob.value), assignment=xf,
-                                 stats={"cvxpy_status": prob.status, "cvxpy_solver": prob.solver_stats.solver_name},
-                                 message="rounded LP relaxation (cvxpy)")
+        return PlacementSolution(
+            method="lp-cvxpy",
+            status=Status.FEASIBLE,
+            objective=float("nan"),
+            bound=lower_bound(m, prob.value),
+            assignment=xf,
+            stats={"cvxpy_status": prob.status, "cvxpy_solver": prob.solver_stats.solver_name},
+            message="rounded LP relaxation (cvxpy)",
+        )
     # an inaccurate or interrupted LP proves no bound and its x is no plan
     st = ours if ours in (Status.INFEASIBLE, Status.TIME_LIMIT) else Status.ERROR
     if time_limit is not None and time.perf_counter() - t0 >= time_limit:
         st = Status.TIME_LIMIT
-    return PlacementSolution(method="lp-cvxpy", status=st, objective=float("nan"), stats={"cvxpy_status": prob.status},
-                             message=f"cvxpy status {prob.status}")
+    return PlacementSolution(
+        method="lp-cvxpy",
+        status=st,
+        objective=float("nan"),
+        stats={"cvxpy_status": prob.status},
+        message=f"cvxpy status {prob.status}",
+    )

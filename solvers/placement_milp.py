@@ -30,10 +30,9 @@ import numpy as np
 from moebalance.registry import register
 from moebalance.solution import PlacementSolution, Status
 
+from ._interrupt import interruptible
 from ._placement_model import PlacementModel, build_model, incumbent, lower_bound, round_plan, run_isolated
 from ._status import PYWRAPLP
-
-from ._interrupt import interruptible
 
 __all__ = ["solve_milp", "milp_inprocess", "milp_matrix", "build", "run", "to_solution"]
 
@@ -60,28 +59,45 @@ def milp_matrix(m: PlacementModel) -> dict[str, Any]:
         r0 += nrows
 
     block(ii, X, np.ones(n), A, m.loads.astype(np.float64), m.loads.astype(np.float64))
-    block(np.concatenate([np.arange(n), np.arange(n)]), np.concatenate([X, Y]),
-          np.concatenate([np.ones(n), -Mcap]), n, -np.inf, 0.0)
+    block(
+        np.concatenate([np.arange(n), np.arange(n)]),
+        np.concatenate([X, Y]),
+        np.concatenate([np.ones(n), -Mcap]),
+        n,
+        -np.inf,
+        0.0,
+    )
     bmask = m.b.ravel() != 0
-    block(np.concatenate([pp, pp[bmask], np.arange(P)]), np.concatenate([X, Y[bmask], np.full(P, TT)]),
-          np.concatenate([m.a.ravel(), m.b.ravel()[bmask], -np.ones(P)]), P, -np.inf, 0.0)
+    block(
+        np.concatenate([pp, pp[bmask], np.arange(P)]),
+        np.concatenate([X, Y[bmask], np.full(P, TT)]),
+        np.concatenate([m.a.ravel(), m.b.ravel()[bmask], -np.ones(P)]),
+        P,
+        -np.inf,
+        0.0,
+    )
     if m.C is not None:
         block(pp, X, np.ones(n), P, -np.inf, float(m.C))
     if m.F is not None:
         fmask = m.foreign.ravel()
         block(pp[fmask], Y[fmask], np.ones(int(fmask.sum())), P, -np.inf, float(m.F))
-    matrix = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                           shape=(r0, 2 * n + 1))
+    matrix = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(r0, 2 * n + 1))
     obj = np.zeros(2 * n + 1)
     obj[TT] = 1.0
-    return {"matrix": matrix, "row_lower": np.concatenate(lo).astype(np.float64),
-            "row_upper": np.concatenate(up).astype(np.float64),
-            "col_lower": np.zeros(2 * n + 1), "col_upper": np.concatenate([Mcap, np.ones(n), [np.inf]]),
-            "objective": obj, "integral": m.integral_times()}
+    return {
+        "matrix": matrix,
+        "row_lower": np.concatenate(lo).astype(np.float64),
+        "row_upper": np.concatenate(up).astype(np.float64),
+        "col_lower": np.zeros(2 * n + 1),
+        "col_upper": np.concatenate([Mcap, np.ones(n), [np.inf]]),
+        "objective": obj,
+        "integral": m.integral_times(),
+    }
 
 
-def build(m: PlacementModel, *, hint_x: np.ndarray | None = None, mip_gap: float = 1e-7,
-          threads: int = 1) -> dict[str, Any]:
+def build(
+    m: PlacementModel, *, hint_x: np.ndarray | None = None, mip_gap: float = 1e-7, threads: int = 1
+) -> dict[str, Any]:
     """``{"solver": a SCIP pywraplp.Solver, ...}`` holding the MILP of model ``m`` (``hint_x`` ``[A, P]``: a
     warm start)."""
     from ortools.linear_solver import pywraplp
@@ -90,8 +106,9 @@ def build(m: PlacementModel, *, hint_x: np.ndarray | None = None, mip_gap: float
     d = milp_matrix(m)
     n = m.a.size
     helper = mbh.ModelBuilderHelper()
-    helper.fill_model_from_sparse_data(d["col_lower"], d["col_upper"], d["objective"], d["row_lower"],
-                                       d["row_upper"], d["matrix"])
+    helper.fill_model_from_sparse_data(
+        d["col_lower"], d["col_upper"], d["objective"], d["row_lower"], d["row_upper"], d["matrix"]
+    )
     for i in range(2 * n + (1 if d["integral"] else 0)):
         helper.set_var_integrality(i, True)
     solver = pywraplp.Solver.CreateSolver("SCIP")
@@ -128,8 +145,11 @@ def run(model: dict[str, Any], time_limit: float | None = None) -> dict[str, Any
         solver.Solve(params)
     resp = linear_solver_pb2.MPSolutionResponse()
     solver.FillSolutionResponseProto(resp)
-    out: dict[str, Any] = {"code": PYWRAPLP.name(resp.status), "nodes": int(solver.nodes()),
-                           "integral": info["integral"]}
+    out: dict[str, Any] = {
+        "code": PYWRAPLP.name(resp.status),
+        "nodes": int(solver.nodes()),
+        "integral": info["integral"],
+    }
     if resp.HasField("best_objective_bound") and np.isfinite(resp.best_objective_bound):
         out["bound"] = float(resp.best_objective_bound)
     A, P = info["shape"]
@@ -138,8 +158,14 @@ def run(model: dict[str, Any], time_limit: float | None = None) -> dict[str, Any
     return out
 
 
-def to_solution(problem: Any, m: PlacementModel, raw: dict[str, Any], time_limit: float | None = None, *,
-                hint_x: np.ndarray | None = None) -> PlacementSolution:
+def to_solution(
+    problem: Any,
+    m: PlacementModel,
+    raw: dict[str, Any],
+    time_limit: float | None = None,
+    *,
+    hint_x: np.ndarray | None = None,
+) -> PlacementSolution:
     """Our answer from :func:`run`'s output (``hint_x``: the full ``[E, P]`` warm start, returned when SCIP
     has nothing better under a time limit)."""
     xs = raw.get("x")
@@ -147,29 +173,59 @@ def to_solution(problem: Any, m: PlacementModel, raw: dict[str, Any], time_limit
     stats = {"backend_status": raw["code"], "nodes": raw.get("nodes"), "integral_objective": raw.get("integral")}
     bound = lower_bound(m, raw["bound"], integral=bool(raw.get("integral"))) if "bound" in raw else None
     if status == Status.INFEASIBLE:
-        return PlacementSolution(method="milp", status=Status.INFEASIBLE, objective=float("nan"), stats=stats,
-                                 message="SCIP proved the limits admit no plan")
+        return PlacementSolution(
+            method="milp",
+            status=Status.INFEASIBLE,
+            objective=float("nan"),
+            stats=stats,
+            message="SCIP proved the limits admit no plan",
+        )
     if xs is None:
         msg = f"SCIP: {raw['code']}"
         if status == Status.TIME_LIMIT and hint_x is not None:
-            return PlacementSolution(method="milp", status=status, objective=float("nan"), bound=bound,
-                                     assignment=hint_x, stats=stats, message=msg + "; returning the llep+ warm start")
-        return PlacementSolution(method="milp", status=status, objective=float("nan"), bound=bound, stats=stats,
-                                 message=msg)
+            return PlacementSolution(
+                method="milp",
+                status=status,
+                objective=float("nan"),
+                bound=bound,
+                assignment=hint_x,
+                stats=stats,
+                message=msg + "; returning the llep+ warm start",
+            )
+        return PlacementSolution(
+            method="milp", status=status, objective=float("nan"), bound=bound, stats=stats, message=msg
+        )
     xa = np.rint(xs).astype(np.int64)
     if not np.array_equal(xa.sum(axis=1), m.loads) or xa.min() < 0:
         xa = round_plan(m, xs)
     xf = np.zeros(problem.shape, dtype=np.int64)
     xf[m.active] = xa
-    return PlacementSolution(method="milp", status=status, objective=float("nan"), bound=bound, assignment=xf,
-                             stats=stats, message=f"SCIP {'optimal' if status == Status.OPTIMAL else raw['code']}")
+    return PlacementSolution(
+        method="milp",
+        status=status,
+        objective=float("nan"),
+        bound=bound,
+        assignment=xf,
+        stats=stats,
+        message=f"SCIP {'optimal' if status == Status.OPTIMAL else raw['code']}",
+    )
 
 
-@register("placement", "milp", exact=True, gives_bound=True, deterministic=False, supports_time_limit=True,
-          backends=("ortools",), aliases=("bip",), options={"mip_gap": 1e-7, "hint": True, "threads": 1},
-          description="exact MILP (OR-Tools SCIP): optimal plan and proven bound")
-def solve_milp(problem: Any, *, time_limit: float | None = None, mip_gap: float = 1e-7, hint: bool = True,
-               threads: int = 1) -> PlacementSolution:
+@register(
+    "placement",
+    "milp",
+    exact=True,
+    gives_bound=True,
+    deterministic=False,
+    supports_time_limit=True,
+    backends=("ortools",),
+    aliases=("bip",),
+    options={"mip_gap": 1e-7, "hint": True, "threads": 1},
+    description="exact MILP (OR-Tools SCIP): optimal plan and proven bound",
+)
+def solve_milp(
+    problem: Any, *, time_limit: float | None = None, mip_gap: float = 1e-7, hint: bool = True, threads: int = 1
+) -> PlacementSolution:
     """Exact MILP with SCIP; ``mip_gap`` is SCIP's relative stopping gap, ``hint`` warm-starts from llep+.
     Under ``time_limit`` a large model runs in a child process that the deadline stops."""
     t0 = time.perf_counter()
@@ -177,13 +233,19 @@ def solve_milp(problem: Any, *, time_limit: float | None = None, mip_gap: float 
         raise ValueError(f"`mip_gap` must be a number in [0, 1), got {mip_gap!r}")
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"`threads` must be a positive integer, got {threads!r}")
-    return run_isolated("milp", "moebalance.solvers.placement_milp:milp_inprocess", problem,
-                        {"mip_gap": float(mip_gap), "hint": bool(hint), "threads": int(threads)},
-                        time_limit=time_limit, start=t0)
+    return run_isolated(
+        "milp",
+        "moebalance.solvers.placement_milp:milp_inprocess",
+        problem,
+        {"mip_gap": float(mip_gap), "hint": bool(hint), "threads": int(threads)},
+        time_limit=time_limit,
+        start=t0,
+    )
 
 
-def milp_inprocess(problem: Any, *, time_limit: float | None = None, mip_gap: float = 1e-7, hint: bool = True,
-                   threads: int = 1) -> PlacementSolution:
+def milp_inprocess(
+    problem: Any, *, time_limit: float | None = None, mip_gap: float = 1e-7, hint: bool = True, threads: int = 1
+) -> PlacementSolution:
     """:func:`solve_milp` in this process: the clock is checked between the steps, SCIP gets what is left."""
     t0 = time.perf_counter()
 
@@ -195,8 +257,13 @@ def milp_inprocess(problem: Any, *, time_limit: float | None = None, mip_gap: fl
         hint_x = None
     m = build_model(problem, upper)
     if m.a.shape[0] == 0:
-        return PlacementSolution(method="milp", status=Status.OPTIMAL, objective=float("nan"), bound=0.0,
-                                 assignment=np.zeros(problem.shape, dtype=np.int64))
+        return PlacementSolution(
+            method="milp",
+            status=Status.OPTIMAL,
+            objective=float("nan"),
+            bound=0.0,
+            assignment=np.zeros(problem.shape, dtype=np.int64),
+        )
     if left() is not None and left() <= 0:
         return _stopped(problem, hint_x, "time limit reached before the model was built")
     model = build(m, hint_x=None if hint_x is None else hint_x[m.active], mip_gap=mip_gap, threads=threads)
@@ -210,5 +277,10 @@ def milp_inprocess(problem: Any, *, time_limit: float | None = None, mip_gap: fl
 def _stopped(problem: Any, hint_x: np.ndarray | None, msg: str) -> PlacementSolution:
     if hint_x is None:
         return PlacementSolution(method="milp", status=Status.TIME_LIMIT, objective=float("nan"), message=msg)
-    return PlacementSolution(method="milp", status=Status.TIME_LIMIT, objective=float("nan"), assignment=hint_x,
-                             message=msg + "; returning the llep+ warm start")
+    return PlacementSolution(
+        method="milp",
+        status=Status.TIME_LIMIT,
+        objective=float("nan"),
+        assignment=hint_x,
+        message=msg + "; returning the llep+ warm start",
+    )

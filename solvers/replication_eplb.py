@@ -72,8 +72,9 @@ def replicate_rows(weight: np.ndarray, num_phy: int) -> tuple[np.ndarray, np.nda
     return phy2log, rank, logcnt
 
 
-def pack_rows(weight: np.ndarray, num_packs: int, capacity: Any = None,
-              initial: Any = None) -> tuple[np.ndarray, np.ndarray]:
+def pack_rows(
+    weight: np.ndarray, num_packs: int, capacity: Any = None, initial: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
     """EPLB's ``balanced_packing`` on every row of ``weight [N, n]``: ``(pack [N, n], rank_in_pack [N, n])``.
 
     Items, heaviest first (stable on ties), go to the lightest pack with room (lowest id on ties).
@@ -85,14 +86,16 @@ def pack_rows(weight: np.ndarray, num_packs: int, capacity: Any = None,
         assert n % num_packs == 0
         per = n // num_packs
         if per == 1 and initial is None:
-            return (np.broadcast_to(np.arange(n, dtype=np.int64), (N, n)).copy(),
-                    np.zeros((N, n), dtype=np.int64))
+            return (np.broadcast_to(np.arange(n, dtype=np.int64), (N, n)).copy(), np.zeros((N, n), dtype=np.int64))
         cap = np.full(num_packs, per, dtype=np.int64)
     else:
         cap = np.asarray(capacity, dtype=np.int64)
         assert cap.shape == (num_packs,) and cap.sum() >= n
-    load = np.zeros((N, num_packs), dtype=weight.dtype) if initial is None else \
-        np.array(np.broadcast_to(initial, (N, num_packs)), dtype=weight.dtype)
+    load = (
+        np.zeros((N, num_packs), dtype=weight.dtype)
+        if initial is None
+        else np.array(np.broadcast_to(initial, (N, num_packs)), dtype=weight.dtype)
+    )
     count = np.zeros((N, num_packs), dtype=np.int64)
     order = np.argsort(-weight, axis=1, kind="stable")
     pack = np.empty((N, n), dtype=np.int64)
@@ -115,8 +118,9 @@ def _inverse(perm: np.ndarray) -> np.ndarray:
     return inv
 
 
-def replicate_to_target(weight: np.ndarray, num_phy: int,
-                        target: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def replicate_to_target(
+    weight: np.ndarray, num_phy: int, target: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Like :func:`replicate_rows`, but each expert first gets ``ceil(w / target)`` replicas (``target [N]``
     per row; rows where that needs more than ``num_phy`` slots fall back to EPLB's counts), and the slots
     left go greedily to the most load per replica. Slots list each expert's replicas together."""
@@ -125,8 +129,9 @@ def replicate_to_target(weight: np.ndarray, num_phy: int,
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         ratio = w / np.where(target > 0, target, np.inf)[:, None]
     # clipped before the cast: a tiny target (or huge loads) never overflows int64; > num_phy falls back below
-    base = np.maximum(1, np.ceil(np.minimum(np.nan_to_num(ratio, nan=0.0, posinf=num_phy + 1.0), num_phy + 1.0)
-                                 - 1e-9)).astype(np.int64)
+    base = np.maximum(
+        1, np.ceil(np.minimum(np.nan_to_num(ratio, nan=0.0, posinf=num_phy + 1.0), num_phy + 1.0) - 1e-9)
+    ).astype(np.int64)
     over = base.sum(axis=1) > num_phy
     base[over] = 1
     left = num_phy - base.sum(axis=1)
@@ -144,8 +149,9 @@ def replicate_to_target(weight: np.ndarray, num_phy: int,
     return phy2log, rank, cnt
 
 
-def eplb_plan(weight: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int,
-              num_gpus: int, theta: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def eplb_plan(
+    weight: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, theta: float | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """EPLB's ``rebalance_experts_hierarchical`` on ``weight [L, E]``: ``(phy2log [L, R], phyrank [L, R],
     logcnt [L, E])``. ``num_groups = num_nodes = 1`` is the global policy.
 
@@ -180,19 +186,25 @@ def eplb_plan(weight: np.ndarray, num_replicas: int, num_groups: int, num_nodes:
     return phy2log, rank, logcnt
 
 
-def eplb_for(problem: ReplicationProblem, weight: np.ndarray | None = None,
-             theta: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def eplb_for(
+    problem: ReplicationProblem, weight: np.ndarray | None = None, theta: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(``phy2log [L, R]``, ``log2phy [L, E, X]``) of EPLB on ``weight [L, E]`` (default: the problem's loads
     summed over its window) under the problem's groups, nodes and GPUs."""
     w = problem.summed_weight() if weight is None else weight
-    phy2log, rank, _ = eplb_plan(w, problem.num_replicas, problem.num_groups, problem.num_nodes,
-                                 problem.num_gpus, theta=theta)
+    phy2log, rank, _ = eplb_plan(
+        w, problem.num_replicas, problem.num_groups, problem.num_nodes, problem.num_gpus, theta=theta
+    )
     return phy2log, log2phy_from_phy2log(phy2log, problem.num_experts, order=rank)
 
 
-@register(ReplicationProblem, "eplb", deterministic=True,
-          description="DeepSeek EPLB (vectorised): replicate hot experts, pack replicas to GPUs; plans on the "
-                      "window's summed loads and ignores old plans")
+@register(
+    ReplicationProblem,
+    "eplb",
+    deterministic=True,
+    description="DeepSeek EPLB (vectorised): replicate hot experts, pack replicas to GPUs; plans on the "
+    "window's summed loads and ignores old plans",
+)
 def solve_eplb(problem: ReplicationProblem, *, time_limit: float | None = None) -> ReplicationSolution:
     """DeepSeek's EPLB; a window is planned on its summed loads; ``old_phy2log`` and ``max_moves`` are ignored
     (the shared check then reports a plan over the limit as infeasible)."""
@@ -202,10 +214,18 @@ def solve_eplb(problem: ReplicationProblem, *, time_limit: float | None = None) 
     if problem.max_moves is not None:
         moves = count_moves(problem.old_phy2log, phy2log, problem.num_experts, problem.num_gpus)
         if moves.max() > problem.max_moves:
-            message += (f"; EPLB ignores move budgets and its plan moves up to {int(moves.max())} replicas per "
-                        f"layer (max_moves={problem.max_moves}): {BUDGET_METHODS} honour the budget")
-    return ReplicationSolution(method="eplb", status=Status.FEASIBLE, assignment=phy2log, log2phy=log2phy,
-                               stats={"policy": policy}, message=message)
+            message += (
+                f"; EPLB ignores move budgets and its plan moves up to {int(moves.max())} replicas per "
+                f"layer (max_moves={problem.max_moves}): {BUDGET_METHODS} honour the budget"
+            )
+    return ReplicationSolution(
+        method="eplb",
+        status=Status.FEASIBLE,
+        assignment=phy2log,
+        log2phy=log2phy,
+        stats={"policy": policy},
+        message=message,
+    )
 
 
 #: the replication methods that honour ``max_moves``

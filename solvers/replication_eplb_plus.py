@@ -32,13 +32,27 @@ def _layer_objective(problem: ReplicationProblem, phy2log: np.ndarray) -> np.nda
     return gpu_loads(problem.weight, phy2log, problem.num_gpus).max(axis=2).mean(axis=0)  # [L]
 
 
-def improve(problem: ReplicationProblem, start: np.ndarray, *, budget: bool = True, max_rounds: int = 10_000,
-            deadline: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+def improve(
+    problem: ReplicationProblem,
+    start: np.ndarray,
+    *,
+    budget: bool = True,
+    max_rounds: int = 10_000,
+    deadline: float | None = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Local search from ``start [L, R]`` under the problem's constraints (the move budget if ``budget``)."""
     W = np.transpose(problem.weight, (1, 0, 2))  # [L, B, E]
-    return local_search(W, start, problem.num_gpus, num_groups=problem.num_groups, num_nodes=problem.num_nodes,
-                        old=problem.old_phy2log if budget else None,
-                        max_moves=problem.max_moves if budget else None, max_rounds=max_rounds, deadline=deadline)
+    return local_search(
+        W,
+        start,
+        problem.num_gpus,
+        num_groups=problem.num_groups,
+        num_nodes=problem.num_nodes,
+        old=problem.old_phy2log if budget else None,
+        max_moves=problem.max_moves if budget else None,
+        max_rounds=max_rounds,
+        deadline=deadline,
+    )
 
 
 def _check_rounds(max_rounds: Any) -> int:
@@ -51,12 +65,22 @@ def _deadline(time_limit: float | None) -> float | None:
     return None if time_limit is None else time.perf_counter() + time_limit
 
 
-@register(ReplicationProblem, "eplb+", supports_time_limit=True,
-          options={"max_rounds": 10_000, "starts": (), "relink": True},
-          description="EPLB then local search (swaps, re-splits of replica counts), never worse than eplb; "
-                      "window-aware and migration-aware")
-def solve_eplb_plus(problem: ReplicationProblem, *, time_limit: float | None = None,
-                    max_rounds: int = 10_000, starts: Any = (), relink: bool = True) -> ReplicationSolution:
+@register(
+    ReplicationProblem,
+    "eplb+",
+    supports_time_limit=True,
+    options={"max_rounds": 10_000, "starts": (), "relink": True},
+    description="EPLB then local search (swaps, re-splits of replica counts), never worse than eplb; "
+    "window-aware and migration-aware",
+)
+def solve_eplb_plus(
+    problem: ReplicationProblem,
+    *,
+    time_limit: float | None = None,
+    max_rounds: int = 10_000,
+    starts: Any = (),
+    relink: bool = True,
+) -> ReplicationSolution:
     """EPLB's plan improved by local search; ``max_rounds`` caps the search rounds (0: EPLB relabelled);
     ``starts``: further starts whose replica counts are ``ceil(load / (theta * mean GPU load))`` for each
     theta (then EPLB's greedy for the slots left), searched too (without a move budget); ``relink``: under a
@@ -82,8 +106,9 @@ def solve_eplb_plus(problem: ReplicationProblem, *, time_limit: float | None = N
         for theta in starts:  # other replica counts, each searched; every layer keeps its best plan
             if deadline is not None and time.perf_counter() > deadline:
                 break
-            p2, _ = improve(problem, eplb_for(problem, theta=theta)[0], budget=False, max_rounds=max_rounds,
-                            deadline=deadline)
+            p2, _ = improve(
+                problem, eplb_for(problem, theta=theta)[0], budget=False, max_rounds=max_rounds, deadline=deadline
+            )
             obj = _layer_objective(problem, p2)
             better = obj < best * (1 - 1e-12)
             plan = np.where(better[:, None], p2, plan)
@@ -107,23 +132,43 @@ def solve_eplb_plus(problem: ReplicationProblem, *, time_limit: float | None = N
             free, _ = improve(problem, start, budget=False, max_rounds=max_rounds, deadline=deadline)
             free = relabel_gpus(free, old, E, G, problem.num_nodes)
             W = np.transpose(problem.weight, (1, 0, 2))
-            mid = path_relink(W, old, free, G, num_groups=problem.num_groups, num_nodes=problem.num_nodes, old=old,
-                         max_moves=problem.max_moves, deadline=deadline)
+            mid = path_relink(
+                W,
+                old,
+                free,
+                G,
+                num_groups=problem.num_groups,
+                num_nodes=problem.num_nodes,
+                old=old,
+                max_moves=problem.max_moves,
+                deadline=deadline,
+            )
             p3, _ = improve(problem, mid, max_rounds=max_rounds, deadline=deadline)
             better = _layer_objective(problem, p3) < _layer_objective(problem, plan) * (1 - 1e-12)
             plan = np.where(better[:, None], p3, plan)
             stats["layers_from_relinking"] = int(better.sum())
     timed_out = deadline is not None and time.perf_counter() > deadline
     status = Status.TIME_LIMIT if timed_out else Status.FEASIBLE
-    return ReplicationSolution(method="eplb+", status=status, assignment=plan, stats=stats,
-                               message="EPLB + local search" + (" (stopped by the time limit)" if timed_out else ""))
+    return ReplicationSolution(
+        method="eplb+",
+        status=status,
+        assignment=plan,
+        stats=stats,
+        message="EPLB + local search" + (" (stopped by the time limit)" if timed_out else ""),
+    )
 
 
-@register(ReplicationProblem, "migrate", supports_time_limit=True, options={"max_rounds": 10_000},
-          requires=("old_phy2log",),
-          description="fast migration heuristic: local search from old_phy2log within max_moves per layer")
-def solve_migrate(problem: ReplicationProblem, *, time_limit: float | None = None,
-                  max_rounds: int = 10_000) -> ReplicationSolution:
+@register(
+    ReplicationProblem,
+    "migrate",
+    supports_time_limit=True,
+    options={"max_rounds": 10_000},
+    requires=("old_phy2log",),
+    description="fast migration heuristic: local search from old_phy2log within max_moves per layer",
+)
+def solve_migrate(
+    problem: ReplicationProblem, *, time_limit: float | None = None, max_rounds: int = 10_000
+) -> ReplicationSolution:
     """Local search from the old plan, each accepted move within the per-layer move budget."""
     max_rounds = _check_rounds(max_rounds)
     if problem.old_phy2log is None:
@@ -131,5 +176,10 @@ def solve_migrate(problem: ReplicationProblem, *, time_limit: float | None = Non
     deadline = _deadline(time_limit)
     plan, st = improve(problem, problem.old_phy2log, max_rounds=max_rounds, deadline=deadline)
     timed_out = deadline is not None and time.perf_counter() > deadline
-    return ReplicationSolution(method="migrate", status=Status.TIME_LIMIT if timed_out else Status.FEASIBLE,
-                               assignment=plan, stats=st, message="local search from the old plan")
+    return ReplicationSolution(
+        method="migrate",
+        status=Status.TIME_LIMIT if timed_out else Status.FEASIBLE,
+        assignment=plan,
+        stats=st,
+        message="local search from the old plan",
+    )

@@ -52,8 +52,9 @@ def _count_ranges(wn: np.ndarray, upper: float, R: int, G: int) -> tuple[np.ndar
     return klo, khi
 
 
-def relaxation_bound(problem: ReplicationProblem, upper: np.ndarray, time_limit: float | None = None,
-                     deadline: Any = None) -> tuple[np.ndarray | None, str]:
+def relaxation_bound(
+    problem: ReplicationProblem, upper: np.ndarray, time_limit: float | None = None, deadline: Any = None
+) -> tuple[np.ndarray | None, str]:
     """``[L]`` LP bound per layer (None if HiGHS did not finish or the deadline passed while building) and
     HiGHS's message.
 
@@ -89,8 +90,9 @@ def relaxation_bound(problem: ReplicationProblem, upper: np.ndarray, time_limit:
             rows += [r0 + e_of, r0 + np.arange(E)]
             cols += [np.arange(nz), np.full(E, nz + b)]
             vals += [-(wn[b, e_of] / k_of), np.ones(E)]
-        A = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                          shape=(E + 1 + B * E, nz + B))
+        A = sp.csr_matrix(
+            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(E + 1 + B * E, nz + B)
+        )
         blocks.append(A)
         lo_rows.append(np.concatenate([np.ones(E), [-np.inf], np.zeros(B * E)]))
         hi_rows.append(np.concatenate([np.ones(E), [float(R)], np.full(B * E, np.inf)]))
@@ -119,8 +121,16 @@ def relaxation_bound(problem: ReplicationProblem, upper: np.ndarray, time_limit:
         opts["time_limit"] = float(left)
     elif time_limit is not None:
         opts["time_limit"] = float(time_limit)
-    res = linprog(c, A_ub=A_ub, b_ub=b_ub, A_eq=A[eq], b_eq=lo[eq], bounds=np.stack([lb, np.full_like(lb, np.inf)], 1),
-                  method="highs", options=opts)
+    res = linprog(
+        c,
+        A_ub=A_ub,
+        b_ub=b_ub,
+        A_eq=A[eq],
+        b_eq=lo[eq],
+        bounds=np.stack([lb, np.full_like(lb, np.inf)], 1),
+        method="highs",
+        options=opts,
+    )
     if res.status != 0:
         return None, res.message
     # a valid bound needs the dual side; HiGHS's optimum is exact up to its tolerance (1e-7 of O(1) numbers)
@@ -128,13 +138,19 @@ def relaxation_bound(problem: ReplicationProblem, upper: np.ndarray, time_limit:
     off = 0
     for A_l, c_l, scale_l in zip(blocks, cs, scales):
         n = A_l.shape[1]
-        per_layer.append(float(c_l @ res.x[off:off + n]) * scale_l)
+        per_layer.append(float(c_l @ res.x[off : off + n]) * scale_l)
         off += n
     return np.array(per_layer) * (1 - 1e-7), res.message
 
 
-@register(ReplicationProblem, "lp", gives_bound=True, supports_time_limit=True, backends=("scipy",),
-          description="linear relaxation (scipy HiGHS): a lower bound; the plan is EPLB's")
+@register(
+    ReplicationProblem,
+    "lp",
+    gives_bound=True,
+    supports_time_limit=True,
+    backends=("scipy",),
+    description="linear relaxation (scipy HiGHS): a lower bound; the plan is EPLB's",
+)
 def solve_lp(problem: ReplicationProblem, *, time_limit: float | None = None) -> ReplicationSolution:
     """LP bound; the returned plan is EPLB's (the old plan under a move budget, which it always meets).
 
@@ -151,11 +167,18 @@ def solve_lp(problem: ReplicationProblem, *, time_limit: float | None = None) ->
     bound, msg = relaxation_bound(problem, upper, deadline=deadline)
     if bound is None:
         status = Status.TIME_LIMIT if time_limit is not None and "time" in str(msg).lower() else Status.ERROR
-        return ReplicationSolution(method="lp", status=status, assignment=plan, log2phy=log2phy,
-                                   message=f"HiGHS: {msg}; plan from EPLB")
-    return ReplicationSolution(method="lp", status=Status.FEASIBLE, assignment=plan, log2phy=log2phy,
-                               bound=float(bound.sum()), stats={"lp_layer_bounds": bound.tolist()},
-                               message="LP relaxation bound (HiGHS); plan from EPLB")
+        return ReplicationSolution(
+            method="lp", status=status, assignment=plan, log2phy=log2phy, message=f"HiGHS: {msg}; plan from EPLB"
+        )
+    return ReplicationSolution(
+        method="lp",
+        status=Status.FEASIBLE,
+        assignment=plan,
+        log2phy=log2phy,
+        bound=float(bound.sum()),
+        stats={"lp_layer_bounds": bound.tolist()},
+        message="LP relaxation bound (HiGHS); plan from EPLB",
+    )
 
 
 def dispatch(weight: Any, phy2log: Any, num_gpus: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -198,8 +221,9 @@ def dispatch(weight: Any, phy2log: Any, num_gpus: int) -> tuple[np.ndarray, np.n
         # columns: x_j (R), T
         A_eq = sp.csr_matrix((np.ones(R), (a[l], np.arange(R))), shape=(E, R + 1))
         rows = np.arange(R) // S
-        A_ub = sp.hstack([sp.csr_matrix((np.ones(R), (rows, np.arange(R))), shape=(G, R)),
-                          -np.ones((G, 1))], format="csr")
+        A_ub = sp.hstack(
+            [sp.csr_matrix((np.ones(R), (rows, np.arange(R))), shape=(G, R)), -np.ones((G, 1))], format="csr"
+        )
         c = np.zeros(R + 1)
         c[-1] = 1.0
         res = linprog(c, A_ub=A_ub, b_ub=np.zeros(G), A_eq=A_eq, b_eq=wn, bounds=(0, None), method="highs")
@@ -208,8 +232,11 @@ def dispatch(weight: Any, phy2log: Any, num_gpus: int) -> tuple[np.ndarray, np.n
         x = np.clip(res.x[:R], 0, None)
         # exact row sums (solver tolerance): rescale per expert
         tot = np.bincount(a[l], weights=x, minlength=E)
-        x = np.where(tot[a[l]] > 0, x * wn[a[l]] / np.where(tot[a[l]] > 0, tot[a[l]], 1), wn[a[l]] /
-                     np.bincount(a[l], minlength=E)[a[l]])
+        x = np.where(
+            tot[a[l]] > 0,
+            x * wn[a[l]] / np.where(tot[a[l]] > 0, tot[a[l]], 1),
+            wn[a[l]] / np.bincount(a[l], minlength=E)[a[l]],
+        )
         share[l] = x * scale
     loads = share.reshape(L, G, S).sum(axis=2)
     return share, loads, loads.max(axis=1)

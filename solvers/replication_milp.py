@@ -11,13 +11,11 @@ bound and the combinatorial bound (``layer_bounds``).
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import numpy as np
 
 from moebalance.registry import register
-from moebalance.replication import (ReplicationProblem, ReplicationSolution, _per_gpu_counts, gpu_loads,
-                                    layer_bounds)
+from moebalance.replication import ReplicationProblem, ReplicationSolution, _per_gpu_counts, gpu_loads, layer_bounds
 from moebalance.solution import Status
 
 from ._replication_model import build_layer, hint_vector
@@ -31,11 +29,20 @@ def plan_from_gpu_counts(counts: np.ndarray) -> np.ndarray:
     return np.concatenate([np.repeat(np.arange(counts.shape[1]), row) for row in counts])
 
 
-@register(ReplicationProblem, "milp", exact=True, gives_bound=True, deterministic=False, supports_time_limit=True,
-          backends=("ortools",), options={"mip_gap": 1e-7},
-          description="exact MILP per layer (OR-Tools SCIP), eplb+ warm start; optimal plan and proven bound")
-def solve_milp(problem: ReplicationProblem, *, time_limit: float | None = None,
-               mip_gap: float = 1e-7) -> ReplicationSolution:
+@register(
+    ReplicationProblem,
+    "milp",
+    exact=True,
+    gives_bound=True,
+    deterministic=False,
+    supports_time_limit=True,
+    backends=("ortools",),
+    options={"mip_gap": 1e-7},
+    description="exact MILP per layer (OR-Tools SCIP), eplb+ warm start; optimal plan and proven bound",
+)
+def solve_milp(
+    problem: ReplicationProblem, *, time_limit: float | None = None, mip_gap: float = 1e-7
+) -> ReplicationSolution:
     """Exact per-layer MILP; ``mip_gap`` is SCIP's relative stopping gap."""
     t0 = time.perf_counter()  # the limit covers the one-time import of OR-Tools too
     from ortools.linear_solver.python import model_builder as mb
@@ -65,8 +72,16 @@ def solve_milp(problem: ReplicationProblem, *, time_limit: float | None = None,
         if upper[l] <= lbs[l] * (1 + 1e-9):
             states.append("optimal")  # the warm start meets the bound
             continue
-        m = build_layer(w, R, G, float(upper[l]), groups=problem.num_groups, nodes=problem.num_nodes,
-                        old_counts=None if old is None else old[l], max_moves=problem.max_moves)
+        m = build_layer(
+            w,
+            R,
+            G,
+            float(upper[l]),
+            groups=problem.num_groups,
+            nodes=problem.num_nodes,
+            old_counts=None if old is None else old[l],
+            max_moves=problem.max_moves,
+        )
         # handing the model over takes about 1.5 us per nonzero: stop before a layer that cannot fit its share
         if share is not None and share - (time.perf_counter() - tl) - 3e-6 * m.A.nnz <= 0.01:
             stopped = True
@@ -109,12 +124,12 @@ def solve_milp(problem: ReplicationProblem, *, time_limit: float | None = None,
             if np.isfinite(bound):
                 bounds[l] = max(bounds[l], bound)
             vals = np.asarray(solver.values(model.get_variables()), dtype=np.float64)
-            y = np.rint(vals[m.nz:m.nz + m.nz * G]).astype(np.int64).reshape(m.nz, G)
+            y = np.rint(vals[m.nz : m.nz + m.nz * G]).astype(np.int64).reshape(m.nz, G)
             gc = np.zeros((G, E), dtype=np.int64)
             np.add.at(gc.T, m.e_of, y)
             if np.array_equal(gc.sum(axis=1), np.full(G, R // G)) and np.all(gc.sum(axis=0) >= 1):
                 cand = plan_from_gpu_counts(gc)
-                obj = gpu_loads(problem.weight[:, l:l + 1], cand[None], G).max(axis=2).mean()
+                obj = gpu_loads(problem.weight[:, l : l + 1], cand[None], G).max(axis=2).mean()
                 if obj <= upper[l] * (1 + 1e-12):
                     plan[l] = cand
                     upper[l] = obj
@@ -138,7 +153,11 @@ def solve_milp(problem: ReplicationProblem, *, time_limit: float | None = None,
         status = Status.TIME_LIMIT
     else:
         status = Status.FEASIBLE
-    return ReplicationSolution(method="milp", status=status, assignment=plan, bound=float(bounds.sum()),
-                               stats={"layers_optimal": n_opt, "layer_states": states,
-                                      "layer_bounds": bounds.tolist()},
-                               message=f"SCIP: {n_opt}/{L} layer(s) proven optimal")
+    return ReplicationSolution(
+        method="milp",
+        status=status,
+        assignment=plan,
+        bound=float(bounds.sum()),
+        stats={"layers_optimal": n_opt, "layer_states": states, "layer_bounds": bounds.tolist()},
+        message=f"SCIP: {n_opt}/{L} layer(s) proven optimal",
+    )

@@ -25,11 +25,10 @@ import numpy as np
 from moebalance.registry import register
 from moebalance.solution import RoutingSolution, Status
 
-from ._isolate import child_time_left
-from ._routing_common import RoutingScale, drive, certify_prices, problem_from
-from ._status import CPSAT
-
 from ._interrupt import interruptible
+from ._isolate import child_time_left
+from ._routing_common import RoutingScale, certify_prices, drive, problem_from
+from ._status import CPSAT
 
 __all__ = ["solve_bip", "build", "run", "to_solution"]
 
@@ -78,8 +77,12 @@ def run(model: Any, time_limit: float | None = None, *, workers: int = 0) -> dic
     with interruptible(solver.stop_search):
         code = solver.solve(model)
     name = CPSAT.name(code)
-    out: dict[str, Any] = {"code": name, "bound": float(solver.best_objective_bound),
-                           "branches": int(solver.num_branches), "backend_wall_time": float(solver.wall_time)}
+    out: dict[str, Any] = {
+        "code": name,
+        "bound": float(solver.best_objective_bound),
+        "branches": int(solver.num_branches),
+        "backend_wall_time": float(solver.wall_time),
+    }
     if name in ("OPTIMAL", "FEASIBLE"):
         out["x"] = np.asarray(solver.response_proto.solution, dtype=np.int8)
     return out
@@ -92,20 +95,26 @@ def job(data: dict, params: dict) -> dict:
     return run(model, child_time_left(params), workers=int(params["workers"]))
 
 
-def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = None, *,
-                precision: float = 1e-8) -> RoutingSolution:
+def to_solution(
+    problem: Any, raw: dict[str, Any], time_limit: float | None = None, *, precision: float = 1e-8
+) -> RoutingSolution:
     """Our answer from :func:`run`'s output."""
     T, E = problem.shape
     k = problem.k
     x = raw.get("x")
     status = CPSAT.translate(raw["code"], time_limit=time_limit, has_solution=x is not None)
-    stats = {"backend_status": raw["code"], "precision": precision, "branches": raw.get("branches"),
-             "backend_wall_time": raw.get("backend_wall_time")}
+    stats = {
+        "backend_status": raw["code"],
+        "precision": precision,
+        "branches": raw.get("branches"),
+        "backend_wall_time": raw.get("backend_wall_time"),
+    }
     if status == Status.INFEASIBLE:
         status = Status.ERROR  # a routing problem is feasible by construction
     if x is None:
-        return RoutingSolution(method="bip", status=status, objective=float("nan"), stats=stats,
-                               message=f"CP-SAT: {raw['code']}")
+        return RoutingSolution(
+            method="bip", status=status, objective=float("nan"), stats=stats, message=f"CP-SAT: {raw['code']}"
+        )
     scale = RoutingScale(problem.scores, k)
     vals = np.asarray(x).reshape(T, E).astype(bool)
     assignment = np.sort(np.argsort(~vals, axis=1, kind="stable")[:, :k], axis=1).astype(np.int64)
@@ -115,15 +124,32 @@ def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = No
         bias = certify_prices(problem.scores, assignment, tol=2.0 * precision * scale.unit)
     else:
         msg, bias = f"CP-SAT stopped ({raw['code']}) with a feasible answer", None
-    return RoutingSolution(method="bip", status=status, objective=float("nan"), bound=bound, assignment=assignment,
-                           bias=bias, stats=stats, message=msg)
+    return RoutingSolution(
+        method="bip",
+        status=status,
+        objective=float("nan"),
+        bound=bound,
+        assignment=assignment,
+        bias=bias,
+        stats=stats,
+        message=msg,
+    )
 
 
-@register("routing", "bip", exact=True, gives_bound=True, deterministic=False, supports_time_limit=True,
-          backends=("ortools",), options={"precision": 1e-8, "workers": 0},
-          description="exact binary program with OR-Tools CP-SAT")
-def solve_bip(problem: Any, *, time_limit: float | None = None, precision: float = 1e-8,
-              workers: int = 0) -> RoutingSolution:
+@register(
+    "routing",
+    "bip",
+    exact=True,
+    gives_bound=True,
+    deterministic=False,
+    supports_time_limit=True,
+    backends=("ortools",),
+    options={"precision": 1e-8, "workers": 0},
+    description="exact binary program with OR-Tools CP-SAT",
+)
+def solve_bip(
+    problem: Any, *, time_limit: float | None = None, precision: float = 1e-8, workers: int = 0
+) -> RoutingSolution:
     """Exact BIP with CP-SAT. ``precision``: score resolution relative to the score range; ``workers``: CP-SAT
     search workers (0 = CP-SAT's default)."""
     t0 = time.perf_counter()
@@ -131,7 +157,13 @@ def solve_bip(problem: Any, *, time_limit: float | None = None, precision: float
         raise ValueError(f"`precision` must be a float in [1e-12, 1e-2], got {precision!r}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ValueError(f"`workers` must be a non-negative integer, got {workers!r}")
-    return drive("bip", problem, "moebalance.solvers.routing_bip:job",
-                 {"precision": float(precision), "workers": int(workers)}, time_limit=time_limit, start=t0,
-                 guard=lambda stop: interruptible(stop),
-                 to_solution=lambda p, raw, tl: to_solution(p, raw, tl, precision=float(precision)))
+    return drive(
+        "bip",
+        problem,
+        "moebalance.solvers.routing_bip:job",
+        {"precision": float(precision), "workers": int(workers)},
+        time_limit=time_limit,
+        start=t0,
+        guard=lambda stop: interruptible(stop),
+        to_solution=lambda p, raw, tl: to_solution(p, raw, tl, precision=float(precision)),
+    )

@@ -90,8 +90,9 @@ def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = No
     if status == Status.INFEASIBLE:
         status = Status.ERROR  # a routing problem is feasible by construction
     if x is None:
-        return RoutingSolution(method="cvxpy", status=status, objective=float("nan"), stats=stats,
-                               message=f"cvxpy status {code}")
+        return RoutingSolution(
+            method="cvxpy", status=status, objective=float("nan"), stats=stats, message=f"cvxpy status {code}"
+        )
     scale = RoutingScale(problem.scores, k)
     xv = np.asarray(x).reshape(T, E)
     frac = float(np.abs(xv - np.rint(xv)).max())
@@ -117,17 +118,39 @@ def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = No
             bias = np.maximum(raw["duals"], 0.0) * scale.unit
     if assignment is None and status in (Status.OPTIMAL, Status.FEASIBLE):
         status = Status.ERROR
-    return RoutingSolution(method="cvxpy", status=status, objective=float("nan"), bound=bound, assignment=assignment,
-                           bias=bias, stats=stats,
-                           message=f"cvxpy/{raw.get('solver')}: {code}, max fractionality {frac:.2g}"
-                           + ("; iterate repaired to a feasible assignment" if stats.get("repaired") else ""))
+    return RoutingSolution(
+        method="cvxpy",
+        status=status,
+        objective=float("nan"),
+        bound=bound,
+        assignment=assignment,
+        bias=bias,
+        stats=stats,
+        message=f"cvxpy/{raw.get('solver')}: {code}, max fractionality {frac:.2g}"
+        + ("; iterate repaired to a feasible assignment" if stats.get("repaired") else ""),
+    )
 
 
-@register("routing", "cvxpy", gives_bound=True, deterministic=True, supports_time_limit=True, backends=("cvxpy",),
-          options={"solver": None}, description="LP relaxation through cvxpy (cross-check of lp)")
+@register(
+    "routing",
+    "cvxpy",
+    gives_bound=True,
+    deterministic=True,
+    supports_time_limit=True,
+    backends=("cvxpy",),
+    options={"solver": None},
+    description="LP relaxation through cvxpy (cross-check of lp)",
+)
 def solve_cvxpy(problem: Any, *, time_limit: float | None = None, solver: str | None = None) -> RoutingSolution:
     """LP relaxation with cvxpy; ``solver`` defaults to HIGHS when installed, else CLARABEL."""
     t0 = time.perf_counter()
     solver = _pick_solver(solver)
-    return drive("cvxpy", problem, "moebalance.solvers.routing_cvxpy:job", {"solver": solver},
-                 time_limit=time_limit, start=t0, to_solution=to_solution)
+    return drive(
+        "cvxpy",
+        problem,
+        "moebalance.solvers.routing_cvxpy:job",
+        {"solver": solver},
+        time_limit=time_limit,
+        start=t0,
+        to_solution=to_solution,
+    )

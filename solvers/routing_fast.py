@@ -91,16 +91,22 @@ FLOW_SECONDS_PER_ENTRY = 1e-6  # the plain flow's cost per score entry (0.5-1.2e
 HANDOVER_FACTOR, HANDOVER_MIN_S = 1.0, 0.2
 
 
-def _check_options(warm_start: Any, E: int, candidates: Any, auction_steps: Any, stall: Any,
-                   max_rounds: Any) -> np.ndarray | None:
+def _check_options(
+    warm_start: Any, E: int, candidates: Any, auction_steps: Any, stall: Any, max_rounds: Any
+) -> np.ndarray | None:
     for name, v, lo in (("auction_steps", auction_steps, 0), ("max_rounds", max_rounds, 1)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
             raise ValueError(f"`{name}` must be an integer >= {lo}, got {v!r}")
-    if candidates is not None and (isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer))
-                                   or candidates < 1):
+    if candidates is not None and (
+        isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) or candidates < 1
+    ):
         raise ValueError(f"`candidates` must be a positive integer or None, got {candidates!r}")
-    if isinstance(stall, bool) or not isinstance(stall, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(stall) or stall < 0:
+    if (
+        isinstance(stall, bool)
+        or not isinstance(stall, (int, float, np.integer, np.floating))
+        or not math.isfinite(stall)
+        or stall < 0
+    ):
         raise ValueError(f"`stall` must be a finite number >= 0, got {stall!r}")
     if warm_start is None:
         return None
@@ -178,7 +184,7 @@ class _Watch:
                 waits.append(max(self.TICK, self.handover_cpu - (time.process_time() - self.cpu0)))
             self.done.wait(min(waits))
 
-    def __enter__(self) -> "_Watch":
+    def __enter__(self) -> _Watch:
         due = self._due()  # already due: set here, before any kernel runs (no race)
         if due and self.flag[0] == 0:
             self.flag[0] = due
@@ -186,8 +192,10 @@ class _Watch:
             self.thread = threading.Thread(target=self._run, name="moebalance-fast-clock", daemon=True)
             self.thread.start()
         # Ctrl-C: only where this process handles SIGINT (a child that ignores it is stopped by its parent)
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+        ):
             self.block = interruptible(lambda: self.flag.__setitem__(0, INTERRUPT))
             self.block.__enter__()
         return self
@@ -202,12 +210,24 @@ class _Watch:
             raise KeyboardInterrupt
 
 
-def fast_route(scores: np.ndarray, k: int, capacity: np.ndarray, *, warm_start: np.ndarray | None = None,
-               candidates: int | None = None, auction_steps: int | None = None, stall: float = STALL,
-               max_rounds: int = 4, deadline: float | None = None, lift: int | None = None,
-               lift_steps: int | None = None, paths: str = "auto", use_numba: bool = True,
-               stop: np.ndarray | None = None,
-               handover: bool = True) -> tuple[np.ndarray | None, np.ndarray, dict[str, Any]]:
+def fast_route(
+    scores: np.ndarray,
+    k: int,
+    capacity: np.ndarray,
+    *,
+    warm_start: np.ndarray | None = None,
+    candidates: int | None = None,
+    auction_steps: int | None = None,
+    stall: float = STALL,
+    max_rounds: int = 4,
+    deadline: float | None = None,
+    lift: int | None = None,
+    lift_steps: int | None = None,
+    paths: str = "auto",
+    use_numba: bool = True,
+    stop: np.ndarray | None = None,
+    handover: bool = True,
+) -> tuple[np.ndarray | None, np.ndarray, dict[str, Any]]:
     """The exact routing of ``scores`` [T, E] (see the module docstring).
 
     Returns ``(assignment [T, k] or None when the deadline stopped it (or, ``stats["failed"]``, an invariant
@@ -238,8 +258,22 @@ def fast_route(scores: np.ndarray, k: int, capacity: np.ndarray, *, warm_start: 
         T, E = scores.shape
         handover_cpu = max(HANDOVER_MIN_S, HANDOVER_FACTOR * FLOW_SECONDS_PER_ENTRY * T * E)
     with _Watch(flag, deadline, handover_cpu):
-        assignment, q, stats = _route(kern, flag, scores, k, capacity, warm_start, candidates, auction_steps,
-                                      stall, max_rounds, lift, lift_steps, paths, handover)
+        assignment, q, stats = _route(
+            kern,
+            flag,
+            scores,
+            k,
+            capacity,
+            warm_start,
+            candidates,
+            auction_steps,
+            stall,
+            max_rounds,
+            lift,
+            lift_steps,
+            paths,
+            handover,
+        )
     stats["engine"] = "numba" if compiled else "python"
     if assignment is None and flag[0] == DEADLINE:
         stats["stopped"] = "deadline"
@@ -254,8 +288,9 @@ def fast_route(scores: np.ndarray, k: int, capacity: np.ndarray, *, warm_start: 
     return assignment, q, stats
 
 
-def _flow_route(scores: np.ndarray, k: int, capacity: np.ndarray, time_limit: float | None,
-                stats: dict[str, Any], t0: float) -> tuple[np.ndarray | None, np.ndarray, dict[str, Any]]:
+def _flow_route(
+    scores: np.ndarray, k: int, capacity: np.ndarray, time_limit: float | None, stats: dict[str, Any], t0: float
+) -> tuple[np.ndarray | None, np.ndarray, dict[str, Any]]:
     """The plain flow (``mcf``, exact) finishes a problem the compiled loops handed over."""
     from moebalance.routing import RoutingProblem
 
@@ -271,10 +306,22 @@ def _flow_route(scores: np.ndarray, k: int, capacity: np.ndarray, time_limit: fl
     return np.asarray(sol.assignment, dtype=np.int64), q, stats
 
 
-def _route(kern: dict, flag: np.ndarray, scores: np.ndarray, k: int, capacity: np.ndarray,
-           warm_start: np.ndarray | None, candidates: int | None, auction_steps: int | None, stall: float,
-           max_rounds: int, lift: int | None, lift_steps: int | None, paths: str,
-           handover: bool) -> tuple[np.ndarray | None, np.ndarray, dict[str, Any]]:
+def _route(
+    kern: dict,
+    flag: np.ndarray,
+    scores: np.ndarray,
+    k: int,
+    capacity: np.ndarray,
+    warm_start: np.ndarray | None,
+    candidates: int | None,
+    auction_steps: int | None,
+    stall: float,
+    max_rounds: int,
+    lift: int | None,
+    lift_steps: int | None,
+    paths: str,
+    handover: bool,
+) -> tuple[np.ndarray | None, np.ndarray, dict[str, Any]]:
     """:func:`fast_route`'s phases; None as the assignment when ``flag`` stopped them (or an invariant broke:
     ``stats["failed"]``, or the auction handed over: ``stats["handover"]``)."""
     t0 = time.perf_counter()
@@ -296,16 +343,32 @@ def _route(kern: dict, flag: np.ndarray, scores: np.ndarray, k: int, capacity: n
     nl = np.empty(T, dtype=np.int64)
     bound = np.empty(T)
     stride = max(1, T // max(LIFT_SAMPLE, LIFT_PER_EXPERT * E // k)) if lift is None else int(lift)
-    built = kern["prepare"](sc, q, k, M, cap, stride, LIFT_STEPS if lift_steps is None else int(lift_steps), s, sel,
-                            held, lst, lstv, nl, bound, flag)
+    built = kern["prepare"](
+        sc,
+        q,
+        k,
+        M,
+        cap,
+        stride,
+        LIFT_STEPS if lift_steps is None else int(lift_steps),
+        s,
+        sel,
+        held,
+        lst,
+        lstv,
+        nl,
+        bound,
+        flag,
+    )
     times = stats["times"] = {"prepare": time.perf_counter() - t0}
     if flag[0]:
         return None, q, stats
     if built == K.NOT_BUILT:  # no expert is over-full under q: optimal as it stands when every priced expert is full
         loads = kern["loads"](sel, E)
         if not np.any((q > 0) & (loads < cap)):
-            stats.update(augmentations=0, rounds=0, auction={"steps": 0, "evictions": 0, "list_refreshes": 0,
-                                                             "excess_left": 0})
+            stats.update(
+                augmentations=0, rounds=0, auction={"steps": 0, "evictions": 0, "list_refreshes": 0, "excess_left": 0}
+            )
             return np.sort(sel, axis=1), q, stats
         kern["relist"](s, q, k, M, sel, held, lst, lstv, nl, bound, flag)
         if flag[0]:
@@ -314,8 +377,13 @@ def _route(kern: dict, flag: np.ndarray, scores: np.ndarray, k: int, capacity: n
     out = np.zeros(5, dtype=np.int64)
     kern["auction"](s, k, cap, q, sel, held, lst, lstv, nl, bound, steps, float(stall), out, flag)
     times["auction"] = time.perf_counter() - t0
-    stats["auction"] = {"steps": int(out[0]), "evictions": int(out[1]), "list_refreshes": int(out[2]),
-                        "excess_left": int(out[3]), "excess_start": int(out[4])}
+    stats["auction"] = {
+        "steps": int(out[0]),
+        "evictions": int(out[1]),
+        "list_refreshes": int(out[2]),
+        "excess_left": int(out[3]),
+        "excess_start": int(out[4]),
+    }
     if flag[0]:
         return None, q, stats
     if out[3] == 0:  # nothing over-full: optimal as it stands when every priced expert is full
@@ -326,8 +394,9 @@ def _route(kern: dict, flag: np.ndarray, scores: np.ndarray, k: int, capacity: n
     if handover and out[0] > 0 and 2 * out[3] > out[4] and out[3] * E > HANDOVER_PATH_WORK * T:
         # the auction removed less than half the excess (ties: evicted tokens move to equal experts and back,
         # at no price change) and the paths, one unit each, would have far more to move than the flow costs
-        stats["handover"] = (f"massive ties: the auction left {int(out[3])} of {int(out[4])} units of excess "
-                             "for the paths")
+        stats["handover"] = (
+            f"massive ties: the auction left {int(out[3])} of {int(out[4])} units of excess for the paths"
+        )
         return None, q, stats
     nbest = 0  # tokens per arc list: the kernel's own choice (16 on tied inputs measured at most 2x faster, not more)
     extra = min(E, max(2, k // 2))  # candidates added per token and round
@@ -350,8 +419,22 @@ def _route(kern: dict, flag: np.ndarray, scores: np.ndarray, k: int, capacity: n
     violations: list[int] = []
     while True:
         calls += 1
-        status, a, p, r = kern["ssp"](s, cand, ncand, sel, cap, q, CHUNK, reach, tol, int(max_rounds), vout,
-                                      {"auto": -1, "forward": 0, "backward": 1}[paths], flag, nbest)
+        status, a, p, r = kern["ssp"](
+            s,
+            cand,
+            ncand,
+            sel,
+            cap,
+            q,
+            CHUNK,
+            reach,
+            tol,
+            int(max_rounds),
+            vout,
+            {"auto": -1, "forward": 0, "backward": 1}[paths],
+            flag,
+            nbest,
+        )
         aug += int(a)
         pops += int(p)
         rounds += int(r)
@@ -364,8 +447,13 @@ def _route(kern: dict, flag: np.ndarray, scores: np.ndarray, k: int, capacity: n
             return None, q, stats
         if calls > max_rounds + 3 or (status == K.NO_PATH and int(ncand.min()) >= E):
             # cannot happen on a feasible problem (the last calls solve the full problem): say so
-            stats.update(augmentations=aug, dijkstra_pops=pops, rounds=rounds, violations=violations,
-                         failed="no augmenting path" if status == K.NO_PATH else "certificate rounds exhausted")
+            stats.update(
+                augmentations=aug,
+                dijkstra_pops=pops,
+                rounds=rounds,
+                violations=violations,
+                failed="no augmenting path" if status == K.NO_PATH else "certificate rounds exhausted",
+            )
             return None, q, stats
         if status == K.BUDGET:
             continue
@@ -480,9 +568,13 @@ def _write_marker(seconds: float, compiled: bool | None = None) -> None:
         if os.path.exists(path):
             with open(path) as f:
                 prev = json.load(f)
-        rec = {"stamp": _source_stamp(), "numba": _numba_version(), "index": index,
-               "compile_s": seconds if compiled else prev.get("compile_s", COMPILE_ESTIMATE_S),
-               "load_s": prev.get("load_s", LOAD_ESTIMATE_S) if compiled else seconds}
+        rec = {
+            "stamp": _source_stamp(),
+            "numba": _numba_version(),
+            "index": index,
+            "compile_s": seconds if compiled else prev.get("compile_s", COMPILE_ESTIMATE_S),
+            "load_s": prev.get("load_s", LOAD_ESTIMATE_S) if compiled else seconds,
+        }
         tmp = f"{path}.{os.getpid()}.part"
         with open(tmp, "w") as f:
             json.dump(rec, f)
@@ -505,8 +597,14 @@ def _warm_calls() -> None:
     kern["violations"](w, sel, np.zeros(6), 1e-12, np.empty(40, dtype=np.int64))
     rows = np.arange(40)
     cand = np.ascontiguousarray(np.broadcast_to(np.arange(6, dtype=np.int64), (40, 6))[rows])
-    kern["top_k"](np.ascontiguousarray(w[rows]), cand, np.full(40, 6, dtype=np.int64)[rows], 2, np.zeros(6),
-                  np.empty((40, 2), dtype=np.int64))
+    kern["top_k"](
+        np.ascontiguousarray(w[rows]),
+        cand,
+        np.full(40, 6, dtype=np.int64)[rows],
+        2,
+        np.zeros(6),
+        np.empty((40, 2), dtype=np.int64),
+    )
 
 
 def _load() -> None:
@@ -567,8 +665,11 @@ def warm_up() -> float:
     if state in ("ready", "unavailable") or getattr(_LOCAL, "loading", False):
         return 0.0
     cached = _marker() is not None
-    _progress("loading the compiled loops of `fast` (one time per process)" if cached else
-              "compiling the loops of `fast` (one time on this machine, 15 s to 3 min; cached on disk after)")
+    _progress(
+        "loading the compiled loops of `fast` (one time per process)"
+        if cached
+        else "compiling the loops of `fast` (one time on this machine, 15 s to 3 min; cached on disk after)"
+    )
     _load()
     if engine_state() == "ready":
         _progress(f"compiled loops ready in {_ENGINE['load_s']:.1f} s")
@@ -587,11 +688,17 @@ def start_background_load() -> None:
         if _marker() is not None:
             return  # cached: the load itself is what is left, at a call with room for it
         code = "from moebalance.solvers.routing_fast import warm_up; warm_up()"
-        _ENGINE["thread"] = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
-                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                             start_new_session=True)
-    _progress("compiling the loops of `fast` in the background (one time on this machine); this call is "
-              "answered by the plain flow `mcf`")
+        _ENGINE["thread"] = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    _progress(
+        "compiling the loops of `fast` in the background (one time on this machine); this call is "
+        "answered by the plain flow `mcf`"
+    )
 
 
 def _unavailable_note() -> str:
@@ -599,13 +706,19 @@ def _unavailable_note() -> str:
     return f"{UNAVAILABLE} ({why})"
 
 
-@register("routing", "fast", exact=True, gives_bound=True, supports_time_limit=True,
-          options={"warm_start": None, "candidates": None, "auction_steps": None, "stall": STALL,
-                   "max_rounds": 4},
-          description="exact: an expert-side auction on the prices, then shortest augmenting paths, "
-                      "certified on the full problem")
-def solve_fast(problem, *, time_limit=None, warm_start=None, candidates=None, auction_steps=None, stall=STALL,
-               max_rounds=4) -> RoutingSolution:
+@register(
+    "routing",
+    "fast",
+    exact=True,
+    gives_bound=True,
+    supports_time_limit=True,
+    options={"warm_start": None, "candidates": None, "auction_steps": None, "stall": STALL, "max_rounds": 4},
+    description="exact: an expert-side auction on the prices, then shortest augmenting paths, "
+    "certified on the full problem",
+)
+def solve_fast(
+    problem, *, time_limit=None, warm_start=None, candidates=None, auction_steps=None, stall=STALL, max_rounds=4
+) -> RoutingSolution:
     """Exact routing by an auction on the expert prices and shortest augmenting paths (module docstring).
 
     Options: ``warm_start`` [E] starting prices (e.g. the previous batch's ``bias``); ``candidates`` experts
@@ -616,16 +729,18 @@ def solve_fast(problem, *, time_limit=None, warm_start=None, candidates=None, au
     """
     t0 = time.perf_counter()
     T, E = problem.shape
-    q0 = _check_options(warm_start, E, candidates, 0 if auction_steps is None else auction_steps, stall,
-                        max_rounds)
+    q0 = _check_options(warm_start, E, candidates, 0 if auction_steps is None else auction_steps, stall, max_rounds)
     from .routing_flow import solve_mcf
 
     state = engine_state()
     if state == "unavailable" and T * E > PYTHON_LIMIT:  # the plain flow, exact; said once, plainly
         note = _unavailable_note()
         sol = solve_mcf(problem, time_limit=time_limit)
-        return sol.replace(method="fast", stats={**sol.stats, "engine": f"mcf ({note})"},
-                           message=f"{sol.message} [{note}: answered by the plain flow `mcf`, exact]")
+        return sol.replace(
+            method="fast",
+            stats={**sol.stats, "engine": f"mcf ({note})"},
+            message=f"{sol.message} [{note}: answered by the plain flow `mcf`, exact]",
+        )
     load_s = 0.0
     if state == "cold":
         left = None if time_limit is None else time_limit - (time.perf_counter() - t0)
@@ -634,21 +749,36 @@ def solve_fast(problem, *, time_limit=None, warm_start=None, candidates=None, au
         else:  # the limit leaves no room for the one-time load: the flow answers now, the loops load meanwhile
             start_background_load()
             sol = solve_mcf(problem, time_limit=time_limit - (time.perf_counter() - t0))
-            return sol.replace(method="fast",
-                               stats={**sol.stats, "engine": "mcf (compiled loops not loaded yet)"},
-                               message=f"{sol.message} [the compiled loops of `fast` are not loaded yet and the "
-                                       "limit leaves no room for the one-time load: answered by the plain flow "
-                                       "`mcf`, exact; routing_fast.warm_up() loads them]")
+            return sol.replace(
+                method="fast",
+                stats={**sol.stats, "engine": "mcf (compiled loops not loaded yet)"},
+                message=f"{sol.message} [the compiled loops of `fast` are not loaded yet and the "
+                "limit leaves no room for the one-time load: answered by the plain flow "
+                "`mcf`, exact; routing_fast.warm_up() loads them]",
+            )
         state = engine_state()
-    params = {"warm_start": None if q0 is None else q0.tolist(), "candidates": candidates,
-              "auction_steps": auction_steps, "stall": float(stall), "max_rounds": int(max_rounds),
-              "use_numba": state == "ready"}
+    params = {
+        "warm_start": None if q0 is None else q0.tolist(),
+        "candidates": candidates,
+        "auction_steps": auction_steps,
+        "stall": float(stall),
+        "max_rounds": int(max_rounds),
+        "use_numba": state == "ready",
+    }
     # under a time limit that the solve may not fit well inside (judged from its size, pessimistically), it
     # runs in a child process the deadline kills (greedy answer then); otherwise here, where the compiled loops
     # poll a flag that a timer sets at the deadline and Ctrl-C sets at once
     isolate = time_limit is not None and T * E * SECONDS_PER_ENTRY > 0.25 * time_limit
-    sol = drive("fast", problem, "moebalance.solvers.routing_fast:job", params, time_limit=time_limit, start=t0,
-                to_solution=lambda p, raw, tl: _to_solution(p, raw, tl, t0), isolate=isolate)
+    sol = drive(
+        "fast",
+        problem,
+        "moebalance.solvers.routing_fast:job",
+        params,
+        time_limit=time_limit,
+        start=t0,
+        to_solution=lambda p, raw, tl: _to_solution(p, raw, tl, t0),
+        isolate=isolate,
+    )
     extra: dict[str, Any] = {}
     if load_s > 0:
         extra["engine_load_s"] = load_s
@@ -665,12 +795,18 @@ def job(data: dict, params: dict) -> dict:
     left = child_time_left(params, margin=0.0)
     deadline = None if left is None else time.perf_counter() + left
     q0 = params.get("warm_start")
-    assignment, q, stats = fast_route(problem.scores, problem.k, problem.capacity,
-                                      warm_start=None if q0 is None else np.asarray(q0, dtype=np.float64),
-                                      candidates=params.get("candidates"), auction_steps=params.get("auction_steps"),
-                                      stall=float(params.get("stall", STALL)),
-                                      max_rounds=int(params.get("max_rounds", 4)), deadline=deadline,
-                                      use_numba=bool(params.get("use_numba", True)))
+    assignment, q, stats = fast_route(
+        problem.scores,
+        problem.k,
+        problem.capacity,
+        warm_start=None if q0 is None else np.asarray(q0, dtype=np.float64),
+        candidates=params.get("candidates"),
+        auction_steps=params.get("auction_steps"),
+        stall=float(params.get("stall", STALL)),
+        max_rounds=int(params.get("max_rounds", 4)),
+        deadline=deadline,
+        use_numba=bool(params.get("use_numba", True)),
+    )
     out: dict[str, Any] = {"q": np.asarray(q, dtype=np.float64), "stats": stats}
     if assignment is not None:
         out["assignment"] = np.asarray(assignment, dtype=np.int64)
@@ -693,14 +829,29 @@ def _to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None, t0
         T, E = problem.shape
         late = time_limit is not None and time.perf_counter() - t0 + PARTITION_SECONDS_PER_ENTRY * T * E > time_limit
         bound = None if late else dual_bound(problem.scores, problem.k, problem.capacity, q)
-        return RoutingSolution(method="fast", status=Status.TIME_LIMIT, objective=float("nan"), bound=bound,
-                               stats=stats, message="time limit reached before the augmenting paths finished")
+        return RoutingSolution(
+            method="fast",
+            status=Status.TIME_LIMIT,
+            objective=float("nan"),
+            bound=bound,
+            stats=stats,
+            message="time limit reached before the augmenting paths finished",
+        )
     # the bound is the Lagrangian bound of q, which the shared check computes from the problem's own scores
     if str(stats.get("engine", "")).startswith("mcf"):
         message = f"optimal: the plain flow finished ({stats.get('handover', 'hand-over')})"
     else:
-        message = (f"optimal: auction of {stats.get('auction', {}).get('steps', 0)} step(s), "
-                   f"{stats.get('augmentations', 0)} augmenting path(s), {stats.get('rounds', 0)} certificate round(s)")
-    return RoutingSolution(method="fast", status=Status.OPTIMAL, objective=float("nan"), bound=None,
-                           assignment=np.asarray(raw["assignment"], dtype=np.int64), bias=q, stats=stats,
-                           message=message)
+        message = (
+            f"optimal: auction of {stats.get('auction', {}).get('steps', 0)} step(s), "
+            f"{stats.get('augmentations', 0)} augmenting path(s), {stats.get('rounds', 0)} certificate round(s)"
+        )
+    return RoutingSolution(
+        method="fast",
+        status=Status.OPTIMAL,
+        objective=float("nan"),
+        bound=None,
+        assignment=np.asarray(raw["assignment"], dtype=np.int64),
+        bias=q,
+        stats=stats,
+        message=message,
+    )

@@ -25,7 +25,7 @@ import numpy as np
 from moebalance.registry import register
 from moebalance.solution import RoutingSolution, Status
 
-from ._routing_common import RoutingScale, drive, certify_prices, problem_from
+from ._routing_common import RoutingScale, certify_prices, drive, problem_from
 from ._status import MIN_COST_FLOW
 
 __all__ = ["solve_mcf", "build", "run", "to_solution"]
@@ -44,8 +44,16 @@ def build(problem: Any, *, max_cost: int = 2**30) -> dict[str, Any]:
     supplies = np.zeros(T + E + 1, dtype=np.int64)
     supplies[:T] = k
     supplies[T + E] = -T * k
-    return {"tail": tail, "head": head, "capacity": cap, "cost": cost, "supplies": supplies, "T": T, "E": E,
-            "max_cost": int(max_cost)}
+    return {
+        "tail": tail,
+        "head": head,
+        "capacity": cap,
+        "cost": cost,
+        "supplies": supplies,
+        "T": T,
+        "E": E,
+        "max_cost": int(max_cost),
+    }
 
 
 def run(model: dict[str, Any], time_limit: float | None = None) -> dict[str, Any]:
@@ -69,8 +77,9 @@ def job(data: dict, params: dict) -> dict:
     return run(build(problem_from(data), max_cost=int(params["max_cost"])))
 
 
-def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = None, *,
-                max_cost: int = 2**30) -> RoutingSolution:
+def to_solution(
+    problem: Any, raw: dict[str, Any], time_limit: float | None = None, *, max_cost: int = 2**30
+) -> RoutingSolution:
     """Our answer from :func:`run`'s output."""
     code = raw["code"]
     flows = raw.get("flows")
@@ -78,28 +87,54 @@ def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = No
     scale = RoutingScale(problem.scores, problem.k)
     stats = {"backend_status": code, "max_cost": int(max_cost), "score_resolution": scale.unit / max_cost}
     if status != Status.OPTIMAL:
-        return RoutingSolution(method="mcf", status=Status.ERROR if status == Status.INFEASIBLE else status,
-                               objective=float("nan"), stats=stats, message=f"OR-Tools min-cost flow returned {code}")
+        return RoutingSolution(
+            method="mcf",
+            status=Status.ERROR if status == Status.INFEASIBLE else status,
+            objective=float("nan"),
+            stats=stats,
+            message=f"OR-Tools min-cost flow returned {code}",
+        )
     T, E = problem.shape
     k = problem.k
     assignment = np.sort(np.argsort(-flows, axis=1, kind="stable")[:, :k], axis=1).astype(np.int64)
     value = float(np.take_along_axis(scale.normalise(problem.scores), assignment, axis=1).sum())
     bound = scale.upper(value, allowance=T * k / max_cost)
     bias = certify_prices(problem.scores, assignment, tol=2.0 * scale.unit / max_cost)
-    return RoutingSolution(method="mcf", status=Status.OPTIMAL, objective=float("nan"), bound=bound,
-                           assignment=assignment, bias=bias, stats=stats,
-                           message=f"optimal min-cost flow (score resolution {scale.unit / max_cost:.2e})")
+    return RoutingSolution(
+        method="mcf",
+        status=Status.OPTIMAL,
+        objective=float("nan"),
+        bound=bound,
+        assignment=assignment,
+        bias=bias,
+        stats=stats,
+        message=f"optimal min-cost flow (score resolution {scale.unit / max_cost:.2e})",
+    )
 
 
-@register("routing", "mcf", exact=True, gives_bound=True, deterministic=True, supports_time_limit=True,
-          backends=("ortools",), options={"max_cost": 2**30},
-          description="exact min-cost flow (OR-Tools SimpleMinCostFlow)")
+@register(
+    "routing",
+    "mcf",
+    exact=True,
+    gives_bound=True,
+    deterministic=True,
+    supports_time_limit=True,
+    backends=("ortools",),
+    options={"max_cost": 2**30},
+    description="exact min-cost flow (OR-Tools SimpleMinCostFlow)",
+)
 def solve_mcf(problem: Any, *, time_limit: float | None = None, max_cost: int = 2**30) -> RoutingSolution:
     """Exact routing by min-cost flow (OR-Tools). The back-end has no time limit of its own; under
     ``time_limit`` a large network runs in a child process the deadline stops (greedy answer then)."""
     t0 = time.perf_counter()
     if isinstance(max_cost, bool) or not isinstance(max_cost, (int, np.integer)) or not 1 <= max_cost <= 2**40:
         raise ValueError(f"`max_cost` must be an integer in [1, 2**40], got {max_cost!r}")
-    return drive("mcf", problem, "moebalance.solvers.routing_flow:job", {"max_cost": int(max_cost)},
-                 time_limit=time_limit, start=t0,
-                 to_solution=lambda p, raw, tl: to_solution(p, raw, tl, max_cost=int(max_cost)))
+    return drive(
+        "mcf",
+        problem,
+        "moebalance.solvers.routing_flow:job",
+        {"max_cost": int(max_cost)},
+        time_limit=time_limit,
+        start=t0,
+        to_solution=lambda p, raw, tl: to_solution(p, raw, tl, max_cost=int(max_cost)),
+    )

@@ -12,8 +12,14 @@ from ._routing_common import chosen_to_assignment, greedy_fill
 __all__ = ["solve_topk", "solve_greedy"]
 
 
-@register("routing", "topk", gives_bound=True, deterministic=True, supports_time_limit=False,
-          description="plain top-k ignoring capacity (unbalanced baseline)")
+@register(
+    "routing",
+    "topk",
+    gives_bound=True,
+    deterministic=True,
+    supports_time_limit=False,
+    description="plain top-k ignoring capacity (unbalanced baseline)",
+)
 def solve_topk(problem, *, time_limit=None) -> RoutingSolution:
     """Plain top-k of the scores, ignoring capacity.
 
@@ -24,13 +30,24 @@ def solve_topk(problem, *, time_limit=None) -> RoutingSolution:
     k = problem.k
     idx = np.sort(np.argpartition(-s, k - 1, axis=1)[:, :k], axis=1).astype(np.int64)
     bound = float(np.take_along_axis(s, idx, axis=1).sum())
-    return RoutingSolution(method="topk", status=Status.FEASIBLE, objective=float("nan"), bound=bound,
-                           assignment=idx, bias=np.zeros(problem.num_experts),
-                           message="top-k without capacity (its objective bounds the optimum)")
+    return RoutingSolution(
+        method="topk",
+        status=Status.FEASIBLE,
+        objective=float("nan"),
+        bound=bound,
+        assignment=idx,
+        bias=np.zeros(problem.num_experts),
+        message="top-k without capacity (its objective bounds the optimum)",
+    )
 
 
-@register("routing", "greedy", deterministic=True, supports_time_limit=False,
-          description="capacity-aware greedy: best scores first, overflow to next-best")
+@register(
+    "routing",
+    "greedy",
+    deterministic=True,
+    supports_time_limit=False,
+    description="capacity-aware greedy: best scores first, overflow to next-best",
+)
 def solve_greedy(problem, *, time_limit=None) -> RoutingSolution:
     """Capacity-aware greedy: tokens propose their best experts, each expert keeps its highest-scored
     proposals up to capacity, and rejected tokens overflow to their next-best expert with room."""
@@ -41,8 +58,16 @@ def solve_greedy(problem, *, time_limit=None) -> RoutingSolution:
     greedy_fill(problem.scores, chosen, room, need)
     left = int(need.sum())
     if left:
-        return RoutingSolution(method="greedy", status=Status.ERROR, objective=float("nan"),
-                               message=f"greedy could not place {left} token slot(s): every expert with room was "
-                               f"already taken by those tokens")
-    return RoutingSolution(method="greedy", status=Status.FEASIBLE, objective=float("nan"),
-                           assignment=chosen_to_assignment(chosen, problem.k))
+        return RoutingSolution(
+            method="greedy",
+            status=Status.ERROR,
+            objective=float("nan"),
+            message=f"greedy could not place {left} token slot(s): every expert with room was "
+            f"already taken by those tokens",
+        )
+    return RoutingSolution(
+        method="greedy",
+        status=Status.FEASIBLE,
+        objective=float("nan"),
+        assignment=chosen_to_assignment(chosen, problem.k),
+    )

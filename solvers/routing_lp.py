@@ -50,9 +50,15 @@ def build(problem: Any, *, highs_method: str = "highs") -> dict[str, Any]:
     T, E = problem.shape
     a_eq, a_ub = routing_lp_matrices(problem)
     scale = RoutingScale(problem.scores, problem.k)
-    return {"c": -scale.normalise(problem.scores).ravel(), "A_ub": a_ub,
-            "b_ub": np.minimum(problem.capacity, T).astype(np.float64), "A_eq": a_eq,
-            "b_eq": np.full(T, float(problem.k)), "bounds": (0, 1), "method": highs_method}
+    return {
+        "c": -scale.normalise(problem.scores).ravel(),
+        "A_ub": a_ub,
+        "b_ub": np.minimum(problem.capacity, T).astype(np.float64),
+        "A_eq": a_eq,
+        "b_eq": np.full(T, float(problem.k)),
+        "bounds": (0, 1),
+        "method": highs_method,
+    }
 
 
 def run(model: dict[str, Any], time_limit: float | None = None) -> dict[str, Any]:
@@ -61,8 +67,11 @@ def run(model: dict[str, Any], time_limit: float | None = None) -> dict[str, Any
 
     options = {} if time_limit is None else {"time_limit": float(time_limit)}
     res = linprog(**model, options=options)
-    out: dict[str, Any] = {"code": SCIPY_HIGHS.name(res.status), "message": str(res.message),
-                           "iterations": int(getattr(res, "nit", 0) or 0)}
+    out: dict[str, Any] = {
+        "code": SCIPY_HIGHS.name(res.status),
+        "message": str(res.message),
+        "iterations": int(getattr(res, "nit", 0) or 0),
+    }
     if res.x is not None:
         out["x"] = np.asarray(res.x, dtype=np.float64)
     if res.status == 0:
@@ -82,14 +91,18 @@ def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = No
     k = problem.k
     x = raw.get("x")
     status = SCIPY_HIGHS.translate(raw["code"], time_limit=time_limit, has_solution=x is not None)
-    stats: dict[str, Any] = {"backend_status": raw["code"], "backend_message": raw.get("message"),
-                             "iterations": raw.get("iterations")}
+    stats: dict[str, Any] = {
+        "backend_status": raw["code"],
+        "backend_message": raw.get("message"),
+        "iterations": raw.get("iterations"),
+    }
     if status == Status.INFEASIBLE:
         status = Status.ERROR  # a routing problem is feasible by construction
     if x is None or "value" not in raw:
         # an interrupted iterate is no LP answer: its top-k may break capacity, so it is not returned
-        return RoutingSolution(method="lp", status=status, objective=float("nan"), stats=stats,
-                               message=f"HiGHS: {raw.get('message')}")
+        return RoutingSolution(
+            method="lp", status=status, objective=float("nan"), stats=stats, message=f"HiGHS: {raw.get('message')}"
+        )
     scale = RoutingScale(problem.scores, k)
     xv = np.asarray(x).reshape(T, E)
     frac = float(np.abs(xv - np.rint(xv)).max())
@@ -105,19 +118,44 @@ def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = No
         bias = np.maximum(-np.asarray(raw["marginals"]), 0.0) * scale.unit
     bound = scale.upper(raw["value"], allowance=BOUND_TOL * T * k)
     status = Status.OPTIMAL if stats["integral"] else Status.FEASIBLE
-    msg = "LP optimum is integral (total unimodularity), hence optimal for the binary program" \
-        if stats["integral"] else f"LP optimum is fractional (max {frac:.3g}); assignment rounded by top-k of x"
-    return RoutingSolution(method="lp", status=status, objective=float("nan"), bound=bound, assignment=assignment,
-                           bias=bias, stats=stats, message=msg)
+    msg = (
+        "LP optimum is integral (total unimodularity), hence optimal for the binary program"
+        if stats["integral"]
+        else f"LP optimum is fractional (max {frac:.3g}); assignment rounded by top-k of x"
+    )
+    return RoutingSolution(
+        method="lp",
+        status=status,
+        objective=float("nan"),
+        bound=bound,
+        assignment=assignment,
+        bias=bias,
+        stats=stats,
+        message=msg,
+    )
 
 
-@register("routing", "lp", gives_bound=True, deterministic=True, supports_time_limit=True, backends=("scipy",),
-          options={"highs_method": "highs"},
-          description="LP relaxation with scipy HiGHS (bound, duals, bias; integral by total unimodularity)")
+@register(
+    "routing",
+    "lp",
+    gives_bound=True,
+    deterministic=True,
+    supports_time_limit=True,
+    backends=("scipy",),
+    options={"highs_method": "highs"},
+    description="LP relaxation with scipy HiGHS (bound, duals, bias; integral by total unimodularity)",
+)
 def solve_lp(problem: Any, *, time_limit: float | None = None, highs_method: str = "highs") -> RoutingSolution:
     """LP relaxation (scipy ``linprog``, HiGHS). ``highs_method``: "highs", "highs-ds" or "highs-ipm"."""
     t0 = time.perf_counter()
     if highs_method not in METHODS:
         raise ValueError(f"`highs_method` must be 'highs', 'highs-ds' or 'highs-ipm', got {highs_method!r}")
-    return drive("lp", problem, "moebalance.solvers.routing_lp:job", {"highs_method": highs_method},
-                 time_limit=time_limit, start=t0, to_solution=to_solution)
+    return drive(
+        "lp",
+        problem,
+        "moebalance.solvers.routing_lp:job",
+        {"highs_method": highs_method},
+        time_limit=time_limit,
+        start=t0,
+        to_solution=to_solution,
+    )

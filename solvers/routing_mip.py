@@ -20,11 +20,10 @@ import numpy as np
 from moebalance.registry import register
 from moebalance.solution import RoutingSolution, Status
 
-from ._isolate import child_time_left
-from ._routing_common import RoutingScale, drive, certify_prices, problem_from
-from ._status import PYWRAPLP
-
 from ._interrupt import interruptible
+from ._isolate import child_time_left
+from ._routing_common import RoutingScale, certify_prices, drive, problem_from
+from ._status import PYWRAPLP
 
 __all__ = ["solve_mip", "build", "run", "to_solution", "routing_matrix", "BACKENDS"]
 
@@ -59,8 +58,9 @@ def build(problem: Any, *, backend: str = "SCIP") -> Any:
     scale = RoutingScale(problem.scores, problem.k)
     A, lower, upper = routing_matrix(problem)
     helper = mbh.ModelBuilderHelper()
-    helper.fill_model_from_sparse_data(np.zeros(n), np.ones(n), scale.normalise(problem.scores).ravel(),
-                                       lower, upper, A)
+    helper.fill_model_from_sparse_data(
+        np.zeros(n), np.ones(n), scale.normalise(problem.scores).ravel(), lower, upper, A
+    )
     for i in range(n):
         helper.set_var_integrality(i, True)
     helper.set_maximize(True)
@@ -101,8 +101,9 @@ def job(data: dict, params: dict) -> dict:
     return run(build(problem_from(data), backend=params["backend"]), child_time_left(params))
 
 
-def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = None, *,
-                backend: str = "SCIP") -> RoutingSolution:
+def to_solution(
+    problem: Any, raw: dict[str, Any], time_limit: float | None = None, *, backend: str = "SCIP"
+) -> RoutingSolution:
     """Our answer from :func:`run`'s output."""
     T, E = problem.shape
     k = problem.k
@@ -112,8 +113,9 @@ def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = No
     if status == Status.INFEASIBLE:
         status = Status.ERROR  # a routing problem is feasible by construction
     if x is None:
-        return RoutingSolution(method="mip", status=status, objective=float("nan"), stats=stats,
-                               message=f"{backend}: {raw['code']}")
+        return RoutingSolution(
+            method="mip", status=status, objective=float("nan"), stats=stats, message=f"{backend}: {raw['code']}"
+        )
     scale = RoutingScale(problem.scores, k)
     vals = np.asarray(x).reshape(T, E)
     assignment = np.sort(np.argsort(-vals, axis=1, kind="stable")[:, :k], axis=1).astype(np.int64)
@@ -127,18 +129,41 @@ def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = No
         bias = certify_prices(problem.scores, assignment, tol=1e-9 * scale.unit)
     else:
         msg, bias = f"{backend} stopped ({raw['code']}) with a feasible answer", None
-    return RoutingSolution(method="mip", status=status, objective=float("nan"), bound=bound, assignment=assignment,
-                           bias=bias, stats=stats, message=msg)
+    return RoutingSolution(
+        method="mip",
+        status=status,
+        objective=float("nan"),
+        bound=bound,
+        assignment=assignment,
+        bias=bias,
+        stats=stats,
+        message=msg,
+    )
 
 
-@register("routing", "mip", exact=True, gives_bound=True, deterministic=False, supports_time_limit=True,
-          backends=("ortools",), options={"backend": "SCIP"},
-          description="exact binary program with OR-Tools MIP (SCIP, HiGHS or CBC)")
+@register(
+    "routing",
+    "mip",
+    exact=True,
+    gives_bound=True,
+    deterministic=False,
+    supports_time_limit=True,
+    backends=("ortools",),
+    options={"backend": "SCIP"},
+    description="exact binary program with OR-Tools MIP (SCIP, HiGHS or CBC)",
+)
 def solve_mip(problem: Any, *, time_limit: float | None = None, backend: str = "SCIP") -> RoutingSolution:
     """Exact BIP through ``pywraplp``; ``backend`` is "SCIP" (default), "HIGHS" or "CBC"."""
     t0 = time.perf_counter()
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    return drive("mip", problem, "moebalance.solvers.routing_mip:job", {"backend": backend},
-                 time_limit=time_limit, start=t0, guard=lambda stop: interruptible(stop),
-                 to_solution=lambda p, raw, tl: to_solution(p, raw, tl, backend=backend))
+    return drive(
+        "mip",
+        problem,
+        "moebalance.solvers.routing_mip:job",
+        {"backend": backend},
+        time_limit=time_limit,
+        start=t0,
+        guard=lambda stop: interruptible(stop),
+        to_solution=lambda p, raw, tl: to_solution(p, raw, tl, backend=backend),
+    )

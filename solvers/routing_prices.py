@@ -24,7 +24,7 @@ __all__ = ["price_iteration", "dual_bound", "is_torch", "tie_break"]
 
 #: the tie-break offset of a score s is below ``TIE_BREAK * (|s| + 2**-20 * range)``: relative to the score
 #: itself (so it stays far below the gaps between small softmax scores), never zero for a zero score
-TIE_BREAK = 2.0 ** -40
+TIE_BREAK = 2.0**-40
 
 
 def is_torch(x: Any) -> bool:
@@ -51,12 +51,12 @@ def tie_break(scores: Any) -> Any:
         idx = torch.arange(T * E, dtype=torch.int64, device=s.device)
         u = ((idx * 2654435761) % 4294967296).double().view(T, E) / 4294967296.0
         span = (s.max() - s.min()).clamp_min(1e-300) if s.numel() else s.new_ones(())
-        return s + u * TIE_BREAK * (s.abs() + span * 2.0 ** -20)
+        return s + u * TIE_BREAK * (s.abs() + span * 2.0**-20)
     s = np.asarray(scores, dtype=np.float64)
     idx = np.arange(T * E, dtype=np.uint64)
     u = ((idx * np.uint64(2654435761)) % np.uint64(4294967296)).astype(np.float64).reshape(T, E) / 4294967296.0
     span = max(float(s.max() - s.min()), 1e-300) if s.size else 1.0
-    return s + u * TIE_BREAK * (np.abs(s) + span * 2.0 ** -20)
+    return s + u * TIE_BREAK * (np.abs(s) + span * 2.0**-20)
 
 
 def _row_kth_largest(m: np.ndarray, kth: np.ndarray) -> np.ndarray:
@@ -76,8 +76,16 @@ def _row_kth_largest(m: np.ndarray, kth: np.ndarray) -> np.ndarray:
     return out
 
 
-def price_iteration(scores: Any, k: int, capacity: Any, iterations: int, q: Any = None, *,
-                    deadline: float | None = None, stop_when_fixed: bool = True) -> tuple[Any, int]:
+def price_iteration(
+    scores: Any,
+    k: int,
+    capacity: Any,
+    iterations: int,
+    q: Any = None,
+    *,
+    deadline: float | None = None,
+    stop_when_fixed: bool = True,
+) -> tuple[Any, int]:
     """Run ``iterations`` (p, q) sweeps from ``q`` (zeros when None); returns ``(q [E], sweeps done)``.
 
     Args:
@@ -154,4 +162,4 @@ def dual_bound(scores: Any, k: int, capacity: Any, q: Any) -> Any:
         return torch.topk(s - qq, k, dim=1).values.sum() + qq @ c
     qq = np.maximum(np.asarray(q, dtype=np.float64), 0.0)
     red = np.asarray(scores, dtype=np.float64) - qq
-    return float(np.partition(red, E - k, axis=1)[:, E - k:].sum() + qq @ cap)
+    return float(np.partition(red, E - k, axis=1)[:, E - k :].sum() + qq @ cap)

@@ -52,8 +52,10 @@ def _cases() -> list[tuple[str, RoutingProblem]]:
     rng = np.random.default_rng(7)
     cases = [
         # everyone wants expert 0 (capacity 2): two tokens must take their second choice
-        ("hot-expert", RoutingProblem([[0.9, 0.1, 0.0], [0.8, 0.2, 0.0], [0.7, 0.0, 0.3], [0.6, 0.3, 0.1]], 1,
-                                      capacity=2)),
+        (
+            "hot-expert",
+            RoutingProblem([[0.9, 0.1, 0.0], [0.8, 0.2, 0.0], [0.7, 0.0, 0.3], [0.6, 0.3, 0.1]], 1, capacity=2),
+        ),
         # all scores tied: any balanced assignment is optimal
         ("all-ties", RoutingProblem(np.ones((4, 3)), 1, capacity=2)),
         # k = E: every token takes every expert

@@ -42,15 +42,23 @@ def brute_force_placement(p: PlacementProblem) -> float:
 PLACEMENT_CATALOGUE = {
     "tokens-only": PlacementProblem([4, 1, 0, 3], 2, min_chunk=1, imbalance_threshold=None),
     "gemm+weight": PlacementProblem([5, 1, 1, 0, 2, 0], 3, cost=CostModel(1, 2, 3, 0), min_chunk=1),
-    "transfer": PlacementProblem([6, 2, 1, 1], 2, cost=CostModel(1, 0.5, 2.5, 0.25), min_chunk=1,
-                                 imbalance_threshold=None),
-    "limits": PlacementProblem([5, 3, 0, 0, 1, 1], 3, cost=CostModel(1, 1, 1, 0), max_tokens_per_device=4,
-                               max_foreign_experts=1, min_chunk=1, imbalance_threshold=None),
+    "transfer": PlacementProblem(
+        [6, 2, 1, 1], 2, cost=CostModel(1, 0.5, 2.5, 0.25), min_chunk=1, imbalance_threshold=None
+    ),
+    "limits": PlacementProblem(
+        [5, 3, 0, 0, 1, 1],
+        3,
+        cost=CostModel(1, 1, 1, 0),
+        max_tokens_per_device=4,
+        max_foreign_experts=1,
+        min_chunk=1,
+        imbalance_threshold=None,
+    ),
     "custom-home": PlacementProblem([3, 3, 2], 2, home=[1, 1, 0], cost=CostModel(1, 0, 4, 0), min_chunk=1),
-    "weights-dominate": PlacementProblem([6, 0, 0, 0], 4, cost=CostModel(1, 0, 5, 0), min_chunk=1,
-                                         imbalance_threshold=None),
+    "weights-dominate": PlacementProblem(
+        [6, 0, 0, 0], 4, cost=CostModel(1, 0, 5, 0), min_chunk=1, imbalance_threshold=None
+    ),
 }
-
 
 
 # name -> optimal makespan

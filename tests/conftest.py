@@ -12,11 +12,17 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 # no deadline and no "too slow" health check: both measure the wall clock, which the machine's load moves
-settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("fuzz", derandomize=False, deadline=None, print_blob=True,
-                          max_examples=int(os.environ.get("FUZZ_EXAMPLES", "1000")),
-                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "ci", derandomize=True, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "fuzz",
+    derandomize=False,
+    deadline=None,
+    print_blob=True,
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "1000")),
+    suppress_health_check=[HealthCheck.too_slow],
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

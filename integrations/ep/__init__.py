@@ -10,9 +10,28 @@
 from .comm import DEFAULT_TIMEOUT, Communicator, ExpertParallelError, init_process_group
 from .exchange import Exchange, ExpertExchange, build_exchange, exchange, exchange_counts
 from .planning import PROBLEM_OPTIONS, EPPlan, PlacementPlanner, agree, home_of
-from .replicas import RebalanceReport, Rebalancer, ReplicaLayout, balancedness, move_slots, rank_moves, relabel
+from .replicas import Rebalancer, RebalanceReport, ReplicaLayout, balancedness, move_slots, rank_moves, relabel
 
-__all__ = ["DEFAULT_TIMEOUT", "Communicator", "ExpertParallelError", "init_process_group", "Exchange",
-           "ExpertExchange", "build_exchange", "exchange", "exchange_counts", "PROBLEM_OPTIONS", "EPPlan",
-           "PlacementPlanner", "agree", "home_of", "RebalanceReport", "Rebalancer", "ReplicaLayout", "balancedness",
-           "move_slots", "rank_moves", "relabel"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "Communicator",
+    "ExpertParallelError",
+    "init_process_group",
+    "Exchange",
+    "ExpertExchange",
+    "build_exchange",
+    "exchange",
+    "exchange_counts",
+    "PROBLEM_OPTIONS",
+    "EPPlan",
+    "PlacementPlanner",
+    "agree",
+    "home_of",
+    "RebalanceReport",
+    "Rebalancer",
+    "ReplicaLayout",
+    "balancedness",
+    "move_slots",
+    "rank_moves",
+    "relabel",
+]

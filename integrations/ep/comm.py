@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import time
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -29,8 +30,9 @@ class ExpertParallelError(RuntimeError):
     another rank failed this step, or the ranks disagree on something they must share."""
 
 
-def init_process_group(backend: Optional[str] = None, *, timeout: datetime.timedelta = DEFAULT_TIMEOUT,
-                       **kwargs: Any) -> None:
+def init_process_group(
+    backend: str | None = None, *, timeout: datetime.timedelta = DEFAULT_TIMEOUT, **kwargs: Any
+) -> None:
     """``torch.distributed.init_process_group`` with the runtime's defaults.
 
     ``backend`` None picks "nccl" when CUDA is available, else "gloo". ``timeout`` (default
@@ -49,14 +51,17 @@ class Communicator:
     """One step's view of ``group``: ``where`` names the step in errors; ``timings`` (a dict, or None) collects
     seconds per operation (CUDA synchronised around each when ``cuda``)."""
 
-    def __init__(self, group: Any, where: str, timings: Optional[dict[str, float]] = None, cuda: bool = False):
+    def __init__(self, group: Any, where: str, timings: dict[str, float] | None = None, cuda: bool = False):
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.where, self.timings, self.cuda = where, timings, cuda
         # the host tensors of headers and plans travel on the device NCCL needs; gloo takes CPU tensors
-        self.device = torch.device("cuda", torch.cuda.current_device()) \
-            if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend(group) == "nccl"
+            else torch.device("cpu")
+        )
 
     @contextlib.contextmanager
     def timed(self, what: str) -> Iterator[None]:
@@ -88,7 +93,8 @@ class Communicator:
             raise ExpertParallelError(
                 f"rank {self.rank}/{self.world}: {what} failed in {self.where}: {type(exc).__name__}: "
                 f"{str(exc).strip()[:600]}. Another rank probably raised, exited or is stuck; every wait is "
-                f"bounded by the process group's timeout (init_process_group(timeout=...)).") from exc
+                f"bounded by the process group's timeout (init_process_group(timeout=...))."
+            ) from exc
 
     def global_rank(self, r: int) -> int:
         return r if self.group is None else dist.get_global_rank(self.group, r)
@@ -106,7 +112,7 @@ class Communicator:
         """Every rank's rows ``t [sizes[r], ...]`` concatenated rank-major (a padded all-gather)."""
         pad = max(sizes) - t.shape[0]
         got = self.all_gather(what, torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1) + (0, pad)))
-        return torch.cat([got[r, :sizes[r]] for r in range(self.world)])
+        return torch.cat([got[r, : sizes[r]] for r in range(self.world)])
 
     def all_reduce(self, what: str, t: Tensor) -> Tensor:
         """Sum of ``t`` over the group, in place (and returned)."""
@@ -131,8 +137,12 @@ class Communicator:
         if self.world == 1:
             return t
         out = t.new_empty((sum(recv),) + tuple(t.shape[1:]))
-        self.run(what, lambda: dist.all_to_all_single(out, t.contiguous(), output_split_sizes=recv,
-                                                      input_split_sizes=send, group=self.group))
+        self.run(
+            what,
+            lambda: dist.all_to_all_single(
+                out, t.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=self.group
+            ),
+        )
         return out
 
     def p2p(self, what: str, sends: list[tuple[Tensor, int, int]], recvs: list[tuple[Tensor, int, int]]) -> None:

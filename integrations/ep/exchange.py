@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,14 +74,23 @@ class Exchange:
     lent: list[tuple[int, int, int]]  # (expert, local slot, borrower rank) of each copy sent from here
     step: ExpertStep
     hidden: int
-    replica_of: Optional[np.ndarray] = None  # [S] logical expert of each local slot when slots are replicated
+    replica_of: np.ndarray | None = None  # [S] logical expert of each local slot when slots are replicated
     num_experts: int = 0
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def build_exchange(comm: Communicator, flat_eidx: Tensor, counts: np.ndarray, assignment: np.ndarray,
-                   weight_transfers: list, slot_of: np.ndarray, num_slots: int, step: ExpertStep, hidden: int,
-                   replica_of: Optional[np.ndarray] = None) -> tuple[Exchange, Tensor]:
+def build_exchange(
+    comm: Communicator,
+    flat_eidx: Tensor,
+    counts: np.ndarray,
+    assignment: np.ndarray,
+    weight_transfers: list,
+    slot_of: np.ndarray,
+    num_slots: int,
+    step: ExpertStep,
+    hidden: int,
+    replica_of: np.ndarray | None = None,
+) -> tuple[Exchange, Tensor]:
     """``(exchange, send_pairs)``: this rank's exchange and its pair ids ``[n_send]`` in send order.
 
     ``flat_eidx [T * k]``: this rank's expert id per pair (``E`` or more: dropped); ``counts [P, E]`` kept pairs
@@ -117,12 +127,32 @@ def build_exchange(comm: Communicator, flat_eidx: Tensor, counts: np.ndarray, as
         raise comm.error(f"would receive {int(recv.sum())} rows, the plan says {int(assignment[:, r].sum())}")
     row_slot = torch.from_numpy(np.repeat(np.tile(slot, P), recv.reshape(-1))).to(dev)
     order = torch.sort(row_slot, stable=True).indices
-    rows = np.bincount(slot[per_expert > 0], weights=per_expert[per_expert > 0],
-                       minlength=num_slots + len(copies)).astype(np.int64).tolist()
-    ex = Exchange(comm, send.sum(1).tolist(), recv.sum(1).tolist(), order, rows[:num_slots], rows[num_slots:],
-                  copies, lent, step, hidden, replica_of, E)
-    ex.stats = {"sent": int(send.sum() - send[r].sum()), "received": int(recv.sum() - recv[r].sum()),
-                "computed": int(recv.sum()), "copies": [e for e, _ in copies], "lent": [(e, d) for e, _, d in lent]}
+    rows = (
+        np.bincount(slot[per_expert > 0], weights=per_expert[per_expert > 0], minlength=num_slots + len(copies))
+        .astype(np.int64)
+        .tolist()
+    )
+    ex = Exchange(
+        comm,
+        send.sum(1).tolist(),
+        recv.sum(1).tolist(),
+        order,
+        rows[:num_slots],
+        rows[num_slots:],
+        copies,
+        lent,
+        step,
+        hidden,
+        replica_of,
+        E,
+    )
+    ex.stats = {
+        "sent": int(send.sum() - send[r].sum()),
+        "received": int(recv.sum() - recv[r].sum()),
+        "computed": int(recv.sum()),
+        "copies": [e for e, _ in copies],
+        "lent": [(e, d) for e, _, d in lent],
+    }
     return ex, send_pairs
 
 
@@ -136,9 +166,11 @@ class ExpertExchange(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2:]
         # 1. borrowed experts' weights from their lenders (tag: n_w * expert + which weight)
         wf = tuple(w.new_empty((len(ex.copies),) + tuple(w.shape[1:])) for w in weights)
-        comm.p2p("expert weight copy (batch_isend_irecv)",
-                 [(w[s].detach(), dst, n_w * e + j) for e, s, dst in ex.lent for j, w in enumerate(weights)],
-                 [(wf[j][n], src, n_w * e + j) for n, (e, src) in enumerate(ex.copies) for j in range(n_w)])
+        comm.p2p(
+            "expert weight copy (batch_isend_irecv)",
+            [(w[s].detach(), dst, n_w * e + j) for e, s, dst in ex.lent for j, w in enumerate(weights)],
+            [(wf[j][n], src, n_w * e + j) for n, (e, src) in enumerate(ex.copies) for j in range(n_w)],
+        )
         # 2. rows to the ranks that compute them
         x_recv = comm.all_to_all("token dispatch (all_to_all_single)", x_send, ex.send_split, ex.recv_split)
         # 3. the expert step, local slots then copies, in a graph of its own
@@ -175,10 +207,11 @@ class ExpertExchange(torch.autograd.Function):
         del ctx.inner
         n_w = len(wl)
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2:]
-        dy_recv = comm.all_to_all("gradient dispatch (all_to_all_single)", dy_send.contiguous(), ex.send_split,
-                                  ex.recv_split)
+        dy_recv = comm.all_to_all(
+            "gradient dispatch (all_to_all_single)", dy_send.contiguous(), ex.send_split, ex.recv_split
+        )
         inputs = [t for t in (xr, *wl, *wc) if t.requires_grad]
-        grads: dict[int, Optional[Tensor]] = {}
+        grads: dict[int, Tensor | None] = {}
         if inputs and y_recv.grad_fn is not None:
             with comm.timed("expert compute (backward)"):
                 got = torch.autograd.grad(y_recv, inputs, dy_recv, allow_unused=True)
@@ -195,9 +228,11 @@ class ExpertExchange(torch.autograd.Function):
         which = [j for j in range(n_w) if need_w[j]]
         if which:  # the copies' gradients go back to the lenders, who add them to their own
             bufs = [(e, s, j, torch.empty_like(wl[j][s]), dst) for e, s, dst in ex.lent for j in which]
-            comm.p2p("expert weight gradient return (batch_isend_irecv)",
-                     [(grad_of(wc[j])[n], src, n_w * e + j) for n, (e, src) in enumerate(ex.copies) for j in which],
-                     [(b, dst, n_w * e + j) for e, s, j, b, dst in bufs])
+            comm.p2p(
+                "expert weight gradient return (batch_isend_irecv)",
+                [(grad_of(wc[j])[n], src, n_w * e + j) for n, (e, src) in enumerate(ex.copies) for j in which],
+                [(b, dst, n_w * e + j) for e, s, j, b, dst in bufs],
+            )
             for e, s, j, b, dst in bufs:
                 dwl[j][s] += b
         if which and ex.replica_of is not None:  # replicas: every slot gets its expert's full gradient

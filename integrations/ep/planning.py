@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,8 +29,7 @@ from .comm import Communicator, ExpertParallelError
 
 __all__ = ["EPPlan", "PlacementPlanner", "agree", "home_of", "PROBLEM_OPTIONS", "USABLE"]
 
-PROBLEM_OPTIONS = ("cost", "max_tokens_per_device", "max_foreign_experts", "alpha", "min_chunk",
-                   "imbalance_threshold")
+PROBLEM_OPTIONS = ("cost", "max_tokens_per_device", "max_foreign_experts", "alpha", "min_chunk", "imbalance_threshold")
 """``placement_options`` that go to :class:`~moebalance.PlacementProblem`; the others go to ``solve``."""
 
 USABLE = (Status.OPTIMAL, Status.FEASIBLE)
@@ -69,14 +69,15 @@ class EPPlan:
         return self.assignment.sum(axis=0)
 
 
-def agree(comm: Communicator, replicated: bool, size: int, compute: Callable[[], np.ndarray],
-          what: str = "plan broadcast") -> np.ndarray:
+def agree(
+    comm: Communicator, replicated: bool, size: int, compute: Callable[[], np.ndarray], what: str = "plan broadcast"
+) -> np.ndarray:
     """``compute()`` (an int64 vector of ``size``) on every rank when ``replicated``, else on group rank 0 and
     broadcast. A rank-0 failure reaches the others through a flag in the broadcast, then re-raises on rank 0."""
     if replicated or comm.world == 1:
         return np.asarray(compute(), dtype=np.int64)
     buf = torch.zeros(size + 1, dtype=torch.int64)
-    err: Optional[BaseException] = None
+    err: BaseException | None = None
     if comm.rank == 0:
         try:
             buf[:-1] = torch.from_numpy(np.ascontiguousarray(compute(), dtype=np.int64))
@@ -95,8 +96,16 @@ class PlacementPlanner:
     """Plans each step of one layer: ``method`` and its options (``problem_options`` to the problem,
     ``solve_options`` to ``solve``), validated now on an empty problem (ValueError on every rank alike)."""
 
-    def __init__(self, method: str, num_experts: int, world: int, problem_options: dict[str, Any],
-                 solve_options: dict[str, Any], fallback: str = "auto", check_plans: bool = False):
+    def __init__(
+        self,
+        method: str,
+        num_experts: int,
+        world: int,
+        problem_options: dict[str, Any],
+        solve_options: dict[str, Any],
+        fallback: str = "auto",
+        check_plans: bool = False,
+    ):
         from moebalance import method_info, solve
 
         if not isinstance(method, str):
@@ -143,10 +152,11 @@ class PlacementPlanner:
         if fb.status not in USABLE or self._violations(problem, x):
             raise ExpertParallelError(
                 f"no usable plan: {why}, and the fallback {fb.method} returned {fb.status.value} ({fb.message}); "
-                f"raise max_tokens_per_device / max_foreign_experts or use a placement that respects them")
+                f"raise max_tokens_per_device / max_foreign_experts or use a placement that respects them"
+            )
         return x, list(fb.weight_transfers or []), fb.method, Status(fb.status), f"{why}; fell back to {fb.method}"
 
-    def _violations(self, problem: Any, x: Optional[np.ndarray]) -> list[str]:
+    def _violations(self, problem: Any, x: np.ndarray | None) -> list[str]:
         """The cheap invariant check (``check_plans``: the full shared check)."""
         if x is None or x.shape != (self.E, self.P):
             return ["no [E, P] assignment"]
@@ -170,23 +180,26 @@ class PlacementPlanner:
         try:
             problem = self.problem(loads)
         except ValueError as exc:  # the limits cannot hold for these loads (InfeasibleError): no plan can
-            raise ExpertParallelError(f"no usable plan for step loads {np.asarray(loads).tolist()[:16]}: {exc}; "
-                                      "raise max_tokens_per_device / max_foreign_experts") from exc
+            raise ExpertParallelError(
+                f"no usable plan for step loads {np.asarray(loads).tolist()[:16]}: {exc}; "
+                "raise max_tokens_per_device / max_foreign_experts"
+            ) from exc
         out: dict[str, Any] = {}
 
         def compute() -> np.ndarray:
             x, transfers, used, status, msg = self._solve(problem)
             out.update(used=used, status=status, msg=msg)
             tr = np.full((E * P, 3), -1, dtype=np.int64)
-            tr[:len(transfers)] = np.asarray(transfers, dtype=np.int64).reshape(-1, 3)
+            tr[: len(transfers)] = np.asarray(transfers, dtype=np.int64).reshape(-1, 3)
             code = [int(used == self.method_name), _STATUSES.index(status), len(transfers)]
             return np.concatenate([x.reshape(-1), code, tr.reshape(-1)])
 
         buf = agree(comm, self.replicated, E * P + 3 + 3 * E * P, compute)
-        x = buf[:E * P].reshape(E, P)
-        own, st, n_tr = (int(v) for v in buf[E * P:E * P + 3])
-        transfers = sorted((tuple(int(v) for v in t) for t in buf[E * P + 3:].reshape(-1, 3)[:n_tr]),
-                           key=lambda t: (t[0], t[2]))
+        x = buf[: E * P].reshape(E, P)
+        own, st, n_tr = (int(v) for v in buf[E * P : E * P + 3])
+        transfers = sorted(
+            (tuple(int(v) for v in t) for t in buf[E * P + 3 :].reshape(-1, 3)[:n_tr]), key=lambda t: (t[0], t[2])
+        )
         if out:
             used, status, msg = out["used"], out["status"], out["msg"]
         else:

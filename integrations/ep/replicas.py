@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,7 +57,7 @@ class ReplicaLayout:
         object.__setattr__(self, "phy2log", a)
 
     @classmethod
-    def initial(cls, num_experts: int, world: int, slots: int) -> "ReplicaLayout":
+    def initial(cls, num_experts: int, world: int, slots: int) -> ReplicaLayout:
         """Home blocks first (rank r: experts ``r E/P .. (r+1) E/P - 1``), the redundant slots of rank r holding
         the next ranks' experts in turn (one replica each of experts ``(r+1) E/P, ...``)."""
         E, P, S = num_experts, world, slots
@@ -91,7 +91,7 @@ class ReplicaLayout:
     def local(self, rank: int) -> np.ndarray:
         """``[S]`` logical experts of this rank's slots."""
         S = self.slots
-        return self.phy2log[rank * S:(rank + 1) * S]
+        return self.phy2log[rank * S : (rank + 1) * S]
 
     def slot_of(self, rank: int) -> np.ndarray:
         """``[E]`` the first local slot holding each expert on ``rank`` (-1: none)."""
@@ -261,28 +261,46 @@ class Rebalancer:
     ``max_moves``: the per-rebalance move budget (on the problem); ``min_gain``: skip plans predicted to cut the
     busiest rank's load by less than this fraction."""
 
-    def __init__(self, method: str, num_experts: int, world: int, slots: int, *, window_size: int = 16,
-                 step_interval: int = 16, max_moves: Optional[int] = None, min_gain: float = 0.05,
-                 options: Optional[dict[str, Any]] = None):
+    def __init__(
+        self,
+        method: str,
+        num_experts: int,
+        world: int,
+        slots: int,
+        *,
+        window_size: int = 16,
+        step_interval: int = 16,
+        max_moves: int | None = None,
+        min_gain: float = 0.05,
+        options: dict[str, Any] | None = None,
+    ):
         from moebalance import ReplicationProblem, method_info, solve
-
         from moebalance._validate import as_int
 
         self.window_size = as_int(window_size, "window_size", minimum=1)
         self.step_interval = as_int(step_interval, "step_interval", minimum=1)
         if max_moves is not None:
             max_moves = as_int(max_moves, "max_moves", minimum=0)
-        if not isinstance(min_gain, (int, float)) or isinstance(min_gain, bool) or not np.isfinite(min_gain) \
-                or not 0 <= min_gain < 1:
+        if (
+            not isinstance(min_gain, (int, float))
+            or isinstance(min_gain, bool)
+            or not np.isfinite(min_gain)
+            or not 0 <= min_gain < 1
+        ):
             raise ValueError(f"`min_gain` must be a number in [0, 1), got {min_gain!r}")
         if not isinstance(method, str):
             raise ValueError(f"`replication` must be a method name, got {method!r}")
         self.method, self.max_moves, self.min_gain = method, max_moves, float(min_gain)
         self.options = dict(options or {})
         self.E, self.P, self.S = num_experts, world, slots
-        probe = ReplicationProblem(np.ones(num_experts), world * slots, num_gpus=world,
-                                   old_phy2log=ReplicaLayout.initial(num_experts, world, slots).phy2log[None]
-                                   if num_experts % world == 0 else None)
+        probe = ReplicationProblem(
+            np.ones(num_experts),
+            world * slots,
+            num_gpus=world,
+            old_phy2log=ReplicaLayout.initial(num_experts, world, slots).phy2log[None]
+            if num_experts % world == 0
+            else None,
+        )
         sol = solve(probe, method, **self.options)
         if sol.status == Status.ERROR:
             raise ValueError(f"`replication`={method!r} fails on a uniform load: {sol.message}")
@@ -336,9 +354,21 @@ class Rebalancer:
         elif gain < self.min_gain:
             reason = f"predicted gain {gain:.3f} below min_gain={self.min_gain}"
         applied = not reason
-        rep = RebalanceReport(step, out.get("method", self.method), status, applied, reason,
-                              balancedness(before), balancedness(after), float(gain), moves if applied else 0,
-                              moves_raw if applied else 0, 0, 0, new if applied else old)
+        rep = RebalanceReport(
+            step,
+            out.get("method", self.method),
+            status,
+            applied,
+            reason,
+            balancedness(before),
+            balancedness(after),
+            float(gain),
+            moves if applied else 0,
+            moves_raw if applied else 0,
+            0,
+            0,
+            new if applied else old,
+        )
         return (new if applied else old), rep
 
 

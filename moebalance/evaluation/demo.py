@@ -27,8 +27,10 @@ def limited_rows(table, limit: float) -> list[str]:
         if gap is None:
             lines.append(f"{s.method}: stopped by its {limit:g} s limit before it had an answer")
         else:
-            lines.append(f"{s.method}: stopped by its {limit:g} s limit; its answer is {100 * gap:.2f}% from the "
-                         f"best bound {table.best_bound:.6g} (what the limit cost, at most)")
+            lines.append(
+                f"{s.method}: stopped by its {limit:g} s limit; its answer is {100 * gap:.2f}% from the "
+                f"best bound {table.best_bound:.6g} (what the limit cost, at most)"
+            )
     return lines
 
 
@@ -45,8 +47,10 @@ def _routing(quick: bool) -> None:
     methods = [m for m in available_methods(problem) if not (quick and m in ("bip", "mip", "cvxpy"))]
     table = compare(problem, methods, time_limit=limit, progress=True)
     print(table)
-    print("(gap: distance to the best proven bound of all methods; topk ignores capacity, so it is infeasible "
-          "but its objective is a bound)")
+    print(
+        "(gap: distance to the best proven bound of all methods; topk ignores capacity, so it is infeasible "
+        "but its objective is a bound)"
+    )
     for line in limited_rows(table, limit):
         print(line)
     fast = next((s for s in table.solutions if s.method == "fast"), None)
@@ -57,10 +61,12 @@ def _routing(quick: bool) -> None:
     top = np.argpartition(-red, k - 1, axis=1)[:, :k]
     plain = np.argpartition(-problem.scores, k - 1, axis=1)[:, :k]
     cap = problem.capacity.max()
-    print(f"plain top-k: busiest expert gets {np.bincount(plain.ravel(), minlength=E).max()} tokens "
-          f"(capacity {cap});  top-k of scores - bias ({best.method}'s prices): busiest "
-          f"{np.bincount(top.ravel(), minlength=E).max()}, bias reproduces the optimum for "
-          f"{100 * best.stats['bias_reproduces']:.1f}% of tokens")
+    print(
+        f"plain top-k: busiest expert gets {np.bincount(plain.ravel(), minlength=E).max()} tokens "
+        f"(capacity {cap});  top-k of scores - bias ({best.method}'s prices): busiest "
+        f"{np.bincount(top.ravel(), minlength=E).max()}, bias reproduces the optimum for "
+        f"{100 * best.stats['bias_reproduces']:.1f}% of tokens"
+    )
 
 
 def _balancers(quick: bool) -> None:
@@ -70,8 +76,11 @@ def _balancers(quick: bool) -> None:
     _section(f"Online balancers over {steps} batches of {T} tokens (E={E}, top-{k}, same skewed router)")
     rng = np.random.default_rng(1)
     skew = np.log(1.0 / (rng.permutation(E) + 1.0))
-    balancers = {"none": None, "loss_free (u=1e-2)": LossFreeBalancer(E, k, rate=1e-2),
-                 "bip (4 inner iterations)": BIPBalancer(E, k, iterations=4)}
+    balancers = {
+        "none": None,
+        "loss_free (u=1e-2)": LossFreeBalancer(E, k, rate=1e-2),
+        "bip (4 inner iterations)": BIPBalancer(E, k, iterations=4),
+    }
     print(f"{'balancer':26s} MaxVio at step 1   step {steps // 2:<4d}   step {steps}")
     for name, bal in balancers.items():
         vios = []
@@ -146,11 +155,13 @@ def next_steps() -> str:
     lines = ["", "=== Next " + "=" * 70]
     if mb != "moebalance" and venv and not mb.endswith("-m moebalance"):
         lines.append(f"`moebalance` is {mb} (or run `source {venv}/bin/activate` once to put it on the PATH):")
-    cmds = [(f"{mb} gen p.npz -T 1024 -E 64 -k 8", "a problem file (or moebalance.io.save_problem on your own)"),
-            (f"{mb} compare p.npz --time-limit 10", "every method on it, each gap to the best bound"),
-            (f"{mb} solve p.npz --json sol.json", "one method's checked answer (--method, default auto)"),
-            (f"{mb} plot p.npz sol.json --out p.png", "loads before and after, as a PNG"),
-            (f"{mb} --help", "every command; docs/cli.md and the README for more")]
+    cmds = [
+        (f"{mb} gen p.npz -T 1024 -E 64 -k 8", "a problem file (or moebalance.io.save_problem on your own)"),
+        (f"{mb} compare p.npz --time-limit 10", "every method on it, each gap to the best bound"),
+        (f"{mb} solve p.npz --json sol.json", "one method's checked answer (--method, default auto)"),
+        (f"{mb} plot p.npz sol.json --out p.png", "loads before and after, as a PNG"),
+        (f"{mb} --help", "every command; docs/cli.md and the README for more"),
+    ]
     width = max(len(c) for c, _ in cmds)
     lines += [f"  {c:{width}s}   # {why}" for c, why in cmds]
     return "\n".join(lines)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["run"]
 
@@ -10,12 +10,12 @@ __all__ = ["run"]
 def run(quick: bool, section: Callable[[str], None]) -> None:
     import torch
 
-    from moebalance.integrations.torch import MoEConfig, MoELayer
-
     E, k, hidden, ffn, T = 16, 2, 64, 128, 512
     steps = 15 if quick else 40
-    section(f"MoE layer (torch path on {'GPU' if torch.cuda.is_available() else 'CPU'}): "
-            f"E={E}, top-{k}, hidden={hidden}, {steps} training steps on a skewed router")
+    section(
+        f"MoE layer (torch path on {'GPU' if torch.cuda.is_available() else 'CPU'}): "
+        f"E={E}, top-{k}, hidden={hidden}, {steps} training steps on a skewed router"
+    )
     print(f"{'balancer':10s} MaxVio step 1   step {steps}   final loss")
     # one thread: at these sizes it is as fast as several, and it does not slow down on a busy machine (several
     # threads then wait on each other at every small matrix product)
@@ -34,8 +34,16 @@ def _train(steps: int, E: int, k: int, hidden: int, ffn: int, T: int) -> None:
 
     for balancer in ("none", "aux_loss", "loss_free", "bip"):
         torch.manual_seed(0)
-        cfg = MoEConfig(hidden=hidden, ffn=ffn, num_experts=E, top_k=k, balancer=balancer,
-                        bias_update_rate=2e-2, aux_loss_coeff=1e-1, backend="torch")
+        cfg = MoEConfig(
+            hidden=hidden,
+            ffn=ffn,
+            num_experts=E,
+            top_k=k,
+            balancer=balancer,
+            bias_update_rate=2e-2,
+            aux_loss_coeff=1e-1,
+            backend="torch",
+        )
         layer = MoELayer(cfg)
         with torch.no_grad():  # a router that prefers the first experts, as real routers drift to do
             layer.router.weight[:4] += 0.4 * torch.randn(hidden)

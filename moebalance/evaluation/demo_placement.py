@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["run"]
 
@@ -13,6 +13,7 @@ def run(quick: bool, section: Callable[[str], None]) -> None:
     from moebalance.comparison import compare
     from moebalance.placement import PlacementProblem
     from moebalance.registry import available_methods
+
     from .simulate import DEFAULT_ROUTING_DIR, MODELS, Hardware, _spread, real_layers
 
     P, tokens_per_device = 8, 16384
@@ -29,8 +30,9 @@ def run(quick: bool, section: Callable[[str], None]) -> None:
     loads = _spread(P * tokens_per_device * model.k, loads)
     cost = Hardware().cost(model)
     section(f"Placement on {P} devices: {len(loads)} experts, {int(loads.sum())} token-expert pairs in one step")
-    print(f"loads: {source}\ncost model: DeepSeek-V3 expert shapes on assumed H200-class numbers "
-          f"(not measured): {cost}")
+    print(
+        f"loads: {source}\ncost model: DeepSeek-V3 expert shapes on assumed H200-class numbers (not measured): {cost}"
+    )
     problem = PlacementProblem(loads, P, cost=cost)
     methods = [m for m in available_methods(problem) if not (quick and m in ("milp", "lp-cvxpy"))]
     # the MILP of 256 experts on 8 devices does not close its gap in minutes: a short limit, and what it cost
@@ -44,5 +46,7 @@ def run(quick: bool, section: Callable[[str], None]) -> None:
     ep = next(s for s in table.solutions if s.method == "ep")
     for s in table.solutions:
         if s.method in ("llep", "llep+", "eplb") and s.feasible:
-            print(f"{s.method:6s} makespan {1e3 * s.objective:.3f} ms vs ep {1e3 * ep.objective:.3f} ms: "
-                  f"{ep.objective / s.objective:.2f}x faster, {len(s.weight_transfers or [])} expert copies")
+            print(
+                f"{s.method:6s} makespan {1e3 * s.objective:.3f} ms vs ep {1e3 * ep.objective:.3f} ms: "
+                f"{ep.objective / s.objective:.2f}x faster, {len(s.weight_transfers or [])} expert copies"
+            )

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -40,8 +41,9 @@ def load_solution(problem: Any, path: str | Path) -> Any:
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ValueError(f"{p.name}: not a solution JSON file ({type(exc).__name__})") from None
     if not isinstance(d, dict) or "method" not in d or "status" not in d:
-        raise ValueError(f"{p.name}: not a solution file (expected the keys 'method' and 'status' of "
-                         "`moebalance solve --json`)")
+        raise ValueError(
+            f"{p.name}: not a solution file (expected the keys 'method' and 'status' of `moebalance solve --json`)"
+        )
     try:
         status = Status(d["status"])
     except ValueError:
@@ -55,25 +57,34 @@ def load_solution(problem: Any, path: str | Path) -> Any:
             raise ValueError(f"{p.name}: `assignment` is not an array of numbers") from None
         want = (problem.num_tokens, problem.k) if problem.kind == "routing" else tuple(problem.shape)
         if assignment.shape != want:
-            raise ValueError(f"{p.name}: this solution is not of this problem: `assignment` has shape "
-                             f"{assignment.shape}, the problem's answers have shape {want}")
+            raise ValueError(
+                f"{p.name}: this solution is not of this problem: `assignment` has shape "
+                f"{assignment.shape}, the problem's answers have shape {want}"
+            )
         if np.all(np.isfinite(assignment)) and np.array_equal(assignment, np.round(assignment)):
             assignment = assignment.astype(np.int64)
     kwargs: dict[str, Any] = {}
     if "bias" in cls.family_fields() and d.get("bias") is not None:
         kwargs["bias"] = np.asarray(d["bias"], dtype=np.float64)
     bound = d.get("bound")
-    raw = cls(method=str(d["method"]), status=status, bound=None if bound is None else float(bound),
-              assignment=assignment,
-              stats=dict(d.get("stats") or {}), message=str(d.get("message", "")), **kwargs)
+    raw = cls(
+        method=str(d["method"]),
+        status=status,
+        bound=None if bound is None else float(bound),
+        assignment=assignment,
+        stats=dict(d.get("stats") or {}),
+        message=str(d.get("message", "")),
+        **kwargs,
+    )
     try:
         return finalize(problem, raw, method=raw.method, wall_time=float(d.get("wall_time") or 0.0))
     except (TypeError, IndexError) as exc:
         raise ValueError(f"{p.name}: its assignment does not fit the problem ({exc})") from None
 
 
-def _before_after(problem: Any, solutions: Sequence[Any]) -> tuple[str, str, np.ndarray, list[tuple[str, Any]],
-                                                                 float | None]:
+def _before_after(
+    problem: Any, solutions: Sequence[Any]
+) -> tuple[str, str, np.ndarray, list[tuple[str, Any]], float | None]:
     """(x label, y label, loads before, [(label, loads after)], the limit line or None)."""
     if problem.kind == "routing":
         k = problem.k
@@ -117,15 +128,17 @@ def plot_files(problem_path: str | Path, solution_paths: Sequence[str | Path], o
     axes = list(axes[0])
     ax = axes.pop(0)
     x = np.arange(len(before))
-    ax.plot(x, before, label="before: " + ("plain top-k" if problem.kind == "routing" else "plain EP (home)"),
-            **style(0))
+    ax.plot(
+        x, before, label="before: " + ("plain top-k" if problem.kind == "routing" else "plain EP (home)"), **style(0)
+    )
     for i, (label, loads) in enumerate(after, start=1):
         if loads is None:
             continue
         ax.plot(x, np.asarray(loads), label=f"after: {label}", **style(i))
     if limit is not None:
-        ax.axhline(limit, color="k", lw=0.8, ls=":", label="capacity" if problem.kind == "routing"
-                   else "max tokens per device")
+        ax.axhline(
+            limit, color="k", lw=0.8, ls=":", label="capacity" if problem.kind == "routing" else "max tokens per device"
+        )
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(f"{ylabel} per {xlabel}")
@@ -151,8 +164,14 @@ def plot_files(problem_path: str | Path, solution_paths: Sequence[str | Path], o
                 ax.annotate("no feasible answer", (i, 0), rotation=90, ha="center", va="bottom", fontsize=8)
                 continue
             for x_, g, what in ((i - w / 2, own[i], "no own bound"), (i + w / 2, best[i], "-")):
-                ax.annotate(what if math.isnan(g) else f"{g:.2g}", (x_, 0 if math.isnan(g) else g),
-                            rotation=90, ha="center", va="bottom", fontsize=7)
+                ax.annotate(
+                    what if math.isnan(g) else f"{g:.2g}",
+                    (x_, 0 if math.isnan(g) else g),
+                    rotation=90,
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                )
         ax.set_xticks(pos, names, rotation=30, ha="right")
         ax.set_ylabel("relative gap")
         ax.set_title("solver gaps")
@@ -173,14 +192,22 @@ def _cmd_plot(args: Any) -> int:
 def add_plot_command(subparsers: Any) -> Any:
     """Add the ``plot`` subcommand to an argparse ``subparsers``; it sets ``func`` to run it (returns 0)."""
     p = subparsers.add_parser(
-        "plot", help="draw a problem file and its solution file(s): loads before and after, solver gaps",
+        "plot",
+        help="draw a problem file and its solution file(s): loads before and after, solver gaps",
         description="Draw a problem file and the solution file(s) solved for it (`moebalance solve PROBLEM "
-                    "--json SOL.json`) into one PNG: loads per expert (routing) or per device (placement) before "
-                    "and after, and, with several solutions, each one's gap to its own bound and to the best "
-                    "bound of all. Every solution is re-checked on the problem.")
+        "--json SOL.json`) into one PNG: loads per expert (routing) or per device (placement) before "
+        "and after, and, with several solutions, each one's gap to its own bound and to the best "
+        "bound of all. Every solution is re-checked on the problem.",
+    )
     p.add_argument("problem", help="problem file (.npz or .json)")
-    p.add_argument("solutions", nargs="+", metavar="SOLUTION", help="solution JSON file(s) of `moebalance solve --json`")
-    p.add_argument("--out", "-o", default="moebalance_plot.png",
-                   help="the PNG to write (default moebalance_plot.png in the current directory)")
+    p.add_argument(
+        "solutions", nargs="+", metavar="SOLUTION", help="solution JSON file(s) of `moebalance solve --json`"
+    )
+    p.add_argument(
+        "--out",
+        "-o",
+        default="moebalance_plot.png",
+        help="the PNG to write (default moebalance_plot.png in the current directory)",
+    )
     p.set_defaults(func=_cmd_plot)
     return p

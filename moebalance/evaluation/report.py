@@ -29,8 +29,9 @@ import math
 import os
 import platform
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -51,16 +52,30 @@ class _Input:
 
 
 INPUTS: dict[str, _Input] = {
-    "routing": _Input("routing_solvers.json", "routing_solvers_quick.json", "python benchmarks/routing_solvers.py",
-                      "python benchmarks/routing_solvers.py --quick --out benchmarks/results/routing_solvers_quick.json"),
-    "placement": _Input("placement.json", "placement_quick.json", "python benchmarks/placement.py",
-                        "python benchmarks/placement.py --quick --out benchmarks/results/placement_quick.json"),
-    "calibration": _Input("ep_cost_model_*.json", "ep_cost_model_quick.json",
-                          "python benchmarks/ep_layer.py --mode calibrate --small",
-                          "python benchmarks/ep_layer.py --mode calibrate --small --out "
-                          "benchmarks/results/ep_cost_model_quick.json"),
-    "study": _Input("balancer_study.json", "balancer_study_quick.json", "python benchmarks/balancer_study.py",
-                    "moebalance report --run-quick"),
+    "routing": _Input(
+        "routing_solvers.json",
+        "routing_solvers_quick.json",
+        "python benchmarks/routing_solvers.py",
+        "python benchmarks/routing_solvers.py --quick --out benchmarks/results/routing_solvers_quick.json",
+    ),
+    "placement": _Input(
+        "placement.json",
+        "placement_quick.json",
+        "python benchmarks/placement.py",
+        "python benchmarks/placement.py --quick --out benchmarks/results/placement_quick.json",
+    ),
+    "calibration": _Input(
+        "ep_cost_model_*.json",
+        "ep_cost_model_quick.json",
+        "python benchmarks/ep_layer.py --mode calibrate --small",
+        "python benchmarks/ep_layer.py --mode calibrate --small --out benchmarks/results/ep_cost_model_quick.json",
+    ),
+    "study": _Input(
+        "balancer_study.json",
+        "balancer_study_quick.json",
+        "python benchmarks/balancer_study.py",
+        "moebalance report --run-quick",
+    ),
 }
 
 
@@ -145,18 +160,23 @@ def _quick_study(assets: Path, progress: bool) -> None:
 
 
 # ---- 1. routing solvers ------------------------------------------------------------------------------------
-def _routing_section(data: dict[str, Any], target: Optional[dict[str, Any]], assets: Path,
-                     source: str) -> tuple[str, list[Path]]:
+def _routing_section(
+    data: dict[str, Any], target: dict[str, Any] | None, assets: Path, source: str
+) -> tuple[str, list[Path]]:
     cfg, mach = data.get("config", {}), data.get("machine", {})
     methods = cfg.get("methods") or sorted({m for i in data["instances"] for m in i["results"]})
     insts = data["instances"]
-    lines = ["## 1. Routing solvers", "",
-             f"Source: `{source}`{' (quick run)' if cfg.get('quick') else ''}. Machine: {mach.get('cpu_model', '?')}, "
-             f"{mach.get('cores', '?')} cores, load average at start "
-             f"{', '.join(f'{x:.1f}' for x in mach.get('load_average_at_start') or [])}. "
-             f"Instances: `routing_problem(T, E, k, kind=\"zipf\")`, capacity factor {cfg.get('capacity_factor')}; "
-             f"time limit {cfg.get('time_cap_s')} s per method; gap = (optimum - objective) / optimum, the optimum "
-             f"being {cfg.get('reference', 'mcf')}'s.", ""]
+    lines = [
+        "## 1. Routing solvers",
+        "",
+        f"Source: `{source}`{' (quick run)' if cfg.get('quick') else ''}. Machine: {mach.get('cpu_model', '?')}, "
+        f"{mach.get('cores', '?')} cores, load average at start "
+        f"{', '.join(f'{x:.1f}' for x in mach.get('load_average_at_start') or [])}. "
+        f'Instances: `routing_problem(T, E, k, kind="zipf")`, capacity factor {cfg.get("capacity_factor")}; '
+        f"time limit {cfg.get('time_cap_s')} s per method; gap = (optimum - objective) / optimum, the optimum "
+        f"being {cfg.get('reference', 'mcf')}'s.",
+        "",
+    ]
     summary = []
     for m in methods:
         rs = [i["results"].get(m, {}) for i in insts]
@@ -167,14 +187,24 @@ def _routing_section(data: dict[str, Any], target: Optional[dict[str, Any]], ass
         statuses: dict[str, int] = {}
         for r in ran:
             statuses[r["status"]] = statuses.get(r["status"], 0) + 1
-        summary.append([m, f"{len(ran)}/{len(insts)}", _gap(float(np.median(gaps)) if gaps else None),
-                        _gap(max(gaps) if gaps else None), _num(float(np.median(times)) if times else None),
-                        _num(max(times) if times else None),
-                        ", ".join(f"{k} {v}" for k, v in sorted(statuses.items()))])
-    lines += ["Per method over the grid (gaps of feasible answers only; top-k ignores capacity, so its answers are "
-              "infeasible and its objective is an upper bound):", "",
-              _table(["method", "ran", "median gap", "max gap", "median time s", "max time s", "statuses"], summary),
-              ""]
+        summary.append(
+            [
+                m,
+                f"{len(ran)}/{len(insts)}",
+                _gap(float(np.median(gaps)) if gaps else None),
+                _gap(max(gaps) if gaps else None),
+                _num(float(np.median(times)) if times else None),
+                _num(max(times) if times else None),
+                ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())),
+            ]
+        )
+    lines += [
+        "Per method over the grid (gaps of feasible answers only; top-k ignores capacity, so its answers are "
+        "infeasible and its objective is an upper bound):",
+        "",
+        _table(["method", "ran", "median gap", "max gap", "median time s", "max time s", "statuses"], summary),
+        "",
+    ]
     rows = []
     for i in insts:
         cells = [str(i["T"]), str(i["E"]), str(i["k"])]
@@ -188,15 +218,24 @@ def _routing_section(data: dict[str, Any], target: Optional[dict[str, Any]], ass
                 cells.append(f"{_num(r.get('wall_time'))} s, {r['status']}")
             else:
                 g = r.get("gap_to_opt")
-                cells.append(f"{_num(r.get('wall_time'))} s" + ("" if g == 0 else f", gap {_gap(g)}")
-                             + (" (limit)" if r["status"] == "time_limit" else ""))
+                cells.append(
+                    f"{_num(r.get('wall_time'))} s"
+                    + ("" if g == 0 else f", gap {_gap(g)}")
+                    + (" (limit)" if r["status"] == "time_limit" else "")
+                )
         rows.append(cells)
-    lines += ["Every instance (wall time; gap to the optimum where it is not 0):", "",
-              _table(["T", "E", "k", *methods], rows), ""]
+    lines += [
+        "Every instance (wall time; gap to the optimum where it is not 0):",
+        "",
+        _table(["T", "E", "k", *methods], rows),
+        "",
+    ]
     targets = list(data.get("targets", []))
     if target:
-        targets += [dict(t, line=t["line"] + f" (separate run: `{target.get('config', {}).get('command', '?')}`)")
-                    for t in target.get("targets", [])]
+        targets += [
+            dict(t, line=t["line"] + f" (separate run: `{target.get('config', {}).get('command', '?')}`)")
+            for t in target.get("targets", [])
+        ]
     if targets:
         lines += ["Targets:", ""] + [f"- {t['line']}" for t in targets] + [""]
     plots = _routing_plots(insts, methods, assets)
@@ -210,9 +249,14 @@ def _routing_plots(insts: list[dict[str, Any]], methods: Sequence[str], assets: 
     fig, axes = plt.subplots(1, len(ks) + 1, figsize=(4.6 * (len(ks) + 1), 4.0), squeeze=False)
     for ax, k in zip(axes[0], ks):
         for j, m in enumerate(methods):
-            pts = sorted((i["T"] * i["E"], i["results"][m]["wall_time"]) for i in insts if i["k"] == k
-                         and m in i["results"] and not i["results"][m].get("skipped")
-                         and i["results"][m].get("wall_time") is not None)
+            pts = sorted(
+                (i["T"] * i["E"], i["results"][m]["wall_time"])
+                for i in insts
+                if i["k"] == k
+                and m in i["results"]
+                and not i["results"][m].get("skipped")
+                and i["results"][m].get("wall_time") is not None
+            )
             if pts:
                 ax.plot(*zip(*pts), **style(j, line=False), label=m)  # T x E mixes E values: no lines
         ax.set_xscale("log")
@@ -224,8 +268,11 @@ def _routing_plots(insts: list[dict[str, Any]], methods: Sequence[str], assets: 
     ax = axes[0][-1]
     floor = 1e-10
     for j, m in enumerate(methods):
-        gaps = [max(i["results"][m]["gap_to_opt"], floor) for i in insts if m in i["results"]
-                and i["results"][m].get("feasible") and i["results"][m].get("gap_to_opt") is not None]
+        gaps = [
+            max(i["results"][m]["gap_to_opt"], floor)
+            for i in insts
+            if m in i["results"] and i["results"][m].get("feasible") and i["results"][m].get("gap_to_opt") is not None
+        ]
         ax.plot(np.full(len(gaps), j) + np.linspace(-0.2, 0.2, len(gaps)), gaps, **style(j, line=False))
     ax.set_xticks(range(len(methods)))
     ax.set_xticklabels(methods, rotation=45, fontsize=8)
@@ -243,42 +290,96 @@ HEUR = ("ep", "eplb", "eplb-home", "llep", "llep+")
 def _placement_section(data: dict[str, Any], assets: Path, source: str) -> tuple[str, list[Path]]:
     gt = data.get("gap_table", {})
     summary = gt.get("summary", {})
-    lines = ["## 2. Placement: each method's gap to the optimum", "",
-             f"Source: `{source}`{' (quick run)' if 'quick' in Path(source).name else ''}. Makespans under the "
-             "simulator's cost model (assumed hardware "
-             f"{data.get('hardware_assumed')}); gap = (makespan - best bound) / best bound, the best bound being the "
-             "larger of the MILP (OR-Tools SCIP, time-limited) and LP bounds, so a gap is an upper bound on the "
-             "distance to the true optimum.", ""]
+    lines = [
+        "## 2. Placement: each method's gap to the optimum",
+        "",
+        f"Source: `{source}`{' (quick run)' if 'quick' in Path(source).name else ''}. Makespans under the "
+        "simulator's cost model (assumed hardware "
+        f"{data.get('hardware_assumed')}); gap = (makespan - best bound) / best bound, the best bound being the "
+        "larger of the MILP (OR-Tools SCIP, time-limited) and LP bounds, so a gap is an upper bound on the "
+        "distance to the true optimum.",
+        "",
+    ]
     if summary:
-        rows = [[name, str(s.get("instances")), *[_pct(s.get(f"{m}_median_gap")) for m in HEUR],
-                 f"{_pct(s.get('llep+_closes_median_vs_best_plan'), 0)} / "
-                 f"{_pct(s.get('llep+_closes_median_vs_bound'), 0)}",
-                 _num(s.get("llep_time_median_ms")), _num(s.get("llep+_time_median_ms"))]
-                for name, s in summary.items()]
-        lines += ["Median gap per instance set:", "",
-                  _table(["set", "instances", *HEUR, "llep+ closes (best plan / bound)", "llep ms", "llep+ ms"], rows),
-                  ""]
+        rows = [
+            [
+                name,
+                str(s.get("instances")),
+                *[_pct(s.get(f"{m}_median_gap")) for m in HEUR],
+                f"{_pct(s.get('llep+_closes_median_vs_best_plan'), 0)} / "
+                f"{_pct(s.get('llep+_closes_median_vs_bound'), 0)}",
+                _num(s.get("llep_time_median_ms")),
+                _num(s.get("llep+_time_median_ms")),
+            ]
+            for name, s in summary.items()
+        ]
+        lines += [
+            "Median gap per instance set:",
+            "",
+            _table(["set", "instances", *HEUR, "llep+ closes (best plan / bound)", "llep ms", "llep+ ms"], rows),
+            "",
+        ]
     rows = gt.get("rows", [])
     if rows:
-        body = [[r["set"], str(r["instance"]).replace("prefill_in4096/", ""),
-                 *[_pct(r.get(f"{m}_gap")) for m in HEUR],
-                 _pct((r["best_plan"] - r["best_bound"]) / r["best_bound"]) if r.get("best_bound") else "-",
-                 r.get("milp_status", "-")] for r in rows]
-        lines += ["<details><summary>Every instance</summary>", "",
-                  _table(["set", "instance", *HEUR, "best plan", "milp"], body), "", "</details>", ""]
+        body = [
+            [
+                r["set"],
+                str(r["instance"]).replace("prefill_in4096/", ""),
+                *[_pct(r.get(f"{m}_gap")) for m in HEUR],
+                _pct((r["best_plan"] - r["best_bound"]) / r["best_bound"]) if r.get("best_bound") else "-",
+                r.get("milp_status", "-"),
+            ]
+            for r in rows
+        ]
+        lines += [
+            "<details><summary>Every instance</summary>",
+            "",
+            _table(["set", "instance", *HEUR, "best plan", "milp"], body),
+            "",
+            "</details>",
+            "",
+        ]
     ms = data.get("milp_scaling", {}).get("rows", [])
     if ms:
-        lines += [f"MILP scaling (limit {data['milp_scaling'].get('time_limit_s')} s):", "",
-                  _table(["E", "P", "status", "time s", "gap", "llep+ / milp"],
-                         [[str(r["E"]), str(r["P"]), r["status"], _num(r["time_s"]), _num(r.get("gap"), ".2e"),
-                           _num(r["llep+"] / r["objective"] if r.get("objective") else None, ".4f")] for r in ms]),
-                  ""]
+        lines += [
+            f"MILP scaling (limit {data['milp_scaling'].get('time_limit_s')} s):",
+            "",
+            _table(
+                ["E", "P", "status", "time s", "gap", "llep+ / milp"],
+                [
+                    [
+                        str(r["E"]),
+                        str(r["P"]),
+                        r["status"],
+                        _num(r["time_s"]),
+                        _num(r.get("gap"), ".2e"),
+                        _num(r["llep+"] / r["objective"] if r.get("objective") else None, ".4f"),
+                    ]
+                    for r in ms
+                ],
+            ),
+            "",
+        ]
     pt = data.get("planning_time", {}).get("rows", [])
     if pt:
-        lines += ["Planning time at E=384, P=64 (median ms):", "",
-                  _table(["scenario", "llep_plan", "paper loop", "solve llep", "solve llep+"],
-                         [[r["scenario"], _num(r["llep_plan_ms"]), _num(r["reference_loop_ms"]),
-                           _num(r["solve_llep_ms"]), _num(r["solve_llep+_ms"])] for r in pt]), ""]
+        lines += [
+            "Planning time at E=384, P=64 (median ms):",
+            "",
+            _table(
+                ["scenario", "llep_plan", "paper loop", "solve llep", "solve llep+"],
+                [
+                    [
+                        r["scenario"],
+                        _num(r["llep_plan_ms"]),
+                        _num(r["reference_loop_ms"]),
+                        _num(r["solve_llep_ms"]),
+                        _num(r["solve_llep+_ms"]),
+                    ]
+                    for r in pt
+                ],
+            ),
+            "",
+        ]
     plots = _placement_plot(summary, assets) if summary else []
     lines += [f"![{p.stem}]({p.parent.name}/{p.name})" for p in plots] + [""]
     return "\n".join(lines), plots
@@ -291,8 +392,16 @@ def _placement_plot(summary: dict[str, Any], assets: Path) -> list[Path]:
     width = 0.8 / len(HEUR)
     for j, m in enumerate(HEUR):
         vals = [max(summary[s].get(f"{m}_median_gap") or 0.0, 1e-5) for s in sets]
-        ax.bar(np.arange(len(sets)) + (j - (len(HEUR) - 1) / 2) * width, vals, width, label=m,
-               color=style(j)["color"], hatch=("", "//", "..", "xx", "\\\\")[j % 5], edgecolor="black", lw=0.5)
+        ax.bar(
+            np.arange(len(sets)) + (j - (len(HEUR) - 1) / 2) * width,
+            vals,
+            width,
+            label=m,
+            color=style(j)["color"],
+            hatch=("", "//", "..", "xx", "\\\\")[j % 5],
+            edgecolor="black",
+            lw=0.5,
+        )
     ax.set_xticks(range(len(sets)))
     ax.set_xticklabels(sets, fontsize=8)
     ax.set_yscale("log")
@@ -316,19 +425,34 @@ def _sim_tables(res: Any, *, real: bool) -> str:
         first = next(iter(by.values()))
         lp = by.get("lp", {}).get("lp_bound_s")
         ep = by.get("ep", {}).get("makespan_s")
-        body.append([key[0], str(key[1]), key[2], _num(first["imbalance"], ".2f"),
-                     *[_num(by[m]["speedup"], ".2f") + "x" if m in by and by[m]["speedup"] else "-" for m in methods],
-                     _num(ep / lp, ".2f") + "x" if ep and lp else "-",
-                     *[_num(by[m]["peak_gib"], ".1f") if m in by else "-" for m in ("ep", "llep")]])
-    head = ["model", "P", "scenario", "imbalance", *[f"{m} speedup" for m in methods], "LP bound speedup",
-            "EP peak GiB", "LLEP peak GiB"]
+        body.append(
+            [
+                key[0],
+                str(key[1]),
+                key[2],
+                _num(first["imbalance"], ".2f"),
+                *[_num(by[m]["speedup"], ".2f") + "x" if m in by and by[m]["speedup"] else "-" for m in methods],
+                _num(ep / lp, ".2f") + "x" if ep and lp else "-",
+                *[_num(by[m]["peak_gib"], ".1f") if m in by else "-" for m in ("ep", "llep")],
+            ]
+        )
+    head = [
+        "model",
+        "P",
+        "scenario",
+        "imbalance",
+        *[f"{m} speedup" for m in methods],
+        "LP bound speedup",
+        "EP peak GiB",
+        "LLEP peak GiB",
+    ]
     return _table(head, body)
 
 
-def _simulate_section(routing_dir: Optional[Path], calibrations: list[Path], assets: Path, *, devices: int,
-                      tokens: int, progress: bool) -> tuple[str, list[Path], dict[str, str]]:
-    from .simulate import (DEFAULT_ROUTING_DIR, MODELS, PAPER_SCENARIOS, Hardware, ModelPreset, real_layers,
-                           simulate)
+def _simulate_section(
+    routing_dir: Path | None, calibrations: list[Path], assets: Path, *, devices: int, tokens: int, progress: bool
+) -> tuple[str, list[Path], dict[str, str]]:
+    from .simulate import DEFAULT_ROUTING_DIR, MODELS, PAPER_SCENARIOS, Hardware, ModelPreset, real_layers, simulate
 
     folder = Path(routing_dir) if routing_dir is not None else DEFAULT_ROUTING_DIR
     missing: dict[str, str] = {}
@@ -340,13 +464,17 @@ def _simulate_section(routing_dir: Optional[Path], calibrations: list[Path], ass
             missing[f"routing data {spec}"] = f"not usable: {exc} (give the folder with --routing-data)"
         else:
             real.append(spec)
-    lines = ["## 3. Simulated speedup and peak memory", "",
-             f"Computed now with `moebalance.evaluation.simulate.simulate` (P={devices}, {tokens} tokens per device; methods "
-             "ep, eplb, eplb-home, llep, llep+, and lp for the bound): the LLEP paper's scenarios (`pct:n` = pct% of "
-             f"the token slots into n experts) and the recorded routing in `{folder}` "
-             f"({', '.join(real) if real else 'not found'}), whose per-layer rows are summed over each model's "
-             "layers. Speedups are over EP; 'LP bound speedup' is EP's makespan over the LP bound, the most any "
-             "plan could give.", ""]
+    lines = [
+        "## 3. Simulated speedup and peak memory",
+        "",
+        f"Computed now with `moebalance.evaluation.simulate.simulate` (P={devices}, {tokens} tokens per device; methods "
+        "ep, eplb, eplb-home, llep, llep+, and lp for the bound): the LLEP paper's scenarios (`pct:n` = pct% of "
+        f"the token slots into n experts) and the recorded routing in `{folder}` "
+        f"({', '.join(real) if real else 'not found'}), whose per-layer rows are summed over each model's "
+        "layers. Speedups are over EP; 'LP bound speedup' is EP's makespan over the LP bound, the most any "
+        "plan could give.",
+        "",
+    ]
     plots: list[Path] = []
     runs = [("assumed", "Assumed hardware (H200-class round numbers, not measured)", Hardware(), "gpt-oss-120b")]
     for cal in calibrations:
@@ -355,34 +483,55 @@ def _simulate_section(routing_dir: Optional[Path], calibrations: list[Path], ass
         sh = data.get("shapes", {})
         model: Any = data.get("model")
         if not isinstance(model, str) or model == "custom" or not sh:
-            model = ModelPreset(f"calibrated-{cal.stem.replace('ep_cost_model_', '')}", int(sh["experts"]),
-                                int(sh["top_k"]), int(sh["hidden"]), int(sh["ffn"]))
-        label = (f"Measured cost model from `{cal.name}`: {data.get('device')}, {data.get('dtype')}, "
-                 f"shapes {sh}, fit r2 {data.get('fit', {}).get('forward', {}).get('r2')}; link bandwidth "
-                 f"{data.get('link_bandwidth_source', 'as recorded')}")
+            model = ModelPreset(
+                f"calibrated-{cal.stem.replace('ep_cost_model_', '')}",
+                int(sh["experts"]),
+                int(sh["top_k"]),
+                int(sh["hidden"]),
+                int(sh["ffn"]),
+            )
+        label = (
+            f"Measured cost model from `{cal.name}`: {data.get('device')}, {data.get('dtype')}, "
+            f"shapes {sh}, fit r2 {data.get('fit', {}).get('forward', {}).get('r2')}; link bandwidth "
+            f"{data.get('link_bandwidth_source', 'as recorded')}"
+        )
         runs.append((cal.stem, label, hw, model))
     for tag, label, hw, model in runs:
         experts = MODELS[model].experts if isinstance(model, str) else model.experts
         # pct:n needs n < E: a small calibrated model skips the scenarios it cannot hold
         scen = ("balanced",) + tuple(s for s in PAPER_SCENARIOS if int(s.split(":")[1]) < experts)
-        res = simulate(model, devices, tokens, scenarios=scen, real=real,
-                       routing_dir=folder, hardware=hw, progress=progress)
+        res = simulate(
+            model, devices, tokens, scenarios=scen, real=real, routing_dir=folder, hardware=hw, progress=progress
+        )
         name = model if isinstance(model, str) else model.name
-        lines += [f"### {label}", "",
-                  f"Hardware: FLOP/s {hw.device_flops:.3g}, link {hw.link_bandwidth:.3g} B/s, GEMM overhead "
-                  f"{hw.gemm_overhead:.3g} s, {hw.dtype_bytes:g} bytes per value; scenarios on {name}.", "",
-                  "Paper scenarios:", "", _sim_tables(res, real=False), ""]
+        lines += [
+            f"### {label}",
+            "",
+            f"Hardware: FLOP/s {hw.device_flops:.3g}, link {hw.link_bandwidth:.3g} B/s, GEMM overhead "
+            f"{hw.gemm_overhead:.3g} s, {hw.dtype_bytes:g} bytes per value; scenarios on {name}.",
+            "",
+            "Paper scenarios:",
+            "",
+            _sim_tables(res, real=False),
+            "",
+        ]
         if real:
-            lines += ["Recorded routing (all layers summed; imbalance = median over layers):", "",
-                      _sim_tables(res, real=True), ""]
+            lines += [
+                "Recorded routing (all layers summed; imbalance = median over layers):",
+                "",
+                _sim_tables(res, real=True),
+                "",
+            ]
         ps = res.plot(assets, prefix=f"simulate_{tag}")
         plots += ps
         lines += [f"![{p.stem}]({p.parent.name}/{p.name})" for p in ps] + [""]
     if not calibrations:
         missing["calibration"] = f"not yet run: {INPUTS['calibration'].command} (measured cost model)"
-        lines += [f"Measured cost model: not yet run: `{INPUTS['calibration'].command}` (on the GPU: "
-                  "`python benchmarks/ep_layer.py --mode calibrate --model gpt-oss-120b --devices 8 --tokens 32768`)",
-                  ""]
+        lines += [
+            f"Measured cost model: not yet run: `{INPUTS['calibration'].command}` (on the GPU: "
+            "`python benchmarks/ep_layer.py --mode calibrate --model gpt-oss-120b --devices 8 --tokens 32768`)",
+            "",
+        ]
     return "\n".join(lines), plots, missing
 
 
@@ -397,10 +546,17 @@ def _study_section(data: dict[str, Any], assets: Path, source: str) -> tuple[str
 
 
 # ---- the report --------------------------------------------------------------------------------------------
-def build_report(out: str | Path = DEFAULT_OUT, *, results_dir: str | Path | None = None,
-                 routing_dir: str | Path | None = None, cost_model: str | Path | None = None,
-                 run_quick: bool = False, devices: int = 8, tokens_per_device: int = 32768,
-                 progress: bool = True) -> ReportResult:
+def build_report(
+    out: str | Path = DEFAULT_OUT,
+    *,
+    results_dir: str | Path | None = None,
+    routing_dir: str | Path | None = None,
+    cost_model: str | Path | None = None,
+    run_quick: bool = False,
+    devices: int = 8,
+    tokens_per_device: int = 32768,
+    progress: bool = True,
+) -> ReportResult:
     """Write the Markdown report to ``out`` and its plots to ``<out stem>_files/``; see the module docstring.
 
     Args:
@@ -456,8 +612,7 @@ def build_report(out: str | Path = DEFAULT_OUT, *, results_dir: str | Path | Non
             data = _read_json(src)
             if name == "routing":
                 tgt = results / "routing_solvers_target.json"
-                text, ps = _routing_section(data, _read_json(tgt) if tgt.is_file() else None, assets,
-                                            _rel(src, out))
+                text, ps = _routing_section(data, _read_json(tgt) if tgt.is_file() else None, assets, _rel(src, out))
             else:
                 text, ps = _placement_section(data, assets, _rel(src, out))
         except (KeyError, TypeError, ValueError) as exc:
@@ -465,9 +620,14 @@ def build_report(out: str | Path = DEFAULT_OUT, *, results_dir: str | Path | Non
             missing[name] = f"unreadable: {src}"
         sections.append(text)
         plots += ps
-    text, ps, sim_missing = _simulate_section(Path(routing_dir) if routing_dir is not None else None,
-                                              found.get("calibration", []), assets, devices=devices,
-                                              tokens=tokens_per_device, progress=progress)
+    text, ps, sim_missing = _simulate_section(
+        Path(routing_dir) if routing_dir is not None else None,
+        found.get("calibration", []),
+        assets,
+        devices=devices,
+        tokens=tokens_per_device,
+        progress=progress,
+    )
     sections.append(text)
     plots += ps
     missing.update(sim_missing)
@@ -483,14 +643,20 @@ def build_report(out: str | Path = DEFAULT_OUT, *, results_dir: str | Path | Non
     else:
         sections.append(f"## 4. Balancer training study\n\n{missing['study']}.\n")
 
-    head = ["# moebalance report", "",
-            f"Generated {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} "
-            f"on {platform.node() or '?'} "
-            f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores), Python "
-            f"{platform.python_version()}. Every number below was measured on the machine named in its section; "
-            "hardware figures of the simulator are assumptions unless a section says 'measured'.", "",
-            "Inputs: " + (", ".join(f"{k}: " + ", ".join(f"`{_rel(p, out)}`" for p in v) for k, v in found.items())
-                          or "none") + ".", ""]
+    head = [
+        "# moebalance report",
+        "",
+        f"Generated {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} "
+        f"on {platform.node() or '?'} "
+        f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores), Python "
+        f"{platform.python_version()}. Every number below was measured on the machine named in its section; "
+        "hardware figures of the simulator are assumptions unless a section says 'measured'.",
+        "",
+        "Inputs: "
+        + (", ".join(f"{k}: " + ", ".join(f"`{_rel(p, out)}`" for p in v) for k, v in found.items()) or "none")
+        + ".",
+        "",
+    ]
     if missing:
         head += ["Missing inputs:", ""] + [f"- {k}: {v}" for k, v in missing.items()] + [""]
     markdown = "\n".join(head + sections).rstrip() + "\n"
@@ -507,20 +673,35 @@ def _rel(path: Path, out: Path) -> str:
 
 # ---- command line ------------------------------------------------------------------------------------------
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default=str(DEFAULT_OUT),
-                   help=f"the report (.md); plots go to <stem>_files/ beside it (default {DEFAULT_OUT} under the "
-                        "current directory)")
-    p.add_argument("--results", default=None,
-                   help=f"folder of the benchmark JSON files (default {DEFAULT_RESULTS} under the current "
-                        "directory where it exists, then the report's folder)")
-    p.add_argument("--routing-data", default=None,
-                   help="folder of the recorded routing data (default: $MOEBALANCE_ROUTING_DATA or ../shared/data/routing)")
-    p.add_argument("--cost-model", default=None,
-                   help="calibration JSON of benchmarks/ep_layer.py --mode calibrate (default: ep_cost_model_*.json "
-                        "in the results folder)")
-    p.add_argument("--run-quick", action="store_true",
-                   help="when the study's JSON is missing, run the quick study first (in this process, into the "
-                        "plots folder); the benchmark scripts are never run")
+    p.add_argument(
+        "--out",
+        default=str(DEFAULT_OUT),
+        help=f"the report (.md); plots go to <stem>_files/ beside it (default {DEFAULT_OUT} under the "
+        "current directory)",
+    )
+    p.add_argument(
+        "--results",
+        default=None,
+        help=f"folder of the benchmark JSON files (default {DEFAULT_RESULTS} under the current "
+        "directory where it exists, then the report's folder)",
+    )
+    p.add_argument(
+        "--routing-data",
+        default=None,
+        help="folder of the recorded routing data (default: $MOEBALANCE_ROUTING_DATA or ../shared/data/routing)",
+    )
+    p.add_argument(
+        "--cost-model",
+        default=None,
+        help="calibration JSON of benchmarks/ep_layer.py --mode calibrate (default: ep_cost_model_*.json "
+        "in the results folder)",
+    )
+    p.add_argument(
+        "--run-quick",
+        action="store_true",
+        help="when the study's JSON is missing, run the quick study first (in this process, into the "
+        "plots folder); the benchmark scripts are never run",
+    )
     p.add_argument("--devices", type=int, default=8, help="simulated devices P")
     p.add_argument("--tokens-per-device", type=int, default=32768, help="simulated tokens per device")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -528,9 +709,16 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_report_command(args: argparse.Namespace) -> int:
     """Build the report from parsed arguments and print where it went and what was missing."""
-    res = build_report(args.out, results_dir=args.results, routing_dir=args.routing_data, cost_model=args.cost_model,
-                       run_quick=args.run_quick, devices=args.devices, tokens_per_device=args.tokens_per_device,
-                       progress=not args.no_progress)
+    res = build_report(
+        args.out,
+        results_dir=args.results,
+        routing_dir=args.routing_data,
+        cost_model=args.cost_model,
+        run_quick=args.run_quick,
+        devices=args.devices,
+        tokens_per_device=args.tokens_per_device,
+        progress=not args.no_progress,
+    )
     for name, why in res.missing.items():
         print(f"missing {name}: {why}")
     print(f"wrote {res.path} ({len(res.plots)} plots in {res.path.parent / (res.path.stem + '_files')})")
@@ -540,12 +728,14 @@ def run_report_command(args: argparse.Namespace) -> int:
 def add_report_command(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``report`` subcommand to an argparse ``subparsers``; it sets ``func`` to run it (returns 0)."""
     p = subparsers.add_parser(
-        "report", help="collect every benchmark into one Markdown report with PNG plots",
+        "report",
+        help="collect every benchmark into one Markdown report with PNG plots",
         description="Collect the routing-solver benchmark, the placement gap table, the simulator's speedup and "
-                    "peak-memory curves (assumed hardware and, where a calibration file exists, the measured cost "
-                    "model; paper scenarios and recorded routing) and the balancer training study into one "
-                    "Markdown report with its PNG plots. Missing inputs are named with the command that makes "
-                    "them; --run-quick runs the quick training study first.")
+        "peak-memory curves (assumed hardware and, where a calibration file exists, the measured cost "
+        "model; paper scenarios and recorded routing) and the balancer training study into one "
+        "Markdown report with its PNG plots. Missing inputs are named with the command that makes "
+        "them; --run-quick runs the quick training study first.",
+    )
     _add_arguments(p)
     p.set_defaults(func=run_report_command)
     return p

@@ -16,8 +16,9 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -54,15 +55,18 @@ class ModelPreset:
     ffn: int
 
 
-MODELS: dict[str, ModelPreset] = {m.name: m for m in [
-    ModelPreset("gpt-oss-20b", 32, 4, 2880, 2880),
-    ModelPreset("gpt-oss-120b", 128, 4, 2880, 2880),
-    ModelPreset("deepseek-v3", 256, 8, 7168, 2048),
-    ModelPreset("kimi-k2", 384, 8, 7168, 2048),
-    ModelPreset("qwen3-30b-a3b", 128, 8, 2048, 768),
-    ModelPreset("mixtral-8x7b", 8, 2, 4096, 14336),
-    ModelPreset("olmoe-1b-7b", 64, 8, 2048, 1024),  # for the recorded OLMoE routing
-]}
+MODELS: dict[str, ModelPreset] = {
+    m.name: m
+    for m in [
+        ModelPreset("gpt-oss-20b", 32, 4, 2880, 2880),
+        ModelPreset("gpt-oss-120b", 128, 4, 2880, 2880),
+        ModelPreset("deepseek-v3", 256, 8, 7168, 2048),
+        ModelPreset("kimi-k2", 384, 8, 7168, 2048),
+        ModelPreset("qwen3-30b-a3b", 128, 8, 2048, 768),
+        ModelPreset("mixtral-8x7b", 8, 2, 4096, 14336),
+        ModelPreset("olmoe-1b-7b", 64, 8, 2048, 1024),  # for the recorded OLMoE routing
+    ]
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +83,9 @@ class Hardware:
     dtype_bytes: float = 2.0
 
     def cost(self, model: ModelPreset) -> CostModel:
-        return CostModel.from_shapes(model.hidden, model.ffn, self.dtype_bytes, self.device_flops,
-                                     self.link_bandwidth, self.gemm_overhead)
+        return CostModel.from_shapes(
+            model.hidden, model.ffn, self.dtype_bytes, self.device_flops, self.link_bandwidth, self.gemm_overhead
+        )
 
 
 # the LLEP paper's imbalance settings: x% of the tokens concentrated into n experts
@@ -105,8 +110,9 @@ def _spread(total: int, weights: np.ndarray) -> np.ndarray:
     return out
 
 
-def scenario_loads(scenario: str, model: ModelPreset, num_devices: int, tokens_per_device: int, *,
-                   style: str = "even", seed: int = 0) -> np.ndarray:
+def scenario_loads(
+    scenario: str, model: ModelPreset, num_devices: int, tokens_per_device: int, *, style: str = "even", seed: int = 0
+) -> np.ndarray:
     """``[E]`` expert loads (token slots, ``P * tokens_per_device * k`` in all) of one scenario.
 
     - ``"balanced"``: every expert gets the same share.
@@ -252,16 +258,38 @@ class SimulationResult:
 
     def table(self, *, layers: bool = False) -> str:
         """A text table; per-layer rows of recorded runs only with ``layers=True``."""
-        head = ["model", "P", "scenario", "imbal", "method", "makespan ms", "speedup", "peak GiB", "gap LP",
-                "tok max/mean", "plan ms"]
+        head = [
+            "model",
+            "P",
+            "scenario",
+            "imbal",
+            "method",
+            "makespan ms",
+            "speedup",
+            "peak GiB",
+            "gap LP",
+            "tok max/mean",
+            "plan ms",
+        ]
         body = []
         for r in self.rows:
             if r["layer"] and not layers:
                 continue
-            body.append([r["model"], str(r["devices"]), r["scenario"], f"{r['imbalance']:.2f}", r["method"],
-                         _f(r["makespan_s"], 1e3, ".3f"), _f(r["speedup"], 1, ".2f"), _f(r["peak_gib"], 1, ".2f"),
-                         _f(r["gap_to_lp"], 100, ".1f", "%"), _f(r["token_ratio"], 1, ".3f"),
-                         _f(r["planning_s"], 1e3, ".3f")])
+            body.append(
+                [
+                    r["model"],
+                    str(r["devices"]),
+                    r["scenario"],
+                    f"{r['imbalance']:.2f}",
+                    r["method"],
+                    _f(r["makespan_s"], 1e3, ".3f"),
+                    _f(r["speedup"], 1, ".2f"),
+                    _f(r["peak_gib"], 1, ".2f"),
+                    _f(r["gap_to_lp"], 100, ".1f", "%"),
+                    _f(r["token_ratio"], 1, ".3f"),
+                    _f(r["planning_s"], 1e3, ".3f"),
+                ]
+            )
         widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(head)]
         lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
         lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)) for b in body]
@@ -284,10 +312,11 @@ class SimulationResult:
         methods = list(dict.fromkeys(r["method"] for r in rows))
         groups = sorted({(r["model"], r["devices"]) for r in rows})
         paths = []
-        for key, label, fname in (("speedup", "speedup over EP", "speedup"),
-                                  ("peak_gib", "peak memory per device (GiB)", "peak_memory")):
-            fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(5.5 * max(1, len(groups)), 4.2),
-                                     squeeze=False)
+        for key, label, fname in (
+            ("speedup", "speedup over EP", "speedup"),
+            ("peak_gib", "peak memory per device (GiB)", "peak_memory"),
+        ):
+            fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(5.5 * max(1, len(groups)), 4.2), squeeze=False)
             for ax, (model, P) in zip(axes[0], groups):
                 mine = [r for r in rows if r["model"] == model and r["devices"] == P]
                 for j, m in enumerate(methods):
@@ -300,8 +329,11 @@ class SimulationResult:
                         ax.plot(xs, ys, **style(j, line=False), label=m)
                 if key == "speedup":  # EP makespan over the LP bound: no plan can do better
                     ep = {(r["scenario"], r["layer"]): r["makespan_s"] for r in mine if r["method"] == "ep"}
-                    pts = sorted((r["imbalance"], ep[(r["scenario"], r["layer"])] / r["lp_bound_s"]) for r in mine
-                                 if r["method"] == "lp" and r["lp_bound_s"])
+                    pts = sorted(
+                        (r["imbalance"], ep[(r["scenario"], r["layer"])] / r["lp_bound_s"])
+                        for r in mine
+                        if r["method"] == "lp" and r["lp_bound_s"]
+                    )
                     if pts:
                         xs, ys = zip(*pts)
                         ax.plot(xs, ys, ls=(0, (1, 1)), lw=1.5, color="black", label="LP bound (best possible)")
@@ -320,28 +352,57 @@ def _f(v: Any, scale: float, spec: str, suffix: str = "") -> str:
     return format(v * scale, spec) + suffix
 
 
-def _solve_all(problem: PlacementProblem, methods: Sequence[str], model: ModelPreset, dtype_bytes: float,
-               time_limit: float | None) -> dict[str, dict[str, Any]]:
+def _solve_all(
+    problem: PlacementProblem, methods: Sequence[str], model: ModelPreset, dtype_bytes: float, time_limit: float | None
+) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for m in methods:
         s = solve(problem, m, time_limit=time_limit)
         ok = s.feasible and s.assignment is not None
-        peak = (float(peak_memory(problem, s.assignment, hidden=model.hidden, ffn=model.ffn,
-                                  dtype_bytes=dtype_bytes).max()) / GIB) if ok else None
+        peak = (
+            (
+                float(
+                    peak_memory(
+                        problem, s.assignment, hidden=model.hidden, ffn=model.ffn, dtype_bytes=dtype_bytes
+                    ).max()
+                )
+                / GIB
+            )
+            if ok
+            else None
+        )
         dl = s.device_loads
         tok = float(dl.max() / dl.mean()) if ok and dl is not None and dl.mean() > 0 else None
-        out[m] = {"status": s.status.value, "makespan_s": s.objective if ok else None, "bound": s.bound,
-                  "peak_gib": peak, "planning_s": s.wall_time, "token_ratio": tok,
-                  "transfers": len(s.weight_transfers) if ok and s.weight_transfers is not None else None}
+        out[m] = {
+            "status": s.status.value,
+            "makespan_s": s.objective if ok else None,
+            "bound": s.bound,
+            "peak_gib": peak,
+            "planning_s": s.wall_time,
+            "token_ratio": tok,
+            "transfers": len(s.weight_transfers) if ok and s.weight_transfers is not None else None,
+        }
     return out
 
 
-def simulate(model: str | ModelPreset = "gpt-oss-120b", devices: int | Iterable[int] = 8,
-             tokens_per_device: int = 32768, *, scenarios: Iterable[str] | None = DEFAULT_SCENARIOS,
-             style: str = "even", methods: Iterable[str] = DEFAULT_METHODS, real: Iterable[str] = (),
-             routing_dir: str | Path | None = None, hardware: Hardware = Hardware(), alpha: float = 1.0,
-             min_chunk: int = 1024, imbalance_threshold: float | None = 1.3, time_limit: float | None = None,
-             seed: int = 0, progress: bool = False) -> SimulationResult:
+def simulate(
+    model: str | ModelPreset = "gpt-oss-120b",
+    devices: int | Iterable[int] = 8,
+    tokens_per_device: int = 32768,
+    *,
+    scenarios: Iterable[str] | None = DEFAULT_SCENARIOS,
+    style: str = "even",
+    methods: Iterable[str] = DEFAULT_METHODS,
+    real: Iterable[str] = (),
+    routing_dir: str | Path | None = None,
+    hardware: Hardware = Hardware(),
+    alpha: float = 1.0,
+    min_chunk: int = 1024,
+    imbalance_threshold: float | None = 1.3,
+    time_limit: float | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> SimulationResult:
     """Simulate one MoE layer per scenario (and per recorded layer of each ``real`` spec) for every ``P``.
 
     Args:
@@ -370,9 +431,10 @@ def simulate(model: str | ModelPreset = "gpt-oss-120b", devices: int | Iterable[
     reals = [real_layers(spec, routing_dir) + (spec,) for spec in real]
     tasks: list[tuple[ModelPreset, int, str, str | None, np.ndarray]] = []
     for P in Ps:
-        for sc in (scenarios or ()):
-            tasks.append((preset, P, sc, None, scenario_loads(sc, preset, P, tokens_per_device, style=style,
-                                                              seed=seed)))
+        for sc in scenarios or ():
+            tasks.append(
+                (preset, P, sc, None, scenario_loads(sc, preset, P, tokens_per_device, style=style, seed=seed))
+            )
         for rmodel, layers, spec in reals:
             total = P * int(tokens_per_device) * rmodel.k
             for lname, counts in layers:
@@ -385,27 +447,56 @@ def simulate(model: str | ModelPreset = "gpt-oss-120b", devices: int | Iterable[
     rows: list[dict[str, Any]] = []
     for pm, P, sc, lname, loads in it:
         cost = hardware.cost(pm)
-        problem = PlacementProblem(loads, P, home=_home(pm.experts, P), cost=cost, alpha=alpha,
-                                   min_chunk=min_chunk, imbalance_threshold=imbalance_threshold)
+        problem = PlacementProblem(
+            loads,
+            P,
+            home=_home(pm.experts, P),
+            cost=cost,
+            alpha=alpha,
+            min_chunk=min_chunk,
+            imbalance_threshold=imbalance_threshold,
+        )
         res = _solve_all(problem, methods, pm, hardware.dtype_bytes, time_limit)
         lp = res.get("lp", {}).get("bound")
         ep_t = res["ep"]["makespan_s"]
         for m in methods:
             r = res[m]
             t = r["makespan_s"]
-            rows.append({
-                "model": pm.name, "devices": P, "tokens_per_device": int(tokens_per_device),
-                "scenario": sc, "layer": lname, "imbalance": problem.imbalance_ratio(), "method": m,
-                "status": r["status"], "makespan_s": t,
-                "speedup": (ep_t / t) if (t and ep_t) else None, "peak_gib": r["peak_gib"],
-                "gap_to_lp": ((t - lp) / lp) if (t is not None and lp) else None, "lp_bound_s": lp,
-                "planning_s": r["planning_s"], "transfers": r["transfers"], "token_ratio": r["token_ratio"],
-            })
+            rows.append(
+                {
+                    "model": pm.name,
+                    "devices": P,
+                    "tokens_per_device": int(tokens_per_device),
+                    "scenario": sc,
+                    "layer": lname,
+                    "imbalance": problem.imbalance_ratio(),
+                    "method": m,
+                    "status": r["status"],
+                    "makespan_s": t,
+                    "speedup": (ep_t / t) if (t and ep_t) else None,
+                    "peak_gib": r["peak_gib"],
+                    "gap_to_lp": ((t - lp) / lp) if (t is not None and lp) else None,
+                    "lp_bound_s": lp,
+                    "planning_s": r["planning_s"],
+                    "transfers": r["transfers"],
+                    "token_ratio": r["token_ratio"],
+                }
+            )
     rows += _whole_model_rows(rows)
-    settings = {"model": preset.name, "devices": Ps, "tokens_per_device": int(tokens_per_device),
-                "scenarios": list(scenarios or ()), "style": style, "methods": methods, "real": list(real),
-                "hardware": dataclasses.asdict(hardware), "alpha": alpha, "min_chunk": min_chunk,
-                "imbalance_threshold": imbalance_threshold, "seed": seed}
+    settings = {
+        "model": preset.name,
+        "devices": Ps,
+        "tokens_per_device": int(tokens_per_device),
+        "scenarios": list(scenarios or ()),
+        "style": style,
+        "methods": methods,
+        "real": list(real),
+        "hardware": dataclasses.asdict(hardware),
+        "alpha": alpha,
+        "min_chunk": min_chunk,
+        "imbalance_threshold": imbalance_threshold,
+        "seed": seed,
+    }
     return SimulationResult(rows, settings)
 
 
@@ -435,13 +526,26 @@ def _whole_model_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ep_t = tot.get("ep", {}).get("makespan_s")
         for m, v in tot.items():
             t, lp = v["makespan_s"], v["lp"]
-            out.append({
-                "model": model, "devices": P, "tokens_per_device": v["tokens"], "scenario": f"{sc}/all-layers",
-                "layer": None, "imbalance": v["imbalance"], "method": m, "status": v["status"], "makespan_s": t,
-                "speedup": (ep_t / t) if (t and ep_t) else None, "peak_gib": v["peak_gib"],
-                "gap_to_lp": ((t - lp) / lp) if (t is not None and lp) else None, "lp_bound_s": lp,
-                "planning_s": v["planning_s"], "transfers": v["transfers"], "token_ratio": v["token_ratio"],
-            })
+            out.append(
+                {
+                    "model": model,
+                    "devices": P,
+                    "tokens_per_device": v["tokens"],
+                    "scenario": f"{sc}/all-layers",
+                    "layer": None,
+                    "imbalance": v["imbalance"],
+                    "method": m,
+                    "status": v["status"],
+                    "makespan_s": t,
+                    "speedup": (ep_t / t) if (t and ep_t) else None,
+                    "peak_gib": v["peak_gib"],
+                    "gap_to_lp": ((t - lp) / lp) if (t is not None and lp) else None,
+                    "lp_bound_s": lp,
+                    "planning_s": v["planning_s"],
+                    "transfers": v["transfers"],
+                    "token_ratio": v["token_ratio"],
+                }
+            )
     return out
 
 
@@ -479,35 +583,52 @@ def add_simulate_command(subparsers: Any) -> argparse.ArgumentParser:
         "simulate",
         help="simulate MoE layer time and memory under each placement method",
         description="Simulate one MoE layer per imbalance scenario (and per recorded layer of real routing data) "
-                    "and compare placement methods: makespan under a cost model built from the model's expert "
-                    "shapes and assumed hardware numbers, speedup over standard EP, peak memory per device, gap "
-                    "to the LP bound and planning time. Prints a table; --out writes JSON and PNG plots.",
+        "and compare placement methods: makespan under a cost model built from the model's expert "
+        "shapes and assumed hardware numbers, speedup over standard EP, peak memory per device, gap "
+        "to the LP bound and planning time. Prints a table; --out writes JSON and PNG plots.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default="gpt-oss-120b", choices=sorted(MODELS), help="model preset (expert shapes)")
     p.add_argument("--devices", type=_int_list, default=[8], help="devices P, comma-separated (e.g. 8,16,32)")
     p.add_argument("--tokens-per-device", type=int, default=32768, help="tokens each device routes")
-    p.add_argument("--scenarios", type=_str_list, default=list(DEFAULT_SCENARIOS),
-                   help="'balanced', 'pct:n' (pct%% of tokens into n experts), 'zipf:s'; comma-separated; "
-                        "'none' for none")
-    p.add_argument("--style", choices=("even", "reference"), default="even",
-                   help="hot-expert loads: split evenly, or the LLEP authors' test generator")
+    p.add_argument(
+        "--scenarios",
+        type=_str_list,
+        default=list(DEFAULT_SCENARIOS),
+        help="'balanced', 'pct:n' (pct%% of tokens into n experts), 'zipf:s'; comma-separated; 'none' for none",
+    )
+    p.add_argument(
+        "--style",
+        choices=("even", "reference"),
+        default="even",
+        help="hot-expert loads: split evenly, or the LLEP authors' test generator",
+    )
     p.add_argument("--methods", type=_str_list, default=list(DEFAULT_METHODS), help="placement methods")
-    p.add_argument("--real", action="append", default=[],
-                   help="recorded routing: deepseek-v3[:run], olmoe[:domain], mixtral[:domain] (repeatable)")
-    p.add_argument("--routing-data", default=None,
-                   help=f"folder of the routing data (default: {DEFAULT_ROUTING_DIR})")
+    p.add_argument(
+        "--real",
+        action="append",
+        default=[],
+        help="recorded routing: deepseek-v3[:run], olmoe[:domain], mixtral[:domain] (repeatable)",
+    )
+    p.add_argument("--routing-data", default=None, help=f"folder of the routing data (default: {DEFAULT_ROUTING_DIR})")
     p.add_argument("--device-flops", type=float, default=Hardware.device_flops, help="assumed effective FLOP/s")
     p.add_argument("--link-bandwidth", type=float, default=Hardware.link_bandwidth, help="assumed bytes/s")
     p.add_argument("--gemm-overhead", type=float, default=Hardware.gemm_overhead, help="assumed s per GEMM")
     p.add_argument("--dtype-bytes", type=float, default=Hardware.dtype_bytes, help="bytes per value")
-    p.add_argument("--hardware-file", default=None,
-                   help="a calibration JSON written by `benchmarks/ep_layer.py --mode calibrate`: its measured "
-                        "'hardware' entry replaces the four assumed numbers above")
+    p.add_argument(
+        "--hardware-file",
+        default=None,
+        help="a calibration JSON written by `benchmarks/ep_layer.py --mode calibrate`: its measured "
+        "'hardware' entry replaces the four assumed numbers above",
+    )
     p.add_argument("--alpha", type=float, default=1.0, help="LLEP capacity factor")
     p.add_argument("--min-chunk", type=int, default=1024, help="LLEP minimum spilled GEMM size")
-    p.add_argument("--imbalance-threshold", type=float, default=1.3,
-                   help="LLEP falls back to EP below this max/mean; 0 disables the fallback")
+    p.add_argument(
+        "--imbalance-threshold",
+        type=float,
+        default=1.3,
+        help="LLEP falls back to EP below this max/mean; 0 disables the fallback",
+    )
     p.add_argument("--time-limit", type=float, default=None, help="seconds per solve (milp, lp)")
     p.add_argument("--seed", type=int, default=0, help="seed of the Zipf permutation")
     p.add_argument("--layers", action="store_true", help="print per-layer rows of recorded runs too")
@@ -524,11 +645,23 @@ def run_simulate_command(args: argparse.Namespace) -> int:
     if args.hardware_file:
         hw = load_hardware(args.hardware_file)
         print(f"hardware from {args.hardware_file}: {hw}")
-    res = simulate(args.model, args.devices, args.tokens_per_device, scenarios=scenarios, style=args.style,
-                   methods=args.methods, real=args.real, routing_dir=args.routing_data, hardware=hw,
-                   alpha=args.alpha, min_chunk=args.min_chunk,
-                   imbalance_threshold=args.imbalance_threshold or None, time_limit=args.time_limit,
-                   seed=args.seed, progress=not args.no_progress)
+    res = simulate(
+        args.model,
+        args.devices,
+        args.tokens_per_device,
+        scenarios=scenarios,
+        style=args.style,
+        methods=args.methods,
+        real=args.real,
+        routing_dir=args.routing_data,
+        hardware=hw,
+        alpha=args.alpha,
+        min_chunk=args.min_chunk,
+        imbalance_threshold=args.imbalance_threshold or None,
+        time_limit=args.time_limit,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
     print(res.table(layers=args.layers))
     if args.out:
         out = Path(args.out)

@@ -29,10 +29,12 @@ import sys
 import sysconfig
 import time
 import zlib
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any
 
 import numpy as np
+
 from moebalance._machine import cpu_name
 
 __all__ = [
@@ -59,8 +61,14 @@ __all__ = [
 # (benchmarks/balancer_study.py passes the checkout's benchmarks/results)
 DEFAULT_OUT = "moebalance_results"
 
-DEFAULT_BALANCERS: tuple[str, ...] = ("none", "aux_loss:0.01", "aux_loss:0.1", "loss_free:0.001", "bip",
-                                      "bip_same_batch")
+DEFAULT_BALANCERS: tuple[str, ...] = (
+    "none",
+    "aux_loss:0.01",
+    "aux_loss:0.1",
+    "loss_free:0.001",
+    "bip",
+    "bip_same_batch",
+)
 BALANCER_SPECS = "none | aux_loss:<coeff> | loss_free:<u> | bip | bip_same_batch"
 # the numbers the two papers report, for the comparison (see `discussion`)
 PAPER_2408_15664 = {"loss_free_max_vio_global": 0.04, "aux_loss_max_vio_global": (0.5, 0.7)}
@@ -71,8 +79,9 @@ def _split_of(rel: str, val_every: int) -> str:
     return "val" if zlib.crc32(rel.encode()) % val_every == 0 else "train"
 
 
-def stdlib_corpus(train_bytes: int, val_bytes: int, *, root: str | Path | None = None,
-                  val_every: int = 10) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def stdlib_corpus(
+    train_bytes: int, val_bytes: int, *, root: str | Path | None = None, val_every: int = 10
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Bytes of the standard library's ``*.py`` files: ``(train [N] uint8, val [M] uint8, info)``.
 
     Deterministic: every file (outside site-packages and __pycache__) goes to validation when the CRC-32 of
@@ -88,8 +97,11 @@ def stdlib_corpus(train_bytes: int, val_bytes: int, *, root: str | Path | None =
     if not base.is_dir():
         raise ValueError(f"`root` must be a folder of Python sources, got {str(base)!r}")
     skip = {"site-packages", "dist-packages", "__pycache__"}
-    rels = sorted(p.relative_to(base).as_posix() for p in base.rglob("*.py")
-                  if p.is_file() and not skip & set(p.relative_to(base).parts))
+    rels = sorted(
+        p.relative_to(base).as_posix()
+        for p in base.rglob("*.py")
+        if p.is_file() and not skip & set(p.relative_to(base).parts)
+    )
     if not rels:
         raise ValueError(f"`root` {str(base)!r} holds no .py files")
     rels.sort(key=lambda r: (zlib.crc32(r.encode()), r))
@@ -109,10 +121,15 @@ def stdlib_corpus(train_bytes: int, val_bytes: int, *, root: str | Path | None =
         if have[split] < 2:
             raise ValueError(f"the {split} split of {str(base)!r} is empty")
     arrays = {s: np.frombuffer(b"".join(parts[s]), dtype=np.uint8).copy() for s in want}
-    info = {"root": str(base), "python": platform.python_version(), "files_seen": len(rels),
-            "val_every": val_every,
-            **{f"{s}_files": len(parts[s]) for s in want}, **{f"{s}_bytes": int(arrays[s].size) for s in want},
-            **{f"{s}_sha256": hashlib.sha256(arrays[s].tobytes()).hexdigest() for s in want}}
+    info = {
+        "root": str(base),
+        "python": platform.python_version(),
+        "files_seen": len(rels),
+        "val_every": val_every,
+        **{f"{s}_files": len(parts[s]) for s in want},
+        **{f"{s}_bytes": int(arrays[s].size) for s in want},
+        **{f"{s}_sha256": hashlib.sha256(arrays[s].tobytes()).hexdigest() for s in want},
+    }
     return arrays["train"], arrays["val"], info
 
 
@@ -159,7 +176,7 @@ class StudyConfig:
     n_layers: int = 2
     n_heads: int = 4
     router: str = "softmax"
-    expert_ffn: Optional[int] = None
+    expert_ffn: int | None = None
     steps: int = 250
     batch_size: int = 16
     seq_len: int = 128
@@ -169,7 +186,7 @@ class StudyConfig:
     train_bytes: int = 8 << 20
     val_bytes: int = 1 << 20
     val_tokens: int = 65536
-    stdlib: Optional[str] = None
+    stdlib: str | None = None
     threads: int = 1
 
     def __post_init__(self) -> None:
@@ -179,8 +196,18 @@ class StudyConfig:
         for name in ("experts", "top_k", "balancers"):
             if not getattr(self, name):
                 raise ValueError(f"`{name}` must not be empty")
-        for name in ("d_model", "n_layers", "n_heads", "steps", "batch_size", "seq_len", "train_bytes",
-                     "val_bytes", "val_tokens", "threads"):
+        for name in (
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "steps",
+            "batch_size",
+            "seq_len",
+            "train_bytes",
+            "val_bytes",
+            "val_tokens",
+            "threads",
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"`{name}` must be an integer >= 1, got {v!r}")
@@ -203,22 +230,44 @@ class StudyConfig:
         self.lm_config(self.experts[0], self.top_k[0], {"balancer": "none"})  # model fields, LMConfig's checks
 
     @classmethod
-    def quick(cls, **overrides: Any) -> "StudyConfig":
+    def quick(cls, **overrides: Any) -> StudyConfig:
         """A smoke-test size (seconds): tiny model, a few steps, every balancer, both k, 8 and 16 experts."""
-        base = dict(experts=(8, 16), top_k=(2,), d_model=32, n_layers=1, n_heads=2, steps=12, batch_size=4,
-                    seq_len=32, warmup=2, train_bytes=1 << 16, val_bytes=1 << 13, val_tokens=1024)
+        base = dict(
+            experts=(8, 16),
+            top_k=(2,),
+            d_model=32,
+            n_layers=1,
+            n_heads=2,
+            steps=12,
+            batch_size=4,
+            seq_len=32,
+            warmup=2,
+            train_bytes=1 << 16,
+            val_bytes=1 << 13,
+            val_tokens=1024,
+        )
         base.update(overrides)
         return cls(**base)
 
     def lm_config(self, E: int, k: int, overrides: dict[str, Any]) -> Any:
         from moebalance.integrations.lm import LMConfig
 
-        return LMConfig(d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads, max_seq_len=self.seq_len,
-                        num_experts=E, top_k=k, expert_ffn=self.expert_ffn, router=self.router, **overrides)
+        return LMConfig(
+            d_model=self.d_model,
+            n_layers=self.n_layers,
+            n_heads=self.n_heads,
+            max_seq_len=self.seq_len,
+            num_experts=E,
+            top_k=k,
+            expert_ffn=self.expert_ffn,
+            router=self.router,
+            **overrides,
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in dataclasses.fields(self)}
+        return {
+            f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in dataclasses.fields(self)
+        }
 
 
 # ---- training ----------------------------------------------------------------------------------------------
@@ -256,8 +305,8 @@ def _evaluate(model: Any, val: Any, cfg: StudyConfig) -> dict[str, float]:
     total, count, loads = 0.0, 0, None
     with torch.no_grad():
         for start in range(0, n, cfg.batch_size):
-            offs = windows[start:start + cfg.batch_size]
-            idx = torch.stack([val[o:o + S + 1] for o in offs.tolist()]).long()
+            offs = windows[start : start + cfg.batch_size]
+            idx = torch.stack([val[o : o + S + 1] for o in offs.tolist()]).long()
             loss = model.loss(idx[:, :-1], idx[:, 1:])
             total += float(loss) * idx[:, 1:].numel()
             count += idx[:, 1:].numel()
@@ -267,8 +316,13 @@ def _evaluate(model: Any, val: Any, cfg: StudyConfig) -> dict[str, float]:
     mean = loads.sum(1, keepdim=True) / loads.shape[1]
     per_layer = ((loads.max(1, keepdim=True).values - mean) / mean).squeeze(1)
     val_loss = total / count
-    return {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "max_vio_global": float(per_layer.mean()),
-            "max_vio_global_layers": per_layer.tolist(), "val_tokens": count}
+    return {
+        "val_loss": val_loss,
+        "val_ppl": math.exp(val_loss),
+        "max_vio_global": float(per_layer.mean()),
+        "max_vio_global_layers": per_layer.tolist(),
+        "val_tokens": count,
+    }
 
 
 def _train_one(cfg: StudyConfig, E: int, k: int, spec: str, train: Any, val: Any, bar: Any) -> dict[str, Any]:
@@ -289,7 +343,7 @@ def _train_one(cfg: StudyConfig, E: int, k: int, spec: str, train: Any, val: Any
     t0, c0 = time.perf_counter(), time.process_time()
     for step in range(cfg.steps):
         offs = torch.randint(0, train.numel() - S - 1, (B,), generator=gen)
-        idx = torch.stack([train[o:o + S + 1] for o in offs.tolist()]).long()
+        idx = torch.stack([train[o : o + S + 1] for o in offs.tolist()]).long()
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
         loss = model.loss(idx[:, :-1], idx[:, 1:])
@@ -310,9 +364,15 @@ def _train_one(cfg: StudyConfig, E: int, k: int, spec: str, train: Any, val: Any
     tail = max(1, cfg.steps // 10)
     head = min(10, cfg.steps)
     return {
-        "experts": E, "top_k": k, "balancer": label, "spec": spec, "ffn": lm_cfg.ffn,
+        "experts": E,
+        "top_k": k,
+        "balancer": label,
+        "spec": spec,
+        "ffn": lm_cfg.ffn,
         "params": sum(p.numel() for p in model.parameters()),
-        "loss": loss_hist, "avg_max_vio": vio_hist, "max_vio_layers": vio_layers,
+        "loss": loss_hist,
+        "avg_max_vio": vio_hist,
+        "max_vio_layers": vio_layers,
         "final_train_loss": float(np.mean(loss_hist[-tail:])),
         "avg_max_vio_mean": float(np.mean(vio_hist)),
         "avg_max_vio_first10": float(np.mean(vio_hist[:head])),
@@ -320,8 +380,10 @@ def _train_one(cfg: StudyConfig, E: int, k: int, spec: str, train: Any, val: Any
         "sup_max_vio": float(np.max(vio_hist)),
         "sup_max_vio_after_step0": float(np.max(vio_hist[1:])) if len(vio_hist) > 1 else None,
         **ev,
-        "train_wall_s": train_wall, "train_cpu_s": train_cpu,
-        "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+        "train_wall_s": train_wall,
+        "train_cpu_s": train_cpu,
+        "wall_s": time.perf_counter() - t0,
+        "cpu_s": time.process_time() - c0,
         "bias_final": [m.bias.tolist() for m in model.moe_layers],
     }
 
@@ -345,7 +407,7 @@ class StudyResult:
         return json.dumps(self.to_dict(), **kwargs)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "StudyResult":
+    def from_dict(cls, d: dict[str, Any]) -> StudyResult:
         try:
             return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
         except (KeyError, TypeError) as exc:
@@ -370,8 +432,14 @@ def _machine() -> dict[str, Any]:
         load = None
     import torch
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_average_at_start": load, "python": platform.python_version(),
-            "torch": torch.__version__, "platform": platform.platform()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "load_average_at_start": load,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
 
 
 def run_study(config: StudyConfig | None = None, *, progress: bool = True) -> StudyResult:
@@ -390,14 +458,18 @@ def run_study(config: StudyConfig | None = None, *, progress: bool = True) -> St
         raise ValueError(f"the corpus is too small for seq_len={cfg.seq_len}")
     grid = [(E, k, b) for E in cfg.experts for k in cfg.top_k for b in cfg.balancers]
     T = cfg.batch_size * cfg.seq_len
-    noise = {f"E={E},k={k}": {"batch": noise_floor(T, E, k), "validation": noise_floor(cfg.val_tokens, E, k, draws=16)}
-             for E in cfg.experts for k in cfg.top_k}
+    noise = {
+        f"E={E},k={k}": {"batch": noise_floor(T, E, k), "validation": noise_floor(cfg.val_tokens, E, k, draws=16)}
+        for E in cfg.experts
+        for k in cfg.top_k
+    }
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     runs = []
     try:
-        with tqdm(total=len(grid) * cfg.steps, desc="balancer study", unit="step", disable=not progress,
-                  dynamic_ncols=True) as bar:
+        with tqdm(
+            total=len(grid) * cfg.steps, desc="balancer study", unit="step", disable=not progress, dynamic_ncols=True
+        ) as bar:
             for E, k, spec in grid:
                 runs.append(_train_one(cfg, E, k, spec, train, val, bar))
     finally:
@@ -415,14 +487,38 @@ def _md_table(head: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
 
 def render_table(result: dict[str, Any]) -> str:
     """Markdown table of the runs of a study result (its dict form)."""
-    head = ["E", "k", "balancer", "train loss", "val ppl", "AvgMaxVio (mean)", "first 10 steps", "last 10%",
-            "SupMaxVio", "MaxVio_global", "wall s", "cpu s"]
+    head = [
+        "E",
+        "k",
+        "balancer",
+        "train loss",
+        "val ppl",
+        "AvgMaxVio (mean)",
+        "first 10 steps",
+        "last 10%",
+        "SupMaxVio",
+        "MaxVio_global",
+        "wall s",
+        "cpu s",
+    ]
     rows = []
     for r in result["runs"]:
-        rows.append([str(r["experts"]), str(r["top_k"]), r["balancer"], f"{r['final_train_loss']:.3f}",
-                     f"{r['val_ppl']:.3f}", f"{r['avg_max_vio_mean']:.3f}", f"{r['avg_max_vio_first10']:.3f}",
-                     f"{r['avg_max_vio_last']:.3f}", f"{r['sup_max_vio']:.3f}", f"{r['max_vio_global']:.3f}",
-                     f"{r['wall_s']:.0f}", f"{r['cpu_s']:.0f}"])
+        rows.append(
+            [
+                str(r["experts"]),
+                str(r["top_k"]),
+                r["balancer"],
+                f"{r['final_train_loss']:.3f}",
+                f"{r['val_ppl']:.3f}",
+                f"{r['avg_max_vio_mean']:.3f}",
+                f"{r['avg_max_vio_first10']:.3f}",
+                f"{r['avg_max_vio_last']:.3f}",
+                f"{r['sup_max_vio']:.3f}",
+                f"{r['max_vio_global']:.3f}",
+                f"{r['wall_s']:.0f}",
+                f"{r['cpu_s']:.0f}",
+            ]
+        )
     return _md_table(head, rows)
 
 
@@ -439,7 +535,7 @@ def _smooth(y: Sequence[float], w: int) -> np.ndarray:
         return y
     c = np.cumsum(np.insert(y, 0, 0.0))
     out = np.empty_like(y)
-    out[w - 1:] = (c[w:] - c[:-w]) / w
+    out[w - 1 :] = (c[w:] - c[:-w]) / w
     out[: w - 1] = c[1:w] / np.arange(1, w)
     return out
 
@@ -460,8 +556,10 @@ def plot_study(result: dict[str, Any], out_dir: str | Path, prefix: str = "balan
     ncol = min(2, len(keys))
     nrow = math.ceil(len(keys) / ncol)
     paths = []
-    for what, ylabel, fname, smooth in (("avg_max_vio", "AvgMaxVio (batch, mean over layers)", "maxvio", 1),
-                                        ("loss", "training loss (nats/byte, 10-step mean)", "loss", 10)):
+    for what, ylabel, fname, smooth in (
+        ("avg_max_vio", "AvgMaxVio (batch, mean over layers)", "maxvio", 1),
+        ("loss", "training loss (nats/byte, 10-step mean)", "loss", 10),
+    ):
         fig, axes = plt.subplots(nrow, ncol, figsize=(6.2 * ncol, 4.0 * nrow), squeeze=False)
         for ax, key in zip(axes.flat, keys):
             n = len(groups[key])
@@ -469,11 +567,10 @@ def plot_study(result: dict[str, Any], out_dir: str | Path, prefix: str = "balan
                 y = _smooth(r[what], smooth)
                 # markers at staggered steps, so curves that lie on each other stay visible
                 every = max(1, len(y) // 12)
-                ax.plot(np.arange(len(y)), y, **style(j, markevery=(round(j * every / n) % every, every)),
-                        label=label)
+                ax.plot(np.arange(len(y)), y, **style(j, markevery=(round(j * every / n) % every, every)), label=label)
             E, k = key
             if what == "loss":  # the first steps dwarf the differences between balancers: zoom on the rest
-                ys = np.concatenate([_smooth(r[what], smooth)[len(r[what]) // 5:] for r in groups[key].values()])
+                ys = np.concatenate([_smooth(r[what], smooth)[len(r[what]) // 5 :] for r in groups[key].values()])
                 if ys.size:
                     lo, hi = float(ys.min()), float(ys.max())
                     ax.set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.3 * (hi - lo + 1e-9))
@@ -486,7 +583,7 @@ def plot_study(result: dict[str, Any], out_dir: str | Path, prefix: str = "balan
             ax.set_xlabel("step")
             ax.set_ylabel(ylabel)
             ax.grid(True, alpha=0.3)
-        for ax in list(axes.flat)[len(keys):]:
+        for ax in list(axes.flat)[len(keys) :]:
             ax.set_visible(False)
         paths.append(finish(fig, out_dir / f"{prefix}_{fname}.png"))
     return paths
@@ -499,10 +596,14 @@ def _pick(runs: dict[str, dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
 def discussion(result: dict[str, Any]) -> str:
     """Markdown: our numbers next to what arXiv 2408.15664 and arXiv 2502.15451 report, with the verdicts."""
     groups = _by_config(result)
-    lines = ["#### Against arXiv 2408.15664 (Loss-Free Balancing)", "",
-             "The paper reports MaxVio_global of about 0.04 for loss-free balancing against about 0.5-0.7 for "
-             "the auxiliary loss (1B and 3B models, sigmoid gate, validation set), and a lower perplexity for "
-             "loss-free.", ""]
+    lines = [
+        "#### Against arXiv 2408.15664 (Loss-Free Balancing)",
+        "",
+        "The paper reports MaxVio_global of about 0.04 for loss-free balancing against about 0.5-0.7 for "
+        "the auxiliary loss (1B and 3B models, sigmoid gate, validation set), and a lower perplexity for "
+        "loss-free.",
+        "",
+    ]
     agree_vio = agree_ppl = n_lf = 0
     for (E, k), runs in sorted(groups.items()):
         lf = _pick(runs, "loss_free")
@@ -517,27 +618,36 @@ def discussion(result: dict[str, Any]) -> str:
         ppl_better = all(lf0["val_ppl"] <= a["val_ppl"] for a in aux)
         agree_vio += better
         agree_ppl += ppl_better
-        lines.append(f"- E={E}, top-{k}: MaxVio_global {lf0['balancer']} {lf0['max_vio_global']:.3f} vs {aux_txt}"
-                     + (f" (uniform-random floor for {result['settings']['val_tokens']} tokens: {floor:.3f})"
-                        if floor else "")
-                     + f"; val ppl {lf0['val_ppl']:.3f} vs "
-                     + ", ".join(f"{a['val_ppl']:.3f}" for a in aux)
-                     + f". Loss-free is {'lower' if better else 'not lower'} in MaxVio_global and "
-                       f"{'not worse' if ppl_better else 'worse'} in perplexity.")
+        lines.append(
+            f"- E={E}, top-{k}: MaxVio_global {lf0['balancer']} {lf0['max_vio_global']:.3f} vs {aux_txt}"
+            + (f" (uniform-random floor for {result['settings']['val_tokens']} tokens: {floor:.3f})" if floor else "")
+            + f"; val ppl {lf0['val_ppl']:.3f} vs "
+            + ", ".join(f"{a['val_ppl']:.3f}" for a in aux)
+            + f". Loss-free is {'lower' if better else 'not lower'} in MaxVio_global and "
+            f"{'not worse' if ppl_better else 'worse'} in perplexity."
+        )
     if n_lf:
-        lines += ["", f"Ordering (loss-free more balanced than every auxiliary-loss run): agrees in {agree_vio} of "
-                      f"{n_lf} configurations; perplexity (loss-free not worse): {agree_ppl} of {n_lf}. The absolute "
-                      "values are not comparable with the paper's: models of "
-                      f"{min(r['params'] for r in result['runs']) / 1e6:.2f}-"
-                      f"{max(r['params'] for r in result['runs']) / 1e6:.2f}M parameters trained "
-                      f"for {result['settings']['steps']} steps of {result['settings']['tokens_per_step']} tokens, "
-                      f"on bytes, with a {result['settings']['router']} router; MaxVio_global here is measured on "
-                      f"{result['settings']['val_tokens']} validation tokens, so sampling noise alone sets the "
-                      "floor quoted beside each line."]
-    lines += ["", "#### Against arXiv 2502.15451 (BIP-based balancing)", "",
-              "The paper claims balance on every layer from the first training step to the last (lowest "
-              "AvgMaxVio and SupMaxVio) and the lowest perplexity among the loss-controlled, loss-free and BIP "
-              "methods (16- and 64-expert models).", ""]
+        lines += [
+            "",
+            f"Ordering (loss-free more balanced than every auxiliary-loss run): agrees in {agree_vio} of "
+            f"{n_lf} configurations; perplexity (loss-free not worse): {agree_ppl} of {n_lf}. The absolute "
+            "values are not comparable with the paper's: models of "
+            f"{min(r['params'] for r in result['runs']) / 1e6:.2f}-"
+            f"{max(r['params'] for r in result['runs']) / 1e6:.2f}M parameters trained "
+            f"for {result['settings']['steps']} steps of {result['settings']['tokens_per_step']} tokens, "
+            f"on bytes, with a {result['settings']['router']} router; MaxVio_global here is measured on "
+            f"{result['settings']['val_tokens']} validation tokens, so sampling noise alone sets the "
+            "floor quoted beside each line.",
+        ]
+    lines += [
+        "",
+        "#### Against arXiv 2502.15451 (BIP-based balancing)",
+        "",
+        "The paper claims balance on every layer from the first training step to the last (lowest "
+        "AvgMaxVio and SupMaxVio) and the lowest perplexity among the loss-controlled, loss-free and BIP "
+        "methods (16- and 64-expert models).",
+        "",
+    ]
     n_bip = sup_best = ppl_best = first_ok = n_same = 0
     for (E, k), runs in sorted(groups.items()):
         bips = _pick(runs, "bip")
@@ -549,9 +659,11 @@ def discussion(result: dict[str, Any]) -> str:
         for b in bips:
             v = b["avg_max_vio"]
             step1 = v[1] if len(v) > 1 else float("nan")
-            parts.append(f"{b['balancer']}: AvgMaxVio step 0 {v[0]:.3f}, step 1 {step1:.3f},"
-                         f" first 10 steps {b['avg_max_vio_first10']:.3f}, SupMaxVio {b['sup_max_vio']:.3f}, "
-                         f"MaxVio_global {b['max_vio_global']:.3f}")
+            parts.append(
+                f"{b['balancer']}: AvgMaxVio step 0 {v[0]:.3f}, step 1 {step1:.3f},"
+                f" first 10 steps {b['avg_max_vio_first10']:.3f}, SupMaxVio {b['sup_max_vio']:.3f}, "
+                f"MaxVio_global {b['max_vio_global']:.3f}"
+            )
             if b["balancer"] == "bip_same_batch" and floor:
                 first_ok += v[0] <= 2 * floor
                 n_same += 1
@@ -563,49 +675,74 @@ def discussion(result: dict[str, Any]) -> str:
         sup_best += best_bip_sup < best_other_sup
         ppl_best += best_bip_ppl <= best_other_ppl
         lf = _pick(runs, "loss_free")
-        lf_txt = (f"; {lf[0]['balancer']}: step 0 {lf[0]['avg_max_vio'][0]:.3f}, first 10 steps "
-                  f"{lf[0]['avg_max_vio_first10']:.3f}, SupMaxVio {lf[0]['sup_max_vio']:.3f}") if lf else ""
-        lines.append(f"- E={E}, top-{k}: " + "; ".join(parts) + lf_txt
-                     + (f" (uniform-random batch floor {floor:.3f})" if floor else "")
-                     + f". Best val ppl: BIP {best_bip_ppl:.3f} vs others {best_other_ppl:.3f}.")
+        lf_txt = (
+            (
+                f"; {lf[0]['balancer']}: step 0 {lf[0]['avg_max_vio'][0]:.3f}, first 10 steps "
+                f"{lf[0]['avg_max_vio_first10']:.3f}, SupMaxVio {lf[0]['sup_max_vio']:.3f}"
+            )
+            if lf
+            else ""
+        )
+        lines.append(
+            f"- E={E}, top-{k}: "
+            + "; ".join(parts)
+            + lf_txt
+            + (f" (uniform-random batch floor {floor:.3f})" if floor else "")
+            + f". Best val ppl: BIP {best_bip_ppl:.3f} vs others {best_other_ppl:.3f}."
+        )
     if n_bip:
-        lines += ["", f"A BIP run has the lowest SupMaxVio in {sup_best} of {n_bip} configurations and the lowest "
-                      f"perplexity in {ppl_best} of {n_bip}. `bip` is the layer as built: its prices are updated "
-                      "after each forward, so step 0 routes with zero prices (exactly as `none` does) and every "
-                      "later batch routes with the prices solved on the batch before, so it balances only as well "
-                      "as one batch predicts the next. `bip_same_batch` solves the prices on the batch itself "
-                      "before routing it, "
-                      "as the paper does, and is the run that tests the 'balanced from the first step' claim."]
+        lines += [
+            "",
+            f"A BIP run has the lowest SupMaxVio in {sup_best} of {n_bip} configurations and the lowest "
+            f"perplexity in {ppl_best} of {n_bip}. `bip` is the layer as built: its prices are updated "
+            "after each forward, so step 0 routes with zero prices (exactly as `none` does) and every "
+            "later batch routes with the prices solved on the batch before, so it balances only as well "
+            "as one batch predicts the next. `bip_same_batch` solves the prices on the batch itself "
+            "before routing it, "
+            "as the paper does, and is the run that tests the 'balanced from the first step' claim.",
+        ]
         if n_same:
-            lines += ["", f"`bip_same_batch` routes step 0 within twice the uniform-random batch floor in {first_ok} "
-                          f"of {n_same} configurations. Its MaxVio_global is measured in evaluation, where no "
-                          "batch is priced on itself: the layer routes with the prices of the last training batch, "
-                          "so that number shows how well a batch's prices carry over to other text."]
+            lines += [
+                "",
+                f"`bip_same_batch` routes step 0 within twice the uniform-random batch floor in {first_ok} "
+                f"of {n_same} configurations. Its MaxVio_global is measured in evaluation, where no "
+                "batch is priced on itself: the layer routes with the prices of the last training batch, "
+                "so that number shows how well a batch's prices carry over to other text.",
+            ]
     return "\n".join(lines)
 
 
 def render_markdown(result: dict[str, Any], plots: Sequence[str | Path] = ()) -> str:
     """The study's Markdown section: settings, the table, the plots and the comparison with the papers."""
     s, c, m = result["settings"], result["corpus"], result["machine"]
-    lines = ["## Balancer training study", "",
-             f"Byte-level decoder-only MoE LM (`moebalance.integrations.lm.MoELM`): d_model {s['d_model']}, "
-             f"{s['n_layers']} layers, {s['n_heads']} heads, {s['router']} router, dropless; {s['steps']} steps of "
-             f"{s['batch_size']} x {s['seq_len']} bytes ({s['tokens_per_step']} tokens per MoE layer and step), "
-             f"AdamW lr {s['lr']:g}, seed {s['seed']}. Corpus: Python {c['python']} standard library, "
-             f"{c['train_files']} training files ({c['train_bytes']} bytes), {c['val_files']} validation files "
-             f"({c['val_bytes']} bytes; {s['val_tokens']} tokens scored). Machine: {m['cpu']}, {m['cores']} cores, "
-             f"torch {m['torch']}, {s['threads']} thread(s); load average at start "
-             f"{', '.join(f'{x:.1f}' for x in m.get('load_average_at_start') or []) or '?'} "
-             f"(wall times are under that load; cpu s is the process's CPU time). "
-             f"Total {result['total_wall_s']:.0f} s.",
-             "",
-             "AvgMaxVio: mean over MoE layers of the batch MaxVio ((max load - mean load) / mean load); the table "
-             "gives its mean over all steps, over the first 10 steps and over the last 10% of steps. SupMaxVio: "
-             "its largest value over all steps. MaxVio_global: per layer over all validation tokens at once, then "
-             "the mean over layers. Uniform-random floors (mean MaxVio when every token picks k experts at "
-             "random): " + ", ".join(f"{key}: batch {v['batch']:.3f}, validation {v['validation']:.3f}"
-                                     for key, v in result.get("noise", {}).items()) + ".", "",
-             render_table(result), ""]
+    lines = [
+        "## Balancer training study",
+        "",
+        f"Byte-level decoder-only MoE LM (`moebalance.integrations.lm.MoELM`): d_model {s['d_model']}, "
+        f"{s['n_layers']} layers, {s['n_heads']} heads, {s['router']} router, dropless; {s['steps']} steps of "
+        f"{s['batch_size']} x {s['seq_len']} bytes ({s['tokens_per_step']} tokens per MoE layer and step), "
+        f"AdamW lr {s['lr']:g}, seed {s['seed']}. Corpus: Python {c['python']} standard library, "
+        f"{c['train_files']} training files ({c['train_bytes']} bytes), {c['val_files']} validation files "
+        f"({c['val_bytes']} bytes; {s['val_tokens']} tokens scored). Machine: {m['cpu']}, {m['cores']} cores, "
+        f"torch {m['torch']}, {s['threads']} thread(s); load average at start "
+        f"{', '.join(f'{x:.1f}' for x in m.get('load_average_at_start') or []) or '?'} "
+        f"(wall times are under that load; cpu s is the process's CPU time). "
+        f"Total {result['total_wall_s']:.0f} s.",
+        "",
+        "AvgMaxVio: mean over MoE layers of the batch MaxVio ((max load - mean load) / mean load); the table "
+        "gives its mean over all steps, over the first 10 steps and over the last 10% of steps. SupMaxVio: "
+        "its largest value over all steps. MaxVio_global: per layer over all validation tokens at once, then "
+        "the mean over layers. Uniform-random floors (mean MaxVio when every token picks k experts at "
+        "random): "
+        + ", ".join(
+            f"{key}: batch {v['batch']:.3f}, validation {v['validation']:.3f}"
+            for key, v in result.get("noise", {}).items()
+        )
+        + ".",
+        "",
+        render_table(result),
+        "",
+    ]
     for p in plots:
         lines += [f"![{Path(p).stem}]({Path(p).as_posix()})", ""]
     lines += [discussion(result), ""]
@@ -641,33 +778,55 @@ def _add_arguments(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--quick", action="store_true", help="smoke-test sizes (seconds); other flags override them")
     p.add_argument("--experts", type=_ints, default=None, help=f"numbers of experts (default {d.experts})")
     p.add_argument("--top-k", type=_ints, default=None, help=f"experts per token (default {d.top_k})")
-    p.add_argument("--balancers", default=None,
-                   help=f"comma-separated specs: {BALANCER_SPECS} (default {','.join(d.balancers)})")
-    for name, typ, help_ in (("steps", int, "training steps per run"), ("batch-size", int, "sequences per step"),
-                             ("seq-len", int, "bytes per sequence"), ("d-model", int, "model width"),
-                             ("layers", int, "transformer blocks (one MoE layer each)"),
-                             ("heads", int, "attention heads"), ("expert-ffn", int, "inner width of one expert"),
-                             ("lr", float, "peak learning rate"), ("seed", int, "seed of weights and batches"),
-                             ("val-tokens", int, "validation tokens scored"),
-                             ("threads", int, "torch threads")):
+    p.add_argument(
+        "--balancers", default=None, help=f"comma-separated specs: {BALANCER_SPECS} (default {','.join(d.balancers)})"
+    )
+    for name, typ, help_ in (
+        ("steps", int, "training steps per run"),
+        ("batch-size", int, "sequences per step"),
+        ("seq-len", int, "bytes per sequence"),
+        ("d-model", int, "model width"),
+        ("layers", int, "transformer blocks (one MoE layer each)"),
+        ("heads", int, "attention heads"),
+        ("expert-ffn", int, "inner width of one expert"),
+        ("lr", float, "peak learning rate"),
+        ("seed", int, "seed of weights and batches"),
+        ("val-tokens", int, "validation tokens scored"),
+        ("threads", int, "torch threads"),
+    ):
         attr = {"layers": "n_layers", "heads": "n_heads"}.get(name, name.replace("-", "_"))
         p.add_argument(f"--{name}", type=typ, default=None, help=f"{help_} (default {getattr(d, attr)})")
     p.add_argument("--router", choices=("softmax", "sigmoid"), default=None, help="router (default softmax)")
     p.add_argument("--stdlib", default=None, help="folder of Python sources (default: this Python's stdlib)")
-    p.add_argument("--out", default=default_out,
-                   help=f"folder for balancer_study.json/.md and the PNG plots (default {default_out}"
-                        f"{'' if os.path.isabs(default_out) else ' under the current directory'})")
+    p.add_argument(
+        "--out",
+        default=default_out,
+        help=f"folder for balancer_study.json/.md and the PNG plots (default {default_out}"
+        f"{'' if os.path.isabs(default_out) else ' under the current directory'})",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def config_from_args(args: argparse.Namespace) -> StudyConfig:
     """A :class:`StudyConfig` from parsed arguments (``--quick`` sizes, then each given flag)."""
     over: dict[str, Any] = {}
-    for flag, attr in (("experts", "experts"), ("top_k", "top_k"), ("steps", "steps"),
-                       ("batch_size", "batch_size"), ("seq_len", "seq_len"), ("d_model", "d_model"),
-                       ("layers", "n_layers"), ("heads", "n_heads"), ("expert_ffn", "expert_ffn"), ("lr", "lr"),
-                       ("seed", "seed"), ("val_tokens", "val_tokens"), ("threads", "threads"),
-                       ("router", "router"), ("stdlib", "stdlib")):
+    for flag, attr in (
+        ("experts", "experts"),
+        ("top_k", "top_k"),
+        ("steps", "steps"),
+        ("batch_size", "batch_size"),
+        ("seq_len", "seq_len"),
+        ("d_model", "d_model"),
+        ("layers", "n_layers"),
+        ("heads", "n_heads"),
+        ("expert_ffn", "expert_ffn"),
+        ("lr", "lr"),
+        ("seed", "seed"),
+        ("val_tokens", "val_tokens"),
+        ("threads", "threads"),
+        ("router", "router"),
+        ("stdlib", "stdlib"),
+    ):
         v = getattr(args, flag)
         if v is not None:
             over[attr] = v
@@ -694,12 +853,14 @@ def run_study_command(args: argparse.Namespace) -> int:
 def add_study_command(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``study`` subcommand to an argparse ``subparsers``; it sets ``func`` to run it (returns 0)."""
     p = subparsers.add_parser(
-        "study", help="train a small byte-level MoE LM once per balancer and compare balance and perplexity",
+        "study",
+        help="train a small byte-level MoE LM once per balancer and compare balance and perplexity",
         description="The balancer training study: a small decoder-only MoE language model trained on CPU on the "
-                    "bytes of the Python standard library, once per balancer (none, aux_loss 0.01 and 0.1, "
-                    "loss_free u=1e-3, bip, bip_same_batch) for 16 and 64 experts, top-2 and top-8. Records "
-                    "training loss and AvgMaxVio per step, SupMaxVio, MaxVio_global, validation perplexity and "
-                    "time; prints a table and writes JSON, Markdown and PNG plots.")
+        "bytes of the Python standard library, once per balancer (none, aux_loss 0.01 and 0.1, "
+        "loss_free u=1e-3, bip, bip_same_batch) for 16 and 64 experts, top-2 and top-8. Records "
+        "training loss and AvgMaxVio per step, SupMaxVio, MaxVio_global, validation perplexity and "
+        "time; prints a table and writes JSON, Markdown and PNG plots.",
+    )
     _add_arguments(p, DEFAULT_OUT)
     p.set_defaults(func=run_study_command)
     return p

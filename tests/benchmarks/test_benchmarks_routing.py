@@ -26,8 +26,12 @@ bench = _load_script()
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "quick.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--no-progress", "--out", str(out)],
-                          capture_output=True, text=True, timeout=900)  # a hang guard
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--no-progress", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )  # a hang guard
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, json.loads(out.read_text()), out.with_suffix(".md").read_text()
 
@@ -76,8 +80,7 @@ def test_quick_exact_methods_match_mcf(quick):
 
 
 def _rec(T, E, k, **kw):
-    return {"T": T, "E": E, "k": k, "skipped": None, "exceeded": False, "wall_time": 1.0,
-            "peak_rss_mib": 100.0, **kw}
+    return {"T": T, "E": E, "k": k, "skipped": None, "exceeded": False, "wall_time": 1.0, "peak_rss_mib": 100.0, **kw}
 
 
 def test_skip_reason_rules():
@@ -99,8 +102,10 @@ def test_skip_reason_rules():
 
 
 def _result(bip_status, bip_time):
-    res = {"mcf": {"status": "optimal", "wall_time": 0.5, "feasible": True, "gap_to_opt": 0.0},
-           "bip": {"status": bip_status, "wall_time": bip_time, "feasible": True, "gap_to_opt": 0.0}}
+    res = {
+        "mcf": {"status": "optimal", "wall_time": 0.5, "feasible": True, "gap_to_opt": 0.0},
+        "bip": {"status": bip_status, "wall_time": bip_time, "feasible": True, "gap_to_opt": 0.0},
+    }
     inst = {"T": 4096, "E": 64, "k": 8, "results": res}
     return {"instances": [inst], "config": {"exact_methods": ["bip", "mcf"]}}
 
@@ -134,10 +139,20 @@ def test_fast_targets_lines():
 
 
 def test_scaling_plot_is_written(tmp_path):
-    res = {"methods": ["mcf", "fast"], "k": 8, "machine": {"cpu_model": "cpu", "cores": 2},
-           "rows": [{"T": T, "E": E, "topk_floor_s": 1e-3 * T / 1024,
-                     "results": {"mcf": {"wall_time": 0.1 * T / 1024}, "fast": {"wall_time": 0.01 * T / 1024}}}
-                    for T, E in [(1024, 64), (4096, 64), (16384, 64), (16384, 16), (16384, 256)]]}
+    res = {
+        "methods": ["mcf", "fast"],
+        "k": 8,
+        "machine": {"cpu_model": "cpu", "cores": 2},
+        "rows": [
+            {
+                "T": T,
+                "E": E,
+                "topk_floor_s": 1e-3 * T / 1024,
+                "results": {"mcf": {"wall_time": 0.1 * T / 1024}, "fast": {"wall_time": 0.01 * T / 1024}},
+            }
+            for T, E in [(1024, 64), (4096, 64), (16384, 64), (16384, 16), (16384, 256)]
+        ],
+    }
     path = tmp_path / "scaling.png"
     bench.plot_scaling(res, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -8,7 +8,8 @@ import pytest
 pytest.importorskip("torch")
 
 SPEC = importlib.util.spec_from_file_location(
-    "bip_balancer_bench", Path(__file__).resolve().parents[2] / "benchmarks" / "bip_balancer.py")
+    "bip_balancer_bench", Path(__file__).resolve().parents[2] / "benchmarks" / "bip_balancer.py"
+)
 bench = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(bench)
 

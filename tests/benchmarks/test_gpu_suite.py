@@ -19,8 +19,9 @@ SUITE = ROOT / "benchmarks" / "gpu_suite.sh"
 SECTIONS = ("env", "kernels", "layer", "bip", "calibration", "ep")
 STEPS = ("env", "kernels", "layer", "bip", "calibration", "ep", "pytest")
 
-pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
-                                reason="needs bash and coreutils' timeout")
+pytestmark = pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and coreutils' timeout"
+)
 
 
 def _env() -> dict[str, str]:
@@ -39,8 +40,14 @@ def _report_module():
 @pytest.fixture(scope="module")
 def dry(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_suite")
-    r = subprocess.run(["bash", str(SUITE), "--dry-run", "--out-dir", str(out)], env=_env(), cwd=str(out),
-                       capture_output=True, text=True, timeout=1200)
+    r = subprocess.run(
+        ["bash", str(SUITE), "--dry-run", "--out-dir", str(out)],
+        env=_env(),
+        cwd=str(out),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     res = json.loads((out / "gpu_suite_dry-run-cpu.json").read_text())
     return out, res, r.stdout
@@ -64,9 +71,16 @@ def test_files_steps_and_banner(dry):
         assert isinstance(res[s], dict) and res[s]["section"] == s and res[s]["dry_run"] is True, s
     md = (out / "gpu_suite_dry-run-cpu.md").read_text()
     assert "DRY RUN" in md
-    for head in ("## Targets", "## Kernels", "## MoELayer", "## BIP balancer step", "## Cost model",
-                 "## Expert parallelism",
-                 "## gpu-marked tests", "## Ceilings"):
+    for head in (
+        "## Targets",
+        "## Kernels",
+        "## MoELayer",
+        "## BIP balancer step",
+        "## Cost model",
+        "## Expert parallelism",
+        "## gpu-marked tests",
+        "## Ceilings",
+    ):
         assert head in md, head
     log = (out / "gpu_suite_dry-run-cpu.log").read_text()
     assert "=== [pytest] rc=0" in log and "gpu_suite: done" in log
@@ -127,7 +141,8 @@ def test_kernels_grid_flops_and_times(dry):
             for phase, mult in (("fwd", 1), ("bwd", 2), ("fwd_bwd", 3)):
                 assert _times_ok(m[phase]), (name, phase)
                 assert m[f"{phase}_tflops"] == pytest.approx(
-                    mult * r["gemm_flops_fwd"] / (m[phase]["median_ms"] / 1e3) / 1e12)
+                    mult * r["gemm_flops_fwd"] / (m[phase]["median_ms"] / 1e3) / 1e12
+                )
             if name != "dense":
                 assert m["fwd_rel_err_vs_fp32"] < 1e-4
         assert r["triton_correct"] is True
@@ -135,7 +150,8 @@ def test_kernels_grid_flops_and_times(dry):
         m = r["methods"]
         assert r["triton_fwd_share_of_dense"] == pytest.approx(m["triton"]["fwd_tflops"] / m["dense"]["fwd_tflops"])
         assert r["triton_fwd_speedup_vs_loop"] == pytest.approx(
-            m["torch_loop"]["fwd"]["median_ms"] / m["triton"]["fwd"]["median_ms"])
+            m["torch_loop"]["fwd"]["median_ms"] / m["triton"]["fwd"]["median_ms"]
+        )
 
 
 def test_targets_are_computed_but_not_claimed(dry):
@@ -175,8 +191,9 @@ def test_calibration_and_simulator(dry):
     cal = dry[1]["calibration"]
     s = cal["settings"]
     assert cal["simulator_module"] in ("moebalance.simulate", "moebalance.evaluation.simulate")
-    assert {(r["experts"], r["rows_per_expert"]) for r in cal["gemm_sweep"]} == \
-        {(g, n) for g in s["groups"] for n in s["rows"]}
+    assert {(r["experts"], r["rows_per_expert"]) for r in cal["gemm_sweep"]} == {
+        (g, n) for g in s["groups"] for n in s["rows"]
+    }
     for r in cal["gemm_sweep"]:
         assert r["rows"] == r["experts"] * r["rows_per_expert"]
         assert r["flops_fwd"] == 6 * r["rows"] * s["hidden"] * s["ffn"] and _times_ok(r["fwd"])
@@ -224,13 +241,23 @@ def test_missing_backends_listed(dry):
 
 
 def test_only_and_bad_arguments(tmp_path):
-    r = subprocess.run(["bash", str(SUITE), "--dry-run", "--only", "nosuchstep"], env=_env(), capture_output=True,
-                       text=True, timeout=600)
+    r = subprocess.run(
+        ["bash", str(SUITE), "--dry-run", "--only", "nosuchstep"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 2 and "unknown step" in r.stderr
     r = subprocess.run(["bash", str(SUITE), "--bogus"], env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 2
-    r = subprocess.run(["bash", str(SUITE), "--dry-run", "--only", "env", "--out-dir", str(tmp_path)], env=_env(),
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        ["bash", str(SUITE), "--dry-run", "--only", "env", "--out-dir", str(tmp_path)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     res = json.loads((tmp_path / "gpu_suite_dry-run-cpu_only-env.json").read_text())
     assert [s["name"] for s in res["steps"]] == ["env"] and res["env"]["section"] == "env"
@@ -240,20 +267,27 @@ def test_only_and_bad_arguments(tmp_path):
 
 def test_target_logic_on_gpu_numbers():
     rep = _report_module()
+
     def row(E, rt, **kw):
         return {"experts": E, "k": 2, "routing": rt, "tokens": 32768, "triton_correct": True, **kw}
 
-    kernels = {"rows": [
-        row(8, "balanced", triton_fwd_share_of_dense=0.61, triton_bwd_share_of_dense=0.49),
-        row(8, "skewed", triton_fwd_share_of_dense=0.1),  # the dense targets apply to balanced routing only
-        row(64, "balanced", triton_fwd_speedup_vs_loop=1.5),
-        row(256, "skewed", triton_fwd_speedup_vs_loop=3.0, triton_correct=False),
-        row(256, "balanced"),  # no number measured
-    ]}
+    kernels = {
+        "rows": [
+            row(8, "balanced", triton_fwd_share_of_dense=0.61, triton_bwd_share_of_dense=0.49),
+            row(8, "skewed", triton_fwd_share_of_dense=0.1),  # the dense targets apply to balanced routing only
+            row(64, "balanced", triton_fwd_speedup_vs_loop=1.5),
+            row(256, "skewed", triton_fwd_speedup_vs_loop=3.0, triton_correct=False),
+            row(256, "balanced"),  # no number measured
+        ]
+    }
     got = {(t["target"], t["case"]["experts"], t["case"]["routing"]): t for t in rep.compute_targets(kernels, False)}
-    assert set(got) == {("fwd_vs_dense", 8, "balanced"), ("bwd_vs_dense", 8, "balanced"),
-                        ("fwd_vs_loop", 64, "balanced"), ("fwd_vs_loop", 256, "skewed"),
-                        ("fwd_vs_loop", 256, "balanced")}
+    assert set(got) == {
+        ("fwd_vs_dense", 8, "balanced"),
+        ("bwd_vs_dense", 8, "balanced"),
+        ("fwd_vs_loop", 64, "balanced"),
+        ("fwd_vs_loop", 256, "skewed"),
+        ("fwd_vs_loop", 256, "balanced"),
+    }
     assert got[("fwd_vs_dense", 8, "balanced")]["status"] == "met"
     assert got[("bwd_vs_dense", 8, "balanced")]["status"] == "not met"
     assert got[("fwd_vs_loop", 64, "balanced")]["status"] == "met"  # the threshold itself meets it
@@ -268,11 +302,14 @@ def test_bootstrap_maps_the_checkout_and_hides_blocked_modules(tmp_path):
     boot.mkdir()
     (boot / "sitecustomize.py").symlink_to(ROOT / "benchmarks" / "gpu_bootstrap.py")
     env = {**_env(), "PYTHONPATH": str(boot), "MOEBALANCE_CHECKOUT": str(ROOT), "GPU_SUITE_BLOCK": "ortools,cvxpy"}
-    code = ("import importlib.util as u, json, moebalance.solvers, moebalance.kernels\n"
-            "print(json.dumps([moebalance.solvers.__file__, moebalance.kernels.__file__,\n"
-            "                  u.find_spec('ortools') is None, u.find_spec('numpy') is None]))")
-    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=str(tmp_path), capture_output=True, text=True,
-                       timeout=600)
+    code = (
+        "import importlib.util as u, json, moebalance.solvers, moebalance.kernels\n"
+        "print(json.dumps([moebalance.solvers.__file__, moebalance.kernels.__file__,\n"
+        "                  u.find_spec('ortools') is None, u.find_spec('numpy') is None]))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stderr
     solvers, kernels, ortools_hidden, numpy_hidden = json.loads(r.stdout.strip().splitlines()[-1])
     assert Path(solvers) == ROOT / "solvers" / "__init__.py" and Path(kernels) == ROOT / "kernels" / "__init__.py"
@@ -282,12 +319,37 @@ def test_bootstrap_maps_the_checkout_and_hides_blocked_modules(tmp_path):
 def test_report_of_a_run_cut_short(tmp_path):
     """A kernels step stopped by its limit after one failed case: the report renders and says what is missing."""
     rep = _report_module()
-    part = {"section": "kernels", "dry_run": False, "device": {"device_type": "cuda", "name": "NVIDIA H200"},
-            "settings": {"tokens": 32768, "hidden": 2048, "ffn": 1024, "dtype": "bfloat16", "repeats": 20,
-                         "warmup": 3, "experts": [8], "top_k": [2]},
-            "complete": False, "cases_planned": 2, "timing": "CUDA events, median",
-            "rows": [{"tokens": 32768, "hidden": 2048, "ffn": 1024, "experts": 8, "k": 2, "routing": "balanced",
-                      "methods": {}, "triton_correct": False, "error": "OutOfMemoryError: boom"}]}
+    part = {
+        "section": "kernels",
+        "dry_run": False,
+        "device": {"device_type": "cuda", "name": "NVIDIA H200"},
+        "settings": {
+            "tokens": 32768,
+            "hidden": 2048,
+            "ffn": 1024,
+            "dtype": "bfloat16",
+            "repeats": 20,
+            "warmup": 3,
+            "experts": [8],
+            "top_k": [2],
+        },
+        "complete": False,
+        "cases_planned": 2,
+        "timing": "CUDA events, median",
+        "rows": [
+            {
+                "tokens": 32768,
+                "hidden": 2048,
+                "ffn": 1024,
+                "experts": 8,
+                "k": 2,
+                "routing": "balanced",
+                "methods": {},
+                "triton_correct": False,
+                "error": "OutOfMemoryError: boom",
+            }
+        ],
+    }
     (tmp_path / "kernels.json").write_text(json.dumps(part))
     (tmp_path / "steps.jsonl").write_text('{"name": "kernels", "rc": 124, "wall_s": 200.0, "timeout_s": 200}\n')
     res = rep.build(tmp_path, "nvidia-h200", dry=False)

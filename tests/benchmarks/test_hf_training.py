@@ -32,7 +32,10 @@ def test_quick_run_outputs_agree_with_their_data(tmp_path):
     assert hf_training.main(["--quick", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "hf_training_quick.json").read_text())
     assert res["complete"] and {p.name for p in tmp_path.iterdir()} >= {
-        "hf_training_quick.md", "hf_training_quick_maxvio.png", "hf_training_quick_loss.png"}
+        "hf_training_quick.md",
+        "hf_training_quick_maxvio.png",
+        "hf_training_quick_loss.png",
+    }
     runs = {r["balancer"]: r for r in res["runs"]}
     assert set(runs) == {"none", "aux", "loss_free", "bip"}
     for r in runs.values():

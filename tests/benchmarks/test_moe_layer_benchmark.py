@@ -36,8 +36,22 @@ def test_make_routing(bench, T, E, k, share):
 
 def test_small_run_writes_json_and_table(bench, tmp_path):
     out = tmp_path / "moe.json"
-    bench.main(["--small", "--shapes", "tiny", "--tokens", "96", "--repeats", "2", "--warmup", "0",
-                "--no-progress", "--out", str(out)])
+    bench.main(
+        [
+            "--small",
+            "--shapes",
+            "tiny",
+            "--tokens",
+            "96",
+            "--repeats",
+            "2",
+            "--warmup",
+            "0",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
     data = json.loads(out.read_text())
     assert out.with_suffix(".md").read_text().startswith("Device:")
     assert data["device"] and data["device_type"] in ("cpu", "cuda") and data["small"] is True

@@ -1,8 +1,7 @@
 import numpy as np
 import pytest
 
-from moebalance import RoutingProblem, solve
-from moebalance import check
+from moebalance import RoutingProblem, check, solve
 from moebalance.routing import bias_reproduces, check_routing, routing_dual_bound
 
 

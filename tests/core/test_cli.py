@@ -8,8 +8,7 @@ import pytest
 
 
 def run(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "moebalance", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "moebalance", *args], capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +21,9 @@ def problem_file(tmp_path_factory):
 
 
 def test_solve(problem_file, tmp_path):
-    out = run("solve", str(problem_file), "--method", "mcf", "-o", "max_cost=1000000", "--json",
-              str(tmp_path / "s.json"))
+    out = run(
+        "solve", str(problem_file), "--method", "mcf", "-o", "max_cost=1000000", "--json", str(tmp_path / "s.json")
+    )
     assert out.returncode == 0, out.stderr
     assert "status     optimal" in out.stdout
     sol = json.loads((tmp_path / "s.json").read_text())
@@ -31,26 +31,37 @@ def test_solve(problem_file, tmp_path):
 
 
 def test_compare(problem_file, tmp_path):
-    out = run("compare", str(problem_file), "--methods", "mcf,lp,greedy,topk", "--no-progress", "--json",
-              str(tmp_path / "c.json"))
+    out = run(
+        "compare",
+        str(problem_file),
+        "--methods",
+        "mcf,lp,greedy,topk",
+        "--no-progress",
+        "--json",
+        str(tmp_path / "c.json"),
+    )
     assert out.returncode == 0, out.stderr
     assert "best bound" in out.stdout
     rows = json.loads((tmp_path / "c.json").read_text())["rows"]
     assert [r["status"] for r in rows][:2] == ["optimal", "optimal"]
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["solve", "missing.npz"], "not a file"),
-    (["solve", "{file}", "--method", "magic"], "unknown `method`"),
-    (["solve", "{file}", "--method", "mcf", "-o", "maxcost=3"], "unknown option"),
-    (["solve", "{file}", "-o", "novalue"], "NAME=VALUE"),
-    (["gen", "out.txt"], ".npz or .json"),
-    (["gen", "out.json", "-k", "99", "-E", "4"], "`k`"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["solve", "missing.npz"], "not a file"),
+        (["solve", "{file}", "--method", "magic"], "unknown `method`"),
+        (["solve", "{file}", "--method", "mcf", "-o", "maxcost=3"], "unknown option"),
+        (["solve", "{file}", "-o", "novalue"], "NAME=VALUE"),
+        (["gen", "out.txt"], ".npz or .json"),
+        (["gen", "out.json", "-k", "99", "-E", "4"], "`k`"),
+    ],
+)
 def test_errors_are_one_line(problem_file, tmp_path, args, needle):
     args = [a.replace("{file}", str(problem_file)) for a in args]
-    out = subprocess.run([sys.executable, "-m", "moebalance", *args], capture_output=True, text=True,
-                         cwd=tmp_path, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "moebalance", *args], capture_output=True, text=True, cwd=tmp_path, timeout=600
+    )
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("moebalance: error:") and needle in lines[0], out.stderr
@@ -72,8 +83,9 @@ def test_help_for_every_subcommand():
 
 def test_placement_file_round_trip(tmp_path):
     f = tmp_path / "pl.json"
-    out = run("gen", str(f), "--family", "placement", "--scenario", "95:1", "-P", "4", "-T", "512",
-              "--model", "gpt-oss-20b")
+    out = run(
+        "gen", str(f), "--family", "placement", "--scenario", "95:1", "-P", "4", "-T", "512", "--model", "gpt-oss-20b"
+    )
     assert out.returncode == 0, out.stderr
     out = run("compare", str(f), "--methods", "ep,llep,llep+,lp", "--no-progress", "--json", str(tmp_path / "c.json"))
     assert out.returncode == 0, out.stderr

@@ -9,9 +9,9 @@ import stat
 
 import numpy as np
 import pytest
+from moebalance.integrations._hf_trace import LoadTrace
 
 from moebalance.cli import EXIT_OK, EXIT_USAGE, main
-from moebalance.integrations._hf_trace import LoadTrace
 from moebalance.io import load_solution, save_problem, save_solution, write_atomic
 from moebalance.placement import PlacementProblem
 from moebalance.registry import available_methods, solve
@@ -22,8 +22,9 @@ PROBLEMS = {
     "routing": RoutingProblem(np.random.default_rng(0).random((30, 4)), 2),
     "placement": PlacementProblem([50, 3, 7, 0], 2),
     "replication": ReplicationProblem(np.random.default_rng(1).integers(0, 50, (2, 2, 4)).astype(float), 6, num_gpus=2),
-    "replication_with_old_plan": ReplicationProblem([[5.0, 1.0, 0.0, 2.0]], 6, num_gpus=2,
-                                                    old_phy2log=[[0, 1, 2, 3, 0, 0]], max_moves=1),
+    "replication_with_old_plan": ReplicationProblem(
+        [[5.0, 1.0, 0.0, 2.0]], 6, num_gpus=2, old_phy2log=[[0, 1, 2, 3, 0, 0]], max_moves=1
+    ),
 }
 
 
@@ -73,22 +74,25 @@ def test_writers_respect_the_umask_and_keep_an_existing_mode(tmp_path):
         os.umask(old)
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["solve", "{f}", "--method", "nope"], "unknown `method` 'nope'"),
-    (["solve", "{f}", "--method", "mcf", "-o", "max_cost=NaN"], "finite"),
-    (["solve", "{f}", "--method", "mcf", "-o", "max_cost=1e999"], "finite"),
-    (["solve", "{f}", "--method", "mcf", "-o", "max_cost=1", "-o", "max_cost=2"], "twice"),
-    (["solve", "{f}", "--method", "mcf", "-o", "bogus=1"], "unknown option"),
-    (["solve", "{f}", "--method", "mcf", "-o", "=1"], "NAME=VALUE"),
-    (["solve", "{f}", "--time-limit", "nan"], "seconds"),
-    (["solve", "{f}", "--time-limit", "-1"], "seconds"),
-    (["compare", "{f}", "--methods", "mcf,,lp"], "comma-separated"),
-    (["compare", "{f}", "--methods", "mcf,mcf"], "twice"),
-    (["compare", "{f}", "--methods", "mcf,nope"], "unknown `method` 'nope'"),
-    (["compare", "{f}", "--time-limit", "inf"], "seconds"),
-    (["compare", "{r}", "--methods", "eplb,migrate"], "`old_phy2log`"),
-    (["solve", "{r}", "--method", "migrate"], "`old_phy2log`"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["solve", "{f}", "--method", "nope"], "unknown `method` 'nope'"),
+        (["solve", "{f}", "--method", "mcf", "-o", "max_cost=NaN"], "finite"),
+        (["solve", "{f}", "--method", "mcf", "-o", "max_cost=1e999"], "finite"),
+        (["solve", "{f}", "--method", "mcf", "-o", "max_cost=1", "-o", "max_cost=2"], "twice"),
+        (["solve", "{f}", "--method", "mcf", "-o", "bogus=1"], "unknown option"),
+        (["solve", "{f}", "--method", "mcf", "-o", "=1"], "NAME=VALUE"),
+        (["solve", "{f}", "--time-limit", "nan"], "seconds"),
+        (["solve", "{f}", "--time-limit", "-1"], "seconds"),
+        (["compare", "{f}", "--methods", "mcf,,lp"], "comma-separated"),
+        (["compare", "{f}", "--methods", "mcf,mcf"], "twice"),
+        (["compare", "{f}", "--methods", "mcf,nope"], "unknown `method` 'nope'"),
+        (["compare", "{f}", "--time-limit", "inf"], "seconds"),
+        (["compare", "{r}", "--methods", "eplb,migrate"], "`old_phy2log`"),
+        (["solve", "{r}", "--method", "migrate"], "`old_phy2log`"),
+    ],
+)
 def test_bad_arguments_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, argv, needle):
     f = save_problem(PROBLEMS["routing"], tmp_path / "p.npz")
     r = save_problem(PROBLEMS["replication"], tmp_path / "r.json")

@@ -19,8 +19,9 @@ from moebalance.solution import Solution, Status
 
 
 def run(*args, cwd=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "moebalance", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "moebalance", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,19 +46,22 @@ def _error(out, code=cli.EXIT_USAGE):
     return lines[0]
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["compare", "{file}", "--methods", "bip,dula"], "'dula'"),
-    (["compare", "{file}", "--methods", "bip,,mcf"], "--methods"),
-    (["compare", "{file}", "--methods", "bip", "--json", "{tmp}/no/such/dir/c.json"], "does not exist"),
-    (["compare", "{file}", "--methods", "bip", "--json", "{tmp}"], "is a folder"),
-    (["compare", "{file}", "--methods", "bip", "--json", "{tmp}/c.txt"], ".json"),
-    (["solve", "{file}", "--method", "bip", "--json", "{tmp}/no/such/dir/s.json"], "does not exist"),
-    (["solve", "{file}", "--method", "bip", "-o", "workerz=2"], "unknown option"),
-    (["solve", "{file}", "--method", "bipp"], "unknown `method`"),
-    (["solve", "{file}", "--method", "bip", "--time-limit", "-1"], "time-limit"),
-    (["solve", "{file}", "--method", "bip", "--time-limit", "nan"], "time-limit"),
-    (["gen", "{tmp}/no/such/dir/p.npz"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["compare", "{file}", "--methods", "bip,dula"], "'dula'"),
+        (["compare", "{file}", "--methods", "bip,,mcf"], "--methods"),
+        (["compare", "{file}", "--methods", "bip", "--json", "{tmp}/no/such/dir/c.json"], "does not exist"),
+        (["compare", "{file}", "--methods", "bip", "--json", "{tmp}"], "is a folder"),
+        (["compare", "{file}", "--methods", "bip", "--json", "{tmp}/c.txt"], ".json"),
+        (["solve", "{file}", "--method", "bip", "--json", "{tmp}/no/such/dir/s.json"], "does not exist"),
+        (["solve", "{file}", "--method", "bip", "-o", "workerz=2"], "unknown option"),
+        (["solve", "{file}", "--method", "bipp"], "unknown `method`"),
+        (["solve", "{file}", "--method", "bip", "--time-limit", "-1"], "time-limit"),
+        (["solve", "{file}", "--method", "bip", "--time-limit", "nan"], "time-limit"),
+        (["gen", "{tmp}/no/such/dir/p.npz"], "does not exist"),
+    ],
+)
 def test_everything_is_checked_before_solving(hard_file, tmp_path, monkeypatch, capsys, args, needle):
     """Each bad name, option or path is refused (exit 2, one line) with no method run and no file written: the
     solve functions are replaced by ones that record being called."""
@@ -97,12 +101,15 @@ def test_exit_status_of_solve(small_file, tmp_path):
     assert line.startswith("moebalance: infeasible:") and "`capacity`" in line
 
 
-@pytest.mark.parametrize("status, answer, code", [
-    (Status.ERROR, False, cli.EXIT_FAILED),
-    (Status.TIME_LIMIT, False, cli.EXIT_FAILED),
-    (Status.TIME_LIMIT, True, cli.EXIT_OK),
-    (Status.FEASIBLE, True, cli.EXIT_OK),
-])
+@pytest.mark.parametrize(
+    "status, answer, code",
+    [
+        (Status.ERROR, False, cli.EXIT_FAILED),
+        (Status.TIME_LIMIT, False, cli.EXIT_FAILED),
+        (Status.TIME_LIMIT, True, cli.EXIT_OK),
+        (Status.FEASIBLE, True, cli.EXIT_OK),
+    ],
+)
 def test_exit_status_for_each_status(monkeypatch, small_file, tmp_path, capsys, status, answer, code):
     import numpy as np
 
@@ -112,8 +119,13 @@ def test_exit_status_for_each_status(monkeypatch, small_file, tmp_path, capsys, 
     greedy = registry.solve(problem, "greedy")
 
     def fake(problem, method="auto", **kw):
-        raw = Solution(method="greedy", status=status, objective=float("nan"),
-                       assignment=np.asarray(greedy.assignment) if answer else None, message="fake")
+        raw = Solution(
+            method="greedy",
+            status=status,
+            objective=float("nan"),
+            assignment=np.asarray(greedy.assignment) if answer else None,
+            message="fake",
+        )
         return registry.finalize(problem, raw)
 
     monkeypatch.setattr(registry, "solve", fake)
@@ -144,8 +156,11 @@ def _actions(parser: argparse.ArgumentParser, path: str = "moebalance"):
 
 def test_every_option_has_help():
     parser = cli.build_parser()
-    missing = [f"{path}: {a.option_strings or a.dest}" for path, a in _actions(parser)
-               if not a.help or a.help == argparse.SUPPRESS]
+    missing = [
+        f"{path}: {a.option_strings or a.dest}"
+        for path, a in _actions(parser)
+        if not a.help or a.help == argparse.SUPPRESS
+    ]
     assert missing == []
     subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)][0]
     assert set(subs.choices) == {"demo", "solve", "compare", "gen", "plot", "simulate", "study", "report"}
@@ -186,8 +201,8 @@ def test_backend_warnings_become_one_note_on_stderr(monkeypatch, small_file, cap
     out, err = capsys.readouterr()
     assert "overflow" not in out
     assert err.strip().splitlines() == [
-        "moebalance: note: 2 back-end warning(s) while solving; first: RuntimeWarning: overflow encountered in "
-        "multiply"]
+        "moebalance: note: 2 back-end warning(s) while solving; first: RuntimeWarning: overflow encountered in multiply"
+    ]
 
 
 def test_output_written_whole_or_not_at_all(small_file, tmp_path):

@@ -74,8 +74,13 @@ def test_only_the_explicit_marker_opts_out():
 
 def test_readme_starts_with_the_two_commands():
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    commands = [ln.split("#")[0].strip() for _, info, code in blocks(ROOT / "README.md") if info == "bash"
-                for ln in code.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    commands = [
+        ln.split("#")[0].strip()
+        for _, info, code in blocks(ROOT / "README.md")
+        if info == "bash"
+        for ln in code.splitlines()
+        if ln.strip() and not ln.lstrip().startswith("#")
+    ]
     assert commands[:2] == ["make demo", "make test"]
     assert len(text.splitlines()) < 120
 

@@ -14,10 +14,17 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from moebalance.integrations._hf_trace import LoadTrace, read_trace
-from moebalance.io import (MAX_HEADER_BYTES, load_problem, load_solution, problem_text, read_npz, save_problem,
-                           save_solution)
+
+from moebalance.io import (
+    MAX_HEADER_BYTES,
+    load_problem,
+    load_solution,
+    problem_text,
+    read_npz,
+    save_problem,
+    save_solution,
+)
 from moebalance.placement import PlacementProblem
 from moebalance.registry import solve
 from moebalance.replication import ReplicationProblem
@@ -26,11 +33,11 @@ from moebalance.routing import RoutingProblem
 PROBLEMS = {
     "routing": RoutingProblem([[0.5, 0.1, 0.9], [0.2, 0.8, 0.3]], 2, capacity=[2, 1, 2]),
     "placement": PlacementProblem([40, 3, 0, 9], 2, alpha=1.5, imbalance_threshold=None),
-    "replication": ReplicationProblem([[[5.0, 1.0, 0.0, 2.0]], [[4.0, 0.0, 3.0, 2.0]]], 6, num_gpus=2,
-                                      old_phy2log=[[0, 1, 2, 3, 0, 0]], max_moves=2),
+    "replication": ReplicationProblem(
+        [[[5.0, 1.0, 0.0, 2.0]], [[4.0, 0.0, 3.0, 2.0]]], 6, num_gpus=2, old_phy2log=[[0, 1, 2, 3, 0, 0]], max_moves=2
+    ),
 }
-TRACE = LoadTrace(np.array([[[3, 1, 0, 2]], [[0, 4, 2, 0]]]), np.array([3, 3]), 2, ("model.layers.0.mlp",),
-                  "mixtral")
+TRACE = LoadTrace(np.array([[[3, 1, 0, 2]], [[0, 4, 2, 0]]]), np.array([3, 3]), 2, ("model.layers.0.mlp",), "mixtral")
 
 
 def _loads_as(path: Path, reader):
@@ -120,9 +127,13 @@ def _npz_with(path: Path, members: dict[str, bytes]) -> Path:
 
 
 def test_a_header_promising_terabytes_is_refused_before_allocating(tmp_path):
-    f = _npz_with(tmp_path / "big.npz", {
-        "scores.npy": _npy_bytes(b"{'descr': '<f8', 'fortran_order': False, 'shape': (1048576, 1048576), }"),
-        "meta_json.npy": _npy_of(np.array('{"k": 1}'))})
+    f = _npz_with(
+        tmp_path / "big.npz",
+        {
+            "scores.npy": _npy_bytes(b"{'descr': '<f8', 'fortran_order': False, 'shape': (1048576, 1048576), }"),
+            "meta_json.npy": _npy_of(np.array('{"k": 1}')),
+        },
+    )
     with pytest.raises(ValueError, match=r"big\.npz: `scores` is truncated"):
         load_problem(f)
 
@@ -140,14 +151,26 @@ def test_a_huge_header_is_refused(tmp_path):
         read_npz(f)
 
 
-@pytest.mark.parametrize("arr, needle", [
-    (np.array([object()], dtype=object), "pickle"),
-    (np.zeros(2, dtype=[("a", "<i8"), ("b", "<f8")]), "records"),
-])
+@pytest.mark.parametrize(
+    "arr, needle",
+    [
+        (np.array([object()], dtype=object), "pickle"),
+        (np.zeros(2, dtype=[("a", "<i8"), ("b", "<f8")]), "records"),
+    ],
+)
 def test_object_and_record_arrays_are_not_read(tmp_path, arr, needle):
-    f = _npz_with(tmp_path / "o.npz", {"scores.npy": _npy_bytes(
-        ("{'descr': %r, 'fortran_order': False, 'shape': (2,), }" % (np.lib.format.dtype_to_descr(arr.dtype),))
-        .encode(), b"\0" * 64)})
+    f = _npz_with(
+        tmp_path / "o.npz",
+        {
+            "scores.npy": _npy_bytes(
+                (
+                    "{'descr': %r, 'fortran_order': False, 'shape': (2,), }"
+                    % (np.lib.format.dtype_to_descr(arr.dtype),)
+                ).encode(),
+                b"\0" * 64,
+            )
+        },
+    )
     with pytest.raises(ValueError, match=f"o.npz: `scores`.*{needle}"):
         read_npz(f)
 
@@ -166,25 +189,28 @@ def test_stray_members_and_duplicate_keys_are_refused(tmp_path):
 
 
 # ---- traces -------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("key, bad, needle", [
-    ("top_k", 2.5, "`top_k`"),  # not truncated to 2
-    ("top_k", [2], "`top_k`"),
-    ("top_k", 0, "`top_k`"),
-    ("tokens", [3.5, 3], "`tokens`"),
-    ("tokens", [3], "`tokens`"),
-    ("tokens", [-3, 3], "`tokens`"),
-    ("loads", [[[3, 1, 0, 2]], [[0, 4, 2, -0.5]]], "`loads`"),
-    ("loads", [[[3, 1, 0, 2]], [[0, 4, 2, -1]]], "`loads`"),
-    ("loads", [[3, 1, 0, 2], [0, 4, 2, 0]], "`loads`"),
-    ("loads", [[[3, 1, 0, 2]], [[0, 4, 2]]], "`loads`"),
-    ("loads", [[[3, 1, 0, 2]], [[0, 4, 2, 1]]], "add up"),
-    ("loads", [[[2**70, 1, 0, 2]], [[0, 4, 2, 0]]], "`loads`"),
-    ("layers", "model.layers.0.mlp", "`layers`"),
-    ("layers", [1], "`layers`"),
-    ("layers", ["a", "b"], "`layers`"),
-    ("model_type", 3, "`model_type`"),
-    ("extra", 1, "extra"),
-])
+@pytest.mark.parametrize(
+    "key, bad, needle",
+    [
+        ("top_k", 2.5, "`top_k`"),  # not truncated to 2
+        ("top_k", [2], "`top_k`"),
+        ("top_k", 0, "`top_k`"),
+        ("tokens", [3.5, 3], "`tokens`"),
+        ("tokens", [3], "`tokens`"),
+        ("tokens", [-3, 3], "`tokens`"),
+        ("loads", [[[3, 1, 0, 2]], [[0, 4, 2, -0.5]]], "`loads`"),
+        ("loads", [[[3, 1, 0, 2]], [[0, 4, 2, -1]]], "`loads`"),
+        ("loads", [[3, 1, 0, 2], [0, 4, 2, 0]], "`loads`"),
+        ("loads", [[[3, 1, 0, 2]], [[0, 4, 2]]], "`loads`"),
+        ("loads", [[[3, 1, 0, 2]], [[0, 4, 2, 1]]], "add up"),
+        ("loads", [[[2**70, 1, 0, 2]], [[0, 4, 2, 0]]], "`loads`"),
+        ("layers", "model.layers.0.mlp", "`layers`"),
+        ("layers", [1], "`layers`"),
+        ("layers", ["a", "b"], "`layers`"),
+        ("model_type", 3, "`model_type`"),
+        ("extra", 1, "extra"),
+    ],
+)
 def test_trace_fields_are_checked_not_cast(tmp_path, key, bad, needle):
     d = TRACE.to_dict()
     d[key] = bad
@@ -209,8 +235,9 @@ def test_trace_npz_with_a_fractional_top_k_array(tmp_path):
     np.savez(f, kind=np.array("expert_loads"), loads=TRACE.loads, tokens=TRACE.tokens, top_k=np.array(2.5))
     with pytest.raises(ValueError, match=r"t\.npz: `top_k` must be an integer"):
         read_trace(f)
-    np.savez(f, kind=np.array("expert_loads"), loads=TRACE.loads.astype(np.float32), tokens=TRACE.tokens,
-             top_k=np.array(2))
+    np.savez(
+        f, kind=np.array("expert_loads"), loads=TRACE.loads.astype(np.float32), tokens=TRACE.tokens, top_k=np.array(2)
+    )
     assert read_trace(f).loads.dtype == np.int64  # whole floats are integers: read exactly
 
 
@@ -224,13 +251,24 @@ def test_solutions_round_trip(tmp_path, family):
     assert back.to_dict() == json.loads(json.dumps(sol.to_dict()))
 
 
-@pytest.mark.parametrize("key, bad, needle", [
-    ("status", "great", "`status`"), ("objective", "1", "`objective`"), ("assignment", [[0.5, 1]], "`assignment`"),
-    ("assignment", 3, "`assignment`"), ("feasible", "yes", "`feasible`"), ("wall_time", -1, "`wall_time`"),
-    ("kind", "banana", "`kind`"), ("kind", [], "`kind`"), ("method", None, "`method`"), ("extra", 1, "extra"),
-    ("assignment", [[0, 1], [1]], "`assignment`"), ("bias", ["a", "b"], "`bias`"),
-    ("objective", float("nan"), "`objective`"),
-])
+@pytest.mark.parametrize(
+    "key, bad, needle",
+    [
+        ("status", "great", "`status`"),
+        ("objective", "1", "`objective`"),
+        ("assignment", [[0.5, 1]], "`assignment`"),
+        ("assignment", 3, "`assignment`"),
+        ("feasible", "yes", "`feasible`"),
+        ("wall_time", -1, "`wall_time`"),
+        ("kind", "banana", "`kind`"),
+        ("kind", [], "`kind`"),
+        ("method", None, "`method`"),
+        ("extra", 1, "extra"),
+        ("assignment", [[0, 1], [1]], "`assignment`"),
+        ("bias", ["a", "b"], "`bias`"),
+        ("objective", float("nan"), "`objective`"),
+    ],
+)
 def test_solution_fields_are_checked(tmp_path, key, bad, needle):
     f = save_solution(solve(PROBLEMS["routing"], "mcf"), tmp_path / "s.json")
     d = json.loads(f.read_text())
@@ -249,8 +287,11 @@ def _files() -> dict[str, tuple[bytes, str, object]]:
     with tempfile.TemporaryDirectory() as d:
         for suffix in (".npz", ".json"):
             out[f"trace{suffix}"] = (TRACE.save(Path(d) / f"t{suffix}").read_bytes(), suffix, read_trace)
-        out["solution.json"] = (save_solution(solve(PROBLEMS["replication"], "eplb"),
-                                              Path(d) / "s.json").read_bytes(), ".json", load_solution)
+        out["solution.json"] = (
+            save_solution(solve(PROBLEMS["replication"], "eplb"), Path(d) / "s.json").read_bytes(),
+            ".json",
+            load_solution,
+        )
     return out
 
 
@@ -293,9 +334,10 @@ def test_flipped_bytes_give_a_value_error_or_a_valid_file(name, data):
 
 
 hostile_values = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(), st.text(max_size=5)),
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=5)),
     lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=3), inner, max_size=3)),
-    max_leaves=12)
+    max_leaves=12,
+)
 
 
 @pytest.mark.property
@@ -329,15 +371,18 @@ def test_any_array_under_any_key_gives_a_value_error_or_a_valid_file(name, data)
 
 
 # ---- recorded routing data (the simulator's --real) ---------------------------------------------------------
-@pytest.mark.parametrize("content, needle", [
-    ('{"prefill_in4096": [[1, 2.5]]}', "integers"),
-    ('{"prefill_in4096": [[1, -2]]}', ">= 0"),
-    ('{"prefill_in4096": [[1, [2]]]}', "list of integers"),
-    ('{"prefill_in4096": 3}', "list of layers"),
-    ('[1, 2]', "JSON object"),
-    ('{"prefill_in4096": [], "prefill_in4096": []}', "twice"),
-    ('{"prefill_in4096": [[1, 2]', "cannot read"),
-])
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ('{"prefill_in4096": [[1, 2.5]]}', "integers"),
+        ('{"prefill_in4096": [[1, -2]]}', ">= 0"),
+        ('{"prefill_in4096": [[1, [2]]]}', "list of integers"),
+        ('{"prefill_in4096": 3}', "list of layers"),
+        ("[1, 2]", "JSON object"),
+        ('{"prefill_in4096": [], "prefill_in4096": []}', "twice"),
+        ('{"prefill_in4096": [[1, 2]', "cannot read"),
+    ],
+)
 def test_recorded_routing_files_are_checked(tmp_path, content, needle):
     from moebalance.evaluation.simulate import real_layers
 
@@ -352,9 +397,11 @@ def test_recorded_olmoe_files_are_checked(tmp_path):
     from moebalance.evaluation.simulate import real_layers
 
     f = tmp_path / "olmoe_mixtral_expert_counts.json"
-    for content, needle in [('{"olmoe": {"expert_counts": {"c4": {"0": [1.5]}}}}', "integers"),
-                            ('{"olmoe": 3}', "expert_counts"),
-                            ('{"olmoe": {"expert_counts": {"c4": {"x": [1]}}}}', "layer numbers")]:
+    for content, needle in [
+        ('{"olmoe": {"expert_counts": {"c4": {"0": [1.5]}}}}', "integers"),
+        ('{"olmoe": 3}', "expert_counts"),
+        ('{"olmoe": {"expert_counts": {"c4": {"x": [1]}}}}', "layer numbers"),
+    ]:
         f.write_text(content)
         with pytest.raises(ValueError, match=needle):
             real_layers("olmoe", tmp_path)

@@ -4,8 +4,12 @@ import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-FOLDERS = {"moebalance": "moebalance", "solvers": "moebalance.solvers", "kernels": "moebalance.kernels",
-           "integrations": "moebalance.integrations"}
+FOLDERS = {
+    "moebalance": "moebalance",
+    "solvers": "moebalance.solvers",
+    "kernels": "moebalance.kernels",
+    "integrations": "moebalance.integrations",
+}
 
 
 def _modules():
@@ -28,7 +32,7 @@ def _edges(mods, *, toplevel_only=False):
     for name, (path, is_pkg) in mods.items():
         tree = ast.parse(path.read_text())
         package = name if is_pkg else name.rpartition(".")[0]
-        for node in (tree.body if toplevel_only else ast.walk(tree)):
+        for node in tree.body if toplevel_only else ast.walk(tree):
             targets = []
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
@@ -51,7 +55,7 @@ def _find_cycle(graph):
         stack.append(n)
         for m in sorted(graph[n]):
             if color.get(m) == 1:
-                return stack[stack.index(m):] + [m]
+                return stack[stack.index(m) :] + [m]
             if m not in color:
                 c = visit(m)
                 if c:
@@ -80,8 +84,11 @@ def test_no_import_cycle_at_module_level():
 def test_core_never_imports_evaluation():
     mods = _modules()
     g = _edges(mods)
-    core = [m for m in mods if not m.startswith("moebalance.evaluation") and m not in ("moebalance.cli",
-                                                                                         "moebalance.__main__")]
+    core = [
+        m
+        for m in mods
+        if not m.startswith("moebalance.evaluation") and m not in ("moebalance.cli", "moebalance.__main__")
+    ]
     for m in core:
         bad = {t for t in g[m] if t.startswith("moebalance.evaluation")}
         assert not bad, f"{m} imports {bad}"
@@ -106,7 +113,9 @@ def test_no_module_doubles_as_a_function():
         value = getattr(moebalance, name)
         if isinstance(value, types.ModuleType):
             continue
-        assert importlib.util.find_spec(f"moebalance.{name}") is None, f"moebalance.{name} is a module and a {type(value).__name__}"
+        assert importlib.util.find_spec(f"moebalance.{name}") is None, (
+            f"moebalance.{name} is a module and a {type(value).__name__}"
+        )
     for mod in pkgutil.iter_modules(moebalance.__path__):
         if mod.name in moebalance.__all__:
             assert isinstance(getattr(moebalance, mod.name), types.ModuleType), mod.name

@@ -20,12 +20,12 @@ import time
 
 import numpy as np
 import pytest
+from moebalance.solvers import _interrupt
 
 import moebalance as mb
 from moebalance.generate import routing_problem
 from moebalance.io import save_problem
 from moebalance.placement import CostModel, PlacementProblem
-from moebalance.solvers import _interrupt
 
 pytest.importorskip("ortools")
 
@@ -99,11 +99,14 @@ def _hard_placement() -> PlacementProblem:
     return PlacementProblem(rng.integers(0, 5000, 256), 8, cost=CostModel(1.0, 300.0, 2000.0, 0.1))
 
 
-@pytest.mark.parametrize("method, module", [
-    ("bip", "moebalance.solvers.routing_bip"),
-    ("mip", "moebalance.solvers.routing_mip"),
-    ("milp", "moebalance.solvers.placement_milp"),
-])
+@pytest.mark.parametrize(
+    "method, module",
+    [
+        ("bip", "moebalance.solvers.routing_bip"),
+        ("mip", "moebalance.solvers.routing_mip"),
+        ("milp", "moebalance.solvers.placement_milp"),
+    ],
+)
 def test_keyboard_interrupt_propagates_from_solve(monkeypatch, method, module):
     import importlib
 
@@ -138,11 +141,14 @@ def test_keyboard_interrupt_stops_compare(monkeypatch):
     assert ran == ["bip"]
 
 
-@pytest.mark.parametrize("command", [
-    ["solve", "{file}", "--method", "bip", "--time-limit", "120", "--json", "{out}"],
-    ["solve", "{file}", "--method", "mip", "--time-limit", "120", "--json", "{out}"],
-    ["compare", "{file}", "--methods", "bip,mip,greedy", "--time-limit", "120", "--no-progress", "--json", "{out}"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["solve", "{file}", "--method", "bip", "--time-limit", "120", "--json", "{out}"],
+        ["solve", "{file}", "--method", "mip", "--time-limit", "120", "--json", "{out}"],
+        ["compare", "{file}", "--methods", "bip,mip,greedy", "--time-limit", "120", "--no-progress", "--json", "{out}"],
+    ],
+)
 def test_cli_exits_130_one_line_no_file(tmp_path, command):
     f = tmp_path / "hard.npz"
     save_problem(routing_problem(2000, 64, 8, seed=0), f)
@@ -150,8 +156,14 @@ def test_cli_exits_130_one_line_no_file(tmp_path, command):
     args = [a.replace("{file}", str(f)).replace("{out}", str(out)) for a in command]
     tmp = tmp_path / "tmp"  # the solve's child process works in a "moebalance-*" folder made here
     tmp.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "moebalance", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=dict(os.environ, TMPDIR=str(tmp)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moebalance", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=dict(os.environ, TMPDIR=str(tmp)),
+    )
     try:
         # the signal goes once the back-end runs (its folder exists), however long start-up took on this machine
         for _ in range(6000):

@@ -27,14 +27,17 @@ def test_pickled_npz_is_refused(tmp_path):
         load_problem(f)
 
 
-@pytest.mark.parametrize("content, match", [
-    ("not json", "cannot read"),
-    (json.dumps({"kind": "routing", "k": 1}), "scores"),
-    (json.dumps({"kind": "routing", "scores": [[1]], "k": 1, "extra": 1}), "unknown key"),
-    (json.dumps({"kind": "banana"}), "kind"),
-    (json.dumps([1, 2]), "kind"),
-    (json.dumps({"kind": "routing", "scores": [[1, None]], "k": 1}), "scores"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("not json", "cannot read"),
+        (json.dumps({"kind": "routing", "k": 1}), "scores"),
+        (json.dumps({"kind": "routing", "scores": [[1]], "k": 1, "extra": 1}), "unknown key"),
+        (json.dumps({"kind": "banana"}), "kind"),
+        (json.dumps([1, 2]), "kind"),
+        (json.dumps({"kind": "routing", "scores": [[1, None]], "k": 1}), "scores"),
+    ],
+)
 def test_bad_files(tmp_path, content, match):
     f = tmp_path / "p.json"
     f.write_text(content)

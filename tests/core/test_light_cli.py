@@ -26,7 +26,7 @@ def _heavy_after(*argv: str) -> list[str]:
     out = subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("HEAVY=")][-1]
-    return [m for m in line[len("HEAVY="):].split(",") if m]
+    return [m for m in line[len("HEAVY=") :].split(",") if m]
 
 
 def test_top_level_help_and_version_are_light():
@@ -40,9 +40,11 @@ def test_every_subcommand_help_is_light():
 
 
 def test_python_dash_m_help_is_light():
-    code = ("import runpy, sys; sys.argv = ['moebalance', '--help']\n"
-            "try:\n    runpy.run_module('moebalance', run_name='__main__')\nexcept SystemExit:\n    pass\n"
-            "print(sorted({m.split('.')[0] for m in sys.modules} & set(%r)))" % (HEAVY,))
+    code = (
+        "import runpy, sys; sys.argv = ['moebalance', '--help']\n"
+        "try:\n    runpy.run_module('moebalance', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & set(%r)))" % (HEAVY,)
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
 

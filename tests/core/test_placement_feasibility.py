@@ -18,18 +18,37 @@ def independent_feasible(loads, P, home, C, F):
     # variables: x (n, integer) then y (n, binary); x <= load_e * y
     A, lo, hi = [], [], []
     for e in range(E):
-        row = np.zeros(2 * n); row[e * P:(e + 1) * P] = 1; A.append(row); lo.append(loads[e]); hi.append(loads[e])
+        row = np.zeros(2 * n)
+        row[e * P : (e + 1) * P] = 1
+        A.append(row)
+        lo.append(loads[e])
+        hi.append(loads[e])
     for p in range(P):
-        row = np.zeros(2 * n); row[p:n:P] = 1; A.append(row); lo.append(-np.inf); hi.append(C)
+        row = np.zeros(2 * n)
+        row[p:n:P] = 1
+        A.append(row)
+        lo.append(-np.inf)
+        hi.append(C)
         row = np.zeros(2 * n)
         for e in range(E):
             if home[e] != p:
                 row[n + e * P + p] = 1
-        A.append(row); lo.append(-np.inf); hi.append(F)
+        A.append(row)
+        lo.append(-np.inf)
+        hi.append(F)
     for i in range(n):
-        row = np.zeros(2 * n); row[i] = 1; row[n + i] = -loads[i // P]; A.append(row); lo.append(-np.inf); hi.append(0)
-    res = milp(np.zeros(2 * n), constraints=LinearConstraint(np.array(A), lo, hi),
-               integrality=np.ones(2 * n), bounds=Bounds(0, np.concatenate([np.repeat(loads, P), np.ones(n)])))
+        row = np.zeros(2 * n)
+        row[i] = 1
+        row[n + i] = -loads[i // P]
+        A.append(row)
+        lo.append(-np.inf)
+        hi.append(0)
+    res = milp(
+        np.zeros(2 * n),
+        constraints=LinearConstraint(np.array(A), lo, hi),
+        integrality=np.ones(2 * n),
+        bounds=Bounds(0, np.concatenate([np.repeat(loads, P), np.ones(n)])),
+    )
     return res.status == 0
 
 

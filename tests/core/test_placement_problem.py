@@ -51,28 +51,31 @@ def test_input_is_copied():
     assert p.expert_loads.tolist() == [4, 4]
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(expert_loads=[1, -2], num_devices=2), "expert_loads"),
-    (dict(expert_loads=[1.5, 2], num_devices=2), "expert_loads"),
-    (dict(expert_loads=[1, float("nan")], num_devices=2), "expert_loads"),
-    (dict(expert_loads=[[1, 2]], num_devices=1), "expert_loads"),
-    (dict(expert_loads=[], num_devices=1), "expert_loads"),
-    (dict(expert_loads=["a", "b"], num_devices=1), "expert_loads"),
-    (dict(expert_loads=[1, 2], num_devices=0), "num_devices"),
-    (dict(expert_loads=[1, 2], num_devices=1.5), "num_devices"),
-    (dict(expert_loads=[1, 2, 3], num_devices=2), "num_devices"),
-    (dict(expert_loads=[1, 2], num_devices=2, home=[0, 2]), "home"),
-    (dict(expert_loads=[1, 2], num_devices=2, home=[0, -1]), "home"),
-    (dict(expert_loads=[1, 2], num_devices=2, home=[0]), "home"),
-    (dict(expert_loads=[1, 2], num_devices=2, cost="fast"), "cost"),
-    (dict(expert_loads=[1, 2], num_devices=2, alpha=0.0), "alpha"),
-    (dict(expert_loads=[1, 2], num_devices=2, alpha=float("nan")), "alpha"),
-    (dict(expert_loads=[1, 2], num_devices=2, min_chunk=-1), "min_chunk"),
-    (dict(expert_loads=[1, 2], num_devices=2, imbalance_threshold=float("nan")), "imbalance_threshold"),
-    (dict(expert_loads=[1, 2], num_devices=2, imbalance_threshold=0), "imbalance_threshold"),
-    (dict(expert_loads=[1, 2], num_devices=2, max_tokens_per_device=-1), "max_tokens_per_device"),
-    (dict(expert_loads=[1, 2], num_devices=2, max_foreign_experts=1.5), "max_foreign_experts"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(expert_loads=[1, -2], num_devices=2), "expert_loads"),
+        (dict(expert_loads=[1.5, 2], num_devices=2), "expert_loads"),
+        (dict(expert_loads=[1, float("nan")], num_devices=2), "expert_loads"),
+        (dict(expert_loads=[[1, 2]], num_devices=1), "expert_loads"),
+        (dict(expert_loads=[], num_devices=1), "expert_loads"),
+        (dict(expert_loads=["a", "b"], num_devices=1), "expert_loads"),
+        (dict(expert_loads=[1, 2], num_devices=0), "num_devices"),
+        (dict(expert_loads=[1, 2], num_devices=1.5), "num_devices"),
+        (dict(expert_loads=[1, 2, 3], num_devices=2), "num_devices"),
+        (dict(expert_loads=[1, 2], num_devices=2, home=[0, 2]), "home"),
+        (dict(expert_loads=[1, 2], num_devices=2, home=[0, -1]), "home"),
+        (dict(expert_loads=[1, 2], num_devices=2, home=[0]), "home"),
+        (dict(expert_loads=[1, 2], num_devices=2, cost="fast"), "cost"),
+        (dict(expert_loads=[1, 2], num_devices=2, alpha=0.0), "alpha"),
+        (dict(expert_loads=[1, 2], num_devices=2, alpha=float("nan")), "alpha"),
+        (dict(expert_loads=[1, 2], num_devices=2, min_chunk=-1), "min_chunk"),
+        (dict(expert_loads=[1, 2], num_devices=2, imbalance_threshold=float("nan")), "imbalance_threshold"),
+        (dict(expert_loads=[1, 2], num_devices=2, imbalance_threshold=0), "imbalance_threshold"),
+        (dict(expert_loads=[1, 2], num_devices=2, max_tokens_per_device=-1), "max_tokens_per_device"),
+        (dict(expert_loads=[1, 2], num_devices=2, max_foreign_experts=1.5), "max_foreign_experts"),
+    ],
+)
 def test_bad_input_names_argument(kwargs, name):
     loads = kwargs.pop("expert_loads")
     P = kwargs.pop("num_devices")
@@ -103,9 +106,17 @@ def test_infeasible_limits():
 
 
 def test_round_trip_json():
-    p = PlacementProblem([3, 1, 4, 1, 5], 2, home=[0, 1, 1, 0, 1], cost=CostModel(1.0, 2.0, 3.0, 0.5),
-                         max_tokens_per_device=9, max_foreign_experts=2, alpha=1.1, min_chunk=3,
-                         imbalance_threshold=None)
+    p = PlacementProblem(
+        [3, 1, 4, 1, 5],
+        2,
+        home=[0, 1, 1, 0, 1],
+        cost=CostModel(1.0, 2.0, 3.0, 0.5),
+        max_tokens_per_device=9,
+        max_foreign_experts=2,
+        alpha=1.1,
+        min_chunk=3,
+        imbalance_threshold=None,
+    )
     d = json.loads(json.dumps(p.to_dict()))
     assert d["kind"] == "placement"
     q = PlacementProblem.from_dict(d)

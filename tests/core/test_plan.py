@@ -58,13 +58,16 @@ def test_check_feasible_extras():
     assert res.loads.tolist() == [3, 3, 4]
 
 
-@pytest.mark.parametrize("x, needle", [
-    (np.array([[3, 0], [0, 3], [4, 1]]), "not conserved"),
-    (np.array([[4, -1], [0, 3], [4, 0]]), "negative"),
-    (np.array([[2.5, 0.5], [0, 3], [4, 0]]), "integer"),
-    (np.array([[3, 0], [3, 0]]), "shape"),
-    ("plan", "integer array"),
-])
+@pytest.mark.parametrize(
+    "x, needle",
+    [
+        (np.array([[3, 0], [0, 3], [4, 1]]), "not conserved"),
+        (np.array([[4, -1], [0, 3], [4, 0]]), "negative"),
+        (np.array([[2.5, 0.5], [0, 3], [4, 0]]), "integer"),
+        (np.array([[3, 0], [3, 0]]), "shape"),
+        ("plan", "integer array"),
+    ],
+)
 def test_check_catches_bad_plans(x, needle):
     res = check_placement(_problem(), x)
     assert not res.feasible

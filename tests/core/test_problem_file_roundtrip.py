@@ -49,8 +49,15 @@ def assert_identical(p, q) -> None:
         for name in ("expert_loads", "home", "native_loads"):
             a, b = getattr(p, name), getattr(q, name)
             assert a.dtype == b.dtype and np.array_equal(a, b), name
-        for name in ("num_devices", "cost", "max_tokens_per_device", "max_foreign_experts", "alpha", "min_chunk",
-                     "imbalance_threshold"):
+        for name in (
+            "num_devices",
+            "cost",
+            "max_tokens_per_device",
+            "max_foreign_experts",
+            "alpha",
+            "min_chunk",
+            "imbalance_threshold",
+        ):
             a, b = getattr(p, name), getattr(q, name)
             assert a == b and type(a) is type(b), (name, a, b)
     assert p.to_dict() == q.to_dict()  # `home` given or defaulted stays so
@@ -89,7 +96,8 @@ def placement_problems(draw):
         home = [e % P for e in range(E)]
     cost = draw(st.one_of(st.none(), st.builds(CostModel, costs, costs, costs, costs)))
     kwargs = dict(
-        home=home, cost=cost,
+        home=home,
+        cost=cost,
         max_tokens_per_device=draw(st.one_of(st.none(), st.integers(0, 2**45))),
         max_foreign_experts=draw(st.one_of(st.none(), st.integers(0, 8))),
         alpha=draw(st.floats(1e-6, 1e6)),
@@ -111,17 +119,23 @@ def replication_problems(draw):
     E = groups * draw(st.integers(1, 3))
     R = G * draw(st.integers(-(-E // G), -(-E // G) + 2))
     shape = draw(st.sampled_from([(E,), (draw(st.integers(1, 3)), E), (draw(st.integers(1, 3)), 2, E)]))
-    weight = np.array(draw(st.lists(st.floats(0, 1e12), min_size=int(np.prod(shape)),
-                                    max_size=int(np.prod(shape))))).reshape(shape)
+    weight = np.array(
+        draw(st.lists(st.floats(0, 1e12), min_size=int(np.prod(shape)), max_size=int(np.prod(shape))))
+    ).reshape(shape)
     L = 1 if len(shape) == 1 else shape[-2]
     old = max_moves = None
     if draw(st.booleans()):
-        row = np.concatenate([np.arange(E), np.array(draw(st.lists(st.integers(0, E - 1), min_size=R - E,
-                                                                       max_size=R - E)), dtype=np.int64)])
+        row = np.concatenate(
+            [
+                np.arange(E),
+                np.array(draw(st.lists(st.integers(0, E - 1), min_size=R - E, max_size=R - E)), dtype=np.int64),
+            ]
+        )
         old = np.tile(row, (L, 1))
         max_moves = draw(st.one_of(st.none(), st.integers(0, R)))
-    return ReplicationProblem(weight, R, num_gpus=G, num_groups=groups, num_nodes=nodes, old_phy2log=old,
-                              max_moves=max_moves)
+    return ReplicationProblem(
+        weight, R, num_gpus=G, num_groups=groups, num_nodes=nodes, old_phy2log=old, max_moves=max_moves
+    )
 
 
 def test_every_family_is_covered():
@@ -139,8 +153,9 @@ def test_every_problem_round_trips_identical(suffix, problem):
 
 @pytest.mark.parametrize("suffix", FORMATS)
 def test_none_options_survive(suffix):
-    p = PlacementProblem([100, 0, 0, 0], 2, imbalance_threshold=None, max_tokens_per_device=None,
-                         max_foreign_experts=None)
+    p = PlacementProblem(
+        [100, 0, 0, 0], 2, imbalance_threshold=None, max_tokens_per_device=None, max_foreign_experts=None
+    )
     q = _round_trip(p, suffix)
     assert q.imbalance_threshold is None and q.max_tokens_per_device is None and q.max_foreign_experts is None
     assert_identical(p, q)
@@ -168,15 +183,22 @@ def test_both_formats_hold_the_same_problem():
 def test_older_npz_files_still_load(tmp_path):
     """Files written before ``meta_json``: scalars as 0-d arrays, the cost as ``cost_json``."""
     f = tmp_path / "old.npz"
-    np.savez_compressed(f, kind=np.array("placement"), expert_loads=np.array([3, 4]), num_devices=np.array(2),
-                        cost_json=np.array(json.dumps(CostModel(2.0).to_dict())), alpha=np.array(1.0))
+    np.savez_compressed(
+        f,
+        kind=np.array("placement"),
+        expert_loads=np.array([3, 4]),
+        num_devices=np.array(2),
+        cost_json=np.array(json.dumps(CostModel(2.0).to_dict())),
+        alpha=np.array(1.0),
+    )
     q = load_problem(f)
     assert q.cost == CostModel(2.0) and q.expert_loads.tolist() == [3, 4]
 
 
 def test_capacity_that_disagrees_with_its_factor_is_refused(tmp_path):
     f = tmp_path / "p.json"
-    f.write_text(json.dumps({"kind": "routing", "scores": [[1, 2], [3, 4]], "k": 1, "capacity": [5, 5],
-                             "capacity_factor": 1.0}))
+    f.write_text(
+        json.dumps({"kind": "routing", "scores": [[1, 2], [3, 4]], "k": 1, "capacity": [5, 5], "capacity_factor": 1.0})
+    )
     with pytest.raises(ValueError, match="disagrees"):
         load_problem(f)

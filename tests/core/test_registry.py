@@ -55,8 +55,9 @@ def test_auto_picks_an_exact_method(problem):
 def test_claimed_optimal_but_infeasible_is_downgraded(problem, fake_methods):
     @fake_methods("liar")
     def liar(p, *, time_limit=None):
-        return Solution("liar", Status.OPTIMAL, objective=99.0, bound=99.0,
-                        assignment=np.array([[0], [0], [0]]))  # expert 0 takes 3 > capacity 2
+        return Solution(
+            "liar", Status.OPTIMAL, objective=99.0, bound=99.0, assignment=np.array([[0], [0], [0]])
+        )  # expert 0 takes 3 > capacity 2
 
     sol = solve(problem, "liar")
     assert sol.status == Status.INFEASIBLE
@@ -77,8 +78,9 @@ def test_claimed_optimal_with_distant_bound_is_downgraded(problem, fake_methods)
 def test_malformed_assignments_are_infeasible(problem, fake_methods):
     bad = {"shape": np.array([0, 1, 0]), "range": np.array([[0], [5], [1]]), "float": np.array([[0.0], [1.0], [1.0]])}
     for name, a in bad.items():
-        fake_methods(f"bad_{name}")(lambda p, *, time_limit=None, a=a: Solution("x", Status.FEASIBLE, 0.0,
-                                                                                 assignment=a))
+        fake_methods(f"bad_{name}")(
+            lambda p, *, time_limit=None, a=a: Solution("x", Status.FEASIBLE, 0.0, assignment=a)
+        )
         sol = solve(problem, f"bad_{name}")
         assert sol.status == Status.INFEASIBLE, name
         assert np.isnan(sol.objective)
@@ -101,8 +103,19 @@ def test_missing_assignment_is_never_optimal(problem, fake_methods):
 def test_solution_fields_and_json(problem):
     sol = solve(problem, "lp")
     d = sol.to_dict()
-    for key in ("method", "status", "objective", "bound", "gap", "assignment", "loads", "bias", "wall_time",
-                "stats", "message"):
+    for key in (
+        "method",
+        "status",
+        "objective",
+        "bound",
+        "gap",
+        "assignment",
+        "loads",
+        "bias",
+        "wall_time",
+        "stats",
+        "message",
+    ):
         assert key in d
     import json
 
@@ -158,7 +171,8 @@ def test_a_method_that_cannot_solve_the_problem_is_refused_with_the_reason():
 
 def test_requires_is_declared_at_registration(problem, fake_methods):
     fake_methods("needs_bias", requires="bias_prior")(
-        lambda p, *, time_limit=None: Solution("needs_bias", Status.FEASIBLE, assignment=np.array([[0], [0], [1]])))
+        lambda p, *, time_limit=None: Solution("needs_bias", Status.FEASIBLE, assignment=np.array([[0], [0], [1]]))
+    )
     assert mb.method_info("routing", "needs_bias").requires == ("bias_prior",)
     assert "needs_bias" not in mb.available_methods(problem)
     assert "needs_bias" in mb.available_methods("routing")
@@ -177,22 +191,26 @@ def test_compare_with_one_name_is_one_method(problem):
     assert [r["method"] for r in table.rows()] == ["mcf"]
 
 
-@pytest.mark.parametrize("methods, options, time_limit, needle", [
-    (["mcf", "nope"], None, None, "unknown `method` 'nope'"),
-    ([], None, None, "`methods` is empty"),
-    (["mcf", "mcf"], None, None, "twice"),
-    ([3], None, None, "`methods`"),
-    (42, None, None, "`methods`"),
-    (b"mcf", None, None, "`methods`"),
-    (["mcf"], {"mcf": {"maxcost": 1}}, None, "unknown option"),
-    (["mcf"], {"mcf": 3}, None, "`options`"),
-    (["mcf"], {"lp": {}}, None, "not compared"),
-    (["mcf"], None, float("nan"), "`time_limit`"),
-    (["mcf"], None, -1, "`time_limit`"),
-    (["mcf"], None, True, "`time_limit`"),
-])
-def test_compare_validates_like_solve_before_running_anything(problem, fake_methods, methods, options, time_limit,
-                                                              needle):
+@pytest.mark.parametrize(
+    "methods, options, time_limit, needle",
+    [
+        (["mcf", "nope"], None, None, "unknown `method` 'nope'"),
+        ([], None, None, "`methods` is empty"),
+        (["mcf", "mcf"], None, None, "twice"),
+        ([3], None, None, "`methods`"),
+        (42, None, None, "`methods`"),
+        (b"mcf", None, None, "`methods`"),
+        (["mcf"], {"mcf": {"maxcost": 1}}, None, "unknown option"),
+        (["mcf"], {"mcf": 3}, None, "`options`"),
+        (["mcf"], {"lp": {}}, None, "not compared"),
+        (["mcf"], None, float("nan"), "`time_limit`"),
+        (["mcf"], None, -1, "`time_limit`"),
+        (["mcf"], None, True, "`time_limit`"),
+    ],
+)
+def test_compare_validates_like_solve_before_running_anything(
+    problem, fake_methods, methods, options, time_limit, needle
+):
     ran = []
     fake_methods("spy")(lambda p, *, time_limit=None: ran.append(1))
     names = ["spy", *methods] if isinstance(methods, list) and methods else methods

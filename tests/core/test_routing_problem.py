@@ -40,24 +40,27 @@ def test_input_is_copied():
     assert p.scores[0, 0] == 0
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(scores=[[np.nan, 1.0]], k=1), "scores"),
-    (dict(scores=[[np.inf, 1.0]], k=1), "scores"),
-    (dict(scores=[1.0, 2.0], k=1), "scores"),
-    (dict(scores=np.zeros((2, 2, 2)), k=1), "scores"),
-    (dict(scores=[["a", "b"]], k=1), "scores"),
-    (dict(scores=np.zeros((0, 3)), k=1), "scores"),
-    (dict(scores=np.zeros((2, 3)), k=0), "`k`"),
-    (dict(scores=np.zeros((2, 3)), k=4), "`k`"),
-    (dict(scores=np.zeros((2, 3)), k=1.5), "`k`"),
-    (dict(scores=np.zeros((2, 3)), k=1, capacity=-1), "capacity"),
-    (dict(scores=np.zeros((2, 3)), k=1, capacity=1.5), "capacity"),
-    (dict(scores=np.zeros((2, 3)), k=1, capacity=[1, 1]), "capacity"),
-    (dict(scores=np.zeros((2, 3)), k=1, capacity=[1, -1, 1]), "capacity"),
-    (dict(scores=np.zeros((2, 3)), k=1, capacity=[1.0, 0.5, 1.0]), "capacity"),
-    (dict(scores=np.zeros((2, 3)), k=1, capacity_factor=0), "capacity_factor"),
-    (dict(scores=np.zeros((2, 3)), k=1, capacity_factor=float("nan")), "capacity_factor"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(scores=[[np.nan, 1.0]], k=1), "scores"),
+        (dict(scores=[[np.inf, 1.0]], k=1), "scores"),
+        (dict(scores=[1.0, 2.0], k=1), "scores"),
+        (dict(scores=np.zeros((2, 2, 2)), k=1), "scores"),
+        (dict(scores=[["a", "b"]], k=1), "scores"),
+        (dict(scores=np.zeros((0, 3)), k=1), "scores"),
+        (dict(scores=np.zeros((2, 3)), k=0), "`k`"),
+        (dict(scores=np.zeros((2, 3)), k=4), "`k`"),
+        (dict(scores=np.zeros((2, 3)), k=1.5), "`k`"),
+        (dict(scores=np.zeros((2, 3)), k=1, capacity=-1), "capacity"),
+        (dict(scores=np.zeros((2, 3)), k=1, capacity=1.5), "capacity"),
+        (dict(scores=np.zeros((2, 3)), k=1, capacity=[1, 1]), "capacity"),
+        (dict(scores=np.zeros((2, 3)), k=1, capacity=[1, -1, 1]), "capacity"),
+        (dict(scores=np.zeros((2, 3)), k=1, capacity=[1.0, 0.5, 1.0]), "capacity"),
+        (dict(scores=np.zeros((2, 3)), k=1, capacity_factor=0), "capacity_factor"),
+        (dict(scores=np.zeros((2, 3)), k=1, capacity_factor=float("nan")), "capacity_factor"),
+    ],
+)
 def test_bad_input_names_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RoutingProblem(**kwargs)

@@ -33,8 +33,12 @@ def plans(draw):
     x = rng.integers(0, 6, (E, P)) * (rng.random((E, P)) < 0.4)
     home = np.arange(E) // (E // P)
     x[np.arange(E), home] += rng.integers(0, 8, E)
-    cost = CostModel(token_time=float(rng.random()), gemm_time=float(rng.random()),
-                     weight_time=float(rng.random()), token_transfer_time=float(rng.random()))
+    cost = CostModel(
+        token_time=float(rng.random()),
+        gemm_time=float(rng.random()),
+        weight_time=float(rng.random()),
+        token_transfer_time=float(rng.random()),
+    )
     p = PlacementProblem(x.sum(axis=1), P, cost=cost)
     return p, x.astype(np.int64), rng
 
@@ -76,7 +80,8 @@ def test_sparse_check_equals_dense_check(case):
     dense = check_placement(p, x)
     assert sparse.feasible and dense.feasible
     assert sparse.objective == np.float64(dense.objective) or abs(sparse.objective - dense.objective) <= 1e-12 * max(
-        1.0, abs(dense.objective))
+        1.0, abs(dense.objective)
+    )
     assert np.array_equal(sparse.fields["device_loads"], dense.fields["device_loads"])
     assert sparse.fields["weight_transfers"] == dense.fields["weight_transfers"]
     assert sparse.fields["token_ranges"] == hint
@@ -93,13 +98,13 @@ def test_broken_ranges_are_caught(case, how):
     rs = list(hint[e])
     d, s, t = rs[-1]
     if how == 0:
-        rs[-1] = (d, s, t + 1)            # covers a token too many
+        rs[-1] = (d, s, t + 1)  # covers a token too many
     elif how == 1:
         rs[-1] = (d, s + 1, t) if t - s > 1 else (d, s, s)  # a hole or an empty range
     elif how == 2:
         rs[-1] = ((d + 1) % (p.num_devices + 1), s, t)  # another (or an invalid) device
     elif how == 3:
-        del hint[e]                        # an expert missing
+        del hint[e]  # an expert missing
         rs = None
     else:
         rs = rs[::-1] if len(rs) > 1 else [(d, s, t), (d, t, t + 1)]

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 import moebalance as mb
 from moebalance import Status
 from moebalance.comparison import Comparison
@@ -20,8 +19,9 @@ def test_a_row_stopped_by_its_limit_says_what_the_limit_cost():
     exact = mb.solve(p, "mcf")
     greedy = mb.solve(p, "greedy")
     stopped = greedy.replace(method="bip", status=Status.TIME_LIMIT)  # a feasible answer the limit stopped
-    empty = greedy.replace(method="mip", status=Status.TIME_LIMIT, assignment=None, feasible=False,
-                           objective=float("nan"))
+    empty = greedy.replace(
+        method="mip", status=Status.TIME_LIMIT, assignment=None, feasible=False, objective=float("nan")
+    )
     table = Comparison(p, [exact, greedy, stopped, empty])
     lines = limited_rows(table, 7.0)
     assert len(lines) == 2  # only the two rows the limit stopped

@@ -7,8 +7,24 @@ from pathlib import Path
 
 from moebalance.cli import build_parser, main
 
-TINY_STUDY = ["--quick", "--experts", "4", "--top-k", "2", "--balancers", "none", "--steps", "2", "--batch-size",
-              "2", "--seq-len", "8", "--val-tokens", "64", "--no-progress"]
+TINY_STUDY = [
+    "--quick",
+    "--experts",
+    "4",
+    "--top-k",
+    "2",
+    "--balancers",
+    "none",
+    "--steps",
+    "2",
+    "--batch-size",
+    "2",
+    "--seq-len",
+    "8",
+    "--val-tokens",
+    "64",
+    "--no-progress",
+]
 
 
 def _all_files(folder: Path) -> set[str]:
@@ -30,8 +46,10 @@ def test_defaults_are_named_in_help(capsys):
 def test_study_and_report_outside_a_checkout_write_one_folder_of_their_own(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["study", *TINY_STUDY]) == 0
-    assert main(["report", "--routing-data", "nowhere", "--devices", "2", "--tokens-per-device", "64",
-                 "--no-progress"]) == 0
+    assert (
+        main(["report", "--routing-data", "nowhere", "--devices", "2", "--tokens-per-device", "64", "--no-progress"])
+        == 0
+    )
     assert not (tmp_path / "benchmarks").exists()
     assert {p.split("/")[0] for p in _all_files(tmp_path)} == {"moebalance_results"}
     folder = tmp_path / "moebalance_results"
@@ -45,8 +63,23 @@ def test_out_is_where_the_user_says(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mine").mkdir()
     assert main(["study", *TINY_STUDY, "--out", "mine/study"]) == 0
-    assert main(["report", "--out", "mine/r.md", "--routing-data", "nowhere", "--devices", "2",
-                 "--tokens-per-device", "64", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "report",
+                "--out",
+                "mine/r.md",
+                "--routing-data",
+                "nowhere",
+                "--devices",
+                "2",
+                "--tokens-per-device",
+                "64",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert {p.split("/")[0] for p in _all_files(tmp_path)} == {"mine"}
     assert (tmp_path / "mine" / "study" / "balancer_study_quick.json").is_file()
     assert (tmp_path / "mine" / "r.md").is_file() and (tmp_path / "mine" / "r_files").is_dir()

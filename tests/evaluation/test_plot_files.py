@@ -69,12 +69,15 @@ def test_a_solution_file_is_rechecked_on_the_problem(routing_files, tmp_path):
     assert not load_solution(problem, tmp_path / "bad.json").feasible
 
 
-@pytest.mark.parametrize("case, needle", [
-    ("suffix", ".png"),
-    ("missing", "does not exist"),
-    ("not_json", "not a solution"),
-    ("wrong_shape", "solution"),
-])
+@pytest.mark.parametrize(
+    "case, needle",
+    [
+        ("suffix", ".png"),
+        ("missing", "does not exist"),
+        ("not_json", "not a solution"),
+        ("wrong_shape", "solution"),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(routing_files, tmp_path, capsys, case, needle):
     _, problem_path, solutions = routing_files
     out, sol = tmp_path / "out.png", str(solutions[0])

@@ -39,8 +39,11 @@ def _assert_readable(fig) -> None:
     axes = [ax for ax in fig.axes if ax.get_visible()]
     for ax in axes:
         assert ax.get_legend() is None, "a legend inside the axes covers data"
-        styles = [(ln.get_marker(), ln.get_linestyle(), ln.get_color()) for ln in ax.get_lines()
-                  if not ln.get_label().startswith("_")]
+        styles = [
+            (ln.get_marker(), ln.get_linestyle(), ln.get_color())
+            for ln in ax.get_lines()
+            if not ln.get_label().startswith("_")
+        ]
         assert len(styles) == len(set(styles)), f"two curves drawn alike: {styles}"
         for axis, scale in ((ax.xaxis, ax.get_xscale()), (ax.yaxis, ax.get_yscale())):
             if scale == "log":
@@ -65,12 +68,25 @@ def test_style_gives_every_curve_its_own_look():
 
 def test_plain_numbers():
     assert [_plotting.plain_number(v) for v in (1e-10, 1e-3, 1, 20, 1e5, 1e6, 1e9)] == [
-        "1e-10", "0.001", "1", "20", "100,000", "1,000,000", "1e9"]
+        "1e-10",
+        "0.001",
+        "1",
+        "20",
+        "100,000",
+        "1,000,000",
+        "1e9",
+    ]
 
 
 def test_simulator_plots(tmp_path, figures):
-    res = simulate("gpt-oss-20b", 4, 256, scenarios=["balanced", "30:1", "80:1", "95:1"],
-                   methods=["llep", "llep+", "eplb", "lp"], progress=False)
+    res = simulate(
+        "gpt-oss-20b",
+        4,
+        256,
+        scenarios=["balanced", "30:1", "80:1", "95:1"],
+        methods=["llep", "llep+", "eplb", "lp"],
+        progress=False,
+    )
     paths = res.plot(tmp_path)
     assert len(paths) == len(figures) == 2 and all(p.is_file() for p in paths)
     for fig in figures:
@@ -80,8 +96,10 @@ def test_simulator_plots(tmp_path, figures):
 def test_study_plots_keep_coinciding_curves_visible(tmp_path, figures):
     steps = 60
     y = list(np.linspace(3.0, 0.2, steps))
-    runs = [{"experts": 8, "top_k": 2, "balancer": b, "avg_max_vio": y, "loss": list(np.linspace(5, 2, steps))}
-            for b in ("none", "loss_free(u=0.001)", "bip", "bip_same_batch")]  # four identical curves
+    runs = [
+        {"experts": 8, "top_k": 2, "balancer": b, "avg_max_vio": y, "loss": list(np.linspace(5, 2, steps))}
+        for b in ("none", "loss_free(u=0.001)", "bip", "bip_same_batch")
+    ]  # four identical curves
     result = {"runs": runs, "noise": {"E=8,k=2": {"batch": 0.1}}}
     paths = plot_study(result, tmp_path)
     assert len(paths) == 2 and len(figures) == 2

@@ -21,45 +21,97 @@ def _routing() -> dict:
         return {"status": status, "wall_time": t, "feasible": feasible, "gap_to_opt": gap, "own_gap": gap}
 
     insts = [
-        {"name": "T=64 E=4 k=1", "T": 64, "E": 4, "k": 1, "topk_load_ratio": 2.0,
-         "results": {"mcf": res(0.01, 0.0), "greedy": res(0.02, 3e-4, "feasible"),
-                     "topk": res(0.001, -0.2, "infeasible", False)}},
-        {"name": "T=128 E=8 k=2", "T": 128, "E": 8, "k": 2, "topk_load_ratio": 3.0,
-         "results": {"mcf": res(0.03, 0.0), "greedy": {"skipped": "skipped (>60 s at T=64, E=4)"},
-                     "topk": res(0.002, -0.3, "infeasible", False)}},
+        {
+            "name": "T=64 E=4 k=1",
+            "T": 64,
+            "E": 4,
+            "k": 1,
+            "topk_load_ratio": 2.0,
+            "results": {
+                "mcf": res(0.01, 0.0),
+                "greedy": res(0.02, 3e-4, "feasible"),
+                "topk": res(0.001, -0.2, "infeasible", False),
+            },
+        },
+        {
+            "name": "T=128 E=8 k=2",
+            "T": 128,
+            "E": 8,
+            "k": 2,
+            "topk_load_ratio": 3.0,
+            "results": {
+                "mcf": res(0.03, 0.0),
+                "greedy": {"skipped": "skipped (>60 s at T=64, E=4)"},
+                "topk": res(0.002, -0.3, "infeasible", False),
+            },
+        },
     ]
-    return {"benchmark": "routing_solvers", "machine": {"cpu_model": "test cpu", "cores": 2,
-                                                       "load_average_at_start": [1.0, 1.0, 1.0]},
-            "config": {"methods": ["mcf", "greedy", "topk"], "capacity_factor": 1.0, "time_cap_s": 60.0,
-                       "reference": "mcf", "quick": True},
-            "instances": insts, "warnings": [],
-            "targets": [{"name": "fast_small", "met": True, "line": "target met: fast 3.0x faster than mcf (test)"}]}
+    return {
+        "benchmark": "routing_solvers",
+        "machine": {"cpu_model": "test cpu", "cores": 2, "load_average_at_start": [1.0, 1.0, 1.0]},
+        "config": {
+            "methods": ["mcf", "greedy", "topk"],
+            "capacity_factor": 1.0,
+            "time_cap_s": 60.0,
+            "reference": "mcf",
+            "quick": True,
+        },
+        "instances": insts,
+        "warnings": [],
+        "targets": [{"name": "fast_small", "met": True, "line": "target met: fast 3.0x faster than mcf (test)"}],
+    }
 
 
 def _placement() -> dict:
     gaps = {"ep": 1.5, "eplb": 0.3, "eplb-home": 0.6, "llep": 0.05, "llep+": 0.01}
-    row = {"set": "toy P=4", "instance": "30:1", "best_plan": 1.01, "best_bound": 1.0, "milp_status": "optimal",
-           **{f"{m}_gap": g for m, g in gaps.items()}}
-    summary = {"toy P=4": {"instances": 1, **{f"{m}_median_gap": g for m, g in gaps.items()},
-                           "llep+_closes_median_vs_best_plan": 1.0, "llep+_closes_median_vs_bound": 0.8,
-                           "llep_time_median_ms": 0.3, "llep+_time_median_ms": 0.9}}
-    return {"hardware_assumed": {"device_flops": 6e14}, "gap_table": {"rows": [row], "summary": summary},
-            "milp_scaling": {"time_limit_s": 5.0, "rows": [{"E": 16, "P": 4, "status": "optimal", "time_s": 1.0,
-                                                            "gap": 0.0, "objective": 2.0, "llep+": 2.02}]}}
+    row = {
+        "set": "toy P=4",
+        "instance": "30:1",
+        "best_plan": 1.01,
+        "best_bound": 1.0,
+        "milp_status": "optimal",
+        **{f"{m}_gap": g for m, g in gaps.items()},
+    }
+    summary = {
+        "toy P=4": {
+            "instances": 1,
+            **{f"{m}_median_gap": g for m, g in gaps.items()},
+            "llep+_closes_median_vs_best_plan": 1.0,
+            "llep+_closes_median_vs_bound": 0.8,
+            "llep_time_median_ms": 0.3,
+            "llep+_time_median_ms": 0.9,
+        }
+    }
+    return {
+        "hardware_assumed": {"device_flops": 6e14},
+        "gap_table": {"rows": [row], "summary": summary},
+        "milp_scaling": {
+            "time_limit_s": 5.0,
+            "rows": [
+                {"E": 16, "P": 4, "status": "optimal", "time_s": 1.0, "gap": 0.0, "objective": 2.0, "llep+": 2.02}
+            ],
+        },
+    }
 
 
 def _calibration() -> dict:
-    return {"device": "test cpu", "dtype": "float32", "model": "custom",
-            "shapes": {"hidden": 16, "ffn": 32, "experts": 8, "top_k": 2},
-            "hardware": {"device_flops": 1e10, "link_bandwidth": 1e10, "gemm_overhead": 1e-5, "dtype_bytes": 4.0},
-            "fit": {"forward": {"r2": 0.9}}, "link_bandwidth_source": "assumed"}
+    return {
+        "device": "test cpu",
+        "dtype": "float32",
+        "model": "custom",
+        "shapes": {"hidden": 16, "ffn": 32, "experts": 8, "top_k": 2},
+        "hardware": {"device_flops": 1e10, "link_bandwidth": 1e10, "gemm_overhead": 1e-5, "dtype_bytes": 4.0},
+        "fit": {"forward": {"r2": 0.9}},
+        "link_bandwidth_source": "assumed",
+    }
 
 
 def _routing_data(folder: Path) -> Path:
     folder.mkdir()
-    counts = {"olmoe": {"expert_counts": {"c4": {str(l): [10 + (e * 7 + l) % 50 for e in range(64)]
-                                                 for l in (0, 7)}}},
-              "mistral": {"expert_counts": {"c4": {"0": [100, 90, 80, 120, 110, 95, 105, 300]}}}}
+    counts = {
+        "olmoe": {"expert_counts": {"c4": {str(l): [10 + (e * 7 + l) % 50 for e in range(64)] for l in (0, 7)}}},
+        "mistral": {"expert_counts": {"c4": {"0": [100, 90, 80, 120, 110, 95, 105, 300]}}},
+    }
     (folder / "olmoe_mixtral_expert_counts.json").write_text(json.dumps(counts))
     return folder  # no DeepSeek file: the report must name it and go on
 
@@ -67,8 +119,15 @@ def _routing_data(folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def study_json(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("study")
-    cfg = StudyConfig.quick(experts=(4,), top_k=(2,), steps=3, batch_size=2, seq_len=16, val_tokens=64,
-                            balancers=("none", "aux_loss:0.1", "loss_free:0.001", "bip"))
+    cfg = StudyConfig.quick(
+        experts=(4,),
+        top_k=(2,),
+        steps=3,
+        batch_size=2,
+        seq_len=16,
+        val_tokens=64,
+        balancers=("none", "aux_loss:0.1", "loss_free:0.001", "bip"),
+    )
     write_outputs(run_study(cfg, progress=False), folder, "balancer_study")
     return folder / "balancer_study.json"
 
@@ -105,9 +164,13 @@ def test_full_report_from_small_inputs(tmp_path, study_json):
     assert "routing data deepseek-v3" in res.missing  # named, not a crash
     assert "2408.15664" in md and "| 4 | 2 | bip |" in md
     links = _images_exist(md, out)
-    assert {Path(p).name for p in links} >= {"routing_solvers.png", "placement_gaps.png", "balancer_study_maxvio.png",
-                                             "simulate_assumed_speedup.png",
-                                             "simulate_ep_cost_model_testcpu_speedup.png"}
+    assert {Path(p).name for p in links} >= {
+        "routing_solvers.png",
+        "placement_gaps.png",
+        "balancer_study_maxvio.png",
+        "simulate_assumed_speedup.png",
+        "simulate_ep_cost_model_testcpu_speedup.png",
+    }
     assert all(p.is_file() and p.parent == out.parent / "report_files" for p in res.plots)
 
 
@@ -138,8 +201,14 @@ def test_run_quick_runs_only_the_in_package_study(tmp_path, monkeypatch, study_j
     monkeypatch.setattr(subprocess, "run", no_subprocess)
     monkeypatch.setattr(subprocess, "Popen", no_subprocess)
     calls = []
-    monkeypatch.setattr(report, "_quick_study", lambda assets, progress: (
-        calls.append(assets), (assets / "balancer_study_quick.json").write_text(study_json.read_text())))
+    monkeypatch.setattr(
+        report,
+        "_quick_study",
+        lambda assets, progress: (
+            calls.append(assets),
+            (assets / "balancer_study_quick.json").write_text(study_json.read_text()),
+        ),
+    )
     empty = tmp_path / "results"
     empty.mkdir()
     out = tmp_path / "r" / "report.md"
@@ -147,8 +216,10 @@ def test_run_quick_runs_only_the_in_package_study(tmp_path, monkeypatch, study_j
     assets = out.parent / "report_files"
     assert calls == [assets] and (assets / "balancer_study_quick.json").is_file()
     assert "(quick run)" in res.markdown and "## 4. Balancer training study" in res.markdown
-    assert "not yet run: python benchmarks/routing_solvers.py (quick: python benchmarks/routing_solvers.py " \
-           "--quick" in res.markdown
+    assert (
+        "not yet run: python benchmarks/routing_solvers.py (quick: python benchmarks/routing_solvers.py "
+        "--quick" in res.markdown
+    )
     assert set(res.missing) >= {"routing", "placement"} and "study" not in res.missing
     assert not list(empty.iterdir())  # nothing written into the results folder
 
@@ -158,17 +229,41 @@ def test_relative_out_writes_only_below_the_current_directory(tmp_path, monkeypa
     import moebalance
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(report, "_quick_study", lambda assets, progress: (assets / "balancer_study_quick.json")
-                        .write_text(study_json.read_text()))
+    monkeypatch.setattr(
+        report,
+        "_quick_study",
+        lambda assets, progress: (assets / "balancer_study_quick.json").write_text(study_json.read_text()),
+    )
     root = Path(moebalance.__file__).resolve().parents[1]  # the checkout (editable install) or site-packages
 
     def listing():
-        return {p: p.stat().st_mtime_ns for folder in (root, root / "moebalance", root / "benchmarks" / "results")
-                if folder.is_dir() for p in folder.iterdir()}
+        return {
+            p: p.stat().st_mtime_ns
+            for folder in (root, root / "moebalance", root / "benchmarks" / "results")
+            if folder.is_dir()
+            for p in folder.iterdir()
+        }
 
     before = listing()
-    assert report.main(["--out", "rel/report.md", "--results", str(tmp_path), "--routing-data", "nowhere",
-                        "--run-quick", "--devices", "2", "--tokens-per-device", "64", "--no-progress"]) == 0
+    assert (
+        report.main(
+            [
+                "--out",
+                "rel/report.md",
+                "--results",
+                str(tmp_path),
+                "--routing-data",
+                "nowhere",
+                "--run-quick",
+                "--devices",
+                "2",
+                "--tokens-per-device",
+                "64",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "rel" / "report.md").is_file()
     assert (tmp_path / "rel" / "report_files" / "balancer_study_quick.json").is_file()
     assert listing() == before
@@ -176,8 +271,24 @@ def test_relative_out_writes_only_below_the_current_directory(tmp_path, monkeypa
 
 def test_command_line(tmp_path, capsys):
     out = tmp_path / "report.md"
-    assert report.main(["--out", str(out), "--results", str(tmp_path), "--routing-data", str(tmp_path / "x"),
-                        "--devices", "2", "--tokens-per-device", "64", "--no-progress"]) == 0
+    assert (
+        report.main(
+            [
+                "--out",
+                str(out),
+                "--results",
+                str(tmp_path),
+                "--routing-data",
+                str(tmp_path / "x"),
+                "--devices",
+                "2",
+                "--tokens-per-device",
+                "64",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "missing routing: not yet run" in printed and f"wrote {out}" in printed
     assert report.main(["--out", str(tmp_path / "report.html")]) == 2

@@ -29,8 +29,9 @@ def test_scenario_totals_and_shapes():
     hot = scenario_loads("30:4", SMALL, 4, 1000)
     assert hot[:4].sum() == 4800 and hot[:4].max() - hot[:4].min() <= 1  # 30% of 16000, evenly
     assert hot[4:].max() - hot[4:].min() <= 1
-    assert np.array_equal(scenario_loads("zipf:1.2", SMALL, 4, 1000, seed=5),
-                          scenario_loads("zipf:1.2", SMALL, 4, 1000, seed=5))
+    assert np.array_equal(
+        scenario_loads("zipf:1.2", SMALL, 4, 1000, seed=5), scenario_loads("zipf:1.2", SMALL, 4, 1000, seed=5)
+    )
 
 
 def test_reference_style_hand_computed():
@@ -112,8 +113,15 @@ def test_real_layers_from_path_option(tmp_path):
 
 
 def test_whole_model_rows_sum_layers(tmp_path):
-    res = simulate("gpt-oss-20b", 8, 512, scenarios=[], methods=["llep"], real=["deepseek-v3:runA"],
-                   routing_dir=_fake_routing(tmp_path))
+    res = simulate(
+        "gpt-oss-20b",
+        8,
+        512,
+        scenarios=[],
+        methods=["llep"],
+        real=["deepseek-v3:runA"],
+        routing_dir=_fake_routing(tmp_path),
+    )
     layers = [r for r in res.rows if r["layer"]]
     whole = {r["method"]: r for r in res.rows if r["scenario"].endswith("/all-layers")}
     assert len(layers) == 2 * 2 and set(whole) == {"ep", "llep"}
@@ -123,8 +131,9 @@ def test_whole_model_rows_sum_layers(tmp_path):
     assert whole["ep"]["speedup"] == 1.0
 
 
-@pytest.mark.skipif(not (DEFAULT_ROUTING_DIR / "deepseek_v3_expert_counts.json").is_file(),
-                    reason="shared routing data not present")
+@pytest.mark.skipif(
+    not (DEFAULT_ROUTING_DIR / "deepseek_v3_expert_counts.json").is_file(), reason="shared routing data not present"
+)
 def test_real_data_default_folder():
     model, layers = real_layers("deepseek-v3")
     assert model.experts == 256 and len(layers) == 58
@@ -137,9 +146,24 @@ def test_cli_subcommand(tmp_path, capsys):
     sub = parser.add_subparsers(dest="command")
     add_simulate_command(sub)
     assert "--tokens-per-device" in sub.choices["simulate"].format_help()
-    args = parser.parse_args(["simulate", "--model", "gpt-oss-20b", "--devices", "4", "--tokens-per-device", "256",
-                              "--scenarios", "80:1", "--methods", "llep,llep+", "--no-progress",
-                              "--out", str(tmp_path)])
+    args = parser.parse_args(
+        [
+            "simulate",
+            "--model",
+            "gpt-oss-20b",
+            "--devices",
+            "4",
+            "--tokens-per-device",
+            "256",
+            "--scenarios",
+            "80:1",
+            "--methods",
+            "llep,llep+",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "llep+" in out and "80:1" in out
@@ -156,8 +180,11 @@ def test_hardware_file_from_calibration(tmp_path):
     from moebalance.evaluation.simulate import Hardware, load_hardware
 
     f = tmp_path / "cal.json"
-    f.write_text(json.dumps({"hardware": {"device_flops": 1.3e10, "link_bandwidth": 4.5e11, "gemm_overhead": 0.0,
-                                          "dtype_bytes": 4.0}}))
+    f.write_text(
+        json.dumps(
+            {"hardware": {"device_flops": 1.3e10, "link_bandwidth": 4.5e11, "gemm_overhead": 0.0, "dtype_bytes": 4.0}}
+        )
+    )
     assert load_hardware(f) == Hardware(1.3e10, 4.5e11, 0.0, 4.0)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"fit": {}}))
@@ -171,10 +198,30 @@ def test_cli_reads_the_hardware_file(tmp_path):
     import sys
 
     f = tmp_path / "cal.json"
-    f.write_text(json.dumps({"hardware": {"device_flops": 1.3e10, "link_bandwidth": 4.5e11, "gemm_overhead": 0.0,
-                                          "dtype_bytes": 4.0}}))
-    out = subprocess.run([sys.executable, "-m", "moebalance", "simulate", "--hardware-file", str(f),
-                          "--scenarios", "95:1", "--methods", "ep,llep", "--tokens-per-device", "2048",
-                          "--no-progress"], capture_output=True, text=True, timeout=600)
+    f.write_text(
+        json.dumps(
+            {"hardware": {"device_flops": 1.3e10, "link_bandwidth": 4.5e11, "gemm_overhead": 0.0, "dtype_bytes": 4.0}}
+        )
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moebalance",
+            "simulate",
+            "--hardware-file",
+            str(f),
+            "--scenarios",
+            "95:1",
+            "--methods",
+            "ep,llep",
+            "--tokens-per-device",
+            "2048",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr
     assert "hardware from" in out.stdout and "llep" in out.stdout

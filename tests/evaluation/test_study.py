@@ -61,8 +61,10 @@ def test_real_stdlib_corpus_is_found():
 def test_parse_balancer():
     assert parse_balancer("none") == ("none", {"balancer": "none"})
     assert parse_balancer("aux_loss:0.1") == ("aux_loss(0.1)", {"balancer": "aux_loss", "aux_loss_coeff": 0.1})
-    assert parse_balancer("loss_free:1e-3") == ("loss_free(u=0.001)",
-                                                {"balancer": "loss_free", "bias_update_rate": 0.001})
+    assert parse_balancer("loss_free:1e-3") == (
+        "loss_free(u=0.001)",
+        {"balancer": "loss_free", "bias_update_rate": 0.001},
+    )
     assert parse_balancer("bip_same_batch")[1] == {"balancer": "bip"}
     assert parse_balancer("bip")[1] == {"balancer": "bip_lagged"}
     for bad in ("aux_loss", "loss_free:0", "loss_free:x", "bip:2", "greedy", "aux_loss:-1"):
@@ -70,11 +72,18 @@ def test_parse_balancer():
             parse_balancer(bad)
 
 
-@pytest.mark.parametrize("kw, field", [
-    (dict(steps=0), "steps"), (dict(top_k=(3,), experts=(2,)), "top_k"), (dict(balancers=("bogus",)), "balancer"),
-    (dict(val_tokens=10), "val_tokens"), (dict(lr=-1.0), "lr"), (dict(n_heads=5), "n_heads"),
-    (dict(experts=()), "experts"),
-])
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        (dict(steps=0), "steps"),
+        (dict(top_k=(3,), experts=(2,)), "top_k"),
+        (dict(balancers=("bogus",)), "balancer"),
+        (dict(val_tokens=10), "val_tokens"),
+        (dict(lr=-1.0), "lr"),
+        (dict(n_heads=5), "n_heads"),
+        (dict(experts=()), "experts"),
+    ],
+)
 def test_config_errors_name_the_field(kw, field):
     with pytest.raises(ValueError, match=field):
         StudyConfig.quick(**kw)
@@ -118,8 +127,26 @@ def test_quick_study_end_to_end(tmp_path):
 
 
 def test_command_line(tmp_path, capsys):
-    args = ["--quick", "--experts", "4", "--top-k", "2", "--balancers", "none,bip", "--steps", "2",
-            "--batch-size", "2", "--seq-len", "8", "--val-tokens", "64", "--no-progress", "--out", str(tmp_path)]
+    args = [
+        "--quick",
+        "--experts",
+        "4",
+        "--top-k",
+        "2",
+        "--balancers",
+        "none,bip",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "8",
+        "--val-tokens",
+        "64",
+        "--no-progress",
+        "--out",
+        str(tmp_path),
+    ]
     assert study.main(args) == 0
     out = capsys.readouterr().out
     assert "| 4 | 2 | bip |" in out and (tmp_path / "balancer_study_quick.json").is_file()
@@ -133,8 +160,22 @@ def test_study_subcommand_registers(tmp_path):
 
     parser = argparse.ArgumentParser(prog="moebalance")
     study.add_study_command(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["study", "--quick", "--experts", "4", "--top-k", "1", "--steps", "2",
-                              "--balancers", "loss_free:0.01", "--out", str(tmp_path)])
+    args = parser.parse_args(
+        [
+            "study",
+            "--quick",
+            "--experts",
+            "4",
+            "--top-k",
+            "1",
+            "--steps",
+            "2",
+            "--balancers",
+            "loss_free:0.01",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     cfg = study.config_from_args(args)
     assert (cfg.experts, cfg.top_k, cfg.steps, cfg.balancers) == ((4,), (1,), 2, ("loss_free:0.01",))
     assert cfg.d_model == StudyConfig.quick().d_model and args.func is study.run_study_command

@@ -37,8 +37,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(mode: str, world: int, out: Path, limit: float = 120.0,
-            stop_others: bool = False, script: str = __file__) -> tuple[list[dict], list[int], str]:
+def _launch(
+    mode: str, world: int, out: Path, limit: float = 120.0, stop_others: bool = False, script: str = __file__
+) -> tuple[list[dict], list[int], str]:
     """Run ``world`` workers of ``mode`` (``script --worker mode rank world port out``, this file's by default);
     (per-rank JSON results, exit codes, combined output).
 
@@ -47,9 +48,16 @@ def _launch(mode: str, world: int, out: Path, limit: float = 120.0,
     # TRITON_INTERPRET off: tests/moe_testing.py turns it on in this process for the kernel tests, and with it
     # backend="triton" would run on CPU tensors (the option test expects both layers to refuse it there)
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TRITON_INTERPRET="0")
-    procs = [subprocess.Popen([sys.executable, script, "--worker", mode, str(r), str(world), str(port), str(out)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(world)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, script, "--worker", mode, str(r), str(world), str(port), str(out)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(world)
+    ]
     deadline = time.monotonic() + limit
     logs = []
     for i, p in enumerate(procs):
@@ -92,7 +100,6 @@ def _inputs(case: str, world: int, seed: int, hidden: int = HIDDEN):
 
 def _layer(seed: int, case: str, **config):
     import torch
-
     from moebalance.integrations.torch import MoEConfig, MoELayer
 
     torch.manual_seed(seed)
@@ -113,22 +120,29 @@ def _layer(seed: int, case: str, **config):
 
 
 def _diff(a, b) -> float:
-    import torch
 
     if b.numel() == 0:
         return 0.0
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
 
 
-def _run_case(rank: int, world: int, case: str, placement: str, options: dict, steps: int = 1,
-              train: bool = False, check_plans: bool = True, **config) -> dict:
+def _run_case(
+    rank: int,
+    world: int,
+    case: str,
+    placement: str,
+    options: dict,
+    steps: int = 1,
+    train: bool = False,
+    check_plans: bool = True,
+    **config,
+) -> dict:
     """One case: the EP layer against the single-process layer for ``steps`` steps; errors and plan as a dict.
 
     ``check_plans``: the EP layer runs the full shared check on every plan (its debug flag) on top of the cheap
     invariant check of the hot path."""
     import torch
     import torch.distributed as dist
-
     from moebalance.integrations.distributed import ExpertParallelMoE
 
     seed = 1234 + sum(map(ord, case + placement))
@@ -136,12 +150,19 @@ def _run_case(rank: int, world: int, case: str, placement: str, options: dict, s
     layer.train(train)
     ep = ExpertParallelMoE.from_layer(layer, placement=placement, check_plans=check_plans, **options)
     lo, hi = ep.home_experts.start, ep.home_experts.stop
-    res: dict = {"case": case, "placement": placement, "options": options, "errors": {}, "plans": [], "exchange": [],
-                 "loads": [],
-                 "tol": TOL if layer.w_gate.dtype == torch.float32 else 2e-2}
+    res: dict = {
+        "case": case,
+        "placement": placement,
+        "options": options,
+        "errors": {},
+        "plans": [],
+        "exchange": [],
+        "loads": [],
+        "tol": TOL if layer.w_gate.dtype == torch.float32 else 2e-2,
+    }
     for step in range(steps):
         Ts, x_all = _inputs(case, world, seed + step, layer.config.hidden)
-        s = slice(sum(Ts[:rank]), sum(Ts[:rank + 1]))
+        s = slice(sum(Ts[:rank]), sum(Ts[: rank + 1]))
         w_out = torch.randn(x_all.shape, generator=torch.Generator().manual_seed(seed + 99 + step))
         for p in list(layer.parameters()) + list(ep.parameters()):
             p.grad = None
@@ -187,10 +208,17 @@ def _run_case(rank: int, world: int, case: str, placement: str, options: dict, s
 
 
 def _equivalence_cases(world: int) -> list[tuple]:
-    llep = {"balanced": {"min_chunk": 4}, "skew95": {"min_chunk": 4}, "all_one": {"min_chunk": 4},
-            "empty": {"min_chunk": 1, "imbalance_threshold": None}}  # empty: any excess spills to the idle rank
-    cases = [(c, m, llep[c] if m == "llep" else {}, {}) for c in ("balanced", "skew95", "empty", "all_one")
-             for m in ("ep", "llep")]
+    llep = {
+        "balanced": {"min_chunk": 4},
+        "skew95": {"min_chunk": 4},
+        "all_one": {"min_chunk": 4},
+        "empty": {"min_chunk": 1, "imbalance_threshold": None},
+    }  # empty: any excess spills to the idle rank
+    cases = [
+        (c, m, llep[c] if m == "llep" else {}, {})
+        for c in ("balanced", "skew95", "empty", "all_one")
+        for m in ("ep", "llep")
+    ]
     if world == 2:
         cases += [
             ("skew95", "llep+", {"min_chunk": 4}, {}),
@@ -220,7 +248,6 @@ def _balancer_cases() -> list[tuple]:
 def _run_option(rank: int, world: int, case: dict) -> dict:
     """One option case; a config both layers must refuse records each layer's ValueError instead."""
     import torch
-
     from moebalance.integrations.distributed import ExpertParallelMoE
 
     config = dict(case["config"])
@@ -235,30 +262,36 @@ def _run_option(rank: int, world: int, case: dict) -> dict:
             except ValueError as exc:
                 got[name] = f"ValueError: {exc}"
         return {"refused": got}
-    return _run_case(rank, world, "skew95", "llep", {"min_chunk": 4}, steps=2, train=True, check_plans=False,
-                     **config)
+    return _run_case(rank, world, "skew95", "llep", {"min_chunk": 4}, steps=2, train=True, check_plans=False, **config)
 
 
 def _worker(mode: str, rank: int, world: int, port: int, out: Path) -> None:
     import torch
-
     from moebalance.integrations.distributed import ExpertParallelError, ExpertParallelMoE, init_process_group
 
     torch.set_num_threads(1)
     # a long timeout for start-up and the healthy steps (a loaded machine may start one rank seconds after the
     # other); the fault steps get their own group with a short one
-    init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                       timeout=datetime.timedelta(seconds=60.0))
+    init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60.0),
+    )
     result: dict = {"rank": rank}
     path = out / f"{mode}-{rank}.json"
-    if mode == "options":  # tests/integrations/test_layer_options.py: one case per MoEConfig option, hot path (no debug check)
+    if (
+        mode == "options"
+    ):  # tests/integrations/test_layer_options.py: one case per MoEConfig option, hot path (no debug check)
         cases = json.loads((out / "options.json").read_text())
         result["cases"] = [_run_option(rank, world, c) for c in cases]
     elif mode == "equivalence":
         result["cases"] = [_run_case(rank, world, c, m, o, **cfg) for c, m, o, cfg in _equivalence_cases(world)]
         if world == 2:  # one launch less: the training-mode cases ride along
-            result["balancers"] = [_run_case(rank, world, c, m, o, steps=2, train=True, **cfg)
-                                   for c, m, o, cfg in _balancer_cases()]
+            result["balancers"] = [
+                _run_case(rank, world, c, m, o, steps=2, train=True, **cfg) for c, m, o, cfg in _balancer_cases()
+            ]
     elif mode.startswith("fault"):
         layer = _layer(7, "skew95")
         bad_options = []  # bad arguments: a ValueError naming them, raised at construction on every rank
@@ -278,10 +311,13 @@ def _worker(mode: str, rank: int, world: int, port: int, out: Path) -> None:
         import numpy as np_
 
         refused = {}  # every rank passes the same bad input: each raises its own ValueError naming `x`
-        for name, bad in (("numpy", np_.zeros((4, HIDDEN), dtype=np_.float32)), ("0-d", torch.tensor(1.0)),
-                          ("int", torch.ones(4, HIDDEN, dtype=torch.int64)),
-                          ("bool", torch.ones(4, HIDDEN, dtype=torch.bool)),
-                          ("complex", torch.ones(4, HIDDEN, dtype=torch.complex64))):
+        for name, bad in (
+            ("numpy", np_.zeros((4, HIDDEN), dtype=np_.float32)),
+            ("0-d", torch.tensor(1.0)),
+            ("int", torch.ones(4, HIDDEN, dtype=torch.int64)),
+            ("bool", torch.ones(4, HIDDEN, dtype=torch.bool)),
+            ("complex", torch.ones(4, HIDDEN, dtype=torch.complex64)),
+        ):
             try:
                 ep(bad)
                 refused[name] = "no error"
@@ -354,8 +390,12 @@ def _check_equivalence(results: list[dict], world: int) -> None:
         copies = [len(rank_cases[i]["exchange"][0]["copies"]) for rank_cases in by_rank]
         if case["placement"] == "ep":
             assert sum(copies) == 0
-        if (case["case"] in ("skew95", "all_one") and case["placement"] in ("llep", "llep+")
-                and case["used"] == case["placement"] and world > 1):
+        if (
+            case["case"] in ("skew95", "all_one")
+            and case["placement"] in ("llep", "llep+")
+            and case["used"] == case["placement"]
+            and world > 1
+        ):
             # the hot expert really was split, so the copies and their gradients were exercised
             assert sum(copies) > 0, f"{name}: LLEP moved nothing (the case would be vacuous)"
             assert (plan > 0).sum(axis=1).max() > 1
@@ -428,8 +468,9 @@ def test_exchange_counts_match_the_plan_and_keep_pairs_local():
     """The pure split computation against a brute-force matching: every pair of every rank goes to exactly one
     device, each device gets the plan's share of each expert, and a rank keeps as many of its own pairs as the
     plan lets it (the most any matching can)."""
-    from moebalance import PlacementProblem, solve
     from moebalance.integrations.distributed import exchange_counts
+
+    from moebalance import PlacementProblem, solve
 
     rng = np.random.default_rng(0)
     for P, E, method in ((1, 4, "llep"), (2, 4, "llep"), (4, 8, "llep"), (3, 6, "eplb"), (4, 8, "ep")):
@@ -450,8 +491,9 @@ def test_exchange_counts_match_the_plan_and_keep_pairs_local():
         if P == 2:  # brute force: every 2x2 matching of an expert's pairs (rows: counts, columns: the plan)
             for e in range(E):
                 c0, c1, q0 = counts[0, e], counts[1, e], x[e, 0]
-                best = max(a + (c1 - (q0 - a)) for a in range(min(c0, q0) + 1)
-                           if 0 <= q0 - a <= c1 and c0 - a <= x[e, 1])
+                best = max(
+                    a + (c1 - (q0 - a)) for a in range(min(c0, q0) + 1) if 0 <= q0 - a <= c1 and c0 - a <= x[e, 1]
+                )
                 assert kept[:, e].sum() == best
 
 

@@ -47,11 +47,13 @@ def test_even_split_conserves_tokens_and_differs_by_at_most_one_per_replica():
                 held = np.stack([np.bincount(lay.local(r), minlength=E) for r in range(P)], axis=1)
                 assert not (x[held == 0] > 0).any(), "tokens sent to a rank without a replica"
             x = lay.assignment(loads, "even")
-            per_replica = x / np.maximum(np.stack([np.bincount(lay.local(r), minlength=E)
-                                                   for r in range(P)], axis=1), 1)
+            per_replica = x / np.maximum(
+                np.stack([np.bincount(lay.local(r), minlength=E) for r in range(P)], axis=1), 1
+            )
             for e in range(E):
-                vals = per_replica[e][np.stack([np.bincount(lay.local(r), minlength=E)
-                                                for r in range(P)], axis=1)[e] > 0]
+                vals = per_replica[e][
+                    np.stack([np.bincount(lay.local(r), minlength=E) for r in range(P)], axis=1)[e] > 0
+                ]
                 assert vals.max() - vals.min() <= 1 + 1e-9
 
 
@@ -81,8 +83,10 @@ def test_relabel_keeps_the_objective_and_minimises_moves_by_brute_force():
             # the same multiset of experts per rank, up to a permutation of ranks: the same plan
             key = lambda a: sorted(tuple(sorted(r)) for r in a.reshape(P, S).tolist())  # noqa: E731
             assert key(got) == key(new)
-            best = min(rank_moves(old, new.reshape(P, S)[list(perm)].reshape(-1), P)
-                       for perm in itertools.permutations(range(P)))
+            best = min(
+                rank_moves(old, new.reshape(P, S)[list(perm)].reshape(-1), P)
+                for perm in itertools.permutations(range(P))
+            )
             assert rank_moves(old, got, P) == best <= rank_moves(old, new, P)
             # within a rank, every slot that can keep its expert does
             for r in range(P):
@@ -116,8 +120,9 @@ def test_rebalancer_honours_the_move_budget_and_the_gain_threshold():
     assert not rep.applied and "min_gain" in rep.reason and np.array_equal(new, lay.phy2log)
 
 
-@pytest.mark.parametrize("bad", [{"window_size": 0}, {"step_interval": -1}, {"min_gain": float("nan")},
-                                 {"max_moves": -2}])
+@pytest.mark.parametrize(
+    "bad", [{"window_size": 0}, {"step_interval": -1}, {"min_gain": float("nan")}, {"max_moves": -2}]
+)
 def test_rebalancer_refuses_bad_options_by_name(bad):
     from moebalance.integrations.ep import Rebalancer
 
@@ -160,12 +165,10 @@ def _tokens(world: int, seed: int, case: str):
 
 def _reference(seed: int):
     import torch
-
     from moebalance.integrations.torch import MoEConfig, MoELayer
 
     torch.manual_seed(seed)
-    layer = MoELayer(MoEConfig(hidden=HIDDEN, ffn=FFN, num_experts=E, top_k=K, backend="torch",
-                               dtype=torch.float32))
+    layer = MoELayer(MoEConfig(hidden=HIDDEN, ffn=FFN, num_experts=E, top_k=K, backend="torch", dtype=torch.float32))
     with torch.no_grad():
         layer.router.weight[0] = 3.0 * torch.nn.functional.one_hot(torch.tensor(0), HIDDEN).float()
     return layer
@@ -181,7 +184,7 @@ def _errors(rank, Ts, x, ref, ep) -> dict:
     """One forward and backward of both layers on the same tokens: the largest relative differences."""
     import torch
 
-    s = slice(sum(Ts[:rank]), sum(Ts[:rank + 1]))
+    s = slice(sum(Ts[:rank]), sum(Ts[: rank + 1]))
     w_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
     for p in list(ref.parameters()) + list(ep.parameters()):
         p.grad = None
@@ -193,43 +196,62 @@ def _errors(rank, Ts, x, ref, ep) -> dict:
     ep.allreduce_router_grad()
     yr = ref(x.clone())
     idx = torch.from_numpy(ep.local_experts)
-    return {"out": _rel(y, yr[s].detach()), "dx": _rel(xl.grad, xr.grad[s]),
-            "router": _rel(ep.router.weight.grad, ref.router.weight.grad),
-            **{n: _rel(getattr(ep, n).grad, getattr(ref, n).grad[idx]) for n in ("w_gate", "w_up", "w_down")}}
+    return {
+        "out": _rel(y, yr[s].detach()),
+        "dx": _rel(xl.grad, xr.grad[s]),
+        "router": _rel(ep.router.weight.grad, ref.router.weight.grad),
+        **{n: _rel(getattr(ep, n).grad, getattr(ref, n).grad[idx]) for n in ("w_gate", "w_up", "w_down")},
+    }
 
 
 def _worker(mode: str, rank: int, world: int, port: int, out: Path) -> None:
     import torch
-
     from moebalance.integrations.distributed import ExpertParallelError, ExpertParallelMoE, init_process_group
 
     torch.set_num_threads(1)
     timeout = 4.0 if mode == "killed" else 60.0
-    init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                       timeout=datetime.timedelta(seconds=timeout))
+    init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=timeout),
+    )
     n = E // world
     res: dict = {"rank": rank}
     if mode == "equivalence":
         res["cases"] = []
-        for case, split, slots in (("skew", "even", n + 1), ("empty", "even", n + 1), ("skew", "lp", n + 2),
-                                   ("balanced", "even", n)):
+        for case, split, slots in (
+            ("skew", "even", n + 1),
+            ("empty", "even", n + 1),
+            ("skew", "lp", n + 2),
+            ("balanced", "even", n),
+        ):
             ref = _reference(11)
             ep = ExpertParallelMoE.from_layer(ref, num_local_slots=slots, replica_split=split)
             Ts, x = _tokens(world, 5, case)
             errs = _errors(rank, Ts, x, ref, ep)
-            res["cases"].append({"case": case, "split": split, "errors": errs,
-                                 "assignment": ep.last_plan.assignment.tolist(),
-                                 "logcnt": ep.layout.logcnt.tolist(), "exchange": ep.last_exchange})
+            res["cases"].append(
+                {
+                    "case": case,
+                    "split": split,
+                    "errors": errs,
+                    "assignment": ep.last_plan.assignment.tolist(),
+                    "logcnt": ep.layout.logcnt.tolist(),
+                    "exchange": ep.last_exchange,
+                }
+            )
     elif mode == "training":  # SGD with momentum; a rebalance after step 3 moves weights and momentum
         ref = _reference(12)
-        ep = ExpertParallelMoE.from_layer(ref, num_local_slots=n + 1, replication="eplb", window_size=3,
-                                          step_interval=3, min_gain=0.0)
+        ep = ExpertParallelMoE.from_layer(
+            ref, num_local_slots=n + 1, replication="eplb", window_size=3, step_interval=3, min_gain=0.0
+        )
         opt_r = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
         opt_e = torch.optim.SGD(ep.parameters(), lr=0.05, momentum=0.9)
         res["steps"] = []
         for step in range(6):
             Ts, x = _tokens(world, 100 + step, "skew")
-            s = slice(sum(Ts[:rank]), sum(Ts[:rank + 1]))
+            s = slice(sum(Ts[:rank]), sum(Ts[: rank + 1]))
             w_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(step))
             opt_r.zero_grad()
             opt_e.zero_grad()
@@ -240,25 +262,39 @@ def _worker(mode: str, rank: int, world: int, port: int, out: Path) -> None:
             opt_e.step()
             rep = ep.maybe_rebalance(opt_e)
             idx = torch.from_numpy(ep.local_experts)
-            errs = {nm: _rel(getattr(ep, nm).detach(), getattr(ref, nm).detach()[idx])
-                    for nm in ("w_gate", "w_up", "w_down")}
+            errs = {
+                nm: _rel(getattr(ep, nm).detach(), getattr(ref, nm).detach()[idx])
+                for nm in ("w_gate", "w_up", "w_down")
+            }
             errs["router"] = _rel(ep.router.weight.detach(), ref.router.weight.detach())
-            errs["momentum"] = _rel(opt_e.state[ep.w_gate]["momentum_buffer"],
-                                    opt_r.state[ref.w_gate]["momentum_buffer"][idx])
-            res["steps"].append({"errors": errs, "balancedness": float(ep.last_plan.device_loads.mean()
-                                                                       / ep.last_plan.device_loads.max()),
-                                 "rebalance": None if rep is None else {
-                                     "applied": rep.applied, "moves": rep.moves, "bytes_moved": rep.bytes_moved,
-                                     "before": rep.balancedness_before, "after": rep.balancedness_after,
-                                     "phy2log": rep.phy2log.tolist()}})
+            errs["momentum"] = _rel(
+                opt_e.state[ep.w_gate]["momentum_buffer"], opt_r.state[ref.w_gate]["momentum_buffer"][idx]
+            )
+            res["steps"].append(
+                {
+                    "errors": errs,
+                    "balancedness": float(ep.last_plan.device_loads.mean() / ep.last_plan.device_loads.max()),
+                    "rebalance": None
+                    if rep is None
+                    else {
+                        "applied": rep.applied,
+                        "moves": rep.moves,
+                        "bytes_moved": rep.bytes_moved,
+                        "before": rep.balancedness_before,
+                        "after": rep.balancedness_after,
+                        "phy2log": rep.phy2log.tolist(),
+                    },
+                }
+            )
     elif mode == "budget":
         ref = _reference(13)
-        ep = ExpertParallelMoE.from_layer(ref, num_local_slots=n + 2, replication="migrate", max_moves=1,
-                                          step_interval=1, min_gain=0.0)
+        ep = ExpertParallelMoE.from_layer(
+            ref, num_local_slots=n + 2, replication="migrate", max_moves=1, step_interval=1, min_gain=0.0
+        )
         res["moves"] = []
         for step in range(3):
             Ts, x = _tokens(world, 200 + step, "skew")
-            s = slice(sum(Ts[:rank]), sum(Ts[:rank + 1]))
+            s = slice(sum(Ts[:rank]), sum(Ts[: rank + 1]))
             with torch.no_grad():
                 ep(x[s])
             before = ep.layout.phy2log.copy()
@@ -268,10 +304,9 @@ def _worker(mode: str, rank: int, world: int, port: int, out: Path) -> None:
             res["moves"].append([rep.moves, rank_moves(before, ep.layout.phy2log, world), rep.applied])
     elif mode == "killed":  # rank 1 dies inside the weight move; rank 0 must raise, weights untouched
         ref = _reference(14)
-        ep = ExpertParallelMoE.from_layer(ref, num_local_slots=n + 1, replication="eplb", step_interval=1,
-                                          min_gain=0.0)
+        ep = ExpertParallelMoE.from_layer(ref, num_local_slots=n + 1, replication="eplb", step_interval=1, min_gain=0.0)
         Ts, x = _tokens(world, 300, "skew")
-        s = slice(sum(Ts[:rank]), sum(Ts[:rank + 1]))
+        s = slice(sum(Ts[:rank]), sum(Ts[: rank + 1]))
         with torch.no_grad():
             ep(x[s])
         if rank == 1:

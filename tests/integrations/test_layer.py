@@ -11,14 +11,11 @@ import math
 
 import pytest
 import torch
-
-from ..moe_testing import DEV, close, exact_fp32  # noqa: F401, I001  (first: TRITON_INTERPRET=1 without a GPU)
-
 from moebalance.integrations.torch import MoEConfig, MoELayer, apply_capacity, expert_ffn, route  # noqa: E402
 from moebalance.kernels import expert_ffn as kernels_expert_ffn  # noqa: E402
 
 from .. import moe_naive  # noqa: E402
-
+from ..moe_testing import DEV, close, exact_fp32  # noqa: F401, I001  (first: TRITON_INTERPRET=1 without a GPU)
 
 
 def _layer(seed=0, **kw) -> MoELayer:
@@ -45,8 +42,10 @@ def _run(layer, x):
 
 
 def _naive(layer, x):
-    params = [t.detach().cpu().double().requires_grad_(True)
-              for t in (x, layer.router.weight, layer.w_gate, layer.w_up, layer.w_down)]
+    params = [
+        t.detach().cpu().double().requires_grad_(True)
+        for t in (x, layer.router.weight, layer.w_gate, layer.w_up, layer.w_down)
+    ]
     y, eidx, kept, scores = moe_naive.layer_forward(layer.config, *params, layer.bias.cpu().double())
     y.backward(torch.cos(torch.arange(y.numel(), dtype=y.dtype)).view_as(y))
     return [y.detach()] + [p.grad for p in params], eidx, kept, scores
@@ -116,9 +115,15 @@ def test_aux_loss_value_and_gradient():
     x = torch.randn(30, 24, device=DEV)
     layer(x)
     w = layer.router.weight.detach().cpu().double().requires_grad_(True)
-    _, eidx, _, scores = moe_naive.layer_forward(layer.config, x.cpu().double(), w, layer.w_gate.double().cpu(),
-                                                 layer.w_up.double().cpu(), layer.w_down.double().cpu(),
-                                                 layer.bias.cpu().double())
+    _, eidx, _, scores = moe_naive.layer_forward(
+        layer.config,
+        x.cpu().double(),
+        w,
+        layer.w_gate.double().cpu(),
+        layer.w_up.double().cpu(),
+        layer.w_down.double().cpu(),
+        layer.bias.cpu().double(),
+    )
     E, k = 5, 2
     f = torch.bincount(eidx.reshape(-1), minlength=E).double() / (30 * k)
     p = (scores / scores.sum(-1, keepdim=True)).mean(0)
@@ -276,8 +281,15 @@ def test_bad_layer_input():
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("balancer", ["none", "loss_free", "bip", "aux_loss"])
 def test_gpu_layer_triton_matches_torch(dtype, tol, balancer):
-    layer = _layer(hidden=256, ffn=384, num_experts=16, top_k=4, balancer=balancer, dtype=dtype,
-                   capacity_factor=1.25 if balancer == "bip" else None)
+    layer = _layer(
+        hidden=256,
+        ffn=384,
+        num_experts=16,
+        top_k=4,
+        balancer=balancer,
+        dtype=dtype,
+        capacity_factor=1.25 if balancer == "bip" else None,
+    )
     x = torch.randn(4, 250, 256, device="cuda", dtype=dtype)
     ref = _twin(layer, "torch")
     got = _run(_twin(layer, "triton"), x)
@@ -292,8 +304,9 @@ def test_bip_same_batch_balances_the_first_batch():
     stats = {}
     for same in (False, True):
         torch.manual_seed(0)
-        layer = MoELayer(MoEConfig(hidden=16, ffn=16, num_experts=8, top_k=2, balancer="bip", backend="torch",
-                                   bip_same_batch=same))
+        layer = MoELayer(
+            MoEConfig(hidden=16, ffn=16, num_experts=8, top_k=2, balancer="bip", backend="torch", bip_same_batch=same)
+        )
         with torch.no_grad():
             layer.router.weight[0] += 2.0  # every token prefers expert 0
         x = torch.randn(512, 16) + 1.0

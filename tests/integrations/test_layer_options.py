@@ -14,8 +14,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from moebalance.integrations.torch import MoEConfig, MoELayer
+
 from tests.integrations.test_distributed import TOL, _launch
 
 # field -> configs that set it to non-default values (over the base: hidden 12, ffn 20, E 8, k 2, torch
@@ -35,8 +35,10 @@ OPTION_CASES: dict[str, list[dict]] = {
     # workers run with TRITON_INTERPRET=0 whatever the kernel tests set in this process: tests/integrations/test_distributed.py)
     "backend": [{"backend": "auto"}, {"backend": "triton", "refused": True}],
     "dtype": [{"dtype": "bfloat16"}],
-    "bip_same_batch": [{"balancer": "bip", "bip_same_batch": True},
-                       {"balancer": "bip", "bip_same_batch": True, "capacity_factor": 1.5}],
+    "bip_same_batch": [
+        {"balancer": "bip", "bip_same_batch": True},
+        {"balancer": "bip", "bip_same_batch": True, "capacity_factor": 1.5},
+    ],
 }
 WORLD = 2
 # what tests/integrations/test_distributed.py's _layer sets when a case does not (the base every case departs from)
@@ -63,8 +65,10 @@ def test_every_option_has_a_case():
 @pytest.fixture(scope="module")
 def option_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("options")
-    cases = [{"field": f, "config": {k: v for k, v in c.items() if k != "refused"}, "refused": _refused(c)}
-             for f, c in _flat_cases()]
+    cases = [
+        {"field": f, "config": {k: v for k, v in c.items() if k != "refused"}, "refused": _refused(c)}
+        for f, c in _flat_cases()
+    ]
     (out / "options.json").write_text(json.dumps(cases))
     results, codes, log = _launch("options", WORLD, out, limit=240.0)
     assert codes == [0] * WORLD, log
@@ -110,14 +114,17 @@ def test_bip_same_batch_prices_the_first_batch(option_results):
     assert same["max_vio"][0] < plain["max_vio"][0], (same["max_vio"], plain["max_vio"])
 
 
-@pytest.mark.parametrize("bad, what", [
-    (np.zeros((4, 8), dtype=np.float32), "numpy"),
-    (torch.tensor(1.0), "0-d"),
-    (torch.ones(4, 8, dtype=torch.int64), "int"),
-    (torch.ones(4, 8, dtype=torch.bool), "bool"),
-    (torch.ones(4, 8, dtype=torch.complex64), "complex"),
-    (torch.ones(4, 7), "width"),
-])
+@pytest.mark.parametrize(
+    "bad, what",
+    [
+        (np.zeros((4, 8), dtype=np.float32), "numpy"),
+        (torch.tensor(1.0), "0-d"),
+        (torch.ones(4, 8, dtype=torch.int64), "int"),
+        (torch.ones(4, 8, dtype=torch.bool), "bool"),
+        (torch.ones(4, 8, dtype=torch.complex64), "complex"),
+        (torch.ones(4, 7), "width"),
+    ],
+)
 def test_layer_refuses_bad_inputs_naming_x(bad, what):
     layer = MoELayer(MoEConfig(hidden=8, ffn=8, num_experts=4, top_k=2, backend="torch"))
     with pytest.raises(ValueError, match="`x`"):

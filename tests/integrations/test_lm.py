@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from moebalance.integrations.lm import VOCAB, LMConfig, MoELM
 
 
@@ -29,14 +28,22 @@ def test_shapes_and_statistics():
     assert model.config.ffn == 4 * 32 // 2 and LMConfig(top_k=8, d_model=64).ffn == 32
 
 
-@pytest.mark.parametrize("kw, field", [
-    (dict(n_heads=3), "n_heads"),
-    (dict(top_k=7), "top_k"),
-    (dict(balancer="aux", ), "balancer"),
-    (dict(bip_same_batch=True), "bip_same_batch"),
-    (dict(expert_ffn=0), "expert_ffn"),
-    (dict(d_model=0), "d_model"),
-])
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        (dict(n_heads=3), "n_heads"),
+        (dict(top_k=7), "top_k"),
+        (
+            dict(
+                balancer="aux",
+            ),
+            "balancer",
+        ),
+        (dict(bip_same_batch=True), "bip_same_batch"),
+        (dict(expert_ffn=0), "expert_ffn"),
+        (dict(d_model=0), "d_model"),
+    ],
+)
 def test_config_errors_name_the_field(kw, field):
     with pytest.raises(ValueError, match=field):
         _model(**kw)
@@ -109,7 +116,7 @@ def test_loss_decreases_on_a_repeated_text(balancer):
     text = torch.tensor(list(b"the quick brown fox jumps over the lazy dog. " * 8))
     model = _model(balancer=balancer, max_seq_len=32, num_experts=4)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    idx = torch.stack([text[i:i + 33] for i in range(0, 160, 20)]).long()
+    idx = torch.stack([text[i : i + 33] for i in range(0, 160, 20)]).long()
     first = None
     for _ in range(40):
         loss = model.loss(idx[:, :-1], idx[:, 1:])

@@ -11,10 +11,9 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM, TrainerCallback  # noqa: E402
-
 from moebalance.integrations import transformers as mbt  # noqa: E402
 from moebalance.integrations.trainer import MoEBalanceCallback  # noqa: E402
+from transformers import AutoModelForCausalLM, TrainerCallback  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -131,5 +130,6 @@ def test_docs_example_runs_and_reporters_see_the_metrics(tmp_path, monkeypatch):
     assert trace.shape[0] == trainer.state.max_steps  # one training forward per step
     # the trace's last step is the model's last training forward, as load_stats saw it then
     assert logged[-1]["moe/max_vio"] == pytest.approx(
-        _max_vio(trace.loads[-trainer.args.logging_steps:], trace.tokens[-1], trace.top_k).mean())
+        _max_vio(trace.loads[-trainer.args.logging_steps :], trace.tokens[-1], trace.top_k).mean()
+    )
     assert "eval_moe/max_vio_global" in ns["metrics"] and mbt.is_enabled(model)

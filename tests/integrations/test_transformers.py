@@ -7,9 +7,8 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM  # noqa: E402
-
 from moebalance.integrations import transformers as mbt  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3")
@@ -238,8 +237,16 @@ class _MyMoEBlock(torch.nn.Module):
 def test_unsupported_models_get_clear_errors():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    dense = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1))
+    dense = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     with pytest.raises(ValueError, match="LlamaForCausalLM.*no module with an `experts` child"):
         mbt.enable(dense)
     holder = torch.nn.Sequential(_MyMoEBlock())
@@ -252,11 +259,18 @@ def test_unsupported_models_get_clear_errors():
 def test_bad_arguments_are_refused_before_any_change(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the kernel tests turn the interpreter on in this process
     model = build("mixtral")
-    cases = [({"balancer": "magic"}, "`balancer`"), ({"backend": "cuda"}, "`backend`"),
-             ({"expert_parallel": 1}, "`expert_parallel`"), ({"placement": "llep"}, "expert_parallel=True"),
-             ({"bias_update_rate": float("nan")}, "`bias_update_rate`"), ({"min_chunk": 4}, "unknown option"),
-             ({"aux_loss_coeff": -1.0}, "`aux_loss_coeff`"), ({"bip_iterations": 0}, "`bip_iterations`"),
-             ({"expert_parallel": True}, "torch.distributed"), ({"backend": "triton"}, "`backend`")]
+    cases = [
+        ({"balancer": "magic"}, "`balancer`"),
+        ({"backend": "cuda"}, "`backend`"),
+        ({"expert_parallel": 1}, "`expert_parallel`"),
+        ({"placement": "llep"}, "expert_parallel=True"),
+        ({"bias_update_rate": float("nan")}, "`bias_update_rate`"),
+        ({"min_chunk": 4}, "unknown option"),
+        ({"aux_loss_coeff": -1.0}, "`aux_loss_coeff`"),
+        ({"bip_iterations": 0}, "`bip_iterations`"),
+        ({"expert_parallel": True}, "torch.distributed"),
+        ({"backend": "triton"}, "`backend`"),
+    ]
     for kwargs, match in cases:
         with pytest.raises(ValueError, match=match):
             mbt.enable(model, **kwargs)

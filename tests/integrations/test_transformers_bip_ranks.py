@@ -23,7 +23,6 @@ def _batch(step: int) -> torch.Tensor:
 
 def _worker(rank: int, out: str) -> None:
     import torch.distributed as dist
-
     from moebalance.integrations import transformers as mbt
 
     torch.set_num_threads(1)
@@ -35,7 +34,7 @@ def _worker(rank: int, out: str) -> None:
         mbt.enable(model, balancer="bip", expert_parallel=True)
         model.train()
         for step in range(STEPS):
-            ids = _batch(step)[rank * SEQS:(rank + 1) * SEQS]
+            ids = _batch(step)[rank * SEQS : (rank + 1) * SEQS]
             model(ids)
             for i, q in enumerate(mbt.biases(model)):
                 res[f"{arch}/{step}/{i}"] = q.numpy()
@@ -45,7 +44,6 @@ def _worker(rank: int, out: str) -> None:
 
 def test_bip_prices_are_global_and_identical_on_every_rank(tmp_path):
     import torch.multiprocessing as mp
-
     from moebalance.integrations import transformers as mbt
 
     mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
@@ -63,7 +61,12 @@ def test_bip_prices_are_global_and_identical_on_every_rank(tmp_path):
         for step in range(STEPS):
             model(_batch(step))
             for i, q in enumerate(mbt.biases(model)):
-                np.testing.assert_allclose(ranks[0][f"{arch}/{step}/{i}"], q.numpy(), rtol=0, atol=2e-6,
-                                           err_msg=f"{arch} step {step} layer {i}")
+                np.testing.assert_allclose(
+                    ranks[0][f"{arch}/{step}/{i}"],
+                    q.numpy(),
+                    rtol=0,
+                    atol=2e-6,
+                    err_msg=f"{arch} step {step} layer {i}",
+                )
                 moved |= bool(np.abs(q.numpy()).max() > 1e-4)
         assert moved  # the skewed router needs a price: the comparison is not between zeros

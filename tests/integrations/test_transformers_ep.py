@@ -33,12 +33,11 @@ def _global_batch(world: int) -> torch.Tensor:
 
 def _worker(rank: int, world: int, out: str) -> None:
     import torch.distributed as dist
-
     from moebalance.integrations import transformers as mbt
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world)
-    ids = _global_batch(world)[rank * SEQS_PER_RANK:(rank + 1) * SEQS_PER_RANK]
+    ids = _global_batch(world)[rank * SEQS_PER_RANK : (rank + 1) * SEQS_PER_RANK]
     res: dict[str, np.ndarray] = {}
     for arch in ARCHS:
         for placement in PLACEMENTS + EXTRA.get(arch, ()):
@@ -47,9 +46,10 @@ def _worker(rank: int, world: int, out: str) -> None:
             opts = LLEP_OPTIONS if placement != "ep" else {}
             mbt.enable(model, expert_parallel=True, placement=placement, **opts)
             logits = model(ids).logits
-            r = torch.randn(_global_batch(world).shape + (logits.shape[-1],),
-                            generator=torch.Generator().manual_seed(3))
-            (logits * r[rank * SEQS_PER_RANK:(rank + 1) * SEQS_PER_RANK]).sum().backward()
+            r = torch.randn(
+                _global_batch(world).shape + (logits.shape[-1],), generator=torch.Generator().manual_seed(3)
+            )
+            (logits * r[rank * SEQS_PER_RANK : (rank + 1) * SEQS_PER_RANK]).sum().backward()
             mbt.allreduce_grads(model)
             key = f"{arch}/{placement}"
             res[f"{key}/logits"] = logits.detach().numpy()
@@ -67,8 +67,9 @@ def _worker(rank: int, world: int, out: str) -> None:
     for arch, balancer in (("deepseek_v3", "loss_free"), ("qwen3_moe", "bip")):
         model = build(arch)
         skew(model)
-        mbt.enable(model, balancer=balancer, bias_update_rate=0.01, expert_parallel=True, placement="llep",
-                   **LLEP_OPTIONS)
+        mbt.enable(
+            model, balancer=balancer, bias_update_rate=0.01, expert_parallel=True, placement="llep", **LLEP_OPTIONS
+        )
         model.train()
         for _ in range(2):
             model(ids)
@@ -86,11 +87,18 @@ def _worker(rank: int, world: int, out: str) -> None:
 
 
 def _launch(world: int, tmp: Path) -> list[dict[str, np.ndarray]]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.integrations.test_transformers_ep", str(r), str(world), str(tmp)],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(world)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.integrations.test_transformers_ep", str(r), str(world), str(tmp)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(world)
+    ]
     logs = []
     try:
         for p in procs:
@@ -181,8 +189,9 @@ def test_expert_parallel_equals_one_process(world, references, tmp_path):
     assert spilled > 0  # LLEP did copy experts under the skewed routers: the copies' path was exercised
     for arch, balancer in (("deepseek_v3", "loss_free"), ("qwen3_moe", "bip")):
         for res in results:
-            np.testing.assert_allclose(res[f"{arch}/{balancer}/bias"], references[world, arch, balancer],
-                                       rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(
+                res[f"{arch}/{balancer}/bias"], references[world, arch, balancer], rtol=1e-6, atol=1e-7
+            )
     total, per_layer = references[world, "aux"]
     assert sum(float(res["olmoe/aux_loss"]) for res in results) == pytest.approx(total, rel=1e-5)
     for res in results:  # the stats hold the global loss on every rank

@@ -14,12 +14,10 @@ import sys
 
 import pytest
 import torch
-
-from ..moe_testing import DEV, close, exact_fp32  # noqa: F401, I001  (first: TRITON_INTERPRET=1 without a GPU)
-
 from moebalance.kernels import expert_ffn, moe_experts, ops, reference, resolve_backend  # noqa: E402
 
 from .. import moe_naive  # noqa: E402
+from ..moe_testing import DEV, close, exact_fp32  # noqa: F401, I001  (first: TRITON_INTERPRET=1 without a GPU)
 
 BLOCK_M = 16  # several row tiles per expert on the small shapes below
 
@@ -38,7 +36,7 @@ def _routing(T, k, E, *, empty=(), drop=0, seed=0, device=DEV):
 
 def _weights(E, H, F, dtype=torch.float32, seed=1, device=DEV):
     g = torch.Generator().manual_seed(seed)
-    mk = lambda *s, fan: (torch.randn(*s, generator=g) / fan ** 0.5).to(device=device, dtype=dtype)  # noqa: E731
+    mk = lambda *s, fan: (torch.randn(*s, generator=g) / fan**0.5).to(device=device, dtype=dtype)  # noqa: E731
     return mk(E, H, F, fan=H), mk(E, H, F, fan=H), mk(E, F, H, fan=F)
 
 
@@ -58,14 +56,14 @@ def _meta_ok(eidx, E, sorted_idx, offsets, block_expert, block_start, block_m):
     s, off = sorted_idx.cpu().long(), offsets.cpu().long()
     assert sorted(s.tolist()) == list(range(flat.numel()))
     for e in range(E):
-        rows = s[off[e]:off[e + 1]]
+        rows = s[off[e] : off[e + 1]]
         assert (flat[rows] == e).all() and rows.tolist() == sorted(rows.tolist())
         assert int(off[e + 1] - off[e]) == int((flat == e).sum())
-    assert not ((flat[s[off[E]:]] >= 0) & (flat[s[off[E]:]] < E)).any()
+    assert not ((flat[s[off[E] :]] >= 0) & (flat[s[off[E] :]] < E)).any()
     tiles = [(int(e), int(b)) for e, b in zip(block_expert.cpu(), block_start.cpu()) if e >= 0]
     want = [(e, r) for e in range(E) for r in range(int(off[e]), int(off[e + 1]), block_m)]
     assert tiles == want
-    assert (block_expert.cpu()[len(tiles):] == -1).all()
+    assert (block_expert.cpu()[len(tiles) :] == -1).all()
 
 
 @pytest.mark.parametrize("T,k,E,H,F,empty,drop", CASES)
@@ -114,13 +112,17 @@ def test_ops_match_reference(T, k, E, H, F, empty, drop):
         close(ops.combine(o, w, eidx, E), reference.combine(o, w, eidx, E), tol)
     close(ops.combine_bwd(dy, o, eidx, E), reference.combine_bwd(dy, o, eidx, E), tol)
     for w in (gates, None):
-        for a, b in zip(ops.down_bwd(dy, w, wd, g, u, *meta, k, BLOCK_M),
-                        reference.down_bwd(dy, w, wd, g, u, *meta, k, BLOCK_M)):
+        for a, b in zip(
+            ops.down_bwd(dy, w, wd, g, u, *meta, k, BLOCK_M), reference.down_bwd(dy, w, wd, g, u, *meta, k, BLOCK_M)
+        ):
             close(a[kept], b[kept], tol)
     dg, du = reference.down_bwd(dy, gates, wd, g, u, *meta, k, BLOCK_M)
     close(ops.dx(dg, du, wg, wu, *meta, BLOCK_M)[keep], reference.dx(dg, du, wg, wu, *meta, BLOCK_M)[keep], tol)
-    for args in ((h, dy, meta[0], gates, meta[1], k, False, True), (x, dg, meta[0], None, meta[1], k, True, False),
-                 (h, h, meta[0], None, meta[1], k, False, False)):
+    for args in (
+        (h, dy, meta[0], gates, meta[1], k, False, True),
+        (x, dg, meta[0], None, meta[1], k, True, False),
+        (h, h, meta[0], None, meta[1], k, False, False),
+    ):
         close(ops.expert_dw(*args), reference.expert_dw(*args), tol)
 
 
@@ -144,6 +146,7 @@ def test_moe_experts_all_backends_match_naive(T, k, E, H, F, empty, drop):
 
     want = _grads(naive, [t.double().cpu() for t in inputs])
     for backend, impl in (("triton", "auto"), ("torch", "loop"), ("torch", "auto")):
+
         def run(x, gates, wg, wu, wd):
             return moe_experts(x, eidx, gates, wg, wu, wd, backend=backend, block_m=BLOCK_M, torch_impl=impl)
 
@@ -158,8 +161,9 @@ def test_expert_ffn_all_backends_match_naive():
     H, F = 24, 40
     x = torch.randn(sum(counts), H, device=DEV)
     inputs = (x, *_weights(len(counts), H, F))
-    want = _grads(lambda x, wg, wu, wd: moe_naive.ffn_per_row(x, counts, wg, wu, wd),
-                  [t.double().cpu() for t in inputs])
+    want = _grads(
+        lambda x, wg, wu, wd: moe_naive.ffn_per_row(x, counts, wg, wu, wd), [t.double().cpu() for t in inputs]
+    )
     for backend, c in (("triton", torch.tensor(counts, device=DEV)), ("torch", counts)):
         got = _grads(lambda x, wg, wu, wd: expert_ffn(x, c, wg, wu, wd, backend=backend, block_m=BLOCK_M), inputs)
         for a, b in zip(got, want):
@@ -282,10 +286,17 @@ def test_triton_kernels_compile_for_sm90():
 def test_gpu_triton_matches_torch(dtype, tol, block_m, E):
     T, k, H, F = 1031, 4, 256, 384
     eidx = _routing(T, k, E, empty=(5,), drop=40)
-    inputs = (torch.randn(T, H, device="cuda", dtype=dtype), torch.rand(T, k, device="cuda"),
-              *_weights(E, H, F, dtype=dtype))
-    ref = _grads(lambda *a: moe_experts(a[0].float(), eidx, a[1], *[w.float() for w in a[2:]], backend="torch",
-                                        torch_impl="loop"), inputs)
+    inputs = (
+        torch.randn(T, H, device="cuda", dtype=dtype),
+        torch.rand(T, k, device="cuda"),
+        *_weights(E, H, F, dtype=dtype),
+    )
+    ref = _grads(
+        lambda *a: moe_experts(
+            a[0].float(), eidx, a[1], *[w.float() for w in a[2:]], backend="torch", torch_impl="loop"
+        ),
+        inputs,
+    )
     got = _grads(lambda *a: moe_experts(*a[:1], eidx, *a[1:], backend="triton", block_m=block_m), inputs)
     for a, b in zip(got, ref):
         scale = b.abs().max().clamp_min(1.0)
@@ -349,21 +360,34 @@ def test_loop_fallback_splits_the_weights_once():
 def test_expert_capacity_is_the_one_formula():
     """``expert_capacity`` against exact rational arithmetic, and the layer, the balancer and the routing problem
     all use it (same capacity for the same T, k, E, factor)."""
-    from fractions import Fraction
     import math
+    from fractions import Fraction
 
     import numpy as np
 
     from moebalance import RoutingProblem
     from moebalance.routing import expert_capacity
 
-    for T, k, E, cf in [(10, 2, 4, 1.1), (40, 3, 7, 1.0), (7, 1, 7, 1.0), (1000, 8, 64, 1.25), (0, 2, 4, 1.0),
-                        (5, 1, 6, 1.2), (3, 2, 5, 0.5), (10 ** 9, 8, 384, 1.0)]:
-        want = math.ceil(Fraction(cf) * T * k / E - Fraction(1, 10 ** 9))
+    for T, k, E, cf in [
+        (10, 2, 4, 1.1),
+        (40, 3, 7, 1.0),
+        (7, 1, 7, 1.0),
+        (1000, 8, 64, 1.25),
+        (0, 2, 4, 1.0),
+        (5, 1, 6, 1.2),
+        (3, 2, 5, 0.5),
+        (10**9, 8, 384, 1.0),
+    ]:
+        want = math.ceil(Fraction(cf) * T * k / E - Fraction(1, 10**9))
         assert expert_capacity(T, k, E, cf) == want, (T, k, E, cf)
-        if 0 < T < 10 ** 4 and cf >= 1:  # the routing problem's default capacity is the same number
+        if 0 < T < 10**4 and cf >= 1:  # the routing problem's default capacity is the same number
             assert RoutingProblem(np.zeros((T, E)), k, capacity_factor=cf).capacity[0] == want
-    for bad, name in [((-1, 2, 4, 1.0), "num_tokens"), ((4, 2, 0, 1.0), "num_experts"), ((4, 2, 4, 0.0),
-                      "capacity_factor"), ((4, 2, 4, float("nan")), "capacity_factor"), ((4, True, 4, 1.0), "k")]:
+    for bad, name in [
+        ((-1, 2, 4, 1.0), "num_tokens"),
+        ((4, 2, 0, 1.0), "num_experts"),
+        ((4, 2, 4, 0.0), "capacity_factor"),
+        ((4, 2, 4, float("nan")), "capacity_factor"),
+        ((4, True, 4, 1.0), "k"),
+    ]:
         with pytest.raises(ValueError, match=f"`{name}`"):
             expert_capacity(*bad)

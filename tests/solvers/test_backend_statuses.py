@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from moebalance.solvers import _status
+from moebalance.solvers._status import CPSAT, CVXPY, HIGHS, MIN_COST_FLOW, PYWRAPLP, SCIPY_HIGHS, TABLES
 
 import moebalance as mb
 from moebalance import RoutingProblem, Status, solve
 from moebalance.generate import routing_problem
-from moebalance.solvers import _status
-from moebalance.solvers._status import CPSAT, CVXPY, HIGHS, MIN_COST_FLOW, PYWRAPLP, SCIPY_HIGHS, TABLES
 
 OURS = set(Status)
 
@@ -92,8 +92,16 @@ def test_translate_applies_what_the_adapter_knows():
 
 
 def test_status_module_declares_its_tables():
-    assert set(_status.__all__) >= {"StatusTable", "HIGHS", "SCIPY_HIGHS", "CPSAT", "PYWRAPLP", "MIN_COST_FLOW",
-                                    "CVXPY", "TABLES"}
+    assert set(_status.__all__) >= {
+        "StatusTable",
+        "HIGHS",
+        "SCIPY_HIGHS",
+        "CPSAT",
+        "PYWRAPLP",
+        "MIN_COST_FLOW",
+        "CVXPY",
+        "TABLES",
+    }
 
 
 # the adapter steps one by one ---------------------------------------------------------------------------
@@ -122,8 +130,7 @@ def test_interrupted_cvxpy_iterate_is_repaired_or_dropped_never_infeasible():
     """Seen: cvxpy built an assignment from an interrupted iterate and the check called it infeasible."""
     from moebalance.solvers import routing_cvxpy
 
-    p = RoutingProblem(np.array([[0.9, 0.1, 0.0], [0.8, 0.2, 0.0], [0.7, 0.0, 0.3], [0.6, 0.3, 0.1]]), 1,
-                       capacity=2)
+    p = RoutingProblem(np.array([[0.9, 0.1, 0.0], [0.8, 0.2, 0.0], [0.7, 0.0, 0.3], [0.6, 0.3, 0.1]]), 1, capacity=2)
     # an interrupted iterate that puts every token on expert 0 (over its capacity 2)
     x = np.array([[0.9, 0.1, 0.0]] * 4)
     raw = {"code": "user_limit", "x": x, "solver": "HIGHS"}
@@ -134,13 +141,16 @@ def test_interrupted_cvxpy_iterate_is_repaired_or_dropped_never_infeasible():
     assert sol.feasible and sol.loads.max() <= 2  # this one repairs
 
 
-@pytest.mark.parametrize("module, raw", [
-    ("routing_bip", {"code": "INFEASIBLE", "bound": 0.0}),
-    ("routing_mip", {"code": "MPSOLVER_INFEASIBLE"}),
-    ("routing_lp", {"code": "infeasible", "message": "x"}),
-    ("routing_cvxpy", {"code": "infeasible"}),
-    ("routing_flow", {"code": "INFEASIBLE"}),
-])
+@pytest.mark.parametrize(
+    "module, raw",
+    [
+        ("routing_bip", {"code": "INFEASIBLE", "bound": 0.0}),
+        ("routing_mip", {"code": "MPSOLVER_INFEASIBLE"}),
+        ("routing_lp", {"code": "infeasible", "message": "x"}),
+        ("routing_cvxpy", {"code": "infeasible"}),
+        ("routing_flow", {"code": "INFEASIBLE"}),
+    ],
+)
 def test_backend_infeasible_on_a_feasible_routing_problem_is_an_error(module, raw):
     import importlib
 
@@ -162,9 +172,10 @@ def test_capability_flags_on_every_method(family):
 
 
 def test_placement_adapter_steps_build_run_to_solution():
-    from moebalance import CostModel, PlacementProblem
     from moebalance.solvers import placement_lp, placement_milp
     from moebalance.solvers._placement_model import build_model
+
+    from moebalance import CostModel, PlacementProblem
 
     from ..catalogue_placement import brute_force_placement as brute_force
 

@@ -21,7 +21,8 @@ print("ok", ortools.__version__, cvxpy.__version__)
 
 @pytest.mark.parametrize("order", [("mcf", "cvxpy"), ("cvxpy", "bip"), ("mip", "cvxpy")])
 def test_ortools_and_cvxpy_in_one_process(order):
-    out = subprocess.run([sys.executable, "-c", SCRIPT.format(order=list(order))], capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT.format(order=list(order))], capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("ok")

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 import torch
+from moebalance.solvers.balancers import BIPBalancer, LossFreeBalancer
 
 from moebalance.generate import routing_scores
-from moebalance.solvers.balancers import BIPBalancer, LossFreeBalancer
 
 
 def maxvio(loads):
@@ -196,8 +196,9 @@ def test_torch_price_iteration_with_per_expert_capacities_matches_numpy():
 def test_ties_are_broken_so_prices_can_split_repeated_tokens(lib):
     """Integer scores (massive ties): the tie-broken prices route far closer to capacity than plain ones, and
     last_overflow counts the pairs over capacity of the batch routed with the new prices."""
-    from moebalance.routing import expert_capacity
     from moebalance.solvers.routing_prices import price_iteration
+
+    from moebalance.routing import expert_capacity
 
     rng = np.random.default_rng(0)
     T, E, k = 4096, 16, 2
@@ -217,17 +218,25 @@ def test_ties_are_broken_so_prices_can_split_repeated_tokens(lib):
     assert np.array_equal(np.asarray(b.bias), np.asarray(b2.bias))
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda: BIPBalancer(2**40, 2), "num_experts"), (lambda: BIPBalancer(True, 1), "num_experts"),
-    (lambda: BIPBalancer(8, 2.5), "k"), (lambda: BIPBalancer(8, 0), "k"), (lambda: BIPBalancer(8, 9), "k"),
-    (lambda: BIPBalancer(8, 2, capacity_factor=float("nan")), "capacity_factor"),
-    (lambda: BIPBalancer(8, 2, capacity_factor=-1.0), "capacity_factor"),
-    (lambda: BIPBalancer(8, 2, capacity_factor=True), "capacity_factor"),
-    (lambda: BIPBalancer(8, 2, capacity_factor="1"), "capacity_factor"),
-    (lambda: BIPBalancer(8, 2, iterations=0), "iterations"), (lambda: BIPBalancer(8, 2, iterations=1.5), "iterations"),
-    (lambda: LossFreeBalancer(8, 2, rate=float("inf")), "rate"), (lambda: LossFreeBalancer(8, 2, rate=True), "rate"),
-    (lambda: LossFreeBalancer("8", 2), "num_experts"),
-])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: BIPBalancer(2**40, 2), "num_experts"),
+        (lambda: BIPBalancer(True, 1), "num_experts"),
+        (lambda: BIPBalancer(8, 2.5), "k"),
+        (lambda: BIPBalancer(8, 0), "k"),
+        (lambda: BIPBalancer(8, 9), "k"),
+        (lambda: BIPBalancer(8, 2, capacity_factor=float("nan")), "capacity_factor"),
+        (lambda: BIPBalancer(8, 2, capacity_factor=-1.0), "capacity_factor"),
+        (lambda: BIPBalancer(8, 2, capacity_factor=True), "capacity_factor"),
+        (lambda: BIPBalancer(8, 2, capacity_factor="1"), "capacity_factor"),
+        (lambda: BIPBalancer(8, 2, iterations=0), "iterations"),
+        (lambda: BIPBalancer(8, 2, iterations=1.5), "iterations"),
+        (lambda: LossFreeBalancer(8, 2, rate=float("inf")), "rate"),
+        (lambda: LossFreeBalancer(8, 2, rate=True), "rate"),
+        (lambda: LossFreeBalancer("8", 2), "num_experts"),
+    ],
+)
 def test_constructors_refuse_bad_arguments_by_name(make, match):
     with pytest.raises(ValueError, match=f"`{match}`"):
         make()

@@ -1,4 +1,5 @@
 """The isolation driver (solvers/_isolate.py): what happens to Ctrl-C around the fork of a back-end child."""
+
 import subprocess
 import sys
 import textwrap

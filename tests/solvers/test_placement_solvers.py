@@ -7,12 +7,11 @@ import math
 
 import numpy as np
 import pytest
+from moebalance.solvers.placement_eplb import balanced_packing, replicate
+from moebalance.solvers.placement_llep import llep_plan, llep_plan_reference, plan_to_assignment
 
 import moebalance as mb
 from moebalance import CostModel, PlacementProblem, Status
-from moebalance.plan import device_times
-from moebalance.solvers.placement_eplb import balanced_packing, replicate
-from moebalance.solvers.placement_llep import llep_plan, llep_plan_reference, plan_to_assignment
 
 from ..catalogue_placement import PLACEMENT_CATALOGUE as CATALOGUE
 from ..catalogue_placement import PLACEMENT_OPTIMA, _compositions
@@ -71,8 +70,9 @@ def test_all_plans_feasible_without_limits():
     rng = np.random.default_rng(3)
     for _ in range(5):
         loads = rng.integers(0, 3000, 16) * (rng.random(16) < 0.7)
-        p = PlacementProblem(loads, 4, cost=CostModel.from_shapes(512, 256, 2, 1e14, 1e11, 5e-6),
-                             imbalance_threshold=None)
+        p = PlacementProblem(
+            loads, 4, cost=CostModel.from_shapes(512, 256, 2, 1e14, 1e11, 5e-6), imbalance_threshold=None
+        )
         sols = {m: mb.solve(p, m) for m in HEURISTICS + ["lp"]}
         for m, s in sols.items():
             assert s.feasible, (m, s.message)
@@ -83,8 +83,15 @@ def test_all_plans_feasible_without_limits():
 
 
 def test_llep_plus_respects_limits():
-    p = PlacementProblem([900, 100, 100, 100, 100, 100, 100, 100], 4, cost=CostModel(1, 5, 20, 0),
-                         max_tokens_per_device=500, max_foreign_experts=2, min_chunk=1, imbalance_threshold=None)
+    p = PlacementProblem(
+        [900, 100, 100, 100, 100, 100, 100, 100],
+        4,
+        cost=CostModel(1, 5, 20, 0),
+        max_tokens_per_device=500,
+        max_foreign_experts=2,
+        min_chunk=1,
+        imbalance_threshold=None,
+    )
     llep = mb.solve(p, "llep")
     plus = mb.solve(p, "llep+")
     assert llep.feasible and plus.feasible
@@ -153,8 +160,11 @@ def test_llep_equals_reference_transcription():
         if trial % 3 == 0:
             loads[rng.integers(0, E)] += int(rng.integers(0, 30000))
         home = rng.integers(0, P, E) if trial % 4 == 0 else None
-        kw = dict(alpha=float(rng.choice([0.5, 1.0, 1.1, 1.5])), min_chunk=int(rng.choice([0, 64, 1024])),
-                  imbalance_threshold=None if trial % 2 else 1.3)
+        kw = dict(
+            alpha=float(rng.choice([0.5, 1.0, 1.1, 1.5])),
+            min_chunk=int(rng.choice([0, 64, 1024])),
+            imbalance_threshold=None if trial % 2 else 1.3,
+        )
         a, b = llep_plan(loads, P, home, **kw), llep_plan_reference(loads, P, home, **kw)
         assert a.token_ranges == b.token_ranges and a.weight_transfers == b.weight_transfers
         assert list(a.device_loads) == list(b.device_loads)
@@ -182,8 +192,12 @@ def test_eplb_published_example():
     s = mb.solve(p, "eplb", num_replicas=16)
     assert s.objective == 232.0
     assert replicate(EPLB_LOADS, 16).tolist() == [5, 5, 1, 1, 1, 1, 1, 1]
-    assert np.bincount(balanced_packing(np.repeat([120, 112, 120, 120, 20, 10, 10, 10], [5, 5, 1, 1, 1, 1, 1, 1]),
-                                        8), minlength=8).tolist() == [2] * 8
+    assert (
+        np.bincount(
+            balanced_packing(np.repeat([120, 112, 120, 120, 20, 10, 10, 10], [5, 5, 1, 1, 1, 1, 1, 1]), 8), minlength=8
+        ).tolist()
+        == [2] * 8
+    )
     assert mb.solve(p, "eplb").stats["num_replicas"] == 16  # default: one redundant slot per device
 
 
@@ -219,8 +233,9 @@ def test_best_even_split_replication_is_196_67():
 def test_milp_alias_and_time_limit():
     rng = np.random.default_rng(0)
     loads = (rng.zipf(1.5, 32) * 100).clip(0, 10**6)
-    p = PlacementProblem(loads, 8, cost=CostModel.from_shapes(2880, 2880, 2, 6e14, 4.5e11, 2e-5),
-                         imbalance_threshold=None)
+    p = PlacementProblem(
+        loads, 8, cost=CostModel.from_shapes(2880, 2880, 2, 6e14, 4.5e11, 2e-5), imbalance_threshold=None
+    )
     s = mb.solve(p, "bip", time_limit=1.0)
     assert s.method == "milp"
     assert s.status in (Status.TIME_LIMIT, Status.OPTIMAL)

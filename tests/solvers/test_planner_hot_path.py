@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from moebalance import CostModel, PlacementProblem, check, solve
 from moebalance.solvers.placement_llep import LLEPPlanner, llep_plan_reference, plan_to_assignment
 from moebalance.solvers.placement_llep_plus import llep_plus_plan
+
+from moebalance import CostModel, PlacementProblem, check, solve
 
 
 def _instances(n: int = 40, seed: int = 0):
@@ -27,8 +27,11 @@ def _instances(n: int = 40, seed: int = 0):
         if i % 5 == 4:
             loads = loads * 10 ** int(rng.integers(3, 11))  # large token counts: integer arithmetic stays exact
         home = rng.integers(0, P, size=E) if i % 3 == 0 else None
-        kw = {"alpha": float(rng.choice([1.0, 1.1, 1.5])), "min_chunk": int(rng.choice([0, 1, 16, 1024])),
-              "imbalance_threshold": None if i % 2 else 1.3}
+        kw = {
+            "alpha": float(rng.choice([1.0, 1.1, 1.5])),
+            "min_chunk": int(rng.choice([0, 1, 16, 1024])),
+            "imbalance_threshold": None if i % 2 else 1.3,
+        }
         yield loads, P, home, kw
 
 
@@ -62,8 +65,10 @@ def test_planner_is_reusable_across_steps():
     for _ in range(10):
         loads = rng.integers(0, 100, size=16)
         loads[rng.integers(16)] += 500
-        assert planner.plan(loads).token_ranges == LLEPPlanner(16, 4, min_chunk=2, imbalance_threshold=None) \
-            .plan(loads).token_ranges
+        assert (
+            planner.plan(loads).token_ranges
+            == LLEPPlanner(16, 4, min_chunk=2, imbalance_threshold=None).plan(loads).token_ranges
+        )
 
 
 def test_llep_plus_planner_equals_solve():
@@ -77,11 +82,14 @@ def test_llep_plus_planner_equals_solve():
         assert sol.objective <= solve(problem, "llep").objective + 1e-9  # the search never makes it worse
 
 
-@pytest.mark.parametrize("corrupt, needle", [
-    (lambda x: x.__setitem__((0, 0), x[0, 0] - 1), "not covered"),
-    (lambda x: (x.__setitem__((0, 0), -1), x.__setitem__((0, 1), x[0, 1] + x[0, 0] + 1 + 1)), "negative"),
-    (lambda x: x.__setitem__((1, 1), x[1, 1] + 3), "not covered"),
-])
+@pytest.mark.parametrize(
+    "corrupt, needle",
+    [
+        (lambda x: x.__setitem__((0, 0), x[0, 0] - 1), "not covered"),
+        (lambda x: (x.__setitem__((0, 0), -1), x.__setitem__((0, 1), x[0, 1] + x[0, 0] + 1 + 1)), "negative"),
+        (lambda x: x.__setitem__((1, 1), x[1, 1] + 3), "not covered"),
+    ],
+)
 def test_cheap_check_catches_broken_plans(corrupt, needle):
     loads = np.array([40, 5, 3, 2])
     planner = LLEPPlanner(4, 2, min_chunk=1, imbalance_threshold=None)
@@ -106,24 +114,28 @@ def test_cheap_check_enforces_the_limits():
     assert not check(PlacementProblem(loads, 3, max_foreign_experts=1), x2).feasible
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    ({"num_experts": 0, "num_devices": 1}, "num_experts"),
-    ({"num_experts": 4, "num_devices": True}, "num_devices"),
-    ({"num_experts": 5, "num_devices": 2}, "num_experts"),
-    ({"num_experts": 4, "num_devices": 2, "home": [0, 1, 2, 0]}, "home"),
-    ({"num_experts": 4, "num_devices": 2, "alpha": float("nan")}, "alpha"),
-    ({"num_experts": 4, "num_devices": 2, "min_chunk": -1}, "min_chunk"),
-    ({"num_experts": 4, "num_devices": 2, "imbalance_threshold": 0}, "imbalance_threshold"),
-    ({"num_experts": 4, "num_devices": 2, "max_tokens_per_device": 1.5}, "max_tokens_per_device"),
-    ({"num_experts": 4, "num_devices": 2, "cost": {"token_time": 1}}, "cost"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"num_experts": 0, "num_devices": 1}, "num_experts"),
+        ({"num_experts": 4, "num_devices": True}, "num_devices"),
+        ({"num_experts": 5, "num_devices": 2}, "num_experts"),
+        ({"num_experts": 4, "num_devices": 2, "home": [0, 1, 2, 0]}, "home"),
+        ({"num_experts": 4, "num_devices": 2, "alpha": float("nan")}, "alpha"),
+        ({"num_experts": 4, "num_devices": 2, "min_chunk": -1}, "min_chunk"),
+        ({"num_experts": 4, "num_devices": 2, "imbalance_threshold": 0}, "imbalance_threshold"),
+        ({"num_experts": 4, "num_devices": 2, "max_tokens_per_device": 1.5}, "max_tokens_per_device"),
+        ({"num_experts": 4, "num_devices": 2, "cost": {"token_time": 1}}, "cost"),
+    ],
+)
 def test_planner_refuses_bad_structure(kwargs, name):
     with pytest.raises(ValueError, match=f"`{name}`"):
         LLEPPlanner(**kwargs)
 
 
-@pytest.mark.parametrize("loads", [[1, 2, 3], [1, -2, 3, 4], [1.5, 2, 3, 4], [np.nan, 1, 1, 1], [[1, 2, 3, 4]],
-                                   [2 ** 61, 2 ** 61, 2 ** 61, 2 ** 61]])
+@pytest.mark.parametrize(
+    "loads", [[1, 2, 3], [1, -2, 3, 4], [1.5, 2, 3, 4], [np.nan, 1, 1, 1], [[1, 2, 3, 4]], [2**61, 2**61, 2**61, 2**61]]
+)
 def test_planner_refuses_bad_loads(loads):
     with pytest.raises(ValueError, match="`expert_loads`"):
         LLEPPlanner(4, 2).plan(np.asarray(loads))
@@ -158,8 +170,10 @@ def _copies(x, home):
     return [(e, int(home[e]), d) for e, d in zip(rows[foreign].tolist(), cols[foreign].tolist())]
 
 
-@pytest.mark.parametrize("method, solve_opts", [("ep", {}), ("llep", {}), ("llep", {"fallback": False}),
-                                                ("llep+", {}), ("llep+", {"max_moves": 2})])
+@pytest.mark.parametrize(
+    "method, solve_opts",
+    [("ep", {}), ("llep", {}), ("llep", {"fallback": False}), ("llep+", {}), ("llep+", {"max_moves": 2})],
+)
 def test_layer_planner_equals_solve(method, solve_opts):
     rng = np.random.default_rng(5)
     opts = {"min_chunk": 4, "cost": CostModel(gemm_time=3.0)}
@@ -185,8 +199,9 @@ def test_layer_planner_falls_back_and_refuses():
     assert used == "llep" and "fell back to llep" in msg
     assert x.sum(axis=0).max() <= 60 and np.array_equal(x.sum(axis=1), loads) and copies
     # nothing can respect max_foreign_experts=0 with an overloaded home: a clear error, not a wrong plan
-    sp = _step_planner("llep", {"min_chunk": 1, "max_tokens_per_device": 60, "max_foreign_experts": 0,
-                                "imbalance_threshold": None})
+    sp = _step_planner(
+        "llep", {"min_chunk": 1, "max_tokens_per_device": 60, "max_foreign_experts": 0, "imbalance_threshold": None}
+    )
     with pytest.raises(ExpertParallelError, match="no usable plan"):
         sp.plan(np.array([200, 0, 0, 0, 0, 0, 0, 0]))
 

@@ -18,8 +18,9 @@ EXAMPLE = [600, 560, 120, 120, 20, 10, 10, 10]
 
 
 def _reference():
-    spec = importlib.util.spec_from_file_location("replication_reference",
-                                                  ROOT / "benchmarks" / "replication_reference.py")
+    spec = importlib.util.spec_from_file_location(
+        "replication_reference", ROOT / "benchmarks" / "replication_reference.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -44,11 +45,14 @@ def test_published_example_eplb_232_and_optimum_196_67():
 
 def test_deepseek_readme_example():
     # the output printed in deepseek-ai/EPLB's README
-    w = np.array([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
-                  [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]])
+    w = np.array(
+        [[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86], [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]]
+    )
     phy2log, log2phy, logcnt = mb.rebalance_experts(w, 16, 4, 2, 8)
-    assert phy2log.tolist() == [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
-                                [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]]
+    assert phy2log.tolist() == [
+        [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+        [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1],
+    ]
     assert logcnt.sum(axis=1).tolist() == [16, 16]
     for l in range(2):
         for e in range(12):
@@ -70,7 +74,7 @@ def test_eplb_identical_to_transcription(hier):
             continue
         S = int(rng.integers(-(-E // G), -(-E // G) + 3))
         L = int(rng.integers(1, 4))
-        w = rng.permutation(10 ** 6)[: L * E].reshape(L, E) + 1  # distinct: tie-free
+        w = rng.permutation(10**6)[: L * E].reshape(L, E) + 1  # distinct: tie-free
         ours = mb.rebalance_experts(w, S * G, groups, nodes, G)
         stable = ref.rebalance_experts(torch.tensor(w), S * G, groups, nodes, G, stable=True)
         for a, b in zip(stable, ours):
@@ -91,8 +95,9 @@ def test_drop_in_numpy_and_torch_types():
     out_np = mb.rebalance_experts(w, 24, 4, 2, 4)
     assert all(isinstance(x, np.ndarray) and x.dtype == np.int64 for x in out_np)
     out_t = mb.rebalance_experts(torch.tensor(w, dtype=torch.float32), 24, 4, 2, 4)
-    assert all(isinstance(x, torch.Tensor) and x.dtype == torch.int64 and x.device == torch.device("cpu")
-               for x in out_t)
+    assert all(
+        isinstance(x, torch.Tensor) and x.dtype == torch.int64 and x.device == torch.device("cpu") for x in out_t
+    )
     for a, b in zip(out_np, out_t):
         np.testing.assert_array_equal(a, b.numpy())
     # groups not divisible by nodes: the global policy
@@ -127,8 +132,13 @@ def _best_packing(p, l, items, G, S):
         nonlocal best
         if not rest:
             plan = np.concatenate(gpus)[None]
-            ev = ReplicationProblem(p.weight[:, l:l + 1], p.num_replicas, num_gpus=p.num_gpus, num_groups=p.num_groups,
-                                    num_nodes=p.num_nodes).evaluate(plan)
+            ev = ReplicationProblem(
+                p.weight[:, l : l + 1],
+                p.num_replicas,
+                num_gpus=p.num_gpus,
+                num_groups=p.num_groups,
+                num_nodes=p.num_nodes,
+            ).evaluate(plan)
             if ev.feasible:
                 best = min(best, ev.objective)
             return
@@ -158,8 +168,13 @@ SMALL = [
 @pytest.mark.parametrize("case", range(len(SMALL)))
 def test_exact_methods_match_brute_force_and_relations(case):
     c = SMALL[case]
-    p = ReplicationProblem(np.array(c["w"], dtype=float), c["R"], num_gpus=c["G"], num_groups=c.get("groups", 1),
-                           num_nodes=c.get("nodes", 1))
+    p = ReplicationProblem(
+        np.array(c["w"], dtype=float),
+        c["R"],
+        num_gpus=c["G"],
+        num_groups=c.get("groups", 1),
+        num_nodes=c.get("nodes", 1),
+    )
     opt = _brute_force(p) if not p.window else _brute_force_window(p)
     m = mb.solve(p, "milp", time_limit=60)
     assert m.status == Status.OPTIMAL and m.objective == pytest.approx(opt, rel=1e-9)
@@ -295,24 +310,29 @@ def test_dispatch_lp_optimal_and_never_worse_than_even():
 
 
 # ---- bad input -------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs,name", [
-    (dict(weight=[[1, 2, 3]], num_replicas=4, num_gpus=3), "num_replicas"),  # not a multiple of G
-    (dict(weight=[[1, 2, 3, 4]], num_replicas=2, num_gpus=2), "num_replicas"),  # R < E
-    (dict(weight=[[1, 2, 3, 4]], num_replicas=4, num_gpus=2, num_groups=3), "num_groups"),
-    (dict(weight=[[1, 2, 3, 4]], num_replicas=4, num_gpus=3, num_nodes=2), "num_gpus"),
-    (dict(weight=[[1, 2, 3, 4]], num_replicas=4, num_gpus=2, num_groups=1, num_nodes=2), "num_groups"),
-    (dict(weight=[[1, float("nan"), 3, 4]], num_replicas=4, num_gpus=2), "weight"),
-    (dict(weight=[[1, -2, 3, 4]], num_replicas=4, num_gpus=2), "weight"),
-    (dict(weight=[[[[1]]]], num_replicas=4, num_gpus=2), "weight"),
-    (dict(weight=[["a", "b"]], num_replicas=4, num_gpus=2), "weight"),
-    (dict(weight=[[1, 2, 3, 4]], num_replicas=4, num_gpus=2, old_phy2log=[[0, 1, 2]]), "old_phy2log"),
-    (dict(weight=[[1, 2, 3, 4]], num_replicas=4, num_gpus=2, old_phy2log=[[0, 1, 2, 2]]), "old_phy2log"),
-    (dict(weight=[[1, 2, 3, 4]], num_replicas=4, num_gpus=2, old_phy2log=[[0, 1, 2, 3]], max_moves=-1),
-     "max_moves"),
-    (dict(weight=[[1, 2, 3, 4]], num_replicas=4, num_gpus=2, max_moves=1), "max_moves"),
-    (dict(weight=[[1, 2, 3, 4]], num_replicas=4.5, num_gpus=2), "num_replicas"),
-    (dict(weight=[[1e308, 1e308, 3, 4]], num_replicas=4, num_gpus=2), "weight"),
-])
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(weight=[[1, 2, 3]], num_replicas=4, num_gpus=3), "num_replicas"),  # not a multiple of G
+        (dict(weight=[[1, 2, 3, 4]], num_replicas=2, num_gpus=2), "num_replicas"),  # R < E
+        (dict(weight=[[1, 2, 3, 4]], num_replicas=4, num_gpus=2, num_groups=3), "num_groups"),
+        (dict(weight=[[1, 2, 3, 4]], num_replicas=4, num_gpus=3, num_nodes=2), "num_gpus"),
+        (dict(weight=[[1, 2, 3, 4]], num_replicas=4, num_gpus=2, num_groups=1, num_nodes=2), "num_groups"),
+        (dict(weight=[[1, float("nan"), 3, 4]], num_replicas=4, num_gpus=2), "weight"),
+        (dict(weight=[[1, -2, 3, 4]], num_replicas=4, num_gpus=2), "weight"),
+        (dict(weight=[[[[1]]]], num_replicas=4, num_gpus=2), "weight"),
+        (dict(weight=[["a", "b"]], num_replicas=4, num_gpus=2), "weight"),
+        (dict(weight=[[1, 2, 3, 4]], num_replicas=4, num_gpus=2, old_phy2log=[[0, 1, 2]]), "old_phy2log"),
+        (dict(weight=[[1, 2, 3, 4]], num_replicas=4, num_gpus=2, old_phy2log=[[0, 1, 2, 2]]), "old_phy2log"),
+        (
+            dict(weight=[[1, 2, 3, 4]], num_replicas=4, num_gpus=2, old_phy2log=[[0, 1, 2, 3]], max_moves=-1),
+            "max_moves",
+        ),
+        (dict(weight=[[1, 2, 3, 4]], num_replicas=4, num_gpus=2, max_moves=1), "max_moves"),
+        (dict(weight=[[1, 2, 3, 4]], num_replicas=4.5, num_gpus=2), "num_replicas"),
+        (dict(weight=[[1e308, 1e308, 3, 4]], num_replicas=4, num_gpus=2), "weight"),
+    ],
+)
 def test_bad_input_names_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         ReplicationProblem(kwargs.pop("weight"), **kwargs)

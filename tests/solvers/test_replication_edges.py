@@ -161,9 +161,8 @@ def test_lp_stops_while_building_when_the_clock_runs_out(monkeypatch):
 
 
 def test_lp_gives_highs_only_what_is_left_after_building(monkeypatch):
-    import scipy.optimize
-
     import moebalance.solvers.replication_lp as rl
+    import scipy.optimize
 
     monkeypatch.setattr(rl, "time", types.SimpleNamespace(perf_counter=_FakeClock(0.01).perf_counter))
     seen = {}
@@ -348,8 +347,14 @@ def test_layer_bounds_are_computed_once_per_problem():
     assert np.all(layer_bounds(p) >= 0)
 
 
-@pytest.mark.parametrize("options,name", [({"method": "nope"}, "method"), ({"time_limit": -1}, "time_limit"),
-                                          ({"method": "eplb+", "max_rounds": -1}, "max_rounds")])
+@pytest.mark.parametrize(
+    "options,name",
+    [
+        ({"method": "nope"}, "method"),
+        ({"time_limit": -1}, "time_limit"),
+        ({"method": "eplb+", "max_rounds": -1}, "max_rounds"),
+    ],
+)
 def test_rebalance_experts_bad_solver_arguments_are_assertion_errors_too(options, name):
     with pytest.raises(AssertionError, match=name):
         rebalance_experts(np.ones((1, 4)), 8, 1, 1, 2, **options)

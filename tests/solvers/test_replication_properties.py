@@ -66,8 +66,9 @@ def windows(draw):
     E = draw(st.sampled_from([2, 4, 8]))
     G = draw(st.sampled_from([1, 2, 4]))
     R = G * draw(st.integers(max(1, -(-E // G)), max(1, -(-E // G)) + 3))
-    w = np.array(draw(st.lists(st.integers(0, 50), min_size=B * L * E, max_size=B * L * E)),
-                 dtype=np.float64).reshape(B, L, E)
+    w = np.array(draw(st.lists(st.integers(0, 50), min_size=B * L * E, max_size=B * L * E)), dtype=np.float64).reshape(
+        B, L, E
+    )
     return w, R, G
 
 
@@ -75,7 +76,7 @@ def windows(draw):
 @given(windows(), st.integers(-40, 40))
 def test_plans_scale_with_the_loads(case, exponent):
     w, R, G = case
-    factor = 2.0 ** exponent  # exact in binary: the same plans are expected
+    factor = 2.0**exponent  # exact in binary: the same plans are expected
     for method in ("eplb", "eplb+", "lp"):
         a = mb.solve(ReplicationProblem(w, R, num_gpus=G), method)
         b = mb.solve(ReplicationProblem(w * factor, R, num_gpus=G), method)

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from moebalance.solvers import _fast_kernels as K
+from moebalance.solvers.routing_fast import fast_route
 
 import moebalance as mb
 from moebalance import RoutingProblem, Status, solve
-from moebalance.routing import bias_reproduces, routing_dual_bound
 from moebalance.generate import routing_problem
-from moebalance.solvers import _fast_kernels as K
-from moebalance.solvers.routing_fast import fast_route
+from moebalance.routing import bias_reproduces, routing_dual_bound
 
 from ..catalogue import CATALOGUE, brute_force_routing, tiny_random_problem
 
@@ -74,8 +74,14 @@ def _problem(seed, T, E, k, kind):
     return RoutingProblem(s, k, capacity=cap)
 
 
-instances = st.builds(_problem, seed=st.integers(0, 2**31), T=st.integers(1, 40), E=st.integers(1, 9),
-                      k=st.integers(1, 5), kind=st.sampled_from(["normal", "ties", "equal"]))
+instances = st.builds(
+    _problem,
+    seed=st.integers(0, 2**31),
+    T=st.integers(1, 40),
+    E=st.integers(1, 9),
+    k=st.integers(1, 5),
+    kind=st.sampled_from(["normal", "ties", "equal"]),
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -101,7 +107,7 @@ def test_matches_brute_force_on_tiny(seed, T, E):
 def test_scale_and_offset(seed, a_exp, b):
     """Scores a*s + b: objective a*opt + b*T*k, status unchanged, bound valid, same prices up to a."""
     p = routing_problem(60, 6, 2, kind="zipf", imbalance=1.5, seed=seed % 1000)
-    a = 10.0 ** a_exp
+    a = 10.0**a_exp
     base = solve(p, "fast")
     q = RoutingProblem(a * p.scores + b, p.k, capacity=p.capacity)
     sol = solve(q, "fast")
@@ -123,11 +129,16 @@ def test_skewed_medium_instances_agree_with_mcf():
         assert sol.stats["augmentations"] >= 0 and sol.stats["rounds"] >= 1
 
 
-@pytest.mark.parametrize("opts", [dict(candidates=3, auction_steps=0),  # infeasible candidates, no auction
-                                  dict(max_rounds=1, auction_steps=0),  # straight to the full graph
-                                  dict(candidates=16, auction_steps=10**6, stall=0.0),  # the auction to its end
-                                  dict(stall=1e9),  # the auction hands over after E steps
-                                  dict(auction_steps=1)])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(candidates=3, auction_steps=0),  # infeasible candidates, no auction
+        dict(max_rounds=1, auction_steps=0),  # straight to the full graph
+        dict(candidates=16, auction_steps=10**6, stall=0.0),  # the auction to its end
+        dict(stall=1e9),  # the auction hands over after E steps
+        dict(auction_steps=1),
+    ],
+)
 def test_every_path_of_the_driver_stays_exact(opts):
     p = routing_problem(600, 16, 2, kind="zipf", imbalance=2.0, seed=3)
     ref, sol = solve(p, "mcf"), solve(p, "fast", **opts)
@@ -164,8 +175,10 @@ def test_without_numba_large_problems_go_to_the_flow_and_say_so(monkeypatch):
     for s in (sol, tiny):
         assert routing_fast.UNAVAILABLE in s.stats["engine"] and "numba is not installed" in s.message
         assert s.message.count(routing_fast.UNAVAILABLE) == 1
-    assert rel(tiny.objective, brute_force_routing(small) if small.num_tokens < 10 else
-               solve(small, "mcf").objective) < 1e-9
+    assert (
+        rel(tiny.objective, brute_force_routing(small) if small.num_tokens < 10 else solve(small, "mcf").objective)
+        < 1e-9
+    )
 
 
 def test_warm_start_from_previous_batch():
@@ -191,8 +204,15 @@ def test_bad_options_raise_value_error_naming_them():
         solve(p, "fast", warm_start=np.array([0.0, np.nan, 0.0, 0.0]))
     with pytest.raises(ValueError, match="warm_start"):
         solve(p, "fast", warm_start=np.zeros(3))
-    for name, bad in (("auction_steps", -1), ("auction_steps", 1.5), ("stall", -0.5), ("stall", float("nan")),
-                      ("stall", True), ("max_rounds", 0), ("candidates", 0)):
+    for name, bad in (
+        ("auction_steps", -1),
+        ("auction_steps", 1.5),
+        ("stall", -0.5),
+        ("stall", float("nan")),
+        ("stall", True),
+        ("max_rounds", 0),
+        ("candidates", 0),
+    ):
         with pytest.raises(ValueError, match=name):
             solve(p, "fast", **{name: bad})
 
@@ -239,8 +259,7 @@ def _auction_state(scores, k, cap, q, steps, M, use_numba, lift=0, lift_steps=1)
     nl = np.empty(T, dtype=np.int64)
     bound = np.empty(T)
     stop = np.zeros(1, dtype=np.int64)
-    if kern["prepare"](scores, q, k, M, cap, lift, lift_steps, s, sel, held, lst, lstv, nl, bound,
-                       stop) == K.NOT_BUILT:
+    if kern["prepare"](scores, q, k, M, cap, lift, lift_steps, s, sel, held, lst, lstv, nl, bound, stop) == K.NOT_BUILT:
         kern["relist"](s, q, k, M, sel, held, lst, lstv, nl, bound, stop)  # nothing over-full: lists on demand
     lifted = q.copy()
     out = np.zeros(5, dtype=np.int64)
@@ -263,11 +282,24 @@ def test_auction_keeps_the_dual_feasible(seed, use_numba):
         scores = np.round(scores * 20) / 20
     cap = np.minimum(p.capacity, T).astype(np.int64)
     q0 = np.zeros(E) if seed < 3 else rng.random(E) * 0.01 * (rng.random(E) < 0.3)
-    for steps, lift, lift_steps in ((0, 0, 1), (1, 0, 1), (7, 1, 1), (3000, 0, 1), (3000, 1, 1), (0, 1, 1),
-                                    (5, 3, 1), (3000, 4, 1), (0, 3, 2), (3000, 4, 2), (3000, 1, 3), (9, 2, 5)):
+    for steps, lift, lift_steps in (
+        (0, 0, 1),
+        (1, 0, 1),
+        (7, 1, 1),
+        (3000, 0, 1),
+        (3000, 1, 1),
+        (0, 1, 1),
+        (5, 3, 1),
+        (3000, 4, 1),
+        (0, 3, 2),
+        (3000, 4, 2),
+        (3000, 1, 3),
+        (9, 2, 5),
+    ):
         q = q0.copy()
-        s, sel, held, lst, lstv, nl, bound, out, lifted = _auction_state(scores, k, cap, q, steps, 2, use_numba,
-                                                                         lift, lift_steps)
+        s, sel, held, lst, lstv, nl, bound, out, lifted = _auction_state(
+            scores, k, cap, q, steps, 2, use_numba, lift, lift_steps
+        )
         assert np.all(q >= lifted) and np.all(lifted >= q0)
         if not lift:
             assert np.array_equal(lifted, q0)
@@ -331,8 +363,9 @@ def test_paths_connect_unreachable_experts_in_place(use_numba, direction):
     cap = np.minimum(p.capacity, T).astype(np.int64)
     reach = np.zeros(E + 1, dtype=np.bool_)
     vout = np.zeros(8, dtype=np.int64)
-    status, aug, _, rounds = kern["ssp"](s, cand, ncand, sel, cap, q, 10**6, reach, 1e-12, 8, vout, direction,
-                                         np.zeros(1, dtype=np.int64), 0)
+    status, aug, _, rounds = kern["ssp"](
+        s, cand, ncand, sel, cap, q, 10**6, reach, 1e-12, 8, vout, direction, np.zeros(1, dtype=np.int64), 0
+    )
     assert status == K.OK and aug > 0 and rounds >= 1
     assert int(ncand.max()) > k  # the kernel added candidates itself
     obj = float(np.take_along_axis(p.scores, np.sort(sel, 1), 1).sum())
@@ -370,20 +403,28 @@ def test_forward_and_backward_paths_reach_the_same_optimum(use_numba):
 
 def _warm_start(rng, E, span, mag, shape):
     """Starting prices of magnitude ``mag * span`` in a few shapes a caller might hand over."""
-    base = {"random": rng.random(E), "const": np.ones(E), "ramp": np.arange(E, dtype=float),
-            "one": np.eye(E)[rng.integers(E)], "sparse": rng.random(E) * (rng.random(E) < 0.3)}[shape]
+    base = {
+        "random": rng.random(E),
+        "const": np.ones(E),
+        "ramp": np.arange(E, dtype=float),
+        "one": np.eye(E)[rng.integers(E)],
+        "sparse": rng.random(E) * (rng.random(E) < 0.3),
+    }[shape]
     return mag * max(span, 1e-300) * base
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(problem=instances, mag_exp=st.floats(-6, 12), shape=st.sampled_from(["random", "const", "ramp", "one",
-                                                                             "sparse"]),
-       seed=st.integers(0, 2**31))
+@given(
+    problem=instances,
+    mag_exp=st.floats(-6, 12),
+    shape=st.sampled_from(["random", "const", "ramp", "one", "sparse"]),
+    seed=st.integers(0, 2**31),
+)
 def test_warm_starts_of_any_magnitude_reach_the_optimum(problem, mag_exp, shape, seed):
     """Any non-negative warm start, up to 1e12 times the scores' range, gives mcf's optimum, certified."""
     rng = np.random.default_rng(seed)
     span = float(problem.scores.max() - problem.scores.min())
-    q0 = _warm_start(rng, problem.num_experts, span, 10.0 ** mag_exp, shape)
+    q0 = _warm_start(rng, problem.num_experts, span, 10.0**mag_exp, shape)
     sol = solve(problem, "fast", warm_start=q0)
     assert rel(sol.objective, solve(problem, "mcf").objective) < 1e-9
     assert_certified(problem, sol)
@@ -420,8 +461,14 @@ def _tie_problem(kind, T, E, k, seed):
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(kind=st.sampled_from(["identical", "uniform", "integer", "identical_int"]), T=st.integers(1, 400),
-       E=st.integers(1, 24), k=st.integers(1, 8), seed=st.integers(0, 2**31), handover=st.booleans())
+@given(
+    kind=st.sampled_from(["identical", "uniform", "integer", "identical_int"]),
+    T=st.integers(1, 400),
+    E=st.integers(1, 24),
+    k=st.integers(1, 8),
+    seed=st.integers(0, 2**31),
+    handover=st.booleans(),
+)
 def test_massive_ties_reach_the_optimum(kind, T, E, k, seed, handover):
     """Identical rows, uniform and integer scores: the optimum of mcf, with or without the hand-over to the
     flow, certified by the prices."""

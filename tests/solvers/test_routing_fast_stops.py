@@ -11,13 +11,13 @@ import time
 
 import numpy as np
 import pytest
+from moebalance.solvers import _fast_kernels as K
+from moebalance.solvers import routing_fast as F
+from moebalance.solvers.routing_fast import fast_route
 
 from moebalance import RoutingProblem, Status, solve
 from moebalance.generate import routing_problem
 from moebalance.routing import bias_reproduces, routing_dual_bound
-from moebalance.solvers import _fast_kernels as K
-from moebalance.solvers import routing_fast as F
-from moebalance.solvers.routing_fast import fast_route
 
 
 def rel(a, b):
@@ -41,6 +41,7 @@ def _kernel_spy(monkeypatch, before=None):
             if before is not None:
                 before(name, args)
             return f(*args)
+
         return g
 
     spied = {name: wrap(name, f) for name, f in real.items()}
@@ -78,13 +79,19 @@ def test_each_loop_returns_at_once_on_a_set_flag(hot):
     stop = np.ones(1, dtype=np.int64)
     q = np.zeros(E)
     for lift in (0, 1, 3):
-        assert kern["prepare"](np.ascontiguousarray(hot.scores), q, k, M, cap, lift, 2, s, sel, held, lst, lstv,
-                               nl, bound, stop) == K.STOPPED
+        assert (
+            kern["prepare"](
+                np.ascontiguousarray(hot.scores), q, k, M, cap, lift, 2, s, sel, held, lst, lstv, nl, bound, stop
+            )
+            == K.STOPPED
+        )
     assert np.all(q == 0)
     # a real state, then an auction and the paths with the flag set: no step, no path
     go = np.zeros(1, dtype=np.int64)
-    assert kern["prepare"](np.ascontiguousarray(hot.scores), q, k, M, cap, 1, 2, s, sel, held, lst, lstv, nl, bound,
-                           go) == K.BUILT
+    assert (
+        kern["prepare"](np.ascontiguousarray(hot.scores), q, k, M, cap, 1, 2, s, sel, held, lst, lstv, nl, bound, go)
+        == K.BUILT
+    )
     q_before, sel_before = q.copy(), sel.copy()
     out = np.zeros(5, dtype=np.int64)
     kern["auction"](s, k, cap, q, sel, held, lst, lstv, nl, bound, 10**6, 0.0, out, stop)
@@ -93,8 +100,22 @@ def test_each_loop_returns_at_once_on_a_set_flag(hot):
     cand = np.zeros((T, E), dtype=np.int64)
     ncand = np.empty(T, dtype=np.int64)
     kern["candidates"](sel, lst, nl, cand, ncand)
-    status, aug, pops, rounds = kern["ssp"](s, cand, ncand, sel, cap, q, 10**6, np.zeros(E + 1, dtype=np.bool_),
-                                            1e-12, 4, np.zeros(8, dtype=np.int64), -1, stop, 0)
+    status, aug, pops, rounds = kern["ssp"](
+        s,
+        cand,
+        ncand,
+        sel,
+        cap,
+        q,
+        10**6,
+        np.zeros(E + 1, dtype=np.bool_),
+        1e-12,
+        4,
+        np.zeros(8, dtype=np.int64),
+        -1,
+        stop,
+        0,
+    )
     assert status == K.STOPPED and aug == 0 and pops == 0 and rounds == 0
 
 
@@ -114,8 +135,22 @@ def test_iteration_budgets_stop_the_auction_and_the_paths(hot):
     go = np.zeros(1, dtype=np.int64)
     total = 0
     for call in range(10**4):
-        status, aug, _, _ = kern["ssp"](s, cand, ncand, sel, cap, q, 3, np.zeros(E + 1, dtype=np.bool_), 1e-12, 8,
-                                        np.zeros(8, dtype=np.int64), -1, go, 0)
+        status, aug, _, _ = kern["ssp"](
+            s,
+            cand,
+            ncand,
+            sel,
+            cap,
+            q,
+            3,
+            np.zeros(E + 1, dtype=np.bool_),
+            1e-12,
+            8,
+            np.zeros(8, dtype=np.int64),
+            -1,
+            go,
+            0,
+        )
         total += aug
         if status != K.BUDGET:
             break

@@ -1,6 +1,5 @@
 """Every routing method on the brute-force catalogue, and the relations between methods on random instances."""
 
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -8,8 +7,8 @@ from hypothesis import strategies as st
 
 import moebalance as mb
 from moebalance import RoutingProblem, Status, solve
-from moebalance.routing import bias_reproduces, routing_dual_bound
 from moebalance.generate import routing_problem
+from moebalance.routing import bias_reproduces, routing_dual_bound
 
 from ..catalogue import CATALOGUE
 
@@ -52,8 +51,9 @@ def test_heuristics_feasible_and_never_above_optimum(method, name, problem, opti
 def test_topk_objective_bounds_optimum(name, problem, optimum):
     sol = solve(problem, "topk")
     assert sol.bound >= optimum - 1e-9
-    plain_loads = np.bincount(np.argsort(-problem.scores, axis=1, kind="stable")[:, : problem.k].ravel(),
-                              minlength=problem.num_experts)
+    plain_loads = np.bincount(
+        np.argsort(-problem.scores, axis=1, kind="stable")[:, : problem.k].ravel(), minlength=problem.num_experts
+    )
     if np.any(plain_loads > problem.capacity) and not np.isclose(sol.bound, optimum):
         assert sol.status == Status.INFEASIBLE and not sol.feasible
 
@@ -113,9 +113,16 @@ def _clip_k(seed, T, E, k, ties, nonuniform, slack):
     return _random_problem(seed, T, E, min(k, E), ties, nonuniform, slack)
 
 
-random_problems = st.builds(_clip_k, seed=st.integers(0, 2**31), T=st.integers(1, 12), E=st.integers(1, 6),
-                            k=st.integers(1, 6), ties=st.booleans(), nonuniform=st.booleans(),
-                            slack=st.sampled_from([1.0, 1.25, 2.0]))
+random_problems = st.builds(
+    _clip_k,
+    seed=st.integers(0, 2**31),
+    T=st.integers(1, 12),
+    E=st.integers(1, 6),
+    k=st.integers(1, 6),
+    ties=st.booleans(),
+    nonuniform=st.booleans(),
+    slack=st.sampled_from([1.0, 1.25, 2.0]),
+)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -50,8 +50,14 @@ def _routing(seed: int, T: int, E: int, k: int, tight: bool) -> RoutingProblem:
     return RoutingProblem(s, k, capacity=np.minimum(cap, T))
 
 
-routing_problems = st.builds(_routing, seed=st.integers(0, 2**31), T=st.integers(1, 5), E=st.integers(1, 4),
-                             k=st.integers(1, 3), tight=st.booleans())
+routing_problems = st.builds(
+    _routing,
+    seed=st.integers(0, 2**31),
+    T=st.integers(1, 5),
+    E=st.integers(1, 4),
+    k=st.integers(1, 3),
+    tight=st.booleans(),
+)
 
 
 def _tolerance(p: RoutingProblem, a: float, b: float) -> float:
@@ -91,9 +97,12 @@ def test_routing_scale_and_offset(method, p, a, c):
     _same_answer_at_scale(method, p, a, c)
 
 
-@pytest.mark.parametrize("method, options", [("mip", {"backend": b}) for b in ("SCIP", "HIGHS", "CBC")]
-                         + [("lp", {"highs_method": h}) for h in ("highs", "highs-ds", "highs-ipm")]
-                         + [("cvxpy", {}), ("bip", {}), ("mcf", {})])
+@pytest.mark.parametrize(
+    "method, options",
+    [("mip", {"backend": b}) for b in ("SCIP", "HIGHS", "CBC")]
+    + [("lp", {"highs_method": h}) for h in ("highs", "highs-ds", "highs-ipm")]
+    + [("cvxpy", {}), ("bip", {}), ("mcf", {})],
+)
 @pytest.mark.parametrize("a", [1e-12, 1e-9, 1e-6, 1.0, 1e6, 1e12])
 def test_routing_back_ends_at_the_scales_seen(method, options, a):
     # seen: near 1e-6 lp/cvxpy were 0.1-0.2% short with a bound below the optimum; near 1e-9 HiGHS and
@@ -112,6 +121,7 @@ def test_routing_back_ends_at_the_scales_seen(method, options, a):
 
 # placement ---------------------------------------------------------------------------------------------------
 
+
 def _placement(seed: int, E: int, P: int, limits: bool) -> PlacementProblem:
     rng = np.random.default_rng(seed)
     loads = rng.integers(0, 5, size=E)
@@ -119,8 +129,10 @@ def _placement(seed: int, E: int, P: int, limits: bool) -> PlacementProblem:
     home = rng.integers(0, P, size=E)
     common = {"home": home, "cost": CostModel(*costs), "min_chunk": 1, "imbalance_threshold": None}
     if limits:
-        kw = {"max_tokens_per_device": int(max(1, -(-loads.sum() // P) + int(rng.integers(0, 3)))),
-              "max_foreign_experts": int(rng.integers(0, 3))}
+        kw = {
+            "max_tokens_per_device": int(max(1, -(-loads.sum() // P) + int(rng.integers(0, 3)))),
+            "max_foreign_experts": int(rng.integers(0, 3)),
+        }
         try:
             return PlacementProblem(loads, P, **common, **kw)
         except mb.InfeasibleError:
@@ -128,8 +140,9 @@ def _placement(seed: int, E: int, P: int, limits: bool) -> PlacementProblem:
     return PlacementProblem(loads, P, **common)
 
 
-placement_problems = st.builds(_placement, seed=st.integers(0, 2**31), E=st.integers(1, 4),
-                               P=st.integers(1, 3), limits=st.booleans())
+placement_problems = st.builds(
+    _placement, seed=st.integers(0, 2**31), E=st.integers(1, 4), P=st.integers(1, 3), limits=st.booleans()
+)
 
 
 def _scaled(p: PlacementProblem, a: float) -> PlacementProblem:
@@ -168,8 +181,9 @@ def test_placement_scale(method, p, a):
 
 def test_milp_gemm_only_costs_seen_twice_the_optimum():
     # seen: token_time=0, gemm_time=1e-7 -> milp "optimal" at twice the optimum (a cost unit floored at 1.0)
-    p = PlacementProblem([5, 1, 1, 0, 2, 0], 3, cost=CostModel(0.0, 1e-7, 0.0, 0.0), min_chunk=1,
-                         imbalance_threshold=None)
+    p = PlacementProblem(
+        [5, 1, 1, 0, 2, 0], 3, cost=CostModel(0.0, 1e-7, 0.0, 0.0), min_chunk=1, imbalance_threshold=None
+    )
     opt = brute_force_placement(p)
     for method in ("milp", "lp", "lp-cvxpy"):
         sol = mb.solve(p, method)

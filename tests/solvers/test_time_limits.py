@@ -61,8 +61,9 @@ def big_routing_bound(big_routing):
 
 
 @pytest.mark.parametrize("method, options", ROUTING, ids=[f"{m}-{o.get('backend', '')}" for m, o in ROUTING])
-def test_routing_limit_spent_by_model_building_stops_honestly(big_routing, big_routing_bound, racing_clock,
-                                                               method, options):
+def test_routing_limit_spent_by_model_building_stops_honestly(
+    big_routing, big_routing_bound, racing_clock, method, options
+):
     sol = mb.solve(big_routing, method, time_limit=5.0, **options)
     assert sol.status == Status.TIME_LIMIT, sol
     assert sol.assignment is None or sol.feasible, sol
@@ -125,8 +126,15 @@ def test_a_child_working_past_its_limit_is_killed(monkeypatch, mode):
     from moebalance.solvers import _isolate
 
     monkeypatch.setenv("MOEBALANCE_ISOLATE", mode)
-    out, side = _isolate.run_bounded(f"{__name__}:_sleeping_job", {"x": np.zeros(3)}, {}, time_limit=0.5,
-                                     start=time.perf_counter(), cells=10**6, meanwhile=lambda: "fallback ran")
+    out, side = _isolate.run_bounded(
+        f"{__name__}:_sleeping_job",
+        {"x": np.zeros(3)},
+        {},
+        time_limit=0.5,
+        start=time.perf_counter(),
+        cells=10**6,
+        meanwhile=lambda: "fallback ran",
+    )
     assert out is None and side == "fallback ran"
 
 
@@ -183,8 +191,9 @@ def test_keyboard_interrupt_kills_the_child_process(monkeypatch, big_routing, mo
                 raise KeyboardInterrupt
             return super().wait(timeout)
 
-    monkeypatch.setattr(_isolate, "_Forked", Spy) if mode == "fork" else \
-        monkeypatch.setattr(_isolate.subprocess, "Popen", Spy)
+    monkeypatch.setattr(_isolate, "_Forked", Spy) if mode == "fork" else monkeypatch.setattr(
+        _isolate.subprocess, "Popen", Spy
+    )
     with pytest.raises(KeyboardInterrupt):
         mb.solve(big_routing, "lp", time_limit=5)
     assert seen and all(p.poll() is not None for p in seen)
@@ -199,8 +208,7 @@ def test_a_failing_child_is_an_error_naming_the_cause(monkeypatch, mode):
     monkeypatch.setenv("MOEBALANCE_ISOLATE", mode)
     with pytest.raises(RuntimeError, match="exited with code 1: TypeError"):
         # json.loads(data, params) with two dicts: a TypeError inside the child
-        _isolate.run_bounded("json:loads", {"x": np.zeros(3)}, {}, time_limit=5, start=time.perf_counter(),
-                             cells=10**6)
+        _isolate.run_bounded("json:loads", {"x": np.zeros(3)}, {}, time_limit=5, start=time.perf_counter(), cells=10**6)
 
 
 def _echo_job(data, params):
@@ -227,8 +235,14 @@ def test_a_forked_child_inherits_the_inputs_a_spawned_one_reads_them(monkeypatch
             written.append((path, sorted(z.files)))
 
     monkeypatch.setattr(_isolate, "_save", save)
-    out, _ = _isolate.run_bounded(f"{__name__}:_echo_job", {"x": np.arange(4.0), "_obj": object()}, {},
-                                  time_limit=20, start=time.perf_counter(), cells=10**6)
+    out, _ = _isolate.run_bounded(
+        f"{__name__}:_echo_job",
+        {"x": np.arange(4.0), "_obj": object()},
+        {},
+        time_limit=20,
+        start=time.perf_counter(),
+        cells=10**6,
+    )
     assert np.array_equal(out["x"], [0.0, 2.0, 4.0, 6.0])
     inputs = [w for w in written if w[0].endswith("in.npz")]
     if mode == "fork":
