@@ -15,9 +15,11 @@ from typing import Any
 from .checking import check
 from .comparison import Comparison, compare
 from .errors import InfeasibleError
+from .placement.solution import PlacementSolution
 from .registry import available_methods, method_info, register, solve
 from .routing import RoutingProblem
-from .solution import Evaluation, PlacementSolution, RoutingSolution, Solution, Status
+from .routing.solution import RoutingSolution
+from .solution import Evaluation, Solution, Status
 
 __version__ = "0.1.0"
 
@@ -47,11 +49,11 @@ __all__ = [
 
 # names resolved on first use (their modules import more than numpy and scipy)
 _LAZY = {
-    "ReplicationProblem": ("moebalance.replication", "ReplicationProblem"),
-    "ReplicationSolution": ("moebalance.replication", "ReplicationSolution"),
-    "rebalance_experts": ("moebalance.replication", "rebalance_experts"),
-    "PlacementProblem": ("moebalance.placement", "PlacementProblem"),
-    "CostModel": ("moebalance.placement", "CostModel"),
+    "ReplicationProblem": ("moebalance.replication.problem", "ReplicationProblem"),
+    "ReplicationSolution": ("moebalance.replication.solution", "ReplicationSolution"),
+    "rebalance_experts": ("moebalance.replication.eplb", "rebalance_experts"),
+    "PlacementProblem": ("moebalance.placement.problem", "PlacementProblem"),
+    "CostModel": ("moebalance.placement.problem", "CostModel"),
     "simulate": ("moebalance.evaluation.simulate", "simulate"),  # the function; moebalance/simulate.py is no module
 }
 

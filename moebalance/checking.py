@@ -2,15 +2,16 @@
 
 It trusts nothing a solver says: ``problem.evaluate(assignment)`` recomputes the objective and the family's
 derived fields from the problem's data and the assignment alone, and lists every violated constraint. This
-module is the family-free entry point; each family's checker lives with its problem
-(``moebalance.routing.check_routing``, ``moebalance.plan.check_placement``, ``moebalance.replication``).
+module is the family-free entry point; each family's checker lives in its family's ``check`` module
+(``moebalance.routing.check``, ``moebalance.placement.check``, ``moebalance.replication.check``). The routing
+names below stay importable from here as before.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .routing import bias_reproduces, check_routing, routing_dual_bound
+from .routing.check import bias_reproduces, check_routing, routing_dual_bound
 from .solution import Evaluation
 
 __all__ = ["Evaluation", "check", "check_routing", "routing_dual_bound", "bias_reproduces"]
@@ -35,10 +36,10 @@ def check(problem: Any, assignment: Any, token_ranges: Any = None) -> Evaluation
     """
     evaluate = getattr(problem, "evaluate", None)
     if evaluate is None or isinstance(problem, type):
-        raise ValueError(
-            f"`problem` must be a problem object (RoutingProblem, PlacementProblem, "
-            f"ReplicationProblem), got {type(problem).__name__}"
-        )
+        from .family import all_families
+
+        names = ", ".join(f.problem.__name__ for f in all_families().values())
+        raise ValueError(f"`problem` must be a problem object ({names}), got {type(problem).__name__}")
     if token_ranges is None:
         return evaluate(assignment)
     return evaluate(assignment, solution=_Hint(token_ranges))

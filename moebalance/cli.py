@@ -148,9 +148,9 @@ def _report_warnings(caught: list[warnings.WarningMessage]) -> None:
 
 # ---- commands ---------------------------------------------------------------------------------------------
 def _cmd_solve(args: argparse.Namespace) -> int:
+    from .family import family_of
     from .io import load_problem, save_solution_text
     from .registry import check_options, method_info, solve
-    from .solution import RoutingSolution
 
     out = check_output_path(args.json, "--json", (".json",)) if args.json else None
     options = _parse_options(args.option)
@@ -166,9 +166,10 @@ def _cmd_solve(args: argparse.Namespace) -> int:
     load = float(sol.stats.get("engine_load_s", 0.0))
     extra = f" (plus a one-time engine load of {load:.2f} s)" if load else ""
     print(f"wall time  {sol.wall_time - load:.4f} s{extra}\nmessage    {sol.message}")
-    loads = getattr(sol, "loads", None)
-    if isinstance(sol, RoutingSolution) and loads is not None:
-        print(f"loads      max {loads.max()} / capacity {problem.capacity.max()} (min load {loads.min()})")
+    fam = family_of(problem)
+    if fam is not None and fam.summary is not None:
+        for line in fam.summary(problem, sol):
+            print(line)
     if out is not None:
         _write_atomic(out, save_solution_text(sol))
         print(f"wrote {out}")
@@ -206,37 +207,78 @@ def _cmd_gen(args: argparse.Namespace) -> int:
     from .io import problem_text
 
     out = check_output_path(args.output, "output", (".npz", ".json"))
-    if args.family == "placement":
-        from .evaluation.simulate import MODELS, Hardware, scenario_loads
-        from .placement import PlacementProblem
+    problem, note = _generators()[args.family].make(args)
+    _write_bytes_atomic(out, problem_text(problem, out.suffix))
+    print(f"wrote {out}: {problem!r}{note}")
+    return EXIT_OK
 
+
+def _scenario_generator() -> Any:
+    """Placement problems of the simulator's imbalance scenarios and model presets. The presets sit above the
+    core (``moebalance.evaluation``), which the core's modules may not import, so the CLI attaches this
+    generator to the family that the simulator's problems belong to."""
+    from .evaluation.simulate import MODELS, Hardware, scenario_loads
+    from .family import Generator
+    from .placement import PlacementProblem
+
+    def make(args: argparse.Namespace) -> tuple[Any, str]:
         if args.model not in MODELS:
             raise ValueError(f"`--model` must be one of {', '.join(sorted(MODELS))}, got {args.model!r}")
         loads = scenario_loads(args.scenario, MODELS[args.model], args.devices, args.tokens, seed=args.seed)
         cost = Hardware().cost(MODELS[args.model]) if args.cost == "model" else None
-        problem: Any = PlacementProblem(loads, args.devices, cost=cost)
-        note = ""
-    else:
-        import numpy as np
+        return PlacementProblem(loads, args.devices, cost=cost), ""
 
-        from .generate import routing_problem
+    arguments = (
+        (
+            ("--scenario",),
+            dict(default="80:4", help="'pct:n' (pct%% of tokens into n experts), 'zipf:s' or 'balanced'"),
+        ),
+        (("--model",), dict(default="gpt-oss-120b", help="model preset giving E and k")),
+        (("--devices", "-P"), dict(type=int, default=8, help="devices")),
+        (
+            ("--cost",),
+            dict(
+                default="model",
+                choices=["model", "tokens"],
+                help="'model' = CostModel.from_shapes of the model's experts on the simulator's assumed H200-class "
+                "hardware (GEMM, weight-copy and transfer times count); 'tokens' = the makespan is the largest "
+                "per-device token count",
+            ),
+        ),
+        (("--tokens", "-T"), dict(type=int, default=1024, help="tokens per device (default 1024)")),
+        (("--seed",), dict(type=int, default=0, help="random seed (default 0)")),
+    )
+    return PlacementProblem.kind, Generator(arguments, make)
 
-        problem = routing_problem(
-            args.tokens,
-            args.experts,
-            args.k,
-            kind=args.kind,
-            imbalance=args.imbalance,
-            hot_experts=args.hot_experts,
-            capacity_factor=args.capacity_factor,
-            seed=args.seed,
-        )
-        top = np.argpartition(-problem.scores, problem.k - 1, axis=1)[:, : problem.k]
-        loads = np.bincount(top.ravel(), minlength=problem.num_experts)
-        note = f"; plain top-k max/mean load {loads.max() / loads.mean():.2f}"
-    _write_bytes_atomic(out, problem_text(problem, out.suffix))
-    print(f"wrote {out}: {problem!r}{note}")
-    return EXIT_OK
+
+def _generators() -> dict[str, Any]:
+    """``{family name: Generator}``: what each family declares, plus the simulator's scenarios."""
+    from .family import all_families
+
+    families = all_families()
+    out = {name: fam.generator for name, fam in families.items() if fam.generator is not None}
+    name, scenarios = _scenario_generator()
+    out.setdefault(name, scenarios)
+    # the family of untagged files (the first one) leads and is the default, the others follow by name
+    return dict(sorted(out.items(), key=lambda item: (not families[item[0]].untagged_files, item[0])))
+
+
+def _add_gen_arguments(p: argparse.ArgumentParser, generators: dict[str, Any]) -> None:
+    """Every generator's options on one parser; an option two families share gets both help texts."""
+    merged: dict[tuple[str, ...], tuple[dict[str, Any], list[str]]] = {}
+    for name, gen in generators.items():
+        for flags, kwargs in gen.arguments:
+            if flags in merged:
+                first, helps = merged[flags]
+                if first.get("default") != kwargs.get("default"):
+                    raise ValueError(f"generators disagree on the default of {flags[0]}")
+                helps.append(f"{name}: {kwargs.get('help', '')}")
+            else:
+                merged[flags] = (dict(kwargs), [f"{name}: {kwargs.get('help', '')}"])
+    for flags, (kwargs, helps) in merged.items():
+        texts = {h.partition(": ")[2] for h in helps}
+        kwargs["help"] = texts.pop() if len(texts) == 1 and len(generators) > 1 and len(helps) > 1 else "; ".join(helps)
+        p.add_argument(*flags, **kwargs)
 
 
 def _write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -310,48 +352,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_compare)
 
-    p = sub.add_parser("gen", help="write a synthetic imbalanced routing (or placement) problem")
+    generators = _generators()
+    first = next(iter(generators))
+    p = sub.add_parser("gen", help=f"write a synthetic problem ({', '.join(generators)})")
     p.add_argument("output", help="output file (.npz or .json)")
     p.add_argument(
         "--family",
-        default="routing",
-        choices=["routing", "placement"],
-        help="routing: scores [T, E] for top-k under capacity; placement: expert loads of an "
-        "imbalance scenario on --devices devices (uses --tokens per device, --scenario, --model)",
+        default=first,
+        choices=list(generators),
+        help=f"the problem family (default {first}); each option below says which families read it",
     )
-    p.add_argument(
-        "--scenario", default="80:4", help="placement: 'pct:n' (pct%% of tokens into n experts), 'zipf:s' or 'balanced'"
-    )
-    p.add_argument("--model", default="gpt-oss-120b", help="placement: model preset giving E and k")
-    p.add_argument("--devices", "-P", type=int, default=8, help="placement: devices")
-    p.add_argument(
-        "--cost",
-        default="model",
-        choices=["model", "tokens"],
-        help="placement: 'model' = CostModel.from_shapes of the model's experts on the simulator's "
-        "assumed H200-class hardware (GEMM, weight-copy and transfer times count); 'tokens' = "
-        "the makespan is the largest per-device token count",
-    )
-    p.add_argument(
-        "--kind",
-        default="zipf",
-        choices=["hot", "zipf", "dirichlet", "uniform"],
-        help="routing: popularity skew (default zipf)",
-    )
-    p.add_argument(
-        "--tokens", "-T", type=int, default=1024, help="routing: tokens T; placement: tokens per device (default 1024)"
-    )
-    p.add_argument("--experts", "-E", type=int, default=64, help="routing: experts E (default 64)")
-    p.add_argument("--k", "-k", type=int, default=8, help="routing: experts per token (default 8)")
-    p.add_argument("--imbalance", type=float, default=1.0, help="routing: strength of the skew (0 = balanced)")
-    p.add_argument("--hot-experts", type=int, default=1, help="routing: number of hot experts for --kind hot")
-    p.add_argument(
-        "--capacity-factor",
-        type=float,
-        default=1.0,
-        help="routing: capacity per expert = ceil(factor * T * k / E) (default 1.0)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    _add_gen_arguments(p, generators)
     p.set_defaults(func=_cmd_gen)
 
     from .evaluation.plot_files import add_plot_command

@@ -1,23 +1,10 @@
 """Problem, solution and array files: ``.npz`` and ``.json``, read without pickle (a file is data, never code).
 
-Every family is stored the same way: the problem's ``to_dict()`` (its JSON schema, ``kind`` first), read back
-with the family's ``from_dict``. :data:`FORMATS` is the one table, keyed by ``kind``, that says how; io holds no
-other knowledge of a family.
-
-Routing problem schema:
-  kind      "routing"
-  scores    [T, E] numbers
-  k         int
-  capacity  optional: an int or [E] ints (omit to use capacity_factor)
-  capacity_factor  optional number (default 1.0); when given with ``capacity`` it must produce that capacity
-
-Placement problem schema: kind "placement" plus the keys of ``PlacementProblem.to_dict()`` (expert_loads,
-num_devices, home, cost, max_tokens_per_device, max_foreign_experts, alpha, min_chunk, imbalance_threshold);
-``null`` keeps its meaning (``imbalance_threshold: null`` disables LLEP's fallback).
-
-Replication problem schema: kind "replication" plus the keys of ``ReplicationProblem.to_dict()`` (weight
-[E], [L, E] or [B, L, E]; num_replicas, num_gpus, num_groups, num_nodes; old_phy2log [L, R] or null; max_moves
-or null).
+Every family is stored the same way: its file schema (``Family.to_dict``, by default the problem's ``to_dict()``,
+with ``kind`` first), read back with ``Family.from_dict`` (by default the problem class's ``from_dict``). The
+schemas live in each family's ``io`` module (``moebalance.routing.io``, ``moebalance.placement.io``,
+``moebalance.replication.io``); io knows nothing else of a family: :data:`FORMATS` is a read-only view of what
+the declared families (:mod:`moebalance.family`) say.
 
 In ``.npz`` files the arrays are stored as arrays and every other key (numbers, strings, ``null``, the nested
 ``cost``) as one JSON string under ``meta_json``, so a problem saved and loaded is identical in both formats.
@@ -45,13 +32,14 @@ import struct
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ._validate import MAX_FILE_BYTES
+from .family import ARRAY_OF_INTS, AS_READ, Family, all_families, family_named, family_of
 
 __all__ = [
     "load_problem",
@@ -77,53 +65,24 @@ MAX_HEADER_BYTES = 10_000  # numpy's own default limit on an .npy header
 
 
 # ---- the table of families ----------------------------------------------------------------------------------
-def _routing_to_dict(problem: Any) -> dict[str, Any]:
-    d = dict(problem.to_dict())
-    if getattr(problem, "capacity_factor", None) is not None:
-        d["capacity_factor"] = float(problem.capacity_factor)
-    return d
+class _Formats(Mapping):
+    """``{kind: (problem -> schema dict, schema dict -> problem)}`` of every declared family (read-only)."""
+
+    def __getitem__(self, kind: str) -> tuple[Callable[[Any], dict], Callable[[dict], Any]]:
+        fam = family_named(kind)
+        if fam is None:
+            raise KeyError(kind)
+        return fam.to_dict, fam.read_problem
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(all_families())
+
+    def __len__(self) -> int:
+        return len(all_families())
 
 
-_ROUTING_KEYS = {"kind", "scores", "k", "capacity", "capacity_factor"}
-
-
-def _routing_from_dict(d: dict[str, Any]) -> Any:
-    from .routing import RoutingProblem
-
-    missing = [key for key in ("scores", "k") if key not in d]
-    if missing:
-        raise ValueError(f"routing problem lacks key(s) {', '.join(missing)}")
-    unknown = set(d) - _ROUTING_KEYS
-    if unknown:
-        raise ValueError(f"unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(_ROUTING_KEYS))}")
-    capacity, cf = d.get("capacity"), d.get("capacity_factor", 1.0)
-    if capacity is not None and "capacity_factor" in d and cf is not None:
-        # written by save_problem: the capacity came from the factor; rebuild it so and check it agrees
-        problem = RoutingProblem(d["scores"], d["k"], capacity_factor=cf)
-        given = np.asarray(capacity)
-        fits = given.dtype != object and given.ndim <= 1 and given.size in (1, problem.num_experts)
-        if not fits or not np.array_equal(problem.capacity, np.broadcast_to(given, problem.capacity.shape)):
-            raise ValueError(f"`capacity` disagrees with `capacity_factor`={cf!r}")
-        return problem
-    return RoutingProblem(d["scores"], d["k"], capacity=capacity, capacity_factor=1.0 if cf is None else cf)
-
-
-def _class_codec(module: str, name: str) -> tuple[Callable[[Any], dict], Callable[[dict], Any]]:
-    def from_dict(d: dict[str, Any]) -> Any:
-        import importlib
-
-        return getattr(importlib.import_module(module), name).from_dict(d)
-
-    return (lambda problem: dict(problem.to_dict())), from_dict
-
-
-# kind -> (problem -> schema dict, schema dict -> problem); a family with ``to_dict``/``from_dict`` needs only
-# its class named here
-FORMATS: dict[str, tuple[Callable[[Any], dict], Callable[[dict], Any]]] = {
-    "routing": (_routing_to_dict, _routing_from_dict),
-    "placement": _class_codec("moebalance.placement", "PlacementProblem"),
-    "replication": _class_codec("moebalance.replication", "ReplicationProblem"),
-}
+# kind -> (problem -> schema dict, schema dict -> problem), from the families' declarations
+FORMATS: Mapping[str, tuple[Callable[[Any], dict], Callable[[dict], Any]]] = _Formats()
 
 
 def _depth(value: Any, limit: int) -> int:
@@ -140,30 +99,37 @@ def _depth(value: Any, limit: int) -> int:
     return deepest
 
 
-def _kind_of(problem: Any) -> str:
-    kind = getattr(problem, "kind", None)
-    if not isinstance(kind, str) or kind not in FORMATS:
-        raise ValueError(f"`problem` must be a problem object ({', '.join(FORMATS)}), got {type(problem).__name__}")
-    return kind
+def _family_of_problem(problem: Any) -> Family:
+    fam = None if isinstance(problem, type) else family_of(problem)
+    if fam is None or not isinstance(problem, fam.problem):
+        names = ", ".join(f.problem.__name__ for f in all_families().values())
+        raise ValueError(f"`problem` must be a problem object ({names}), got {type(problem).__name__}")
+    return fam
 
 
 def problem_to_dict(problem: Any) -> dict[str, Any]:
     """The file schema of ``problem``: everything it needs to load back identical, ``kind`` included."""
-    kind = _kind_of(problem)
-    d = FORMATS[kind][0](problem)
-    d["kind"] = kind
+    fam = _family_of_problem(problem)
+    d = dict(fam.to_dict(problem))
+    d["kind"] = fam.name
     return d
 
 
 def problem_from_dict(d: dict[str, Any], source: str = "problem") -> Any:
-    """Build a problem from a schema dict (no ``kind``: routing); ValueError ``"{source}: ..."`` naming the key."""
+    """Build a problem from a schema dict; ValueError ``"{source}: ..."`` naming the key.
+
+    A dict without ``kind`` is read as the family that declares ``untagged_files`` (routing: its first files
+    had no ``kind``)."""
     if not isinstance(d, dict):
         raise ValueError(f"{source}: expected an object with a 'kind' key, got {type(d).__name__}")
-    kind = d.get("kind", "routing")
-    if not isinstance(kind, str) or kind not in FORMATS:
-        raise ValueError(f"{source}: 'kind' must be one of {', '.join(map(repr, FORMATS))}, got {kind!r:.80}")
+    families = all_families()
+    untagged = next((f.name for f in families.values() if f.untagged_files), None)
+    kind = d.get("kind", untagged)
+    fam = families.get(kind) if isinstance(kind, str) else None
+    if fam is None:
+        raise ValueError(f"{source}: 'kind' must be one of {', '.join(map(repr, families))}, got {kind!r:.80}")
     try:
-        return FORMATS[kind][1](d)
+        return fam.read_problem(d)
     except ValueError as exc:  # InfeasibleError included: its type is kept
         raise type(exc)(f"{source}: {_first_line(exc)}") from None
     except (TypeError, OverflowError, KeyError, IndexError, AttributeError) as exc:
@@ -408,11 +374,7 @@ def save_problem(problem: Any, path: str | os.PathLike) -> Path:
 
 # ---- solutions ----------------------------------------------------------------------------------------------
 def _solution_kinds() -> dict[str, type]:
-    import importlib
-
-    from .registry import _FAMILY_PATHS
-
-    return {kind: getattr(importlib.import_module(m), c).solution_type for kind, (m, c) in _FAMILY_PATHS.items()}
+    return {name: fam.solution for name, fam in all_families().items()}
 
 
 def save_solution_text(solution: Any) -> str:
@@ -475,6 +437,7 @@ def load_solution(path: str | os.PathLike) -> Any:
         if kind is not None and (not isinstance(kind, str) or kind not in kinds):
             raise ValueError(f"`kind` must be one of {', '.join(map(repr, kinds))}, got {kind!r:.80}")
         cls = kinds[kind] if kind is not None else Solution
+        fam = all_families()[kind] if kind is not None else None
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names - {"kind"})
         if unknown and kind is not None:
@@ -506,15 +469,14 @@ def load_solution(path: str | os.PathLike) -> Any:
             assignment=_opt_array(d, "assignment", integer=True),
         )
         for name in cls.family_fields():
-            if name in ("token_ranges", "weight_transfers"):  # nested lists of ints, kept as read
+            how = fam.field_kind(name) if fam is not None else ARRAY_OF_INTS
+            if how == AS_READ:  # nested lists (of ints), kept as read
                 v = d.get(name)
                 if v is not None and not isinstance(v, (list, dict)):
                     raise ValueError(f"`{name}` must be a list, an object or null")
                 fields[name] = v
-            elif name in ("bias", "gpu_loads"):
-                fields[name] = _opt_array(d, name, integer=False)
             else:
-                fields[name] = _opt_array(d, name, integer=True)
+                fields[name] = _opt_array(d, name, integer=how == ARRAY_OF_INTS)
         return cls(**fields)
     except ValueError as exc:
         raise ValueError(f"{p.name}: {_first_line(exc)}") from None

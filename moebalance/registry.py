@@ -16,9 +16,10 @@ import math
 import os
 import pathlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from .family import all_families, family_named, family_names
 from .solution import Solution, Status, relative_gap
 
 __all__ = [
@@ -36,12 +37,32 @@ __all__ = [
 # relative tolerance under which a claimed optimum must agree with its own bound
 OPTIMALITY_TOL = 1e-6
 
-# family names accepted where a user names a family by string (CLI, available_methods("routing"))
-_FAMILY_PATHS: dict[str, tuple[str, str]] = {
-    "routing": ("moebalance.routing", "RoutingProblem"),
-    "placement": ("moebalance.placement", "PlacementProblem"),
-    "replication": ("moebalance.replication", "ReplicationProblem"),
-}
+
+class _FamilyTable(Mapping):
+    """A read-only ``{family name: value}`` view of the declared families (:mod:`moebalance.family`)."""
+
+    def __init__(self, value: Callable[[Any], Any]):
+        self._value = value
+
+    def __getitem__(self, name: str) -> Any:
+        fam = family_named(name)
+        if fam is None:
+            raise KeyError(name)
+        return self._value(fam)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(all_families())
+
+    def __len__(self) -> int:
+        return len(all_families())
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+# family names accepted where a user names a family by string (CLI, available_methods("routing")): every
+# declared family, as ``{name: (module, problem class name)}``
+_FAMILY_PATHS: Mapping[str, tuple[str, str]] = _FamilyTable(lambda f: (f.problem.__module__, f.problem.__name__))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,27 +117,23 @@ class SolverInfo:
 
 _REGISTRY: dict[type, dict[str, SolverInfo]] = {}
 _ALIASES: dict[type, dict[str, str]] = {}
-# preference order for method="auto", per family name: the first installed one wins
-DEFAULTS: dict[str, tuple[str, ...]] = {
-    "routing": ("fast", "mcf", "lp", "greedy"),
-    "placement": ("llep",),
-    "replication": ("eplb+", "eplb"),
-}
+# preference order for method="auto", per family name: the first installed one wins (each family declares its own)
+DEFAULTS: Mapping[str, tuple[str, ...]] = _FamilyTable(lambda f: f.auto)
 
 
 def _family_class(name: str) -> type:
-    module, attr = _FAMILY_PATHS[name]
-    return getattr(importlib.import_module(module), attr)
+    fam = family_named(name)
+    if fam is None:
+        raise KeyError(name)
+    return fam.problem
 
 
 def _as_family(family: Any, argname: str = "family") -> type:
     if isinstance(family, type):
         return family
-    if isinstance(family, str) and family in _FAMILY_PATHS:
+    if isinstance(family, str) and family_named(family) is not None:
         return _family_class(family)
-    raise ValueError(
-        f"`{argname}` must be a problem class or one of {', '.join(sorted(_FAMILY_PATHS))}, got {family!r}"
-    )
+    raise ValueError(f"`{argname}` must be a problem class or one of {', '.join(family_names())}, got {family!r}")
 
 
 def register(
@@ -184,7 +201,7 @@ def families() -> dict[str, type]:
 
 def _table_of(problem: Any, *, allow_class: bool = True) -> tuple[type, dict[str, SolverInfo]]:
     _load_solvers()
-    if isinstance(problem, str) and allow_class and problem in _FAMILY_PATHS:
+    if isinstance(problem, str) and allow_class and family_named(problem) is not None:
         cls = _family_class(problem)
     elif isinstance(problem, type) and allow_class:
         cls = problem

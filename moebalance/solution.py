@@ -1,9 +1,10 @@
 """The result types every method returns, and the one status set (after scipy's ``OptimizeResult``).
 
 ``Solution`` holds the fields common to every problem family; each family adds its own typed fields in a
-subclass that lives next to it (:class:`RoutingSolution`, :class:`PlacementSolution` here because they are
-small, ``moebalance.replication.ReplicationSolution`` with its family). ``Evaluation`` is what a problem's
-``evaluate(assignment)`` (the shared check) returns.
+subclass in its own ``solution`` module (``moebalance.routing.solution.RoutingSolution``,
+``moebalance.placement.solution.PlacementSolution``, ``moebalance.replication.solution.ReplicationSolution``;
+the first two stay importable from here). ``Evaluation`` is what a problem's ``evaluate(assignment)`` (the
+shared check) returns.
 """
 
 from __future__ import annotations
@@ -15,7 +16,23 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Status", "Solution", "RoutingSolution", "PlacementSolution", "Evaluation", "relative_gap", "GAP_FLOOR"]
+__all__ = ["Status", "Solution", "Evaluation", "relative_gap", "GAP_FLOOR"]
+
+# family results importable from here as before they moved to their families (resolved on first use: the
+# families' modules import this one)
+_MOVED = {
+    "RoutingSolution": "moebalance.routing.solution",
+    "PlacementSolution": "moebalance.placement.solution",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import importlib
+
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module 'moebalance.solution' has no attribute {name!r}")
+
 
 # the relative gap's denominator never drops below GAP_FLOOR * problem.objective_scale(): a bound within a
 # solver's resolution (about 1e-8 of the data's range) of an objective near 0 is a match, not a gap of 1
@@ -140,36 +157,6 @@ class Solution:
             f"objective={self.objective:.6g}, bound={bound}, gap={gap}, wall_time={self.wall_time:.4g}s, "
             f"message={self.message!r})"
         )
-
-
-@dataclasses.dataclass(frozen=True, repr=False)
-class RoutingSolution(Solution):
-    """A routing answer. ``assignment`` is ``[T, k]`` int expert ids.
-
-    loads: ``[E]`` tokens per expert (from the shared check).
-    bias:  ``[E]`` per-expert price q such that top-k of ``scores - q`` reproduces ``assignment`` up to ties
-           (``stats["bias_reproduces"]`` is the fraction of tokens it reproduces); None when the method has none.
-           A price that only certifies the bound is kept in ``stats["certificate_price"]``.
-    """
-
-    loads: np.ndarray | None = None
-    bias: np.ndarray | None = None
-
-
-@dataclasses.dataclass(frozen=True, repr=False)
-class PlacementSolution(Solution):
-    """A placement answer. ``assignment`` is ``[E, P]`` token counts.
-
-    loads:            ``[E]`` tokens per expert (the problem's expert loads).
-    device_loads:     ``[P]`` tokens computed per device.
-    token_ranges:     ``{expert: [(device, start, end), ...]}`` tiling each expert's tokens (see ``plan``).
-    weight_transfers: ``[(expert, src, dst), ...]`` weight copies the plan needs.
-    """
-
-    loads: np.ndarray | None = None
-    device_loads: np.ndarray | None = None
-    token_ranges: Any = None
-    weight_transfers: list[tuple[int, int, int]] | None = None
 
 
 def _jsonable(value: Any) -> Any:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ._validate import (
+from .._validate import (
     MAX_DEVICES,
     MAX_EXPERTS,
     MAX_FACTOR,
@@ -24,10 +24,11 @@ from ._validate import (
     as_real,
     check_elements,
 )
-from .errors import InfeasibleError
-from .solution import Evaluation, PlacementSolution
+from ..errors import InfeasibleError
+from ..solution import Evaluation
+from .solution import PlacementSolution
 
-__all__ = ["CostModel", "PlacementProblem", "PlacementSolution"]
+__all__ = ["CostModel", "PlacementProblem"]
 
 
 def _check_cost(name: str, value: Any) -> float:
@@ -331,9 +332,9 @@ class PlacementProblem:
 
     # the shared check ------------------------------------------------------------------------------
     def evaluate(self, assignment: Any, solution: Any = None) -> Evaluation:
-        """The shared check of a plan ``[E, P]`` (see :func:`moebalance.plan.check_placement`); a solver's own
+        """The shared check of a plan ``[E, P]`` (see :func:`moebalance.placement.check.check_placement`); a solver's own
         ``token_ranges`` on ``solution`` are kept when they tile the plan."""
-        from .plan import check_placement
+        from .check import check_placement
 
         return check_placement(self, assignment, token_ranges_hint=getattr(solution, "token_ranges", None))
 

@@ -1,0 +1,23 @@
+"""The routing family: choose k experts per token under per-expert capacity.
+
+Modules: :mod:`.problem` (:class:`RoutingProblem`, :func:`expert_capacity`), :mod:`.solution`
+(:class:`RoutingSolution`), :mod:`.check` (the shared check and the price certificate), :mod:`.io` (the file
+schema), :mod:`.family` (the declaration the registry, io and the CLI read).
+"""
+
+from __future__ import annotations
+
+from .check import TIE_TOL, _price_certificate, bias_reproduces, check_routing, routing_dual_bound
+from .problem import RoutingProblem, expert_capacity
+from .solution import RoutingSolution
+
+__all__ = [
+    "RoutingProblem",
+    "RoutingSolution",
+    "check_routing",
+    "routing_dual_bound",
+    "bias_reproduces",
+    "expert_capacity",
+]
+
+_ = (TIE_TOL, _price_certificate)  # importable from moebalance.routing as before the split
