@@ -17,7 +17,7 @@ class Comparison:
     """The table ``compare`` returns: one row per method.
 
     Columns: method, status, objective, bound (the method's own), gap (to the best bound of all methods),
-    load_ratio (routing: max load / capacity; placement: max / mean device time), wall_time (s; without a
+    load_ratio (the family's own ratio, named by the problem's ``load_ratio_label``), wall_time (s; without a
     one-time engine load, which ``engine_load_s`` holds and the printed table names below the rows).
     ``print(table)`` shows it; ``rows()`` and ``to_json()`` export it; ``solutions`` keeps each Solution.
     """
@@ -114,9 +114,10 @@ def compare(
     method that cannot solve the problem is a ValueError naming ``methods``.
     """
     if isinstance(problem, (str, type)):
-        raise ValueError(
-            f"`problem` must be a problem object, not {problem!r:.80}; build one first, e.g. RoutingProblem(scores, k)"
-        )
+        from .family import all_families
+
+        names = ", ".join(f.problem.__name__ for f in all_families().values())
+        raise ValueError(f"`problem` must be a problem object, not {problem!r:.80}; build one first ({names})")
     if methods is None:
         names = available_methods(problem)
     elif isinstance(methods, str):

@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import importlib
 import importlib.machinery
+import importlib.util
 import os
 import pkgutil
 from collections.abc import Callable, Iterator, Mapping
@@ -142,8 +143,11 @@ def _family_modules() -> Iterator[str]:
     for info in pkgutil.iter_modules(moebalance.__path__):
         if not info.ispkg:
             continue
-        folder = os.path.join(getattr(info.module_finder, "path", ""), info.name)
-        if importlib.machinery.PathFinder.find_spec("family", [folder]) is not None:
+        root = getattr(info.module_finder, "path", None)
+        if root is None:  # not a folder on disk (a zip): ask the import system, which imports the package
+            if importlib.util.find_spec(f"moebalance.{info.name}.family") is not None:
+                yield f"moebalance.{info.name}.family"
+        elif importlib.machinery.PathFinder.find_spec("family", [os.path.join(root, info.name)]) is not None:
             yield f"moebalance.{info.name}.family"
 
 
