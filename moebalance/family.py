@@ -160,9 +160,9 @@ def _discover() -> None:
 
 
 def all_families() -> dict[str, Family]:
-    """``{name: Family}`` of every declared family (the package's own ones found first)."""
+    """``{name: Family}`` of every declared family, by name (the package's own ones found first)."""
     _discover()
-    return dict(_DECLARED)
+    return dict(sorted(_DECLARED.items()))
 
 
 def family_names() -> list[str]:
