@@ -108,7 +108,8 @@ class Family:
         """The problem of schema dict ``d``."""
         if self.from_dict is not None:
             return self.from_dict(d)
-        return self.problem.from_dict(d)
+        problem: Any = self.problem
+        return problem.from_dict(d)
 
     def field_kind(self, name: str) -> str:
         """How io reads solution field ``name`` (:data:`ARRAY_OF_INTS` unless declared)."""

@@ -436,7 +436,7 @@ def load_solution(path: str | os.PathLike) -> Any:
         kind = d.get("kind")
         if kind is not None and (not isinstance(kind, str) or kind not in kinds):
             raise ValueError(f"`kind` must be one of {', '.join(map(repr, kinds))}, got {kind!r:.80}")
-        cls = kinds[kind] if kind is not None else Solution
+        cls: Any = kinds[kind] if kind is not None else Solution
         fam = all_families()[kind] if kind is not None else None
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names - {"kind"})

@@ -3,13 +3,11 @@
 
 from __future__ import annotations
 
-from .placement.check import _check_by_ranges, _check_ranges, check_placement
+from .placement.check import _check_by_ranges as _check_by_ranges
+from .placement.check import _check_ranges as _check_ranges
+from .placement.check import check_placement
 from .placement.plan import (
     TokenRanges,
-    _device_times,
-    _foreign_mask,
-    _is_plain_plan,
-    _weight_transfers,
     activation_bytes_per_token,
     as_assignment,
     assignment_from_ranges,
@@ -20,6 +18,10 @@ from .placement.plan import (
     token_ranges,
     weight_transfers,
 )
+from .placement.plan import _device_times as _device_times
+from .placement.plan import _foreign_mask as _foreign_mask
+from .placement.plan import _is_plain_plan as _is_plain_plan
+from .placement.plan import _weight_transfers as _weight_transfers
 
 __all__ = [
     "TokenRanges",
@@ -34,5 +36,3 @@ __all__ = [
     "expert_weight_bytes",
     "activation_bytes_per_token",
 ]
-
-_ = (_check_by_ranges, _check_ranges, _device_times, _foreign_mask, _is_plain_plan, _weight_transfers)

@@ -196,7 +196,7 @@ def _load_solvers() -> None:
 def families() -> dict[str, type]:
     """``{name: problem class}`` of every family with registered methods."""
     _load_solvers()
-    return {c.kind: c for c in _REGISTRY}
+    return {str(getattr(c, "kind", c.__name__)): c for c in _REGISTRY}
 
 
 def _table_of(problem: Any, *, allow_class: bool = True) -> tuple[type, dict[str, SolverInfo]]:

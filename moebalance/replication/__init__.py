@@ -14,11 +14,21 @@ Modules: :mod:`.problem` (:class:`ReplicationProblem`), :mod:`.solution` (:class
 
 from __future__ import annotations
 
-from .bound import _dhondt_threshold, _node_bound, _pigeonhole, layer_bounds
+from .bound import _dhondt_threshold as _dhondt_threshold
+from .bound import _node_bound as _node_bound
+from .bound import _pigeonhole as _pigeonhole
+from .bound import layer_bounds
 from .eplb import rebalance_experts
-from .problem import MAX_SLOTS, ReplicationProblem, _as_plan, _as_weight, _eplb_order, _weight_shape
+from .problem import MAX_SLOTS as MAX_SLOTS
+from .problem import ReplicationProblem
+from .problem import _as_plan as _as_plan
+from .problem import _as_weight as _as_weight
+from .problem import _eplb_order as _eplb_order
+from .problem import _weight_shape as _weight_shape
 from .solution import ReplicationSolution
-from .tables import _counts, _per_gpu_counts, count_moves, gpu_loads, log2phy_from_phy2log
+from .tables import _counts as _counts
+from .tables import _per_gpu_counts as _per_gpu_counts
+from .tables import count_moves, gpu_loads, log2phy_from_phy2log
 
 __all__ = [
     "ReplicationProblem",
@@ -29,7 +39,3 @@ __all__ = [
     "gpu_loads",
     "layer_bounds",
 ]
-
-# private helpers importable from moebalance.replication as before the split
-_ = (_dhondt_threshold, _node_bound, _pigeonhole, MAX_SLOTS, _as_plan, _as_weight, _eplb_order, _weight_shape)
-_ = (_counts, _per_gpu_counts)

@@ -70,7 +70,7 @@ def rebalance_experts(
     except ValueError as exc:  # EPLB asserted its arguments: callers may catch AssertionError
         raise ArgumentError(str(exc)) from None
     try:
-        sol = solve(problem, method, time_limit=time_limit, **options)
+        sol: Any = solve(problem, method, time_limit=time_limit, **options)
     except InfeasibleError:
         raise
     except ArgumentError:

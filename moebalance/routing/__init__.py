@@ -7,7 +7,9 @@ schema), :mod:`.family` (the declaration the registry, io and the CLI read).
 
 from __future__ import annotations
 
-from .check import TIE_TOL, _price_certificate, bias_reproduces, check_routing, routing_dual_bound
+from .check import TIE_TOL as TIE_TOL
+from .check import _price_certificate as _price_certificate
+from .check import bias_reproduces, check_routing, routing_dual_bound
 from .problem import RoutingProblem, expert_capacity
 from .solution import RoutingSolution
 
@@ -19,5 +21,3 @@ __all__ = [
     "bias_reproduces",
     "expert_capacity",
 ]
-
-_ = (TIE_TOL, _price_certificate)  # importable from moebalance.routing as before the split

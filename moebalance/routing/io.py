@@ -27,8 +27,9 @@ SOLUTION_FIELDS = {"loads": ARRAY_OF_INTS, "bias": ARRAY_OF_FLOATS}
 def to_dict(problem: RoutingProblem) -> dict[str, Any]:
     """The file schema of ``problem``: its ``to_dict()`` plus the ``capacity_factor`` the capacity came from."""
     d = dict(problem.to_dict())
-    if getattr(problem, "capacity_factor", None) is not None:
-        d["capacity_factor"] = float(problem.capacity_factor)
+    cf = problem.capacity_factor
+    if cf is not None:
+        d["capacity_factor"] = float(cf)
     return d
 
 
