@@ -501,8 +501,8 @@ def _progress(message: str) -> None:
 
 
 def _source_stamp() -> list:
-    st = os.stat(K.__file__)
-    return [st.st_mtime_ns, st.st_size]
+    """The loops' files as they are now (every module they are compiled from: a change to any one recompiles all)."""
+    return [[os.path.basename(p), st.st_mtime_ns, st.st_size] for p in K.source_files() for st in [os.stat(p)]]
 
 
 def _marker_path() -> str | None:
