@@ -22,8 +22,8 @@ Reference: the authors' code, SalesforceAIResearch/LeastLoadedEP, ``llep/gpt_oss
 cost, LLEP parameters, limits), it plans each step's loads without rebuilding or re-checking a problem, with a cheap
 invariant check (:meth:`LLEPPlanner.invariant_violations`); ``solve(problem, "llep")`` runs the same code.
 ``llep_plan`` is the fast planner (event-driven: only experts whose home is over capacity do work; a heap keeps
-the least-loaded device). ``llep_plan_reference`` is a direct transcription of the paper's loop (re-sorting the
-devices for every chunk), kept as the test oracle and the benchmark baseline.
+the least-loaded device). The test oracle, a direct transcription of the paper's loop (re-sorting the devices for
+every chunk), is ``tests/oracles/llep_reference.py``: both planners equal it range for range.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ __all__ = [
     "llep_capacity",
     "llep_uses_ep",
     "llep_plan",
-    "llep_plan_reference",
     "plan_to_assignment",
     "llep_for",
     "run_llep",
@@ -116,7 +115,7 @@ def llep_plan(
     """LLEP's plan for ``expert_loads`` ``[E]`` on ``num_devices`` devices (``home`` ``[E]``, default blocks).
 
     ``max_capacity`` caps LLEP's capacity (used for a problem's ``max_tokens_per_device``). Equal, range for
-    range, to :func:`llep_plan_reference`. ``spilled_only`` leaves out the experts computed entirely at home
+    range, to the authors' loop (``tests/oracles/llep_reference.py``). ``spilled_only`` leaves out the experts computed entirely at home
     (:func:`plan_to_assignment` puts them back), which saves building most of the dict.
     """
     loads_arr = np.asarray(expert_loads, dtype=np.int64)
@@ -254,111 +253,6 @@ def _llep_core(
     return LLEPPlan(ranges, transfers, eff, cap, False)
 
 
-def llep_plan_reference(
-    expert_loads: Any,
-    num_devices: int,
-    home: Any = None,
-    *,
-    alpha: float = 1.0,
-    min_chunk: int = 1024,
-    imbalance_threshold: float | None = None,
-) -> LLEPPlan:
-    """A direct, pure-Python transcription of the paper's loop (the reference code's control flow).
-
-    Slow on purpose: every spilled chunk rebuilds and sorts the list of other devices. Used as the oracle in
-    the tests and as the baseline in ``benchmarks/placement.py``.
-    """
-    loads = [int(v) for v in expert_loads]
-    E = len(loads)
-    P = int(num_devices)
-    homes = [e // (E // P) for e in range(E)] if home is None else [int(h) for h in home]
-    total = sum(loads)
-    balanced = total // P if P > 0 else total
-    cap = int(alpha * balanced) if balanced > 0 else total
-    cap = max(cap, 1)
-    native = [0] * P
-    for e in range(E):
-        native[homes[e]] += loads[e]
-    if llep_uses_ep(native, imbalance_threshold):
-        return _ep_plan(loads, homes, P, cap)
-    pending = list(native)
-    assigned = [0] * P
-    ranges: dict[int, list[tuple[int, int, int]]] = {}
-    transfers: list[tuple[int, int, int]] = []
-
-    def others_by_load(n: int) -> list[tuple[int, int, int]]:
-        rows = [(g, assigned[g] + pending[g], cap - assigned[g] - pending[g]) for g in range(P) if g != n]
-        return sorted(rows, key=lambda r: r[1])
-
-    for e, L in sorted(enumerate(loads), key=lambda t: -t[1]):
-        if L == 0:
-            continue
-        n = homes[e]
-        pending[n] -= L
-        room = cap - (assigned[n] + pending[n])
-        rs: list[tuple[int, int, int]] = []
-        if room >= L:  # case 1
-            rs.append((n, 0, L))
-            assigned[n] += L
-        elif room > 0:  # case 2
-            rs.append((n, 0, room))
-            assigned[n] += room
-            rem, off = L - room, room
-            while rem > 0:
-                cand = others_by_load(n)
-                if not cand:
-                    rs[0] = (n, 0, rs[0][2] + rem)
-                    assigned[n] += rem
-                    break
-                done = False
-                for g, _, avail in cand:
-                    if avail <= 0:
-                        continue
-                    chunk = min(rem, avail)
-                    if chunk < min_chunk and rem > chunk:
-                        continue
-                    rs.append((g, off, off + chunk))
-                    assigned[g] += chunk
-                    transfers.append((e, n, g))
-                    off += chunk
-                    rem -= chunk
-                    done = True
-                    break
-                if not done:
-                    g = cand[0][0]
-                    rs.append((g, off, off + rem))
-                    assigned[g] += rem
-                    transfers.append((e, n, g))
-                    rem = 0
-        else:  # case 3
-            cand = others_by_load(n)
-            rem, off = L, 0
-            for g, _, avail in cand:
-                if rem <= 0:
-                    break
-                if avail <= 0:
-                    continue
-                chunk = min(rem, avail)
-                if chunk < min_chunk and rem > chunk:
-                    continue
-                rs.append((g, off, off + chunk))
-                assigned[g] += chunk
-                transfers.append((e, n, g))
-                off += chunk
-                rem -= chunk
-            if rem > 0:
-                if cand:
-                    g = cand[0][0]
-                    rs.append((g, off, off + rem))
-                    assigned[g] += rem
-                    transfers.append((e, n, g))
-                else:
-                    rs.append((n, 0, L))
-                    assigned[n] += L
-        ranges[e] = rs
-    return LLEPPlan(ranges, transfers, assigned, cap, False)
-
-
 def _is_int(v: Any) -> bool:
     return not isinstance(v, bool) and isinstance(v, (int, np.integer))
 
@@ -480,7 +374,7 @@ class LLEPPlanner:
         """LLEP's plan for ``expert_loads`` ``[E]`` (non-negative integers), ``assignment`` ``[E, P]`` included.
 
         ``spilled_only`` leaves the experts computed entirely at home out of ``token_ranges`` (the assignment still
-        has them). Equal, range for range, to :func:`llep_plan_reference`.
+        has them). Equal, range for range, to the authors' loop (``tests/oracles/llep_reference.py``).
         """
         loads = self._loads(expert_loads)
         plan = _llep_core(
@@ -618,3 +512,26 @@ def solve_llep(
         stats=stats,
         message=msg,
     )
+
+
+def __getattr__(name: str) -> Any:
+    """``llep_plan_reference``, deprecated: the authors' loop moved to the tests (``tests/oracles/llep_reference.py``,
+    a test oracle and a benchmark baseline, not a planner), importable from a source checkout."""
+    if name == "llep_plan_reference":
+        import warnings
+
+        warnings.warn(
+            "`moebalance.solvers.placement_llep.llep_plan_reference` moved to tests/oracles/llep_reference.py "
+            "(a test oracle); use `llep_plan` or `LLEPPlanner`, which equal it range for range",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        try:
+            from tests.oracles.llep_reference import llep_plan_reference
+        except ImportError:
+            raise AttributeError(
+                "`llep_plan_reference` moved to tests/oracles/llep_reference.py in the source tree (not installed); "
+                "use `llep_plan` or `LLEPPlanner`, which equal it range for range"
+            ) from None
+        return llep_plan_reference
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
