@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from moebalance.solvers.placement_llep import LLEPPlan, _ep_plan, llep_uses_ep
+from moebalance.solvers._llep_plan import LLEPPlan, _ep_plan, llep_uses_ep
 
 __all__ = ["llep_plan_reference"]
 
