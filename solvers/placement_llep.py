@@ -22,8 +22,9 @@ Reference: the authors' code, SalesforceAIResearch/LeastLoadedEP, ``llep/gpt_oss
 cost, LLEP parameters, limits), it plans each step's loads without rebuilding or re-checking a problem, with a cheap
 invariant check (:meth:`LLEPPlanner.invariant_violations`); ``solve(problem, "llep")`` runs the same code.
 ``llep_plan`` is the fast planner (event-driven: only experts whose home is over capacity do work; a heap keeps
-the least-loaded device; it, the plan type and the loop are in ``_llep_plan``). The test oracle, a direct transcription of the paper's loop (re-sorting the devices for
-every chunk), is ``tests/oracles/llep_reference.py``: both planners equal it range for range.
+the least-loaded device; it, the plan type and the loop are in ``_llep_plan``). The test oracle, a direct
+transcription of the paper's loop (re-sorting the devices for every chunk), is ``tests/oracles/llep_reference.py``:
+both planners equal it range for range.
 """
 
 from __future__ import annotations
