@@ -77,9 +77,13 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
 
 # 1 ---------------------------------------------------------------------------------------------------------
 def bench_solve(rounds: int) -> list[dict]:
-    from moebalance.solvers.placement_llep import LLEPPlanner, llep_plan_reference
+    from moebalance.solvers.placement_llep import LLEPPlanner
 
     from moebalance import PlacementProblem, solve
+
+    # the authors' loop is a test oracle: importable from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.oracles.llep_reference import llep_plan_reference
 
     rows = []
     for E, P in SOLVE_SIZES:

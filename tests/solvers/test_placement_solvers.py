@@ -8,13 +8,14 @@ import math
 import numpy as np
 import pytest
 from moebalance.solvers.placement_eplb import balanced_packing, replicate
-from moebalance.solvers.placement_llep import llep_plan, llep_plan_reference, plan_to_assignment
+from moebalance.solvers.placement_llep import llep_plan, plan_to_assignment
 
 import moebalance as mb
 from moebalance import CostModel, PlacementProblem, Status
 
 from ..catalogue_placement import PLACEMENT_CATALOGUE as CATALOGUE
 from ..catalogue_placement import PLACEMENT_OPTIMA, _compositions
+from ..oracles.llep_reference import llep_plan_reference
 
 HEURISTICS = ["ep", "eplb", "eplb-home", "llep", "llep+"]
 
@@ -174,6 +175,18 @@ def test_llep_equals_reference_transcription():
         x = plan_to_assignment(part, loads, h)
         assert np.array_equal(x, plan_to_assignment(a, loads, h))
         assert np.array_equal(x.sum(axis=0), a.device_loads) and np.array_equal(x.sum(axis=1), loads)
+
+
+def test_the_old_name_of_the_reference_loop_warns_and_gives_the_oracle():
+    """``placement_llep.llep_plan_reference`` moved to tests/oracles: the old name still answers, with a warning."""
+    from moebalance.solvers import placement_llep
+
+    with pytest.warns(DeprecationWarning, match="tests/oracles/llep_reference.py"):
+        old = placement_llep.llep_plan_reference
+    assert old is llep_plan_reference
+    assert "llep_plan_reference" not in placement_llep.__all__
+    with pytest.raises(AttributeError):
+        placement_llep.no_such_planner  # noqa: B018
 
 
 def test_llep_solution_carries_its_ranges():

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from moebalance.solvers.placement_llep import LLEPPlanner, llep_plan_reference, plan_to_assignment
+from moebalance.solvers.placement_llep import LLEPPlanner, plan_to_assignment
 from moebalance.solvers.placement_llep_plus import llep_plus_plan
 
 from moebalance import CostModel, PlacementProblem, check, solve
+
+from ..oracles.llep_reference import llep_plan_reference
 
 
 def _instances(n: int = 40, seed: int = 0):

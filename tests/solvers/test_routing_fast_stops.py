@@ -8,9 +8,12 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+from moebalance.solvers import _fast_driver as D
+from moebalance.solvers import _fast_engine as EN
 from moebalance.solvers import _fast_kernels as K
 from moebalance.solvers import routing_fast as F
 from moebalance.solvers.routing_fast import fast_route
@@ -201,8 +204,8 @@ def test_the_hand_over_timer_gives_the_flow_the_problem(hot, monkeypatch):
     """When the paths run past the hand-over time (here: at once), the plain flow finishes: exact, certified,
     and the stats say so."""
     F.warm_up()
-    monkeypatch.setattr(F, "HANDOVER_MIN_S", -1.0)
-    monkeypatch.setattr(F, "HANDOVER_FACTOR", 0.0)
+    monkeypatch.setattr(D, "HANDOVER_MIN_S", -1.0)
+    monkeypatch.setattr(D, "HANDOVER_FACTOR", 0.0)
     a, q, st = fast_route(hot.scores, hot.k, hot.capacity)
     assert a is not None and st["engine"].startswith("mcf (") and "plain flow" in st["handover"]
     ev = hot.evaluate(a)
@@ -276,7 +279,7 @@ def test_the_compile_record_matches_only_the_loops_on_disk(tmp_path, monkeypatch
     """The record of a finished compile is written beside numba's cache and is void once the kernels' source
     changes (its stamp) or numba's index files are gone."""
     path = tmp_path / "rec.json"
-    monkeypatch.setattr(F, "_marker_path", lambda: str(path))
+    monkeypatch.setattr(EN, "_marker_path", lambda: str(path))
     F.warm_up()
     F._write_marker(40.0, compiled=True)  # a compile: its time is the compile's, the load is estimated
     rec = F._marker()
@@ -285,8 +288,58 @@ def test_the_compile_record_matches_only_the_loops_on_disk(tmp_path, monkeypatch
     rec = F._marker()
     assert rec["load_s"] == 0.5 and rec["compile_s"] == 40.0 and rec["stamp"] == F._source_stamp()
     assert F.expected_load_seconds() == 0.0  # loaded in this process
-    monkeypatch.setattr(F, "_source_stamp", lambda: [0, 0])
+    monkeypatch.setattr(EN, "_source_stamp", lambda: [0, 0])
     assert F._marker() is None
+
+
+def test_every_loop_module_is_compiled_by_the_warm_up():
+    """The loops' modules are the ``_fast_*`` files other than the driver's (a new loop file must join
+    ``K.MODULES``); every function in them is a kernel or is called from one (so the warm calls, which the
+    detached compile runs, reach it); after the warm-up every compiled function's disk cache holds a fresh entry
+    stamped with all the loops' files, and the compile record's stamp names every one of those files."""
+    folder = Path(K.__file__).parent
+    not_loops = {"_fast_kernels.py", "_fast_codes.py", "_fast_engine.py", "_fast_driver.py"}
+    on_disk = {p.name for p in folder.glob("_fast_*.py")} - not_loops
+    assert on_disk == {Path(m.__file__).name for m in K.MODULES}
+    assert [Path(p).name for p in K.source_files()] == [Path(m.__file__).name for m in K.MODULES] + ["_fast_codes.py"]
+    funcs = K.functions()
+    assert {f.__module__ for f in funcs.values()} == {m.__name__ for m in K.MODULES}
+    reached, todo = set(), [f.__name__ for f in K._PY.values()]
+    while todo:
+        name = todo.pop()
+        if name not in reached:
+            reached.add(name)
+            todo += [n for n in funcs[name].__code__.co_names if n in funcs]
+    assert reached == set(funcs)
+    F.warm_up()
+    disp = K.dispatchers()
+    assert set(disp) == set(funcs) and set(K.INLINE) < set(funcs)
+    stamp = K.source_stamp()
+    for name, d in disp.items():
+        cache_file = d._cache._cache_file
+        assert cache_file._source_stamp == stamp, name
+        if name not in K.INLINE:  # inlined helpers are compiled inside their callers, never on their own
+            assert cache_file._load_index(), f"{name}: no fresh cache entry after the warm-up"
+    assert [row[0] for row in EN._source_stamp()] == [Path(p).name for p in K.source_files()]
+
+
+def test_the_cache_stamp_changes_with_any_loop_file(tmp_path, monkeypatch):
+    """An edit to any one of the loops' files changes the stamp every compiled loop's cache carries."""
+    copies = []
+    for p in K.source_files():
+        c = tmp_path / Path(p).name
+        c.write_bytes(Path(p).read_bytes())
+        copies.append(str(c))
+    monkeypatch.setattr(K, "source_files", lambda: copies)
+    base = K.source_stamp()
+    assert K.source_stamp() == base
+    seen = {base}
+    for c in copies:
+        original = Path(c).read_bytes()
+        Path(c).write_bytes(original + b"# edited\n")
+        seen.add(K.source_stamp())
+        Path(c).write_bytes(original)
+    assert len(seen) == len(copies) + 1 and K.source_stamp() == base
 
 
 @pytest.mark.parametrize("mag", [0.0, 1e-3, 1.0, 1e3, 1e6, 1e12])

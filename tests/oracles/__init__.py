@@ -1,0 +1,1 @@
+"""Test oracles: reference transcriptions and brute-force solvers the tests compare the library with."""
