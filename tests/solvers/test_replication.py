@@ -1,7 +1,6 @@
 """Replication family: EPLB against hand-worked cases and the reference transcription, exact methods against
 brute force, lp <= optimum <= heuristics, migration limits, scale invariance, bad input, numpy/torch types."""
 
-import importlib.util
 import itertools
 import math
 from pathlib import Path
@@ -18,12 +17,9 @@ EXAMPLE = [600, 560, 120, 120, 20, 10, 10, 10]
 
 
 def _reference():
-    spec = importlib.util.spec_from_file_location(
-        "replication_reference", ROOT / "benchmarks" / "replication_reference.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from tests.oracles import eplb_reference
+
+    return eplb_reference
 
 
 # ---- hand-worked EPLB ---------------------------------------------------------------------------------------
