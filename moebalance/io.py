@@ -47,11 +47,14 @@ import zipfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ._validate import MAX_FILE_BYTES
+
+if TYPE_CHECKING:
+    from .solution import Solution
 
 __all__ = [
     "load_problem",
@@ -355,7 +358,8 @@ def problem_text(problem: Any, suffix: str) -> bytes:
             meta[key] = v
     arrays["meta_json"] = np.array(json.dumps(meta, allow_nan=False))
     buf = _io.BytesIO()
-    np.savez_compressed(buf, **arrays)
+    # numpy types **kwds as the allow_pickle flag too; the keys here are field names and "meta_json"
+    np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
     return buf.getvalue()
 
 
@@ -407,7 +411,7 @@ def save_problem(problem: Any, path: str | os.PathLike) -> Path:
 
 
 # ---- solutions ----------------------------------------------------------------------------------------------
-def _solution_kinds() -> dict[str, type]:
+def _solution_kinds() -> dict[str, type[Solution]]:
     import importlib
 
     from .registry import _FAMILY_PATHS

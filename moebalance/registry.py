@@ -94,7 +94,7 @@ class SolverInfo:
         return self.why_not(problem) is None
 
 
-_REGISTRY: dict[type, dict[str, SolverInfo]] = {}
+_REGISTRY: dict[type[Any], dict[str, SolverInfo]] = {}  # problem class -> {method: info}
 _ALIASES: dict[type, dict[str, str]] = {}
 # preference order for method="auto", per family name: the first installed one wins
 DEFAULTS: dict[str, tuple[str, ...]] = {

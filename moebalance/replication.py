@@ -426,7 +426,7 @@ class ReplicationProblem:
     @property
     def shape(self) -> tuple[int, int, int]:
         """``(B, L, E)``."""
-        return tuple(self._w.shape)  # type: ignore[return-value]
+        return tuple(self._w.shape)
 
     @property
     def num_batches(self) -> int:
@@ -694,9 +694,10 @@ def rebalance_experts(
 
             hint = f"; under max_moves, {BUDGET_METHODS} honour the budget"
         raise InfeasibleError(f"method {sol.method!r} returned no feasible plan ({sol.status}): {sol.message}{hint}")
+    assert isinstance(sol, ReplicationSolution)  # solve returns the family's solution type
     out = (sol.phy2log, sol.log2phy, sol.logcnt)
     if is_torch:
         import torch
 
         return tuple(torch.as_tensor(np.ascontiguousarray(x), dtype=torch.int64, device=weight.device) for x in out)  # type: ignore[return-value]
-    return out  # type: ignore[return-value]
+    return out

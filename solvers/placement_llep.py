@@ -226,7 +226,7 @@ def _llep_core(
             rs = []
             off, rem = 0, L
             first = -1
-            visited = []
+            visited: list[int] = []
             while rem and len(visited) < P - 1:
                 v, g = pop_least(n)
                 if first < 0:
@@ -570,6 +570,7 @@ def run_llep(
 ) -> tuple[np.ndarray, LLEPPlan]:
     """LLEP on a :class:`~moebalance.PlacementProblem`: its ``[E, P]`` assignment and the plan."""
     plan = llep_for(problem, alpha=alpha, min_chunk=min_chunk, fallback=fallback)
+    assert plan.assignment is not None  # LLEPPlanner.plan fills it
     return plan.assignment, plan
 
 
