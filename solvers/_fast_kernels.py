@@ -233,7 +233,7 @@ def prepare(scores, q, k, M, cap, lift, steps, s, sel, held, lst, lstv, nl, boun
         col = np.empty(ns * k)
         for e in range(E):
             cs[e] = cap[e] if stride == 1 else (cap[e] * ns) // T
-        for step in range(max(1, steps)):
+        for _step in range(max(1, steps)):
             for i in range(ns):
                 if stop[0] != 0:
                     return STOPPED
@@ -547,7 +547,7 @@ def add_best(s, q, cand, ncand, allowed, nadd, rows):
         n0 = ncand[t]
         for j in range(n0):
             inlist[cand[t, j]] = True
-        for a in range(nadd):
+        for _a in range(nadd):
             if ncand[t] >= cand.shape[1]:
                 break
             b = -1

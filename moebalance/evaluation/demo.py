@@ -86,7 +86,7 @@ def _balancers(quick: bool) -> None:
     print(f"{'balancer':26s} MaxVio at step 1   step {steps // 2:<4d}   step {steps}")
     for name, bal in balancers.items():
         vios = []
-        for step in range(steps):
+        for _step in range(steps):
             logits = rng.normal(size=(T, E)) + skew
             s = np.exp(logits - logits.max(1, keepdims=True))
             s /= s.sum(1, keepdims=True)
