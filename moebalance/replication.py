@@ -694,7 +694,7 @@ def rebalance_experts(
 
             hint = f"; under max_moves, {BUDGET_METHODS} honour the budget"
         raise InfeasibleError(f"method {sol.method!r} returned no feasible plan ({sol.status}): {sol.message}{hint}")
-    assert isinstance(sol, ReplicationSolution)  # solve returns the family's solution type
+    assert isinstance(sol, problem.solution_type)  # what solve returns for the family
     out = (sol.phy2log, sol.log2phy, sol.logcnt)
     if is_torch:
         import torch

@@ -38,7 +38,6 @@ def _routing(quick: bool) -> None:
     from moebalance.comparison import compare
     from moebalance.generate import routing_problem
     from moebalance.registry import available_methods, solve
-    from moebalance.solution import RoutingSolution
 
     # sizes every method solves to optimality in a few seconds on a 2-core CPU (2048x64, top-8 took bip past 30 s)
     T, E, k = (512, 16, 2) if quick else (1024, 32, 4)
@@ -58,7 +57,7 @@ def _routing(quick: bool) -> None:
     if fast is not None and fast.stats.get("engine"):
         print(f"fast ran on engine: {fast.stats['engine']}")
     best = solve(problem, "mcf" if "mcf" in methods else "lp")
-    assert isinstance(best, RoutingSolution)  # solve returns the family's solution type
+    assert isinstance(best, problem.solution_type)  # what solve returns for the family
     red = problem.scores - best.bias
     top = np.argpartition(-red, k - 1, axis=1)[:, :k]
     plain = np.argpartition(-problem.scores, k - 1, axis=1)[:, :k]

@@ -13,7 +13,6 @@ def run(quick: bool, section: Callable[[str], None]) -> None:
     from moebalance.comparison import compare
     from moebalance.placement import PlacementProblem
     from moebalance.registry import available_methods
-    from moebalance.solution import PlacementSolution
 
     from .simulate import DEFAULT_ROUTING_DIR, MODELS, Hardware, _spread, real_layers
 
@@ -46,7 +45,7 @@ def run(quick: bool, section: Callable[[str], None]) -> None:
         print(line)
     ep = next(s for s in table.solutions if s.method == "ep")
     for s in table.solutions:
-        if s.method in ("llep", "llep+", "eplb") and s.feasible and isinstance(s, PlacementSolution):
+        if s.method in ("llep", "llep+", "eplb") and s.feasible and isinstance(s, problem.solution_type):
             print(
                 f"{s.method:6s} makespan {1e3 * s.objective:.3f} ms vs ep {1e3 * ep.objective:.3f} ms: "
                 f"{ep.objective / s.objective:.2f}x faster, {len(s.weight_transfers or [])} expert copies"

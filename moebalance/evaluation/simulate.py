@@ -26,7 +26,6 @@ from moebalance._validate import MAX_DEVICES, MAX_INT, as_int, check_elements
 from moebalance.placement import CostModel, PlacementProblem
 from moebalance.plan import peak_memory
 from moebalance.registry import solve
-from moebalance.solution import PlacementSolution
 
 __all__ = [
     "ModelPreset",
@@ -359,7 +358,7 @@ def _solve_all(
     out: dict[str, dict[str, Any]] = {}
     for m in methods:
         s = solve(problem, m, time_limit=time_limit)
-        assert isinstance(s, PlacementSolution)  # solve returns the family's solution type
+        assert isinstance(s, problem.solution_type)  # what solve returns for the family
         ok = s.feasible and s.assignment is not None
         peak = (
             (
