@@ -52,8 +52,8 @@ format: $(TEST_STAMP)
 TYPECHECK_DIR := build/typecheck
 typecheck: $(TEST_STAMP)
 	rm -rf $(TYPECHECK_DIR) && mkdir -p $(TYPECHECK_DIR)/moebalance
-	for f in moebalance/*; do [ "$${f##*/}" = __pycache__ ] || ln -s "$$PWD/$$f" $(TYPECHECK_DIR)/moebalance/; done
-	for d in solvers kernels integrations; do ln -s "$$PWD/$$d" $(TYPECHECK_DIR)/moebalance/$$d; done
+	for f in moebalance/*; do [ "$${f##*/}" = __pycache__ ] || ln -s "$(CURDIR)/$$f" $(TYPECHECK_DIR)/moebalance/; done
+	for d in solvers kernels integrations; do ln -s "$(CURDIR)/$$d" $(TYPECHECK_DIR)/moebalance/$$d; done
 	$(PY) -m mypy -p moebalance --exclude '/moebalance/(kernels|integrations)/' > $(TYPECHECK_DIR)/report.txt; \
 		rc=$$?; sed -e 's#^$(TYPECHECK_DIR)/moebalance/solvers/#solvers/#' -e 's#^$(TYPECHECK_DIR)/moebalance/#moebalance/#' \
 		$(TYPECHECK_DIR)/report.txt; exit $$rc
