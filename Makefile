@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test test-gpu fuzz bench study report install install-test clean gpu-suite gpu-suite-dry
+.PHONY: demo test test-gpu fuzz lint format typecheck bench study report install install-test clean gpu-suite gpu-suite-dry
 
 # the package and what it needs to run (what `make demo` uses)
 $(STAMP): pyproject.toml
@@ -38,6 +38,26 @@ fuzz: $(TEST_STAMP)
 	HYPOTHESIS_PROFILE=fuzz FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider -m property \
 		--hypothesis-show-statistics
 
+# ruff (its configuration is in pyproject.toml): lint and the formatter's check; `make format` rewrites the files
+LINT_PATHS := moebalance solvers kernels integrations tests benchmarks
+lint: $(TEST_STAMP)
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
+
+format: $(TEST_STAMP)
+	$(PY) -m ruff format $(LINT_PATHS)
+
+# mypy on the core (moebalance/ and solvers/). mypy cannot map folders to packages as pyproject's package-dir does,
+# so the package is linked together under build/typecheck; the report names the files in the checkout
+TYPECHECK_DIR := build/typecheck
+typecheck: $(TEST_STAMP)
+	rm -rf $(TYPECHECK_DIR) && mkdir -p $(TYPECHECK_DIR)/moebalance
+	for f in moebalance/*; do [ "$${f##*/}" = __pycache__ ] || ln -s "$(CURDIR)/$$f" $(TYPECHECK_DIR)/moebalance/; done
+	for d in solvers kernels integrations; do ln -s "$(CURDIR)/$$d" $(TYPECHECK_DIR)/moebalance/$$d; done
+	$(PY) -m mypy -p moebalance --exclude '/moebalance/(kernels|integrations)/' > $(TYPECHECK_DIR)/report.txt; \
+		rc=$$?; sed -e 's#^$(TYPECHECK_DIR)/moebalance/solvers/#solvers/#' -e 's#^$(TYPECHECK_DIR)/moebalance/#moebalance/#' \
+		$(TYPECHECK_DIR)/report.txt; exit $$rc
+
 test-gpu: $(TEST_STAMP)
 	$(PY) -m pytest -q -m gpu
 
@@ -60,4 +80,4 @@ gpu-suite-dry: $(TEST_STAMP)
 	PYTHON=$(PY) bash benchmarks/gpu_suite.sh --dry-run
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache $(TYPECHECK_DIR) *.egg-info

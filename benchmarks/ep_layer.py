@@ -238,7 +238,7 @@ def run_layer(args: argparse.Namespace) -> dict[str, Any]:
                 ep.router.weight.copy_(w_router.to(device, dtype))
             xs = x.clone().requires_grad_(not args.forward_only)
 
-            def step() -> tuple[float, float]:
+            def step(ep=ep, xs=xs, dy=dy) -> tuple[float, float]:
                 _sync(device)
                 t0 = time.perf_counter()
                 y = ep(xs)

@@ -175,7 +175,7 @@ def stops() -> list[dict[str, Any]]:
         print(f"stops {rows[-1]['case']}: {wall:.3f} s, {sol.status.value} ({sol.stats.get('engine')})", flush=True)
         sent: dict[str, float] = {}
 
-        def fire() -> None:
+        def fire(sent=sent) -> None:
             time.sleep(0.3)
             sent["at"] = time.perf_counter()
             os.kill(os.getpid(), signal.SIGINT)
@@ -234,7 +234,7 @@ def _fresh_call(cache: str, limit: str) -> dict[str, Any]:
 def _wait_for_cache(cache: str, timeout: float = 900.0) -> float:
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < timeout:
-        for dirpath, _, files in os.walk(cache):
+        for _dirpath, _, files in os.walk(cache):
             if any(f.startswith("moebalance_fast_engine") and f.endswith(".json") for f in files):
                 return time.perf_counter() - t0
         time.sleep(1.0)

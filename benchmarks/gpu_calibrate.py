@@ -128,13 +128,17 @@ def gemm_sweep(cfg, H: int, F: int, dev, dtype, timer: Timer, dry: bool) -> list
             counts_dev = torch.tensor(counts, device=dev)  # the GPU path: no host check of the counts
             rec: dict[str, Any] = {"experts": G, "rows_per_expert": n, "rows": G * n, "flops_fwd": 6 * G * n * H * F}
             with torch.no_grad():
-                rec["fwd"] = timer(lambda: expert_ffn(xs, counts_dev, *ws, backend="triton"))
+                rec["fwd"] = timer(
+                    lambda xs=xs, counts_dev=counts_dev, ws=ws: expert_ffn(xs, counts_dev, *ws, backend="triton")
+                )
             if not dry or G == 1:
                 xr = xs.clone().requires_grad_(True)
                 wr = [t.clone().requires_grad_(True) for t in ws]
                 dy = torch.randn_like(xs)
                 rec["fwd_bwd"] = timer(
-                    lambda: torch.autograd.grad(expert_ffn(xr, counts_dev, *wr, backend="triton"), (xr, *wr), dy)
+                    lambda xr=xr, wr=wr, counts_dev=counts_dev, dy=dy: torch.autograd.grad(
+                        expert_ffn(xr, counts_dev, *wr, backend="triton"), (xr, *wr), dy
+                    )
                 )
                 del xr, wr
             rec["fwd_tflops"] = rec["flops_fwd"] / (rec["fwd"]["median_ms"] / 1e3) / 1e12
@@ -227,7 +231,8 @@ def measured_makespans(cfg, sim, preset, cost, scenarios, dev, dtype, timer: Tim
                     counts = torch.tensor([int(x[e, p]) for e in es], device=dev)
                     ws = [t[torch.as_tensor(es, device=dev)] for t in w]
                     xs = x_all[: int(counts.sum())]
-                    times[p] = timer(lambda: expert_ffn(xs, counts, *ws, backend="triton"))["median_ms"] / 1e3
+                    ffn = lambda xs=xs, counts=counts, ws=ws: expert_ffn(xs, counts, *ws, backend="triton")
+                    times[p] = timer(ffn)["median_ms"] / 1e3
                 rec[m] = {
                     "devices_measured": devs,
                     "measured_s": [times[p] for p in devs],

@@ -80,7 +80,7 @@ def ceilings(dev, dtype, dry: bool) -> dict[str, Any]:
     n_copy = (1 << 20) if dry else (1 << 29)  # bf16: 1 GiB each way, many times the 60 MB L2
     src = torch.randn(n_copy, device=dev, dtype=dtype)
     dst = torch.empty_like(src)
-    t = timer(lambda: dst.copy_(src))
+    t = timer(lambda dst=dst, src=src: dst.copy_(src))
     nbytes = 2 * src.numel() * src.element_size()
     assert torch.equal(dst, src), "device copy produced wrong data"
     copy = {"bytes_read_plus_written": nbytes, **t, "bytes_per_s": nbytes / (t["median_ms"] / 1e3)}

@@ -152,8 +152,10 @@ def main(argv: list[str] | None = None) -> int:
             row["out_rel_diff_vs_layer"] = _rel(y.detach(), y_ref)
             row["dx_rel_diff_vs_layer"] = _rel(dx, dx_ref)
             with torch.no_grad():
-                row["fwd"] = _wall(lambda: ep(x), dev, cfg["repeats"], cfg["warmup"])
-            row["fwd_bwd"] = _wall(lambda: torch.autograd.grad(ep(xs), xs, dy), dev, cfg["repeats"], cfg["warmup"])
+                row["fwd"] = _wall(lambda ep=ep: ep(x), dev, cfg["repeats"], cfg["warmup"])
+            row["fwd_bwd"] = _wall(
+                lambda ep=ep, xs=xs: torch.autograd.grad(ep(xs), xs, dy), dev, cfg["repeats"], cfg["warmup"]
+            )
             ep.profile = True
             torch.autograd.grad(ep(xs), xs, dy)
             ep.profile = False

@@ -150,9 +150,13 @@ def _case(T: int, H: int, F: int, E: int, k: int, routing: str, dtype, dev, time
                     n: _rel(gv, r) for n, gv, r in zip(("x", "gates", "w_gate", "w_up", "w_down"), grads, ref_g)
                 }
             del grads
-            rec["bwd"] = timer(lambda: torch.autograd.grad(y, ins, grad_out, retain_graph=True))
+            rec["bwd"] = timer(
+                lambda y=y, ins=ins, grad_out=grad_out: torch.autograd.grad(y, ins, grad_out, retain_graph=True)
+            )
             del y
-            rec["fwd_bwd"] = timer(lambda: torch.autograd.grad(fwd(), ins, grad_out))
+            rec["fwd_bwd"] = timer(
+                lambda fwd=fwd, ins=ins, grad_out=grad_out: torch.autograd.grad(fwd(), ins, grad_out)
+            )
         except torch.OutOfMemoryError as exc:  # pragma: no cover - GPU only
             rec = {"skipped": f"out of memory: {exc}"[:300]}
         except Exception as exc:  # one broken method must not hide the others' numbers

@@ -79,11 +79,11 @@ def run(cfg: dict[str, Any], dev, dtype) -> list[dict[str, Any]]:
                 layer.eval()
                 with torch.no_grad():
                     outs[backend] = layer(x).float()
-                    row["eval_fwd"] = timer(lambda: layer(x))
+                    row["eval_fwd"] = timer(lambda layer=layer: layer(x))
                 layer.train()
                 vio = []
 
-                def step() -> None:
+                def step(layer=layer, vio=vio) -> None:
                     y = layer(x)
                     loss = y.float().square().mean() + layer.aux_loss
                     loss.backward()

@@ -292,7 +292,7 @@ def render_markdown(res: dict[str, Any]) -> str:
         body = []
         for r in k["rows"]:
             m = r["methods"]
-            cell = lambda name, ph: _ms(m.get(name, {}).get(ph))  # noqa: E731
+            cell = lambda name, ph, m=m: _ms(m.get(name, {}).get(ph))  # noqa: E731
             body.append(
                 [
                     str(r["experts"]),

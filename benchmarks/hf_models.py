@@ -72,7 +72,7 @@ def finetune(arch: str, balancer: str, train, val, args) -> dict:
     rng = np.random.default_rng(0)
     B, S = args.batch, args.seq
     losses, maxvio, t0 = [], [], time.perf_counter()
-    for step in range(args.steps):
+    for _step in range(args.steps):
         starts = rng.integers(0, train.size - S - 1, B)
         ids = torch.from_numpy(np.stack([train[s : s + S] for s in starts]).astype(np.int64))
         out = model(ids, labels=ids)

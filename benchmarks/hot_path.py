@@ -96,10 +96,10 @@ def bench_solve(rounds: int) -> list[dict]:
         problem = PlacementProblem(loads, P)
         t = interleaved(
             {
-                "solve": lambda: solve(problem, "llep"),
-                "build+solve": lambda: solve(PlacementProblem(loads, P), "llep"),
-                "planner": lambda: planner.plan(loads),
-                "authors": lambda: llep_plan_reference(loads, P),
+                "solve": lambda problem=problem: solve(problem, "llep"),
+                "build+solve": lambda loads=loads, P=P: solve(PlacementProblem(loads, P), "llep"),
+                "planner": lambda planner=planner, loads=loads: planner.plan(loads),
+                "authors": lambda loads=loads, P=P: llep_plan_reference(loads, P),
             },
             rounds,
             inner,
@@ -161,9 +161,9 @@ def bench_layer(rounds: int) -> list[dict]:
             inner = max(1, 4000 // (E * 8))
             t = interleaved(
                 {
-                    "old": lambda: _old_layer_plan(loads, P, opts),
-                    "planner": lambda: new(loads),
-                    "debug": lambda: debug(loads),
+                    "old": lambda loads=loads, P=P: _old_layer_plan(loads, P, opts),
+                    "planner": lambda new=new, loads=loads: new(loads),
+                    "debug": lambda debug=debug, loads=loads: debug(loads),
                 },
                 rounds,
                 inner,
@@ -239,7 +239,7 @@ def bench_loop(rounds: int) -> list[dict]:
         counts = torch.bincount(torch.randint(0, E, (N,)), minlength=E)
         offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
-        def step(g):
+        def step(g, *, x=x, w1=w1, w2=w2, w3=w3, offsets=offsets):
             h = torch.nn.functional.silu(g(x, w1, offsets, "loop")) * g(x, w2, offsets, "loop")
             g(h, w3, offsets, "loop").square().sum().backward()
             for t in (x, w1, w2, w3):

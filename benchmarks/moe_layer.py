@@ -163,7 +163,7 @@ def run_benchmark(
     for name, T, routing in tqdm(grid, disable=not progress, desc="moe_layer"):
         H, F, E, k = shapes[name]
         g = torch.Generator(device="cpu").manual_seed(T)
-        mk = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device, dtype)  # noqa: E731
+        mk = lambda *s, scale=1.0, g=g: (torch.randn(*s, generator=g) * scale).to(device, dtype)  # noqa: E731
         x = mk(T, H).requires_grad_(True)
         w = [
             mk(E, H, F, scale=H**-0.5).requires_grad_(True),

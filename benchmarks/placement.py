@@ -76,11 +76,11 @@ def planning_time(runs: int) -> dict:
         home = p.home
         assert llep_plan(loads, P, home).token_ranges == llep_plan_reference(loads, P, home).token_ranges
         funcs = {
-            "llep_plan": lambda: llep_plan(loads, P, home),
-            "reference_loop": lambda: llep_plan_reference(loads, P, home),
+            "llep_plan": lambda loads=loads, home=home: llep_plan(loads, P, home),
+            "reference_loop": lambda loads=loads, home=home: llep_plan_reference(loads, P, home),
             # the registered solver functions: what solve() times as Solution.wall_time
-            "solve_llep": lambda: mb.method_info(p, "llep").func(p, time_limit=None),
-            "solve_llep+": lambda: mb.method_info(p, "llep+").func(p, time_limit=None),
+            "solve_llep": lambda p=p: mb.method_info(p, "llep").func(p, time_limit=None),
+            "solve_llep+": lambda p=p: mb.method_info(p, "llep+").func(p, time_limit=None),
         }
         wall: dict[str, list[float]] = {k: [] for k in funcs}
         cpu: dict[str, list[float]] = {k: [] for k in funcs}

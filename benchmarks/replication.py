@@ -407,7 +407,6 @@ def section_limits(runs, progress) -> dict:
 
     names = sorted(runs)
     W = np.stack([runs[names[b % len(names)]] for b in range(16)])  # [16, L, E], runs repeated when fewer
-    p = ReplicationProblem(W, 288, GROUPS, NODES, G)
     out = {"window": list(W.shape), "weight_MiB": W.nbytes / 2**20, "rows": []}
     tracemalloc.start()
     t = time.perf_counter()

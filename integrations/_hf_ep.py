@@ -102,7 +102,7 @@ class ExpertShards:
         self, experts: torch.nn.Module, x: Tensor, eidx: Tensor, gates: Tensor, ffn: Callable, where: str
     ) -> tuple[Tensor, np.ndarray, np.ndarray, Communicator]:
         """``(y [T, hidden], global loads [E], tokens per rank [P], comm)`` for this rank's routed tokens."""
-        E, P, r = self.E, self.world, self.rank
+        E = self.E
         self.step += 1
         comm = Communicator(self.group, f"{where}, step {self.step}", self.timings)
         T, k = eidx.shape

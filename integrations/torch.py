@@ -314,6 +314,8 @@ class MoELayer(nn.Module):
     (:class:`MoEStats`).
     """
 
+    bias: Tensor  # the buffer registered in __init__
+
     def __init__(self, config: MoEConfig, *, device: Any = None):
         super().__init__()
         if not isinstance(config, MoEConfig):

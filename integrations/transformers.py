@@ -688,7 +688,7 @@ def enable(
     resolve_backend(backend, found[0][3].down_proj.device)  # e.g. "triton" on CPU: ValueError now
     cache: dict = {}
     kinds = []
-    for name, blk, router, experts in found:
+    for _name, _blk, router, _experts in found:
         kind = _router_kind(router)
         if balancer != "none":
             _check_router(kind, router, cache)

@@ -572,7 +572,7 @@ def gate_up(x, w_gate, w_up, sorted_idx, offsets, block_expert, block_start, top
     """``h, g, u`` ``[P, ffn]`` at sorted rows (g and u empty unless ``save``)."""
     _check_device(x, w_gate)
     x, w_gate, w_up = _contig(x, w_gate, w_up)
-    P, (E, H, F) = sorted_idx.numel(), w_gate.shape
+    P, (_, H, F) = sorted_idx.numel(), w_gate.shape
     h = x.new_empty(P, F)
     g = x.new_empty(P, F) if save else x.new_empty(0)
     u = x.new_empty(P, F) if save else x.new_empty(0)
@@ -610,7 +610,7 @@ def down(h, w_down, sorted_idx, offsets, block_expert, block_start, block_m: int
     """``o [P, hidden]``: row p holds pair p's expert output (rows of dropped pairs are not written)."""
     _check_device(h, w_down)
     h, w_down = _contig(h, w_down)
-    P, (E, F, H) = sorted_idx.numel(), w_down.shape
+    P, (_, F, H) = sorted_idx.numel(), w_down.shape
     o = h.new_empty(P, H)
     bn, bk, opts = _blocks("down", H, F, h.dtype)
     grid = (block_expert.numel(), triton.cdiv(H, bn))
@@ -673,7 +673,7 @@ def down_bwd(dy, weights, w_down, g, u, sorted_idx, offsets, block_expert, block
     """``dg, du`` ``[P, ffn]`` at sorted rows: the SwiGLU backward of ``dh = weights * dy[tok] @ w_down[e]^T``."""
     _check_device(dy, w_down)
     dy, w_down, g, u = _contig(dy, w_down, g, u)
-    P, (E, F, H) = sorted_idx.numel(), w_down.shape
+    P, (_, F, H) = sorted_idx.numel(), w_down.shape
     dg = g.new_empty(P, F)
     du = g.new_empty(P, F)
     bn, bk, opts = _blocks("down_bwd", F, H, dy.dtype)
@@ -711,7 +711,7 @@ def dx(dg, du, w_gate, w_up, sorted_idx, offsets, block_expert, block_start, blo
     """``dx_pairs [P, hidden]`` at pair ids: ``dg @ w_gate[e]^T + du @ w_up[e]^T`` (dropped rows not written)."""
     _check_device(dg, w_gate)
     dg, du, w_gate, w_up = _contig(dg, du, w_gate, w_up)
-    P, (E, H, F) = sorted_idx.numel(), w_gate.shape
+    P, (_, H, F) = sorted_idx.numel(), w_gate.shape
     out = dg.new_empty(P, H)
     bn, bk, opts = _blocks("dx", H, F, dg.dtype)
     grid = (block_expert.numel(), triton.cdiv(H, bn))

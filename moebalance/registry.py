@@ -115,7 +115,7 @@ class SolverInfo:
         return self.why_not(problem) is None
 
 
-_REGISTRY: dict[type, dict[str, SolverInfo]] = {}
+_REGISTRY: dict[type[Any], dict[str, SolverInfo]] = {}  # problem class -> {method: info}
 _ALIASES: dict[type, dict[str, str]] = {}
 # preference order for method="auto", per family name: the first installed one wins (each family declares its own)
 DEFAULTS: Mapping[str, tuple[str, ...]] = _FamilyTable(lambda f: f.auto)

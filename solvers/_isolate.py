@@ -52,7 +52,8 @@ def _save(path: str, arrays: dict[str, Any], params: dict[str, Any]) -> None:
     payload = {k: np.asarray(v) for k, v in arrays.items() if not k.startswith("_")}
     payload["__json__"] = np.array(json.dumps(params))
     with open(path, "wb") as f:
-        np.savez(f, **payload)
+        # numpy types **kwds as the allow_pickle flag too; the keys here are array names and "__json__"
+        np.savez(f, **payload)  # type: ignore[arg-type]
 
 
 def _load(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -113,6 +114,7 @@ class _Forked:
         end = None if timeout is None else time.perf_counter() + timeout
         while self.poll() is None:
             if end is not None and time.perf_counter() >= end:
+                assert timeout is not None  # end is set from it
                 raise subprocess.TimeoutExpired("forked back-end", timeout)
             time.sleep(0.002)
         return self.returncode  # type: ignore[return-value]

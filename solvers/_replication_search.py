@@ -92,7 +92,6 @@ def local_search(
     active = np.ones(Lw, dtype=bool)
     rounds = swaps = resplits = 0
     tol = 1e-12
-    lay = np.arange(Lw)
     while active.any() and rounds < max_rounds:
         if deadline is not None and time.perf_counter() > deadline:
             break
@@ -123,7 +122,7 @@ def local_search(
         aj = a[ids]
         ok = (gpu_of[None, None, :] != gstar[:, None, None]) & (ai[:, :, None] != aj[:, None, :])
         ok &= node_of[None, None, :] == node_of_gpu[gstar][:, None, None]
-        if oldn is not None:
+        if moves_now is not None:  # set exactly when there is an old plan
             r2 = np.arange(Lb)[:, None, None]
             dm = (
                 dec[r2, gstar[:, None, None], ai[:, :, None]]
@@ -162,7 +161,7 @@ def local_search(
                 node_of_gpu,
                 group_node,
                 gsize,
-                None if oldn is None else (dec[stuck], inc[stuck], moves_now[stuck]),
+                None if moves_now is None else (dec[stuck], inc[stuck], moves_now[stuck]),
                 budget,
                 tol,
             )
@@ -183,7 +182,6 @@ def _resplit(
 ) -> np.ndarray:
     """Best re-split move for each layer in ``ids`` (applied to ``a`` in place); ``[len(ids)]`` done flags."""
     Lb, B, E = W.shape
-    R = a.shape[1]
     done = np.zeros(Lb, dtype=bool)
     for r in range(Lb):
         l = ids[r]

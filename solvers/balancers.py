@@ -133,8 +133,8 @@ class _Balancer:
             ).indices
             return torch.bincount(idx.flatten(), minlength=self.num_experts)
         s = np.asarray(self.selection_scores(scores), dtype=np.float64) - q
-        idx = np.argpartition(-s, self.k - 1, axis=1)[:, : self.k]
-        return np.bincount(idx.ravel(), minlength=self.num_experts)
+        top = np.argpartition(-s, self.k - 1, axis=1)[:, : self.k]
+        return np.bincount(top.ravel(), minlength=self.num_experts)
 
 
 class LossFreeBalancer(_Balancer):
@@ -264,7 +264,9 @@ class BIPBalancer(_Balancer):
 
         s = np.asarray(s, dtype=np.float64)
         E = s.shape[1]
-        assignment, _, _ = fast_route(s, self.k, np.full(E, cap), warm_start=np.maximum(q, 0.0))
+        assignment, _, info = fast_route(s, self.k, np.full(E, cap), warm_start=np.maximum(q, 0.0))
+        if assignment is None:  # no deadline was set: only a broken invariant of the compiled loops gets here
+            raise RuntimeError(f"method fast returned no routing to certify the prices against: {info.get('failed')}")
         optimum = float(np.take_along_axis(s, assignment, 1).sum())
         bound = float(dual_bound(s, self.k, cap, q))
         return {

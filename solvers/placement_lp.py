@@ -146,6 +146,7 @@ def lp_inprocess(problem: Any, *, time_limit: float | None = None, tighten: bool
         time_limit = max(1e-3, time_limit - (time.perf_counter() - t0))
     status, bound, xa, msg = lp_bound_highs(problem, time_limit, model=m)
     if status == "optimal":
+        assert xa is not None  # lp_bound_highs returns the values with "optimal"
         x = _full_plan(problem, m, xa)
         return PlacementSolution(
             method="lp",

@@ -54,8 +54,11 @@ def milp_matrix(m: PlacementModel) -> dict[str, Any]:
 
     def block(r, c, v, nrows, lower, upper):
         nonlocal r0
-        rows.append(r + r0), cols.append(c), vals.append(v)
-        lo.append(np.broadcast_to(lower, nrows)), up.append(np.broadcast_to(upper, nrows))
+        rows.append(r + r0)
+        cols.append(c)
+        vals.append(v)
+        lo.append(np.broadcast_to(lower, nrows))
+        up.append(np.broadcast_to(upper, nrows))
         r0 += nrows
 
     block(ii, X, np.ones(n), A, m.loads.astype(np.float64), m.loads.astype(np.float64))
@@ -253,7 +256,7 @@ def milp_inprocess(
         return None if time_limit is None else time_limit - (time.perf_counter() - t0)
 
     hint_x, upper = incumbent(problem) if hint else (None, None)
-    if hint_x is not None and not np.isfinite(upper):
+    if hint_x is not None and upper is not None and not np.isfinite(upper):  # (both are set, or neither)
         hint_x = None
     m = build_model(problem, upper)
     if m.a.shape[0] == 0:
@@ -264,7 +267,8 @@ def milp_inprocess(
             bound=0.0,
             assignment=np.zeros(problem.shape, dtype=np.int64),
         )
-    if left() is not None and left() <= 0:
+    rest = left()
+    if rest is not None and rest <= 0:
         return _stopped(problem, hint_x, "time limit reached before the model was built")
     model = build(m, hint_x=None if hint_x is None else hint_x[m.active], mip_gap=mip_gap, threads=threads)
     rest = left()

@@ -212,6 +212,7 @@ def solve_eplb(problem: ReplicationProblem, *, time_limit: float | None = None) 
     policy = "hierarchical" if problem.num_groups % problem.num_nodes == 0 and problem.num_groups > 1 else "global"
     message = f"EPLB, {policy} policy"
     if problem.max_moves is not None:
+        assert problem.old_phy2log is not None  # max_moves needs old_phy2log (ReplicationProblem checks)
         moves = count_moves(problem.old_phy2log, phy2log, problem.num_experts, problem.num_gpus)
         if moves.max() > problem.max_moves:
             message += (

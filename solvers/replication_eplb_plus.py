@@ -118,6 +118,7 @@ def solve_eplb_plus(
             plan = relabel_gpus(plan, old, E, G, problem.num_nodes)
         stats.update(st)
     else:
+        assert old is not None  # max_moves needs old_phy2log (ReplicationProblem checks)
         within = count_moves(old, start, E, G) <= problem.max_moves
         plan, st = improve(problem, old, max_rounds=max_rounds, deadline=deadline)
         stats.update({f"from_old_{k}": v for k, v in st.items()})

@@ -160,6 +160,7 @@ def solve_lp(problem: ReplicationProblem, *, time_limit: float | None = None) ->
     """
     t0 = time.perf_counter()
     deadline = None if time_limit is None else (lambda: float(time_limit) - (time.perf_counter() - t0))
+    log2phy: np.ndarray | None
     plan, log2phy = eplb_for(problem)
     if problem.max_moves is not None:
         plan, log2phy = np.array(problem.old_phy2log), None

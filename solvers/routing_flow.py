@@ -86,7 +86,7 @@ def to_solution(
     status = MIN_COST_FLOW.translate(code, time_limit=time_limit, has_solution=flows is not None)
     scale = RoutingScale(problem.scores, problem.k)
     stats = {"backend_status": code, "max_cost": int(max_cost), "score_resolution": scale.unit / max_cost}
-    if status != Status.OPTIMAL:
+    if status != Status.OPTIMAL or flows is None:  # (translate gives OPTIMAL only with flows)
         return RoutingSolution(
             method="mcf",
             status=Status.ERROR if status == Status.INFEASIBLE else status,

@@ -110,9 +110,9 @@ def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = No
     stats["integral"] = frac <= INTEGRALITY_TOL
     assignment = chosen_to_assignment(xv, k)
     if not stats["integral"]:  # a fractional vertex: round it to a feasible assignment
-        assignment = repair(problem.scores, xv, k, problem.capacity)
-        if assignment is None:
-            assignment = chosen_to_assignment(xv, k)
+        repaired = repair(problem.scores, xv, k, problem.capacity)
+        if repaired is not None:
+            assignment = repaired
     bias = certify_prices(problem.scores, assignment, tol=1e-9 * scale.unit)
     if bias is None:
         bias = np.maximum(-np.asarray(raw["marginals"]), 0.0) * scale.unit

@@ -57,7 +57,9 @@ def build(problem: Any, *, backend: str = "SCIP") -> Any:
     n = T * E
     scale = RoutingScale(problem.scores, problem.k)
     A, lower, upper = routing_matrix(problem)
-    helper = mbh.ModelBuilderHelper()
+    # Any: OR-Tools' stub spells the float arrays of fill_model_from_sparse_data ndarray[float64, ...], which no
+    # array matches
+    helper: Any = mbh.ModelBuilderHelper()
     helper.fill_model_from_sparse_data(
         np.zeros(n), np.ones(n), scale.normalise(problem.scores).ravel(), lower, upper, A
     )

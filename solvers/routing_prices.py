@@ -52,11 +52,11 @@ def tie_break(scores: Any) -> Any:
         u = ((idx * 2654435761) % 4294967296).double().view(T, E) / 4294967296.0
         span = (s.max() - s.min()).clamp_min(1e-300) if s.numel() else s.new_ones(())
         return s + u * TIE_BREAK * (s.abs() + span * 2.0**-20)
-    s = np.asarray(scores, dtype=np.float64)
-    idx = np.arange(T * E, dtype=np.uint64)
-    u = ((idx * np.uint64(2654435761)) % np.uint64(4294967296)).astype(np.float64).reshape(T, E) / 4294967296.0
-    span = max(float(s.max() - s.min()), 1e-300) if s.size else 1.0
-    return s + u * TIE_BREAK * (np.abs(s) + span * 2.0**-20)
+    a = np.asarray(scores, dtype=np.float64)
+    ids = np.arange(T * E, dtype=np.uint64)
+    w = ((ids * np.uint64(2654435761)) % np.uint64(4294967296)).astype(np.float64).reshape(T, E) / 4294967296.0
+    width = max(float(a.max() - a.min()), 1e-300) if a.size else 1.0
+    return a + w * TIE_BREAK * (np.abs(a) + width * 2.0**-20)
 
 
 def _row_kth_largest(m: np.ndarray, kth: np.ndarray) -> np.ndarray:

@@ -233,7 +233,7 @@ class ExpertExchange(torch.autograd.Function):
                 [(grad_of(wc[j])[n], src, n_w * e + j) for n, (e, src) in enumerate(ex.copies) for j in which],
                 [(b, dst, n_w * e + j) for e, s, j, b, dst in bufs],
             )
-            for e, s, j, b, dst in bufs:
+            for _e, s, j, b, _dst in bufs:
                 dwl[j][s] += b
         if which and ex.replica_of is not None:  # replicas: every slot gets its expert's full gradient
             idx = torch.from_numpy(ex.replica_of).to(wl[0].device)

@@ -202,7 +202,7 @@ def move_slots(comm: Communicator, old: np.ndarray, new: np.ndarray, tensors: li
     moves = _transfers(old, new, comm.world)
     n_t = len(tensors)
     sends, recvs, fresh = [], [], []
-    for dst, ds, e, src, ss in moves:
+    for dst, ds, _e, src, ss in moves:
         tag = n_t * (dst * S + ds)
         if src == r and dst != r:
             sends += [(t[ss].detach(), dst, tag + i) for i, t in enumerate(tensors)]

@@ -57,6 +57,7 @@ def _routing(quick: bool) -> None:
     if fast is not None and fast.stats.get("engine"):
         print(f"fast ran on engine: {fast.stats['engine']}")
     best = solve(problem, "mcf" if "mcf" in methods else "lp")
+    assert isinstance(best, problem.solution_type)  # what solve returns for the family
     red = problem.scores - best.bias
     top = np.argpartition(-red, k - 1, axis=1)[:, :k]
     plain = np.argpartition(-problem.scores, k - 1, axis=1)[:, :k]
@@ -84,7 +85,7 @@ def _balancers(quick: bool) -> None:
     print(f"{'balancer':26s} MaxVio at step 1   step {steps // 2:<4d}   step {steps}")
     for name, bal in balancers.items():
         vios = []
-        for step in range(steps):
+        for _step in range(steps):
             logits = rng.normal(size=(T, E)) + skew
             s = np.exp(logits - logits.max(1, keepdims=True))
             s /= s.sum(1, keepdims=True)

@@ -60,5 +60,6 @@ def _train(steps: int, E: int, k: int, hidden: int, ffn: int, T: int) -> None:
             loss.backward()
             opt.step()
             loss = loss.detach()
+            assert layer.last_stats is not None  # set by every forward
             vios.append(float(layer.last_stats.max_vio))
         print(f"{balancer:10s} {vios[0]:8.3f}       {vios[-1]:8.3f}    {loss.item():.4f}")

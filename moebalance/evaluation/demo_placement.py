@@ -45,7 +45,7 @@ def run(quick: bool, section: Callable[[str], None]) -> None:
         print(line)
     ep = next(s for s in table.solutions if s.method == "ep")
     for s in table.solutions:
-        if s.method in ("llep", "llep+", "eplb") and s.feasible:
+        if s.method in ("llep", "llep+", "eplb") and s.feasible and isinstance(s, problem.solution_type):
             print(
                 f"{s.method:6s} makespan {1e3 * s.objective:.3f} ms vs ep {1e3 * ep.objective:.3f} ms: "
                 f"{ep.objective / s.objective:.2f}x faster, {len(s.weight_transfers or [])} expert copies"

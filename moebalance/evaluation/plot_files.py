@@ -124,8 +124,8 @@ def plot_files(problem_path: str | Path, solution_paths: Sequence[str | Path], o
 
     several = len(solutions) > 1
     panels = 1 + (problem.kind == "placement") + several
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.0), squeeze=False)
-    axes = list(axes[0])
+    fig, grid = plt.subplots(1, panels, figsize=(5.2 * panels, 4.0), squeeze=False)
+    axes = list(grid[0])
     ax = axes.pop(0)
     x = np.arange(len(before))
     ax.plot(

@@ -603,7 +603,7 @@ def build_report(
 
     sections: list[str] = []
     plots: list[Path] = []
-    for name, title, render in (("routing", "## 1. Routing solvers", None), ("placement", "## 2. Placement", None)):
+    for name, title in (("routing", "## 1. Routing solvers"), ("placement", "## 2. Placement")):
         if name not in found:
             sections.append(f"{title}\n\n{missing[name]}.\n")
             continue

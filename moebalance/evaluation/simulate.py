@@ -358,6 +358,7 @@ def _solve_all(
     out: dict[str, dict[str, Any]] = {}
     for m in methods:
         s = solve(problem, m, time_limit=time_limit)
+        assert isinstance(s, problem.solution_type)  # what solve returns for the family
         ok = s.feasible and s.assignment is not None
         peak = (
             (
@@ -422,7 +423,7 @@ def simulate(
     preset = MODELS[model] if isinstance(model, str) and model in MODELS else model
     if not isinstance(preset, ModelPreset):
         raise ValueError(f"`model` must be one of {', '.join(MODELS)} or a ModelPreset, got {model!r}")
-    Ps = [int(devices)] if np.ndim(devices) == 0 else [int(p) for p in devices]  # type: ignore[arg-type]
+    Ps = [int(devices)] if np.ndim(devices) == 0 else [int(p) for p in devices]  # type: ignore[arg-type, union-attr]  # np.ndim tells int from iterable
     if not Ps or min(Ps) < 1:
         raise ValueError(f"`devices` must be positive integers, got {devices!r}")
     if int(tokens_per_device) < 1:

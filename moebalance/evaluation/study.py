@@ -232,7 +232,7 @@ class StudyConfig:
     @classmethod
     def quick(cls, **overrides: Any) -> StudyConfig:
         """A smoke-test size (seconds): tiny model, a few steps, every balancer, both k, 8 and 16 experts."""
-        base = dict(
+        base: dict[str, Any] = dict(
             experts=(8, 16),
             top_k=(2,),
             d_model=32,
@@ -313,6 +313,7 @@ def _evaluate(model: Any, val: Any, cfg: StudyConfig) -> dict[str, float]:
             batch = model.loads()
             loads = batch if loads is None else loads + batch
     model.train()
+    assert loads is not None  # val_bytes > val_tokens >= seq_len (StudyConfig): at least one window
     mean = loads.sum(1, keepdim=True) / loads.shape[1]
     per_layer = ((loads.max(1, keepdim=True).values - mean) / mean).squeeze(1)
     val_loss = total / count
@@ -530,11 +531,11 @@ def _by_config(result: dict[str, Any]) -> dict[tuple[int, int], dict[str, dict[s
 
 
 def _smooth(y: Sequence[float], w: int) -> np.ndarray:
-    y = np.asarray(y, dtype=np.float64)
-    if w <= 1 or y.size < w:
-        return y
-    c = np.cumsum(np.insert(y, 0, 0.0))
-    out = np.empty_like(y)
+    v = np.asarray(y, dtype=np.float64)
+    if w <= 1 or v.size < w:
+        return v
+    c = np.cumsum(np.insert(v, 0, 0.0))
+    out = np.empty_like(v)
     out[w - 1 :] = (c[w:] - c[:-w]) / w
     out[: w - 1] = c[1:w] / np.arange(1, w)
     return out

@@ -115,7 +115,7 @@ class RoutingProblem:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self._scores.shape  # type: ignore[return-value]
+        return self._scores.shape
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name.startswith("_") and not hasattr(self, name):

@@ -58,7 +58,7 @@ def test_small_run_writes_json_and_table(bench, tmp_path):
     rows = {(r["routing"], r["method"]): r for r in data["rows"]}
     assert set(rows) == {(r, m) for r in bench.ROUTINGS for m in bench.METHODS}
     H, F, E, k = bench.SMALL_SHAPES["tiny"]
-    for (routing, method), r in rows.items():
+    for (_routing, method), r in rows.items():
         if method == "triton" and not torch.cuda.is_available():
             assert "CUDA" in r["skipped"]
             continue

@@ -192,8 +192,8 @@ def test_backend_warnings_become_one_note_on_stderr(monkeypatch, small_file, cap
     real = registry.solve
 
     def noisy(*a, **k):
-        warnings.warn("overflow encountered in multiply", RuntimeWarning)
-        warnings.warn("second", RuntimeWarning)
+        warnings.warn("overflow encountered in multiply", RuntimeWarning, stacklevel=2)
+        warnings.warn("second", RuntimeWarning, stacklevel=2)
         return real(*a, **k)
 
     monkeypatch.setattr(registry, "solve", noisy)

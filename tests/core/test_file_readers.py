@@ -163,10 +163,7 @@ def test_object_and_record_arrays_are_not_read(tmp_path, arr, needle):
         tmp_path / "o.npz",
         {
             "scores.npy": _npy_bytes(
-                (
-                    "{'descr': %r, 'fortran_order': False, 'shape': (2,), }"
-                    % (np.lib.format.dtype_to_descr(arr.dtype),)
-                ).encode(),
+                f"{{'descr': {np.lib.format.dtype_to_descr(arr.dtype)!r}, 'fortran_order': False, 'shape': (2,), }}".encode(),
                 b"\0" * 64,
             )
         },

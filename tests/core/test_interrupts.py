@@ -70,7 +70,7 @@ def test_interruptible_without_signal_is_transparent():
     assert value == 42
     with pytest.raises(ZeroDivisionError):  # the block's own errors pass through unchanged
         with _interrupt.interruptible():
-            1 / 0
+            _ = 1 / 0
 
 
 def _spy(monkeypatch, module, stops: list | None = None) -> threading.Event:

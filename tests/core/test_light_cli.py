@@ -9,7 +9,7 @@ import sys
 HEAVY = ("torch", "ortools", "cvxpy", "triton", "matplotlib", "transformers", "highspy")
 COMMANDS = ("demo", "solve", "compare", "gen", "plot", "simulate", "study", "report")
 
-_PROBE = """
+_PROBE = f"""
 import sys
 from moebalance.cli import main
 argv = sys.argv[1:]
@@ -17,9 +17,9 @@ try:
     main(argv)
 except SystemExit as exc:
     assert exc.code == 0, exc.code
-heavy = sorted({m.split('.')[0] for m in sys.modules} & set(%r))
+heavy = sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))
 print('HEAVY=' + ','.join(heavy))
-""" % (HEAVY,)
+"""
 
 
 def _heavy_after(*argv: str) -> list[str]:
@@ -43,7 +43,7 @@ def test_python_dash_m_help_is_light():
     code = (
         "import runpy, sys; sys.argv = ['moebalance', '--help']\n"
         "try:\n    runpy.run_module('moebalance', run_name='__main__')\nexcept SystemExit:\n    pass\n"
-        "print(sorted({m.split('.')[0] for m in sys.modules} & set(%r)))" % (HEAVY,)
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr

@@ -25,7 +25,10 @@ HOME = [0, 0, 1]
 X = np.array([[2, 1], [0, 3], [4, 0]])
 
 
-def _problem(cost=CostModel(), **kw):
+_COST = CostModel()
+
+
+def _problem(cost=_COST, **kw):
     return PlacementProblem([3, 3, 4], 2, home=HOME, cost=cost, **kw)
 
 

@@ -84,7 +84,7 @@ def test_layer_matches_naive_on_both_backends(name):
     for backend in ("torch", "triton"):
         twin = _twin(layer, backend)
         got = _run(twin, x)
-        for what, a, b in zip(("y", "x", "router", "w_gate", "w_up", "w_down"), got, want):
+        for _what, a, b in zip(("y", "x", "router", "w_gate", "w_up", "w_down"), got, want):
             close(a, b, 1e-4)
         loads = torch.bincount(eidx.reshape(-1), minlength=E).float()
         close(twin.last_stats.loads, loads, 0)

@@ -147,7 +147,7 @@ def test_moe_experts_all_backends_match_naive(T, k, E, H, F, empty, drop):
     want = _grads(naive, [t.double().cpu() for t in inputs])
     for backend, impl in (("triton", "auto"), ("torch", "loop"), ("torch", "auto")):
 
-        def run(x, gates, wg, wu, wd):
+        def run(x, gates, wg, wu, wd, *, backend=backend, impl=impl):
             return moe_experts(x, eidx, gates, wg, wu, wd, backend=backend, block_m=BLOCK_M, torch_impl=impl)
 
         got = _grads(run, inputs)
@@ -165,7 +165,12 @@ def test_expert_ffn_all_backends_match_naive():
         lambda x, wg, wu, wd: moe_naive.ffn_per_row(x, counts, wg, wu, wd), [t.double().cpu() for t in inputs]
     )
     for backend, c in (("triton", torch.tensor(counts, device=DEV)), ("torch", counts)):
-        got = _grads(lambda x, wg, wu, wd: expert_ffn(x, c, wg, wu, wd, backend=backend, block_m=BLOCK_M), inputs)
+        got = _grads(
+            lambda x, wg, wu, wd, *, c=c, backend=backend: expert_ffn(
+                x, c, wg, wu, wd, backend=backend, block_m=BLOCK_M
+            ),
+            inputs,
+        )
         for a, b in zip(got, want):
             close(a, b, 1e-4)
 

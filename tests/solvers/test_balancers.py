@@ -12,7 +12,7 @@ def maxvio(loads):
 
 
 def stream(steps, T=512, E=16, seed=0):
-    for i in range(steps):
+    for _ in range(steps):
         yield routing_scores(T, E, kind="hot", imbalance=1.0, hot_experts=2, seed=seed)  # same skew each batch
 
 
@@ -147,6 +147,18 @@ def test_bip_certificate_off_the_hot_path(lib):
     opt = solve(RoutingProblem(xs, 2, capacity=int(cert["capacity"])), "mcf").objective
     assert cert["optimum"] == pytest.approx(opt, rel=1e-9)
     assert gaps[-1] <= gaps[0] + 1e-12 and gaps[-1] < 1e-2
+
+
+def test_bip_certificate_names_a_failed_exact_solve(monkeypatch):
+    # fast returns no assignment when an invariant of its compiled loops breaks: the certificate says so
+    # instead of failing inside numpy
+    import moebalance.solvers.routing_fast as routing_fast
+
+    b = BIPBalancer(8, 2, iterations=1)
+    b.update(routing_scores(64, 8, kind="zipf", imbalance=1.0, seed=1))
+    monkeypatch.setattr(routing_fast, "fast_route", lambda *a, **kw: (None, np.zeros(8), {"failed": "a broken path"}))
+    with pytest.raises(RuntimeError, match="a broken path"):
+        b.certificate()
 
 
 def test_layer_bip_balancer_uses_the_tensor_path_on_cpu():

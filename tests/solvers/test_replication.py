@@ -141,7 +141,6 @@ def _best_packing(p, l, items, G, S):
         first = rest[0]
         for others in itertools.combinations(range(1, len(rest)), S - 1):
             gpu = (first,) + tuple(rest[i] for i in others)
-            key = (len(gpus), gpu)
             left = [rest[i] for i in range(1, len(rest)) if i not in others]
             if (tuple(map(tuple, gpus)), gpu) in seen:
                 continue
@@ -187,7 +186,7 @@ def test_exact_methods_match_brute_force_and_relations(case):
 def _brute_force_window(p):
     # a window couples the batches through one plan: enumerate plans, score each on every batch
     B, L, E = p.shape
-    R, G, S = p.num_replicas, p.num_gpus, p.slots_per_gpu
+    R = p.num_replicas
     best = math.inf
     for combo in itertools.combinations_with_replacement(range(E), R - E):
         items = list(np.sort(np.concatenate([np.arange(E), np.array(combo, dtype=np.int64)])))
@@ -198,15 +197,11 @@ def _brute_force_window(p):
 
 
 def test_milp_migration_matches_brute_force():
-    rng = np.random.default_rng(3)
     w = np.array([[12.0, 7, 3, 1]])
     old = np.array([[3, 2, 1, 0, 0, 0]])  # GPU0: 3 2 1, GPU1: 0 0 0
     for budget in (0, 1, 2):
         p = ReplicationProblem(w, 6, num_gpus=2, old_phy2log=old, max_moves=budget)
         best = math.inf
-        for perm in set(itertools.permutations([0, 0, 0, 1, 2, 3])):
-            for extra in itertools.product(range(4), repeat=0):
-                pass
         for combo in itertools.combinations_with_replacement(range(4), 2):
             for perm in set(itertools.permutations([0, 1, 2, 3, *combo])):
                 ev = p.evaluate(np.array(perm)[None])
@@ -217,7 +212,6 @@ def test_milp_migration_matches_brute_force():
         for method in ("eplb+", "migrate"):
             s = mb.solve(p, method)
             assert s.feasible and s.moves.max() <= budget and s.objective >= best - 1e-9
-    assert rng is not None
 
 
 # ---- migration ---------------------------------------------------------------------------------------------------

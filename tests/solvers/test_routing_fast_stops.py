@@ -137,7 +137,7 @@ def test_iteration_budgets_stop_the_auction_and_the_paths(hot):
     cap = np.minimum(hot.capacity, T).astype(np.int64)
     go = np.zeros(1, dtype=np.int64)
     total = 0
-    for call in range(10**4):
+    for call in range(10**4):  # noqa: B007  (read after the loop: how many calls it took)
         status, aug, _, _ = kern["ssp"](
             s,
             cand,
