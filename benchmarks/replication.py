@@ -127,7 +127,9 @@ def section_lp_milp(runs, milp_layers, milp_time, progress) -> dict:
 
 def section_timing(runs, progress) -> dict:
     import torch
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: DeepSeek's loop is a test oracle
+
+    # the repository root: DeepSeek's loop is a test oracle
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tests.oracles.eplb_reference import rebalance_experts as reference
 
     out = {}

@@ -116,8 +116,8 @@ def compare(
     if isinstance(problem, (str, type)):
         from .family import all_families
 
-        names = ", ".join(f.problem.__name__ for f in all_families().values())
-        raise ValueError(f"`problem` must be a problem object, not {problem!r:.80}; build one first ({names})")
+        classes = ", ".join(f.problem.__name__ for f in all_families().values())
+        raise ValueError(f"`problem` must be a problem object, not {problem!r:.80}; build one first ({classes})")
     if methods is None:
         names = available_methods(problem)
     elif isinstance(methods, str):

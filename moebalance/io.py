@@ -321,7 +321,8 @@ def problem_text(problem: Any, suffix: str) -> bytes:
             meta[key] = v
     arrays["meta_json"] = np.array(json.dumps(meta, allow_nan=False))
     buf = _io.BytesIO()
-    np.savez_compressed(buf, **arrays)
+    # numpy types **kwds as the allow_pickle flag too; the keys here are field names and "meta_json"
+    np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
     return buf.getvalue()
 
 

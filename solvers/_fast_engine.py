@@ -199,7 +199,12 @@ def _warm_calls() -> None:
 
     rng = np.random.default_rng(0)
     s = rng.random((40, 6)) + np.array([3.0, 2.0, 0, 0, 0, 0])  # two hot experts: paths and rounds
-    for opts in ({}, {"candidates": 3, "auction_steps": 0}, {"max_rounds": 1, "auction_steps": 1}):
+    variants: tuple[dict[str, Any], ...] = (
+        {},
+        {"candidates": 3, "auction_steps": 0},
+        {"max_rounds": 1, "auction_steps": 1},
+    )
+    for opts in variants:
         fast_route(s, 2, np.full(6, 14), handover=False, **opts)
     s.flags.writeable = False  # a problem's scores are read-only: numba compiles that type apart
     fast_route(s, 2, np.full(6, 14), handover=False)

@@ -99,7 +99,7 @@ _DISPATCHERS: dict | None = None
 def source_files() -> list[str]:
     """The files the compiled loops are built from: every module of :data:`MODULES` and the codes they return
     (numba freezes a global constant into the machine code)."""
-    return [os.path.abspath(m.__file__) for m in (*MODULES, _fast_codes)]
+    return [os.path.abspath(str(m.__file__)) for m in (*MODULES, _fast_codes)]
 
 
 def source_stamp() -> bytes:

@@ -190,7 +190,7 @@ def _llep_core(
             rs = []
             off, rem = 0, L
             first = -1
-            visited = []
+            visited: list[int] = []
             while rem and len(visited) < P - 1:
                 v, g = pop_least(n)
                 if first < 0:

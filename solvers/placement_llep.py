@@ -248,6 +248,7 @@ def run_llep(
 ) -> tuple[np.ndarray, LLEPPlan]:
     """LLEP on a :class:`~moebalance.PlacementProblem`: its ``[E, P]`` assignment and the plan."""
     plan = llep_for(problem, alpha=alpha, min_chunk=min_chunk, fallback=fallback)
+    assert plan.assignment is not None  # LLEPPlanner.plan fills it
     return plan.assignment, plan
 
 

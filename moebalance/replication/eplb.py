@@ -84,9 +84,10 @@ def rebalance_experts(
 
             hint = f"; under max_moves, {BUDGET_METHODS} honour the budget"
         raise InfeasibleError(f"method {sol.method!r} returned no feasible plan ({sol.status}): {sol.message}{hint}")
+    assert isinstance(sol, problem.solution_type)  # what solve returns for the family
     out = (sol.phy2log, sol.log2phy, sol.logcnt)
     if is_torch:
         import torch
 
         return tuple(torch.as_tensor(np.ascontiguousarray(x), dtype=torch.int64, device=weight.device) for x in out)  # type: ignore[return-value]
-    return out  # type: ignore[return-value]
+    return out

@@ -232,7 +232,7 @@ class ReplicationProblem:
     @property
     def shape(self) -> tuple[int, int, int]:
         """``(B, L, E)``."""
-        return tuple(self._w.shape)  # type: ignore[return-value]
+        return tuple(self._w.shape)
 
     @property
     def num_batches(self) -> int:
