@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from moebalance.adapter import Option
 from moebalance.registry import register
 from moebalance.solution import PlacementSolution, Status
 
@@ -122,8 +123,12 @@ def lp_bound_highs(
     deterministic=True,
     supports_time_limit=True,
     backends=("scipy",),
-    options={"tighten": True},
     description="LP relaxation (scipy HiGHS): lower bound on the makespan, plus a rounded plan",
+    isolated=True,
+    status_map=SCIPY_HIGHS,
+    options={
+        "tighten": Option("bool", "tighten the big-M bounds with the llep+ makespan"),
+    },
 )
 def solve_lp(problem: Any, *, time_limit: float | None = None, tighten: bool = True) -> PlacementSolution:
     """LP relaxation with HiGHS: the bound and a plan rounded from the LP's x (under ``time_limit`` a large
@@ -169,8 +174,13 @@ def lp_inprocess(problem: Any, *, time_limit: float | None = None, tighten: bool
     deterministic=True,
     supports_time_limit=True,
     backends=("cvxpy",),
-    options={"solver": None, "tighten": True},
     description="the same LP relaxation in cvxpy with explicit y (cross-check of `lp`)",
+    isolated=True,
+    status_map=CVXPY,
+    options={
+        "solver": Option("str | None", "the cvxpy solver (default HIGHS when installed)"),
+        "tighten": Option("bool", "tighten the big-M bounds with the llep+ makespan"),
+    },
 )
 def solve_lp_cvxpy(
     problem: Any, *, time_limit: float | None = None, solver: str | None = None, tighten: bool = True

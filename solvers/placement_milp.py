@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from moebalance.adapter import Option
 from moebalance.registry import register
 from moebalance.solution import PlacementSolution, Status
 
@@ -220,8 +221,15 @@ def to_solution(
     supports_time_limit=True,
     backends=("ortools",),
     aliases=("bip",),
-    options={"mip_gap": 1e-7, "hint": True, "threads": 1},
     description="exact MILP (OR-Tools SCIP): optimal plan and proven bound",
+    interruptible=True,
+    isolated=True,
+    status_map=PYWRAPLP,
+    options={
+        "mip_gap": Option("float in [0, 1)", "SCIP's relative stopping gap"),
+        "hint": Option("bool", "warm-start SCIP from the llep+ plan"),
+        "threads": Option("int >= 1", "SCIP threads"),
+    },
 )
 def solve_milp(
     problem: Any, *, time_limit: float | None = None, mip_gap: float = 1e-7, hint: bool = True, threads: int = 1

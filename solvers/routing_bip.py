@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from moebalance.adapter import Option
 from moebalance.registry import register
 from moebalance.solution import RoutingSolution, Status
 
@@ -144,8 +145,14 @@ def to_solution(
     deterministic=False,
     supports_time_limit=True,
     backends=("ortools",),
-    options={"precision": 1e-8, "workers": 0},
     description="exact binary program with OR-Tools CP-SAT",
+    interruptible=True,
+    isolated=True,
+    status_map=CPSAT,
+    options={
+        "precision": Option("float in [1e-12, 1e-2]", "score resolution relative to the score range"),
+        "workers": Option("int >= 0", "CP-SAT search workers (0: CP-SAT's default)"),
+    },
 )
 def solve_bip(
     problem: Any, *, time_limit: float | None = None, precision: float = 1e-8, workers: int = 0

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from moebalance.adapter import Option
 from moebalance.registry import register
 from moebalance.solution import RoutingSolution, Status
 
@@ -138,8 +139,12 @@ def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = No
     deterministic=True,
     supports_time_limit=True,
     backends=("cvxpy",),
-    options={"solver": None},
     description="LP relaxation through cvxpy (cross-check of lp)",
+    isolated=True,
+    status_map=CVXPY,
+    options={
+        "solver": Option("str | None", "the cvxpy solver (default HIGHS when installed, else CLARABEL)"),
+    },
 )
 def solve_cvxpy(problem: Any, *, time_limit: float | None = None, solver: str | None = None) -> RoutingSolution:
     """LP relaxation with cvxpy; ``solver`` defaults to HIGHS when installed, else CLARABEL."""

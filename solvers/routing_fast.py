@@ -59,6 +59,7 @@ from typing import Any
 
 import numpy as np
 
+from moebalance.adapter import Option
 from moebalance.registry import register
 from moebalance.solution import RoutingSolution, Status
 
@@ -712,9 +713,21 @@ def _unavailable_note() -> str:
     exact=True,
     gives_bound=True,
     supports_time_limit=True,
-    options={"warm_start": None, "candidates": None, "auction_steps": None, "stall": STALL, "max_rounds": 4},
     description="exact: an expert-side auction on the prices, then shortest augmenting paths, "
     "certified on the full problem",
+    interruptible=True,
+    isolated=True,
+    options={
+        "warm_start": Option("array [E] | None", "starting prices, e.g. the previous batch's `bias`"),
+        "candidates": Option(
+            "int | None", "experts listed per token (default k + 4): its held experts and its best others"
+        ),
+        "auction_steps": Option(
+            "int | None", "the auction's step budget (default 200 E; 0: straight to the shortest paths)"
+        ),
+        "stall": Option("float", "the auction's hand-over rate (units of excess per step)"),
+        "max_rounds": Option("int", "certificate rounds before every expert becomes a candidate"),
+    },
 )
 def solve_fast(
     problem, *, time_limit=None, warm_start=None, candidates=None, auction_steps=None, stall=STALL, max_rounds=4

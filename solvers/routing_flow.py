@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from moebalance.adapter import Option
 from moebalance.registry import register
 from moebalance.solution import RoutingSolution, Status
 
@@ -120,8 +121,12 @@ def to_solution(
     deterministic=True,
     supports_time_limit=True,
     backends=("ortools",),
-    options={"max_cost": 2**30},
     description="exact min-cost flow (OR-Tools SimpleMinCostFlow)",
+    isolated=True,
+    status_map=MIN_COST_FLOW,
+    options={
+        "max_cost": Option("int in [1, 2**40]", "integer cost scale: score resolution is 1 / max_cost of the range"),
+    },
 )
 def solve_mcf(problem: Any, *, time_limit: float | None = None, max_cost: int = 2**30) -> RoutingSolution:
     """Exact routing by min-cost flow (OR-Tools). The back-end has no time limit of its own; under

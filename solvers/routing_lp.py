@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from moebalance.adapter import Option
 from moebalance.registry import register
 from moebalance.solution import RoutingSolution, Status
 
@@ -142,8 +143,12 @@ def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = No
     deterministic=True,
     supports_time_limit=True,
     backends=("scipy",),
-    options={"highs_method": "highs"},
     description="LP relaxation with scipy HiGHS (bound, duals, bias; integral by total unimodularity)",
+    isolated=True,
+    status_map=SCIPY_HIGHS,
+    options={
+        "highs_method": Option("str", "scipy's HiGHS method: highs, highs-ds or highs-ipm"),
+    },
 )
 def solve_lp(problem: Any, *, time_limit: float | None = None, highs_method: str = "highs") -> RoutingSolution:
     """LP relaxation (scipy ``linprog``, HiGHS). ``highs_method``: "highs", "highs-ds" or "highs-ipm"."""

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from moebalance.adapter import Option
 from moebalance.registry import register
 from moebalance.solution import RoutingSolution, Status
 
@@ -149,8 +150,13 @@ def to_solution(
     deterministic=False,
     supports_time_limit=True,
     backends=("ortools",),
-    options={"backend": "SCIP"},
     description="exact binary program with OR-Tools MIP (SCIP, HiGHS or CBC)",
+    interruptible=True,
+    isolated=True,
+    status_map=PYWRAPLP,
+    options={
+        "backend": Option("str", "the OR-Tools MIP back-end: SCIP, HIGHS or CBC"),
+    },
 )
 def solve_mip(problem: Any, *, time_limit: float | None = None, backend: str = "SCIP") -> RoutingSolution:
     """Exact BIP through ``pywraplp``; ``backend`` is "SCIP" (default), "HIGHS" or "CBC"."""
