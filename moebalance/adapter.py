@@ -123,12 +123,10 @@ def _check_flags(a: Adapter) -> None:
 def adapter_file(obj: Any) -> str:
     """The file that defines ``obj`` (a function or class), as a path in the source tree:
     ``moebalance.solvers.routing_flow`` -> ``solvers/routing_flow.py``; ``moebalance.x`` -> ``moebalance/x.py``;
-    anything else -> its module name."""
+    any other module ``a.b`` -> ``a/b.py``."""
     module = getattr(obj, "__module__", "") or ""
     parts = module.split(".")
-    if parts[0] != "moebalance":
-        return module
-    if len(parts) > 1 and parts[1] in ("solvers", "kernels", "integrations"):
+    if parts[0] == "moebalance" and len(parts) > 1 and parts[1] in ("solvers", "kernels", "integrations"):
         parts = parts[1:]
     return "/".join(parts) + ".py"
 
