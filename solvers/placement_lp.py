@@ -135,7 +135,7 @@ def solve_lp(problem: Any, *, time_limit: float | None = None, tighten: bool = T
     model runs in a child process the deadline stops)."""
     return run_isolated(
         "lp",
-        "moebalance.solvers.placement_lp:lp_inprocess",
+        lp_inprocess,
         problem,
         {"tighten": bool(tighten)},
         time_limit=time_limit,
@@ -193,7 +193,7 @@ def solve_lp_cvxpy(
             raise ValueError(f"`solver` {solver!r} is not installed for cvxpy; installed: {', '.join(installed)}")
     return run_isolated(
         "lp-cvxpy",
-        "moebalance.solvers.placement_lp:lp_cvxpy_inprocess",
+        lp_cvxpy_inprocess,
         problem,
         {"solver": solver, "tighten": bool(tighten)},
         time_limit=time_limit,

@@ -243,7 +243,7 @@ def solve_milp(
         raise ValueError(f"`threads` must be a positive integer, got {threads!r}")
     return run_isolated(
         "milp",
-        "moebalance.solvers.placement_milp:milp_inprocess",
+        milp_inprocess,
         problem,
         {"mip_gap": float(mip_gap), "hint": bool(hint), "threads": int(threads)},
         time_limit=time_limit,

@@ -65,8 +65,7 @@ from moebalance.solution import RoutingSolution, Status
 
 from . import _fast_kernels as K
 from ._interrupt import interruptible
-from ._isolate import child_time_left
-from ._routing_common import PARTITION_SECONDS_PER_ENTRY, drive, problem_from
+from ._routing_common import PARTITION_SECONDS_PER_ENTRY, drive
 from .routing_prices import dual_bound
 
 __all__ = ["solve_fast", "fast_route", "job", "warm_up", "PYTHON_LIMIT"]
@@ -771,7 +770,7 @@ def solve_fast(
             )
         state = engine_state()
     params = {
-        "warm_start": None if q0 is None else q0.tolist(),
+        "warm_start": q0,
         "candidates": candidates,
         "auction_steps": auction_steps,
         "stall": float(stall),
@@ -785,7 +784,7 @@ def solve_fast(
     sol = drive(
         "fast",
         problem,
-        "moebalance.solvers.routing_fast:job",
+        job,
         params,
         time_limit=time_limit,
         start=t0,
@@ -802,23 +801,30 @@ def solve_fast(
     return sol.replace(stats={**sol.stats, **extra}) if extra else sol
 
 
-def job(data: dict, params: dict) -> dict:
-    """:func:`fast_route` from arrays (in this process or a child), up to ``params["deadline"]`` (wall clock)."""
-    problem = problem_from(data)
-    left = child_time_left(params, margin=0.0)
-    deadline = None if left is None else time.perf_counter() + left
-    q0 = params.get("warm_start")
+def job(
+    problem: Any,
+    *,
+    time_limit: float | None = None,
+    warm_start: np.ndarray | None,
+    candidates: int | None,
+    auction_steps: int | None,
+    stall: float,
+    max_rounds: int,
+    use_numba: bool,
+) -> dict[str, Any]:
+    """:func:`fast_route` (in this process or a child) for ``time_limit`` seconds from now."""
+    deadline = None if time_limit is None else time.perf_counter() + time_limit
     assignment, q, stats = fast_route(
         problem.scores,
         problem.k,
         problem.capacity,
-        warm_start=None if q0 is None else np.asarray(q0, dtype=np.float64),
-        candidates=params.get("candidates"),
-        auction_steps=params.get("auction_steps"),
-        stall=float(params.get("stall", STALL)),
-        max_rounds=int(params.get("max_rounds", 4)),
+        warm_start=warm_start,
+        candidates=candidates,
+        auction_steps=auction_steps,
+        stall=float(stall),
+        max_rounds=int(max_rounds),
         deadline=deadline,
-        use_numba=bool(params.get("use_numba", True)),
+        use_numba=bool(use_numba),
     )
     out: dict[str, Any] = {"q": np.asarray(q, dtype=np.float64), "stats": stats}
     if assignment is not None:

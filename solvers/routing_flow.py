@@ -26,7 +26,7 @@ from moebalance.adapter import Option
 from moebalance.registry import register
 from moebalance.solution import RoutingSolution, Status
 
-from ._routing_common import RoutingScale, certify_prices, drive, problem_from
+from ._routing_common import RoutingScale, certify_prices, drive
 from ._status import MIN_COST_FLOW
 
 __all__ = ["solve_mcf", "build", "run", "to_solution"]
@@ -73,9 +73,9 @@ def run(model: dict[str, Any], time_limit: float | None = None) -> dict[str, Any
     return out
 
 
-def job(data: dict, params: dict) -> dict:
-    """build + run from arrays (in this process or a child)."""
-    return run(build(problem_from(data), max_cost=int(params["max_cost"])))
+def job(problem: Any, *, time_limit: float | None = None, max_cost: int) -> dict[str, Any]:
+    """build + run (in this process or a child; the back-end has no time limit of its own)."""
+    return run(build(problem, max_cost=int(max_cost)))
 
 
 def to_solution(
@@ -137,7 +137,7 @@ def solve_mcf(problem: Any, *, time_limit: float | None = None, max_cost: int = 
     return drive(
         "mcf",
         problem,
-        "moebalance.solvers.routing_flow:job",
+        job,
         {"max_cost": int(max_cost)},
         time_limit=time_limit,
         start=t0,
