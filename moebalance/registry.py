@@ -141,6 +141,7 @@ def register_adapter(adapter_cls: type[Adapter]) -> type[Adapter]:
     cls = _as_family(adapter_cls.family)
     adapter = adapter_cls()
     adapter._family_cls = cls
+    vars(adapter)["family"] = cls  # the problem class, as for a function registered with a family name
     _add(cls, adapter)
     return adapter_cls
 

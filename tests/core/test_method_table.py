@@ -141,6 +141,7 @@ def toy():
 
 def test_a_method_written_as_one_class_registers_and_goes_through_the_shared_check(toy):
     assert isinstance(toy, _ToyTopOne) and toy.options == {"claim": "optimal"} and toy.per_step
+    assert toy.family is RoutingProblem and toy.kind == "routing" and mb.method_info("routing", "_toy_top_one") is toy
     row = [r for r in method_table() if r["method"] == "_toy_top_one"][0]
     assert row["file"] == "tests/core/test_method_table.py" and row["flags"]["per_step"]
     tight = RoutingProblem(np.array([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3]]), 1, capacity=2)
