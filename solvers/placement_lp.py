@@ -143,8 +143,8 @@ def solve_lp(problem: Any, *, time_limit: float | None = None, tighten: bool = T
     )
 
 
-def lp_inprocess(problem: Any, *, time_limit: float | None = None, tighten: bool = True) -> PlacementSolution:
-    """:func:`solve_lp` in this process."""
+def lp_inprocess(problem: Any, *, time_limit: float | None = None, tighten: bool) -> PlacementSolution:
+    """:func:`solve_lp` in this process (its options given in full: their defaults are :func:`solve_lp`'s)."""
     t0 = time.perf_counter()
     m = _model(problem, bool(tighten))
     if time_limit is not None:
@@ -202,7 +202,7 @@ def solve_lp_cvxpy(
 
 
 def lp_cvxpy_inprocess(
-    problem: Any, *, time_limit: float | None = None, solver: str | None = None, tighten: bool = True
+    problem: Any, *, time_limit: float | None = None, solver: str | None, tighten: bool
 ) -> PlacementSolution:
     """:func:`solve_lp_cvxpy` in this process."""
     import warnings

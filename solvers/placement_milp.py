@@ -252,7 +252,7 @@ def solve_milp(
 
 
 def milp_inprocess(
-    problem: Any, *, time_limit: float | None = None, mip_gap: float = 1e-7, hint: bool = True, threads: int = 1
+    problem: Any, *, time_limit: float | None = None, mip_gap: float, hint: bool, threads: int
 ) -> PlacementSolution:
     """:func:`solve_milp` in this process: the clock is checked between the steps, SCIP gets what is left."""
     t0 = time.perf_counter()
