@@ -46,9 +46,16 @@ def test_each_methods_file_is_the_one_that_registers_it():
         path = ROOT / r["file"]
         assert path.is_file(), r
         src = path.read_text(encoding="utf-8")
-        assert re.search(r"@register\([^)]*?\"" + re.escape(r["method"]) + '"', src, re.S), r
+        as_function = re.search(r"@register\([^)]*?\"" + re.escape(r["method"]) + '"', src, re.S)
+        as_class = re.search(
+            r"@register_adapter\nclass \w+\(Adapter\):.*?\n    name = \"" + re.escape(r["method"]) + '"', src, re.S
+        )
+        assert as_function or as_class, r
     mcf = [r for r in method_table() if r["method"] == "mcf"]
     assert [r["file"] for r in mcf] == ["solvers/routing_flow.py"]
+    from moebalance.solvers.routing_flow import MinCostFlow
+
+    assert isinstance(mb.method_info("routing", "mcf"), MinCostFlow)  # a back-end adapter written as one class
 
 
 def test_defaults_are_the_signatures_and_every_option_is_documented():
