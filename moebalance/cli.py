@@ -1,4 +1,4 @@
-"""The ``moebalance`` command line: demo, solve, compare, gen, plot, simulate, study, report.
+"""The ``moebalance`` command line: demo, solve, compare, methods, gen, plot, simulate, study, report.
 
 Every method name, option and output path is checked before anything is solved. Errors are one line on
 stderr (``moebalance: error: ...``). Exit status:
@@ -203,6 +203,19 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return EXIT_OK if any(s.feasible for s in table.solutions) else EXIT_FAILED
 
 
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from .registry import method_table, method_table_markdown
+
+    if args.markdown:
+        print(method_table_markdown(), end="")
+        return EXIT_OK
+    for r in method_table():
+        flags = ",".join(f for f, v in r["flags"].items() if v) or "-"
+        opts = " ".join(f"{k}={o['default']!r}" for k, o in r["options"].items())
+        print(f"{r['family']:12s} {r['method']:10s} {r['file']:34s} {flags}  {opts}".rstrip())
+    return EXIT_OK
+
+
 def _cmd_gen(args: argparse.Namespace) -> int:
     from .io import problem_text
 
@@ -351,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT", help="also write the table as JSON to OUT (.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("methods", help="every registered method: family, adapter file, flags, options and defaults")
+    p.add_argument("--markdown", action="store_true", help="print the Markdown table of docs/methods.md")
+    p.set_defaults(func=_cmd_methods)
 
     generators = _generators()
     first = next(iter(generators))

@@ -9,7 +9,6 @@ family: the problem classes supply ``evaluate``, ``certify``, ``sense``, ``objec
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import importlib.util
 import math
@@ -19,12 +18,17 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from .adapter import FLAGS, Adapter, FunctionAdapter
 from .family import all_families, family_named, family_names
 from .solution import Solution, Status, relative_gap
 
 __all__ = [
+    "Adapter",
     "SolverInfo",
     "register",
+    "register_adapter",
+    "method_table",
+    "method_table_markdown",
     "solve",
     "finalize",
     "available_methods",
@@ -65,57 +69,10 @@ class _FamilyTable(Mapping):
 _FAMILY_PATHS: Mapping[str, tuple[str, str]] = _FamilyTable(lambda f: (f.problem.__module__, f.problem.__name__))
 
 
-@dataclasses.dataclass(frozen=True)
-class SolverInfo:
-    """What a method is (its capability flags) and how to call it.
+SolverInfo = Adapter
+"""The old name of :class:`moebalance.adapter.Adapter` (what ``method_info`` returns); kept for callers."""
 
-    family:              the problem class it solves.
-    exact:               proves optimality when it finishes (status ``optimal``).
-    gives_bound:         returns a proven bound on the optimum.
-    deterministic:       the same problem gives the same assignment every run (the layers rely on it).
-    supports_time_limit: honours ``time_limit`` (model building included).
-    backends:            modules it imports (checked with ``is_installed`` without importing them).
-    options:             accepted options and their defaults.
-    requires:            attributes of the problem that must not be None for the method to apply (``migrate``
-                         starts from ``old_phy2log``); see :meth:`why_not`.
-    """
-
-    family: type
-    name: str
-    func: Callable[..., Solution]
-    exact: bool = False
-    gives_bound: bool = False
-    deterministic: bool = True
-    supports_time_limit: bool = False
-    backends: tuple[str, ...] = ()
-    options: dict[str, Any] = dataclasses.field(default_factory=dict)
-    description: str = ""
-    requires: tuple[str, ...] = ()
-
-    @property
-    def kind(self) -> str:
-        """The family's name (``routing``, ``placement``, ``replication``)."""
-        return str(getattr(self.family, "kind", self.family.__name__))
-
-    def is_installed(self) -> bool:
-        """True when every back-end module this method needs can be imported (checked without importing)."""
-        return all(importlib.util.find_spec(b) is not None for b in self.backends)
-
-    def why_not(self, problem: Any) -> str | None:
-        """None when this method can solve ``problem``, else the reason (what the problem lacks)."""
-        missing = [r for r in self.requires if getattr(problem, r, None) is None]
-        if missing:
-            return f"it needs the problem's {', '.join(f'`{r}`' for r in missing)}, which this problem lacks"
-        return None
-
-    def applies_to(self, problem: Any) -> bool:
-        """True when this method can solve ``problem`` (an object; a class or family name: always True)."""
-        if isinstance(problem, (str, type)):
-            return True
-        return self.why_not(problem) is None
-
-
-_REGISTRY: dict[type[Any], dict[str, SolverInfo]] = {}  # problem class -> {method: info}
+_REGISTRY: dict[type[Any], dict[str, Adapter]] = {}  # problem class -> {method: adapter}
 _ALIASES: dict[type, dict[str, str]] = {}
 # preference order for method="auto", per family name: the first installed one wins (each family declares its own)
 DEFAULTS: Mapping[str, tuple[str, ...]] = _FamilyTable(lambda f: f.auto)
@@ -144,43 +101,72 @@ def register(
     gives_bound: bool = False,
     deterministic: bool = True,
     supports_time_limit: bool = False,
+    interruptible: bool = False,
+    isolated: bool = False,
+    per_step: bool = False,
     backends: tuple[str, ...] = (),
     options: dict[str, Any] | None = None,
     aliases: tuple[str, ...] = (),
     description: str = "",
     requires: tuple[str, ...] = (),
+    status_map: Any = None,
 ) -> Callable:
-    """Decorator: add ``func(problem, *, time_limit, **options) -> Solution`` to ``family``'s registry.
+    """Decorator: add ``func(problem, *, time_limit, **options) -> Solution`` to ``family``'s registry, wrapped
+    as a :class:`~moebalance.adapter.FunctionAdapter` with these capability flags.
 
-    ``family`` is the problem class (a family name string is accepted). ``options`` maps each accepted
-    option to its default; ``solve`` rejects any other option by name. ``requires`` names problem attributes
-    that must not be None for the method to apply (``available_methods`` and ``compare`` skip the method on a
-    problem without them; ``solve`` refuses it with a ValueError saying why).
+    ``family`` is the problem class (a family name string is accepted). ``options`` maps each accepted option
+    to an :class:`~moebalance.adapter.Option` (type and one-line doc; the default is read from ``func``'s
+    signature) or, the older form, to its default; ``solve`` rejects any other option by name. ``requires``
+    names problem attributes that must not be None for the method to apply (``available_methods`` and
+    ``compare`` skip the method on a problem without them; ``solve`` refuses it with a ValueError saying why).
+    A method written as a class registers with :func:`register_adapter`.
     """
     if isinstance(requires, str):
         requires = (requires,)
     cls = _as_family(family)
 
     def deco(func: Callable[..., Solution]) -> Callable[..., Solution]:
-        info = SolverInfo(
+        adapter = FunctionAdapter(
             cls,
             name,
             func,
-            bool(exact),
-            bool(gives_bound),
-            bool(deterministic),
-            bool(supports_time_limit),
-            tuple(backends),
-            dict(options or {}),
-            description or ((func.__doc__ or "").strip().splitlines() or [""])[0],
-            tuple(requires),
+            options=options,
+            aliases=tuple(aliases),
+            description=description,
+            requires=tuple(requires),
+            backends=tuple(backends),
+            status_map=status_map,
+            exact=exact,
+            gives_bound=gives_bound,
+            deterministic=deterministic,
+            supports_time_limit=supports_time_limit,
+            interruptible=interruptible,
+            isolated=isolated,
+            per_step=per_step,
         )
-        _REGISTRY.setdefault(cls, {})[name] = info
-        for alias in aliases:
-            _ALIASES.setdefault(cls, {})[alias] = name
+        _add(cls, adapter)
         return func
 
     return deco
+
+
+def register_adapter(adapter_cls: type[Adapter]) -> type[Adapter]:
+    """Class decorator: register one instance of an :class:`~moebalance.adapter.Adapter` subclass under its
+    ``family`` and ``name`` (and ``aliases``); returns the class unchanged."""
+    if not (isinstance(adapter_cls, type) and issubclass(adapter_cls, Adapter)):
+        raise TypeError(f"register_adapter takes an Adapter subclass, got {adapter_cls!r}")
+    cls = _as_family(adapter_cls.family)
+    adapter = adapter_cls()
+    adapter._family_cls = cls
+    vars(adapter)["family"] = cls  # the problem class, as for a function registered with a family name
+    _add(cls, adapter)
+    return adapter_cls
+
+
+def _add(cls: type, adapter: Adapter) -> None:
+    _REGISTRY.setdefault(cls, {})[adapter.name] = adapter
+    for alias in adapter.aliases:
+        _ALIASES.setdefault(cls, {})[alias] = adapter.name
 
 
 _SOLVERS_LOADED = False
@@ -199,7 +185,7 @@ def families() -> dict[str, type]:
     return {str(getattr(c, "kind", c.__name__)): c for c in _REGISTRY}
 
 
-def _table_of(problem: Any, *, allow_class: bool = True) -> tuple[type, dict[str, SolverInfo]]:
+def _table_of(problem: Any, *, allow_class: bool = True) -> tuple[type, dict[str, Adapter]]:
     _load_solvers()
     if isinstance(problem, str) and allow_class and family_named(problem) is not None:
         cls = _family_class(problem)
@@ -222,7 +208,7 @@ def available_methods(problem: Any, *, installed_only: bool = True) -> list[str]
     cls, table = _table_of(problem)
     order = DEFAULTS.get(getattr(cls, "kind", ""), ())
 
-    def rank(i: SolverInfo) -> tuple:
+    def rank(i: Adapter) -> tuple:
         return (not i.exact, not i.gives_bound, order.index(i.name) if i.name in order else len(order))
 
     return [
@@ -232,8 +218,8 @@ def available_methods(problem: Any, *, installed_only: bool = True) -> list[str]
     ]
 
 
-def method_info(problem: Any, method: str) -> SolverInfo:
-    """The :class:`SolverInfo` of ``method`` (aliases and "auto" allowed); ValueError naming the valid methods."""
+def method_info(problem: Any, method: str) -> Adapter:
+    """The :class:`~moebalance.adapter.Adapter` of ``method`` (aliases and "auto" allowed); ValueError naming the valid methods."""
     cls, table = _table_of(problem)
     if not isinstance(method, str):
         raise ValueError(f"`method` must be a method name, got {method!r:.80}")
@@ -261,6 +247,67 @@ def method_info(problem: Any, method: str) -> SolverInfo:
     return info
 
 
+def method_table() -> list[dict[str, Any]]:
+    """One row per registered method of every family, read from the adapters (installed or not): ``family``,
+    ``method``, ``aliases``, ``file`` (where it is written: ``mcf`` -> ``solvers/routing_flow.py``), ``flags``
+    (``{flag: bool}`` in :data:`moebalance.adapter.FLAGS` order), ``backends``, ``requires``, ``options``
+    (``{name: {"type", "default", "doc"}}``) and ``description``. Families in their usual order, methods as
+    ``available_methods`` lists them."""
+    fams = families()
+    order = [f for f in _FAMILY_PATHS if f in fams] + sorted(f for f in fams if f not in _FAMILY_PATHS)
+    rows = []
+    for fam in order:
+        cls = fams[fam]
+        table = _REGISTRY[cls]
+        for name in available_methods(cls, installed_only=False):
+            a = table[name]
+            rows.append(
+                {
+                    "family": fam,
+                    "method": name,
+                    "aliases": sorted(k for k, v in _ALIASES.get(cls, {}).items() if v == name),
+                    "file": a.source_file,
+                    "flags": a.flags(),
+                    "backends": list(a.backends),
+                    "requires": list(a.requires),
+                    "options": {
+                        k: {"type": o.type, "default": o.default, "doc": o.doc} for k, o in a.option_schema.items()
+                    },
+                    "description": a.description,
+                }
+            )
+    return rows
+
+
+def _md(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def method_table_markdown() -> str:
+    """:func:`method_table` as Markdown (the table in ``docs/methods.md``; ``moebalance methods --markdown``)."""
+    rows = method_table()
+    lines = [
+        "| family | method | file | " + " | ".join(f"`{f}`" for f in FLAGS) + " | back-ends | options (defaults) |",
+        "|---|---|---|" + "---|" * len(FLAGS) + "---|---|",
+    ]
+    for r in rows:
+        name = f"`{r['method']}`" + "".join(f" (`{a}`)" for a in r["aliases"])
+        opts = ", ".join(f"`{k}={o['default']!r}`" for k, o in r["options"].items()) or "-"
+        flags = " | ".join("yes" if v else "-" for v in r["flags"].values())
+        backends = ", ".join(r["backends"]) or "numpy"
+        if r["requires"]:
+            backends += "; needs " + ", ".join(f"`{q}`" for q in r["requires"])
+        lines.append(f"| {r['family']} | {name} | `{r['file']}` | {flags} | {backends} | {_md(opts)} |")
+    lines += ["", "| family | method | option | type | default | what it does |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        for k, o in r["options"].items():
+            lines.append(
+                f"| {r['family']} | `{r['method']}` | `{k}` | {_md(o['type'])} | `{_md(repr(o['default']))}` "
+                f"| {_md(o['doc']) or '-'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def check_time_limit(time_limit: Any) -> float | None:
     """``time_limit`` as positive finite seconds or None; ValueError naming it otherwise."""
     if time_limit is None:
@@ -273,7 +320,7 @@ def check_time_limit(time_limit: Any) -> float | None:
     return t
 
 
-def check_options(info: SolverInfo, options: dict[str, Any]) -> dict[str, Any]:
+def check_options(info: Adapter, options: dict[str, Any]) -> dict[str, Any]:
     """Options merged over the method's defaults; ValueError naming unknown ones and listing the valid ones."""
     unknown = sorted(set(options) - set(info.options))
     if unknown:
@@ -306,7 +353,7 @@ def solve(problem: Any, method: str = "auto", *, time_limit: float | None = None
     opts = check_options(info, options)
     t0 = time.perf_counter()
     try:
-        raw = info.func(problem, time_limit=time_limit, **opts)
+        raw = info.solve(problem, time_limit=time_limit, **opts)
     except ValueError as exc:
         if _raised_by_us(exc):  # our own validation of an option: the caller's bad input
             raise

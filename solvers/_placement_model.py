@@ -9,7 +9,7 @@ costs (no floor: a floor of 1.0 once let SCIP call a plan optimal at twice the o
 from __future__ import annotations
 
 import dataclasses
-import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,7 +23,7 @@ __all__ = [
     "lower_bound",
     "BOUND_TOL",
     "run_isolated",
-    "placement_job",
+    "stopped",
     "normalised_problem",
 ]
 
@@ -187,93 +187,38 @@ def round_plan(model: PlacementModel, xa: np.ndarray) -> np.ndarray:
     return fl
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+def stopped(problem: Any, method: str) -> Any:
+    """What a placement solve stopped by its deadline answers: the llep+ plan (:func:`incumbent`), status
+    ``time_limit``."""
+    from moebalance.solution import PlacementSolution, Status
 
-
-def placement_job(data: dict, params: dict) -> dict:
-    """Run a placement solver function on the problem in ``params`` (in a child process)."""
-    import importlib
-
-    from moebalance.placement import PlacementProblem
-
-    from ._isolate import child_time_left
-
-    problem = PlacementProblem.from_dict(params["problem"])
-    mod, _, name = params["func"].partition(":")
-    func = getattr(importlib.import_module(mod), name)
-    sol = func(problem, time_limit=child_time_left(params, margin=0.1), **params["options"])
-    out: dict[str, Any] = {
-        "status": sol.status.value,
-        "bound": sol.bound,
-        "message": sol.message,
-        "stats": _json_safe(sol.stats),
-    }
-    if sol.assignment is not None:
-        out["assignment"] = np.asarray(sol.assignment, dtype=np.int64)
-    return out
+    x, _ = incumbent(problem)
+    return PlacementSolution(method=method, status=Status.TIME_LIMIT, assignment=x, message="returning the llep+ plan")
 
 
 def run_isolated(
-    method: str, func: str, problem: Any, options: dict[str, Any], *, time_limit: float | None, start: float
+    method: str,
+    func: Callable[..., Any],
+    problem: Any,
+    options: dict[str, Any],
+    *,
+    time_limit: float | None,
+    start: float,
 ) -> Any:
-    """``func`` ("module:function", a placement solver taking ``time_limit``) under a hard deadline: in this
-    process when there is no limit or the model is small, else in a child process (:mod:`._isolate`) that
-    the deadline stops; then the answer is the llep+ incumbent with status ``time_limit``."""
-    import importlib
-
-    from moebalance.solution import PlacementSolution, Status
-
-    from ._isolate import INPROCESS_CELLS, run_bounded
+    """``func(problem, time_limit=..., **options)`` (a placement solver's in-process solve, returning its
+    Solution) under the hard deadline of :func:`._isolate.solve_bounded`: in this process when there is no
+    limit or the model is small, else in a child process that the deadline stops; then the answer is the llep+
+    plan with status ``time_limit``."""
+    from ._isolate import solve_bounded
 
     E, P = problem.shape
-    if time_limit is None or E * P <= INPROCESS_CELLS:
-        mod, _, name = func.partition(":")
-        left = None if time_limit is None else max(1e-3, time_limit - (time.perf_counter() - start))
-        return getattr(importlib.import_module(mod), name)(problem, time_limit=left, **options)
-    params = {"problem": _json_safe(problem.to_dict()), "func": func, "options": _json_safe(options)}
-
-    def plan() -> tuple[np.ndarray, float]:
-        return incumbent(problem)
-
-    raw, inc = run_bounded(
-        "moebalance.solvers._placement_model:placement_job",
-        {},
-        params,
+    return solve_bounded(
+        method,
+        problem,
+        func,
+        options,
         time_limit=time_limit,
         start=start,
+        fallback=lambda: stopped(problem, method),
         cells=E * P,
-        meanwhile=plan,
-    )
-    if raw is None:
-        x, _ = inc
-        return PlacementSolution(
-            method=method,
-            status=Status.TIME_LIMIT,
-            assignment=x,
-            stats={"stopped_by": "deadline (process killed)"},
-            message="the time limit stopped the back-end; returning the llep+ plan",
-        )
-    bound = raw.get("bound")
-    assignment = raw.get("assignment")
-    status = Status(raw["status"])
-    if assignment is None and status == Status.TIME_LIMIT:
-        assignment = inc[0]
-    return PlacementSolution(
-        method=method,
-        status=status,
-        bound=None if bound is None else float(bound),
-        assignment=assignment,
-        stats=dict(raw.get("stats") or {}),
-        message=str(raw.get("message", "")),
     )

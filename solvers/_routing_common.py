@@ -14,8 +14,7 @@ __all__ = [
     "RoutingScale",
     "repair",
     "fallback",
-    "problem_data",
-    "problem_from",
+    "stopped",
     "drive",
     "certify_prices",
 ]
@@ -228,22 +227,6 @@ def fallback(problem, deadline: float | None = None) -> dict:
     return {"assignment": None if need.any() else chosen_to_assignment(chosen, k), "bound": bound + scale.rounding}
 
 
-def problem_data(problem) -> dict:
-    """The arrays a routing job needs (see :mod:`._isolate`)."""
-    return {"scores": problem.scores, "capacity": problem.capacity, "k": np.array(problem.k)}
-
-
-def problem_from(data: dict):
-    """The :class:`RoutingProblem` of :func:`problem_data`'s arrays: the problem itself in this process or a
-    forked child (``drive`` passes it along as ``_problem``: no copy, no second validation), rebuilt from the
-    arrays in a spawned child."""
-    from moebalance.routing import RoutingProblem
-
-    if isinstance(data.get("_problem"), RoutingProblem):
-        return data["_problem"]
-    return RoutingProblem(data["scores"], int(data["k"]), capacity=data["capacity"])
-
-
 def _fallback_said(fb: dict) -> str:
     """What the fallback gave, truthfully: a greedy answer only when it finished one."""
     if fb["assignment"] is None:
@@ -251,61 +234,59 @@ def _fallback_said(fb: dict) -> str:
     return "greedy answer and top-k bound returned"
 
 
+def stopped(problem, method: str, deadline: float | None = None):
+    """What a routing solve stopped by its deadline answers: :func:`fallback` as a ``time_limit`` solution."""
+    from moebalance.solution import RoutingSolution, Status
+
+    fb = fallback(problem, deadline)
+    return RoutingSolution(
+        method=method,
+        status=Status.TIME_LIMIT,
+        objective=float("nan"),
+        bound=fb["bound"],
+        assignment=fb["assignment"],
+        message=_fallback_said(fb),
+    )
+
+
 def drive(
     method: str,
     problem,
-    target: str,
-    params: dict,
+    job,
+    options: dict,
     *,
     time_limit,
     start: float,
     to_solution,
-    guard=None,
     isolate: bool | None = None,
+    guard=None,
 ):
-    """problem -> job (build + run, maybe in a child under a hard deadline) -> ``to_solution(problem, raw)``.
+    """problem -> ``job(problem, time_limit=..., **options)`` (build + run, maybe in a child under the hard
+    deadline: :func:`._isolate.solve_bounded`) -> ``to_solution(problem, raw, time_limit)``.
 
     When the deadline killed the job, or the job returned no answer under a time limit, the answer is the
-    greedy assignment with the top-k bound and status ``time_limit``. ``guard``: see :func:`._isolate.run_bounded`.
-    ``isolate``: run the job in a child under the hard deadline (default: under a time limit, above
-    ``INPROCESS_CELLS`` score entries).
+    greedy assignment with the top-k bound (:func:`stopped`) and status ``time_limit``. ``isolate``: run the job
+    in a child under the hard deadline (default: under a time limit, above ``INPROCESS_CELLS`` score entries).
+    ``guard``: see :func:`._isolate.run_bounded`.
     """
-    from moebalance.solution import RoutingSolution, Status
-
-    from ._isolate import INPROCESS_CELLS, run_bounded
+    from ._isolate import solve_bounded
 
     T, E = problem.shape
-    isolated = time_limit is not None and (T * E > INPROCESS_CELLS if isolate is None else isolate)
     # the fallback works while the child does, and gives up shortly before the child is killed
     soon = None if time_limit is None else start + 0.95 * time_limit
-    data = dict(problem_data(problem), _problem=problem)  # a forked child inherits it; files never hold it
-    raw, fb = run_bounded(
-        target,
-        data,
-        params,
+    return solve_bounded(
+        method,
+        problem,
+        job,
+        options,
         time_limit=time_limit,
         start=start,
-        cells=T * E if isolated else 0,
-        meanwhile=(lambda: fallback(problem, soon)) if isolated else None,
+        fallback=lambda: stopped(problem, method, soon),
+        cells=T * E,
+        isolate=isolate,
+        to_solution=to_solution,
         guard=guard,
     )
-    if raw is None:
-        fb = fb or fallback(problem, soon)
-        return RoutingSolution(
-            method=method,
-            status=Status.TIME_LIMIT,
-            objective=float("nan"),
-            bound=fb["bound"],
-            assignment=fb["assignment"],
-            stats={"stopped_by": "deadline (process killed)"},
-            message="the time limit stopped the back-end; " + _fallback_said(fb),
-        )
-    sol = to_solution(problem, raw, time_limit)
-    if sol.status == Status.TIME_LIMIT and sol.assignment is None:
-        fb = fb or fallback(problem, soon)
-        bound = fb["bound"] if sol.bound is None else min(sol.bound, fb["bound"])
-        sol = sol.replace(assignment=fb["assignment"], bound=bound, message=sol.message + "; " + _fallback_said(fb))
-    return sol
 
 
 def certify_prices(scores: np.ndarray, assignment: np.ndarray, tol: float) -> np.ndarray | None:

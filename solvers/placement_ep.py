@@ -26,6 +26,7 @@ def ep_assignment(problem: Any) -> np.ndarray:
     deterministic=True,
     supports_time_limit=False,
     description="standard expert parallelism: every token on its expert's home device",
+    per_step=True,
 )
 def solve_ep(problem: Any, *, time_limit: float | None = None) -> PlacementSolution:
     """Standard expert parallelism (the baseline every speedup is measured against)."""

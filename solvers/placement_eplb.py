@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from moebalance.adapter import Option
 from moebalance.registry import register
 from moebalance.solution import PlacementSolution, Status
 
@@ -116,8 +117,11 @@ def _eplb(problem: Any, method: str, num_replicas: int | None, keep_home: bool) 
     "eplb",
     deterministic=True,
     supports_time_limit=False,
-    options={"num_replicas": None},
     description="DeepSeek EPLB-style replication and balanced packing, tokens split evenly over copies",
+    per_step=True,
+    options={
+        "num_replicas": Option("int | None", "replica slots (default one redundant slot per device: P * (E / P + 1))"),
+    },
 )
 def solve_eplb(problem: Any, *, time_limit: float | None = None, num_replicas: int | None = None) -> PlacementSolution:
     """EPLB replication; ``num_replicas`` defaults to one redundant slot per device (``P * (E / P + 1)``)."""
@@ -129,8 +133,11 @@ def solve_eplb(problem: Any, *, time_limit: float | None = None, num_replicas: i
     "eplb-home",
     deterministic=True,
     supports_time_limit=False,
-    options={"num_replicas": None},
     description="EPLB replication keeping each expert's first copy at home; only redundant copies move",
+    per_step=True,
+    options={
+        "num_replicas": Option("int | None", "replica slots (default one redundant slot per device: P * (E / P + 1))"),
+    },
 )
 def solve_eplb_home(
     problem: Any, *, time_limit: float | None = None, num_replicas: int | None = None

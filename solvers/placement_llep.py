@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from moebalance.adapter import Option
 from moebalance.plan import TokenRanges
 from moebalance.registry import register
 from moebalance.solution import PlacementSolution, Status
@@ -255,8 +256,15 @@ def run_llep(
 @register(
     "placement",
     "llep",
-    options={"alpha": None, "min_chunk": None, "fallback": True},
     description="LLEP least-loaded greedy (arXiv 2601.17111), exactly as the authors' reference code",
+    per_step=True,
+    options={
+        "alpha": Option("float | None", "capacity factor (default the problem's `alpha`)"),
+        "min_chunk": Option(
+            "int | None", "smallest chunk moved off an expert's home (default the problem's `min_chunk`)"
+        ),
+        "fallback": Option("bool", "plain EP when the imbalance is below the problem's threshold"),
+    },
 )
 def solve_llep(
     problem: Any,

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from moebalance.solvers._placement_model import normalised_costs
 
+from moebalance.adapter import Option
 from moebalance.registry import register
 from moebalance.solution import PlacementSolution, Status
 
@@ -204,8 +205,14 @@ def llep_plus_plan(
 @register(
     "placement",
     "llep+",
-    options={"max_moves": None, "min_gain": 1e-4, "balance_tol": 1e-3, "fallback": True},
     description="LLEP, then a bottleneck local search under the cost model (ours)",
+    per_step=True,
+    options={
+        "max_moves": Option("int | None", "local-search moves (default max(P, 16))"),
+        "min_gain": Option("float", "smallest relative makespan gain a move must bring"),
+        "balance_tol": Option("float", "relative makespan tolerance under which the plan counts as balanced"),
+        "fallback": Option("bool", "LLEP's fallback to plain EP below the threshold"),
+    },
 )
 def solve_llep_plus(
     problem: Any,

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from moebalance.adapter import Option
 from moebalance.registry import register
 from moebalance.solution import PlacementSolution, Status
 
@@ -122,15 +123,19 @@ def lp_bound_highs(
     deterministic=True,
     supports_time_limit=True,
     backends=("scipy",),
-    options={"tighten": True},
     description="LP relaxation (scipy HiGHS): lower bound on the makespan, plus a rounded plan",
+    isolated=True,
+    status_map=SCIPY_HIGHS,
+    options={
+        "tighten": Option("bool", "tighten the big-M bounds with the llep+ makespan"),
+    },
 )
 def solve_lp(problem: Any, *, time_limit: float | None = None, tighten: bool = True) -> PlacementSolution:
     """LP relaxation with HiGHS: the bound and a plan rounded from the LP's x (under ``time_limit`` a large
     model runs in a child process the deadline stops)."""
     return run_isolated(
         "lp",
-        "moebalance.solvers.placement_lp:lp_inprocess",
+        lp_inprocess,
         problem,
         {"tighten": bool(tighten)},
         time_limit=time_limit,
@@ -138,8 +143,8 @@ def solve_lp(problem: Any, *, time_limit: float | None = None, tighten: bool = T
     )
 
 
-def lp_inprocess(problem: Any, *, time_limit: float | None = None, tighten: bool = True) -> PlacementSolution:
-    """:func:`solve_lp` in this process."""
+def lp_inprocess(problem: Any, *, time_limit: float | None = None, tighten: bool) -> PlacementSolution:
+    """:func:`solve_lp` in this process (its options given in full: their defaults are :func:`solve_lp`'s)."""
     t0 = time.perf_counter()
     m = _model(problem, bool(tighten))
     if time_limit is not None:
@@ -170,8 +175,13 @@ def lp_inprocess(problem: Any, *, time_limit: float | None = None, tighten: bool
     deterministic=True,
     supports_time_limit=True,
     backends=("cvxpy",),
-    options={"solver": None, "tighten": True},
     description="the same LP relaxation in cvxpy with explicit y (cross-check of `lp`)",
+    isolated=True,
+    status_map=CVXPY,
+    options={
+        "solver": Option("str | None", "the cvxpy solver (default HIGHS when installed)"),
+        "tighten": Option("bool", "tighten the big-M bounds with the llep+ makespan"),
+    },
 )
 def solve_lp_cvxpy(
     problem: Any, *, time_limit: float | None = None, solver: str | None = None, tighten: bool = True
@@ -184,7 +194,7 @@ def solve_lp_cvxpy(
             raise ValueError(f"`solver` {solver!r} is not installed for cvxpy; installed: {', '.join(installed)}")
     return run_isolated(
         "lp-cvxpy",
-        "moebalance.solvers.placement_lp:lp_cvxpy_inprocess",
+        lp_cvxpy_inprocess,
         problem,
         {"solver": solver, "tighten": bool(tighten)},
         time_limit=time_limit,
@@ -193,7 +203,7 @@ def solve_lp_cvxpy(
 
 
 def lp_cvxpy_inprocess(
-    problem: Any, *, time_limit: float | None = None, solver: str | None = None, tighten: bool = True
+    problem: Any, *, time_limit: float | None = None, solver: str | None, tighten: bool
 ) -> PlacementSolution:
     """:func:`solve_lp_cvxpy` in this process."""
     import warnings

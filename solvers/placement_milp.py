@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from moebalance.adapter import Option
 from moebalance.registry import register
 from moebalance.solution import PlacementSolution, Status
 
@@ -223,8 +224,15 @@ def to_solution(
     supports_time_limit=True,
     backends=("ortools",),
     aliases=("bip",),
-    options={"mip_gap": 1e-7, "hint": True, "threads": 1},
     description="exact MILP (OR-Tools SCIP): optimal plan and proven bound",
+    interruptible=True,
+    isolated=True,
+    status_map=PYWRAPLP,
+    options={
+        "mip_gap": Option("float in [0, 1)", "SCIP's relative stopping gap"),
+        "hint": Option("bool", "warm-start SCIP from the llep+ plan"),
+        "threads": Option("int >= 1", "SCIP threads"),
+    },
 )
 def solve_milp(
     problem: Any, *, time_limit: float | None = None, mip_gap: float = 1e-7, hint: bool = True, threads: int = 1
@@ -238,7 +246,7 @@ def solve_milp(
         raise ValueError(f"`threads` must be a positive integer, got {threads!r}")
     return run_isolated(
         "milp",
-        "moebalance.solvers.placement_milp:milp_inprocess",
+        milp_inprocess,
         problem,
         {"mip_gap": float(mip_gap), "hint": bool(hint), "threads": int(threads)},
         time_limit=time_limit,
@@ -247,7 +255,7 @@ def solve_milp(
 
 
 def milp_inprocess(
-    problem: Any, *, time_limit: float | None = None, mip_gap: float = 1e-7, hint: bool = True, threads: int = 1
+    problem: Any, *, time_limit: float | None = None, mip_gap: float, hint: bool, threads: int
 ) -> PlacementSolution:
     """:func:`solve_milp` in this process: the clock is checked between the steps, SCIP gets what is left."""
     t0 = time.perf_counter()

@@ -204,6 +204,7 @@ def eplb_for(
     deterministic=True,
     description="DeepSeek EPLB (vectorised): replicate hot experts, pack replicas to GPUs; plans on the "
     "window's summed loads and ignores old plans",
+    per_step=True,
 )
 def solve_eplb(problem: ReplicationProblem, *, time_limit: float | None = None) -> ReplicationSolution:
     """DeepSeek's EPLB; a window is planned on its summed loads; ``old_phy2log`` and ``max_moves`` are ignored

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from moebalance.adapter import Option
 from moebalance.registry import register
 from moebalance.replication import ReplicationProblem, ReplicationSolution, count_moves, gpu_loads
 from moebalance.solution import Status
@@ -69,9 +70,16 @@ def _deadline(time_limit: float | None) -> float | None:
     ReplicationProblem,
     "eplb+",
     supports_time_limit=True,
-    options={"max_rounds": 10_000, "starts": (), "relink": True},
     description="EPLB then local search (swaps, re-splits of replica counts), never worse than eplb; "
     "window-aware and migration-aware",
+    per_step=True,
+    options={
+        "max_rounds": Option("int >= 0", "local-search rounds (0: EPLB relabelled)"),
+        "starts": Option(
+            "sequence of float", "further starts: replica counts ceil(load / (theta * mean GPU load)) for each theta"
+        ),
+        "relink": Option("bool", "under a move budget, also walk from the old plan towards the unconstrained plan"),
+    },
 )
 def solve_eplb_plus(
     problem: ReplicationProblem,
@@ -163,9 +171,12 @@ def solve_eplb_plus(
     ReplicationProblem,
     "migrate",
     supports_time_limit=True,
-    options={"max_rounds": 10_000},
     requires=("old_phy2log",),
     description="fast migration heuristic: local search from old_phy2log within max_moves per layer",
+    per_step=True,
+    options={
+        "max_rounds": Option("int >= 0", "local-search rounds"),
+    },
 )
 def solve_migrate(
     problem: ReplicationProblem, *, time_limit: float | None = None, max_rounds: int = 10_000

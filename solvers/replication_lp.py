@@ -22,6 +22,7 @@ from moebalance.registry import register
 from moebalance.replication import ReplicationProblem, ReplicationSolution, gpu_loads
 from moebalance.solution import Status
 
+from ._status import SCIPY_HIGHS
 from .replication_eplb import eplb_for
 
 __all__ = ["solve_lp", "relaxation_bound", "dispatch"]
@@ -150,6 +151,7 @@ def relaxation_bound(
     supports_time_limit=True,
     backends=("scipy",),
     description="linear relaxation (scipy HiGHS): a lower bound; the plan is EPLB's",
+    status_map=SCIPY_HIGHS,
 )
 def solve_lp(problem: ReplicationProblem, *, time_limit: float | None = None) -> ReplicationSolution:
     """LP bound; the returned plan is EPLB's (the old plan under a move budget, which it always meets).

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from moebalance.adapter import Option
 from moebalance.registry import register
 from moebalance.replication import ReplicationProblem, ReplicationSolution, _per_gpu_counts, gpu_loads, layer_bounds
 from moebalance.solution import Status
@@ -37,8 +38,10 @@ def plan_from_gpu_counts(counts: np.ndarray) -> np.ndarray:
     deterministic=False,
     supports_time_limit=True,
     backends=("ortools",),
-    options={"mip_gap": 1e-7},
     description="exact MILP per layer (OR-Tools SCIP), eplb+ warm start; optimal plan and proven bound",
+    options={
+        "mip_gap": Option("float in [0, 1)", "SCIP's relative stopping gap"),
+    },
 )
 def solve_milp(
     problem: ReplicationProblem, *, time_limit: float | None = None, mip_gap: float = 1e-7

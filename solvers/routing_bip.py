@@ -22,12 +22,12 @@ from typing import Any
 
 import numpy as np
 
+from moebalance.adapter import Option
 from moebalance.registry import register
 from moebalance.solution import RoutingSolution, Status
 
 from ._interrupt import interruptible
-from ._isolate import child_time_left
-from ._routing_common import RoutingScale, certify_prices, drive, problem_from
+from ._routing_common import RoutingScale, certify_prices, drive
 from ._status import CPSAT
 
 __all__ = ["solve_bip", "build", "run", "to_solution"]
@@ -88,11 +88,10 @@ def run(model: Any, time_limit: float | None = None, *, workers: int = 0) -> dic
     return out
 
 
-def job(data: dict, params: dict) -> dict:
-    """build + run from arrays (in this process or a child)."""
-    problem = problem_from(data)
-    model = build(problem, precision=float(params["precision"]))
-    return run(model, child_time_left(params), workers=int(params["workers"]))
+def job(problem: Any, *, time_limit: float | None = None, precision: float, workers: int) -> dict[str, Any]:
+    """build + run (in this process or a child), ``time_limit`` what is left for CP-SAT."""
+    model = build(problem, precision=float(precision))
+    return run(model, time_limit, workers=int(workers))
 
 
 def to_solution(
@@ -144,8 +143,14 @@ def to_solution(
     deterministic=False,
     supports_time_limit=True,
     backends=("ortools",),
-    options={"precision": 1e-8, "workers": 0},
     description="exact binary program with OR-Tools CP-SAT",
+    interruptible=True,
+    isolated=True,
+    status_map=CPSAT,
+    options={
+        "precision": Option("float in [1e-12, 1e-2]", "score resolution relative to the score range"),
+        "workers": Option("int >= 0", "CP-SAT search workers (0: CP-SAT's default)"),
+    },
 )
 def solve_bip(
     problem: Any, *, time_limit: float | None = None, precision: float = 1e-8, workers: int = 0
@@ -160,10 +165,10 @@ def solve_bip(
     return drive(
         "bip",
         problem,
-        "moebalance.solvers.routing_bip:job",
+        job,
         {"precision": float(precision), "workers": int(workers)},
         time_limit=time_limit,
         start=t0,
-        guard=lambda stop: interruptible(stop),
+        guard=lambda stop: interruptible(stop),  # this module's: the interrupt tests watch it
         to_solution=lambda p, raw, tl: to_solution(p, raw, tl, precision=float(precision)),
     )

@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from moebalance.adapter import Option
 from moebalance.registry import register
 from moebalance.solution import RoutingSolution, Status
 
 from ._cvxpy import import_cvxpy
-from ._isolate import child_time_left
-from ._routing_common import RoutingScale, certify_prices, chosen_to_assignment, drive, problem_from, repair
+from ._routing_common import RoutingScale, certify_prices, chosen_to_assignment, drive, repair
 from ._status import CVXPY
 
 __all__ = ["solve_cvxpy", "build", "run", "to_solution"]
@@ -74,9 +74,9 @@ def run(model: tuple[Any, Any, Any], time_limit: float | None = None, *, solver:
     return out
 
 
-def job(data: dict, params: dict) -> dict:
-    """build + run from arrays (in this process or a child)."""
-    return run(build(problem_from(data)), child_time_left(params), solver=params["solver"])
+def job(problem: Any, *, time_limit: float | None = None, solver: str | None) -> dict[str, Any]:
+    """build + run (in this process or a child), ``time_limit`` what is left for the back-end."""
+    return run(build(problem), time_limit, solver=_pick_solver(solver))
 
 
 def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = None) -> RoutingSolution:
@@ -138,8 +138,12 @@ def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = No
     deterministic=True,
     supports_time_limit=True,
     backends=("cvxpy",),
-    options={"solver": None},
     description="LP relaxation through cvxpy (cross-check of lp)",
+    isolated=True,
+    status_map=CVXPY,
+    options={
+        "solver": Option("str | None", "the cvxpy solver (default HIGHS when installed, else CLARABEL)"),
+    },
 )
 def solve_cvxpy(problem: Any, *, time_limit: float | None = None, solver: str | None = None) -> RoutingSolution:
     """LP relaxation with cvxpy; ``solver`` defaults to HIGHS when installed, else CLARABEL."""
@@ -148,7 +152,7 @@ def solve_cvxpy(problem: Any, *, time_limit: float | None = None, solver: str | 
     return drive(
         "cvxpy",
         problem,
-        "moebalance.solvers.routing_cvxpy:job",
+        job,
         {"solver": solver},
         time_limit=time_limit,
         start=t0,

@@ -56,6 +56,7 @@ from typing import Any
 
 import numpy as np
 
+from moebalance.adapter import Option
 from moebalance.registry import register
 from moebalance.solution import RoutingSolution, Status
 
@@ -95,8 +96,7 @@ from ._fast_engine import (  # noqa: F401 - the engine's state and its one-time 
     start_background_load,
     warm_up,
 )
-from ._isolate import child_time_left
-from ._routing_common import PARTITION_SECONDS_PER_ENTRY, drive, problem_from
+from ._routing_common import PARTITION_SECONDS_PER_ENTRY, drive
 from .routing_prices import dual_bound
 
 __all__ = ["solve_fast", "fast_route", "job", "warm_up", "PYTHON_LIMIT"]
@@ -143,9 +143,21 @@ def _check_options(
     exact=True,
     gives_bound=True,
     supports_time_limit=True,
-    options={"warm_start": None, "candidates": None, "auction_steps": None, "stall": STALL, "max_rounds": 4},
     description="exact: an expert-side auction on the prices, then shortest augmenting paths, "
     "certified on the full problem",
+    interruptible=True,
+    isolated=True,
+    options={
+        "warm_start": Option("array [E] | None", "starting prices, e.g. the previous batch's `bias`"),
+        "candidates": Option(
+            "int | None", "experts listed per token (default k + 4): its held experts and its best others"
+        ),
+        "auction_steps": Option(
+            "int | None", "the auction's step budget (default 200 E; 0: straight to the shortest paths)"
+        ),
+        "stall": Option("float", "the auction's hand-over rate (units of excess per step)"),
+        "max_rounds": Option("int", "certificate rounds before every expert becomes a candidate"),
+    },
 )
 def solve_fast(
     problem, *, time_limit=None, warm_start=None, candidates=None, auction_steps=None, stall=STALL, max_rounds=4
@@ -189,7 +201,7 @@ def solve_fast(
             )
         state = engine_state()
     params = {
-        "warm_start": None if q0 is None else q0.tolist(),
+        "warm_start": q0,
         "candidates": candidates,
         "auction_steps": auction_steps,
         "stall": float(stall),
@@ -203,7 +215,7 @@ def solve_fast(
     sol = drive(
         "fast",
         problem,
-        "moebalance.solvers.routing_fast:job",
+        job,
         params,
         time_limit=time_limit,
         start=t0,
@@ -220,23 +232,30 @@ def solve_fast(
     return sol.replace(stats={**sol.stats, **extra}) if extra else sol
 
 
-def job(data: dict, params: dict) -> dict:
-    """:func:`fast_route` from arrays (in this process or a child), up to ``params["deadline"]`` (wall clock)."""
-    problem = problem_from(data)
-    left = child_time_left(params, margin=0.0)
-    deadline = None if left is None else time.perf_counter() + left
-    q0 = params.get("warm_start")
+def job(
+    problem: Any,
+    *,
+    time_limit: float | None = None,
+    warm_start: np.ndarray | None,
+    candidates: int | None,
+    auction_steps: int | None,
+    stall: float,
+    max_rounds: int,
+    use_numba: bool,
+) -> dict[str, Any]:
+    """:func:`fast_route` (in this process or a child) for ``time_limit`` seconds from now."""
+    deadline = None if time_limit is None else time.perf_counter() + time_limit
     assignment, q, stats = fast_route(
         problem.scores,
         problem.k,
         problem.capacity,
-        warm_start=None if q0 is None else np.asarray(q0, dtype=np.float64),
-        candidates=params.get("candidates"),
-        auction_steps=params.get("auction_steps"),
-        stall=float(params.get("stall", STALL)),
-        max_rounds=int(params.get("max_rounds", 4)),
+        warm_start=warm_start,
+        candidates=candidates,
+        auction_steps=auction_steps,
+        stall=float(stall),
+        max_rounds=int(max_rounds),
         deadline=deadline,
-        use_numba=bool(params.get("use_numba", True)),
+        use_numba=bool(use_numba),
     )
     out: dict[str, Any] = {"q": np.asarray(q, dtype=np.float64), "stats": stats}
     if assignment is not None:

@@ -22,13 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from moebalance.registry import register
+from moebalance.adapter import Adapter, Option
+from moebalance.registry import register_adapter
 from moebalance.solution import RoutingSolution, Status
 
-from ._routing_common import RoutingScale, certify_prices, drive, problem_from
+from ._routing_common import RoutingScale, certify_prices, drive
 from ._status import MIN_COST_FLOW
 
-__all__ = ["solve_mcf", "build", "run", "to_solution"]
+__all__ = ["MinCostFlow", "solve_mcf", "build", "run", "to_solution"]
 
 
 def build(problem: Any, *, max_cost: int = 2**30) -> dict[str, Any]:
@@ -72,9 +73,9 @@ def run(model: dict[str, Any], time_limit: float | None = None) -> dict[str, Any
     return out
 
 
-def job(data: dict, params: dict) -> dict:
-    """build + run from arrays (in this process or a child)."""
-    return run(build(problem_from(data), max_cost=int(params["max_cost"])))
+def job(problem: Any, *, time_limit: float | None = None, max_cost: int) -> dict[str, Any]:
+    """build + run (in this process or a child; the back-end has no time limit of its own)."""
+    return run(build(problem, max_cost=int(max_cost)))
 
 
 def to_solution(
@@ -112,29 +113,48 @@ def to_solution(
     )
 
 
-@register(
-    "routing",
-    "mcf",
-    exact=True,
-    gives_bound=True,
-    deterministic=True,
-    supports_time_limit=True,
-    backends=("ortools",),
-    options={"max_cost": 2**30},
-    description="exact min-cost flow (OR-Tools SimpleMinCostFlow)",
-)
-def solve_mcf(problem: Any, *, time_limit: float | None = None, max_cost: int = 2**30) -> RoutingSolution:
-    """Exact routing by min-cost flow (OR-Tools). The back-end has no time limit of its own; under
-    ``time_limit`` a large network runs in a child process the deadline stops (greedy answer then)."""
-    t0 = time.perf_counter()
-    if isinstance(max_cost, bool) or not isinstance(max_cost, (int, np.integer)) or not 1 <= max_cost <= 2**40:
-        raise ValueError(f"`max_cost` must be an integer in [1, 2**40], got {max_cost!r}")
-    return drive(
-        "mcf",
-        problem,
-        "moebalance.solvers.routing_flow:job",
-        {"max_cost": int(max_cost)},
-        time_limit=time_limit,
-        start=t0,
-        to_solution=lambda p, raw, tl: to_solution(p, raw, tl, max_cost=int(max_cost)),
-    )
+@register_adapter
+class MinCostFlow(Adapter):
+    """Exact routing by min-cost flow (OR-Tools): :func:`build` -> :func:`run` -> :func:`to_solution`. The
+    back-end has no time limit of its own; under ``time_limit`` a large network runs in a child process the
+    deadline stops (greedy answer then)."""
+
+    family = "routing"
+    name = "mcf"
+    description = "exact min-cost flow (OR-Tools SimpleMinCostFlow)"
+    exact = True
+    gives_bound = True
+    deterministic = True
+    supports_time_limit = True
+    isolated = True
+    REQUIRED_MODULES = ("ortools",)
+    STATUS_MAP = MIN_COST_FLOW
+    OPTIONS = {
+        "max_cost": Option("int in [1, 2**40]", "integer cost scale: score resolution is 1 / max_cost of the range"),
+    }
+
+    # its options are its own keywords (the registry checks them against OPTIONS): narrower than the base's **options
+    def solve(  # type: ignore[override]
+        self, problem: Any, *, time_limit: float | None = None, max_cost: int = 2**30
+    ) -> RoutingSolution:
+        t0 = time.perf_counter()
+        if isinstance(max_cost, bool) or not isinstance(max_cost, (int, np.integer)) or not 1 <= max_cost <= 2**40:
+            raise ValueError(f"`max_cost` must be an integer in [1, 2**40], got {max_cost!r}")
+        return drive(
+            self.name,
+            problem,
+            job,
+            {"max_cost": int(max_cost)},
+            time_limit=time_limit,
+            start=t0,
+            to_solution=lambda p, raw, tl: to_solution(p, raw, tl, max_cost=int(max_cost)),
+        )
+
+
+def solve_mcf(problem: Any, *, time_limit: float | None = None, **options: Any) -> RoutingSolution:
+    """:meth:`MinCostFlow.solve` (options and their defaults: :class:`MinCostFlow`); unchecked, as every
+    adapter's own solve: ``moebalance.solve(problem, "mcf")`` runs the shared check."""
+    return _MCF.solve(problem, time_limit=time_limit, **options)
+
+
+_MCF = MinCostFlow()

@@ -47,6 +47,7 @@ def solve_topk(problem, *, time_limit=None) -> RoutingSolution:
     deterministic=True,
     supports_time_limit=False,
     description="capacity-aware greedy: best scores first, overflow to next-best",
+    per_step=True,
 )
 def solve_greedy(problem, *, time_limit=None) -> RoutingSolution:
     """Capacity-aware greedy: tokens propose their best experts, each expert keeps its highest-scored

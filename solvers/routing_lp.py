@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from moebalance.adapter import Option
 from moebalance.registry import register
 from moebalance.solution import RoutingSolution, Status
 
-from ._isolate import child_time_left
-from ._routing_common import RoutingScale, certify_prices, chosen_to_assignment, drive, problem_from, repair
+from ._routing_common import RoutingScale, certify_prices, chosen_to_assignment, drive, repair
 from ._status import SCIPY_HIGHS
 
 __all__ = ["solve_lp", "routing_lp_matrices", "build", "run", "to_solution"]
@@ -80,9 +80,9 @@ def run(model: dict[str, Any], time_limit: float | None = None) -> dict[str, Any
     return out
 
 
-def job(data: dict, params: dict) -> dict:
-    """build + run from arrays (in this process or a child)."""
-    return run(build(problem_from(data), highs_method=params["highs_method"]), child_time_left(params))
+def job(problem: Any, *, time_limit: float | None = None, highs_method: str) -> dict[str, Any]:
+    """build + run (in this process or a child), ``time_limit`` what is left for HiGHS."""
+    return run(build(problem, highs_method=highs_method), time_limit)
 
 
 def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = None) -> RoutingSolution:
@@ -142,8 +142,12 @@ def to_solution(problem: Any, raw: dict[str, Any], time_limit: float | None = No
     deterministic=True,
     supports_time_limit=True,
     backends=("scipy",),
-    options={"highs_method": "highs"},
     description="LP relaxation with scipy HiGHS (bound, duals, bias; integral by total unimodularity)",
+    isolated=True,
+    status_map=SCIPY_HIGHS,
+    options={
+        "highs_method": Option("str", "scipy's HiGHS method: highs, highs-ds or highs-ipm"),
+    },
 )
 def solve_lp(problem: Any, *, time_limit: float | None = None, highs_method: str = "highs") -> RoutingSolution:
     """LP relaxation (scipy ``linprog``, HiGHS). ``highs_method``: "highs", "highs-ds" or "highs-ipm"."""
@@ -153,7 +157,7 @@ def solve_lp(problem: Any, *, time_limit: float | None = None, highs_method: str
     return drive(
         "lp",
         problem,
-        "moebalance.solvers.routing_lp:job",
+        job,
         {"highs_method": highs_method},
         time_limit=time_limit,
         start=t0,

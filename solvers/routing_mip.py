@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from moebalance.adapter import Option
 from moebalance.registry import register
 from moebalance.solution import RoutingSolution, Status
 
 from ._interrupt import interruptible
-from ._isolate import child_time_left
-from ._routing_common import RoutingScale, certify_prices, drive, problem_from
+from ._routing_common import RoutingScale, certify_prices, drive
 from ._status import PYWRAPLP
 
 __all__ = ["solve_mip", "build", "run", "to_solution", "routing_matrix", "BACKENDS"]
@@ -98,9 +98,9 @@ def run(solver: Any, time_limit: float | None = None) -> dict[str, Any]:
     return out
 
 
-def job(data: dict, params: dict) -> dict:
-    """build + run from arrays (in this process or a child)."""
-    return run(build(problem_from(data), backend=params["backend"]), child_time_left(params))
+def job(problem: Any, *, time_limit: float | None = None, backend: str) -> dict[str, Any]:
+    """build + run (in this process or a child), ``time_limit`` what is left for the back-end."""
+    return run(build(problem, backend=backend), time_limit)
 
 
 def to_solution(
@@ -151,8 +151,13 @@ def to_solution(
     deterministic=False,
     supports_time_limit=True,
     backends=("ortools",),
-    options={"backend": "SCIP"},
     description="exact binary program with OR-Tools MIP (SCIP, HiGHS or CBC)",
+    interruptible=True,
+    isolated=True,
+    status_map=PYWRAPLP,
+    options={
+        "backend": Option("str", "the OR-Tools MIP back-end: SCIP, HIGHS or CBC"),
+    },
 )
 def solve_mip(problem: Any, *, time_limit: float | None = None, backend: str = "SCIP") -> RoutingSolution:
     """Exact BIP through ``pywraplp``; ``backend`` is "SCIP" (default), "HIGHS" or "CBC"."""
@@ -162,10 +167,10 @@ def solve_mip(problem: Any, *, time_limit: float | None = None, backend: str = "
     return drive(
         "mip",
         problem,
-        "moebalance.solvers.routing_mip:job",
+        job,
         {"backend": backend},
         time_limit=time_limit,
         start=t0,
-        guard=lambda stop: interruptible(stop),
+        guard=lambda stop: interruptible(stop),  # this module's: the interrupt tests watch it
         to_solution=lambda p, raw, tl: to_solution(p, raw, tl, backend=backend),
     )

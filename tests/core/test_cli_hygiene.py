@@ -163,7 +163,7 @@ def test_every_option_has_help():
     ]
     assert missing == []
     subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)][0]
-    assert set(subs.choices) == {"demo", "solve", "compare", "gen", "plot", "simulate", "study", "report"}
+    assert set(subs.choices) == {"demo", "solve", "compare", "methods", "gen", "plot", "simulate", "study", "report"}
     assert all(c.help for c in subs._choices_actions)
 
 

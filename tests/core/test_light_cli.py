@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 HEAVY = ("torch", "ortools", "cvxpy", "triton", "matplotlib", "transformers", "highspy")
-COMMANDS = ("demo", "solve", "compare", "gen", "plot", "simulate", "study", "report")
+COMMANDS = ("demo", "solve", "compare", "methods", "gen", "plot", "simulate", "study", "report")
 
 _PROBE = f"""
 import sys

@@ -251,18 +251,16 @@ def test_a_job_that_stops_without_an_answer_is_said_so(problem, monkeypatch):
     monkeypatch.setattr(common, "fallback", lambda p, deadline=None: {"assignment": None, "bound": 3.0})
     stopped = mb.RoutingSolution(method="x", status=Status.TIME_LIMIT, message="back-end stopped")
 
-    def run_bounded(*a, **k):
-        return {}, None
+    def job(p, *, time_limit=None):
+        return {}
 
-    import moebalance.solvers._isolate as isolate
-
-    monkeypatch.setattr(isolate, "run_bounded", run_bounded)
-    sol = common.drive("x", problem, "t", {}, time_limit=1.0, start=0.0, to_solution=lambda p, raw, t: stopped)
+    sol = common.drive("x", problem, job, {}, time_limit=1.0, start=0.0, to_solution=lambda p, raw, t: stopped)
     assert sol.assignment is None and "greedy answer" not in sol.message and "no answer" in sol.message
+    assert sol.bound == 3.0  # the fallback's bound where the back-end gave none
     done = np.array([[0], [0], [1]])
     monkeypatch.setattr(common, "fallback", lambda p, deadline=None: {"assignment": done, "bound": 3.0})
-    sol = common.drive("x", problem, "t", {}, time_limit=1.0, start=0.0, to_solution=lambda p, raw, t: stopped)
-    assert sol.assignment is done and "greedy answer" in sol.message
+    sol = common.drive("x", problem, job, {}, time_limit=1.0, start=0.0, to_solution=lambda p, raw, t: stopped)
+    assert sol.assignment is done and "greedy answer" in sol.message and sol.message.startswith("back-end stopped")
 
 
 def test_finalize_says_how_to_get_an_answer_after_a_time_limit(problem, fake_methods):

@@ -14,6 +14,8 @@ holds the timings: every time-limited method within ``time_limit * 1.1 + 0.5`` s
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import time
 
 import numpy as np
@@ -115,7 +117,7 @@ def test_fast_judged_slow_for_its_limit_runs_in_a_child(monkeypatch, big_routing
     assert sol.stats["bias_reproduces"] == 1.0 and sol.stats["auction"]["steps"] > 0
 
 
-def _sleeping_job(data, params):
+def _sleeping_job(problem, *, time_limit=None):
     """A job for run_bounded that works far longer than any limit given to it here."""
     time.sleep(600)
     return {"x": np.zeros(1)}
@@ -127,15 +129,18 @@ def test_a_child_working_past_its_limit_is_killed(monkeypatch, mode):
 
     monkeypatch.setenv("MOEBALANCE_ISOLATE", mode)
     out, side = _isolate.run_bounded(
-        f"{__name__}:_sleeping_job",
-        {"x": np.zeros(3)},
-        {},
+        _sleeping_job,
+        _tiny(),
         time_limit=0.5,
         start=time.perf_counter(),
-        cells=10**6,
+        isolate=True,
         meanwhile=lambda: "fallback ran",
     )
     assert out is None and side == "fallback ran"
+
+
+def _tiny():
+    return mb.RoutingProblem(np.array([[0.9, 0.1], [0.8, 0.2]]), 1)
 
 
 @pytest.fixture(scope="module")
@@ -207,19 +212,36 @@ def test_a_failing_child_is_an_error_naming_the_cause(monkeypatch, mode):
 
     monkeypatch.setenv("MOEBALANCE_ISOLATE", mode)
     with pytest.raises(RuntimeError, match="exited with code 1: TypeError"):
-        # json.loads(data, params) with two dicts: a TypeError inside the child
-        _isolate.run_bounded("json:loads", {"x": np.zeros(3)}, {}, time_limit=5, start=time.perf_counter(), cells=10**6)
+        # json.loads(problem, time_limit=...): a TypeError inside the child
+        _isolate.run_bounded(json.loads, _tiny(), time_limit=5, start=time.perf_counter(), isolate=True)
 
 
-def _echo_job(data, params):
-    """A job for run_bounded: what the child saw (the shapes it got, and whether the "_" object came along)."""
-    return {"x": np.asarray(data["x"]) * 2, "had_object": int("_obj" in data), "n": len(data)}
+def _echo_job(problem, *, time_limit=None, factor=1.0, warm=None):
+    """A job for run_bounded: what the child saw and computed, in the types a solver returns."""
+    return mb.RoutingSolution(
+        method="echo",
+        status=Status.TIME_LIMIT,
+        bound=float("inf"),
+        assignment=np.argmax(problem.scores, axis=1)[:, None],
+        bias=np.asarray(warm, dtype=np.float64) * factor,
+        stats={
+            "same_object": int(problem is _SEEN.get("problem")),
+            "in_parent": int(str(os.getpid()) == os.environ["MOEBALANCE_TEST_PARENT"]),
+            "nested": {"t": (1, 2.5), "arr": np.arange(3, dtype=np.int32), "nan": float("nan")},
+            "time_limit": time_limit,
+        },
+    )
+
+
+_SEEN: dict = {}
 
 
 @pytest.mark.parametrize("mode", ["fork", "spawn"])
 def test_a_forked_child_inherits_the_inputs_a_spawned_one_reads_them(monkeypatch, mode, tmp_path):
-    """A forked child works on the parent's own arrays (nothing is written for it: the validated problem rides
-    along as a "_" entry); a spawned child reads them from a file that holds arrays only (never the object)."""
+    """A forked child works on the parent's own problem object (nothing is written for it); a spawned child
+    reads the problem from a problem file and the options from a file of arrays (no pickle either way). The
+    typed answer comes back as the same types: a RoutingSolution with its Status, arrays with their dtypes,
+    nested stats with tuples and NaN."""
     import time
 
     from moebalance.solvers import _isolate
@@ -229,27 +251,46 @@ def test_a_forked_child_inherits_the_inputs_a_spawned_one_reads_them(monkeypatch
     written = []
     real_save = _isolate._save
 
-    def save(path, arrays, params):  # what each written file holds, read back as the child would (no pickle)
-        real_save(path, arrays, params)
+    def save(path, value):  # what each written file holds, read back as the child would (no pickle)
+        real_save(path, value)
         with np.load(path, allow_pickle=False) as z:
-            written.append((path, sorted(z.files)))
+            written.append((os.path.basename(path), sorted(z.files)))
 
     monkeypatch.setattr(_isolate, "_save", save)
+    import moebalance.io as io
+
+    problem_files = []
+    real_save_problem = io.save_problem
+
+    def save_problem(problem, path):
+        problem_files.append(os.path.basename(path))
+        return real_save_problem(problem, path)
+
+    monkeypatch.setattr(io, "save_problem", save_problem)
+    monkeypatch.setenv("MOEBALANCE_TEST_PARENT", str(os.getpid()))  # a spawned child sees it too
+    problem = _tiny()
+    _SEEN["problem"] = problem
     out, _ = _isolate.run_bounded(
-        f"{__name__}:_echo_job",
-        {"x": np.arange(4.0), "_obj": object()},
-        {},
+        _echo_job,
+        problem,
+        {"factor": 2.0, "warm": np.arange(2.0)},
         time_limit=20,
         start=time.perf_counter(),
-        cells=10**6,
+        isolate=True,
     )
-    assert np.array_equal(out["x"], [0.0, 2.0, 4.0, 6.0])
-    inputs = [w for w in written if w[0].endswith("in.npz")]
+    assert isinstance(out, mb.RoutingSolution) and out.status is Status.TIME_LIMIT and out.method == "echo"
+    assert out.bound == float("inf") and np.array_equal(out.bias, [0.0, 2.0])
+    assert out.assignment.dtype == np.int64 and out.assignment.tolist() == [[0], [0]]
+    nested = out.stats["nested"]
+    assert nested["t"] == (1, 2.5) and nested["arr"].dtype == np.int32 and np.isnan(nested["nan"])
+    assert out.stats["in_parent"] == 0 and 0 < out.stats["time_limit"] <= 20
+    inputs = [w for w in written if w[0] != "out.npz.part"]
     if mode == "fork":
-        assert out["had_object"] == 1 and inputs == []
+        assert out.stats["same_object"] == 1 and inputs == []
     else:
-        assert out["had_object"] == 0 and len(inputs) == 1
-        assert inputs[0][1] == ["__json__", "x"]  # arrays only, never the object
+        assert out.stats["same_object"] == 0 and [w[0] for w in inputs] == ["options.npz"]
+        assert problem_files == ["problem.npz"]  # written as a problem file (moebalance.io), read back the same
+    assert problem_files == ([] if mode == "fork" else ["problem.npz"])
 
 
 def test_fallback_bound_under_a_tight_deadline_is_still_an_upper_bound(big_routing, big_routing_bound):
