@@ -226,52 +226,16 @@ def _cmd_gen(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _scenario_generator() -> Any:
-    """Placement problems of the simulator's imbalance scenarios and model presets. The presets sit above the
-    core (``moebalance.evaluation``), which the core's modules may not import, so the CLI attaches this
-    generator to the family that the simulator's problems belong to."""
-    from .evaluation.simulate import MODELS, Hardware, scenario_loads
-    from .family import Generator
-    from .placement import PlacementProblem
-
-    def make(args: argparse.Namespace) -> tuple[Any, str]:
-        if args.model not in MODELS:
-            raise ValueError(f"`--model` must be one of {', '.join(sorted(MODELS))}, got {args.model!r}")
-        loads = scenario_loads(args.scenario, MODELS[args.model], args.devices, args.tokens, seed=args.seed)
-        cost = Hardware().cost(MODELS[args.model]) if args.cost == "model" else None
-        return PlacementProblem(loads, args.devices, cost=cost), ""
-
-    arguments = (
-        (
-            ("--scenario",),
-            dict(default="80:4", help="'pct:n' (pct%% of tokens into n experts), 'zipf:s' or 'balanced'"),
-        ),
-        (("--model",), dict(default="gpt-oss-120b", help="model preset giving E and k")),
-        (("--devices", "-P"), dict(type=int, default=8, help="devices")),
-        (
-            ("--cost",),
-            dict(
-                default="model",
-                choices=["model", "tokens"],
-                help="'model' = CostModel.from_shapes of the model's experts on the simulator's assumed H200-class "
-                "hardware (GEMM, weight-copy and transfer times count); 'tokens' = the makespan is the largest "
-                "per-device token count",
-            ),
-        ),
-        (("--tokens", "-T"), dict(type=int, default=1024, help="tokens per device (default 1024)")),
-        (("--seed",), dict(type=int, default=0, help="random seed (default 0)")),
-    )
-    return PlacementProblem.kind, Generator(arguments, make)
-
-
 def _generators() -> dict[str, Any]:
     """``{family name: Generator}``: what each family declares, plus the simulator's scenarios."""
     from .family import all_families
 
     families = all_families()
     out = {name: fam.generator for name, fam in families.items() if fam.generator is not None}
-    name, scenarios = _scenario_generator()
-    out.setdefault(name, scenarios)
+    from .evaluation.generators import generators as evaluation_generators
+
+    for name, gen in evaluation_generators().items():
+        out.setdefault(name, gen)
     # the family of untagged files (the first one) leads and is the default, the others follow by name
     return dict(sorted(out.items(), key=lambda item: (not families[item[0]].untagged_files, item[0])))
 
