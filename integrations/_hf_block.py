@@ -12,6 +12,11 @@ from moebalance.integrations._hf_routers import _gather_rows
 from moebalance.integrations._hf_stats import LayerStats
 from torch import Tensor, nn
 
+#: ``loss_free``'s default rate per router kind (``bias_update_rate="auto"``): the sign update moves a price by
+#: the rate per step, so it scales with the spread of the scores the price is subtracted from -- about 1/E
+#: for softmax probabilities, several times larger for DeepSeek-V3's sigmoid scores (docs/training.md)
+LOSS_FREE_RATES = {"softmax": 1e-3, "softmax_of_topk": 1e-3, "grouped_sigmoid": 1e-2}
+
 
 class _Block:
     def __init__(
@@ -40,11 +45,15 @@ class _Block:
         self.shards: Any = None
         self.balancer: Any = None
         self.eval_prices = options["eval_prices"]
+        self.enforce_capacity = bool(options["enforce_capacity"])
+        self.capacity_factor = float(options["capacity_factor"])
         self.group: Any = None  # expert parallelism: "bip" prices the global batch over this group
         if balancer == "loss_free":
             from moebalance.solvers.balancers import LossFreeBalancer
 
-            self.balancer = LossFreeBalancer(E, self.top_k, rate=options["bias_update_rate"])
+            rate = options["bias_update_rate"]
+            rate = LOSS_FREE_RATES.get(kind, LOSS_FREE_RATES["softmax"]) if rate == "auto" else rate
+            self.balancer = LossFreeBalancer(E, self.top_k, rate=rate)
         elif balancer in ("bip", "bip_lagged"):
             from moebalance.solvers.balancers import BIPBalancer
 

@@ -38,8 +38,32 @@ def _scores(kind: str, router: nn.Module, h: Tensor) -> tuple[Tensor, Tensor, Te
     return logits, probs, probs
 
 
-def _select(kind: str, router: nn.Module, logits: Tensor, scores: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
-    """``(gates [T, k], eidx [T, k])``: the architecture's top-k of ``scores - q`` (``q [E]`` float32)."""
+def _topk(choice: Tensor, k: int, capacity: Any) -> Tensor:
+    """``[T, k]`` expert ids: the top-k of ``choice``, or with ``capacity`` at most that many tokens per expert
+    (:func:`~moebalance.solvers.routing_prices.capacity_topk`, k distinct experts per token still).
+    ``capacity``: None, an int, or ``(capacity_factor, group)``: the capacity of the global batch over the
+    ranks of ``group``, assigned on every rank's rows alike (this rank keeps its own)."""
+    if capacity is None:
+        return torch.topk(choice, k, dim=-1).indices
+    from moebalance.routing import expert_capacity
+    from moebalance.solvers.routing_prices import capacity_topk
+
+    if isinstance(capacity, int):
+        return capacity_topk(choice, k, capacity)
+    factor, group = capacity
+    rows, sizes = _gather_rows(choice.detach(), group, sizes=True)
+    import torch.distributed as dist
+
+    start = sum(sizes[: dist.get_rank(group)])
+    cap = expert_capacity(rows.shape[0], k, rows.shape[1], factor)
+    return capacity_topk(rows, k, cap)[start : start + choice.shape[0]].to(choice.device)
+
+
+def _select(
+    kind: str, router: nn.Module, logits: Tensor, scores: Tensor, q: Tensor, capacity: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(gates [T, k], eidx [T, k])``: the architecture's top-k of ``scores - q`` (``q [E]`` float32); with
+    ``capacity``, each expert takes at most that many of the tokens (the gates are the router's own either way)."""
     k, E = router.top_k, router.weight.shape[0]
     if kind == "grouped_sigmoid":
         choice = scores - q
@@ -49,12 +73,12 @@ def _select(kind: str, router: nn.Module, logits: Tensor, scores: Tensor, q: Ten
         group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
         score_mask = group_mask.unsqueeze(-1).expand(-1, G, E // G).reshape(-1, E)
         choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
-        eidx = torch.topk(choice, k=k, dim=-1, sorted=False)[1]
+        eidx = torch.topk(choice, k=k, dim=-1, sorted=False)[1] if capacity is None else _topk(choice, k, capacity)
         gates = scores.gather(1, eidx)
         if router.norm_topk_prob:
             gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
         return gates * router.routed_scaling_factor, eidx
-    eidx = torch.topk(scores - q, k, dim=-1).indices
+    eidx = _topk(scores - q, k, capacity)
     if kind == "softmax_of_topk":
         return torch.softmax(logits.gather(1, eidx), dim=1, dtype=logits.dtype), eidx
     gates = scores.gather(1, eidx)
@@ -85,7 +109,8 @@ def _probs_of(kind: str, logits: Tensor) -> Tensor:
 
 def _router_forward(self: nn.Module, hidden_states: Tensor):
     """The patched router: the original (balancer "none", or eval mode with ``eval_prices="none"``) or the
-    priced rule; "bip" in training first refits the price on this batch (global under expert parallelism)."""
+    priced rule; "bip" in training first refits the price on this batch (global under expert parallelism) and,
+    with ``enforce_capacity``, gives each expert at most its capacity of this rank's tokens."""
     blk: Any = self._moebalance
     h = hidden_states.reshape(-1, blk.hidden)
     # inside backward this is gradient checkpointing's recompute: route with the price of the original
@@ -100,13 +125,22 @@ def _router_forward(self: nn.Module, hidden_states: Tensor):
         if blk.balancer_name == "bip" and self.training:
             blk.fit_price(scores.detach())  # the paper's order: prices of this batch, then its top-k
         blk.used_price = blk.price().clone()
-    gates, eidx = _select(blk.kind, self, logits, scores, blk.used_price)
+    capacity = None
+    if blk.balancer_name == "bip" and self.training and blk.enforce_capacity:
+        from moebalance.routing import expert_capacity
+
+        if blk.group is not None:  # the global batch's capacity, the same assignment on every rank
+            capacity = (blk.capacity_factor, blk.group)
+        else:
+            capacity = expert_capacity(h.shape[0], blk.top_k, blk.num_experts, blk.capacity_factor)
+    gates, eidx = _select(blk.kind, self, logits, scores, blk.used_price, capacity)
     blk.pending = (scores.detach(), probs)
     return logits, gates, eidx
 
 
-def _gather_rows(x: Tensor, group: Any) -> Tensor:
-    """Every rank's ``[T_r, E]`` rows, rank-major (a collective; gloo: through the host, NCCL: on the device)."""
+def _gather_rows(x: Tensor, group: Any, sizes: bool = False) -> Any:
+    """Every rank's ``[T_r, E]`` rows, rank-major (a collective; gloo: through the host, NCCL: on the device);
+    with ``sizes``, ``(rows, [T_r per rank])``."""
     import torch.distributed as dist
 
     P = dist.get_world_size(group)
@@ -115,11 +149,12 @@ def _gather_rows(x: Tensor, group: Any) -> Tensor:
     n = torch.tensor([y.shape[0]], dtype=torch.int64, device=y.device)
     ns = [torch.zeros_like(n) for _ in range(P)]
     dist.all_gather(ns, n, group=group)
-    sizes = [int(v) for v in ns]
-    y = F.pad(y, (0, 0, 0, max(sizes) - y.shape[0]))
+    counts = [int(v) for v in ns]
+    y = F.pad(y, (0, 0, 0, max(counts) - y.shape[0]))
     got = [torch.empty_like(y) for _ in range(P)]
     dist.all_gather(got, y, group=group)
-    return torch.cat([g[:t] for g, t in zip(got, sizes)]).to(dev)
+    rows = torch.cat([g[:t] for g, t in zip(got, counts)]).to(dev)
+    return (rows, counts) if sizes else rows
 
 
 # ---------------------------------------------------------------------------------------------------------

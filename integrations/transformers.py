@@ -77,7 +77,7 @@ import types
 from typing import Any
 
 import numpy as np
-from moebalance.integrations._hf_block import _Block, _State, _state, is_enabled
+from moebalance.integrations._hf_block import LOSS_FREE_RATES, _Block, _State, _state, is_enabled
 from moebalance.integrations._hf_experts import (
     EXPERTS_IMPLEMENTATION,
     _expert_tensors,
@@ -113,15 +113,17 @@ __all__ = [
     "register_experts_implementation",
     "EXPERTS_IMPLEMENTATION",
     "BALANCERS",
+    "LOSS_FREE_RATES",
 ]
 
 BALANCERS = ("none", "aux_loss", "loss_free", "bip", "bip_lagged")
 _PRICED = ("loss_free", "bip", "bip_lagged")  # balancers whose price steps in training
 _BALANCER_OPTIONS = {
-    "bias_update_rate": 1e-3,
+    "bias_update_rate": "auto",  # LOSS_FREE_RATES by router kind
     "aux_loss_coeff": 1e-2,
     "capacity_factor": 1.0,
     "bip_iterations": 4,
+    "enforce_capacity": True,
     "prices": "auto",
     "eval_prices": "trained",
 }
@@ -153,7 +155,8 @@ def enable(
       expert_parallel: shard the experts over the ranks of ``group`` (torch.distributed must be initialised).
       group: the process group (None: the default group).
       placement: the placement method of each step ("ep", "llep", "llep+", "eplb", "milp", ...).
-      options: balancer options ``bias_update_rate`` (1e-3), ``aux_loss_coeff`` (1e-2), ``capacity_factor``
+      options: balancer options ``bias_update_rate`` ("auto": 1e-3 for softmax routers, 1e-2 for DeepSeek-V3's
+        sigmoid router, ``LOSS_FREE_RATES``), ``aux_loss_coeff`` (1e-2), ``capacity_factor``
         (1.0, BIP's capacity), ``bip_iterations`` (4), ``prices`` ("auto": the router's, else the checkpoint's,
         else zeros | "zeros" | a list of [E] prices, one per MoE block), ``eval_prices`` ("trained" | "none":
         the router's own rule in eval mode); with expert_parallel, the placement options
@@ -190,6 +193,8 @@ def enable(
             )
     for key in ("bias_update_rate", "capacity_factor"):
         v = bal_opts[key]
+        if key == "bias_update_rate" and isinstance(v, str) and v == "auto":
+            continue
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0:
             raise ValueError(f"`{key}` must be a finite number > 0, got {v!r}")
     v = bal_opts["aux_loss_coeff"]
@@ -198,6 +203,8 @@ def enable(
     v = bal_opts["bip_iterations"]
     if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 1 << 20:
         raise ValueError(f"`bip_iterations` must be an integer in [1, 2**20], got {v!r}")
+    if not isinstance(bal_opts["enforce_capacity"], bool):
+        raise ValueError(f"`enforce_capacity` must be a bool, got {bal_opts['enforce_capacity']!r}")
     if bal_opts["eval_prices"] not in ("trained", "none"):
         raise ValueError(f"`eval_prices` must be 'trained' or 'none', got {bal_opts['eval_prices']!r}")
     if not expert_parallel and (placement != "ep" or group is not None):

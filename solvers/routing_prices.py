@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["price_iteration", "dual_bound", "is_torch", "tie_break"]
+__all__ = ["price_iteration", "dual_bound", "is_torch", "tie_break", "capacity_topk"]
 
 #: the tie-break offset of a score s is below ``TIE_BREAK * (|s| + 2**-20 * range)``: relative to the score
 #: itself (so it stays far below the gaps between small softmax scores), never zero for a zero score
@@ -163,3 +163,94 @@ def dual_bound(scores: Any, k: int, capacity: Any, q: Any) -> Any:
     qq = np.maximum(np.asarray(q, dtype=np.float64), 0.0)
     red = np.asarray(scores, dtype=np.float64) - qq
     return float(np.partition(red, E - k, axis=1)[:, E - k :].sum() + qq @ cap)
+
+
+def capacity_topk(choice: Any, k: int, capacity: int, max_rounds: int | None = None) -> Any:
+    """``[T, k]`` distinct experts per token with at most ``capacity`` tokens per expert (torch, on the
+    tensor's device): deferred acceptance on the price-adjusted scores ``choice [T, E]``.
+
+    Every token proposes to its best experts by ``choice`` (``-inf``: not allowed, e.g. outside DeepSeek-V3's
+    chosen groups); each expert keeps the ``capacity`` proposers with the largest margin ``choice[t, e] -
+    p_t`` (``p_t`` the token's (k+1)-th best ``choice``: what the token loses by going elsewhere) and rejects
+    the rest, who propose to their next experts, until every token holds k. With prices that already balance,
+    this is the plain top-k of ``choice``. It ends with every token holding k whenever ``E * capacity >= T * k``
+    and every token has k allowed experts; a token left short after ``max_rounds`` rounds (default E) or of
+    allowed experts under capacity takes its best remaining experts over capacity (routing stays dropless).
+    A ``capacity`` below ``ceil(T * k / E)`` (where the pairs cannot fit) is raised to it. Ties are broken by
+    ``torch.topk``'s order, so the capacity holds on tied scores too.
+    """
+    import torch
+
+    T, E = choice.shape
+    if k >= E or capacity >= T or T == 0:
+        return torch.topk(choice, min(k, E), dim=1).indices
+    rounds = E if max_rounds is None else max_rounds
+    capacity = max(int(capacity), -(-T * k // E))  # below T * k / E the pairs cannot fit: the least that fits
+    c = choice.detach()
+    top = torch.topk(c, k + 1, dim=1)
+    first = top.indices[:, :k]
+    loads = torch.bincount(first.reshape(-1), minlength=E)
+    if int(loads.max()) <= capacity:  # the prices balanced this batch: the plain top-k
+        return first
+    finite = torch.isfinite(c)
+    p = top.values[:, k]
+    margin = torch.where(finite, c - torch.where(torch.isfinite(p), p, 0.0)[:, None], float("-inf"))
+    order = torch.argsort(c, dim=1, descending=True)  # each token's experts, best first
+    pos = torch.arange(E, device=c.device)[None, :]
+    ranks = torch.empty_like(order).scatter_(1, order, pos.expand(T, E))  # ranks[t, e]: e's place in t's list
+    held = torch.zeros(T, E, dtype=torch.bool, device=c.device)
+    nxt = torch.zeros(T, dtype=torch.int64, device=c.device)
+    need = torch.full((T,), k, dtype=torch.int64, device=c.device)
+    neg = torch.tensor(float("-inf"), dtype=margin.dtype, device=c.device)
+    for _ in range(rounds):
+        proposed = (ranks >= nxt[:, None]) & (ranks < (nxt + need)[:, None]) & finite
+        nxt = nxt + need
+        cand = held | proposed
+        val = torch.where(cand, margin, neg)
+        keep = torch.zeros_like(held).scatter_(0, torch.topk(val, capacity, dim=0).indices, True)
+        held = keep & cand
+        need = k - held.sum(1)
+        if not bool(((need > 0) & (nxt < E)).any()):
+            break
+    if bool((need > 0).any()):
+        held = _repair_short(c, finite, held, need, k, capacity)
+    # the k held experts of each token, in the token's own order of preference
+    key = torch.where(held, ranks, E + ranks)
+    return torch.topk(-key, k, dim=1).indices
+
+
+def _repair_short(c: Any, finite: Any, held: Any, need: Any, k: int, capacity: int) -> Any:
+    """Tokens left short by deferred acceptance (every expert with room is one they already hold): one swap
+    each -- a token u moves from a full expert f to an expert g with room, the short token takes f -- chosen
+    for the largest change of ``choice``; where no swap exists, the token's best other experts over capacity
+    (dropless; at last any experts, so that every token has k distinct ones)."""
+    import torch
+
+    T, E = c.shape
+    neg = torch.tensor(float("-inf"), dtype=c.dtype, device=c.device)
+    cf = torch.where(finite, c, neg)
+    for t in torch.nonzero(need > 0).flatten().tolist():
+        for _ in range(int(k - held[t].sum())):
+            loads = held.sum(0)
+            room = (loads < capacity) & ~held[t]
+            if bool((room & finite[t]).any()):  # an expert with room appeared: take the best one
+                e = int(torch.where(room & finite[t], cf[t], neg).argmax())
+                held[t, e] = True
+                continue
+            full = (loads >= capacity) & ~held[t] & finite[t]  # what t could take if someone leaves
+            best, move = neg, None
+            for g in torch.nonzero(loads < capacity).flatten().tolist():
+                ok = held & full[None, :] & ~held[:, g : g + 1] & finite[:, g : g + 1]
+                gain = torch.where(ok, cf[:, g : g + 1] - cf + cf[t][None, :], neg)
+                j = int(gain.argmax())
+                if bool(gain.view(-1)[j] > best):
+                    best, move = gain.view(-1)[j], (j // E, j % E, g)
+            if move is None:  # no swap keeps the capacity: the best other allowed expert, over capacity
+                rest = torch.where(held[t] | ~finite[t], neg, c[t])
+                if not bool(torch.isfinite(rest).any()):
+                    rest = torch.where(held[t], neg, c[t].masked_fill(~finite[t], -3e38))
+                held[t, int(rest.argmax())] = True
+                continue
+            u, f, g = move
+            held[u, f], held[u, g], held[t, f] = False, True, True
+    return held
