@@ -300,7 +300,7 @@ def render_table(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        pm = lambda f: f"{r[f]:.2f} ± {r[f + '_spread'] / 2:.2f}" if r["seeds"] > 1 else f"{r[f]:.2f}"
+        pm = lambda f, r=r: f"{r[f]:.2f} ± {r[f + '_spread'] / 2:.2f}" if r["seeds"] > 1 else f"{r[f]:.2f}"
         lines.append(
             f"| {r['arch']} | {r['experts']} | {r['top_k']} | {r['balancer']} | {pm('avg_max_vio')} | "
             f"{r['first10_max_vio']:.2f} | {pm('sup_max_vio')} | {r['sup_over_floor']:.1f} | "

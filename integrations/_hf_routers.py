@@ -39,37 +39,44 @@ def _scores(kind: str, router: nn.Module, h: Tensor) -> tuple[Tensor, Tensor, Te
 
 
 def _topk(choice: Tensor, k: int, capacity: Any) -> Tensor:
-    """``[T, k]`` expert ids: the top-k of ``choice``, or with ``capacity`` at most that many tokens per expert
-    (:func:`~moebalance.solvers.routing_prices.capacity_topk`, k distinct experts per token still).
-    ``capacity``: None, an int, or ``(capacity_factor, group)``: the capacity of the global batch over the
-    ranks of ``group``, assigned on every rank's rows alike (this rank keeps its own)."""
+    """``[T, k]`` column ids: the top-k of ``choice [T, N]``, or with ``capacity = (capacity_factor, group)``
+    at most ``ceil(capacity_factor * T * k / N)`` rows per column
+    (:func:`~moebalance.solvers.routing_prices.capacity_topk`, k distinct columns per row still). With a
+    process ``group`` (expert parallelism) T is the global batch: every rank assigns every rank's rows alike
+    and keeps its own."""
     if capacity is None:
         return torch.topk(choice, k, dim=-1).indices
-    from moebalance.routing import expert_capacity
     from moebalance.solvers.routing_prices import capacity_topk
 
-    if isinstance(capacity, int):
-        return capacity_topk(choice, k, capacity)
+    from moebalance.routing import expert_capacity
+
     factor, group = capacity
-    rows, sizes = _gather_rows(choice.detach(), group, sizes=True)
+    if group is None:
+        return capacity_topk(choice, k, expert_capacity(choice.shape[0], k, choice.shape[1], factor))
     import torch.distributed as dist
 
+    rows, sizes = _gather_rows(choice.detach(), group, sizes=True)
     start = sum(sizes[: dist.get_rank(group)])
     cap = expert_capacity(rows.shape[0], k, rows.shape[1], factor)
     return capacity_topk(rows, k, cap)[start : start + choice.shape[0]].to(choice.device)
 
 
 def _select(
-    kind: str, router: nn.Module, logits: Tensor, scores: Tensor, q: Tensor, capacity: int | None = None
+    kind: str, router: nn.Module, logits: Tensor, scores: Tensor, q: Tensor, capacity: Any = None
 ) -> tuple[Tensor, Tensor]:
     """``(gates [T, k], eidx [T, k])``: the architecture's top-k of ``scores - q`` (``q [E]`` float32); with
-    ``capacity``, each expert takes at most that many of the tokens (the gates are the router's own either way)."""
+    ``capacity`` (``(capacity_factor, process group or None)``, see :func:`_topk`) each expert takes at most its
+    capacity of the tokens -- and DeepSeek-V3's groups theirs, ``topk_group`` of ``num_group`` per token, so
+    the experts' capacities fit inside the chosen groups (the gates are the router's own either way)."""
     k, E = router.top_k, router.weight.shape[0]
     if kind == "grouped_sigmoid":
         choice = scores - q
         G = router.num_group
         group_scores = choice.view(-1, G, E // G).topk(2, dim=-1)[0].sum(dim=-1)
-        group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
+        if capacity is None:
+            group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
+        else:
+            group_idx = _topk(group_scores, router.topk_group, capacity)
         group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
         score_mask = group_mask.unsqueeze(-1).expand(-1, G, E // G).reshape(-1, E)
         choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
@@ -127,12 +134,7 @@ def _router_forward(self: nn.Module, hidden_states: Tensor):
         blk.used_price = blk.price().clone()
     capacity = None
     if blk.balancer_name == "bip" and self.training and blk.enforce_capacity:
-        from moebalance.routing import expert_capacity
-
-        if blk.group is not None:  # the global batch's capacity, the same assignment on every rank
-            capacity = (blk.capacity_factor, blk.group)
-        else:
-            capacity = expert_capacity(h.shape[0], blk.top_k, blk.num_experts, blk.capacity_factor)
+        capacity = (blk.capacity_factor, blk.group)  # under expert parallelism: the global batch's
     gates, eidx = _select(blk.kind, self, logits, scores, blk.used_price, capacity)
     blk.pending = (scores.detach(), probs)
     return logits, gates, eidx
