@@ -167,17 +167,20 @@ def dual_bound(scores: Any, k: int, capacity: Any, q: Any) -> Any:
 
 def capacity_topk(choice: Any, k: int, capacity: int, max_rounds: int | None = None) -> Any:
     """``[T, k]`` distinct experts per token with at most ``capacity`` tokens per expert (torch, on the
-    tensor's device): deferred acceptance on the price-adjusted scores ``choice [T, E]``.
+    tensor's device), from the price-adjusted scores ``choice [T, E]`` (``-inf``: not allowed, e.g. outside
+    DeepSeek-V3's chosen groups).
 
-    Every token proposes to its best experts by ``choice`` (``-inf``: not allowed, e.g. outside DeepSeek-V3's
-    chosen groups); each expert keeps the ``capacity`` proposers with the largest margin ``choice[t, e] -
-    p_t`` (``p_t`` the token's (k+1)-th best ``choice``: what the token loses by going elsewhere) and rejects
-    the rest, who propose to their next experts, until every token holds k. With prices that already balance,
-    this is the plain top-k of ``choice``. It ends with every token holding k whenever ``E * capacity >= T * k``
-    and every token has k allowed experts; a token left short after ``max_rounds`` rounds (default E) or of
-    allowed experts under capacity takes its best remaining experts over capacity (routing stays dropless).
-    A ``capacity`` below ``ceil(T * k / E)`` (where the pairs cannot fit) is raised to it. Ties are broken by
-    ``torch.topk``'s order, so the capacity holds on tied scores too.
+    Each token takes its top-k of ``choice``; an expert over capacity keeps the ``capacity`` of them with the
+    largest margin ``choice[t, e] - p_t`` (``p_t`` the token's (k+1)-th best ``choice``: what the token loses
+    by going elsewhere); the tokens it lets go propose, in rounds, to their best experts that still have room,
+    each of which takes the proposers of largest margin up to its room. A token left short because every
+    expert with room is one it already holds (possible when ``E * capacity == T * k``) swaps with a token that
+    can move (:func:`_repair_short`). With prices that already balance, this is the plain top-k of ``choice``.
+    It ends with every token holding k within capacity whenever ``E * capacity >= T * k`` and the allowed
+    experts admit it; otherwise the short tokens take their best other experts over capacity (routing stays
+    dropless). A ``capacity`` below ``ceil(T * k / E)`` (where the pairs cannot fit) is raised to it; ties are
+    broken by ``torch.topk``'s order, so the capacity holds on tied scores too. At most ``max_rounds`` rounds
+    (default E); the host synchronises once per round (a few rounds with prices near the batch's own).
     """
     import torch
 
@@ -194,29 +197,40 @@ def capacity_topk(choice: Any, k: int, capacity: int, max_rounds: int | None = N
         return first
     finite = torch.isfinite(c)
     p = top.values[:, k]
-    margin = torch.where(finite, c - torch.where(torch.isfinite(p), p, 0.0)[:, None], float("-inf"))
-    order = torch.argsort(c, dim=1, descending=True)  # each token's experts, best first
-    pos = torch.arange(E, device=c.device)[None, :]
-    ranks = torch.empty_like(order).scatter_(1, order, pos.expand(T, E))  # ranks[t, e]: e's place in t's list
-    held = torch.zeros(T, E, dtype=torch.bool, device=c.device)
-    nxt = torch.zeros(T, dtype=torch.int64, device=c.device)
-    need = torch.full((T,), k, dtype=torch.int64, device=c.device)
-    neg = torch.tensor(float("-inf"), dtype=margin.dtype, device=c.device)
+    neg = torch.tensor(float("-inf"), dtype=c.dtype, device=c.device)
+    margin = torch.where(finite, c - torch.where(torch.isfinite(p), p, 0.0)[:, None], neg)
+    held = torch.zeros(T, E, dtype=torch.bool, device=c.device).scatter_(1, first, True)
+    over = loads > capacity  # over-full experts keep their `capacity` tokens of largest margin
+    val = torch.where(held & over[None, :], margin, neg)
+    kept = torch.zeros_like(held).scatter_(0, torch.topk(val, capacity, dim=0).indices, True)
+    held &= kept | ~over[None, :]
+    room = capacity - held.sum(0)
+    need = k - held.sum(1)
+    active = torch.nonzero(need > 0).flatten()
+    slot = torch.arange(k, device=c.device)[None, :]
     for _ in range(rounds):
-        proposed = (ranks >= nxt[:, None]) & (ranks < (nxt + need)[:, None]) & finite
-        nxt = nxt + need
-        cand = held | proposed
-        val = torch.where(cand, margin, neg)
-        keep = torch.zeros_like(held).scatter_(0, torch.topk(val, capacity, dim=0).indices, True)
-        held = keep & cand
-        need = k - held.sum(1)
-        if not bool(((need > 0) & (nxt < E)).any()):
+        if active.numel() == 0:
             break
-    if bool((need > 0).any()):
+        n = active.numel()
+        h_a, nd = held[active], need[active]
+        sub = torch.where(h_a | ~finite[active] | (room <= 0)[None, :], neg, c[active])
+        best = torch.topk(sub, int(nd.max()), dim=1)
+        ok = (slot[:, : best.indices.shape[1]] < nd[:, None]) & torch.isfinite(best.values)
+        if not bool(ok.any()):
+            break
+        prop = torch.zeros(n, E, dtype=torch.bool, device=c.device).scatter_(1, best.indices, ok)
+        R = min(int(room.max()), n)
+        pick = torch.topk(torch.where(prop, margin[active], neg), R, dim=0)
+        acc = (torch.arange(R, device=c.device)[:, None] < room[None, :]) & torch.isfinite(pick.values)
+        got = torch.zeros(n, E, dtype=torch.bool, device=c.device).scatter_(0, pick.indices, acc) & prop
+        held[active] = h_a | got
+        room = room - got.sum(0)
+        need[active] = nd - got.sum(1)
+        active = active[need[active] > 0]
+    if active.numel():
         held = _repair_short(c, finite, held, need, k, capacity)
-    # the k held experts of each token, in the token's own order of preference
-    key = torch.where(held, ranks, E + ranks)
-    return torch.topk(-key, k, dim=1).indices
+    # the k held experts of each token, its best first
+    return torch.topk(torch.where(held, c.masked_fill(~finite, -3e38), neg), k, dim=1).indices
 
 
 def _repair_short(c: Any, finite: Any, held: Any, need: Any, k: int, capacity: int) -> Any:
