@@ -32,6 +32,9 @@ def is_torch(x: Any) -> bool:
     return type(x).__module__.startswith("torch")
 
 
+_TIE_OFFSETS: dict = {}
+
+
 def tie_break(scores: Any) -> Any:
     """``[T, E]`` float64 scores plus a deterministic offset per (token, expert), below ``2**-40`` of the score
     (plus ``2**-60`` of the batch's score range).
@@ -48,8 +51,13 @@ def tie_break(scores: Any) -> Any:
         import torch
 
         s = scores.detach().double()
-        idx = torch.arange(T * E, dtype=torch.int64, device=s.device)
-        u = ((idx * 2654435761) % 4294967296).double().view(T, E) / 4294967296.0
+        key = (T, E, str(s.device))
+        u = _TIE_OFFSETS.get(key)
+        if u is None:  # the offsets depend on the shape only: made once per shape and device (the last one kept)
+            idx = torch.arange(T * E, dtype=torch.int64, device=s.device)
+            u = ((idx * 2654435761) % 4294967296).double().view(T, E) / 4294967296.0
+            _TIE_OFFSETS.clear()
+            _TIE_OFFSETS[key] = u
         span = (s.max() - s.min()).clamp_min(1e-300) if s.numel() else s.new_ones(())
         return s + u * TIE_BREAK * (s.abs() + span * 2.0**-20)
     s = np.asarray(scores, dtype=np.float64)
@@ -234,10 +242,11 @@ def capacity_topk(choice: Any, k: int, capacity: int, max_rounds: int | None = N
 
 
 def _repair_short(c: Any, finite: Any, held: Any, need: Any, k: int, capacity: int) -> Any:
-    """Tokens left short by deferred acceptance (every expert with room is one they already hold): one swap
-    each -- a token u moves from a full expert f to an expert g with room, the short token takes f -- chosen
-    for the largest change of ``choice``; where no swap exists, the token's best other experts over capacity
-    (dropless; at last any experts, so that every token has k distinct ones)."""
+    """Tokens left short (every expert with room is one they hold, or one they may not take): an augmenting
+    path each -- token t takes a full expert f0, a token holding f0 moves on to f1, ... the last to an expert
+    with room -- found by breadth-first search on the experts (edge f -> f' when some token holds f, not f',
+    and may take f'), each move the one of largest gain in ``choice``. Where no path exists, the token's best
+    other experts over capacity (dropless; at last any experts, so that every token has k distinct ones)."""
     import torch
 
     T, E = c.shape
@@ -246,25 +255,65 @@ def _repair_short(c: Any, finite: Any, held: Any, need: Any, k: int, capacity: i
     for t in torch.nonzero(need > 0).flatten().tolist():
         for _ in range(int(k - held[t].sum())):
             loads = held.sum(0)
-            room = (loads < capacity) & ~held[t]
-            if bool((room & finite[t]).any()):  # an expert with room appeared: take the best one
-                e = int(torch.where(room & finite[t], cf[t], neg).argmax())
-                held[t, e] = True
-                continue
-            full = (loads >= capacity) & ~held[t] & finite[t]  # what t could take if someone leaves
-            best, move = neg, None
-            for g in torch.nonzero(loads < capacity).flatten().tolist():
-                ok = held & full[None, :] & ~held[:, g : g + 1] & finite[:, g : g + 1]
-                gain = torch.where(ok, cf[:, g : g + 1] - cf + cf[t][None, :], neg)
-                j = int(gain.argmax())
-                if bool(gain.view(-1)[j] > best):
-                    best, move = gain.view(-1)[j], (j // E, j % E, g)
-            if move is None:  # no swap keeps the capacity: the best other allowed expert, over capacity
+            room = loads < capacity
+            path = _augmenting_path(held, finite, room, t)
+            moves = list(zip(path[:-1], path[1:])) if path is not None else []
+            if path is not None and not _apply_moves(held, finite, cf, t, moves):
+                path = None  # (not reached: each edge's token is untouched by the later moves of the path)
+            if path is None:  # no way to keep the capacity: the best other allowed expert, over capacity
                 rest = torch.where(held[t] | ~finite[t], neg, c[t])
                 if not bool(torch.isfinite(rest).any()):
                     rest = torch.where(held[t], neg, c[t].masked_fill(~finite[t], -3e38))
                 held[t, int(rest.argmax())] = True
                 continue
-            u, f, g = move
-            held[u, f], held[u, g], held[t, f] = False, True, True
+            held[t, path[0]] = True
     return held
+
+
+def _apply_moves(held: Any, finite: Any, cf: Any, t: int, moves: list) -> bool:
+    """Move, last edge first (each frees the slot the one before fills), for each edge ``f -> g`` the token
+    of largest gain holding f and not g; False (nothing changed) where an edge has no such token."""
+    import torch
+
+    neg = torch.tensor(float("-inf"), dtype=cf.dtype, device=cf.device)
+    done = []
+    for f, g in reversed(moves):
+        movable = held[:, f] & ~held[:, g] & finite[:, g]
+        movable[t] = False
+        if not bool(movable.any()):
+            for u, f0, g0 in reversed(done):
+                held[u, f0], held[u, g0] = True, False
+            return False
+        u = int(torch.where(movable, cf[:, g] - cf[:, f], neg).argmax())
+        held[u, f], held[u, g] = False, True
+        done.append((u, f, g))
+    return True
+
+
+def _augmenting_path(held: Any, finite: Any, room: Any, t: int) -> list[int] | None:
+    """Experts ``[f0, f1, ..., g]``: t may take f0, a token other than t holding f_i and not f_{i+1} may take
+    f_{i+1}, and g has room (``[g]`` alone when t may take g itself); None when there is no such path."""
+    others = held.clone()
+    others[t] = False
+    can = finite & ~held
+    can[t] = False
+    edge = (others.T.double() @ can.double()) > 0  # [E, E]: f -> f' through some token
+    starts = (finite[t] & ~held[t]).tolist()
+    roomy = room.tolist()
+    nxt = edge.tolist()
+    E = len(starts)
+    prev = [-2] * E
+    queue = [f for f in range(E) if starts[f]]
+    for f in queue:
+        prev[f] = -1
+    for f in queue:  # breadth first (the list grows while it is walked)
+        if roomy[f]:
+            path = [f]
+            while prev[path[-1]] != -1:
+                path.append(prev[path[-1]])
+            return path[::-1]
+        for g in range(E):
+            if nxt[f][g] and prev[g] == -2:
+                prev[g] = f
+                queue.append(g)
+    return None

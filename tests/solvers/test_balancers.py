@@ -286,3 +286,76 @@ def test_layer_prices_are_in_state_dict_and_come_back(balancer):
     lazy.reset_parameters()
     assert torch.equal(lazy.bias, torch.zeros(8))
     assert MoEConfig(**cfg).balancer_name == balancer
+
+
+def _check_capacity_topk(s, k, cap, idx):
+    T, E = s.shape
+    assert idx.shape == (T, k)
+    srt = idx.sort(1).values
+    assert bool((srt[:, 1:] != srt[:, :-1]).all())  # k distinct experts per token
+    assert int(torch.bincount(idx.reshape(-1), minlength=E).max()) <= cap
+
+
+@pytest.mark.parametrize("T,E,k", [(512, 16, 2), (512, 64, 8), (1000, 16, 8), (96, 8, 3), (7, 7, 2)])
+def test_capacity_topk_holds_capacity_and_never_beats_the_exact_optimum(T, E, k):
+    """Skewed scores: at most ceil(T k / E) tokens per expert (exact fit when E divides T k), k distinct per
+    token, and a routing score no higher than the exact capacitated optimum (method fast) -- and close to it."""
+    from moebalance.routing import expert_capacity
+    from moebalance.solvers.routing_fast import fast_route
+    from moebalance.solvers.routing_prices import capacity_topk
+
+    s = routing_scores(T, E, kind="zipf", imbalance=1.0, seed=T + E)
+    cap = expert_capacity(T, k, E, 1.0)
+    idx = capacity_topk(torch.tensor(s), k, cap)
+    _check_capacity_topk(s, k, cap, idx)
+    assert int(np.bincount(np.argsort(-s, 1)[:, :k].ravel(), minlength=E).max()) > cap  # not vacuous
+    got = float(np.take_along_axis(s, idx.numpy(), 1).sum())
+    a, _, _ = fast_route(s, k, np.full(E, cap))
+    best = float(np.take_along_axis(s, a, 1).sum())
+    assert got <= best * (1 + 1e-9) + 1e-9
+    assert got >= 0.9 * best
+
+
+def test_capacity_topk_is_the_plain_topk_when_it_fits_and_raises_a_too_small_capacity():
+    from moebalance.solvers.routing_prices import capacity_topk
+
+    s = torch.rand(64, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(capacity_topk(s, 2, 64), torch.topk(s, 2, 1).indices)  # capacity >= T: no constraint
+    loads = torch.bincount(torch.topk(s, 2, 1).indices.reshape(-1), minlength=8)
+    assert torch.equal(capacity_topk(s, 2, int(loads.max())), torch.topk(s, 2, 1).indices)
+    idx = capacity_topk(s, 2, 1)  # 64 x 2 pairs cannot fit 8 x 1: raised to ceil(128 / 8) = 16
+    _check_capacity_topk(s.numpy(), 2, 16, idx)
+
+
+@pytest.mark.parametrize("scale", [1e-12, 1.0, 1e12])
+@pytest.mark.parametrize("shift", [0.0, 1e6])
+def test_capacity_topk_holds_on_ties_at_any_scale(scale, shift):
+    """4096 identical tokens, E=16, k=2: every expert takes exactly 512 (plain top-k: 4096 on two experts);
+    a repeated-token batch at any scale and shift, and the all-equal batch."""
+    from moebalance.solvers.routing_prices import capacity_topk
+
+    row = torch.tensor(routing_scores(1, 16, kind="zipf", imbalance=1.0, seed=3)[0], dtype=torch.float64)
+    for s in (row.expand(4096, 16) * scale + shift, torch.full((4096, 16), scale)):
+        idx = capacity_topk(s, 2, 512)
+        _check_capacity_topk(s.numpy(), 2, 512, idx)
+        assert torch.equal(torch.bincount(idx.reshape(-1), minlength=16), torch.full((16,), 512))
+
+
+def test_capacity_topk_keeps_to_the_allowed_experts():
+    """-inf marks experts a token may not take (DeepSeek-V3's unchosen groups): honoured when capacity
+    allows; a token with fewer than k allowed experts still gets k distinct ones."""
+    from moebalance.solvers.routing_prices import capacity_topk
+
+    g = torch.Generator().manual_seed(1)
+    s = torch.rand(400, 8, generator=g, dtype=torch.float64)
+    allowed = torch.zeros(400, 8, dtype=torch.bool)
+    allowed[:, :4] = True  # experts 0-3 for everyone, 4-7 for the second half only
+    allowed[200:, 4:] = True
+    c = s.masked_fill(~allowed, float("-inf"))
+    idx = capacity_topk(c, 2, 100)
+    _check_capacity_topk(s.numpy(), 2, 100, idx)
+    assert bool(allowed.gather(1, idx).all())
+    c = c.clone()
+    c[0, 1:] = float("-inf")  # one allowed expert only
+    idx = capacity_topk(c, 2, 100)
+    assert idx[0, 0] == 0 and idx[0, 1] != 0
