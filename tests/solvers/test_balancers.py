@@ -12,7 +12,7 @@ def maxvio(loads):
 
 
 def stream(steps, T=512, E=16, seed=0):
-    for i in range(steps):
+    for _ in range(steps):
         yield routing_scores(T, E, kind="hot", imbalance=1.0, hot_experts=2, seed=seed)  # same skew each batch
 
 
@@ -300,9 +300,10 @@ def _check_capacity_topk(s, k, cap, idx):
 def test_capacity_topk_holds_capacity_and_never_beats_the_exact_optimum(T, E, k):
     """Skewed scores: at most ceil(T k / E) tokens per expert (exact fit when E divides T k), k distinct per
     token, and a routing score no higher than the exact capacitated optimum (method fast) -- and close to it."""
-    from moebalance.routing import expert_capacity
     from moebalance.solvers.routing_fast import fast_route
     from moebalance.solvers.routing_prices import capacity_topk
+
+    from moebalance.routing import expert_capacity
 
     s = routing_scores(T, E, kind="zipf", imbalance=1.0, seed=T + E)
     cap = expert_capacity(T, k, E, 1.0)
