@@ -252,14 +252,16 @@ def _repair_short(c: Any, finite: Any, held: Any, need: Any, k: int, capacity: i
     T, E = c.shape
     neg = torch.tensor(float("-inf"), dtype=c.dtype, device=c.device)
     cf = torch.where(finite, c, neg)
+    edges = _expert_edges(held, finite)  # kept while moves change held: each move is checked when made
     for t in torch.nonzero(need > 0).flatten().tolist():
         for _ in range(int(k - held[t].sum())):
-            loads = held.sum(0)
-            room = loads < capacity
-            path = _augmenting_path(held, finite, room, t)
-            moves = list(zip(path[:-1], path[1:])) if path is not None else []
-            if path is not None and not _apply_moves(held, finite, cf, t, moves):
-                path = None  # (not reached: each edge's token is untouched by the later moves of the path)
+            room = held.sum(0) < capacity
+            path = _augmenting_path(held, finite, room, t, edges)
+            if path is None or not _apply_moves(held, finite, cf, t, list(zip(path[:-1], path[1:]))):
+                edges = _expert_edges(held, finite)  # stale edges: again with the current ones, without t
+                path = _augmenting_path(held, finite, room, t, _expert_edges(held, finite, t))
+                if path is not None and not _apply_moves(held, finite, cf, t, list(zip(path[:-1], path[1:]))):
+                    path = None
             if path is None:  # no way to keep the capacity: the best other allowed expert, over capacity
                 rest = torch.where(held[t] | ~finite[t], neg, c[t])
                 if not bool(torch.isfinite(rest).any()):
@@ -290,17 +292,22 @@ def _apply_moves(held: Any, finite: Any, cf: Any, t: int, moves: list) -> bool:
     return True
 
 
-def _augmenting_path(held: Any, finite: Any, room: Any, t: int) -> list[int] | None:
-    """Experts ``[f0, f1, ..., g]``: t may take f0, a token other than t holding f_i and not f_{i+1} may take
-    f_{i+1}, and g has room (``[g]`` alone when t may take g itself); None when there is no such path."""
-    others = held.clone()
-    others[t] = False
-    can = finite & ~held
-    can[t] = False
-    edge = (others.T.double() @ can.double()) > 0  # [E, E]: f -> f' through some token
+def _expert_edges(held: Any, finite: Any, t: int | None = None) -> list:
+    """``[E][E]`` booleans: f -> f' when some token (other than t) holds f, not f', and may take f'."""
+    others, can = held, finite & ~held
+    if t is not None:
+        others, can = held.clone(), can.clone()
+        others[t] = False
+        can[t] = False
+    return ((others.T.double() @ can.double()) > 0).tolist()
+
+
+def _augmenting_path(held: Any, finite: Any, room: Any, t: int, nxt: list) -> list[int] | None:
+    """Experts ``[f0, f1, ..., g]`` along the edges ``nxt`` (:func:`_expert_edges`): t may take f0, a token
+    holding f_i and not f_{i+1} may take f_{i+1}, and g has room (``[g]`` alone when t may take g itself);
+    None when there is no such path."""
     starts = (finite[t] & ~held[t]).tolist()
     roomy = room.tolist()
-    nxt = edge.tolist()
     E = len(starts)
     prev = [-2] * E
     queue = [f for f in range(E) if starts[f]]
