@@ -32,13 +32,17 @@ interleaved, with biases -- and a router child ``gate`` or ``router``):
   :class:`~moebalance.solvers.balancers.BIPBalancer` with ``capacity_factor`` and ``bip_iterations``). "bip" is
   arXiv 2502.15451's algorithm: in each training forward the router refits the price on the batch being routed
   (``bip_iterations`` sweeps warm-started from the last price; under expert parallelism on every rank's tokens,
-  all-gathered, so the price is identical on every rank) and only then takes its top-k. "loss_free" and
+  all-gathered, so the price is identical on every rank) and only then routes, by ``scores - q`` with each
+  expert's capacity ``ceil(capacity_factor * T * k / E)`` enforced (``enforce_capacity=True``, the default:
+  :func:`~moebalance.solvers.routing_prices.capacity_topk`; DeepSeek-V3's groups too; False: the plain
+  top-k), the gates always the router's own. "loss_free" (``bias_update_rate="auto"``: :data:`LOSS_FREE_RATES`,
+  1e-3 for softmax routers, 1e-2 for DeepSeek-V3's sigmoid router) and
   "bip_lagged" step the price without gradient after each training-mode forward (a batch is routed with the
   prices of the batches before it). In eval mode no price steps: the router uses the trained price
   (``eval_prices="trained"``) or its own rule (``eval_prices="none"``). With
   "aux_loss", :func:`aux_loss` gives the Switch-style loss ``aux_loss_coeff * E * sum_e f_e P_e`` summed over
   the layers, to add to the training loss (the model's own ``output_router_logits`` loss keeps working too).
-  Routing is dropless (``capacity_factor`` is only the capacity BIP prices against).
+  Routing is dropless: every token gets k distinct experts.
 - ``expert_parallel=True``: each block's ``[E, ...]`` expert tensors are cut to this rank's home experts (the
   contiguous block ``e * P // E == rank``) over the ranks of ``group`` (``torch.distributed``, initialised by
   the caller: gloo on CPU, NCCL on GPU), and tokens go to the devices that the ``placement`` method ("ep",
@@ -157,7 +161,8 @@ def enable(
       placement: the placement method of each step ("ep", "llep", "llep+", "eplb", "milp", ...).
       options: balancer options ``bias_update_rate`` ("auto": 1e-3 for softmax routers, 1e-2 for DeepSeek-V3's
         sigmoid router, ``LOSS_FREE_RATES``), ``aux_loss_coeff`` (1e-2), ``capacity_factor``
-        (1.0, BIP's capacity), ``bip_iterations`` (4), ``prices`` ("auto": the router's, else the checkpoint's,
+        (1.0, BIP's capacity), ``bip_iterations`` (4), ``enforce_capacity`` (True: "bip" in training keeps
+        each expert within its capacity), ``prices`` ("auto": the router's, else the checkpoint's,
         else zeros | "zeros" | a list of [E] prices, one per MoE block), ``eval_prices`` ("trained" | "none":
         the router's own rule in eval mode); with expert_parallel, the placement options
         (``min_chunk``, ``alpha``, ``imbalance_threshold``, ``max_tokens_per_device``, ``max_foreign_experts``,

@@ -10,7 +10,8 @@ Any ``q >= 0`` certifies the upper bound ``sum_t topk(scores[t] - q) + q . min(c
 its expert step, taken once from a sample of tokens, is the first step of the exact method ``fast``
 (:mod:`moebalance.solvers.routing_fast`), which then runs an auction and shortest paths. Both balancers call
 this one function; with a torch tensor it runs on the tensor's device
-with tensors only (a fixed number of sweeps, no host synchronisation).
+with tensors only (a fixed number of sweeps, no host synchronisation). :func:`capacity_topk` routes a batch
+with prices while keeping every expert within its capacity (what ``bip`` routes with in training).
 """
 
 from __future__ import annotations
