@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from moebalance.solvers.balancers import BIPBalancer, LossFreeBalancer
 
 from moebalance.generate import routing_scores
@@ -376,3 +378,39 @@ def test_bip_route_keeps_the_capacity_after_its_prices(lib):
     idx = np.asarray(idx)
     assert idx.shape == (2048, 2) and bool((idx[:, 0] != idx[:, 1]).all())
     assert np.bincount(idx.ravel(), minlength=16).max() <= 256
+
+
+@pytest.mark.property
+@settings(deadline=None, max_examples=40)
+@given(
+    T=st.integers(1, 300),
+    E=st.integers(2, 24),
+    k=st.integers(1, 6),
+    slack=st.floats(1.0, 1.5),
+    scale=st.sampled_from([1e-12, 1e-3, 1.0, 1e6, 1e12]),
+    shift=st.sampled_from([0.0, 1.0, -1e3]),
+    ties=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_capacity_topk_property(T, E, k, slack, scale, shift, ties, seed):
+    """Any batch, scale, shift, ties: k distinct experts per token, none over capacity (capacity at least
+    ceil(T k / E)), and a top-k (the same scores) when the plain top-k already fits."""
+    from moebalance.solvers.routing_prices import capacity_topk
+
+    from moebalance.routing import expert_capacity
+
+    k = min(k, E)
+    rng = np.random.default_rng(seed)
+    s = rng.random((T, E)) ** 3
+    if ties:
+        s = np.round(s * 4) / 4
+    c = torch.tensor(s * scale + shift)
+    cap = expert_capacity(T, k, E, slack)
+    idx = capacity_topk(c, k, cap)
+    assert idx.shape == (T, k)
+    srt = idx.sort(1).values
+    assert bool((srt[:, 1:] != srt[:, :-1]).all())
+    assert int(torch.bincount(idx.reshape(-1), minlength=E).max()) <= max(cap, -(-T * k // E))
+    plain = torch.topk(c, k, 1).indices
+    if int(torch.bincount(plain.reshape(-1), minlength=E).max()) <= cap:  # a top-k (on ties: one of them)
+        assert torch.equal(c.gather(1, idx).sort(1).values, c.gather(1, plain).sort(1).values)
