@@ -16,7 +16,8 @@ floor: the expected MaxVio of routing each token to k experts drawn uniformly at
 
     nice -n 10 python benchmarks/hf_training.py                 # the full grid (see docs/training.md for times)
     python benchmarks/hf_training.py --quick                    # smoke run: 1 configuration, a few steps
-    nice -n 10 python benchmarks/hf_training.py --sweep         # loss_free rates and aux coefficients
+    nice -n 10 python benchmarks/hf_training.py --sweep         # loss_free rates and aux coefficients (seed 0)
+    nice -n 10 python benchmarks/hf_training.py --sweep --seeds 1 --merge   # a second seed of the sweep
     python benchmarks/hf_training.py --balancers bip --merge    # re-run some balancers into the same JSON
 
 Writes ``benchmarks/results/hf_training.json`` (``_quick`` / ``_sweep``), a Markdown table ``.md`` and PNG
@@ -388,13 +389,15 @@ def build_grid(args: Any) -> list[dict]:
     """The runs to do, in order: ``{"arch", "experts", "top_k", "balancer", "seed", "rate", "coef", "sweep"}``."""
     if args.sweep:
         grid = [
-            dict(arch=a, experts=E, top_k=k, balancer="loss_free", seed=0, rate=u, coef=None, sweep=True)
+            dict(arch=a, experts=E, top_k=k, balancer="loss_free", seed=s, rate=u, coef=None, sweep=True)
             for a, E, k in SWEEP_CONFIGS
+            for s in args.seeds
             for u in SWEEP_RATES
         ]
         grid += [
-            dict(arch=a, experts=E, top_k=k, balancer="aux", seed=0, rate=None, coef=c, sweep=True)
+            dict(arch=a, experts=E, top_k=k, balancer="aux", seed=s, rate=None, coef=c, sweep=True)
             for a, E, k in SWEEP_CONFIGS
+            for s in args.seeds
             for c in SWEEP_COEFS
         ]
         return grid
@@ -416,7 +419,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--experts", nargs="+", type=int, default=[16, 64])
     ap.add_argument("--top-k", nargs="+", type=int, default=[2, 8])
     ap.add_argument("--balancers", nargs="+", default=list(BALANCERS))
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 0 1 (the sweep: 0)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=4, help="sequences per step")
     ap.add_argument("--seq", type=int, default=128, help="bytes per sequence")
@@ -435,6 +438,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
+    if args.seeds is None:
+        args.seeds = [0] if args.sweep else [0, 1]
     if args.quick:
         args.archs, args.experts, args.top_k, args.seeds = ["mixtral"], [16], [2], [0]
         args.steps, args.val_seqs, args.warmup = 12, 8, 2
