@@ -1,10 +1,13 @@
-"""Benchmark: what ``balancer="bip"`` (prices refit on each training batch before its top-k) costs per training
-step of tiny transformers models on CPU, against ``"none"`` and ``"bip_lagged"``, and how the price fit alone
-scales with the batch's tokens T and experts E.
+"""Benchmark: what ``balancer="bip"`` (prices refit on each training batch before its top-k, each expert's
+capacity enforced) costs per training step of tiny transformers models on CPU, against ``"none"``,
+``"bip"`` with ``enforce_capacity=False`` (``bip_topk``: the prices alone) and ``"bip_lagged"``, and how the
+price fit and the capacity-enforced assignment scale with the batch's tokens T and experts E.
 
-Per configuration the three balancers train the same model (AdamW, forward + backward + step, one intra-op
-thread) in interleaved rounds; the figure is the median step time over the rounds after a warm-up. The price
-fit (``BIPBalancer.update`` on float32 CPU tensors, 4 iterations) is timed alone on Zipf-skewed scores.
+Per configuration the balancers train the same model (AdamW, forward + backward + step, one intra-op thread)
+in interleaved rounds, on a skewed router (every token leaning to two experts, as a collapsing router does);
+the figure is the median step time over the rounds after a warm-up. The price fit (``BIPBalancer.update`` on
+float32 CPU tensors, 4 iterations) and :func:`~moebalance.solvers.routing_prices.capacity_topk` with its
+prices are timed alone on Zipf-skewed scores.
 
     python benchmarks/bip_step_cost.py            # the table; JSON in benchmarks/results/bip_step_cost.json
     python benchmarks/bip_step_cost.py --dry-run  # tiny: the plumbing only
@@ -22,6 +25,20 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 
 
+def skew(model: Any, mbt: Any) -> None:
+    """Every token leans to experts 0 and 1 (a shared direction in the embeddings and the routers)."""
+    import torch
+
+    emb = model.get_input_embeddings().weight
+    v = torch.randn(emb.shape[1], generator=torch.Generator().manual_seed(2))
+    v = v / v.norm()
+    with torch.no_grad():
+        emb.add_(v * emb.norm(dim=1).mean())
+        for _, _, router, _ in mbt._find_blocks(model):
+            router.weight.mul_(8.0)
+            router.weight[:2] += 2.0 * v / router.weight.shape[1] ** 0.5
+
+
 def step_costs(configs: list[tuple[str, int, int]], batch: int, seq: int, rounds: int) -> list[dict[str, Any]]:
     import torch
     from moebalance.integrations import transformers as mbt
@@ -30,10 +47,14 @@ def step_costs(configs: list[tuple[str, int, int]], batch: int, seq: int, rounds
     out = []
     for arch, E, k in configs:
         models, opts = {}, {}
-        for bal in ("none", "bip", "bip_lagged"):
+        for bal in ("none", "bip", "bip_topk", "bip_lagged"):
             torch.manual_seed(0)
             m = AutoModelForCausalLM.from_config(mbt.tiny_config(arch, experts=E, top_k=k)).float()
-            mbt.enable(m, balancer=bal)
+            skew(m, mbt)
+            if bal == "bip_topk":
+                mbt.enable(m, balancer="bip", enforce_capacity=False)
+            else:
+                mbt.enable(m, balancer=bal)
             m.train()
             models[bal], opts[bal] = m, torch.optim.AdamW(m.parameters(), lr=1e-4)
         times: dict[str, list[float]] = {b: [] for b in models}
@@ -55,12 +76,14 @@ def step_costs(configs: list[tuple[str, int, int]], batch: int, seq: int, rounds
                 "tokens": batch * seq,
                 "step_s": med,
                 "bip_overhead": med["bip"] / med["none"] - 1,
+                "bip_topk_overhead": med["bip_topk"] / med["none"] - 1,
                 "bip_lagged_overhead": med["bip_lagged"] / med["none"] - 1,
             }
         )
         print(
             f"{arch:12s} E={E:3d} k={k} T={batch * seq}: none {med['none'] * 1e3:7.1f} ms  bip "
-            f"{med['bip'] * 1e3:7.1f} ms ({out[-1]['bip_overhead']:+.1%})  bip_lagged {med['bip_lagged'] * 1e3:7.1f} ms "
+            f"{med['bip'] * 1e3:7.1f} ms ({out[-1]['bip_overhead']:+.1%})  bip_topk {med['bip_topk'] * 1e3:7.1f} ms "
+            f"({out[-1]['bip_topk_overhead']:+.1%})  bip_lagged {med['bip_lagged'] * 1e3:7.1f} ms "
             f"({out[-1]['bip_lagged_overhead']:+.1%})",
             flush=True,
         )
@@ -70,28 +93,34 @@ def step_costs(configs: list[tuple[str, int, int]], batch: int, seq: int, rounds
 def fit_scaling(sizes: list[tuple[int, int, int]], repeats: int) -> list[dict[str, Any]]:
     import torch
     from moebalance.solvers.balancers import BIPBalancer
+    from moebalance.solvers.routing_prices import capacity_topk
 
     from moebalance.generate import routing_scores
+    from moebalance.routing import expert_capacity
 
     out = []
     for T, E, k in sizes:
         s = torch.tensor(routing_scores(T, E, kind="zipf", imbalance=1.0, seed=0), dtype=torch.float32)
-        b = BIPBalancer(E, k)
-        b.update(s)
-        ts = []
+        cap = expert_capacity(T, k, E, 1.0)
+        ts, tc = [], []
         for _ in range(repeats):
+            b = BIPBalancer(E, k)  # from zero prices each time: the first batch of a run, the hardest
             t0 = time.perf_counter()
-            b.update(s)
-            ts.append(time.perf_counter() - t0)
-        med = statistics.median(ts)
-        out.append({"tokens": T, "experts": E, "top_k": k, "fit_s": med})
-        print(f"price fit T={T:6d} E={E:4d} k={k}: {med * 1e3:8.2f} ms", flush=True)
+            q = b.update(s)
+            t1 = time.perf_counter()
+            capacity_topk(s - q, k, cap)
+            ts.append(t1 - t0)
+            tc.append(time.perf_counter() - t1)
+        med, medc = statistics.median(ts), statistics.median(tc)
+        out.append({"tokens": T, "experts": E, "top_k": k, "fit_s": med, "capacity_s": medc})
+        print(f"price fit T={T:6d} E={E:4d} k={k}: {med * 1e3:8.2f} ms  capacity {medc * 1e3:8.2f} ms", flush=True)
     return out
 
 
 def main(argv: Any = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--rounds", type=int, default=25, help="timed steps per balancer (the median is reported)")
     ap.add_argument("--out", default=str(HERE / "results" / "bip_step_cost.json"))
     a = ap.parse_args(argv)
     import torch
@@ -102,7 +131,7 @@ def main(argv: Any = None) -> int:
         fits = fit_scaling([(256, 8, 2)], 2)
     else:
         steps = step_costs(
-            [("mixtral", 8, 2), ("qwen3_moe", 16, 2), ("olmoe", 64, 8), ("deepseek_v3", 16, 2)], 8, 64, 7
+            [("mixtral", 8, 2), ("qwen3_moe", 16, 2), ("olmoe", 64, 8), ("deepseek_v3", 16, 2)], 8, 64, a.rounds
         )
         fits = fit_scaling([(T, E, k) for T in (1024, 4096, 16384) for E, k in ((16, 2), (64, 8), (256, 8))], 5)
     if not a.dry_run:

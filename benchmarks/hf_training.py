@@ -4,8 +4,8 @@ scratch on the bytes of the Python standard library's sources, once per balancer
 Grid: 4 architectures x (16, 64 experts) x (top-2, top-8) x balancers x seeds. Balancers: ``none``; ``aux``,
 the model's own auxiliary loss (``output_router_logits=True``, ``router_aux_loss_coef`` at the transformers
 default of the architecture; DeepSeek-V3 has none in transformers, so there it is moebalance's
-``balancer="aux_loss"``, the same Switch-style loss, at 1e-3); ``loss_free`` (``bias_update_rate``); ``bip``;
-and any other name of ``moebalance.integrations.transformers.BALANCERS`` given to ``--balancers``. Every
+``balancer="aux_loss"``, the same Switch-style loss, at 1e-3); ``loss_free`` (``bias_update_rate``); ``bip``
+(prices refit on the batch, each expert's capacity enforced); ``bip_topk`` (the same prices, plain top-k); and any other name of ``moebalance.integrations.transformers.BALANCERS`` given to ``--balancers``. Every
 balancer of one (configuration, seed) starts from the same weights and sees the same batches.
 
 Per MoE layer it records the batch MaxVio ``(max_e load_e - mean) / mean`` of every training step, and reports
@@ -16,7 +16,8 @@ floor: the expected MaxVio of routing each token to k experts drawn uniformly at
 
     nice -n 10 python benchmarks/hf_training.py                 # the full grid (see docs/training.md for times)
     python benchmarks/hf_training.py --quick                    # smoke run: 1 configuration, a few steps
-    nice -n 10 python benchmarks/hf_training.py --sweep         # loss_free rates and aux coefficients
+    nice -n 10 python benchmarks/hf_training.py --sweep         # loss_free rates and aux coefficients (seed 0)
+    nice -n 10 python benchmarks/hf_training.py --sweep --seeds 1 --merge   # a second seed of the sweep
     python benchmarks/hf_training.py --balancers bip --merge    # re-run some balancers into the same JSON
 
 Writes ``benchmarks/results/hf_training.json`` (``_quick`` / ``_sweep``), a Markdown table ``.md`` and PNG
@@ -115,12 +116,17 @@ def train_run(
             name = "none"
         else:
             name, opts = "aux_loss", {"aux_loss_coeff": coef}
+    if balancer == "bip_topk":  # the price alone: top-k of scores - price, capacity not enforced
+        name, opts = "bip", {"enforce_capacity": False}
     if balancer == "loss_free":
         rate = args.rate if rate is None else rate
-        opts["bias_update_rate"] = rate
+        if rate is not None:  # else enable's default for the router kind (LOSS_FREE_RATES)
+            opts["bias_update_rate"] = rate
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     mbt.enable(model, balancer=name, **opts)
+    if balancer == "loss_free":
+        rate = float(mbt._state(model).blocks[0].balancer.rate)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     rng = np.random.default_rng(1000 + seed)
@@ -199,6 +205,13 @@ def train_run(
     }
 
 
+def default_rate(arch: str) -> float:
+    """enable's default ``bias_update_rate`` for the architecture's router."""
+    from moebalance.integrations.transformers import LOSS_FREE_RATES
+
+    return LOSS_FREE_RATES["grouped_sigmoid" if arch == "deepseek_v3" else "softmax"]
+
+
 def run_key(r: dict) -> tuple:
     return (
         r["arch"],
@@ -218,6 +231,8 @@ def summarize(runs: list[dict], floors: dict) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         label = r["balancer"]
+        if r["balancer"] == "loss_free" and not r.get("sweep") and r["bias_update_rate"] != default_rate(r["arch"]):
+            label += f"({r['bias_update_rate']:g})"  # an earlier default, or --rate
         if r.get("sweep"):
             label += f"({r['bias_update_rate']:g})" if r["balancer"] == "loss_free" else f"({r['aux_coef']:g})"
         groups.setdefault((r["arch"], r["experts"], r["top_k"], label), []).append(r)
@@ -374,13 +389,15 @@ def build_grid(args: Any) -> list[dict]:
     """The runs to do, in order: ``{"arch", "experts", "top_k", "balancer", "seed", "rate", "coef", "sweep"}``."""
     if args.sweep:
         grid = [
-            dict(arch=a, experts=E, top_k=k, balancer="loss_free", seed=0, rate=u, coef=None, sweep=True)
+            dict(arch=a, experts=E, top_k=k, balancer="loss_free", seed=s, rate=u, coef=None, sweep=True)
             for a, E, k in SWEEP_CONFIGS
+            for s in args.seeds
             for u in SWEEP_RATES
         ]
         grid += [
-            dict(arch=a, experts=E, top_k=k, balancer="aux", seed=0, rate=None, coef=c, sweep=True)
+            dict(arch=a, experts=E, top_k=k, balancer="aux", seed=s, rate=None, coef=c, sweep=True)
             for a, E, k in SWEEP_CONFIGS
+            for s in args.seeds
             for c in SWEEP_COEFS
         ]
         return grid
@@ -402,7 +419,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--experts", nargs="+", type=int, default=[16, 64])
     ap.add_argument("--top-k", nargs="+", type=int, default=[2, 8])
     ap.add_argument("--balancers", nargs="+", default=list(BALANCERS))
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 0 1 (the sweep: 0)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=4, help="sequences per step")
     ap.add_argument("--seq", type=int, default=128, help="bytes per sequence")
@@ -421,6 +438,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
+    if args.seeds is None:
+        args.seeds = [0] if args.sweep else [0, 1]
     if args.quick:
         args.archs, args.experts, args.top_k, args.seeds = ["mixtral"], [16], [2], [0]
         args.steps, args.val_seqs, args.warmup = 12, 8, 2
@@ -489,13 +508,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from moebalance._machine import cpu_name
 
-    valid = {"aux", *mbt.BALANCERS}
+    valid = {"aux", "bip_topk", *mbt.BALANCERS}
     bad = [b for b in args.balancers if b not in valid]
     if bad:
         print(f"error: --balancers must be among {sorted(valid)}, got {bad}", file=sys.stderr)
         return 2
-    if args.rate is None:
-        args.rate = float(mbt._BALANCER_OPTIONS["bias_update_rate"])
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(1)
     stem = "hf_training" + ("_quick" if args.quick else "_sweep" if args.sweep else "")

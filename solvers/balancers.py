@@ -190,7 +190,7 @@ class BIPBalancer(_Balancer):
         :meth:`certificate` reports the batch as infeasible).
       iterations: inner (p, q) iterations per batch (a fixed budget: the torch step never synchronises).
 
-    Capacity is a target, not a guarantee: the routing is the top-k of ``scores - bias``, dropless, and a few
+    With the top-k of ``scores - bias`` capacity is a target, not a guarantee (:meth:`route` enforces it): a few
     coordinate sweeps do not reach the optimal prices, so an expert can receive more than ``c`` pairs (e.g.
     514 against 512 after 32 sweeps on a skewed 4096 x 16 batch, k=2). ``last_overflow`` gives the pairs over
     capacity, summed over the experts, of the last batch routed with its new prices (computed when read, off the
@@ -238,6 +238,24 @@ class BIPBalancer(_Balancer):
             self._bias, _ = price_iteration(s, k, cap, self.iterations, q)
         self._last = (scores.detach() if _is_torch(scores) else np.asarray(scores, dtype=np.float64), cap, self._bias)
         return self._bias
+
+    def route(self, scores: Any) -> Any:
+        """``[T, k]`` experts per token for ``[T, E]`` scores with the current prices, each expert within its
+        capacity ``ceil(capacity_factor * T * k / E)`` (:func:`~.routing_prices.capacity_topk`: the top-k of
+        ``scores - bias`` where it fits); numpy or torch, answered in the same library (what the transformers
+        integration's ``bip`` routes with in training)."""
+        from .routing_prices import capacity_topk
+
+        self._check_scores(scores)
+        q = self._state_for(scores)
+        T, E = scores.shape
+        cap = expert_capacity(T, self.k, E, self.capacity_factor)
+        if _is_torch(scores):
+            return capacity_topk(scores.detach().float() - q.float(), self.k, cap)
+        import torch
+
+        choice = torch.from_numpy(np.asarray(scores, dtype=np.float64) - np.asarray(q, dtype=np.float64))
+        return capacity_topk(choice, self.k, cap).numpy()
 
     def certificate(self) -> dict[str, float] | None:
         """How good the last batch's prices are, proved (off the hot path: this synchronises and solves).

@@ -10,7 +10,8 @@ Any ``q >= 0`` certifies the upper bound ``sum_t topk(scores[t] - q) + q . min(c
 its expert step, taken once from a sample of tokens, is the first step of the exact method ``fast``
 (:mod:`moebalance.solvers.routing_fast`), which then runs an auction and shortest paths. Both balancers call
 this one function; with a torch tensor it runs on the tensor's device
-with tensors only (a fixed number of sweeps, no host synchronisation).
+with tensors only (a fixed number of sweeps, no host synchronisation). :func:`capacity_topk` routes a batch
+with prices while keeping every expert within its capacity (what ``bip`` routes with in training).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["price_iteration", "dual_bound", "is_torch", "tie_break"]
+__all__ = ["price_iteration", "dual_bound", "is_torch", "tie_break", "capacity_topk"]
 
 #: the tie-break offset of a score s is below ``TIE_BREAK * (|s| + 2**-20 * range)``: relative to the score
 #: itself (so it stays far below the gaps between small softmax scores), never zero for a zero score
@@ -30,6 +31,9 @@ TIE_BREAK = 2.0**-40
 def is_torch(x: Any) -> bool:
     """True for a torch tensor (checked without importing torch)."""
     return type(x).__module__.startswith("torch")
+
+
+_TIE_OFFSETS: dict = {}
 
 
 def tie_break(scores: Any) -> Any:
@@ -48,8 +52,13 @@ def tie_break(scores: Any) -> Any:
         import torch
 
         s = scores.detach().double()
-        idx = torch.arange(T * E, dtype=torch.int64, device=s.device)
-        u = ((idx * 2654435761) % 4294967296).double().view(T, E) / 4294967296.0
+        key = (T, E, str(s.device))
+        u = _TIE_OFFSETS.get(key)
+        if u is None:  # the offsets depend on the shape only: made once per shape and device (the last one kept)
+            idx = torch.arange(T * E, dtype=torch.int64, device=s.device)
+            u = ((idx * 2654435761) % 4294967296).double().view(T, E) / 4294967296.0
+            _TIE_OFFSETS.clear()
+            _TIE_OFFSETS[key] = u
         span = (s.max() - s.min()).clamp_min(1e-300) if s.numel() else s.new_ones(())
         return s + u * TIE_BREAK * (s.abs() + span * 2.0**-20)
     a = np.asarray(scores, dtype=np.float64)
@@ -163,3 +172,156 @@ def dual_bound(scores: Any, k: int, capacity: Any, q: Any) -> Any:
     qq = np.maximum(np.asarray(q, dtype=np.float64), 0.0)
     red = np.asarray(scores, dtype=np.float64) - qq
     return float(np.partition(red, E - k, axis=1)[:, E - k :].sum() + qq @ cap)
+
+
+def capacity_topk(choice: Any, k: int, capacity: int, max_rounds: int | None = None) -> Any:
+    """``[T, k]`` distinct experts per token with at most ``capacity`` tokens per expert (torch, on the
+    tensor's device), from the price-adjusted scores ``choice [T, E]`` (``-inf``: not allowed, e.g. outside
+    DeepSeek-V3's chosen groups).
+
+    Each token takes its top-k of ``choice``; an expert over capacity keeps the ``capacity`` of them with the
+    largest margin ``choice[t, e] - p_t`` (``p_t`` the token's (k+1)-th best ``choice``: what the token loses
+    by going elsewhere); the tokens it lets go propose, in rounds, to their best experts that still have room,
+    each of which takes the proposers of largest margin up to its room. A token left short because every
+    expert with room is one it already holds (possible when ``E * capacity == T * k``) swaps with a token that
+    can move (:func:`_repair_short`). With prices that already balance, this is the plain top-k of ``choice``.
+    It ends with every token holding k within capacity whenever ``E * capacity >= T * k`` and the allowed
+    experts admit it; otherwise the short tokens take their best other experts over capacity (routing stays
+    dropless). A ``capacity`` below ``ceil(T * k / E)`` (where the pairs cannot fit) is raised to it; ties are
+    broken by ``torch.topk``'s order, so the capacity holds on tied scores too. At most ``max_rounds`` rounds
+    (default E); the host synchronises once per round (a few rounds with prices near the batch's own).
+    """
+    import torch
+
+    T, E = choice.shape
+    if k >= E or capacity >= T or T == 0:
+        return torch.topk(choice, min(k, E), dim=1).indices
+    rounds = E if max_rounds is None else max_rounds
+    capacity = max(int(capacity), -(-T * k // E))  # below T * k / E the pairs cannot fit: the least that fits
+    c = choice.detach()
+    top = torch.topk(c, k + 1, dim=1)
+    first = top.indices[:, :k]
+    loads = torch.bincount(first.reshape(-1), minlength=E)
+    if int(loads.max()) <= capacity:  # the prices balanced this batch: the plain top-k
+        return first
+    finite = torch.isfinite(c)
+    p = top.values[:, k]
+    neg = torch.tensor(float("-inf"), dtype=c.dtype, device=c.device)
+    margin = torch.where(finite, c - torch.where(torch.isfinite(p), p, 0.0)[:, None], neg)
+    held = torch.zeros(T, E, dtype=torch.bool, device=c.device).scatter_(1, first, True)
+    over = loads > capacity  # over-full experts keep their `capacity` tokens of largest margin
+    val = torch.where(held & over[None, :], margin, neg)
+    kept = torch.zeros_like(held).scatter_(0, torch.topk(val, capacity, dim=0).indices, True)
+    held &= kept | ~over[None, :]
+    room = capacity - held.sum(0)
+    need = k - held.sum(1)
+    active = torch.nonzero(need > 0).flatten()
+    slot = torch.arange(k, device=c.device)[None, :]
+    for _ in range(rounds):
+        if active.numel() == 0:
+            break
+        n = active.numel()
+        h_a, nd = held[active], need[active]
+        sub = torch.where(h_a | ~finite[active] | (room <= 0)[None, :], neg, c[active])
+        best = torch.topk(sub, int(nd.max()), dim=1)
+        ok = (slot[:, : best.indices.shape[1]] < nd[:, None]) & torch.isfinite(best.values)
+        if not bool(ok.any()):
+            break
+        prop = torch.zeros(n, E, dtype=torch.bool, device=c.device).scatter_(1, best.indices, ok)
+        R = min(int(room.max()), n)
+        pick = torch.topk(torch.where(prop, margin[active], neg), R, dim=0)
+        acc = (torch.arange(R, device=c.device)[:, None] < room[None, :]) & torch.isfinite(pick.values)
+        got = torch.zeros(n, E, dtype=torch.bool, device=c.device).scatter_(0, pick.indices, acc) & prop
+        held[active] = h_a | got
+        room = room - got.sum(0)
+        need[active] = nd - got.sum(1)
+        active = active[need[active] > 0]
+    if active.numel():
+        held = _repair_short(c, finite, held, need, k, capacity)
+    # the k held experts of each token, its best first
+    return torch.topk(torch.where(held, c.masked_fill(~finite, -3e38), neg), k, dim=1).indices
+
+
+def _repair_short(c: Any, finite: Any, held: Any, need: Any, k: int, capacity: int) -> Any:
+    """Tokens left short (every expert with room is one they hold, or one they may not take): an augmenting
+    path each -- token t takes a full expert f0, a token holding f0 moves on to f1, ... the last to an expert
+    with room -- found by breadth-first search on the experts (edge f -> f' when some token holds f, not f',
+    and may take f'), each move the one of largest gain in ``choice``. Where no path exists, the token's best
+    other experts over capacity (dropless; at last any experts, so that every token has k distinct ones)."""
+    import torch
+
+    T, E = c.shape
+    neg = torch.tensor(float("-inf"), dtype=c.dtype, device=c.device)
+    cf = torch.where(finite, c, neg)
+    edges = _expert_edges(held, finite)  # kept while moves change held: each move is checked when made
+    for t in torch.nonzero(need > 0).flatten().tolist():
+        for _ in range(int(k - held[t].sum())):
+            room = held.sum(0) < capacity
+            path = _augmenting_path(held, finite, room, t, edges)
+            if path is None or not _apply_moves(held, finite, cf, t, list(zip(path[:-1], path[1:]))):
+                edges = _expert_edges(held, finite)  # stale edges: again with the current ones, without t
+                path = _augmenting_path(held, finite, room, t, _expert_edges(held, finite, t))
+                if path is not None and not _apply_moves(held, finite, cf, t, list(zip(path[:-1], path[1:]))):
+                    path = None
+            if path is None:  # no way to keep the capacity: the best other allowed expert, over capacity
+                rest = torch.where(held[t] | ~finite[t], neg, c[t])
+                if not bool(torch.isfinite(rest).any()):
+                    rest = torch.where(held[t], neg, c[t].masked_fill(~finite[t], -3e38))
+                held[t, int(rest.argmax())] = True
+                continue
+            held[t, path[0]] = True
+    return held
+
+
+def _apply_moves(held: Any, finite: Any, cf: Any, t: int, moves: list) -> bool:
+    """Move, last edge first (each frees the slot the one before fills), for each edge ``f -> g`` the token
+    of largest gain holding f and not g; False (nothing changed) where an edge has no such token."""
+    import torch
+
+    neg = torch.tensor(float("-inf"), dtype=cf.dtype, device=cf.device)
+    done = []
+    for f, g in reversed(moves):
+        movable = held[:, f] & ~held[:, g] & finite[:, g]
+        movable[t] = False
+        if not bool(movable.any()):
+            for u, f0, g0 in reversed(done):
+                held[u, f0], held[u, g0] = True, False
+            return False
+        u = int(torch.where(movable, cf[:, g] - cf[:, f], neg).argmax())
+        held[u, f], held[u, g] = False, True
+        done.append((u, f, g))
+    return True
+
+
+def _expert_edges(held: Any, finite: Any, t: int | None = None) -> list:
+    """``[E][E]`` booleans: f -> f' when some token (other than t) holds f, not f', and may take f'."""
+    others, can = held, finite & ~held
+    if t is not None:
+        others, can = held.clone(), can.clone()
+        others[t] = False
+        can[t] = False
+    return ((others.T.double() @ can.double()) > 0).tolist()
+
+
+def _augmenting_path(held: Any, finite: Any, room: Any, t: int, nxt: list) -> list[int] | None:
+    """Experts ``[f0, f1, ..., g]`` along the edges ``nxt`` (:func:`_expert_edges`): t may take f0, a token
+    holding f_i and not f_{i+1} may take f_{i+1}, and g has room (``[g]`` alone when t may take g itself);
+    None when there is no such path."""
+    starts = (finite[t] & ~held[t]).tolist()
+    roomy = room.tolist()
+    E = len(starts)
+    prev = [-2] * E
+    queue = [f for f in range(E) if starts[f]]
+    for f in queue:
+        prev[f] = -1
+    for f in queue:  # breadth first (the list grows while it is walked)
+        if roomy[f]:
+            path = [f]
+            while prev[path[-1]] != -1:
+                path.append(prev[path[-1]])
+            return path[::-1]
+        for g in range(E):
+            if nxt[f][g] and prev[g] == -2:
+                prev[g] = f
+                queue.append(g)
+    return None

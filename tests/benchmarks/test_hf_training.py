@@ -47,6 +47,8 @@ def test_quick_run_outputs_agree_with_their_data(tmp_path):
     assert runs["aux"]["aux_kind"] == "model" and runs["aux"]["aux_coef"] > 0
     # bip fits its price on the batch it routes: the validation loads are far flatter than with no balancing
     assert runs["bip"]["val_max_vio_global"] < 0.5 * runs["none"]["val_max_vio_global"]
+    # the capacity is enforced in training: no step of bip routes more than ceil(T k / E) = T k / E here
+    assert runs["bip"]["sup_max_vio"] == 0.0 and runs["none"]["sup_max_vio"] > 1.0
     row = next(r for r in res["summary"] if r["balancer"] == "bip")
     assert row["sup_over_floor"] == pytest.approx(row["sup_max_vio"] / res["floors"]["16x2"]["batch"]["mean"])
     assert "| mixtral | 16 | 2 | bip |" in (tmp_path / "hf_training_quick.md").read_text()
@@ -58,3 +60,33 @@ def test_bad_arguments_exit_with_a_usage_error(tmp_path):
     assert e.value.code == 2
     assert hf_training.main(["--quick", "--balancers", "nonesuch", "--out", str(tmp_path)]) == 2
     assert not list(tmp_path.iterdir())
+
+
+def test_loss_free_label_names_a_rate_other_than_the_default():
+    """A loss_free run at another rate than enable's default for its router gets the rate in its label (e.g.
+    DeepSeek-V3 runs at 1e-3, made before its default became 1e-2), so the two do not average together."""
+    base = {"experts": 16, "top_k": 2, "balancer": "loss_free", "seed": 0, "sweep": False, "aux_coef": None}
+    runs = []
+    for arch, rate in (("deepseek_v3", 1e-3), ("deepseek_v3", 1e-2), ("mixtral", 1e-3)):
+        v = [[1.0, 1.0]] * 12
+        runs.append(
+            dict(
+                base,
+                arch=arch,
+                bias_update_rate=rate,
+                max_vio=v,
+                avg_max_vio=1.0,
+                first10_max_vio=1.0,
+                sup_max_vio=1.0,
+                step0_max_vio=1.0,
+                val_max_vio_global=1.0,
+                train_loss_tail=1.0,
+                val_loss=1.0,
+                val_ppl=np.e,
+                step_s=0.1,
+                windows={"0-10": 1.0},
+            )
+        )
+    floors = {"16x2": {"batch": {"mean": 0.2}, "val": {"mean": 0.1}}}
+    labels = {(r["arch"], r["balancer"]) for r in hf_training.summarize(runs, floors)}
+    assert labels == {("deepseek_v3", "loss_free(0.001)"), ("deepseek_v3", "loss_free"), ("mixtral", "loss_free")}

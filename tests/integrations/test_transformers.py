@@ -440,3 +440,87 @@ def test_eval_mode_routes_with_the_trained_prices_or_none_by_choice():
     with pytest.raises(ValueError, match="`eval_prices`"):
         mbt.disable(model)
         mbt.enable(model, balancer="bip", eval_prices="sometimes")
+
+
+def _routed(model):
+    """Record each router call of the model: ``[(logits, gates, eidx)]`` (the router's outputs)."""
+    got = []
+    hooks = [
+        router.register_forward_hook(lambda m, a, out: got.append(tuple(t.detach() for t in out)))
+        for _, _, router, _ in mbt._find_blocks(model)
+    ]
+    return got, hooks
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bip_keeps_every_expert_within_capacity_with_the_routers_own_gates(arch):
+    """bip in training: at most ceil(T k / E) tokens per expert (plain top-k of the same prices overloads the
+    skewed router), k distinct experts per token, gates in the architecture's own convention (proportional to
+    softmax / sigmoid of the chosen logits; equal to the router's own gates where its top-k was kept), and
+    the gradient reaches the router."""
+    from moebalance.routing import expert_capacity
+
+    ids = tokens(4, 64, seed=7)
+    over = {}
+    for enforce in (True, False):
+        model = build(arch)
+        skew(model)
+        mbt.enable(model, balancer="bip", enforce_capacity=enforce)
+        model.train()
+        got, hooks = _routed(model)
+        model(ids, labels=ids).loss.backward()
+        for h in hooks:
+            h.remove()
+        cap = expert_capacity(ids.numel(), model.config.num_experts_per_tok, mbt.load_stats(model)[0].loads.size, 1.0)
+        over[enforce] = max(int(s.loads.max()) - cap for s in mbt.load_stats(model))
+        if not enforce:
+            continue
+        for (_, _, router, _), (logits, gates, eidx) in zip(mbt._find_blocks(model), got):
+            assert router.weight.grad is not None and float(router.weight.grad.abs().sum()) > 0
+            assert eidx.shape[1] == model.config.num_experts_per_tok
+            assert bool((eidx.sort(1).values[:, 1:] != eidx.sort(1).values[:, :-1]).all())  # k distinct
+            assert int(torch.bincount(eidx.reshape(-1), minlength=router.weight.shape[0]).max()) <= cap
+            lg = logits.float().gather(1, eidx)
+            f = lg.sigmoid() if arch == "deepseek_v3" else lg.exp()
+            torch.testing.assert_close(gates[:, 1:] / gates[:, :1], f[:, 1:] / f[:, :1], rtol=1e-4, atol=1e-6)
+            if arch == "qwen2_moe":  # norm_topk_prob=False: the gate is the softmax probability itself
+                torch.testing.assert_close(gates, torch.softmax(logits.float(), -1).gather(1, eidx))
+    assert over[True] <= 0, over
+    assert over[False] > 0, over  # the check is not vacuous: the prices alone overload an expert
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
+def test_bip_capacity_holds_on_tied_scores(arch):
+    """A router with all-zero weights scores every expert the same for every token: top-k sends every token to
+    the same k experts; bip's capacity still holds exactly (4096 tokens, E=16, k=2: 512 each)."""
+    model = build(arch, experts=16)
+    with torch.no_grad():
+        for _, _, router, _ in mbt._find_blocks(model):
+            router.weight.zero_()
+            if hasattr(router, "e_score_correction_bias"):
+                router.e_score_correction_bias.zero_()
+    mbt.enable(model, balancer="bip")
+    model.train()
+    ids = tokens(32, 128, seed=3)
+    model(ids)
+    for s in mbt.load_stats(model):
+        assert int(s.loads.sum()) == 4096 * 2
+        assert int(s.loads.max()) <= 512, s.loads
+
+
+def test_loss_free_default_rate_follows_the_router_kind():
+    """bias_update_rate="auto" (the default): 1e-3 for softmax routers, 1e-2 for DeepSeek-V3's sigmoid router
+    (docs/training.md's measurement); a given rate wins."""
+    rates = {}
+    for arch in ("mixtral", "gpt_oss", "deepseek_v3"):
+        model = build(arch)
+        mbt.enable(model, balancer="loss_free")
+        rates[arch] = {b.balancer.rate for b in mbt._state(model).blocks}
+    assert rates == {"mixtral": {1e-3}, "gpt_oss": {1e-3}, "deepseek_v3": {1e-2}}
+    model = build("deepseek_v3")
+    mbt.enable(model, balancer="loss_free", bias_update_rate=3e-4)
+    assert {b.balancer.rate for b in mbt._state(model).blocks} == {3e-4}
+    with pytest.raises(ValueError, match="`bias_update_rate`"):
+        mbt.enable(build("mixtral"), balancer="loss_free", bias_update_rate="fast")
+    with pytest.raises(ValueError, match="`enforce_capacity`"):
+        mbt.enable(build("mixtral"), balancer="bip", enforce_capacity=1)

@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from moebalance.solvers.balancers import BIPBalancer, LossFreeBalancer
 
 from moebalance.generate import routing_scores
@@ -298,3 +300,129 @@ def test_layer_prices_are_in_state_dict_and_come_back(balancer):
     lazy.reset_parameters()
     assert torch.equal(lazy.bias, torch.zeros(8))
     assert MoEConfig(**cfg).balancer_name == balancer
+
+
+def _check_capacity_topk(s, k, cap, idx):
+    T, E = s.shape
+    assert idx.shape == (T, k)
+    srt = idx.sort(1).values
+    assert bool((srt[:, 1:] != srt[:, :-1]).all())  # k distinct experts per token
+    assert int(torch.bincount(idx.reshape(-1), minlength=E).max()) <= cap
+
+
+@pytest.mark.parametrize("T,E,k", [(512, 16, 2), (512, 64, 8), (1000, 16, 8), (96, 8, 3), (7, 7, 2)])
+def test_capacity_topk_holds_capacity_and_never_beats_the_exact_optimum(T, E, k):
+    """Skewed scores: at most ceil(T k / E) tokens per expert (exact fit when E divides T k), k distinct per
+    token, and a routing score no higher than the exact capacitated optimum (method fast) -- and close to it."""
+    from moebalance.solvers.routing_fast import fast_route
+    from moebalance.solvers.routing_prices import capacity_topk
+
+    from moebalance.routing import expert_capacity
+
+    s = routing_scores(T, E, kind="zipf", imbalance=1.0, seed=T + E)
+    cap = expert_capacity(T, k, E, 1.0)
+    idx = capacity_topk(torch.tensor(s), k, cap)
+    _check_capacity_topk(s, k, cap, idx)
+    assert int(np.bincount(np.argsort(-s, 1)[:, :k].ravel(), minlength=E).max()) > cap  # not vacuous
+    got = float(np.take_along_axis(s, idx.numpy(), 1).sum())
+    a, _, _ = fast_route(s, k, np.full(E, cap))
+    best = float(np.take_along_axis(s, a, 1).sum())
+    assert got <= best * (1 + 1e-9) + 1e-9
+    assert got >= 0.9 * best
+
+
+def test_capacity_topk_is_the_plain_topk_when_it_fits_and_raises_a_too_small_capacity():
+    from moebalance.solvers.routing_prices import capacity_topk
+
+    s = torch.rand(64, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(capacity_topk(s, 2, 64), torch.topk(s, 2, 1).indices)  # capacity >= T: no constraint
+    loads = torch.bincount(torch.topk(s, 2, 1).indices.reshape(-1), minlength=8)
+    assert torch.equal(capacity_topk(s, 2, int(loads.max())), torch.topk(s, 2, 1).indices)
+    idx = capacity_topk(s, 2, 1)  # 64 x 2 pairs cannot fit 8 x 1: raised to ceil(128 / 8) = 16
+    _check_capacity_topk(s.numpy(), 2, 16, idx)
+
+
+@pytest.mark.parametrize("scale", [1e-12, 1.0, 1e12])
+@pytest.mark.parametrize("shift", [0.0, 1e6])
+def test_capacity_topk_holds_on_ties_at_any_scale(scale, shift):
+    """4096 identical tokens, E=16, k=2: every expert takes exactly 512 (plain top-k: 4096 on two experts);
+    a repeated-token batch at any scale and shift, and the all-equal batch."""
+    from moebalance.solvers.routing_prices import capacity_topk
+
+    row = torch.tensor(routing_scores(1, 16, kind="zipf", imbalance=1.0, seed=3)[0], dtype=torch.float64)
+    for s in (row.expand(4096, 16) * scale + shift, torch.full((4096, 16), scale)):
+        idx = capacity_topk(s, 2, 512)
+        _check_capacity_topk(s.numpy(), 2, 512, idx)
+        assert torch.equal(torch.bincount(idx.reshape(-1), minlength=16), torch.full((16,), 512))
+
+
+def test_capacity_topk_keeps_to_the_allowed_experts():
+    """-inf marks experts a token may not take (DeepSeek-V3's unchosen groups): honoured when capacity
+    allows; a token with fewer than k allowed experts still gets k distinct ones."""
+    from moebalance.solvers.routing_prices import capacity_topk
+
+    g = torch.Generator().manual_seed(1)
+    s = torch.rand(400, 8, generator=g, dtype=torch.float64)
+    allowed = torch.zeros(400, 8, dtype=torch.bool)
+    allowed[:, :4] = True  # experts 0-3 for everyone, 4-7 for the second half only
+    allowed[200:, 4:] = True
+    c = s.masked_fill(~allowed, float("-inf"))
+    idx = capacity_topk(c, 2, 100)
+    _check_capacity_topk(s.numpy(), 2, 100, idx)
+    assert bool(allowed.gather(1, idx).all())
+    c = c.clone()
+    c[0, 1:] = float("-inf")  # one allowed expert only
+    idx = capacity_topk(c, 2, 100)
+    assert idx[0, 0] == 0 and idx[0, 1] != 0
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_bip_route_keeps_the_capacity_after_its_prices(lib):
+    """BIPBalancer.route: the batch's experts with the fitted prices, within capacity (the prices alone
+    overload an expert on this skewed batch after 4 sweeps)."""
+    s = routing_scores(2048, 16, kind="hot", imbalance=1.0, hot_experts=2, seed=4)
+    x = torch.tensor(s, dtype=torch.float32) if lib == "torch" else s
+    b = BIPBalancer(16, 2)
+    b.update(x)
+    assert b.last_overflow > 0
+    idx = b.route(x)
+    assert type(idx).__module__.startswith(lib)
+    idx = np.asarray(idx)
+    assert idx.shape == (2048, 2) and bool((idx[:, 0] != idx[:, 1]).all())
+    assert np.bincount(idx.ravel(), minlength=16).max() <= 256
+
+
+@pytest.mark.property
+@settings(deadline=None, max_examples=40)
+@given(
+    T=st.integers(1, 300),
+    E=st.integers(2, 24),
+    k=st.integers(1, 6),
+    slack=st.floats(1.0, 1.5),
+    scale=st.sampled_from([1e-12, 1e-3, 1.0, 1e6, 1e12]),
+    shift=st.sampled_from([0.0, 1.0, -1e3]),
+    ties=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_capacity_topk_property(T, E, k, slack, scale, shift, ties, seed):
+    """Any batch, scale, shift, ties: k distinct experts per token, none over capacity (capacity at least
+    ceil(T k / E)), and a top-k (the same scores) when the plain top-k already fits."""
+    from moebalance.solvers.routing_prices import capacity_topk
+
+    from moebalance.routing import expert_capacity
+
+    k = min(k, E)
+    rng = np.random.default_rng(seed)
+    s = rng.random((T, E)) ** 3
+    if ties:
+        s = np.round(s * 4) / 4
+    c = torch.tensor(s * scale + shift)
+    cap = expert_capacity(T, k, E, slack)
+    idx = capacity_topk(c, k, cap)
+    assert idx.shape == (T, k)
+    srt = idx.sort(1).values
+    assert bool((srt[:, 1:] != srt[:, :-1]).all())
+    assert int(torch.bincount(idx.reshape(-1), minlength=E).max()) <= max(cap, -(-T * k // E))
+    plain = torch.topk(c, k, 1).indices
+    if int(torch.bincount(plain.reshape(-1), minlength=E).max()) <= cap:  # a top-k (on ties: one of them)
+        assert torch.equal(c.gather(1, idx).sort(1).values, c.gather(1, plain).sort(1).values)
