@@ -279,7 +279,7 @@ def _apply_moves(held: Any, finite: Any, cf: Any, t: int, moves: list) -> bool:
     import torch
 
     neg = torch.tensor(float("-inf"), dtype=cf.dtype, device=cf.device)
-    done = []
+    done: list[tuple[int, int, int]] = []
     for f, g in reversed(moves):
         movable = held[:, f] & ~held[:, g] & finite[:, g]
         movable[t] = False
