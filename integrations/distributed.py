@@ -75,7 +75,6 @@ Limits. ``E`` must be divisible by ``P`` (contiguous home blocks). Each step syn
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import numpy as np
@@ -95,9 +94,9 @@ from moebalance.integrations.ep import (
     exchange,
     exchange_counts,
     init_process_group,
-    move_slots,
 )
-from moebalance.integrations.ep.replicas import SPLITS, check_layout
+from moebalance.integrations.ep.replicas import SPLITS
+from moebalance.integrations.ep.runtime import ExpertParallel, ReplicatedExperts
 from moebalance.integrations.torch import (
     MoEConfig,
     MoELayer,
@@ -122,6 +121,7 @@ from moebalance.solution import Status
 __all__ = [
     "ExpertParallelMoE",
     "ExpertParallelError",
+    "ExpertParallel",
     "EPPlan",
     "RebalanceReport",
     "init_process_group",
@@ -165,6 +165,7 @@ class ExpertParallelMoE(nn.Module):
         max_moves: int | None = None,
         min_gain: float = 0.05,
         replication_options: dict[str, Any] | None = None,
+        async_moves: bool = True,
         **placement_options: Any,
     ):
         super().__init__()
@@ -191,39 +192,34 @@ class ExpertParallelMoE(nn.Module):
         self.home_experts = range(self.rank * n, (self.rank + 1) * n)
         # replicated experts: S slots per rank holding a replication plan; else the home experts, as placed
         self.replicated = num_local_slots is not None or replication is not None or phy2log is not None
-        self.layout: ReplicaLayout | None = None
-        self.rebalancer: Rebalancer | None = None
+        self.replicas: ReplicatedExperts | None = None
         self.planner: PlacementPlanner | None = None
         if self.replicated:
-            if placement_options or placement != "ep":
+            if placement != "ep" or (placement_options and replica_split in SPLITS):
                 raise ValueError(
                     "replicated experts split each expert's tokens over its replicas: `placement` and "
-                    f"its options do not apply (got placement={placement!r}, {sorted(placement_options)})"
+                    f"its options do not apply (got placement={placement!r}, {sorted(placement_options)}); "
+                    "name a placement method as `replica_split` to run it over the replicas"
                 )
-            if replica_split not in SPLITS:
-                raise ValueError(f"`replica_split` must be one of {SPLITS}, got {replica_split!r}")
-            if phy2log is not None:
-                self.layout = check_layout(phy2log, E, P)
-                S = self.layout.slots
-                if num_local_slots is not None and num_local_slots != S:
-                    raise ValueError(f"`num_local_slots`={num_local_slots} disagrees with `phy2log` ({S} per rank)")
-            else:
-                from moebalance._validate import as_int
-
-                S = n if num_local_slots is None else as_int(num_local_slots, "num_local_slots", minimum=n)
-                self.layout = ReplicaLayout.initial(E, P, S)
-            if replication is not None:
-                self.rebalancer = Rebalancer(
-                    replication,
-                    E,
-                    P,
-                    S,
+            self.replicas = ReplicatedExperts(
+                ExpertParallel(
+                    num_local_slots=num_local_slots,
+                    phy2log=phy2log,
+                    split=replica_split,
+                    split_options=placement_options or None,
+                    replication=replication,
                     window_size=window_size,
                     step_interval=step_interval,
                     max_moves=max_moves,
                     min_gain=min_gain,
-                    options=replication_options,
-                )
+                    replication_options=replication_options,
+                    async_moves=async_moves,
+                ),
+                E,
+                P,
+                self.rank,
+            )
+            S = self.replicas.slots
             self.replica_split = replica_split
         else:
             S = n
@@ -249,7 +245,6 @@ class ExpertParallelMoE(nn.Module):
         self.last_stats: MoEStats | None = None
         self.last_plan: EPPlan | None = None
         self.last_exchange: dict[str, Any] = {}
-        self.rebalances: list[RebalanceReport] = []
         self.profile = False  # True: time each phase into last_timings (synchronising CUDA around each)
         self.last_timings: dict[str, float] = {}
         self._step = 0
@@ -264,11 +259,25 @@ class ExpertParallelMoE(nn.Module):
             self.planner.check_plans = bool(value)
 
     @property
+    def layout(self) -> ReplicaLayout | None:
+        """The replication plan in force (None without replicated experts)."""
+        return None if self.replicas is None else self.replicas.layout
+
+    @property
+    def rebalancer(self) -> Rebalancer | None:
+        return None if self.replicas is None else self.replicas.rebalancer
+
+    @property
+    def rebalances(self) -> list[RebalanceReport]:
+        """Every :class:`RebalanceReport` so far."""
+        return [] if self.replicas is None else self.replicas.reports
+
+    @property
     def local_experts(self) -> np.ndarray:
         """``[S]`` logical expert of each local slot (the home experts without replication)."""
-        if self.layout is None:
+        if self.replicas is None:
             return np.arange(self.home_experts.start, self.home_experts.stop)
-        return self.layout.local(self.rank).copy()
+        return self.replicas.local()
 
     @classmethod
     def from_layer(
@@ -388,11 +397,12 @@ class ExpertParallelMoE(nn.Module):
         if c.capacity_factor is not None:
             kept, C = self._global_capacity(comm, eidx, scores, Ts)
         with comm.timed("plan"):
-            plan = self._plan(comm, C.sum(0))
+            if self.replicas is None:
+                plan = self.planner.plan(comm, C.sum(0))
+            else:  # waits for a weight move in flight first
+                plan = self.replicas.plan(comm, C.sum(0))
         self.last_plan = plan
-        if self.rebalancer is not None:
-            self.rebalancer.record(C.sum(0))
-        if self.layout is None:
+        if self.replicas is None:
             slot_of = np.full(E, -1, dtype=np.int64)
             slot_of[self.home_experts.start : self.home_experts.stop] = np.arange(self.experts_per_rank)
             replica_of = None
@@ -489,16 +499,9 @@ class ExpertParallelMoE(nn.Module):
     def _comm(self, timings: dict[str, float] | None = None) -> Communicator:
         return Communicator(self.group, f"step {self._step}", timings, self.w_gate.device.type == "cuda")
 
-    def _plan(self, comm: Communicator, loads: np.ndarray) -> EPPlan:
-        if self.planner is not None:
-            return self.planner.plan(comm, loads)
-        assert self.layout is not None
-        x = self.layout.assignment(loads, self.replica_split)
-        return EPPlan("replicas", f"replicas ({self.replica_split})", Status.FEASIBLE, x, [], 0.0)
-
     def rebalance_due(self) -> bool:
         """True when ``step_interval`` steps have run since the last re-plan (identical on every rank)."""
-        return self.rebalancer is not None and self.rebalancer.due(self._step)
+        return self.replicas is not None and self.replicas.due(self._step)
 
     def maybe_rebalance(self, optimizer: torch.optim.Optimizer | None = None) -> RebalanceReport | None:
         """:meth:`rebalance` when it is due, else None. Call it between steps (after ``optimizer.step()``)."""
@@ -509,31 +512,14 @@ class ExpertParallelMoE(nn.Module):
 
         The slots' weights move between ranks, and with ``optimizer`` every per-parameter state tensor shaped like
         a slot tensor (Adam's moments, SGD's momentum) moves with them, so training continues as if nothing had
-        moved. Gradients are cleared (call it between steps). Returns the :class:`RebalanceReport`, also appended
-        to ``rebalances``."""
-        if self.rebalancer is None or self.layout is None:
+        moved. The moves run asynchronously (``async_moves``): the next forward waits for them before it computes
+        (:meth:`wait_moves` waits now). Gradients are cleared (call it between steps). Returns the
+        :class:`RebalanceReport`, also appended to ``rebalances``."""
+        if self.replicas is None:
             raise ValueError("this layer has no `replication` method to rebalance with")
-        if not self.rebalancer.window:
-            raise ValueError("no loads recorded yet: run a forward step before rebalancing")
-        comm = self._comm()
-        old = self.layout.phy2log
-        new, rep = self.rebalancer.plan(comm, self.layout, self._step)
-        moved = 0
-        if rep.applied:
-            params = [self.w_gate, self.w_up, self.w_down]
-            tensors = [p.data for p in params]
-            if optimizer is not None:
-                for p in params:
-                    for v in optimizer.state.get(p, {}).values():
-                        if isinstance(v, Tensor) and v.shape == p.shape:
-                            tensors.append(v)
-            for p in params:
-                p.grad = None
-            moved = move_slots(comm, old, new, tensors)
-            self.layout = ReplicaLayout(new, self.config.num_experts, self.world_size)
-            per_slot = sum(t[0].numel() * t.element_size() for t in tensors)  # weights and optimizer state
-            rep = dataclasses.replace(
-                rep, bytes_moved=moved, bytes_saved=(rep.moves_unrelabelled - rep.moves) * per_slot
-            )
-        self.rebalances.append(rep)
-        return rep
+        return self.replicas.rebalance(self._comm(), self._step, [self.w_gate, self.w_up, self.w_down], optimizer)
+
+    def wait_moves(self) -> None:
+        """Complete a weight move in flight (a collective when one is; the next forward does it otherwise)."""
+        if self.replicas is not None:
+            self.replicas.wait()

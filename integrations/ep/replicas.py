@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 from typing import Any
 
 import numpy as np
@@ -26,9 +27,19 @@ from torch import Tensor
 from moebalance.solution import Status
 
 from .comm import Communicator, ExpertParallelError
-from .planning import USABLE, agree
+from .planning import USABLE, agree, plans_on_every_rank
 
-__all__ = ["ReplicaLayout", "Rebalancer", "RebalanceReport", "relabel", "rank_moves", "move_slots", "balancedness"]
+__all__ = [
+    "ReplicaLayout",
+    "Rebalancer",
+    "RebalanceReport",
+    "relabel",
+    "rank_moves",
+    "move_slots",
+    "start_move",
+    "PendingMove",
+    "balancedness",
+]
 
 SPLITS = ("even", "lp")
 
@@ -101,8 +112,8 @@ class ReplicaLayout:
             out[mine[s]] = s
         return out
 
-    def assignment(self, loads: Any, split: str = "even") -> np.ndarray:
-        """``[E, P]`` pairs of each expert per rank: its ``loads[e]`` split over its replicas.
+    def slot_shares(self, loads: Any, split: str = "even") -> np.ndarray:
+        """``[P * S]`` pairs each slot computes: every expert's ``loads[e]`` split over its replicas.
 
         ``even``: ``loads[e] // cnt[e]`` per replica, the remainder one each to the replicas on the least-loaded
         ranks so far (experts in decreasing load); ``lp``: the dispatch LP's fractional split (min max rank load
@@ -110,7 +121,6 @@ class ReplicaLayout:
         w = np.asarray(loads, dtype=np.int64)
         E, P, S = self.num_experts, self.world, self.slots
         rank_of = np.arange(self.phy2log.size) // S
-        share = np.zeros(self.phy2log.size, dtype=np.int64)
         if split == "lp":
             from moebalance.solvers.replication_lp import dispatch
 
@@ -121,21 +131,40 @@ class ReplicaLayout:
                 rest = int(w[e] - base[slots].sum())
                 top = slots[np.argsort(-(frac[slots] - base[slots]), kind="stable")[:rest]]
                 base[top] += 1
-            share = base
-        else:
-            cnt = self.logcnt
-            share = w[self.phy2log] // cnt[self.phy2log]
-            rank_load = np.bincount(rank_of, weights=share, minlength=P)
-            for e in np.argsort(-w, kind="stable"):
-                rest = int(w[e] - (w[e] // cnt[e]) * cnt[e])
-                if rest:
-                    slots = np.flatnonzero(self.phy2log == e)
-                    top = slots[np.argsort(rank_load[rank_of[slots]], kind="stable")[:rest]]
-                    share[top] += 1
-                    np.add.at(rank_load, rank_of[top], 1)
-        x = np.zeros((E, P), dtype=np.int64)
-        np.add.at(x, (self.phy2log, rank_of), share)
-        return x
+            return base
+        cnt = self.logcnt
+        share = w[self.phy2log] // cnt[self.phy2log]
+        rank_load = np.bincount(rank_of, weights=share, minlength=P)
+        for e in np.argsort(-w, kind="stable"):
+            rest = int(w[e] - (w[e] // cnt[e]) * cnt[e])
+            if rest:
+                slots = np.flatnonzero(self.phy2log == e)
+                top = slots[np.argsort(rank_load[rank_of[slots]], kind="stable")[:rest]]
+                share[top] += 1
+                np.add.at(rank_load, rank_of[top], 1)
+        return share
+
+    def assignment(self, loads: Any, split: str = "even") -> np.ndarray:
+        """``[E, P]`` pairs of each expert per rank under :meth:`slot_shares`."""
+        return self.collapse(
+            self.slot_shares(loads, split)[:, None]
+            * np.eye(self.world, dtype=np.int64)[np.arange(self.phy2log.size) // self.slots]
+        )[0]
+
+    def collapse(self, slot_assignment: np.ndarray, slot_transfers: Any = ()) -> tuple[np.ndarray, list]:
+        """A plan over the slots (``[P * S, P]`` pairs of each slot per rank, ``[(slot, src, dst)]`` weight copies:
+        a placement method run with the slots as its experts) as the exchange's plan over experts: ``([E, P]
+        assignment, [(expert, src, dst)] copies)``. A copy to a rank that holds a replica of the expert is
+        dropped (its tokens run on that replica), and each rank borrows an expert from one lender only."""
+        x = np.zeros((self.num_experts, self.world), dtype=np.int64)
+        np.add.at(x, self.phy2log, np.asarray(slot_assignment, dtype=np.int64))
+        held = {(int(e), int(j // self.slots)) for j, e in enumerate(self.phy2log)}
+        copies: dict[tuple[int, int], int] = {}
+        for slot, src, dst in slot_transfers:
+            e = int(self.phy2log[int(slot)])
+            if (e, int(dst)) not in held:
+                copies[e, int(dst)] = min(int(src), copies.get((e, int(dst)), int(src)))
+        return x, sorted(((e, src, dst) for (e, dst), src in copies.items()), key=lambda t: (t[0], t[2]))
 
 
 def relabel(old: np.ndarray, new: np.ndarray, world: int) -> np.ndarray:
@@ -191,40 +220,78 @@ def _transfers(old: np.ndarray, new: np.ndarray, world: int) -> list[tuple[int, 
     return out
 
 
-def move_slots(comm: Communicator, old: np.ndarray, new: np.ndarray, tensors: list[Tensor]) -> int:
-    """Make this rank's slot tensors (``[S, ...]`` each: weights, optimizer state) hold ``new``'s experts.
+_MOVE_TAG = 1 << 20  # move tags sit above the exchange's weight-copy tags (``n_weights * expert + j``)
+_move_seq = itertools.count()  # every rank starts its moves in the same order: the same number on every rank
 
-    Every rank derives the same transfers; remote ones go point to point, then one all-reduce confirms that
-    every rank received everything before any tensor is overwritten (a rank that died or timed out mid-move
-    makes every other rank raise :class:`ExpertParallelError` with its weights unchanged). Returns the bytes this
-    rank received."""
+
+class PendingMove:
+    """A weight move in flight (:func:`start_move`): :meth:`wait` completes it. Until then the slot tensors and
+    the layout are untouched, so compute that does not use the moved slots overlaps the transfer."""
+
+    def __init__(self, comm: Communicator, works: list, local: list, fresh: list, tensors: list[Tensor]):
+        self.comm, self.works, self.local, self.fresh, self.tensors = comm, works, local, fresh, tensors
+        self.bytes = int(sum(b.numel() * b.element_size() for _, bufs in fresh for b in bufs))
+        self.done = False
+
+    def wait(self) -> int:
+        """Wait for every transfer, confirm with one all-reduce that every rank received everything, then write the
+        slots (a rank that died or stalled makes the others raise :class:`ExpertParallelError` within the
+        timeout, their weights unchanged). Returns the bytes this rank received. Idempotent."""
+        if self.done:
+            return self.bytes
+        self.done = True  # a failure below leaves the weights as they were; the move is abandoned
+
+        def finish() -> None:
+            for w in self.works:
+                w.wait()
+
+        self.comm.run("expert weight move (batch_isend_irecv wait)", finish)
+        ok = torch.ones(1, dtype=torch.int64)
+        self.comm.all_reduce("weight move commit (all_reduce)", ok)
+        if int(ok) != self.comm.world:
+            raise self.comm.error("a rank failed its part of the weight move; weights unchanged")
+        with torch.no_grad():
+            snap = {ss: [t[ss].clone() for t in self.tensors] for _, ss in self.local}
+            for ds, ss in self.local:
+                for t, v in zip(self.tensors, snap[ss]):
+                    t[ds].copy_(v)
+            for ds, bufs in self.fresh:
+                for t, b in zip(self.tensors, bufs):
+                    t[ds].copy_(b)
+        self.works = self.fresh = []
+        return self.bytes
+
+
+def start_move(comm: Communicator, old: np.ndarray, new: np.ndarray, tensors: list[Tensor]) -> PendingMove:
+    """Start making this rank's slot tensors (``[S, ...]`` each: weights, optimizer state) hold ``new``'s experts.
+
+    Every rank derives the same transfers; remote ones are posted point to point at once (``batch_isend_irecv``
+    of snapshots of the sent slots, into fresh buffers) and not waited for: the returned :class:`PendingMove`
+    completes them. Tags carry a move sequence number, so moves of several layers and the exchange's own weight
+    copies can be in flight between the same ranks together."""
     r, S = comm.rank, old.size // comm.world
     moves = _transfers(old, new, comm.world)
     n_t = len(tensors)
+    base = _MOVE_TAG * (1 + next(_move_seq) % 1023)
+    if n_t * old.size >= _MOVE_TAG:
+        raise ValueError(f"{old.size} slots of {n_t} tensors exceed the weight move's tag space")
     sends, recvs, fresh = [], [], []
-    for dst, ds, e, src, ss in moves:
-        tag = n_t * (dst * S + ds)
+    for dst, ds, _e, src, ss in moves:
+        tag = base + n_t * (dst * S + ds)
         if src == r and dst != r:
-            sends += [(t[ss].detach(), dst, tag + i) for i, t in enumerate(tensors)]
+            sends += [(t[ss].detach().clone(), dst, tag + i) for i, t in enumerate(tensors)]
         elif dst == r and src != r:
             bufs = [torch.empty_like(t[ds]) for t in tensors]
             recvs += [(b, src, tag + i) for i, b in enumerate(bufs)]
             fresh.append((ds, bufs))
-    comm.p2p("expert weight move (batch_isend_irecv)", sends, recvs)
-    ok = torch.ones(1, dtype=torch.int64)
-    comm.all_reduce("weight move commit (all_reduce)", ok)
-    if int(ok) != comm.world:
-        raise comm.error("a rank failed its part of the weight move; weights unchanged")
+    works = comm.p2p_start("expert weight move (batch_isend_irecv)", sends, recvs)
     local = [(ds, ss) for dst, ds, e, src, ss in moves if dst == r and src == r]
-    with torch.no_grad():
-        snap = {ss: [t[ss].clone() for t in tensors] for _, ss in local}
-        for ds, ss in local:
-            for t, v in zip(tensors, snap[ss]):
-                t[ds].copy_(v)
-        for ds, bufs in fresh:
-            for t, b in zip(tensors, bufs):
-                t[ds].copy_(b)
-    return int(sum(b.numel() * b.element_size() for _, bufs in fresh for b in bufs))
+    return PendingMove(comm, works, local, fresh, tensors)
+
+
+def move_slots(comm: Communicator, old: np.ndarray, new: np.ndarray, tensors: list[Tensor]) -> int:
+    """:func:`start_move` and wait for it: the slot tensors hold ``new``'s experts. Returns the bytes received."""
+    return start_move(comm, old, new, tensors).wait()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,7 +341,7 @@ class Rebalancer:
         min_gain: float = 0.05,
         options: dict[str, Any] | None = None,
     ):
-        from moebalance import ReplicationProblem, method_info, solve
+        from moebalance import ReplicationProblem, solve
         from moebalance._validate import as_int
 
         self.window_size = as_int(window_size, "window_size", minimum=1)
@@ -304,7 +371,7 @@ class Rebalancer:
         sol = solve(probe, method, **self.options)
         if sol.status == Status.ERROR:
             raise ValueError(f"`replication`={method!r} fails on a uniform load: {sol.message}")
-        self.replicated = method_info(probe, method).deterministic and self.options.get("time_limit") is None
+        self.replicated = plans_on_every_rank(probe, method, self.options)
         self.window: collections.deque = collections.deque(maxlen=self.window_size)
         self.last_step = 0
 

@@ -299,6 +299,7 @@ def _worker(mode: str, rank: int, world: int, port: int, out: Path) -> None:
                 ep(x[s])
             before = ep.layout.phy2log.copy()
             rep = ep.rebalance()
+            ep.wait_moves()  # the move runs asynchronously; the layout changes when it completes
             from moebalance.integrations.ep import rank_moves
 
             res["moves"].append([rep.moves, rank_moves(before, ep.layout.phy2log, world), rep.applied])
@@ -312,19 +313,20 @@ def _worker(mode: str, rank: int, world: int, port: int, out: Path) -> None:
         if rank == 1:
             from moebalance.integrations.ep import comm as comm_mod
 
-            real = comm_mod.Communicator.p2p
+            real = comm_mod.Communicator.p2p_start
 
             def dying(self, what, sends, recvs):
-                if what.startswith("expert weight move"):
+                if what.startswith("expert weight move"):  # posting the move: rank 0 waits on a dead peer
                     print("rank 1 dies in the weight move", flush=True)
                     os._exit(3)
                 return real(self, what, sends, recvs)
 
-            comm_mod.Communicator.p2p = dying
+            comm_mod.Communicator.p2p_start = dying
         w0, lay0 = ep.w_gate.detach().clone(), ep.layout.phy2log.copy()
         t0 = time.monotonic()
         try:
-            ep.rebalance()
+            ep.rebalance()  # posts the move; the wait (here, or the next forward) meets the dead peer
+            ep.wait_moves()
             res["error"] = "no error"
         except ExpertParallelError as exc:
             res["error"] = f"ExpertParallelError: {exc}"
