@@ -10,7 +10,7 @@ dispatch LP of :func:`moebalance.solvers.replication_lp.dispatch`), as an ``[E, 
 ``solve`` for a new replication plan with the user's method (``old_phy2log`` and ``max_moves`` set, so
 migration-aware methods keep the move budget); it relabels the new plan's ranks and slots so the fewest weights
 travel (two assignment problems, :func:`scipy.optimize.linear_sum_assignment`), skips a plan whose predicted gain
-is below ``min_gain``, and :func:`move_slots` moves the weights (and optimizer state) between ranks.
+(judged step by step on the window, with the split the layer runs) is below ``min_gain``, and :func:`move_slots` moves the weights (and optimizer state) between ranks.
 """
 
 from __future__ import annotations
@@ -299,8 +299,9 @@ class RebalanceReport:
     """One rebalance decision (identical on every rank but ``bytes_moved``, this rank's share).
 
     step: the layer's step; method / status: the replication solve's; applied: the plan was executed;
-    reason: why not (or ""); balancedness_before / _after: mean / max rank load of the window's summed loads under
-    the old and the new plan (the prediction); gain: ``1 - max_new / max_old``; moves: replicas that crossed ranks
+    reason: why not (or ""); balancedness_before / _after: the mean over the window's steps of each step's mean / max
+    rank load under the old and the new plan with the layer's split (the prediction); gain: ``1 - max_new /
+    max_old``, the busiest rank's load averaged over those steps; moves: replicas that crossed ranks
     (after relabelling); moves_unrelabelled: as the solver numbered them; bytes_moved: weights (and optimizer
     state) this rank received; bytes_saved: the relabelling's saving, all ranks together; phy2log: the plan in
     force afterwards.
@@ -340,6 +341,7 @@ class Rebalancer:
         max_moves: int | None = None,
         min_gain: float = 0.05,
         options: dict[str, Any] | None = None,
+        split: str = "even",
     ):
         from moebalance import ReplicationProblem, solve
         from moebalance._validate import as_int
@@ -357,7 +359,9 @@ class Rebalancer:
             raise ValueError(f"`min_gain` must be a number in [0, 1), got {min_gain!r}")
         if not isinstance(method, str):
             raise ValueError(f"`replication` must be a method name, got {method!r}")
-        self.method, self.max_moves, self.min_gain = method, max_moves, float(min_gain)
+        if split not in SPLITS:
+            raise ValueError(f"`split` must be one of {SPLITS}, got {split!r}")
+        self.method, self.max_moves, self.min_gain, self.split = method, max_moves, float(min_gain), split
         self.options = dict(options or {})
         self.E, self.P, self.S = num_experts, world, slots
         probe = ReplicationProblem(
@@ -374,6 +378,23 @@ class Rebalancer:
         self.replicated = plans_on_every_rank(probe, method, self.options)
         self.window: collections.deque = collections.deque(maxlen=self.window_size)
         self.last_step = 0
+
+    def _step_loads(self, w: np.ndarray, phy2log: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(max, mean)`` rank load ``[B]`` of each window step ``w [B, E]`` under ``phy2log``: the even split's
+        fractional shares, or the per-batch dispatch LP (the ``lp`` split, and a proxy for placement splits)."""
+        mean = w.sum(axis=1) / self.P
+        if self.split == "even":
+            cnt = np.bincount(phy2log, minlength=self.E)
+            rank = (w[:, phy2log] / cnt[phy2log]).reshape(len(w), self.P, -1).sum(axis=2)
+            return rank.max(axis=1), mean
+        from moebalance.solvers.replication_lp import dispatch
+
+        return np.asarray(dispatch(w, np.tile(phy2log, (len(w), 1)), self.P)[2], dtype=np.float64), mean
+
+    @staticmethod
+    def _balancedness(mx: np.ndarray, mean: np.ndarray) -> float:
+        """Mean over the steps of mean / max rank load (1.0 for a step with nothing routed)."""
+        return float(np.mean(np.where(mx > 0, mean / np.where(mx > 0, mx, 1.0), 1.0)))
 
     def record(self, loads: np.ndarray) -> None:
         self.window.append(np.asarray(loads, dtype=np.float64))
@@ -402,16 +423,14 @@ class Rebalancer:
         buf = agree(comm, self.replicated, R + 2, compute, what="replication plan broadcast")
         raw, ok = buf[:R], bool(buf[R])
         status = out.get("status", list(Status)[int(buf[R + 1])].value)
-        total = w.sum(axis=0)
-
-        def rank_load(a: np.ndarray) -> np.ndarray:
-            cnt = np.bincount(a, minlength=self.E)
-            return (total[a] / cnt[a]).reshape(self.P, -1).sum(axis=1)
-
-        before = rank_load(old)
         new = relabel(old, raw, self.P) if ok else old
-        after = rank_load(new)
-        gain = 1.0 - after.max() / before.max() if before.max() > 0 else 0.0
+        # judged step by step on the window with the split the layer runs: the summed window averages the
+        # per-step noise away, which no layout removes under an even split (a plan fitted to the sum can
+        # predict a gain that the steps never see)
+        max_old, mean_old = self._step_loads(w, old)
+        max_new, mean_new = self._step_loads(w, new)
+        before, after = self._balancedness(max_old, mean_old), self._balancedness(max_new, mean_new)
+        gain = 1.0 - max_new.mean() / max_old.mean() if max_old.mean() > 0 else 0.0
         moves, moves_raw = rank_moves(old, new, self.P), rank_moves(old, raw, self.P)
         reason = ""
         if not ok:
@@ -427,8 +446,8 @@ class Rebalancer:
             status,
             applied,
             reason,
-            balancedness(before),
-            balancedness(after),
+            before,
+            after,
             float(gain),
             moves if applied else 0,
             moves_raw if applied else 0,

@@ -120,6 +120,81 @@ def test_rebalancer_honours_the_move_budget_and_the_gain_threshold():
     assert not rep.applied and "min_gain" in rep.reason and np.array_equal(new, lay.phy2log)
 
 
+class _FakeComm:
+    """A rank of a group whose plans every rank computes itself (no collective is reached)."""
+
+    def __init__(self, world: int):
+        self.rank, self.world = 0, world
+
+    def error(self, message: str) -> Exception:
+        return AssertionError(message)
+
+
+def test_rebalancer_judges_each_window_step_with_the_layers_split():
+    """before / after are the mean over the window's steps of each step's balancedness under the split the layer
+    runs (cross-checked with the integer split of ReplicaLayout.assignment), not the summed window's."""
+    from moebalance.integrations.ep import Rebalancer, ReplicaLayout, balancedness
+
+    rng = np.random.default_rng(8)
+    P, S = 4, 3
+    lay = ReplicaLayout.initial(E, P, S)
+    steps = [rng.multinomial(2000, np.full(E, 1 / E)) for _ in range(6)]  # even on average, noisy per step
+    for split in ("even", "lp"):
+        rb = Rebalancer("eplb", E, P, S, window_size=6, step_interval=1, min_gain=0.0, split=split)
+        for c in steps:
+            rb.record(c)
+        new, rep = rb.plan(_OneRank(), lay, step=6)
+        checks = [(rep.balancedness_before, lay)]
+        if rep.applied:  # rep.phy2log is the candidate plan only when it was applied
+            checks.append((rep.balancedness_after, ReplicaLayout(rep.phy2log, E, P)))
+        for got, layout in checks:
+            want = np.mean([balancedness(layout.assignment(c, split).sum(0)) for c in steps])
+            assert abs(got - want) < 3 * S / 500, (split, got, want)  # rounding: < 1 pair per slot per rank
+        summed = np.sum(steps, axis=0).astype(float)
+        cnt = lay.logcnt
+        whole = balancedness((summed[lay.phy2log] / cnt[lay.phy2log]).reshape(P, S).sum(1))
+        if split == "even":  # the summed window hides the per-step noise the even split keeps
+            assert rep.balancedness_before < whole - 0.005, (rep.balancedness_before, whole)
+    # the LP split absorbs that noise on the initial layout: no plan gains enough to move weights
+    rb = Rebalancer("eplb", E, P, S, window_size=6, step_interval=1, min_gain=0.02, split="lp")
+    for c in steps:
+        rb.record(c)
+    new, rep = rb.plan(_OneRank(), lay, step=6)
+    assert not rep.applied and rep.balancedness_before > 0.99 and np.array_equal(new, lay.phy2log), rep
+
+
+def test_a_placement_method_over_replicas_gives_a_conserving_plan_with_copies_only_where_needed():
+    from moebalance.integrations.ep import ExpertParallel, ReplicatedExperts
+
+    rng = np.random.default_rng(9)
+    P = 4
+    rx = ReplicatedExperts(
+        ExpertParallel(num_local_slots=3, split="llep", split_options={"min_chunk": 1, "imbalance_threshold": None}),
+        E,
+        P,
+        0,
+    )
+    lay = rx.layout
+    held = np.stack([np.bincount(lay.local(r), minlength=E) for r in range(P)], axis=1) > 0  # [E, P]
+    copied = 0
+    for scale in (1, 1000):
+        for _ in range(10):
+            loads = rng.integers(0, 60, E) * scale
+            loads[rng.integers(E)] += 900 * scale  # one hot expert
+            plan = rx.plan(_FakeComm(P), loads)
+            x = plan.assignment
+            assert np.array_equal(x.sum(axis=1), loads) and x.min() >= 0
+            lent = {(e, d) for e, _, d in plan.weight_transfers}
+            for e, src, d in plan.weight_transfers:
+                assert held[e, src] and not held[e, d], (e, src, d)
+            for e, d in zip(*np.nonzero(x)):
+                assert held[e, d] or (e, d) in lent, (e, d)
+            even = lay.assignment(loads, "even").sum(0).max()
+            assert x.sum(axis=0).max() <= even  # LLEP over the slots never loads the busiest rank more
+            copied += len(plan.weight_transfers)
+    assert copied > 0  # the hot expert's load was spilled to ranks without a replica
+
+
 @pytest.mark.parametrize(
     "bad", [{"window_size": 0}, {"step_interval": -1}, {"min_gain": float("nan")}, {"max_moves": -2}]
 )
