@@ -22,7 +22,8 @@ experts (rank ``r`` owns experts ``r * E/P ... (r+1) * E/P - 1``, the default ``
    that is not usable (status not optimal/feasible, e.g. ``time_limit``, or tokens not conserved) falls back to
    ``fallback`` (default ``"auto"``, the registry's default placement method); an unusable fallback raises on
    every rank. With replicated experts (``num_local_slots``, ``replication``) each expert's pairs are split over
-   its replicas instead (:mod:`moebalance.integrations.ep.replicas`, see :meth:`ExpertParallelMoE.rebalance`);
+   its replicas instead (``replica_split``: "even", "lp" or a placement method run over the slots; the runtime's
+   :class:`~moebalance.integrations.ep.ReplicatedExperts`, see :meth:`ExpertParallelMoE.rebalance`);
 3. sends each pair to a device the plan names for its expert, with one ``all_to_all_single`` of uneven split
    sizes. The plan fixes only how many pairs of expert e each device computes, so a rank first keeps its own
    pairs where the plan gives it room for them (a helper computes its own tokens of a spilled expert without
@@ -69,8 +70,9 @@ in the same mode (training or eval, grad enabled or not); the header checks the 
 rank when they disagree. Every rank must run backward through the layer's output when any rank does.
 
 Limits. ``E`` must be divisible by ``P`` (contiguous home blocks). Each step synchronises with the host once
-(the gathered counts feed the planner). The weight copy, the dispatch and the compute run one after the other
-(no overlap yet). The exchange is an opaque ``autograd.Function``: ``torch.compile`` breaks the graph there.
+(the gathered counts feed the planner). Within a step the weight copy, the dispatch and the compute run one
+after the other; a rebalance's weight moves are posted at :meth:`ExpertParallelMoE.rebalance` and waited for at
+the next forward, so what runs in between overlaps them. The exchange is an opaque ``autograd.Function``: ``torch.compile`` breaks the graph there.
 """
 
 from __future__ import annotations

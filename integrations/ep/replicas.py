@@ -381,7 +381,8 @@ class Rebalancer:
 
     def _step_loads(self, w: np.ndarray, phy2log: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(max, mean)`` rank load ``[B]`` of each window step ``w [B, E]`` under ``phy2log``: the even split's
-        fractional shares, or the per-batch dispatch LP (the ``lp`` split, and a proxy for placement splits)."""
+        fractional shares (also for a placement method over the slots, which starts from them), or the per-batch
+        dispatch LP (the ``lp`` split)."""
         mean = w.sum(axis=1) / self.P
         if self.split == "even":
             cnt = np.bincount(phy2log, minlength=self.E)

@@ -129,7 +129,7 @@ class ReplicatedExperts:
                 max_moves=config.max_moves,
                 min_gain=config.min_gain,
                 options=config.replication_options,
-                split="even" if self.split == "even" else "lp",
+                split="lp" if self.split == "lp" else "even",  # a placement method refines the even shares
             )
         self.pending: tuple[PendingMove, ReplicaLayout] | None = None
         self.reports: list[RebalanceReport] = []
