@@ -15,7 +15,7 @@ every run (a plan changes where an expert runs, never what it computes) and only
 - ``replicas``, ``replicas+lp``, ``replicas+llep``: ``ExpertParallel(num_local_slots=E/P + 1, split=...,
   replication="eplb", window_size=4, step_interval=4, min_gain=0.02)``, rebalanced with
   ``ep.maybe_rebalance(model, optimizer)`` after each optimizer step (weights and both Adam moments move
-  asynchronously; the next forward waits for them).
+  asynchronously, ``async_moves=True``; the next forward waits for them).
 
 Per step: balancedness (mean / max of per-rank pairs, averaged over the MoE layers, from each layer's plan),
 step time (forward + backward + gradient all-reduce + optimizer step + rebalance, the moves' wait included);
@@ -79,7 +79,10 @@ def run_rank(rank: int, world: int, port: int, args: argparse.Namespace) -> None
         torch.cuda.set_device(dev)
     E = args.experts
     slots = E // world + 1
-    rep = dict(replication="eplb", window_size=4, step_interval=4, min_gain=0.02, num_local_slots=slots)
+    # asynchronous moves on gloo too (the default waits there): these moves are small (KiB to a few MiB)
+    rep = dict(
+        replication="eplb", window_size=4, step_interval=4, min_gain=0.02, num_local_slots=slots, async_moves=True
+    )
     llep = {"min_chunk": 64, "imbalance_threshold": None}
     runtimes = {
         "ep": dict(expert_parallel=True),

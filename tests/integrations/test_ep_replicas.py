@@ -319,7 +319,13 @@ def _worker(mode: str, rank: int, world: int, port: int, out: Path) -> None:
     elif mode == "training":  # SGD with momentum; a rebalance after step 3 moves weights and momentum
         ref = _reference(12)
         ep = ExpertParallelMoE.from_layer(
-            ref, num_local_slots=n + 1, replication="eplb", window_size=3, step_interval=3, min_gain=0.0
+            ref,
+            num_local_slots=n + 1,
+            replication="eplb",
+            window_size=3,
+            step_interval=3,
+            min_gain=0.0,
+            async_moves=True,  # the move overlaps the next step's routing; the forward waits for it
         )
         opt_r = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
         opt_e = torch.optim.SGD(ep.parameters(), lr=0.05, momentum=0.9)
@@ -380,7 +386,9 @@ def _worker(mode: str, rank: int, world: int, port: int, out: Path) -> None:
             res["moves"].append([rep.moves, rank_moves(before, ep.layout.phy2log, world), rep.applied])
     elif mode == "killed":  # rank 1 dies inside the weight move; rank 0 must raise, weights untouched
         ref = _reference(14)
-        ep = ExpertParallelMoE.from_layer(ref, num_local_slots=n + 1, replication="eplb", step_interval=1, min_gain=0.0)
+        ep = ExpertParallelMoE.from_layer(
+            ref, num_local_slots=n + 1, replication="eplb", step_interval=1, min_gain=0.0, async_moves=True
+        )
         Ts, x = _tokens(world, 300, "skew")
         s = slice(sum(Ts[:rank]), sum(Ts[: rank + 1]))
         with torch.no_grad():

@@ -79,7 +79,12 @@ def _worker(rank: int, world: int, out: str) -> None:
     model = build("mixtral")
     skew(model)
     cfg = ep.ExpertParallel(
-        num_local_slots=slots, replication="eplb", window_size=INTERVAL, step_interval=INTERVAL, min_gain=0.0
+        num_local_slots=slots,
+        replication="eplb",
+        window_size=INTERVAL,
+        step_interval=INTERVAL,
+        min_gain=0.0,
+        async_moves=True,  # gloo's default waits inside the rebalance; here the next forward completes the move
     )
     mbt.enable(model, expert_parallel=cfg)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
