@@ -205,6 +205,36 @@ def test_rebalancer_refuses_bad_options_by_name(bad):
         Rebalancer("eplb", E, 2, 5, **bad)
 
 
+@pytest.mark.parametrize(
+    "bad, name",
+    [
+        ({"split": 3}, "split"),
+        ({"split": "even", "split_options": {"min_chunk": 1}}, "split_options"),
+        ({"split_options": [1]}, "split_options"),
+        ({"async_moves": "yes"}, "async_moves"),
+        ({"num_local_slots": 0}, "num_local_slots"),
+        ({"window_size": 0}, "window_size"),
+        ({"replication": 7}, "replication"),
+    ],
+)
+def test_expert_parallel_config_refuses_bad_options_by_name(bad, name):
+    from moebalance.integrations.ep import ExpertParallel
+
+    with pytest.raises(ValueError, match=name):
+        ExpertParallel(**bad)
+
+
+def test_replicated_experts_refuse_an_unknown_split_method_and_too_few_slots():
+    from moebalance.integrations.ep import ExpertParallel, ReplicatedExperts
+
+    with pytest.raises(ValueError, match="nope"):
+        ReplicatedExperts(ExpertParallel(split="nope"), E, 2, 0)
+    with pytest.raises(ValueError, match="num_local_slots"):
+        ReplicatedExperts(ExpertParallel(num_local_slots=3), E, 2, 0)  # fewer than the 4 home experts
+    with pytest.raises(ValueError, match="min_gain"):
+        ReplicatedExperts(ExpertParallel(replication="eplb", min_gain=2.0), E, 2, 0)
+
+
 def test_unknown_replication_method_is_refused():
     from moebalance.integrations.ep import Rebalancer
 

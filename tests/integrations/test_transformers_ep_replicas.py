@@ -185,6 +185,18 @@ def _reference(world: int):
     return out, steps, final, momentum
 
 
+def test_enable_refuses_a_bad_expert_parallel_before_changing_the_model():
+    from moebalance.integrations import transformers as mbt
+
+    model = build("mixtral")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for bad in ("yes", 1, {"num_local_slots": 5}):
+        with pytest.raises(ValueError, match="expert_parallel"):
+            mbt.enable(model, expert_parallel=bad)
+    assert not mbt.is_enabled(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_replicated_experts_and_rebalancing_equal_one_process(world, tmp_path):
     results = _launch(world, tmp_path)
