@@ -167,7 +167,7 @@ class ExpertParallelMoE(nn.Module):
         max_moves: int | None = None,
         min_gain: float = 0.05,
         replication_options: dict[str, Any] | None = None,
-        async_moves: bool | None = None,
+        async_moves: bool = True,
         **placement_options: Any,
     ):
         super().__init__()
@@ -514,7 +514,7 @@ class ExpertParallelMoE(nn.Module):
 
         The slots' weights move between ranks, and with ``optimizer`` every per-parameter state tensor shaped like
         a slot tensor (Adam's moments, SGD's momentum) moves with them, so training continues as if nothing had
-        moved. With ``async_moves`` (default: on NCCL) the moves run asynchronously: the next forward waits for them before it computes
+        moved. With ``async_moves`` (default) the moves run asynchronously: the next forward waits for them before it computes
         (:meth:`wait_moves` waits now). Gradients are cleared (call it between steps). Returns the
         :class:`RebalanceReport`, also appended to ``rebalances``."""
         if self.replicas is None:

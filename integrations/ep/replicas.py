@@ -222,6 +222,9 @@ def _transfers(old: np.ndarray, new: np.ndarray, world: int) -> list[tuple[int, 
 
 _MOVE_TAG = 1 << 20  # move tags sit above the exchange's weight-copy tags (``n_weights * expert + j``)
 _move_seq = itertools.count()  # every rank starts its moves in the same order: the same number on every rank
+_IN_FLIGHT: list[PendingMove] = []
+"""Every posted move until it is waited for: a transfer whose works and buffers are freed mid-flight (a layer
+dropped with a move pending) leaves gloo's transport waiting for it, and the group's next collective times out."""
 
 
 class PendingMove:
@@ -232,6 +235,15 @@ class PendingMove:
         self.comm, self.works, self.local, self.fresh, self.tensors = comm, works, local, fresh, tensors
         self.bytes = int(sum(b.numel() * b.element_size() for _, bufs in fresh for b in bufs))
         self.done = False
+        if works:  # kept alive until waited for (or, when abandoned, until its transfers have completed)
+            _IN_FLIGHT[:] = [m for m in _IN_FLIGHT if not m._completed()]
+            _IN_FLIGHT.append(self)
+
+    def _completed(self) -> bool:
+        try:
+            return all(w.is_completed() for w in self.works)
+        except RuntimeError:  # a failed transfer: its owner's wait raises
+            return True
 
     def wait(self) -> int:
         """Wait for every transfer, confirm with one all-reduce that every rank received everything, then write the
@@ -240,6 +252,8 @@ class PendingMove:
         if self.done:
             return self.bytes
         self.done = True  # a failure below leaves the weights as they were; the move is abandoned
+        if self in _IN_FLIGHT:
+            _IN_FLIGHT.remove(self)
 
         def finish() -> None:
             for w in self.works:

@@ -45,12 +45,10 @@ class ExpertParallel:
                       None: the layout stays.
     window_size, step_interval, max_moves, min_gain, replication_options: the rebalancing policy
                       (:class:`~.replicas.Rebalancer`).
-    async_moves:      post the weight moves and wait for them at the layer's next forward (True), or wait at
-                      once inside the rebalance (False); None (default): asynchronous where the back-end allows
-                      it, i.e. on NCCL. On gloo a collective issued while a large batch of point-to-point transfers
-                      is in flight was seen to stall gloo's transport (4 ranks, 40 MiB in 1,266 messages: every
-                      rank's barrier waiting, one rank's ``gloo_tcp_loop`` spinning), so gloo waits unless told
-                      ``True`` (the tests run it so on small moves).
+    async_moves:      post the weight moves and wait for them at the layer's next forward (True, gloo and NCCL), or
+                      wait at once inside the rebalance (False). A move posted by a layer that is then dropped is
+                      kept alive until its transfers complete (freeing them mid-flight stalls the group's next
+                      collective).
     """
 
     num_local_slots: int | None = None
@@ -63,7 +61,7 @@ class ExpertParallel:
     max_moves: int | None = None
     min_gain: float = 0.05
     replication_options: dict[str, Any] | None = None
-    async_moves: bool | None = None
+    async_moves: bool = True
 
     def __post_init__(self) -> None:
         from moebalance._validate import as_int
@@ -80,8 +78,8 @@ class ExpertParallel:
             raise ValueError(f"`replication` must be a replication method name, got {self.replication!r}")
         if self.replication_options is not None and not isinstance(self.replication_options, dict):
             raise ValueError(f"`replication_options` must be a dict, got {type(self.replication_options).__name__}")
-        if self.async_moves is not None and not isinstance(self.async_moves, bool):
-            raise ValueError(f"`async_moves` must be None or a bool, got {self.async_moves!r}")
+        if not isinstance(self.async_moves, bool):
+            raise ValueError(f"`async_moves` must be a bool, got {self.async_moves!r}")
         as_int(self.window_size, "window_size", minimum=1)
         as_int(self.step_interval, "step_interval", minimum=1)
 
@@ -189,17 +187,10 @@ class ReplicatedExperts:
             rep = dataclasses.replace(
                 rep, bytes_moved=move.bytes, bytes_saved=(rep.moves_unrelabelled - rep.moves) * per_slot
             )
-            if not self._async(comm):
+            if not self.config.async_moves:
                 self.wait()
         self.reports.append(rep)
         return rep
-
-    def _async(self, comm: Communicator) -> bool:
-        if self.config.async_moves is not None:
-            return self.config.async_moves
-        import torch.distributed as dist
-
-        return dist.get_backend(comm.group) == "nccl"
 
     def wait(self) -> None:
         """Complete a weight move in flight (a collective when one is: every rank has one) and put its layout in

@@ -314,7 +314,7 @@ def _worker(mode: str, rank: int, world: int, port: int, out: Path) -> None:
     from moebalance.integrations.distributed import ExpertParallelError, ExpertParallelMoE, init_process_group
 
     torch.set_num_threads(1)
-    timeout = 4.0 if mode == "killed" else 60.0
+    timeout = {"killed": 4.0, "dropped": 20.0}.get(mode, 60.0)
     init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
@@ -445,6 +445,41 @@ def _worker(mode: str, rank: int, world: int, port: int, out: Path) -> None:
             res["error"] = f"ExpertParallelError: {exc}"
         res["seconds"], res["timeout"] = time.monotonic() - t0, timeout
         res["unchanged"] = bool(torch.equal(ep.w_gate.detach(), w0) and np.array_equal(ep.layout.phy2log, lay0))
+    elif mode == "dropped":  # a layer dropped with a large move in flight: the group must keep working
+        import gc
+
+        from moebalance.integrations.torch import MoEConfig, MoELayer
+
+        torch.manual_seed(15)
+        big = MoELayer(MoEConfig(hidden=512, ffn=1024, num_experts=E, top_k=K, backend="torch", dtype=torch.float32))
+        with torch.no_grad():
+            big.router.weight[0] = 3.0 * torch.nn.functional.one_hot(torch.tensor(0), 512).float()
+        ep = ExpertParallelMoE.from_layer(
+            big, num_local_slots=n + 1, replication="eplb", step_interval=1, min_gain=0.0, async_moves=True
+        )
+        x = torch.randn(64, 512, generator=torch.Generator().manual_seed(rank))
+        x[:, 0] += 4.0
+        with torch.no_grad():
+            ep(x)
+        rep = ep.rebalance()
+        res["applied"], res["pending"] = rep.applied, ep.replicas.pending is not None
+        res["bytes"] = rep.bytes_moved
+        del ep, rep
+        gc.collect()
+        t0 = time.monotonic()
+        try:
+            ok = torch.ones(1)
+            torch.distributed.all_reduce(ok)
+            torch.distributed.barrier()
+            ref = _reference(16)  # and a fresh replicated layer still runs
+            small = ExpertParallelMoE.from_layer(ref, num_local_slots=n + 1)
+            Ts, xs = _tokens(world, 301, "skew")
+            with torch.no_grad():
+                small(xs[sum(Ts[:rank]) : sum(Ts[: rank + 1])])
+            res["error"] = "" if int(ok) == world else f"all_reduce gave {int(ok)}"
+        except Exception as exc:
+            res["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        res["seconds"] = time.monotonic() - t0
     (out / f"{mode}-{rank}.json").write_text(json.dumps(res))
     os._exit(0)
 
@@ -501,6 +536,15 @@ def test_a_rank_killed_mid_move_gives_a_clear_error_and_no_mixed_weights(tmp_pat
     assert r0["error"].startswith("ExpertParallelError") and "rank 0/2" in r0["error"], r0
     assert r0["seconds"] < r0["timeout"] + 3.0
     assert r0["unchanged"]
+
+
+def test_a_layer_dropped_with_a_move_in_flight_leaves_the_group_working(tmp_path):
+    results, codes, log = _launch("dropped", 2, tmp_path, limit=90)
+    assert codes == [0, 0], log
+    assert any(r["applied"] and r["pending"] for r in results), results  # a move was in flight when dropped
+    assert sum(r["bytes"] for r in results) > 4 << 20, results  # and a large one (several MiB)
+    for r in results:
+        assert r["error"] == "", r
 
 
 if __name__ == "__main__" and len(sys.argv) == 7 and sys.argv[1] == "--worker":
