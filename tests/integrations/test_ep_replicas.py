@@ -81,7 +81,7 @@ def test_relabel_keeps_the_objective_and_minimises_moves_by_brute_force():
             rng.shuffle(new)
             got = relabel(old, new, P)
             # the same multiset of experts per rank, up to a permutation of ranks: the same plan
-            key = lambda a: sorted(tuple(sorted(r)) for r in a.reshape(P, S).tolist())  # noqa: E731
+            key = lambda a, P=P, S=S: sorted(tuple(sorted(r)) for r in a.reshape(P, S).tolist())  # noqa: E731
             assert key(got) == key(new)
             best = min(
                 rank_moves(old, new.reshape(P, S)[list(perm)].reshape(-1), P)
@@ -524,7 +524,7 @@ def test_move_budget_is_honoured_by_the_layer(tmp_path):
     assert codes == [0, 0], log
     for r in results:
         assert r["moves"] == results[0]["moves"]
-        for reported, actual, applied in r["moves"]:
+        for reported, actual, _applied in r["moves"]:
             assert reported == actual <= 1
     assert any(applied and actual == 1 for _, actual, applied in results[0]["moves"]), results[0]["moves"]
 
