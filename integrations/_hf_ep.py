@@ -183,11 +183,12 @@ class ExpertShards:
         C = np.rint(heads[:, 3:]).astype(np.int64)  # [P, E]
         if self.replicas is None:
             plan = self.planner.plan(comm, C.sum(0))
-            slot_of, replica_of = np.full(E, -1, dtype=np.int64), None
+            slot_of, replica_of, summed = np.full(E, -1, dtype=np.int64), None, None
             slot_of[self.lo : self.hi] = np.arange(self.hi - self.lo)
         else:  # waits for a weight move in flight; a recompute (checkpointing) records no loads
             plan = self.replicas.plan(comm, C.sum(0), record=torch._C._current_graph_task_id() == -1)
             slot_of, replica_of = self.replicas.layout.slot_of(r), self.replicas.local()
+            summed = np.flatnonzero(self.replicas.layout.logcnt > 1)
         self.last_plan = plan
         ex, send_pairs = build_exchange(
             comm,
@@ -200,6 +201,7 @@ class ExpertShards:
             ffn,
             x.shape[1],
             replica_of,
+            summed,
         )
         self.last_exchange = ex.stats
         y_send = exchange(x.index_select(0, send_pairs // k), ex, weights)

@@ -407,9 +407,10 @@ class ExpertParallelMoE(nn.Module):
         if self.replicas is None:
             slot_of = np.full(E, -1, dtype=np.int64)
             slot_of[self.home_experts.start : self.home_experts.stop] = np.arange(self.experts_per_rank)
-            replica_of = None
+            replica_of = summed = None
         else:
             slot_of, replica_of = self.layout.slot_of(self.rank), self.layout.local(self.rank)
+            summed = np.flatnonzero(self.layout.logcnt > 1)
 
         def step(rows: Tensor, counts: list[int], w: tuple[Tensor, ...]) -> Tensor:
             return expert_ffn(rows, counts, *w, backend=backend)
@@ -425,6 +426,7 @@ class ExpertParallelMoE(nn.Module):
             step,
             c.hidden,
             replica_of,
+            summed,
         )
         self.last_exchange = ex.stats
         y_send = exchange(x2.index_select(0, send_pairs // k), ex, (self.w_gate, self.w_up, self.w_down))
