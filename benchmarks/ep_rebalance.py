@@ -12,11 +12,15 @@ experts, so the routing is real and follows the recorded distribution. Three run
 
 - ``ep``: home experts only (``placement="ep"``);
 - ``llep``: home experts plus per-step LLEP weight copies (``placement="llep"``);
-- ``replicas``: ``E/P + E/(4P)`` slots per rank (a quarter redundant), ``replication="eplb"``, a window of 4 steps
-  and a rebalance every 4 steps (``min_gain`` 0.02), weights and SGD momentum moved.
+- ``replicas`` (even), ``replicas+lp``, ``replicas+llep``: ``E/P + E/(4P)`` slots per rank (a quarter redundant),
+  ``replication="eplb"``, a window of 4 steps and a rebalance every 4 steps (``min_gain`` 0.02), weights and SGD
+  momentum moved asynchronously; each expert's tokens split over its replicas evenly, by the per-batch dispatch
+  LP, or by LLEP run over the slots (``replica_split="llep"``, which may also lend a slot for the step).
 
 Per runtime it reports the balancedness (mean / max of per-rank pairs) of each step, its mean before the first
-rebalance and after it, the bytes moved per rebalance (all ranks), and the median forward+backward step time.
+rebalance and after it, and (replicas with the even or LP split) the mean over the same later steps had the initial
+layout stayed (``initial_layout_after``: the same loads through the same split; the steps before and after differ,
+so only this pair isolates what the rebalance did), the bytes moved per rebalance (all ranks), and the median forward+backward step time.
 Rank 0 prints a markdown table and writes ``benchmarks/results/ep_rebalance_P<N>.json``.
 """
 
@@ -65,6 +69,7 @@ def tokens_for(loads: np.ndarray, k: int, T: int, hidden: int, rng: np.random.Ge
 def run_rank(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     import torch
     from moebalance.integrations.distributed import ExpertParallelMoE, init_process_group
+    from moebalance.integrations.ep import ReplicaLayout, balancedness
     from moebalance.integrations.torch import MoEConfig, MoELayer
 
     torch.set_num_threads(1)
@@ -93,16 +98,20 @@ def run_rank(rank: int, world: int, port: int, args: argparse.Namespace) -> None
         runtimes = {
             "ep": dict(placement="ep"),
             "llep": dict(placement="llep"),
-            "replicas": dict(
-                num_local_slots=n + max(1, n // 4), replication="eplb", window_size=4, step_interval=4, min_gain=0.02
-            ),
         }
+        rep_opts = dict(
+            num_local_slots=n + max(1, n // 4), replication="eplb", window_size=4, step_interval=4, min_gain=0.02
+        )
+        runtimes["replicas"] = dict(rep_opts, replica_split="even")
+        runtimes["replicas+lp"] = dict(rep_opts, replica_split="lp")
+        runtimes["replicas+llep"] = dict(rep_opts, replica_split="llep")
         res = {}
         for rt, opts in runtimes.items():
             ep = ExpertParallelMoE.from_layer(layer, **opts)
             opt = torch.optim.SGD([p for p in ep.parameters()], lr=0.0, momentum=0.9)  # lr 0: fixed routing
             rng = np.random.default_rng(1000 + rank)
-            bal, times, reps = [], [], []
+            bal, times, reps, stay = [], [], [], []
+            initial = ReplicaLayout.initial(E, world, ep.num_local_slots) if ep.replicas is not None else None
             for step in range(args.steps):
                 x = tokens_for(loads, k, args.tokens, hidden, rng).to(dev)
                 torch.distributed.barrier()
@@ -117,7 +126,11 @@ def run_rank(rank: int, world: int, port: int, args: argparse.Namespace) -> None
                 opt.zero_grad()
                 d = ep.last_plan.device_loads
                 bal.append(float(d.mean() / d.max()))
-                if rt == "replicas":
+                if initial is not None and ep.replica_split in ("even", "lp"):
+                    stay.append(
+                        balancedness(initial.assignment(ep.last_plan.assignment.sum(1), ep.replica_split).sum(0))
+                    )
+                if rt.startswith("replicas"):
                     rep = ep.maybe_rebalance(opt)
                     if rep is not None:
                         moved = torch.tensor([rep.bytes_moved], dtype=torch.float64, device=dev)
@@ -140,6 +153,7 @@ def run_rank(rank: int, world: int, port: int, args: argparse.Namespace) -> None
                 "step_s_median": float(np.median(times[1:])),
                 "before": float(np.mean(bal[:first])) if first else float(np.mean(bal)),
                 "after": float(np.mean(bal[first:])) if first else None,
+                "initial_layout_after": float(np.mean(stay[first:])) if first and stay else None,
                 "rebalances": reps,
             }
         out["sources"][name] = res
@@ -154,17 +168,19 @@ def run_rank(rank: int, world: int, port: int, args: argparse.Namespace) -> None
 def table(out: dict) -> str:
     rows = [
         f"P={out['world']}, {out['tokens_per_rank']} tokens per rank per step, {out['steps']} steps\n",
-        "| loads | runtime | balancedness before | after rebalancing | bytes moved per rebalance | "
-        "step time (ms, median) |",
-        "|---|---|---|---|---|---|",
+        "| loads | runtime | balancedness before | after rebalancing | same steps, initial layout | "
+        "bytes moved per rebalance (saved) | step time (ms, median) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, res in out["sources"].items():
         for rt, r in res.items():
-            moved = [x["bytes_moved"] for x in r["rebalances"] if x["applied"]]
+            moved = [(x["bytes_moved"], x["bytes_saved"]) for x in r["rebalances"] if x["applied"]]
             after = "-" if r["after"] is None else f"{r['after']:.3f}"
+            stay = "-" if r.get("initial_layout_after") is None else f"{r['initial_layout_after']:.3f}"
             rows.append(
-                f"| {name} | {rt} | {r['before']:.3f} | {after} | "
-                f"{', '.join(f'{m / 1024:.0f} KiB' for m in moved) or '-'} | {1e3 * r['step_s_median']:.1f} |"
+                f"| {name} | {rt} | {r['before']:.3f} | {after} | {stay} | "
+                f"{', '.join(f'{m / 1024:.0f} KiB ({v / 1024:.0f})' for m, v in moved) or '-'} | "
+                f"{1e3 * r['step_s_median']:.1f} |"
             )
     return "\n".join(rows)
 

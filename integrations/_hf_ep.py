@@ -9,6 +9,12 @@ stay replicated), all-gathers one header of per-expert pair counts, plans the pl
 layout the model has (SwiGLU on moebalance's kernels, gpt-oss's clamped, interleaved, biased GLU) runs unchanged.
 
 Home experts: rank ``r`` owns the contiguous block ``{e : e * P // E == r}`` (``E`` need not divide by ``P``).
+
+Replicated experts (``enable(model, expert_parallel=ExpertParallel(num_local_slots=..., split=...,
+replication=...))``): each rank keeps ``num_local_slots`` rows of every expert tensor, the experts of its slots in
+the layout of :class:`~moebalance.integrations.ep.ReplicatedExperts` -- the same object the torch layer uses --
+which plans each step's split over the replicas, keeps the load window and moves the rows (and optimizer state)
+when :func:`~moebalance.integrations.ep.maybe_rebalance` is called with the model.
 """
 
 from __future__ import annotations
@@ -22,15 +28,18 @@ import torch.distributed as dist
 from moebalance.integrations.ep import (
     Communicator,
     EPPlan,
+    ExpertParallel,
     ExpertParallelError,
     PlacementPlanner,
+    RebalanceReport,
+    ReplicatedExperts,
     build_exchange,
     exchange,
     home_of,
 )
 from torch import Tensor
 
-__all__ = ["ExpertShards", "StepPlan", "home_of", "check_placement"]
+__all__ = ["ExpertShards", "StepPlan", "home_of", "check_placement", "check_expert_parallel"]
 
 StepPlan = EPPlan
 """The plan one step of one layer used (an :class:`~moebalance.integrations.ep.EPPlan`)."""
@@ -38,10 +47,32 @@ StepPlan = EPPlan
 _ = ExpertParallelError  # re-exported: the error the shards raise
 
 
+def check_expert_parallel(value: Any) -> None:
+    """``expert_parallel`` of ``enable``: a bool or an :class:`~moebalance.integrations.ep.ExpertParallel`."""
+    if not isinstance(value, (bool, ExpertParallel)):
+        raise ValueError(f"`expert_parallel` must be a bool or an ExpertParallel, got {value!r:.80}")
+
+
 def check_placement(
-    num_experts: int, world: int, placement: str, problem_options: dict[str, Any], solve_options: dict[str, Any]
+    num_experts: int,
+    world: int,
+    placement: str,
+    problem_options: dict[str, Any],
+    solve_options: dict[str, Any],
+    expert_parallel: Any = True,
 ) -> None:
-    """Validate the method and its options on an empty problem (ValueError now, not in the first step)."""
+    """Validate the method and its options (or the replicas' configuration) on an empty problem (ValueError now,
+    not in the first step)."""
+    if isinstance(expert_parallel, ExpertParallel):
+        if placement != "ep" or problem_options or solve_options:
+            raise ValueError(
+                "with replicated experts (expert_parallel=ExpertParallel(...)) each expert's tokens are split over "
+                f"its replicas: `placement` and its options do not apply (got placement={placement!r}, "
+                f"{sorted({**problem_options, **solve_options})}); name a placement method as the ExpertParallel's "
+                "`split` (options in `split_options`) to run it over the replicas"
+            )
+        ReplicatedExperts(expert_parallel, num_experts, world, 0)
+        return
     PlacementPlanner(placement, num_experts, world, problem_options, solve_options)
 
 
@@ -61,6 +92,7 @@ class ExpertShards:
         placement: str,
         problem_options: dict[str, Any],
         solve_options: dict[str, Any],
+        expert_parallel: Any = True,
     ):
         self.group = group
         self.rank = dist.get_rank(group)
@@ -73,8 +105,15 @@ class ExpertShards:
         self.lo, self.hi = int(mine[0]), int(mine[-1]) + 1
         self.names = list(names)
         self.placement = placement
-        self.planner = PlacementPlanner(placement, E, P, problem_options, solve_options)
-        self.replicated_plan = self.planner.replicated
+        self.replicas: ReplicatedExperts | None = None
+        self.planner: PlacementPlanner | None = None
+        if isinstance(expert_parallel, ExpertParallel):
+            self.replicas = ReplicatedExperts(expert_parallel, E, P, self.rank)
+            rows = torch.from_numpy(self.replicas.local())
+        else:
+            self.planner = PlacementPlanner(placement, E, P, problem_options, solve_options)
+            rows = torch.arange(self.lo, self.hi)
+        self.replicated_plan = self.planner.replicated if self.planner is not None else True
         self.last_plan: StepPlan | None = None
         self.last_exchange: dict[str, Any] = {}
         self.timings: dict[str, float] | None = None  # a dict: seconds per phase are added to it
@@ -82,27 +121,50 @@ class ExpertShards:
         with torch.no_grad():
             for n in self.names:
                 full = getattr(experts, n)
-                shard = torch.nn.Parameter(full.detach()[self.lo : self.hi].clone(), requires_grad=full.requires_grad)
+                shard = torch.nn.Parameter(
+                    full.detach().index_select(0, rows.to(full.device)), requires_grad=full.requires_grad
+                )
                 setattr(experts, n, shard)
 
     def problem(self, loads: np.ndarray) -> Any:
         return self.planner.problem(loads)
 
+    @property
+    def local_experts(self) -> np.ndarray:
+        """``[S]`` logical expert of each local row (the home block without replicas)."""
+        return np.arange(self.lo, self.hi) if self.replicas is None else self.replicas.local()
+
     def unshard(self, experts: torch.nn.Module) -> None:
-        """Gather every rank's home rows back into full ``[E, ...]`` parameters (a collective)."""
+        """Gather every rank's rows back into full ``[E, ...]`` parameters (a collective; with replicas, each
+        expert's first replica: they are equal)."""
         comm = Communicator(self.group, "disable")
-        sizes = np.bincount(self.home, minlength=self.world).tolist()
+        if self.replicas is not None:
+            self.replicas.wait()
+            lay = self.replicas.layout
+            sizes, pick = [lay.slots] * self.world, torch.from_numpy(lay.log2phy[:, 0])
+        else:
+            sizes, pick = np.bincount(self.home, minlength=self.world).tolist(), None
         with torch.no_grad():
             for n in self.names:
                 shard = getattr(experts, n)
                 full = comm.all_gather_rows(f"gather {n}", shard.detach(), sizes)
+                if pick is not None:
+                    full = full.index_select(0, pick.to(full.device))
                 setattr(experts, n, torch.nn.Parameter(full, requires_grad=shard.requires_grad))
+
+    def maybe_rebalance(self, experts: torch.nn.Module, optimizer: Any = None) -> RebalanceReport | None:
+        """Re-plan and move this block's replicas when ``step_interval`` forwards have run (a collective)."""
+        if self.replicas is None or not self.replicas.due(self.step):
+            return None
+        comm = Communicator(self.group, f"rebalance, step {self.step}", self.timings)
+        params = [getattr(experts, n) for n in self.names]
+        return self.replicas.rebalance(comm, self.step, params, optimizer)
 
     def forward(
         self, experts: torch.nn.Module, x: Tensor, eidx: Tensor, gates: Tensor, ffn: Callable, where: str
     ) -> tuple[Tensor, np.ndarray, np.ndarray, Communicator]:
         """``(y [T, hidden], global loads [E], tokens per rank [P], comm)`` for this rank's routed tokens."""
-        E = self.E
+        E, r = self.E, self.rank
         self.step += 1
         comm = Communicator(self.group, f"{where}, step {self.step}", self.timings)
         T, k = eidx.shape
@@ -119,10 +181,15 @@ class ExpertShards:
             )
         Ts = heads[:, 0].astype(np.int64)
         C = np.rint(heads[:, 3:]).astype(np.int64)  # [P, E]
-        plan = self.planner.plan(comm, C.sum(0))
+        if self.replicas is None:
+            plan = self.planner.plan(comm, C.sum(0))
+            slot_of, replica_of, summed = np.full(E, -1, dtype=np.int64), None, None
+            slot_of[self.lo : self.hi] = np.arange(self.hi - self.lo)
+        else:  # waits for a weight move in flight; a recompute (checkpointing) records no loads
+            plan = self.replicas.plan(comm, C.sum(0), record=torch._C._current_graph_task_id() == -1)
+            slot_of, replica_of = self.replicas.layout.slot_of(r), self.replicas.local()
+            summed = np.flatnonzero(self.replicas.layout.logcnt > 1)
         self.last_plan = plan
-        slot_of = np.full(E, -1, dtype=np.int64)
-        slot_of[self.lo : self.hi] = np.arange(self.hi - self.lo)
         ex, send_pairs = build_exchange(
             comm,
             eidx.reshape(-1),
@@ -130,9 +197,11 @@ class ExpertShards:
             plan.assignment,
             plan.weight_transfers,
             slot_of,
-            self.hi - self.lo,
+            len(self.local_experts),
             ffn,
             x.shape[1],
+            replica_of,
+            summed,
         )
         self.last_exchange = ex.stats
         y_send = exchange(x.index_select(0, send_pairs // k), ex, weights)

@@ -22,7 +22,8 @@ experts (rank ``r`` owns experts ``r * E/P ... (r+1) * E/P - 1``, the default ``
    that is not usable (status not optimal/feasible, e.g. ``time_limit``, or tokens not conserved) falls back to
    ``fallback`` (default ``"auto"``, the registry's default placement method); an unusable fallback raises on
    every rank. With replicated experts (``num_local_slots``, ``replication``) each expert's pairs are split over
-   its replicas instead (:mod:`moebalance.integrations.ep.replicas`, see :meth:`ExpertParallelMoE.rebalance`);
+   its replicas instead (``replica_split``: "even", "lp" or a placement method run over the slots; the runtime's
+   :class:`~moebalance.integrations.ep.ReplicatedExperts`, see :meth:`ExpertParallelMoE.rebalance`);
 3. sends each pair to a device the plan names for its expert, with one ``all_to_all_single`` of uneven split
    sizes. The plan fixes only how many pairs of expert e each device computes, so a rank first keeps its own
    pairs where the plan gives it room for them (a helper computes its own tokens of a spilled expert without
@@ -69,13 +70,13 @@ in the same mode (training or eval, grad enabled or not); the header checks the 
 rank when they disagree. Every rank must run backward through the layer's output when any rank does.
 
 Limits. ``E`` must be divisible by ``P`` (contiguous home blocks). Each step synchronises with the host once
-(the gathered counts feed the planner). The weight copy, the dispatch and the compute run one after the other
-(no overlap yet). The exchange is an opaque ``autograd.Function``: ``torch.compile`` breaks the graph there.
+(the gathered counts feed the planner). Within a step the weight copy, the dispatch and the compute run one
+after the other; a rebalance's weight moves are posted at :meth:`ExpertParallelMoE.rebalance` and waited for at
+the next forward, so what runs in between overlaps them. The exchange is an opaque ``autograd.Function``: ``torch.compile`` breaks the graph there.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import numpy as np
@@ -95,9 +96,9 @@ from moebalance.integrations.ep import (
     exchange,
     exchange_counts,
     init_process_group,
-    move_slots,
 )
-from moebalance.integrations.ep.replicas import SPLITS, check_layout
+from moebalance.integrations.ep.replicas import SPLITS
+from moebalance.integrations.ep.runtime import ExpertParallel, ReplicatedExperts
 from moebalance.integrations.torch import (
     MoEConfig,
     MoELayer,
@@ -122,6 +123,7 @@ from moebalance.solution import Status
 __all__ = [
     "ExpertParallelMoE",
     "ExpertParallelError",
+    "ExpertParallel",
     "EPPlan",
     "RebalanceReport",
     "init_process_group",
@@ -165,6 +167,7 @@ class ExpertParallelMoE(nn.Module):
         max_moves: int | None = None,
         min_gain: float = 0.05,
         replication_options: dict[str, Any] | None = None,
+        async_moves: bool = True,
         **placement_options: Any,
     ):
         super().__init__()
@@ -191,39 +194,34 @@ class ExpertParallelMoE(nn.Module):
         self.home_experts = range(self.rank * n, (self.rank + 1) * n)
         # replicated experts: S slots per rank holding a replication plan; else the home experts, as placed
         self.replicated = num_local_slots is not None or replication is not None or phy2log is not None
-        self.layout: ReplicaLayout | None = None
-        self.rebalancer: Rebalancer | None = None
+        self.replicas: ReplicatedExperts | None = None
         self.planner: PlacementPlanner | None = None
         if self.replicated:
-            if placement_options or placement != "ep":
+            if placement != "ep" or (placement_options and replica_split in SPLITS):
                 raise ValueError(
                     "replicated experts split each expert's tokens over its replicas: `placement` and "
-                    f"its options do not apply (got placement={placement!r}, {sorted(placement_options)})"
+                    f"its options do not apply (got placement={placement!r}, {sorted(placement_options)}); "
+                    "name a placement method as `replica_split` to run it over the replicas"
                 )
-            if replica_split not in SPLITS:
-                raise ValueError(f"`replica_split` must be one of {SPLITS}, got {replica_split!r}")
-            if phy2log is not None:
-                self.layout = check_layout(phy2log, E, P)
-                S = self.layout.slots
-                if num_local_slots is not None and num_local_slots != S:
-                    raise ValueError(f"`num_local_slots`={num_local_slots} disagrees with `phy2log` ({S} per rank)")
-            else:
-                from moebalance._validate import as_int
-
-                S = n if num_local_slots is None else as_int(num_local_slots, "num_local_slots", minimum=n)
-                self.layout = ReplicaLayout.initial(E, P, S)
-            if replication is not None:
-                self.rebalancer = Rebalancer(
-                    replication,
-                    E,
-                    P,
-                    S,
+            self.replicas = ReplicatedExperts(
+                ExpertParallel(
+                    num_local_slots=num_local_slots,
+                    phy2log=phy2log,
+                    split=replica_split,
+                    split_options=placement_options or None,
+                    replication=replication,
                     window_size=window_size,
                     step_interval=step_interval,
                     max_moves=max_moves,
                     min_gain=min_gain,
-                    options=replication_options,
-                )
+                    replication_options=replication_options,
+                    async_moves=async_moves,
+                ),
+                E,
+                P,
+                self.rank,
+            )
+            S = self.replicas.slots
             self.replica_split = replica_split
         else:
             S = n
@@ -249,7 +247,6 @@ class ExpertParallelMoE(nn.Module):
         self.last_stats: MoEStats | None = None
         self.last_plan: EPPlan | None = None
         self.last_exchange: dict[str, Any] = {}
-        self.rebalances: list[RebalanceReport] = []
         self.profile = False  # True: time each phase into last_timings (synchronising CUDA around each)
         self.last_timings: dict[str, float] = {}
         self._step = 0
@@ -264,11 +261,25 @@ class ExpertParallelMoE(nn.Module):
             self.planner.check_plans = bool(value)
 
     @property
+    def layout(self) -> ReplicaLayout | None:
+        """The replication plan in force (None without replicated experts)."""
+        return None if self.replicas is None else self.replicas.layout
+
+    @property
+    def rebalancer(self) -> Rebalancer | None:
+        return None if self.replicas is None else self.replicas.rebalancer
+
+    @property
+    def rebalances(self) -> list[RebalanceReport]:
+        """Every :class:`RebalanceReport` so far."""
+        return [] if self.replicas is None else self.replicas.reports
+
+    @property
     def local_experts(self) -> np.ndarray:
         """``[S]`` logical expert of each local slot (the home experts without replication)."""
-        if self.layout is None:
+        if self.replicas is None:
             return np.arange(self.home_experts.start, self.home_experts.stop)
-        return self.layout.local(self.rank).copy()
+        return self.replicas.local()
 
     @classmethod
     def from_layer(
@@ -388,16 +399,18 @@ class ExpertParallelMoE(nn.Module):
         if c.capacity_factor is not None:
             kept, C = self._global_capacity(comm, eidx, scores, Ts)
         with comm.timed("plan"):
-            plan = self._plan(comm, C.sum(0))
+            if self.replicas is None:
+                plan = self.planner.plan(comm, C.sum(0))
+            else:  # waits for a weight move in flight first
+                plan = self.replicas.plan(comm, C.sum(0))
         self.last_plan = plan
-        if self.rebalancer is not None:
-            self.rebalancer.record(C.sum(0))
-        if self.layout is None:
+        if self.replicas is None:
             slot_of = np.full(E, -1, dtype=np.int64)
             slot_of[self.home_experts.start : self.home_experts.stop] = np.arange(self.experts_per_rank)
-            replica_of = None
+            replica_of = summed = None
         else:
             slot_of, replica_of = self.layout.slot_of(self.rank), self.layout.local(self.rank)
+            summed = np.flatnonzero(self.layout.logcnt > 1)
 
         def step(rows: Tensor, counts: list[int], w: tuple[Tensor, ...]) -> Tensor:
             return expert_ffn(rows, counts, *w, backend=backend)
@@ -413,6 +426,7 @@ class ExpertParallelMoE(nn.Module):
             step,
             c.hidden,
             replica_of,
+            summed,
         )
         self.last_exchange = ex.stats
         y_send = exchange(x2.index_select(0, send_pairs // k), ex, (self.w_gate, self.w_up, self.w_down))
@@ -489,16 +503,9 @@ class ExpertParallelMoE(nn.Module):
     def _comm(self, timings: dict[str, float] | None = None) -> Communicator:
         return Communicator(self.group, f"step {self._step}", timings, self.w_gate.device.type == "cuda")
 
-    def _plan(self, comm: Communicator, loads: np.ndarray) -> EPPlan:
-        if self.planner is not None:
-            return self.planner.plan(comm, loads)
-        assert self.layout is not None
-        x = self.layout.assignment(loads, self.replica_split)
-        return EPPlan("replicas", f"replicas ({self.replica_split})", Status.FEASIBLE, x, [], 0.0)
-
     def rebalance_due(self) -> bool:
         """True when ``step_interval`` steps have run since the last re-plan (identical on every rank)."""
-        return self.rebalancer is not None and self.rebalancer.due(self._step)
+        return self.replicas is not None and self.replicas.due(self._step)
 
     def maybe_rebalance(self, optimizer: torch.optim.Optimizer | None = None) -> RebalanceReport | None:
         """:meth:`rebalance` when it is due, else None. Call it between steps (after ``optimizer.step()``)."""
@@ -509,31 +516,14 @@ class ExpertParallelMoE(nn.Module):
 
         The slots' weights move between ranks, and with ``optimizer`` every per-parameter state tensor shaped like
         a slot tensor (Adam's moments, SGD's momentum) moves with them, so training continues as if nothing had
-        moved. Gradients are cleared (call it between steps). Returns the :class:`RebalanceReport`, also appended
-        to ``rebalances``."""
-        if self.rebalancer is None or self.layout is None:
+        moved. With ``async_moves`` (default) the moves run asynchronously: the next forward waits for them before it computes
+        (:meth:`wait_moves` waits now). Gradients are cleared (call it between steps). Returns the
+        :class:`RebalanceReport`, also appended to ``rebalances``."""
+        if self.replicas is None:
             raise ValueError("this layer has no `replication` method to rebalance with")
-        if not self.rebalancer.window:
-            raise ValueError("no loads recorded yet: run a forward step before rebalancing")
-        comm = self._comm()
-        old = self.layout.phy2log
-        new, rep = self.rebalancer.plan(comm, self.layout, self._step)
-        moved = 0
-        if rep.applied:
-            params = [self.w_gate, self.w_up, self.w_down]
-            tensors = [p.data for p in params]
-            if optimizer is not None:
-                for p in params:
-                    for v in optimizer.state.get(p, {}).values():
-                        if isinstance(v, Tensor) and v.shape == p.shape:
-                            tensors.append(v)
-            for p in params:
-                p.grad = None
-            moved = move_slots(comm, old, new, tensors)
-            self.layout = ReplicaLayout(new, self.config.num_experts, self.world_size)
-            per_slot = sum(t[0].numel() * t.element_size() for t in tensors)  # weights and optimizer state
-            rep = dataclasses.replace(
-                rep, bytes_moved=moved, bytes_saved=(rep.moves_unrelabelled - rep.moves) * per_slot
-            )
-        self.rebalances.append(rep)
-        return rep
+        return self.replicas.rebalance(self._comm(), self._step, [self.w_gate, self.w_up, self.w_down], optimizer)
+
+    def wait_moves(self) -> None:
+        """Complete a weight move in flight (a collective when one is; the next forward does it otherwise)."""
+        if self.replicas is not None:
+            self.replicas.wait()

@@ -144,7 +144,7 @@ def enable(
     *,
     balancer: str = "none",
     backend: str = "auto",
-    expert_parallel: bool = False,
+    expert_parallel: Any = False,
     group: Any = None,
     placement: str = "ep",
     **options: Any,
@@ -156,7 +156,9 @@ def enable(
       balancer: "none" | "aux_loss" | "loss_free" | "bip" (prices fitted on each batch before its top-k) |
         "bip_lagged" (prices of the batches before).
       backend: moebalance's kernel back-end, "auto" | "triton" | "torch" (SwiGLU experts; others run in torch).
-      expert_parallel: shard the experts over the ranks of ``group`` (torch.distributed must be initialised).
+      expert_parallel: shard the experts over the ranks of ``group`` (torch.distributed must be initialised):
+        True, or an :class:`~moebalance.integrations.ep.ExpertParallel` for replicated experts and live
+        rebalancing (``ep.maybe_rebalance(model, optimizer)`` after each step).
       group: the process group (None: the default group).
       placement: the placement method of each step ("ep", "llep", "llep+", "eplb", "milp", ...).
       options: balancer options ``bias_update_rate`` ("auto": 1e-3 for softmax routers, 1e-2 for DeepSeek-V3's
@@ -181,7 +183,9 @@ def enable(
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
     if not isinstance(expert_parallel, bool):
-        raise ValueError(f"`expert_parallel` must be a bool, got {expert_parallel!r}")
+        from moebalance.integrations._hf_ep import check_expert_parallel
+
+        check_expert_parallel(expert_parallel)
     if not isinstance(placement, str):
         raise ValueError(f"`placement` must be a placement method name, got {placement!r}")
     bal_opts = dict(_BALANCER_OPTIONS)
@@ -242,7 +246,9 @@ def enable(
         from moebalance.integrations._hf_ep import check_placement
 
         for num_experts in sorted({r.weight.shape[0] for _, _, r, _ in found}):
-            check_placement(num_experts, dist.get_world_size(group), placement, problem_opts, solve_opts)
+            check_placement(
+                num_experts, dist.get_world_size(group), placement, problem_opts, solve_opts, expert_parallel
+            )
     # -- from here on the model changes --
     blocks = []
     for (name, mod, router, experts), kind in zip(found, kinds):
@@ -258,6 +264,7 @@ def enable(
                 placement=placement,
                 problem_options=problem_opts,
                 solve_options=solve_opts,
+                expert_parallel=expert_parallel,
             )
         if expert_parallel:
             b.group = group if group is not None else dist.group.WORLD

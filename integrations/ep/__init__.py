@@ -4,13 +4,26 @@
 - :mod:`.comm`: the communicator (every collective bounded by the process-group timeout), one error type;
 - :mod:`.exchange`: one autograd operation for dispatch, expert compute and combine;
 - :mod:`.planning`: per-step placement plans from the registry, one fallback policy, one plan broadcast;
-- :mod:`.replicas`: replicated expert slots, their token split, live rebalancing and weight moves.
+- :mod:`.replicas`: replicated expert slots, their token split, live rebalancing and weight moves;
+- :mod:`.runtime`: :class:`ExpertParallel` (the configuration) and :class:`ReplicatedExperts` (one layer's
+  replicas: plan, window, asynchronous moves), used by both layers, and :func:`maybe_rebalance` for a model.
 """
 
 from .comm import DEFAULT_TIMEOUT, Communicator, ExpertParallelError, init_process_group
 from .exchange import Exchange, ExpertExchange, build_exchange, exchange, exchange_counts
-from .planning import PROBLEM_OPTIONS, EPPlan, PlacementPlanner, agree, home_of
-from .replicas import Rebalancer, RebalanceReport, ReplicaLayout, balancedness, move_slots, rank_moves, relabel
+from .planning import PROBLEM_OPTIONS, EPPlan, PlacementPlanner, agree, home_of, plans_on_every_rank
+from .replicas import (
+    PendingMove,
+    Rebalancer,
+    RebalanceReport,
+    ReplicaLayout,
+    balancedness,
+    move_slots,
+    rank_moves,
+    relabel,
+    start_move,
+)
+from .runtime import ExpertParallel, ReplicatedExperts, maybe_rebalance
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -27,6 +40,12 @@ __all__ = [
     "PlacementPlanner",
     "agree",
     "home_of",
+    "plans_on_every_rank",
+    "PendingMove",
+    "start_move",
+    "ExpertParallel",
+    "ReplicatedExperts",
+    "maybe_rebalance",
     "RebalanceReport",
     "Rebalancer",
     "ReplicaLayout",

@@ -145,15 +145,19 @@ class Communicator:
         )
         return out
 
-    def p2p(self, what: str, sends: list[tuple[Tensor, int, int]], recvs: list[tuple[Tensor, int, int]]) -> None:
-        """Post every ``(tensor, peer group rank, tag)`` send and receive at once and wait for all of them."""
+    def p2p_start(
+        self, what: str, sends: list[tuple[Tensor, int, int]], recvs: list[tuple[Tensor, int, int]]
+    ) -> list[Any]:
+        """Post every ``(tensor, peer group rank, tag)`` send and receive at once (``batch_isend_irecv``) and return
+        their works without waiting (wait them through :meth:`run`). The same call for gloo and NCCL."""
         ops = [dist.P2POp(dist.isend, t.contiguous(), self.global_rank(p), self.group, tag) for t, p, tag in sends]
         ops += [dist.P2POp(dist.irecv, t, self.global_rank(p), self.group, tag) for t, p, tag in recvs]
         if not ops:
-            return
+            return []
+        return list(self.run(what, lambda: dist.batch_isend_irecv(ops)) or [])
 
-        def go() -> None:
-            for req in dist.batch_isend_irecv(ops):
-                req.wait()
-
-        self.run(what, go)
+    def p2p(self, what: str, sends: list[tuple[Tensor, int, int]], recvs: list[tuple[Tensor, int, int]]) -> None:
+        """Post every ``(tensor, peer group rank, tag)`` send and receive at once and wait for all of them."""
+        works = self.p2p_start(what, sends, recvs)
+        if works:
+            self.run(what, lambda: [w.wait() for w in works])

@@ -76,6 +76,7 @@ class Exchange:
     hidden: int
     replica_of: np.ndarray | None = None  # [S] logical expert of each local slot when slots are replicated
     num_experts: int = 0
+    summed: np.ndarray | None = None  # experts whose replicas' gradients are summed (None: every expert)
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -90,12 +91,15 @@ def build_exchange(
     step: ExpertStep,
     hidden: int,
     replica_of: np.ndarray | None = None,
+    summed: np.ndarray | None = None,
 ) -> tuple[Exchange, Tensor]:
     """``(exchange, send_pairs)``: this rank's exchange and its pair ids ``[n_send]`` in send order.
 
     ``flat_eidx [T * k]``: this rank's expert id per pair (``E`` or more: dropped); ``counts [P, E]`` kept pairs
     per rank and expert; ``assignment [E, P]`` and ``weight_transfers [(expert, src, dst)]`` the plan's;
-    ``slot_of [E]``: the local slot holding each expert on this rank (-1: none).
+    ``slot_of [E]``: the local slot holding each expert on this rank (-1: none); with replicated slots,
+    ``replica_of [S]`` the expert of each local slot and ``summed`` the experts held more than once (the same on
+    every rank: their slots' gradients are summed in backward).
     """
     E, P, r = counts.shape[1], comm.world, comm.rank
     dev = flat_eidx.device
@@ -145,6 +149,7 @@ def build_exchange(
         hidden,
         replica_of,
         E,
+        None if summed is None else np.asarray(summed, dtype=np.int64),
     )
     ex.stats = {
         "sent": int(send.sum() - send[r].sum()),
@@ -235,13 +240,20 @@ class ExpertExchange(torch.autograd.Function):
             )
             for _e, s, j, b, _dst in bufs:
                 dwl[j][s] += b
-        if which and ex.replica_of is not None:  # replicas: every slot gets its expert's full gradient
-            idx = torch.from_numpy(ex.replica_of).to(wl[0].device)
+        multi = ex.summed if ex.summed is not None else np.arange(ex.num_experts)
+        if which and ex.replica_of is not None and multi.size:  # replicas: every slot gets its expert's gradient
+            # only experts with several replicas need the sum (identical on every rank, so is the shape): a single
+            # replica already holds its expert's whole gradient (its borrowed copies' gradients were added above)
+            pos = np.full(ex.num_experts, -1, dtype=np.int64)
+            pos[multi] = np.arange(multi.size)
+            at = pos[ex.replica_of]
+            rows = torch.from_numpy(np.flatnonzero(at >= 0)).to(wl[0].device)
+            dst = torch.from_numpy(at[at >= 0]).to(wl[0].device)
             for j in which:
                 g = dwl[j]
-                full = g.new_zeros((ex.num_experts,) + tuple(g.shape[1:])).index_add_(0, idx, g)
+                full = g.new_zeros((multi.size,) + tuple(g.shape[1:])).index_add_(0, dst, g.index_select(0, rows))
                 comm.all_reduce("replica gradient sum (all_reduce)", full)
-                dwl[j] = full.index_select(0, idx)
+                dwl[j] = g.index_copy(0, rows, full.index_select(0, dst))
         return (dx, None, *dwl)
 
 

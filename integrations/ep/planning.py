@@ -27,13 +27,23 @@ from moebalance.solution import Status
 
 from .comm import Communicator, ExpertParallelError
 
-__all__ = ["EPPlan", "PlacementPlanner", "agree", "home_of", "PROBLEM_OPTIONS", "USABLE"]
+__all__ = ["EPPlan", "PlacementPlanner", "agree", "home_of", "plans_on_every_rank", "PROBLEM_OPTIONS", "USABLE"]
 
 PROBLEM_OPTIONS = ("cost", "max_tokens_per_device", "max_foreign_experts", "alpha", "min_chunk", "imbalance_threshold")
 """``placement_options`` that go to :class:`~moebalance.PlacementProblem`; the others go to ``solve``."""
 
 USABLE = (Status.OPTIMAL, Status.FEASIBLE)
 _STATUSES = list(Status)
+
+
+def plans_on_every_rank(problem: Any, method: str, solve_options: dict[str, Any]) -> bool:
+    """Where the runtime computes ``method``'s plans, from the registry's capability flags (the one place that
+    reads them): True when every rank can solve the same loads itself and get the same plan (an adapter flagged
+    ``per_step``: deterministic, cheap, no back-end; and no ``time_limit``), False when group rank 0 solves and broadcasts."""
+    from moebalance import method_info
+
+    info = method_info(problem, method)
+    return bool(info.per_step) and solve_options.get("time_limit") is None
 
 
 def home_of(num_experts: int, world: int) -> np.ndarray:
@@ -126,8 +136,7 @@ class PlacementPlanner:
                 raise ValueError(f"`placement`={name!r} fails on an empty problem: {sol.message}")
         self.method_name = method_info(empty, method).name
         self.fallback_name = method_info(empty, fallback).name
-        # the registry's flag: a deterministic method gives every rank the same plan from the same loads
-        self.replicated = method_info(empty, method).deterministic and self.solve_options.get("time_limit") is None
+        self.replicated = plans_on_every_rank(empty, method, self.solve_options)
 
     def problem(self, loads: np.ndarray) -> Any:
         from moebalance import PlacementProblem

@@ -10,13 +10,14 @@ dispatch LP of :func:`moebalance.solvers.replication_lp.dispatch`), as an ``[E, 
 ``solve`` for a new replication plan with the user's method (``old_phy2log`` and ``max_moves`` set, so
 migration-aware methods keep the move budget); it relabels the new plan's ranks and slots so the fewest weights
 travel (two assignment problems, :func:`scipy.optimize.linear_sum_assignment`), skips a plan whose predicted gain
-is below ``min_gain``, and :func:`move_slots` moves the weights (and optimizer state) between ranks.
+(judged step by step on the window, with the split the layer runs) is below ``min_gain``, and :func:`move_slots` moves the weights (and optimizer state) between ranks.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 from typing import Any
 
 import numpy as np
@@ -26,9 +27,19 @@ from torch import Tensor
 from moebalance.solution import Status
 
 from .comm import Communicator, ExpertParallelError
-from .planning import USABLE, agree
+from .planning import USABLE, agree, plans_on_every_rank
 
-__all__ = ["ReplicaLayout", "Rebalancer", "RebalanceReport", "relabel", "rank_moves", "move_slots", "balancedness"]
+__all__ = [
+    "ReplicaLayout",
+    "Rebalancer",
+    "RebalanceReport",
+    "relabel",
+    "rank_moves",
+    "move_slots",
+    "start_move",
+    "PendingMove",
+    "balancedness",
+]
 
 SPLITS = ("even", "lp")
 
@@ -101,8 +112,8 @@ class ReplicaLayout:
             out[mine[s]] = s
         return out
 
-    def assignment(self, loads: Any, split: str = "even") -> np.ndarray:
-        """``[E, P]`` pairs of each expert per rank: its ``loads[e]`` split over its replicas.
+    def slot_shares(self, loads: Any, split: str = "even") -> np.ndarray:
+        """``[P * S]`` pairs each slot computes: every expert's ``loads[e]`` split over its replicas.
 
         ``even``: ``loads[e] // cnt[e]`` per replica, the remainder one each to the replicas on the least-loaded
         ranks so far (experts in decreasing load); ``lp``: the dispatch LP's fractional split (min max rank load
@@ -110,7 +121,6 @@ class ReplicaLayout:
         w = np.asarray(loads, dtype=np.int64)
         E, P, S = self.num_experts, self.world, self.slots
         rank_of = np.arange(self.phy2log.size) // S
-        share = np.zeros(self.phy2log.size, dtype=np.int64)
         if split == "lp":
             from moebalance.solvers.replication_lp import dispatch
 
@@ -121,21 +131,40 @@ class ReplicaLayout:
                 rest = int(w[e] - base[slots].sum())
                 top = slots[np.argsort(-(frac[slots] - base[slots]), kind="stable")[:rest]]
                 base[top] += 1
-            share = base
-        else:
-            cnt = self.logcnt
-            share = w[self.phy2log] // cnt[self.phy2log]
-            rank_load = np.bincount(rank_of, weights=share, minlength=P)
-            for e in np.argsort(-w, kind="stable"):
-                rest = int(w[e] - (w[e] // cnt[e]) * cnt[e])
-                if rest:
-                    slots = np.flatnonzero(self.phy2log == e)
-                    top = slots[np.argsort(rank_load[rank_of[slots]], kind="stable")[:rest]]
-                    share[top] += 1
-                    np.add.at(rank_load, rank_of[top], 1)
-        x = np.zeros((E, P), dtype=np.int64)
-        np.add.at(x, (self.phy2log, rank_of), share)
-        return x
+            return base
+        cnt = self.logcnt
+        share = w[self.phy2log] // cnt[self.phy2log]
+        rank_load = np.bincount(rank_of, weights=share, minlength=P)
+        for e in np.argsort(-w, kind="stable"):
+            rest = int(w[e] - (w[e] // cnt[e]) * cnt[e])
+            if rest:
+                slots = np.flatnonzero(self.phy2log == e)
+                top = slots[np.argsort(rank_load[rank_of[slots]], kind="stable")[:rest]]
+                share[top] += 1
+                np.add.at(rank_load, rank_of[top], 1)
+        return share
+
+    def assignment(self, loads: Any, split: str = "even") -> np.ndarray:
+        """``[E, P]`` pairs of each expert per rank under :meth:`slot_shares`."""
+        return self.collapse(
+            self.slot_shares(loads, split)[:, None]
+            * np.eye(self.world, dtype=np.int64)[np.arange(self.phy2log.size) // self.slots]
+        )[0]
+
+    def collapse(self, slot_assignment: np.ndarray, slot_transfers: Any = ()) -> tuple[np.ndarray, list]:
+        """A plan over the slots (``[P * S, P]`` pairs of each slot per rank, ``[(slot, src, dst)]`` weight copies:
+        a placement method run with the slots as its experts) as the exchange's plan over experts: ``([E, P]
+        assignment, [(expert, src, dst)] copies)``. A copy to a rank that holds a replica of the expert is
+        dropped (its tokens run on that replica), and each rank borrows an expert from one lender only."""
+        x = np.zeros((self.num_experts, self.world), dtype=np.int64)
+        np.add.at(x, self.phy2log, np.asarray(slot_assignment, dtype=np.int64))
+        held = {(int(e), int(j // self.slots)) for j, e in enumerate(self.phy2log)}
+        copies: dict[tuple[int, int], int] = {}
+        for slot, src, dst in slot_transfers:
+            e = int(self.phy2log[int(slot)])
+            if (e, int(dst)) not in held:
+                copies[e, int(dst)] = min(int(src), copies.get((e, int(dst)), int(src)))
+        return x, sorted(((e, src, dst) for (e, dst), src in copies.items()), key=lambda t: (t[0], t[2]))
 
 
 def relabel(old: np.ndarray, new: np.ndarray, world: int) -> np.ndarray:
@@ -191,40 +220,92 @@ def _transfers(old: np.ndarray, new: np.ndarray, world: int) -> list[tuple[int, 
     return out
 
 
-def move_slots(comm: Communicator, old: np.ndarray, new: np.ndarray, tensors: list[Tensor]) -> int:
-    """Make this rank's slot tensors (``[S, ...]`` each: weights, optimizer state) hold ``new``'s experts.
+_MOVE_TAG = 1 << 20  # move tags sit above the exchange's weight-copy tags (``n_weights * expert + j``)
+_move_seq = itertools.count()  # every rank starts its moves in the same order: the same number on every rank
+_IN_FLIGHT: list[PendingMove] = []
+"""Every posted move until it is waited for: a transfer whose works and buffers are freed mid-flight (a layer
+dropped with a move pending) leaves gloo's transport waiting for it, and the group's next collective times out."""
 
-    Every rank derives the same transfers; remote ones go point to point, then one all-reduce confirms that
-    every rank received everything before any tensor is overwritten (a rank that died or timed out mid-move
-    makes every other rank raise :class:`ExpertParallelError` with its weights unchanged). Returns the bytes this
-    rank received."""
+
+class PendingMove:
+    """A weight move in flight (:func:`start_move`): :meth:`wait` completes it. Until then the slot tensors and
+    the layout are untouched, so compute that does not use the moved slots overlaps the transfer."""
+
+    def __init__(self, comm: Communicator, works: list, local: list, fresh: list, tensors: list[Tensor]):
+        self.comm, self.works, self.local, self.fresh, self.tensors = comm, works, local, fresh, tensors
+        self.bytes = int(sum(b.numel() * b.element_size() for _, bufs in fresh for b in bufs))
+        self.done = False
+        if works:  # kept alive until waited for (or, when abandoned, until its transfers have completed)
+            _IN_FLIGHT[:] = [m for m in _IN_FLIGHT if not m._completed()]
+            _IN_FLIGHT.append(self)
+
+    def _completed(self) -> bool:
+        try:
+            return all(w.is_completed() for w in self.works)
+        except RuntimeError:  # a failed transfer: its owner's wait raises
+            return True
+
+    def wait(self) -> int:
+        """Wait for every transfer, confirm with one all-reduce that every rank received everything, then write the
+        slots (a rank that died or stalled makes the others raise :class:`ExpertParallelError` within the
+        timeout, their weights unchanged). Returns the bytes this rank received. Idempotent."""
+        if self.done:
+            return self.bytes
+        self.done = True  # a failure below leaves the weights as they were; the move is abandoned
+        if self in _IN_FLIGHT:
+            _IN_FLIGHT.remove(self)
+
+        def finish() -> None:
+            for w in self.works:
+                w.wait()
+
+        self.comm.run("expert weight move (batch_isend_irecv wait)", finish)
+        ok = torch.ones(1, dtype=torch.int64)
+        self.comm.all_reduce("weight move commit (all_reduce)", ok)
+        if int(ok) != self.comm.world:
+            raise self.comm.error("a rank failed its part of the weight move; weights unchanged")
+        with torch.no_grad():
+            snap = {ss: [t[ss].clone() for t in self.tensors] for _, ss in self.local}
+            for ds, ss in self.local:
+                for t, v in zip(self.tensors, snap[ss]):
+                    t[ds].copy_(v)
+            for ds, bufs in self.fresh:
+                for t, b in zip(self.tensors, bufs):
+                    t[ds].copy_(b)
+        self.works = self.fresh = []
+        return self.bytes
+
+
+def start_move(comm: Communicator, old: np.ndarray, new: np.ndarray, tensors: list[Tensor]) -> PendingMove:
+    """Start making this rank's slot tensors (``[S, ...]`` each: weights, optimizer state) hold ``new``'s experts.
+
+    Every rank derives the same transfers; remote ones are posted point to point at once (``batch_isend_irecv``
+    of snapshots of the sent slots, into fresh buffers) and not waited for: the returned :class:`PendingMove`
+    completes them. Tags carry a move sequence number, so moves of several layers and the exchange's own weight
+    copies can be in flight between the same ranks together."""
     r, S = comm.rank, old.size // comm.world
     moves = _transfers(old, new, comm.world)
     n_t = len(tensors)
+    base = _MOVE_TAG * (1 + next(_move_seq) % 1023)
+    if n_t * old.size >= _MOVE_TAG:
+        raise ValueError(f"{old.size} slots of {n_t} tensors exceed the weight move's tag space")
     sends, recvs, fresh = [], [], []
     for dst, ds, _e, src, ss in moves:
-        tag = n_t * (dst * S + ds)
+        tag = base + n_t * (dst * S + ds)
         if src == r and dst != r:
-            sends += [(t[ss].detach(), dst, tag + i) for i, t in enumerate(tensors)]
+            sends += [(t[ss].detach().clone(), dst, tag + i) for i, t in enumerate(tensors)]
         elif dst == r and src != r:
             bufs = [torch.empty_like(t[ds]) for t in tensors]
             recvs += [(b, src, tag + i) for i, b in enumerate(bufs)]
             fresh.append((ds, bufs))
-    comm.p2p("expert weight move (batch_isend_irecv)", sends, recvs)
-    ok = torch.ones(1, dtype=torch.int64)
-    comm.all_reduce("weight move commit (all_reduce)", ok)
-    if int(ok) != comm.world:
-        raise comm.error("a rank failed its part of the weight move; weights unchanged")
+    works = comm.p2p_start("expert weight move (batch_isend_irecv)", sends, recvs)
     local = [(ds, ss) for dst, ds, e, src, ss in moves if dst == r and src == r]
-    with torch.no_grad():
-        snap = {ss: [t[ss].clone() for t in tensors] for _, ss in local}
-        for ds, ss in local:
-            for t, v in zip(tensors, snap[ss]):
-                t[ds].copy_(v)
-        for ds, bufs in fresh:
-            for t, b in zip(tensors, bufs):
-                t[ds].copy_(b)
-    return int(sum(b.numel() * b.element_size() for _, bufs in fresh for b in bufs))
+    return PendingMove(comm, works, local, fresh, tensors)
+
+
+def move_slots(comm: Communicator, old: np.ndarray, new: np.ndarray, tensors: list[Tensor]) -> int:
+    """:func:`start_move` and wait for it: the slot tensors hold ``new``'s experts. Returns the bytes received."""
+    return start_move(comm, old, new, tensors).wait()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,8 +313,9 @@ class RebalanceReport:
     """One rebalance decision (identical on every rank but ``bytes_moved``, this rank's share).
 
     step: the layer's step; method / status: the replication solve's; applied: the plan was executed;
-    reason: why not (or ""); balancedness_before / _after: mean / max rank load of the window's summed loads under
-    the old and the new plan (the prediction); gain: ``1 - max_new / max_old``; moves: replicas that crossed ranks
+    reason: why not (or ""); balancedness_before / _after: the mean over the window's steps of each step's mean / max
+    rank load under the old and the new plan with the layer's split (the prediction); gain: ``1 - max_new /
+    max_old``, the busiest rank's load averaged over those steps; moves: replicas that crossed ranks
     (after relabelling); moves_unrelabelled: as the solver numbered them; bytes_moved: weights (and optimizer
     state) this rank received; bytes_saved: the relabelling's saving, all ranks together; phy2log: the plan in
     force afterwards.
@@ -273,8 +355,9 @@ class Rebalancer:
         max_moves: int | None = None,
         min_gain: float = 0.05,
         options: dict[str, Any] | None = None,
+        split: str = "even",
     ):
-        from moebalance import ReplicationProblem, method_info, solve
+        from moebalance import ReplicationProblem, solve
         from moebalance._validate import as_int
 
         self.window_size = as_int(window_size, "window_size", minimum=1)
@@ -290,7 +373,9 @@ class Rebalancer:
             raise ValueError(f"`min_gain` must be a number in [0, 1), got {min_gain!r}")
         if not isinstance(method, str):
             raise ValueError(f"`replication` must be a method name, got {method!r}")
-        self.method, self.max_moves, self.min_gain = method, max_moves, float(min_gain)
+        if split not in SPLITS:
+            raise ValueError(f"`split` must be one of {SPLITS}, got {split!r}")
+        self.method, self.max_moves, self.min_gain, self.split = method, max_moves, float(min_gain), split
         self.options = dict(options or {})
         self.E, self.P, self.S = num_experts, world, slots
         probe = ReplicationProblem(
@@ -304,9 +389,27 @@ class Rebalancer:
         sol = solve(probe, method, **self.options)
         if sol.status == Status.ERROR:
             raise ValueError(f"`replication`={method!r} fails on a uniform load: {sol.message}")
-        self.replicated = method_info(probe, method).deterministic and self.options.get("time_limit") is None
+        self.replicated = plans_on_every_rank(probe, method, self.options)
         self.window: collections.deque = collections.deque(maxlen=self.window_size)
         self.last_step = 0
+
+    def _step_loads(self, w: np.ndarray, phy2log: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(max, mean)`` rank load ``[B]`` of each window step ``w [B, E]`` under ``phy2log``: the even split's
+        fractional shares (also for a placement method over the slots, which starts from them), or the per-batch
+        dispatch LP (the ``lp`` split)."""
+        mean = w.sum(axis=1) / self.P
+        if self.split == "even":
+            cnt = np.bincount(phy2log, minlength=self.E)
+            rank = (w[:, phy2log] / cnt[phy2log]).reshape(len(w), self.P, -1).sum(axis=2)
+            return rank.max(axis=1), mean
+        from moebalance.solvers.replication_lp import dispatch
+
+        return np.asarray(dispatch(w, np.tile(phy2log, (len(w), 1)), self.P)[2], dtype=np.float64), mean
+
+    @staticmethod
+    def _balancedness(mx: np.ndarray, mean: np.ndarray) -> float:
+        """Mean over the steps of mean / max rank load (1.0 for a step with nothing routed)."""
+        return float(np.mean(np.where(mx > 0, mean / np.where(mx > 0, mx, 1.0), 1.0)))
 
     def record(self, loads: np.ndarray) -> None:
         self.window.append(np.asarray(loads, dtype=np.float64))
@@ -335,16 +438,14 @@ class Rebalancer:
         buf = agree(comm, self.replicated, R + 2, compute, what="replication plan broadcast")
         raw, ok = buf[:R], bool(buf[R])
         status = out.get("status", list(Status)[int(buf[R + 1])].value)
-        total = w.sum(axis=0)
-
-        def rank_load(a: np.ndarray) -> np.ndarray:
-            cnt = np.bincount(a, minlength=self.E)
-            return (total[a] / cnt[a]).reshape(self.P, -1).sum(axis=1)
-
-        before = rank_load(old)
         new = relabel(old, raw, self.P) if ok else old
-        after = rank_load(new)
-        gain = 1.0 - after.max() / before.max() if before.max() > 0 else 0.0
+        # judged step by step on the window with the split the layer runs: the summed window averages the
+        # per-step noise away, which no layout removes under an even split (a plan fitted to the sum can
+        # predict a gain that the steps never see)
+        max_old, mean_old = self._step_loads(w, old)
+        max_new, mean_new = self._step_loads(w, new)
+        before, after = self._balancedness(max_old, mean_old), self._balancedness(max_new, mean_new)
+        gain = 1.0 - max_new.mean() / max_old.mean() if max_old.mean() > 0 else 0.0
         moves, moves_raw = rank_moves(old, new, self.P), rank_moves(old, raw, self.P)
         reason = ""
         if not ok:
@@ -360,8 +461,8 @@ class Rebalancer:
             status,
             applied,
             reason,
-            balancedness(before),
-            balancedness(after),
+            before,
+            after,
             float(gain),
             moves if applied else 0,
             moves_raw if applied else 0,
