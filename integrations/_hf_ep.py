@@ -39,7 +39,7 @@ from moebalance.integrations.ep import (
 )
 from torch import Tensor
 
-__all__ = ["ExpertShards", "StepPlan", "home_of", "check_placement", "check_expert_parallel"]
+__all__ = ["ExpertShards", "StepPlan", "home_of", "check_placement", "check_expert_parallel", "in_backward"]
 
 StepPlan = EPPlan
 """The plan one step of one layer used (an :class:`~moebalance.integrations.ep.EPPlan`)."""
@@ -74,6 +74,12 @@ def check_placement(
         ReplicatedExperts(expert_parallel, num_experts, world, 0)
         return
     PlacementPlanner(placement, num_experts, world, problem_options, solve_options)
+
+
+def in_backward() -> bool:
+    """Whether this runs inside a backward pass: a forward there is gradient checkpointing's recompute (torch's
+    checkpoint, reentrant or not, re-runs the forward while the autograd engine executes the backward graph)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 class ExpertShards:
@@ -165,8 +171,10 @@ class ExpertShards:
     ) -> tuple[Tensor, np.ndarray, np.ndarray, Communicator]:
         """``(y [T, hidden], global loads [E], tokens per rank [P], comm)`` for this rank's routed tokens."""
         E, r = self.E, self.rank
-        self.step += 1
-        comm = Communicator(self.group, f"{where}, step {self.step}", self.timings)
+        recompute = in_backward()  # gradient checkpointing's recompute: not a step, its loads already recorded
+        if not recompute:
+            self.step += 1
+        comm = Communicator(self.group, f"{where}, step {self.step}{' (recompute)' * recompute}", self.timings)
         T, k = eidx.shape
         counts = torch.bincount(eidx.reshape(-1), minlength=E)[:E].double().cpu()
         weights = tuple(getattr(experts, n) for n in self.names)
@@ -186,7 +194,7 @@ class ExpertShards:
             slot_of, replica_of, summed = np.full(E, -1, dtype=np.int64), None, None
             slot_of[self.lo : self.hi] = np.arange(self.hi - self.lo)
         else:  # waits for a weight move in flight; a recompute (checkpointing) records no loads
-            plan = self.replicas.plan(comm, C.sum(0), record=torch._C._current_graph_task_id() == -1)
+            plan = self.replicas.plan(comm, C.sum(0), record=not recompute)
             slot_of, replica_of = self.replicas.layout.slot_of(r), self.replicas.local()
             summed = np.flatnonzero(self.replicas.layout.logcnt > 1)
         self.last_plan = plan

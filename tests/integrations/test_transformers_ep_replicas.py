@@ -115,11 +115,13 @@ def _worker(rank: int, world: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _launch(world: int, tmp: Path) -> list[dict[str, np.ndarray]]:
+def _launch(
+    world: int, tmp: Path, module: str = "tests.integrations.test_transformers_ep_replicas"
+) -> list[dict[str, np.ndarray]]:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.integrations.test_transformers_ep_replicas", str(r), str(world), str(tmp)],
+            [sys.executable, "-m", module, str(r), str(world), str(tmp)],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
