@@ -98,6 +98,7 @@ from moebalance.integrations._hf_routers import _check_router, _find_blocks, _ro
 from moebalance.integrations._hf_stats import LayerStats, LoadRecorder
 from moebalance.integrations._hf_tiny import tiny_config
 from moebalance.integrations._hf_trace import LoadTrace, read_trace
+from moebalance.integrations.ep import ExpertParallel, maybe_rebalance
 from moebalance.kernels import BACKENDS, resolve_backend
 from torch import Tensor, nn
 
@@ -109,6 +110,8 @@ __all__ = [
     "biases",
     "allreduce_grads",
     "is_enabled",
+    "ExpertParallel",
+    "maybe_rebalance",
     "LayerStats",
     "LoadRecorder",
     "LoadTrace",

@@ -199,6 +199,15 @@ def test_enable_refuses_a_bad_expert_parallel_before_changing_the_model():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_transformers_module_reexports_the_replicated_experts_api():
+    from moebalance.integrations import ep
+    from moebalance.integrations import transformers as mbt
+
+    assert mbt.ExpertParallel is ep.ExpertParallel and mbt.maybe_rebalance is ep.maybe_rebalance
+    assert {"ExpertParallel", "maybe_rebalance"} <= set(mbt.__all__)
+    assert mbt.maybe_rebalance(build("mixtral")) == []  # a model without replicated layers: nothing to do
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_replicated_experts_and_rebalancing_equal_one_process(world, tmp_path):
     results = _launch(world, tmp_path)
