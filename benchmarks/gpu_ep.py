@@ -7,7 +7,10 @@ and forward+backward wall time (median after warm-up, synchronised), the phase t
 (header all-gather, plan, weight copy, dispatch all-to-all, expert compute, return, and the backward's), and
 the output's and input gradient's relative difference from the single-device layer (world size 1 must compute
 the same function). With one rank every plan keeps all experts at home, so this measures the machinery's
-overhead on NCCL and checks its collectives run there, not a speedup.
+overhead on NCCL and checks its collectives run there, not a speedup. The replicated rows (two redundant slots,
+re-planned once by ``eplb`` from the batch) split each expert's tokens over its replicas evenly (``replicated``),
+by the per-batch dispatch LP (``replicated-lp``) or by LLEP run over the slots (``replicated-llep``); with one
+rank every split computes the same function, so they measure what each split's planning costs per step.
 
 Default (GPU): 32768 tokens, hidden 2048, ffn 1024, E = 64, k = 8, bf16. ``--dry-run``: 64 tokens,
 hidden = ffn = 32, E = 8, k = 2, float32, gloo on the CPU, Triton interpreter.
@@ -37,8 +40,10 @@ GPU = {
 }
 DRY = {"tokens": 64, "hidden": 32, "ffn": 32, "experts": 8, "top_k": 2, "repeats": 1, "warmup": 0, "dtype": "float32"}
 PLACEMENTS = ("ep", "llep", "llep+")
-# the replicated runtime on one rank: two redundant slots hold copies of the two hottest experts after a re-plan
-REPLICATED = {"num_local_slots_extra": 2, "replication": "eplb", "replica_split": "even"}
+# the replicated runtime on one rank: two redundant slots hold copies of the two hottest experts after a re-plan;
+# one row per split of an expert's tokens over its replicas (row name: split)
+REPLICATED = {"num_local_slots_extra": 2, "replication": "eplb"}
+REPLICA_SPLITS = {"replicated": "even", "replicated-lp": "lp", "replicated-llep": "llep"}
 
 
 def _sync(dev) -> None:
@@ -128,16 +133,13 @@ def main(argv: list[str] | None = None) -> int:
         base["fwd"] = _wall(lambda: layer(x), dev, cfg["repeats"], cfg["warmup"])
     rows: list[dict[str, Any]] = []
     cases = [(name, {"placement": name}) for name in PLACEMENTS]
-    cases.append(
-        (
-            "replicated",
-            {
-                "num_local_slots": cfg["experts"] + REPLICATED["num_local_slots_extra"],
-                "replication": REPLICATED["replication"],
-                "replica_split": REPLICATED["replica_split"],
-            },
-        )
-    )
+    for name, split in REPLICA_SPLITS.items():
+        options = {
+            "num_local_slots": cfg["experts"] + REPLICATED["num_local_slots_extra"],
+            "replication": REPLICATED["replication"],
+            "replica_split": split,
+        }
+        cases.append((name, options))
     for placement, options in cases:
         row: dict[str, Any] = {"placement": placement}
         try:

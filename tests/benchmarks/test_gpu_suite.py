@@ -218,9 +218,16 @@ def test_calibration_and_simulator(dry):
 def test_ep_world_size_one(dry):
     ep = dry[1]["ep"]
     assert ep["backend"] == "gloo" and ep["world_size"] == 1
-    assert [r["placement"] for r in ep["rows"]] == ["ep", "llep", "llep+", "replicated"]
-    rebalance = next(r for r in ep["rows"] if r["placement"] == "replicated")["rebalance"]
-    assert rebalance.startswith("RebalanceReport(") and "method='eplb'" in rebalance  # the re-plan ran
+    replicated = ["replicated", "replicated-lp", "replicated-llep"]
+    assert [r["placement"] for r in ep["rows"]] == ["ep", "llep", "llep+", *replicated]
+    by = {r["placement"]: r for r in ep["rows"]}
+    for name in replicated:
+        rebalance = by[name]["rebalance"]
+        assert rebalance.startswith("RebalanceReport(") and "method='eplb'" in rebalance, name  # the re-plan ran
+    # each row ran its own split over the replicas: even shares, the dispatch LP, LLEP over the slots
+    assert by["replicated"]["plan_used"] == "replicas (even)"
+    assert by["replicated-lp"]["plan_used"] == "replicas (lp)"
+    assert by["replicated-llep"]["plan_used"].startswith("replicas (") and "llep" in by["replicated-llep"]["plan_used"]
     assert _times_ok(ep["layer"]["fwd"]) and _times_ok(ep["layer"]["fwd_bwd"])
     for r in ep["rows"]:
         assert "error" not in r, r
