@@ -175,6 +175,8 @@ class ExpertShards:
         if not recompute:
             self.step += 1
         comm = Communicator(self.group, f"{where}, step {self.step}{' (recompute)' * recompute}", self.timings)
+        if self.replicas is not None:  # a weight move in flight completes first (a failed one raises, naming it)
+            self.replicas.wait()
         T, k = eidx.shape
         counts = torch.bincount(eidx.reshape(-1), minlength=E)[:E].double().cpu()
         weights = tuple(getattr(experts, n) for n in self.names)
