@@ -6,8 +6,6 @@ logits, gradients and plans to an ``.npz``; the test compares them with the sing
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from tests.integrations.ranks import assert_close, launch_ranks  # noqa: E402
 from tests.integrations.test_transformers import ARCHS, build, run, skew, tokens  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,40 +86,11 @@ def _worker(rank: int, world: int, out: str) -> None:
 
 
 def _launch(world: int, tmp: Path) -> list[dict[str, np.ndarray]]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.integrations.test_transformers_ep", str(r), str(world), str(tmp)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(world)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=300)
-            logs.append(out)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{log[-4000:]}"
-    results = []
-    for r in range(world):
-        with np.load(tmp / f"rank{r}.npz", allow_pickle=False) as z:
-            results.append({k: z[k] for k in z.files})
-    return results
+    return launch_ranks("tests.integrations.test_transformers_ep", world, tmp, timeout=300)
 
 
 def _close(a: np.ndarray, b: np.ndarray, what: str, rel: float = 1e-5) -> None:
-    scale = max(float(np.abs(b).max()), 1e-30)
-    err = float(np.abs(a - b).max())
-    assert err <= rel * scale, f"{what}: max error {err:.3e} > {rel} * {scale:.3e}"
+    assert_close(a, b, what, rel)
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,6 @@ forward).
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from tests.integrations.ranks import assert_close, launch_ranks  # noqa: E402
 from tests.integrations.test_transformers import build, skew, tokens  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -118,40 +117,11 @@ def _worker(rank: int, world: int, out: str) -> None:
 def _launch(
     world: int, tmp: Path, module: str = "tests.integrations.test_transformers_ep_replicas"
 ) -> list[dict[str, np.ndarray]]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", module, str(r), str(world), str(tmp)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(world)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=600)
-            logs.append(out)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{log[-4000:]}"
-    results = []
-    for r in range(world):
-        with np.load(tmp / f"rank{r}.npz", allow_pickle=False) as z:
-            results.append({k: z[k] for k in z.files})
-    return results
+    return launch_ranks(module, world, tmp, timeout=600)
 
 
 def _close(a: np.ndarray, b: np.ndarray, what: str, rel: float = 2e-5) -> None:
-    scale = max(float(np.abs(b).max()), 1e-30)
-    err = float(np.abs(a - b).max())
-    assert err <= rel * scale, f"{what}: max error {err:.3e} > {rel} * {scale:.3e}"
+    assert_close(a, b, what, rel)
 
 
 def _expert_rows(name: str, full: np.ndarray, local: np.ndarray) -> np.ndarray:
