@@ -329,7 +329,9 @@ def _expert_edges(held: np.ndarray, finite: np.ndarray, t: int | None = None) ->
         others, can = held.copy(), can.copy()
         others[t] = False
         can[t] = False
-    return ((others.T.astype(np.float64) @ can.astype(np.float64)) > 0).tolist()
+    import torch  # its matmul, on the arrays' memory (numpy's BLAS may start threads on a shared machine)
+
+    return ((torch.from_numpy(others).T.double() @ torch.from_numpy(can).double()) > 0).tolist()
 
 
 def _augmenting_path(held: np.ndarray, finite: np.ndarray, room: np.ndarray, t: int, nxt: list) -> list[int] | None:
