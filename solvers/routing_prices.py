@@ -283,30 +283,34 @@ def _repair_short(c: Any, finite: Any, held: Any, need: Any, k: int, capacity: i
     hd = held.cpu().numpy().copy()
     neg = cn.dtype.type(-np.inf)
     cf = np.where(fin, cn, neg)
+    load = hd.sum(0, dtype=np.int64)  # kept up to date with every change of hd below
     edges = _expert_edges(hd, fin)  # kept while moves change held: each move is checked when made
     for t in np.flatnonzero(need.cpu().numpy() > 0).tolist():
         for _ in range(int(k - hd[t].sum())):
-            room = hd.sum(0) < capacity
+            room = load < capacity
             path = _augmenting_path(hd, fin, room, t, edges)
-            if path is None or not _apply_moves(hd, fin, cf, t, list(zip(path[:-1], path[1:]))):
+            if path is None or not _apply_moves(hd, fin, cf, t, list(zip(path[:-1], path[1:])), load):
                 edges = _expert_edges(hd, fin)  # stale edges: again with the current ones, without t
                 path = _augmenting_path(hd, fin, room, t, _expert_edges(hd, fin, t))
-                if path is not None and not _apply_moves(hd, fin, cf, t, list(zip(path[:-1], path[1:]))):
+                if path is not None and not _apply_moves(hd, fin, cf, t, list(zip(path[:-1], path[1:])), load):
                     path = None
             if path is None:  # no way to keep the capacity: the best other allowed expert, over capacity
                 rest = np.where(hd[t] | ~fin[t], neg, cn[t])
                 if not np.isfinite(rest).any():
                     rest = np.where(hd[t], neg, np.where(fin[t], cn[t], cn.dtype.type(-3e38)))
-                hd[t, int(rest.argmax())] = True
+                e = int(rest.argmax())
+                hd[t, e] = True
+                load[e] += 1
                 continue
             hd[t, path[0]] = True
+            load[path[0]] += 1
     return torch.from_numpy(hd).to(dev)
 
 
-def _apply_moves(held: np.ndarray, finite: np.ndarray, cf: np.ndarray, t: int, moves: list) -> bool:
+def _apply_moves(held: np.ndarray, finite: np.ndarray, cf: np.ndarray, t: int, moves: list, load: np.ndarray) -> bool:
     """Move, last edge first (each frees the slot the one before fills), for each edge ``f -> g`` the token
     of largest gain holding f and not g; False (nothing changed) where an edge has no such token (host
-    arrays, in place)."""
+    arrays, in place; ``load`` [E], the experts' token counts, kept up to date)."""
     done: list[tuple[int, int, int]] = []
     for f, g in reversed(moves):
         movable = held[:, f] & ~held[:, g] & finite[:, g]
@@ -314,10 +318,14 @@ def _apply_moves(held: np.ndarray, finite: np.ndarray, cf: np.ndarray, t: int, m
         if not movable.any():
             for u, f0, g0 in reversed(done):
                 held[u, f0], held[u, g0] = True, False
+                load[f0] += 1
+                load[g0] -= 1
             return False
         with np.errstate(invalid="ignore"):  # -inf - -inf off the movable tokens: masked out
             u = int(np.where(movable, cf[:, g] - cf[:, f], cf.dtype.type(-np.inf)).argmax())
         held[u, f], held[u, g] = False, True
+        load[f] -= 1
+        load[g] += 1
         done.append((u, f, g))
     return True
 
