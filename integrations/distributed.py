@@ -105,6 +105,7 @@ from moebalance.integrations.torch import (
     MoEStats,
     apply_capacity,
     aux_loss_of,
+    bip_route,
     check_input,
     make_balancer,
     max_violation,
@@ -357,6 +358,7 @@ class ExpertParallelMoE(nn.Module):
         except Exception as exc:  # the other ranks learn of it through a header instead of a timeout
             failure = exc
         all_scores: Tensor | None = None
+        chosen: Tensor | None = None
         if same_batch:  # bip_same_batch: price the whole batch (all ranks' scores) before routing it
             pre = torch.tensor([float(failure is None), T], dtype=torch.float64)
             heads0 = comm.all_gather("bip same-batch header (all_gather)", pre).cpu().numpy()
@@ -365,10 +367,13 @@ class ExpertParallelMoE(nn.Module):
             all_scores = comm.all_gather_rows("bip balancer: scores (all_gather)", scores0, Ts0.tolist())
             if Ts0.sum():
                 price_batch(self.balancer, self.bias, all_scores)
+                if c.enforce_capacity and failure is None:  # the global batch within capacity; this rank's rows
+                    start = int(Ts0[: self.rank].sum())
+                    chosen = bip_route(self.balancer, all_scores)[start : start + T]
         if failure is None:
             try:
                 eidx, gates, scores = route(
-                    logits, k, router=c.router, bias=self.bias, normalize_gates=c.normalize_gates
+                    logits, k, router=c.router, bias=self.bias, normalize_gates=c.normalize_gates, experts=chosen
                 )
                 counts = torch.bincount(eidx.reshape(-1), minlength=E).double()
                 probs = router_probs(scores, c.router)

@@ -17,7 +17,11 @@ Balancers ("none" | "aux_loss" | "loss_free" | "bip" | "bip_lagged"): "aux_loss"
 probability of e) as ``layer.aux_loss`` for the caller to add; "loss_free", "bip" and "bip_lagged" keep a
 per-expert bias buffer (persistent: in ``state_dict``). "bip" is arXiv 2502.15451's algorithm: in training the
 price iterations of :class:`~moebalance.solvers.balancers.BIPBalancer` run on the batch's own scores, warm-started
-from the previous price, *before* its top-k. "bip_lagged" and "loss_free"
+from the previous price, *before* its top-k; with ``enforce_capacity=True`` (the default, as in the transformers
+integration) that batch is then routed with each expert within its capacity ``ceil(cf * T * k / E)`` (``cf`` the
+``capacity_factor``, 1.0 when None; :meth:`~moebalance.solvers.balancers.BIPBalancer.route`: the top-k of
+``scores - bias`` where it fits, the overflow moved to the tokens' next best experts with room).
+"bip_lagged" and "loss_free"
 (:class:`moebalance.solvers.balancers.LossFreeBalancer`) update the bias without gradient after each
 training-mode forward, so a batch is routed with the prices of the batches before it.
 
@@ -29,7 +33,7 @@ token whose k pairs are all dropped outputs zero (the residual connection around
 The steps are module functions shared with the expert-parallel layer
 (:class:`moebalance.integrations.distributed.ExpertParallelMoE`), so both compute the same thing:
 :func:`check_input`, :func:`router_scores` and :func:`route`, :func:`make_balancer`, :func:`price_batch`
-(``bip_same_batch``), :func:`apply_capacity` with :func:`~moebalance.routing.expert_capacity`,
+(``bip_same_batch``), :func:`bip_route` (``enforce_capacity``), :func:`apply_capacity` with :func:`~moebalance.routing.expert_capacity`,
 :func:`moebalance.kernels.combine_pairs` (the gate combine), :func:`aux_loss_of`, :func:`max_violation` and
 :func:`step_balancer`.
 """
@@ -58,6 +62,7 @@ __all__ = [
     "check_input",
     "make_balancer",
     "price_batch",
+    "bip_route",
     "step_balancer",
     "router_probs",
     "aux_loss_of",
@@ -108,6 +113,8 @@ class MoEConfig:
     routing it (arXiv 2502.15451); "bip_lagged" after. After construction ``balancer`` is "bip" for both and
     ``bip_same_batch`` tells them apart (True for "bip"); :attr:`balancer_name` gives the name.
     ``bip_same_batch`` (kept for older code): None follows the name; False with "bip" means "bip_lagged".
+    ``enforce_capacity`` (True): "bip" in training routes its batch with every expert within its capacity
+    (:func:`bip_route`); False: the plain top-k of ``scores - bias`` with the batch's prices.
     Execution: ``backend`` "auto" | "triton" | "torch"; ``dtype`` of the parameters (a torch dtype or its name;
     None: torch's default dtype).
     """
@@ -125,6 +132,7 @@ class MoEConfig:
     backend: str = "auto"
     dtype: Any = None
     bip_same_batch: bool | None = None
+    enforce_capacity: bool = True
 
     @property
     def balancer_name(self) -> str:
@@ -158,6 +166,8 @@ class MoEConfig:
             raise ValueError(f"`bip_same_batch` needs balancer='bip', got balancer={self.balancer!r}")
         else:
             self.bip_same_batch = False
+        if not isinstance(self.enforce_capacity, bool):
+            raise ValueError(f"`enforce_capacity` must be a bool, got {self.enforce_capacity!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"`backend` must be one of {BACKENDS}, got {self.backend!r}")
         dtype = _DTYPES.get(self.dtype, self.dtype) if isinstance(self.dtype, str) else self.dtype
@@ -263,23 +273,43 @@ def price_batch(balancer: Any, bias: Tensor, scores: Tensor) -> None:
         bias.copy_(balancer.update(scores.detach()))
 
 
+def bip_route(balancer: Any, scores: Tensor) -> Tensor:
+    """ "bip" with ``enforce_capacity``: ``[T, k]`` experts for the batch's ``scores [T, E]`` with the prices
+    :func:`price_batch` just fitted, each expert within its capacity
+    (:meth:`~moebalance.solvers.balancers.BIPBalancer.route`); pass them to :func:`route` as ``experts``."""
+    with torch.no_grad():
+        return balancer.route(scores.detach())
+
+
 def route(
-    logits: Tensor, top_k: int, *, router: str = "softmax", bias: Tensor | None = None, normalize_gates: bool = True
+    logits: Tensor,
+    top_k: int,
+    *,
+    router: str = "softmax",
+    bias: Tensor | None = None,
+    normalize_gates: bool = True,
+    experts: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Top-k routing with a selection bias: ``(eidx [T, k] int64, gates [T, k] float32, scores [T, E] float32)``.
 
     ``eidx`` = the k largest of ``scores - bias`` per token (ties to the lower expert index; the bias is a price
     subtracted before top-k); ``gates`` = scores at eidx, divided by their sum when ``normalize_gates``.
-    Differentiable in logits through gates and scores.
+    Differentiable in logits through gates and scores. ``experts`` ``[T, k]``: the experts already chosen
+    (e.g. by :func:`bip_route`, within capacity) instead of the top-k; the gates are computed from them alike.
     """
     if router not in ROUTERS:
         raise ValueError(f"`router` must be one of {ROUTERS}, got {router!r}")
     if logits.ndim != 2 or not 1 <= top_k <= logits.shape[1]:
         raise ValueError(f"`logits` must be [T, E] with 1 <= top_k <= E, got {tuple(logits.shape)}, top_k={top_k}")
     scores = router_scores(logits, router)
-    select = scores.detach() if bias is None else scores.detach() - bias.float()
-    # a stable descending sort makes ties deterministic (lower index first) on every device and back-end
-    eidx = torch.sort(select, dim=-1, descending=True, stable=True).indices[:, :top_k]
+    if experts is not None:
+        if tuple(experts.shape) != (logits.shape[0], top_k):
+            raise ValueError(f"`experts` must be [{logits.shape[0]}, {top_k}], got {tuple(experts.shape)}")
+        eidx = experts.to(device=logits.device, dtype=torch.int64)
+    else:
+        select = scores.detach() if bias is None else scores.detach() - bias.float()
+        # a stable descending sort makes ties deterministic (lower index first) on every device and back-end
+        eidx = torch.sort(select, dim=-1, descending=True, stable=True).indices[:, :top_k]
     gates = scores.gather(1, eidx)
     if normalize_gates:
         gates = gates / (gates.sum(-1, keepdim=True) + 1e-20)
@@ -360,9 +390,15 @@ class MoELayer(nn.Module):
         x2 = x.reshape(-1, c.hidden).to(self.w_gate.dtype)
         T = x2.shape[0]
         logits = self.router(x2)
+        chosen = None
         if c.bip_same_batch and self.training and T:
-            price_batch(self.balancer, self.bias, router_scores(logits.detach(), c.router))
-        eidx, gates, scores = route(logits, c.top_k, router=c.router, bias=self.bias, normalize_gates=c.normalize_gates)
+            s0 = router_scores(logits.detach(), c.router)
+            price_batch(self.balancer, self.bias, s0)
+            if c.enforce_capacity:
+                chosen = bip_route(self.balancer, s0)
+        eidx, gates, scores = route(
+            logits, c.top_k, router=c.router, bias=self.bias, normalize_gates=c.normalize_gates, experts=chosen
+        )
         kept = eidx
         if c.capacity_factor is not None:
             kept = apply_capacity(eidx, scores, expert_capacity(T, c.top_k, c.num_experts, c.capacity_factor))

@@ -35,6 +35,7 @@ OPTION_CASES: dict[str, list[dict]] = {
     # workers run with TRITON_INTERPRET=0 whatever the kernel tests set in this process: tests/integrations/test_distributed.py)
     "backend": [{"backend": "auto"}, {"backend": "triton", "refused": True}],
     "dtype": [{"dtype": "bfloat16"}],
+    "enforce_capacity": [{"balancer": "bip", "enforce_capacity": False}],  # the default (True): the bip cases
     "bip_same_batch": [
         {"balancer": "bip", "bip_same_batch": True},
         {"balancer": "bip", "bip_same_batch": True, "capacity_factor": 1.5},
