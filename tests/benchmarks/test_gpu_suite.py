@@ -181,10 +181,13 @@ def test_layer_every_balancer(dry):
         assert r["eval_rel_diff_triton_vs_torch"] < 1e-4
         assert r["train_steps"] == s["repeats"] + s["warmup"]
     by = {(r["balancer"], r["backend"]): r for r in ly["rows"]}
-    # the skewed batch is imbalanced; without a bias update nothing changes, the BIP balancer fixes it at once
-    assert by[("none", "triton")]["max_vio_first_step"] > 0.5
-    assert by[("none", "triton")]["max_vio_last_step"] == by[("none", "triton")]["max_vio_first_step"]
-    assert by[("bip", "triton")]["max_vio_last_step"] < 0.5 * by[("bip", "triton")]["max_vio_first_step"]
+    # the skewed batch is imbalanced; without a bias update nothing changes. The BIP balancer prices the batch
+    # itself and routes it within capacity, so it is balanced from its first step on
+    none_first = by[("none", "triton")]["max_vio_first_step"]
+    assert none_first > 0.5
+    assert by[("none", "triton")]["max_vio_last_step"] == none_first
+    assert by[("bip", "triton")]["max_vio_first_step"] < 0.25 * none_first
+    assert by[("bip", "triton")]["max_vio_last_step"] < 0.25 * none_first
 
 
 def test_calibration_and_simulator(dry):
