@@ -168,7 +168,9 @@ class _Forked:
             try:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides: it kills the child
                 signal.pthread_sigmask(signal.SIG_SETMASK, held)
-                os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # no back-end banners
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, 1)  # no back-end banners
+                os.dup2(devnull, 2)  # nothing reaches the caller's stderr, even if err_path is gone
                 os.dup2(os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), 2)
                 work()  # the inputs are this process's own memory: no copy
                 code = 0
@@ -252,25 +254,30 @@ def run_bounded(
     deadline = time.time() + time_limit - (time.perf_counter() - start)  # wall clock: the child's clock differs
     with tempfile.TemporaryDirectory(prefix="moebalance-") as tmp:
         dst, err_path = os.path.join(tmp, "out.npz"), os.path.join(tmp, "err.txt")
-        if _use_fork():  # the child inherits the problem (copy-on-write): only the result is written
-            proc: Any = _Forked(
-                lambda: _write_result(dst, job(problem, time_limit=_time_left(deadline), **options)), err_path
-            )
-        else:
-            from moebalance.io import save_problem
-
-            name = job_name(job)
-            problem_path, options_path = os.path.join(tmp, "problem.npz"), os.path.join(tmp, "options.npz")
-            save_problem(problem, problem_path)
-            _save(options_path, {**options, "$deadline": deadline})
-            with open(err_path, "wb") as err:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "moebalance.solvers._isolate", name, problem_path, options_path, dst],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=err,
-                )
+        # Ctrl-C is held back from the start of the child until the ``finally`` below is in force, so an
+        # interrupt can never leave a child running after this folder is removed; it is raised in the ``try``
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        proc: Any = None
         try:
+            if _use_fork():  # the child inherits the problem (copy-on-write): only the result is written
+                proc = _Forked(
+                    lambda: _write_result(dst, job(problem, time_limit=_time_left(deadline), **options)), err_path
+                )
+            else:
+                from moebalance.io import save_problem
+
+                name = job_name(job)
+                problem_path, options_path = os.path.join(tmp, "problem.npz"), os.path.join(tmp, "options.npz")
+                save_problem(problem, problem_path)
+                _save(options_path, {**options, "$deadline": deadline})
+                with open(err_path, "wb") as err:
+                    proc = subprocess.Popen(
+                        [sys.executable, "-m", "moebalance.solvers._isolate", name, problem_path, options_path, dst],
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL,
+                        stderr=err,
+                    )
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a Ctrl-C held back is raised here
             side = meanwhile() if meanwhile is not None else None
             try:
                 with (guard or interruptible)(proc.kill):
@@ -280,11 +287,12 @@ def run_bounded(
             if proc.returncode != 0 or not os.path.exists(dst):
                 with open(err_path, "rb") as f:
                     last = (f.read().decode(errors="replace").strip().splitlines() or [""])[-1]
-                name = getattr(job, "__qualname__", repr(job))
-                raise RuntimeError(f"the back-end process for {name} exited with code {proc.returncode}: {last}")
+                job_label = getattr(job, "__qualname__", repr(job))
+                raise RuntimeError(f"the back-end process for {job_label} exited with code {proc.returncode}: {last}")
             return _load(dst), side
         finally:
-            if proc.poll() is None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
 

@@ -3,6 +3,7 @@ child and what comes back."""
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -67,3 +68,36 @@ def test_only_moebalance_types_are_rebuilt_from_a_result_file(tmp_path):
     np.savez(path, __value__=np.array(json.dumps(forged)))
     with pytest.raises(ValueError, match="only moebalance types"):
         _isolate._load(path)
+
+
+RUN_SCRIPT = textwrap.dedent("""
+    import os, signal, sys, time
+    from moebalance.solvers import _isolate
+
+    def job(problem, *, time_limit=None):
+        time.sleep(60)
+
+    class Interrupted(_isolate._Forked):  # Ctrl-C lands the moment the child's handle is made
+        def __init__(self, *args):
+            super().__init__(*args)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    _isolate._Forked = Interrupted
+    try:
+        _isolate.run_bounded(job, None, time_limit=30, start=time.perf_counter(), isolate=True)
+        print("returned")
+    except KeyboardInterrupt:
+        print("raised")
+    try:
+        pid, _ = os.waitpid(-1, os.WNOHANG)
+        print("child left" if pid == 0 else "child reaped late")
+    except ChildProcessError:
+        print("no child")
+""")
+
+
+def test_ctrl_c_right_after_the_fork_leaves_no_child_and_prints_nothing():
+    env = dict(os.environ, MOEBALANCE_ISOLATE="fork")
+    out = subprocess.run([sys.executable, "-c", RUN_SCRIPT], capture_output=True, text=True, timeout=600, env=env)
+    assert out.stdout.split() == ["raised", "no", "child"], (out.stdout, out.stderr)
+    assert out.stderr == "", out.stderr
