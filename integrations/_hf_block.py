@@ -48,6 +48,7 @@ class _Block:
         self.enforce_capacity = bool(options["enforce_capacity"])
         self.capacity_factor = float(options["capacity_factor"])
         self.group: Any = None  # expert parallelism: "bip" prices the global batch over this group
+        self._fitted: tuple[int, int] | None = None  # (id, version) of the price tensor the balancer last set
         if balancer == "loss_free":
             from moebalance.solvers.balancers import LossFreeBalancer
 
@@ -79,8 +80,20 @@ class _Block:
         if scores.shape[0] == 0:
             return
         with torch.no_grad():
-            self.balancer.bias = self.price()
+            held = self._price_tensor()
+            if held is None or self._fitted != (id(held), held._version):  # changed since the last fit (or new)
+                self.balancer.bias = self.price()
             self.set_price(self.balancer.update(scores))
+            held = self._price_tensor()
+            # float32 holds the balancer's float32 price exactly: the next fit can start from the balancer's own
+            exact = held is not None and held.dtype == torch.float32
+            self._fitted = (id(held), held._version) if exact else None
+
+    def _price_tensor(self) -> Tensor | None:
+        """The tensor the price lives in (DeepSeek-V3's correction bias, else the price buffer; None without)."""
+        if self.kind == "grouped_sigmoid":
+            return self.router.e_score_correction_bias
+        return self.router._buffers.get(PRICE_BUFFER)
 
     def set_price(self, q: Tensor) -> None:
         with torch.no_grad():
@@ -97,7 +110,8 @@ class _Block:
         T_all = int(Ts.sum())
         f = loads / max(T_all * k, 1)
         if probs is not None:
-            share = self.aux_coeff * E * (f * probs.sum(0) / max(T_all, 1)).sum()
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.balancer_name == "aux_loss"):
+                share = self.aux_coeff * E * (f * probs.sum(0) / max(T_all, 1)).sum()  # a loss for aux_loss alone
         else:
             share = loads.new_zeros(())
         if self.recompute:  # the same autograd ops as the forward, nothing recorded; every rank recomputes

@@ -28,7 +28,7 @@ import numpy as np
 from moebalance._validate import MAX_EXPERTS, MAX_FACTOR, as_int, as_real
 from moebalance.routing import expert_capacity
 
-from .routing_prices import dual_bound, is_torch, price_iteration, tie_break
+from .routing_prices import cpu_refit, dual_bound, has_compiled_loops, is_torch, price_iteration, tie_break
 
 __all__ = ["LossFreeBalancer", "BIPBalancer"]
 
@@ -115,9 +115,12 @@ class _Balancer:
             self._bias = self._bias.detach().cpu().double().numpy()
         return self._bias
 
-    def _check_scores(self, x: Any) -> Any:
+    def _check_shape(self, x: Any) -> None:
         if getattr(x, "ndim", None) != 2 or x.shape[1] != self.num_experts:
             raise ValueError(f"`scores` must have shape [T, {self.num_experts}], got {tuple(np.shape(x))}")
+
+    def _check_scores(self, x: Any) -> Any:
+        self._check_shape(x)
         return _finite_or_raise(x, "scores")
 
     def loads(self, scores: Any) -> Any:
@@ -206,6 +209,7 @@ class BIPBalancer(_Balancer):
         self.capacity_factor = as_real(capacity_factor, "capacity_factor", positive=True, maximum=MAX_FACTOR)
         self.iterations = as_int(iterations, "iterations", minimum=1, maximum=1 << 20)
         self._last: tuple[Any, int, Any] | None = None
+        self._space: Any = None  # the CPU sweeps' arrays (routing_prices.SweepSpace), kept between batches
 
     @property
     def last_overflow(self) -> int:
@@ -221,7 +225,13 @@ class BIPBalancer(_Balancer):
         """Run the inner iterations on ``[T, E]`` scores, warm-started from the current bias; return it."""
         if getattr(scores, "ndim", 0) != 2:
             raise ValueError("`scores` must be a [T, E] array: BIPBalancer needs scores, not loads")
-        ok = self._check_scores(scores)
+        # a training step on the CPU: the prices in a few compiled and numpy calls, which check finiteness
+        host = _is_torch(scores) and scores.device.type == "cpu" and self.tie_break and has_compiled_loops()
+        if host:
+            self._check_shape(scores)
+            ok = None
+        else:
+            ok = self._check_scores(scores)
         q = self._state_for(scores)
         T, E = scores.shape
         k = self.k
@@ -229,6 +239,10 @@ class BIPBalancer(_Balancer):
         if k >= E or cap >= T or T == 0:
             self._bias = q * 0  # no expert can be over capacity: no price is needed
             self._last = None
+            return self._bias
+        if host:  # the same prices as below, on arrays kept from the last batch
+            self._bias, self._space = cpu_refit(scores, k, cap, self.iterations, q, self._space)
+            self._last = (scores.detach(), cap, self._bias)
             return self._bias
         s = self.selection_scores(scores)
         if _is_torch(scores):

@@ -12,6 +12,11 @@ its expert step, taken once from a sample of tokens, is the first step of the ex
 this one function; with a torch tensor it runs on the tensor's device
 with tensors only (a fixed number of sweeps, no host synchronisation). :func:`capacity_topk` routes a batch
 with prices while keeping every expert within its capacity (what ``bip`` routes with in training).
+
+A training step on the CPU (:func:`cpu_refit`, :func:`capacity_topk` of a CPU tensor) runs compiled loops
+(:mod:`._routing_loops`) and numpy on arrays kept between batches: the same prices bit for bit, a few calls
+instead of a few hundred small tensor operations. The first such call on a machine compiles the loops (about
+6 s on 2 cores, cached on disk after that).
 """
 
 from __future__ import annotations
@@ -48,6 +53,10 @@ def tie_break(scores: Any) -> Any:
     changes a choice only between scores within ``2**-40`` of each other (relatively). Torch: on the
     scores' device, no host synchronisation."""
     T, E = scores.shape
+    if not is_torch(scores) or scores.device.type == "cpu":
+        out = _cpu_tie_break(scores)  # one compiled pass on the host: the same values
+        if out is not None:
+            return out
     if is_torch(scores):
         import torch
 
@@ -66,6 +75,28 @@ def tie_break(scores: Any) -> Any:
     w = ((ids * np.uint64(2654435761)) % np.uint64(4294967296)).astype(np.float64).reshape(T, E) / 4294967296.0
     width = max(float(a.max() - a.min()), 1e-300) if a.size else 1.0
     return a + w * TIE_BREAK * (np.abs(a) + width * 2.0**-20)
+
+
+def _cpu_tie_break(scores: Any) -> Any:
+    """:func:`tie_break` of host scores by the compiled loop (a torch tensor answered as one, on the CPU), or
+    None (no numba, or NaN / inf in the scores: the vectorised code then gives its NaN as before)."""
+    run = _loops().get("tie_broken")
+    if run is None:
+        return None
+    if is_torch(scores):
+        import torch
+
+        x = scores.detach()
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.double()
+        a = np.ascontiguousarray(x.numpy())
+    else:
+        a = np.asarray(scores)
+        a = np.ascontiguousarray(a if a.dtype in (np.float32, np.float64) else a.astype(np.float64))
+    out = np.empty(a.shape, dtype=np.float64)
+    if not run(a, out):
+        return None
+    return torch.from_numpy(out) if is_torch(scores) else out
 
 
 def _row_kth_largest(m: np.ndarray, kth: np.ndarray) -> np.ndarray:
@@ -121,7 +152,7 @@ def price_iteration(
             return q * 0, iterations
         uniform = bool(np.all(cap == cap[0]))  # the balancer's case: no host-to-device copy at all
         cmax = int(cap[~free].max())
-        if s.device.type == "cpu":  # the same sweeps with numpy's partition (exact selection: the same values)
+        if s.device.type == "cpu":  # the same sweeps on the host (exact selection: the same values)
             return torch.from_numpy(_cpu_sweeps(s.numpy(), k, cap, free, iterations, q.numpy())), iterations
         if not uniform:
             idx = torch.as_tensor(np.where(free, 0, cap), device=s.device)
@@ -158,26 +189,87 @@ def price_iteration(
     return q, done
 
 
-def _cpu_sweeps(s: np.ndarray, k: int, cap: np.ndarray, free: np.ndarray, iterations: int, q: np.ndarray) -> np.ndarray:
+def has_compiled_loops() -> bool:
+    """Whether the compiled CPU loops (:mod:`._routing_loops`) are there (numba installed)."""
+    return bool(_loops())
+
+
+def _loops() -> dict:
+    """The compiled CPU loops (:func:`._routing_loops.loops`), or ``{}`` without numba (the tensor and numpy
+    versions then run)."""
+    from ._routing_loops import loops
+
+    return loops()
+
+
+def _cpu_sweeps(
+    s: np.ndarray, k: int, cap: np.ndarray, free: np.ndarray, iterations: int, q: np.ndarray, ws: Any = None
+) -> np.ndarray:
     """The torch path's ``iterations`` sweeps on a CPU tensor's array ``s [T, E]`` (its dtype kept), with
     in-place partitions instead of ``torch.topk`` (several times faster on small batches); returns the new q.
+    ``ws``: a :class:`SweepSpace` of the same shape and dtype to work in (a training loop reuses one).
 
     Each selected value is an exact order statistic of the same differences, so q is bit for bit the torch
     loop's."""
     T, E = s.shape
-    q = q.copy()
-    sT = np.ascontiguousarray(s.T)
-    buf = np.empty_like(s)
-    bufT = np.empty_like(sT)
+    w = ws if ws is not None else SweepSpace(T, E, s.dtype)
+    q = q.astype(s.dtype, copy=True)
+    np.copyto(w.sT, s.T)
+    buf, bufT, p = w.buf, w.bufT, w.p
     zero = s.dtype.type(0)
+    kth = np.where(free, T, cap)  # T for the free experts: -inf, price 0 below
+    one = int(kth[0]) if bool(np.all(kth == kth[0])) and kth[0] < T else -1  # one capacity: one partition
     for _ in range(iterations):
         np.subtract(s, q, out=buf)
-        buf.partition(E - 1 - k, axis=1)
-        p = buf[:, E - 1 - k].copy()  # (k+1)-th largest per token
-        np.subtract(sT, p[None, :], out=bufT)
-        col = _row_kth_largest(bufT, np.where(free, T, cap))  # -inf for the free experts: price 0 below
-        q = np.maximum(col, zero).astype(s.dtype, copy=False)
+        if E <= 32:  # short rows: numpy's sort is faster than its partition (the same order statistic)
+            buf.sort(axis=1)
+        else:
+            buf.partition(E - 1 - k, axis=1)
+        p[:] = buf[:, E - 1 - k]  # (k+1)-th largest per token
+        np.subtract(w.sT, p[None, :], out=bufT)
+        if one >= 0:
+            bufT.partition(T - 1 - one, axis=1)
+            np.maximum(bufT[:, T - 1 - one], zero, out=q)
+        else:
+            q = np.maximum(_row_kth_largest(bufT, kth), zero).astype(s.dtype, copy=False)
     return q
+
+
+class SweepSpace:
+    """The arrays :func:`_cpu_sweeps` works in for ``[T, E]`` scores: the tie-broken scores ``s`` and their
+    transpose, a buffer of each shape and the token prices ``p``."""
+
+    def __init__(self, T: int, E: int, dtype: Any = np.float64):
+        self.shape, self.dtype = (T, E), np.dtype(dtype)
+        self.s = np.empty((T, E), dtype=dtype)
+        self.buf = np.empty((T, E), dtype=dtype)
+        self.sT = np.empty((E, T), dtype=dtype)
+        self.bufT = np.empty((E, T), dtype=dtype)
+        self.p = np.empty(T, dtype=dtype)
+
+
+def cpu_refit(scores: Any, k: int, capacity: int, iterations: int, q: Any, ws: SweepSpace | None) -> Any:
+    """:func:`price_iteration` (``iterations`` sweeps, no early stop) of :func:`tie_break`'s scores of a CPU
+    tensor ``scores [T, E]`` from the float32 prices ``q``, with one ``capacity`` (``< T``, ``k < E``): the same
+    float32 prices as ``price_iteration(tie_break(scores), k, capacity, iterations, q.double(),
+    stop_when_fixed=False)[0].float()``, in a few calls on ``ws``'s arrays (reused when of the same shape).
+
+    Returns ``(q, ws)``; needs the compiled loops (:func:`has_compiled_loops`). Raises ValueError naming
+    ``scores`` on NaN or inf, before any sweep."""
+    run = _loops()["tie_broken"]
+    import torch
+
+    x = scores.detach()
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.double()
+    T, E = x.shape
+    if ws is None or ws.shape != (T, E) or ws.dtype != np.float64:
+        ws = SweepSpace(T, E)
+    if not run(np.ascontiguousarray(x.numpy()), ws.s):
+        raise ValueError("`scores` must be finite: it contains NaN or inf")
+    cap = np.full(E, capacity, dtype=np.int64)
+    new = _cpu_sweeps(ws.s, k, cap, np.zeros(E, dtype=bool), iterations, q.detach().double().numpy(), ws)
+    return torch.from_numpy(new).float(), ws
 
 
 def dual_bound(scores: Any, k: int, capacity: Any, q: Any) -> Any:
@@ -211,9 +303,16 @@ def capacity_topk(choice: Any, k: int, capacity: int, max_rounds: int | None = N
     can move (:func:`_repair_short`). With prices that already balance, this is the plain top-k of ``choice``.
     It ends with every token holding k within capacity whenever ``E * capacity >= T * k`` and the allowed
     experts admit it; otherwise the short tokens take their best other experts over capacity (routing stays
-    dropless). A ``capacity`` below ``ceil(T * k / E)`` (where the pairs cannot fit) is raised to it; ties are
-    broken by ``torch.topk``'s order, so the capacity holds on tied scores too. At most ``max_rounds`` rounds
-    (default E); the host synchronises once per round (a few rounds with prices near the batch's own).
+    dropless). A ``capacity`` below ``ceil(T * k / E)`` (where the pairs cannot fit) is raised to it. At most
+    ``max_rounds`` rounds (default E); on an accelerator the host synchronises once per round (a few rounds
+    with prices near the batch's own).
+
+    Ties: among equal margins the lower token goes first (a stable sort: the tokens proposing to their next
+    expert all have margin 0). On a CPU tensor (float32 or float64) a compiled loop
+    (:mod:`._routing_loops`, numba) runs the same rounds in one call; among a token's equal scores it takes the
+    lower expert, where the tensor version takes ``torch.topk``'s order. The answers are the same wherever no
+    token has two equal scores among those compared (tests/solvers/test_routing_loops.py), and the capacity
+    holds on tied scores either way.
     """
     import torch
 
@@ -223,6 +322,13 @@ def capacity_topk(choice: Any, k: int, capacity: int, max_rounds: int | None = N
     rounds = E if max_rounds is None else max_rounds
     capacity = max(int(capacity), -(-T * k // E))  # below T * k / E the pairs cannot fit: the least that fits
     c = choice.detach()
+    if c.device.type == "cpu" and c.dtype in (torch.float32, torch.float64):
+        run = _loops().get("capacity_assign")
+        if run is not None:  # the same rounds in one compiled call (the same answer: tests/solvers/test_balancers.py)
+            a = np.ascontiguousarray(c.numpy())
+            out = np.empty((T, k), dtype=np.int64)
+            run(a, np.partition(a, E - 1 - k, axis=1)[:, E - 1 - k], k, capacity, rounds, out)
+            return torch.from_numpy(out)
     top = torch.topk(c, k + 1, dim=1)
     first = top.indices[:, :k]
     loads = torch.bincount(first.reshape(-1), minlength=E)
@@ -235,7 +341,7 @@ def capacity_topk(choice: Any, k: int, capacity: int, max_rounds: int | None = N
     held = torch.zeros(T, E, dtype=torch.bool, device=c.device).scatter_(1, first, True)
     over = loads > capacity  # over-full experts keep their `capacity` tokens of largest margin
     val = torch.where(held & over[None, :], margin, neg)
-    kept = torch.zeros_like(held).scatter_(0, torch.topk(val, capacity, dim=0).indices, True)
+    kept = torch.zeros_like(held).scatter_(0, _best_rows(val, capacity), True)
     held &= kept | ~over[None, :]
     room = capacity - held.sum(0)
     need = k - held.sum(1)
@@ -253,9 +359,10 @@ def capacity_topk(choice: Any, k: int, capacity: int, max_rounds: int | None = N
             break
         prop = torch.zeros(n, E, dtype=torch.bool, device=c.device).scatter_(1, best.indices, ok)
         R = min(int(room.max()), n)
-        pick = torch.topk(torch.where(prop, margin[active], neg), R, dim=0)
-        acc = (torch.arange(R, device=c.device)[:, None] < room[None, :]) & torch.isfinite(pick.values)
-        got = torch.zeros(n, E, dtype=torch.bool, device=c.device).scatter_(0, pick.indices, acc) & prop
+        pmar = torch.where(prop, margin[active], neg)
+        pick = _best_rows(pmar, R)
+        acc = (torch.arange(R, device=c.device)[:, None] < room[None, :]) & torch.isfinite(pmar.gather(0, pick))
+        got = torch.zeros(n, E, dtype=torch.bool, device=c.device).scatter_(0, pick, acc) & prop
         held[active] = h_a | got
         room = room - got.sum(0)
         need[active] = nd - got.sum(1)
@@ -266,12 +373,21 @@ def capacity_topk(choice: Any, k: int, capacity: int, max_rounds: int | None = N
     return torch.topk(torch.where(held, c.masked_fill(~finite, -3e38), neg), k, dim=1).indices
 
 
+def _best_rows(v: Any, m: int) -> Any:
+    """``[m, E]`` row indices of the ``m`` largest of each column of ``v [n, E]``, largest first, the lower row
+    first among equal values (the margins of tokens proposing to their next expert all tie at 0, so the order of
+    ties decides who is taken: a stable sort fixes it, where ``torch.topk``'s order is unspecified)."""
+    import torch
+
+    return torch.sort(v, dim=0, descending=True, stable=True).indices[:m]
+
+
 def _repair_short(c: Any, finite: Any, held: Any, need: Any, k: int, capacity: int) -> Any:
     """Tokens left short (every expert with room is one they hold, or one they may not take): an augmenting
     path each -- token t takes a full expert f0, a token holding f0 moves on to f1, ... the last to an expert
-    with room -- found by breadth-first search on the experts (edge f -> f' when some token holds f, not f',
-    and may take f'), each move the one of largest gain in ``choice``. Where no path exists, the token's best
-    other experts over capacity (dropless; at last any experts, so that every token has k distinct ones).
+    with room -- found by breadth-first search on the experts (edge f -> f' when a token other than t holds f,
+    not f', and may take f'), each move the one of largest gain in ``choice``. Where no path exists, the token's
+    best other experts over capacity (dropless; at last any experts, so that every token has k distinct ones).
 
     A sequential walk token by token: it runs on host (numpy) copies of the tensors, one transfer each way,
     and answers ``held`` as a tensor on its device."""
@@ -284,16 +400,9 @@ def _repair_short(c: Any, finite: Any, held: Any, need: Any, k: int, capacity: i
     neg = cn.dtype.type(-np.inf)
     cf = np.where(fin, cn, neg)
     load = hd.sum(0, dtype=np.int64)  # kept up to date with every change of hd below
-    edges = _expert_edges(hd, fin)  # kept while moves change held: each move is checked when made
     for t in np.flatnonzero(need.cpu().numpy() > 0).tolist():
         for _ in range(int(k - hd[t].sum())):
-            room = load < capacity
-            path = _augmenting_path(hd, fin, room, t, edges)
-            if path is None or not _apply_moves(hd, fin, cf, t, list(zip(path[:-1], path[1:])), load):
-                edges = _expert_edges(hd, fin)  # stale edges: again with the current ones, without t
-                path = _augmenting_path(hd, fin, room, t, _expert_edges(hd, fin, t))
-                if path is not None and not _apply_moves(hd, fin, cf, t, list(zip(path[:-1], path[1:])), load):
-                    path = None
+            path = _augmenting_path(hd, fin, load < capacity, t, _expert_edges(hd, fin, t))
             if path is None:  # no way to keep the capacity: the best other allowed expert, over capacity
                 rest = np.where(hd[t] | ~fin[t], neg, cn[t])
                 if not np.isfinite(rest).any():
@@ -302,41 +411,37 @@ def _repair_short(c: Any, finite: Any, held: Any, need: Any, k: int, capacity: i
                 hd[t, e] = True
                 load[e] += 1
                 continue
+            _apply_moves(hd, fin, cf, t, list(zip(path[:-1], path[1:])), load)
             hd[t, path[0]] = True
             load[path[0]] += 1
     return torch.from_numpy(hd).to(dev)
 
 
-def _apply_moves(held: np.ndarray, finite: np.ndarray, cf: np.ndarray, t: int, moves: list, load: np.ndarray) -> bool:
+def _apply_moves(held: np.ndarray, finite: np.ndarray, cf: np.ndarray, t: int, moves: list, load: np.ndarray) -> None:
     """Move, last edge first (each frees the slot the one before fills), for each edge ``f -> g`` the token
-    of largest gain holding f and not g; False (nothing changed) where an edge has no such token (host
-    arrays, in place; ``load`` [E], the experts' token counts, kept up to date)."""
-    done: list[tuple[int, int, int]] = []
+    of largest gain (the first on ties) holding f and not g, other than t (host arrays, in place; ``load`` [E],
+    the experts' token counts, kept up to date).
+
+    Every edge has such a token when the moves are made: the path's edges held when it was found, and a move
+    along a later edge only takes a token off an expert further along the path, which can add candidates to
+    the earlier edges but never remove one."""
     for f, g in reversed(moves):
         movable = held[:, f] & ~held[:, g] & finite[:, g]
         movable[t] = False
         if not movable.any():
-            for u, f0, g0 in reversed(done):
-                held[u, f0], held[u, g0] = True, False
-                load[f0] += 1
-                load[g0] -= 1
-            return False
+            raise RuntimeError(f"capacity_topk: no token to move from expert {f} to {g} on an augmenting path")
         with np.errstate(invalid="ignore"):  # -inf - -inf off the movable tokens: masked out
             u = int(np.where(movable, cf[:, g] - cf[:, f], cf.dtype.type(-np.inf)).argmax())
         held[u, f], held[u, g] = False, True
         load[f] -= 1
         load[g] += 1
-        done.append((u, f, g))
-    return True
 
 
-def _expert_edges(held: np.ndarray, finite: np.ndarray, t: int | None = None) -> list:
-    """``[E][E]`` booleans: f -> f' when some token (other than t) holds f, not f', and may take f'."""
-    others, can = held, finite & ~held
-    if t is not None:
-        others, can = held.copy(), can.copy()
-        others[t] = False
-        can[t] = False
+def _expert_edges(held: np.ndarray, finite: np.ndarray, t: int) -> list:
+    """``[E][E]`` booleans: f -> f' when some token other than t holds f, not f', and may take f'."""
+    others, can = held.copy(), finite & ~held
+    others[t] = False
+    can[t] = False
     import torch  # its matmul, on the arrays' memory (numpy's BLAS may start threads on a shared machine)
 
     return ((torch.from_numpy(others).T.double() @ torch.from_numpy(can).double()) > 0).tolist()

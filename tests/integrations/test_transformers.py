@@ -524,3 +524,49 @@ def test_loss_free_default_rate_follows_the_router_kind():
         mbt.enable(build("mixtral"), balancer="loss_free", bias_update_rate="fast")
     with pytest.raises(ValueError, match="`enforce_capacity`"):
         mbt.enable(build("mixtral"), balancer="bip", enforce_capacity=1)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
+def test_bip_refits_from_a_price_set_between_steps(arch):
+    """bip warm-starts each batch's fit from the price it left (without re-reading it), unless the price was
+    changed since: set in place (DeepSeek-V3: its correction bias), or by load_state_dict. The next step then
+    refits from the new price: the same prices as a balancer started there on the same batch."""
+    from moebalance.integrations._hf_routers import _scores
+    from moebalance.solvers.balancers import BIPBalancer
+
+    model = build(arch, experts=16)
+    skew(model)
+    mbt.enable(model, balancer="bip")
+    model.train()
+    model(tokens(4, 64, seed=1))
+    blocks = mbt._state(model).blocks
+    ids = tokens(4, 64, seed=2)
+    for change in ("in place", "load_state_dict"):
+        new = [torch.rand(b.num_experts, generator=torch.Generator().manual_seed(5)) * 0.2 for b in blocks]
+        if change == "in place":
+            for b, q in zip(blocks, new):
+                b.set_price(q)
+        else:
+            sd = model.state_dict()
+            names = {id(m): n for n, m in model.named_modules()}
+            for b, q in zip(blocks, new):
+                n = names[id(b.router)]
+                sd[f"{n}.e_score_correction_bias" if arch == "deepseek_v3" else f"{n}.moebalance_bias"] = (
+                    -q if arch == "deepseek_v3" else q
+                )
+            model.load_state_dict(sd)
+        seen = []
+        hooks = [
+            b.router.register_forward_pre_hook(lambda m, a, seen=seen: seen.append(a[0].detach().clone()))
+            for b in blocks
+        ]
+        model(ids)
+        for h in hooks:
+            h.remove()
+        for b, q0, h in zip(blocks, new, seen):
+            ref = BIPBalancer(b.num_experts, b.top_k)
+            ref.bias = q0
+            _, scores, _ = _scores(b.kind, b.router, h.reshape(-1, b.hidden))
+            want = ref.update(scores.detach())
+            assert torch.equal(b.price(), want), (change, b.name)
+            assert not torch.equal(want, q0)  # the fit moved it: the comparison is not vacuous

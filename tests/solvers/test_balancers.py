@@ -403,14 +403,20 @@ def test_bip_route_keeps_the_capacity_after_its_prices(lib):
     shift=st.sampled_from([0.0, 1.0, -1e3]),
     ties=st.booleans(),
     seed=st.integers(0, 2**16),
+    compiled=st.booleans(),
 )
-def test_capacity_topk_property(T, E, k, slack, scale, shift, ties, seed):
-    """Any batch, scale, shift, ties: k distinct experts per token, none over capacity (capacity at least
-    ceil(T k / E)), and a top-k (the same scores) when the plain top-k already fits."""
-    from moebalance.solvers.routing_prices import capacity_topk
+def test_capacity_topk_property(T, E, k, slack, scale, shift, ties, seed, compiled):
+    """Any batch, scale, shift, ties, on the CPU's compiled loop and the tensor version: k distinct experts per
+    token, none over capacity (capacity at least ceil(T k / E)), and, when its plain top-k already fits, that
+    top-k (on ties the compiled loop takes the lower expert, the tensor version torch.topk's order)."""
+    from unittest import mock
+
+    from moebalance.solvers import routing_prices
+    from moebalance.solvers.routing_prices import capacity_topk, has_compiled_loops
 
     from moebalance.routing import expert_capacity
 
+    compiled = compiled and has_compiled_loops()
     k = min(k, E)
     rng = np.random.default_rng(seed)
     s = rng.random((T, E)) ** 3
@@ -418,11 +424,15 @@ def test_capacity_topk_property(T, E, k, slack, scale, shift, ties, seed):
         s = np.round(s * 4) / 4
     c = torch.tensor(s * scale + shift)
     cap = expert_capacity(T, k, E, slack)
-    idx = capacity_topk(c, k, cap)
+    with mock.patch.object(routing_prices, "_loops", routing_prices._loops if compiled else dict):
+        idx = capacity_topk(c, k, cap)
     assert idx.shape == (T, k)
     srt = idx.sort(1).values
     assert bool((srt[:, 1:] != srt[:, :-1]).all())
     assert int(torch.bincount(idx.reshape(-1), minlength=E).max()) <= max(cap, -(-T * k // E))
-    plain = torch.topk(c, k, 1).indices
-    if int(torch.bincount(plain.reshape(-1), minlength=E).max()) <= cap:  # a top-k (on ties: one of them)
+    if compiled:  # the larger score first, the lower expert among equal ones
+        plain = torch.from_numpy(np.argsort(-c.numpy(), axis=1, kind="stable")[:, :k])
+    else:
+        plain = torch.topk(c, k, 1).indices
+    if int(torch.bincount(plain.reshape(-1), minlength=E).max()) <= cap:  # its own top-k
         assert torch.equal(c.gather(1, idx).sort(1).values, c.gather(1, plain).sort(1).values)
