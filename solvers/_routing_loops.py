@@ -35,25 +35,22 @@ NEG_INF = -np.inf
 NOT_ALLOWED = -3e38
 
 
-#: as :data:`~.routing_prices.TIE_BREAK` (that module imports this one lazily: no import cycle)
-TIE_BREAK = 2.0**-40
-
-
-def tie_broken(x, out):
+def tie_broken(x, scaled, out):
     """``out [T, E]`` float64 = ``x`` plus :func:`~.routing_prices.tie_break`'s offsets (``x`` float32 or
-    float64); False, with ``out`` unset, when ``x`` holds NaN or inf."""
+    float64; ``scaled`` [T, E] the offsets' factors ``u * TIE_BREAK`` of :func:`~.routing_prices.tie_break`,
+    which depend on the shape only); False, with ``out`` unset, when ``x`` holds NaN or inf."""
     T, E = x.shape
     lo = np.inf
     hi = -np.inf
+    bad = 0.0  # NaN once any value is NaN or inf (inf * 0 is NaN): no branch in the loop
     for t in range(T):
         for e in range(E):
             v = np.float64(x[t, e])
-            if not np.isfinite(v):
-                return False
-            if v < lo:
-                lo = v
-            if v > hi:
-                hi = v
+            bad += v * 0.0
+            lo = v if v < lo else lo
+            hi = v if v > hi else hi
+    if bad != bad:
+        return False
     span = hi - lo
     if not span > 1e-300:
         span = 1e-300
@@ -62,9 +59,8 @@ def tie_broken(x, out):
     w = span * 2.0**-20
     for t in range(T):
         for e in range(E):
-            u = np.float64(((t * E + e) * 2654435761) % 4294967296) / 4294967296.0
             v = np.float64(x[t, e])
-            out[t, e] = v + u * TIE_BREAK * (abs(v) + w)
+            out[t, e] = v + scaled[t, e] * (abs(v) + w)
     return True
 
 

@@ -94,9 +94,25 @@ def _cpu_tie_break(scores: Any) -> Any:
         a = np.asarray(scores)
         a = np.ascontiguousarray(a if a.dtype in (np.float32, np.float64) else a.astype(np.float64))
     out = np.empty(a.shape, dtype=np.float64)
-    if not run(a, out):
+    if not run(a, _scaled_offsets(*a.shape), out):
         return None
     return torch.from_numpy(out) if is_torch(scores) else out
+
+
+_SCALED_OFFSETS: dict = {}
+
+
+def _scaled_offsets(T: int, E: int) -> np.ndarray:
+    """``u * TIE_BREAK`` of :func:`tie_break` for a ``[T, E]`` batch (``u`` the multiplicative hash of
+    ``t * E + e`` in [0, 1)): made once per shape (the last one kept), for the compiled loop."""
+    got = _SCALED_OFFSETS.get((T, E))
+    if got is None:
+        ids = np.arange(T * E, dtype=np.uint64)
+        u = ((ids * np.uint64(2654435761)) % np.uint64(4294967296)).astype(np.float64).reshape(T, E) / 4294967296.0
+        got = u * TIE_BREAK
+        _SCALED_OFFSETS.clear()
+        _SCALED_OFFSETS[(T, E)] = got
+    return got
 
 
 def _row_kth_largest(m: np.ndarray, kth: np.ndarray) -> np.ndarray:
@@ -246,6 +262,15 @@ class SweepSpace:
         self.sT = np.empty((E, T), dtype=dtype)
         self.bufT = np.empty((E, T), dtype=dtype)
         self.p = np.empty(T, dtype=dtype)
+        self._caps: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def capacities(self, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+        """``([E] capacities, [E] no-price-needed flags)`` for one capacity (kept while it stays the same)."""
+        if self._caps is None or self._caps[0] != capacity:
+            E = self.shape[1]
+            c = np.full(E, capacity, dtype=np.int64)
+            self._caps = (capacity, c, c >= self.shape[0])
+        return self._caps[1], self._caps[2]
 
 
 def cpu_refit(scores: Any, k: int, capacity: int, iterations: int, q: Any, ws: SweepSpace | None) -> Any:
@@ -265,10 +290,10 @@ def cpu_refit(scores: Any, k: int, capacity: int, iterations: int, q: Any, ws: S
     T, E = x.shape
     if ws is None or ws.shape != (T, E) or ws.dtype != np.float64:
         ws = SweepSpace(T, E)
-    if not run(np.ascontiguousarray(x.numpy()), ws.s):
+    if not run(np.ascontiguousarray(x.numpy()), _scaled_offsets(T, E), ws.s):
         raise ValueError("`scores` must be finite: it contains NaN or inf")
-    cap = np.full(E, capacity, dtype=np.int64)
-    new = _cpu_sweeps(ws.s, k, cap, np.zeros(E, dtype=bool), iterations, q.detach().double().numpy(), ws)
+    cap, free = ws.capacities(capacity)
+    new = _cpu_sweeps(ws.s, k, cap, free, iterations, q.detach().numpy(), ws)
     return torch.from_numpy(new).float(), ws
 
 
