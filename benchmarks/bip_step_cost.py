@@ -4,8 +4,11 @@ capacity enforced) costs per training step of tiny transformers models on CPU, a
 price fit and the capacity-enforced assignment scale with the batch's tokens T and experts E.
 
 Per configuration the balancers train the same model (AdamW, forward + backward + step, one intra-op thread)
-in interleaved rounds, on a skewed router (every token leaning to two experts, as a collapsing router does);
-the figure is the median step time over the rounds after a warm-up. The price fit (``BIPBalancer.update`` on
+in interleaved rounds, on a skewed router (every token leaning to two experts, as a collapsing router does).
+Each round runs every balancer on the same batch back to back; a balancer's overhead is the median over the
+rounds (after 2 warm-up rounds, which also compile the CPU loops) of its step time over ``none``'s in the
+same round. The whole table is run ``--repeats`` times from new models (the shared machine's speed drifts);
+the summary gives each overhead's median and range over the runs. The price fit (``BIPBalancer.update`` on
 float32 CPU tensors, 4 iterations) and :func:`~moebalance.solvers.routing_prices.capacity_topk` with its
 prices are timed alone on Zipf-skewed scores.
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -127,23 +131,59 @@ def fit_scaling(sizes: list[tuple[int, int, int]], repeats: int) -> list[dict[st
 def main(argv: Any = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true")
-    ap.add_argument("--rounds", type=int, default=25, help="timed steps per balancer (the median is reported)")
+    ap.add_argument("--rounds", type=int, default=60, help="timed steps per balancer (the median is reported)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of the whole step table (each from new models)")
     ap.add_argument("--out", default=str(HERE / "results" / "bip_step_cost.json"))
     a = ap.parse_args(argv)
+    import platform
+
     import torch
 
     torch.set_num_threads(1)
     if a.dry_run:
-        steps = step_costs([("mixtral", 8, 2)], 2, 8, 1)
+        runs = [step_costs([("mixtral", 8, 2)], 2, 8, 1)]
         fits = fit_scaling([(256, 8, 2)], 2)
     else:
-        steps = step_costs(
-            [("mixtral", 8, 2), ("qwen3_moe", 16, 2), ("olmoe", 64, 8), ("deepseek_v3", 16, 2)], 8, 64, a.rounds
-        )
+        configs = [("mixtral", 8, 2), ("qwen3_moe", 16, 2), ("olmoe", 64, 8), ("deepseek_v3", 16, 2)]
+        runs = []
+        for i in range(a.repeats):
+            print(f"run {i + 1} of {a.repeats}", flush=True)
+            runs.append(step_costs(configs, 8, 64, a.rounds))
         fits = fit_scaling([(T, E, k) for T in (1024, 4096, 16384) for E, k in ((16, 2), (64, 8), (256, 8))], 5)
+    summary = []
+    for j, row in enumerate(runs[0]):
+        per = {b: [run[j][f"{b}_overhead"] for run in runs] for b in ("bip", "bip_topk", "bip_lagged")}
+        summary.append(
+            {
+                "arch": row["arch"],
+                "experts": row["experts"],
+                "top_k": row["top_k"],
+                "none_ms": [run[j]["step_s"]["none"] * 1e3 for run in runs],
+                **{
+                    f"{b}_overhead": {"median": statistics.median(v), "min": min(v), "max": max(v)}
+                    for b, v in per.items()
+                },
+                "bip_within_10pct": all(x <= 0.10 for x in per["bip"]),
+            }
+        )
+    print("\nbip's step overhead over the runs (median [min, max]):")
+    for r in summary:
+        o = r["bip_overhead"]
+        print(
+            f"  {r['arch']:12s} E={r['experts']:3d} k={r['top_k']}: {o['median']:+.1%} [{o['min']:+.1%}, {o['max']:+.1%}]"
+            f"  <= 10% in every run: {'yes' if r['bip_within_10pct'] else 'no'}"
+        )
     if not a.dry_run:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps({"device": "cpu", "threads": 1, "step": steps, "fit": fits}, indent=1))
+        doc = {
+            "device": "cpu",
+            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": 1},
+            "rounds": a.rounds,
+            "summary": summary,
+            "runs": runs,
+            "fit": fits,
+        }
+        Path(a.out).write_text(json.dumps(doc, indent=1))
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -61,6 +62,18 @@ def _topk(choice: Tensor, k: int, capacity: Any) -> Tensor:
     return capacity_topk(rows, k, cap)[start : start + choice.shape[0]].to(choice.device)
 
 
+def _host_loops(choice: Tensor, capacity: Any) -> dict:
+    """The compiled CPU loops for DeepSeek-V3's groups under capacity on this rank alone (a float32 / float64
+    CPU batch; {} otherwise: the tensor expressions run). Only indices come out of them: no gradient is lost."""
+    if capacity is None or capacity[1] is not None or choice.device.type != "cpu":
+        return {}
+    if choice.dtype not in (torch.float32, torch.float64):
+        return {}
+    from moebalance.solvers.routing_prices import _loops
+
+    return _loops()
+
+
 def _select(
     kind: str, router: nn.Module, logits: Tensor, scores: Tensor, q: Tensor, capacity: Any = None
 ) -> tuple[Tensor, Tensor]:
@@ -72,14 +85,24 @@ def _select(
     if kind == "grouped_sigmoid":
         choice = scores - q
         G = router.num_group
-        group_scores = choice.view(-1, G, E // G).topk(2, dim=-1)[0].sum(dim=-1)
+        host = _host_loops(choice, capacity)
+        if host:  # a training step on the CPU: the same values in two compiled calls instead of eleven ops
+            c = np.ascontiguousarray(choice.detach().numpy())
+            group_scores = torch.from_numpy(np.empty((c.shape[0], G), dtype=c.dtype))
+            host["group_top2_sums"](c, G, group_scores.numpy())
+        else:
+            group_scores = choice.view(-1, G, E // G).topk(2, dim=-1)[0].sum(dim=-1)
         if capacity is None:
             group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
         else:
             group_idx = _topk(group_scores, router.topk_group, capacity)
-        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
-        score_mask = group_mask.unsqueeze(-1).expand(-1, G, E // G).reshape(-1, E)
-        choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+        if host:
+            choice = torch.from_numpy(np.empty_like(c))
+            host["keep_groups"](c, G, np.ascontiguousarray(group_idx.numpy()), choice.numpy())
+        else:
+            group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+            score_mask = group_mask.unsqueeze(-1).expand(-1, G, E // G).reshape(-1, E)
+            choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
         eidx = torch.topk(choice, k=k, dim=-1, sorted=False)[1] if capacity is None else _topk(choice, k, capacity)
         gates = scores.gather(1, eidx)
         if router.norm_topk_prob:

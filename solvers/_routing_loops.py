@@ -1,13 +1,20 @@
 """CPU loops of the price-based routing in training (:mod:`~.routing_prices`), compiled by numba (cached on
-disk): the capacity-respecting assignment of :func:`~.routing_prices.capacity_topk` and the tie-broken scores
-of :func:`~.routing_prices.tie_break` with their finiteness check.
+disk): the capacity-respecting assignment of :func:`~.routing_prices.capacity_topk`, the tie-broken scores
+of :func:`~.routing_prices.tie_break` with their finiteness check, and the token step of the price sweeps.
 
 On a CPU batch of a tiny model (512 tokens, 8 to 64 experts) the tensor versions spend their time dispatching
-small operations (and the host loops of the repair); each loop here does the same work in one call. The price
-sweeps stay in numpy: its partition is faster here than a compiled quickselect.
+small operations (and the host loops of the repair); each loop here does the same work in one call. Inside a
+training step the caches and branch predictors are cold, so what counts is measured there (the step-cost
+benchmark), not on one array timed again and again. The sweeps' expert step stays in numpy (its partition is
+faster than a compiled quickselect), and so does their token step beyond short rows and small k.
 
 - :func:`tie_broken` gives :func:`~.routing_prices.tie_break`'s values bit for bit: the same float64
   operations in the same order.
+- :func:`row_prices` gives the sweeps' token prices bit for bit: the same float64 differences, an exact order
+  statistic (a branch-free insertion network, for short rows and small k); with zero prices, the rows'
+  thresholds of :func:`capacity_assign`.
+- :func:`group_top2_sums` and :func:`keep_groups`: DeepSeek-V3's group scores and its mask of the unchosen
+  groups, the same values as the tensor expressions.
 - :func:`capacity_assign` runs the same rounds as the tensor version of
   :func:`~.routing_prices.capacity_topk`:
   - the plain top-k, then over-full experts keep their ``capacity`` tokens of largest margin;
@@ -64,6 +71,59 @@ def tie_broken(x, scaled, out):
     return True
 
 
+def row_prices(s, q, k, p, a):
+    """``p[t]`` = the (k+1)-th largest of ``s[t] - q`` (float64) for every token t: the token step of the price
+    sweeps, by a branch-free insertion network over each row (``a``: k+1 scratch values; the same exact order
+    statistic as a sort)."""
+    T, E = s.shape
+    m = k + 1
+    for t in range(T):
+        for j in range(m):
+            a[j] = -np.inf
+        for e in range(E):
+            x = s[t, e] - q[e]
+            for j in range(m):
+                hi = max(a[j], x)
+                x = min(a[j], x)
+                a[j] = hi
+        p[t] = a[m - 1]
+
+
+def group_top2_sums(c, G, out):
+    """``out [T, G]`` = for each token and group of ``c [T, G * n]`` (n consecutive experts a group, n >= 2) the
+    sum of its two largest values, larger first (DeepSeek-V3's group score: ``topk(2).sum()`` in the scores'
+    dtype, the same value)."""
+    T, E = c.shape
+    n = E // G
+    for t in range(T):
+        for g in range(G):
+            a = c[t, g * n]
+            b = c[t, g * n + 1]
+            if b > a:
+                a, b = b, a
+            for j in range(g * n + 2, g * n + n):
+                v = c[t, j]
+                if v > a:
+                    b = a
+                    a = v
+                elif v > b:
+                    b = v
+            out[t, g] = a + b
+
+
+def keep_groups(c, G, chosen, out):
+    """``out`` = ``c [T, G * n]`` with ``-inf`` outside each token's ``chosen [T, m]`` groups."""
+    T, E = c.shape
+    n = E // G
+    for t in range(T):
+        for e in range(E):
+            out[t, e] = -np.inf
+        for j in range(chosen.shape[1]):
+            g = chosen[t, j]
+            for e in range(g * n, g * n + n):
+                out[t, e] = c[t, e]
+
+
 def _top_indices(vals, n, m, out, tv):
     """The indices of the ``m`` largest of ``vals[:n]`` into ``out[:m]``, largest first, the lower index first
     among equal values (m <= n); ``tv`` (>= m long) holds their values. One pass: a value enters when it beats
@@ -84,6 +144,44 @@ def _top_indices(vals, n, m, out, tv):
             j -= 1
         tv[j] = v
         out[j] = i
+
+
+def _mark_first(vals, n, m, mark, ids, tv):
+    """``mark[i]``, i < n: whether i is among the first m of ``vals[:n]`` ordered by value, largest first, the
+    lower index first among equal values (a stable sort's first m), found from the smaller side: the m first,
+    or the n - m last (smallest first, the higher index first among equal values); ``ids``, ``tv``: scratch."""
+    if m >= n:
+        for i in range(n):
+            mark[i] = True
+        return
+    if m <= n - m:
+        for i in range(n):
+            mark[i] = False
+        _top_indices(vals, n, m, ids, tv)
+        for j in range(m):
+            mark[ids[j]] = True
+        return
+    r = n - m
+    for i in range(n):
+        mark[i] = True
+    cnt = 0
+    for i in range(n - 1, -1, -1):  # the r smallest; walked from the top, so a higher index enters first
+        v = -vals[i]
+        if cnt < r:
+            j = cnt
+            cnt += 1
+        elif v > tv[r - 1]:
+            j = r - 1
+        else:
+            continue
+        while j > 0 and tv[j - 1] < v:
+            tv[j] = tv[j - 1]
+            ids[j] = ids[j - 1]
+            j -= 1
+        tv[j] = v
+        ids[j] = i
+    for j in range(r):
+        mark[ids[j]] = False
 
 
 def _edge(held, fin, t, f, g):
@@ -214,23 +312,29 @@ def _first_top(c, t, th, m, top, tv):
             n += 1
     for i in range(m):
         tv[i] = c[t, top[i]]
-    for i in range(1, m):  # insertion sort, stable: the experts came in index order within each value
+    _sort_desc(tv, top, m)  # the experts came in index order within each value
+
+
+def _sort_desc(tv, ids, m):
+    """Sort the pairs ``(tv[i], ids[i])``, i < m, by value, largest first, keeping the order of equal values
+    (an insertion sort: m is k or k + 1)."""
+    for i in range(1, m):
         v = tv[i]
-        e = top[i]
+        e = ids[i]
         j = i
         while j > 0 and tv[j - 1] < v:
             tv[j] = tv[j - 1]
-            top[j] = top[j - 1]
+            ids[j] = ids[j - 1]
             j -= 1
         tv[j] = v
-        top[j] = e
+        ids[j] = e
 
 
 def capacity_assign(c, th, k, cap, rounds, out):
     """``out [T, k]`` = distinct experts per token from ``c [T, E]`` (float32 or float64, ``-inf``: not
     allowed), at most ``cap`` tokens per expert where that fits (the caller has raised ``cap`` to
-    ``ceil(T * k / E)``; ``k < E``, ``cap < T``); ``th [T]``: each row's (k+1)-th largest value (numpy's
-    partition finds it faster than a scan here). Returns the number of rounds of proposals run (-1: the plain
+    ``ceil(T * k / E)``; ``k < E``, ``cap < T``); ``th [T]``: each row's (k+1)-th largest value (found
+    before, by :func:`row_prices` or numpy's partition). Returns the number of rounds of proposals run (-1: the plain
     top-k fitted)."""
     T, E = c.shape
     top = np.empty(k + 1, dtype=np.int64)
@@ -262,6 +366,9 @@ def capacity_assign(c, th, k, cap, rounds, out):
     tok = np.empty(T, dtype=np.int64)
     mar = np.empty_like(p)
     touched = np.zeros(T, dtype=np.bool_)  # tokens whose experts changed: the others keep their first top-k
+    keep = np.empty(T, dtype=np.bool_)  # scratch of _mark_first
+    sid = np.empty(T, dtype=np.int64)
+    sv = np.empty_like(p)
     for e in range(E):
         if load[e] <= cap:
             continue
@@ -271,10 +378,11 @@ def capacity_assign(c, th, k, cap, rounds, out):
                 tok[n] = t
                 mar[n] = c[t, e] - p[t] if fin[t, e] else NEG_INF
                 n += 1
-        order = np.argsort(-mar[:n], kind="mergesort")  # largest margin first, the lower token on ties
-        for j in range(cap, n):
-            held[tok[order[j]], e] = False
-            touched[tok[order[j]]] = True
+        _mark_first(mar, n, cap, keep, sid, sv)  # largest margin first, the lower token on ties
+        for j in range(n):
+            if not keep[j]:
+                held[tok[j], e] = False
+                touched[tok[j]] = True
         load[e] = cap
     need = np.zeros(T, dtype=np.int64)
     active = np.empty(T, dtype=np.int64)
@@ -325,13 +433,14 @@ def capacity_assign(c, th, k, cap, rounds, out):
             n = npr[e]
             if n == 0:
                 continue
-            order = np.argsort(-pmar[e, :n], kind="mergesort")
             take = room[e] if room[e] < n else n
-            for j in range(take):
-                t = ptok[e, order[j]]
-                held[t, e] = True
-                need[t] -= 1
-                load[e] += 1
+            _mark_first(pmar[e], n, take, keep, sid, sv)  # the largest margins, the lower token on ties
+            for j in range(n):
+                if keep[j]:
+                    t = ptok[e, j]
+                    held[t, e] = True
+                    need[t] -= 1
+                    load[e] += 1
             room[e] -= take
         n2 = 0
         for i in range(na):
@@ -348,15 +457,10 @@ def capacity_assign(c, th, k, cap, rounds, out):
         n = 0
         for e in range(E):
             if held[t, e]:
-                v = c[t, e] if fin[t, e] else NOT_ALLOWED
-                j = n  # insertion: larger first, the lower expert on ties (experts come in index order)
-                while j > 0 and row[j - 1] < v:
-                    row[j] = row[j - 1]
-                    top[j] = top[j - 1]
-                    j -= 1
-                row[j] = v
-                top[j] = e
+                row[n] = c[t, e] if fin[t, e] else NOT_ALLOWED
+                top[n] = e
                 n += 1
+        _sort_desc(row, top, n)  # larger first, the lower expert on ties (they came in index order)
         for j in range(k):
             out[t, j] = top[j]
     return done
@@ -366,7 +470,7 @@ _LOOPS: dict | None = None
 
 
 def loops() -> dict:
-    """``{"capacity_assign", "tie_broken"}`` compiled by numba (cached on disk; the first call of each
+    """``{"capacity_assign", "tie_broken", "row_prices", "group_top2_sums", "keep_groups"}`` compiled by numba (cached on disk; the first call of each
     compiles it: seconds, once per machine and dtype), or ``{}`` without numba."""
     global _LOOPS
     if _LOOPS is None:
@@ -384,5 +488,6 @@ def loops() -> dict:
             g.__module__, g.__qualname__ = f.__module__, f.__qualname__
             compiled[name] = numba.njit(cache=True, nogil=True)(g)
         ns.update(compiled)
-        _LOOPS = {"capacity_assign": compiled["capacity_assign"], "tie_broken": compiled["tie_broken"]}
+        names = ("capacity_assign", "tie_broken", "row_prices", "group_top2_sums", "keep_groups")
+        _LOOPS = {name: compiled[name] for name in names}
     return _LOOPS

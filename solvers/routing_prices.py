@@ -235,13 +235,18 @@ def _cpu_sweeps(
     zero = s.dtype.type(0)
     kth = np.where(free, T, cap)  # T for the free experts: -inf, price 0 below
     one = int(kth[0]) if bool(np.all(kth == kth[0])) and kth[0] < T else -1  # one capacity: one partition
+    rows = _loops().get("row_prices") if (k + 1) * E <= NETWORK_ROWS and s.dtype == np.float64 else None
+    top = np.empty(k + 1)
     for _ in range(iterations):
-        np.subtract(s, q, out=buf)
-        if E <= 32:  # short rows: numpy's sort is faster than its partition (the same order statistic)
-            buf.sort(axis=1)
+        if rows is not None:
+            rows(s, q, k, p, top)
         else:
-            buf.partition(E - 1 - k, axis=1)
-        p[:] = buf[:, E - 1 - k]  # (k+1)-th largest per token
+            np.subtract(s, q, out=buf)
+            if E <= 32:  # short rows: numpy's sort is faster than its partition (the same order statistic)
+                buf.sort(axis=1)
+            else:
+                buf.partition(E - 1 - k, axis=1)
+            p[:] = buf[:, E - 1 - k]  # (k+1)-th largest per token
         np.subtract(w.sT, p[None, :], out=bufT)
         if one >= 0:
             bufT.partition(T - 1 - one, axis=1)
@@ -352,7 +357,7 @@ def capacity_topk(choice: Any, k: int, capacity: int, max_rounds: int | None = N
         if run is not None:  # the same rounds in one compiled call (the same answer: tests/solvers/test_balancers.py)
             a = np.ascontiguousarray(c.numpy())
             out = np.empty((T, k), dtype=np.int64)
-            run(a, np.partition(a, E - 1 - k, axis=1)[:, E - 1 - k], k, capacity, rounds, out)
+            run(a, _row_thresholds(a, k), k, capacity, rounds, out)
             return torch.from_numpy(out)
     top = torch.topk(c, k + 1, dim=1)
     first = top.indices[:, :k]
@@ -396,6 +401,22 @@ def capacity_topk(choice: Any, k: int, capacity: int, max_rounds: int | None = N
         held = _repair_short(c, finite, held, need, k, capacity)
     # the k held experts of each token, its best first
     return torch.topk(torch.where(held, c.masked_fill(~finite, -3e38), neg), k, dim=1).indices
+
+
+#: the compiled token step (an insertion network of k+1 values per row) where (k+1) * E is at most this;
+#: numpy's partition beyond (measured inside training steps: docs/transformers.md#what-bip-costs)
+NETWORK_ROWS = 96
+
+
+def _row_thresholds(a: np.ndarray, k: int) -> np.ndarray:
+    """``[T]``: the (k+1)-th largest of each row of the host array ``a [T, E]`` (-inf allowed)."""
+    T, E = a.shape
+    rows = _loops().get("row_prices") if (k + 1) * E <= NETWORK_ROWS else None
+    if rows is None:
+        return np.partition(a, E - 1 - k, axis=1)[:, E - 1 - k]
+    th = np.empty(T)
+    rows(a, np.zeros(E), k, th, np.empty(k + 1))
+    return th
 
 
 def _best_rows(v: Any, m: int) -> Any:

@@ -570,3 +570,35 @@ def test_bip_refits_from_a_price_set_between_steps(arch):
             want = ref.update(scores.detach())
             assert torch.equal(b.price(), want), (change, b.name)
             assert not torch.equal(want, q0)  # the fit moved it: the comparison is not vacuous
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "mixtral", "olmoe"])
+def test_bip_routes_alike_with_and_without_the_compiled_loops(arch, monkeypatch):
+    """A bip training step on the CPU (compiled loops: prices, capacity, DeepSeek-V3's groups) routes exactly
+    as the tensor expressions do: the same logits, gradients, prices and loads, step after step."""
+    from moebalance.solvers import balancers, routing_prices
+
+    if not routing_prices.has_compiled_loops():
+        pytest.skip("numba is not installed")
+    results = []
+    for compiled in (True, False):
+        if not compiled:
+            monkeypatch.setattr(routing_prices, "_loops", lambda: {})
+            monkeypatch.setattr(balancers, "has_compiled_loops", lambda: False)
+        model = build(arch, experts=16)
+        skew(model)
+        mbt.enable(model, balancer="bip")
+        model.train()
+        got = []
+        for step in range(3):
+            logits, grads = run(model, tokens(4, 64, seed=10 + step))
+            got.append(
+                (logits, grads, [q.clone() for q in mbt.biases(model)], [s.loads for s in mbt.load_stats(model)])
+            )
+        results.append(got)
+    for (l1, g1, q1, s1), (l2, g2, q2, s2) in zip(*results):
+        assert torch.equal(l1, l2)
+        assert g1.keys() == g2.keys() and all(torch.equal(g1[n], g2[n]) for n in g1)
+        assert all(torch.equal(a, b) for a, b in zip(q1, q2))
+        assert all(np.array_equal(a, b) for a, b in zip(s1, s2))
+    assert any(float(q.abs().max()) > 0 for q in results[0][-1][2])  # prices were needed: not vacuous
