@@ -128,6 +128,19 @@ def fit_scaling(sizes: list[tuple[int, int, int]], repeats: int) -> list[dict[st
     return out
 
 
+def cpu_name() -> str:
+    """The processor's model name (Linux: /proc/cpuinfo), else what platform knows."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv: Any = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true")
@@ -135,8 +148,6 @@ def main(argv: Any = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="runs of the whole step table (each from new models)")
     ap.add_argument("--out", default=str(HERE / "results" / "bip_step_cost.json"))
     a = ap.parse_args(argv)
-    import platform
-
     import torch
 
     torch.set_num_threads(1)
@@ -177,7 +188,7 @@ def main(argv: Any = None) -> int:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         doc = {
             "device": "cpu",
-            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": 1},
+            "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": 1},
             "rounds": a.rounds,
             "summary": summary,
             "runs": runs,
