@@ -128,19 +128,6 @@ def fit_scaling(sizes: list[tuple[int, int, int]], repeats: int) -> list[dict[st
     return out
 
 
-def cpu_name() -> str:
-    """The processor's model name (Linux: /proc/cpuinfo), else what platform knows."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: Any = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true")
@@ -149,6 +136,8 @@ def main(argv: Any = None) -> int:
     ap.add_argument("--out", default=str(HERE / "results" / "bip_step_cost.json"))
     a = ap.parse_args(argv)
     import torch
+
+    from moebalance._machine import cpu_name
 
     torch.set_num_threads(1)
     if a.dry_run:

@@ -124,26 +124,31 @@ def keep_groups(c, G, chosen, out):
                 out[t, e] = c[t, e]
 
 
+def _offer(v, i, cnt, m, tv, ids):
+    """Offer value v of index i to the m largest so far (``tv[:cnt]``, largest first, their ``ids``): it enters
+    when it beats the m-th (an equal one stays behind the earlier). Returns the new count."""
+    if cnt < m:
+        j = cnt
+        cnt += 1
+    elif v > tv[m - 1]:
+        j = m - 1
+    else:
+        return cnt
+    while j > 0 and tv[j - 1] < v:
+        tv[j] = tv[j - 1]
+        ids[j] = ids[j - 1]
+        j -= 1
+    tv[j] = v
+    ids[j] = i
+    return cnt
+
+
 def _top_indices(vals, n, m, out, tv):
     """The indices of the ``m`` largest of ``vals[:n]`` into ``out[:m]``, largest first, the lower index first
-    among equal values (m <= n); ``tv`` (>= m long) holds their values. One pass: a value enters when it beats
-    the m-th so far (an equal one stays behind the earlier, lower index)."""
+    among equal values (m <= n); ``tv`` (>= m long) holds their values. One pass (:func:`_offer`)."""
     cnt = 0
     for i in range(n):
-        v = vals[i]
-        if cnt < m:
-            j = cnt
-            cnt += 1
-        elif v > tv[m - 1]:
-            j = m - 1
-        else:
-            continue
-        while j > 0 and tv[j - 1] < v:
-            tv[j] = tv[j - 1]
-            out[j] = out[j - 1]
-            j -= 1
-        tv[j] = v
-        out[j] = i
+        cnt = _offer(vals[i], i, cnt, m, tv, out)
 
 
 def _mark_first(vals, n, m, mark, ids, tv):
@@ -166,20 +171,7 @@ def _mark_first(vals, n, m, mark, ids, tv):
         mark[i] = True
     cnt = 0
     for i in range(n - 1, -1, -1):  # the r smallest; walked from the top, so a higher index enters first
-        v = -vals[i]
-        if cnt < r:
-            j = cnt
-            cnt += 1
-        elif v > tv[r - 1]:
-            j = r - 1
-        else:
-            continue
-        while j > 0 and tv[j - 1] < v:
-            tv[j] = tv[j - 1]
-            ids[j] = ids[j - 1]
-            j -= 1
-        tv[j] = v
-        ids[j] = i
+        cnt = _offer(-vals[i], i, cnt, r, tv, ids)
     for j in range(r):
         mark[ids[j]] = False
 
@@ -486,7 +478,8 @@ def loops() -> dict:
         for name, f in funcs.items():
             g = types.FunctionType(f.__code__, ns, f.__name__, f.__defaults__, f.__closure__)
             g.__module__, g.__qualname__ = f.__module__, f.__qualname__
-            compiled[name] = numba.njit(cache=True, nogil=True)(g)
+            # the per-element helper is inlined: a call passing arrays costs reference counts per element
+            compiled[name] = numba.njit(cache=True, nogil=True, inline="always" if name == "_offer" else "never")(g)
         ns.update(compiled)
         names = ("capacity_assign", "tie_broken", "row_prices", "group_top2_sums", "keep_groups")
         _LOOPS = {name: compiled[name] for name in names}
