@@ -7,9 +7,16 @@ all and nothing else.
 """
 
 import os
+import signal
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+# A test session started as a background job (`nohup make test &`, `cmd &` in a script) inherits SIGINT ignored,
+# and Python then keeps it ignored: the tests of Ctrl-C (which send SIGINT to this process or to a child) would
+# see no interrupt. Ctrl-C is made deliverable again; the children started by tests inherit the default.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # no deadline and no "too slow" health check: both measure the wall clock, which the machine's load moves
 settings.register_profile(
